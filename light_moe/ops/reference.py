@@ -1,0 +1,121 @@
+"""Pure-PyTorch reference of every MoE op. Correct on any device and dtype; the yardstick for kernels.
+
+Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
+A routed row is one (token, slot) assignment; "sorted" order groups the M rows by expert, stably
+(rows of expert 0 first, within an expert by token then slot), which every backend must reproduce
+so that results are comparable row by row.
+
+Op chain of the MoE layer:
+    router -> routing_metadata -> expert_up (gather + gate/up GEMM + SiLU*up) -> expert_down -> combine
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def router(
+    x: torch.Tensor,  # [T, H]
+    gate_weight: torch.Tensor,  # [E, H]
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate logits -> softmax (fp32) -> top-k -> optional renormalisation.
+
+    Returns topk_weights [T, K] float32, topk_ids [T, K] int32, tokens_per_expert [E] int32.
+    Ties in the top-k go to the lower expert index (torch.topk on CPU and CUDA does this for
+    sorted=True on distinct values; exact ties are vanishingly rare with real logits).
+    """
+    num_experts = gate_weight.shape[0]
+    logits = F.linear(x, gate_weight).float()  # [T, E]
+    probs = torch.softmax(logits, dim=-1)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    tokens_per_expert = torch.bincount(topk_ids.flatten(), minlength=num_experts).to(torch.int32)
+    return topk_weights, topk_ids.to(torch.int32), tokens_per_expert
+
+
+def routing_metadata(
+    topk_ids: torch.Tensor,  # [T, K] int32
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group routed rows by expert without leaving the device.
+
+    Returns
+      expert_offsets [E + 1] int32: rows of expert e are sorted rows expert_offsets[e]:expert_offsets[e+1]
+      gather_index   [M] int32: token row of each sorted row
+      reverse_index  [M] int32: sorted position of assignment t * K + k
+    """
+    flat = topk_ids.flatten().long()  # [M]
+    top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 1
+    counts = torch.bincount(flat, minlength=num_experts)
+    expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_ids.device)
+    expert_offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    order = torch.sort(flat, stable=True).indices  # [M] assignment ids in sorted order
+    gather_index = (order // top_k).to(torch.int32)
+    reverse_index = torch.empty_like(order)
+    reverse_index[order] = torch.arange(order.numel(), device=order.device)
+    return expert_offsets, gather_index, reverse_index.to(torch.int32)
+
+
+def _expert_ranges(expert_offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each non-empty expert. Host sync: reference only."""
+    offsets = expert_offsets.tolist()
+    return [(e, offsets[e], offsets[e + 1]) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
+
+
+def expert_up(
+    x: torch.Tensor,  # [T, H]
+    gather_index: torch.Tensor,  # [M]
+    expert_offsets: torch.Tensor,  # [E + 1]
+    w13: torch.Tensor,  # [E, 2I, H]: gate rows 0:I, up rows I:2I
+) -> torch.Tensor:
+    """act = SiLU(x_g @ W1^T) * (x_g @ W3^T) per expert over its gathered rows -> [M, I]."""
+    inter = w13.shape[1] // 2
+    rows = x.index_select(0, gather_index.long())  # [M, H]
+    act = x.new_empty(rows.shape[0], inter)
+    for e, start, end in _expert_ranges(expert_offsets):
+        gate_up = rows[start:end] @ w13[e].t()  # [m, 2I]
+        act[start:end] = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    return act
+
+
+def expert_down(
+    act: torch.Tensor,  # [M, I]
+    expert_offsets: torch.Tensor,  # [E + 1]
+    w2: torch.Tensor,  # [E, H, I]
+) -> torch.Tensor:
+    """y = act @ W2^T per expert -> [M, H] in sorted order."""
+    out = act.new_empty(act.shape[0], w2.shape[1])
+    for e, start, end in _expert_ranges(expert_offsets):
+        out[start:end] = act[start:end] @ w2[e].t()
+    return out
+
+
+def combine(
+    y: torch.Tensor,  # [M, H] sorted rows
+    reverse_index: torch.Tensor,  # [M]
+    topk_weights: torch.Tensor,  # [T, K] float32
+) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * y[reverse_index[t * K + k]], summed in fp32 in slot order -> [T, H]."""
+    num_tokens, top_k = topk_weights.shape
+    rows = y.index_select(0, reverse_index.long()).view(num_tokens, top_k, -1).float()  # [T, K, H]
+    out = (rows * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+    return out.to(y.dtype)
+
+
+def moe_forward(
+    x: torch.Tensor,  # [T, H]
+    gate_weight: torch.Tensor,  # [E, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor:
+    """The whole routed-expert block in one call: the reference the fused kernels are checked against."""
+    topk_weights, topk_ids, _ = router(x, gate_weight, top_k, renormalize)
+    offsets, gather_index, reverse_index = routing_metadata(topk_ids, gate_weight.shape[0])
+    act = expert_up(x, gather_index, offsets, w13)
+    y = expert_down(act, offsets, w2)
+    return combine(y, reverse_index, topk_weights)
