@@ -1,0 +1,89 @@
+"""MoE op backends and their selection.
+
+Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from light_moe.ops import reference
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAMES = ("auto", "reference", "cute")
+
+
+class MoEOps:
+    """Base backend: the pure-PyTorch reference for every op. Subclasses override what they speed up."""
+
+    name = "reference"
+
+    def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return w13, w2
+
+    def router(self, x, gate_weight, top_k: int, renormalize: bool):
+        return reference.router(x, gate_weight, top_k, renormalize)
+
+    def routing_metadata(self, topk_ids, num_experts: int):
+        return reference.routing_metadata(topk_ids, num_experts)
+
+    def expert_up(self, x, gather_index, expert_offsets, w13):
+        return reference.expert_up(x, gather_index, expert_offsets, w13)
+
+    def expert_down(self, act, expert_offsets, w2):
+        return reference.expert_down(act, expert_offsets, w2)
+
+    def combine(self, y, reverse_index, topk_weights):
+        return reference.combine(y, reverse_index, topk_weights)
+
+    def experts(self, x, topk_weights, topk_ids, w13, w2) -> torch.Tensor:
+        """Routed experts for already-routed tokens: metadata -> up -> down -> combine. [T, H]"""
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape)
+        offsets, gather_index, reverse_index = self.routing_metadata(topk_ids, w13.shape[0])
+        act = self.expert_up(x, gather_index, offsets, w13)  # [M, I]
+        y = self.expert_down(act, offsets, w2)  # [M, H]
+        return self.combine(y, reverse_index, topk_weights)
+
+    def moe_forward(self, x, gate_weight, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
+        topk_weights, topk_ids, _ = self.router(x, gate_weight, top_k, renormalize)
+        return self.experts(x, topk_weights, topk_ids, w13, w2)
+
+
+class ReferenceOps(MoEOps):
+    name = "reference"
+
+
+def _cute_unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"device is {device.type}, the CuTe kernels need a CUDA sm_90 GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return f"GPU is sm_{major}{minor}, the CuTe kernels are built for sm_90a"
+    try:
+        import cutlass  # noqa: F401
+    except ImportError as exc:
+        return f"nvidia-cutlass-dsl is not importable ({exc}); install the [cuda] extra"
+    try:
+        from light_moe.ops import cute_backend  # noqa: F401
+    except ImportError as exc:
+        return f"light_moe.ops.cute_backend failed to import ({exc})"
+    return None
+
+
+def select_backend(requested: str, device: torch.device) -> tuple[MoEOps, str]:
+    """Pick the backend: 'cute' on sm_90 when importable, else 'reference'. Returns (ops, reason)."""
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"moe_backend must be one of {BACKEND_NAMES}, got {requested!r}")
+    if requested == "reference":
+        return ReferenceOps(), "reference backend requested"
+    reason = _cute_unavailable_reason(torch.device(device))
+    if reason is None:
+        from light_moe.ops.cute_backend import CuteOps
+
+        return CuteOps(), "CuTe DSL kernels on sm_90a"
+    if requested == "cute":
+        raise RuntimeError(f"moe_backend='cute' requested but unavailable: {reason}")
+    return ReferenceOps(), f"reference backend ({reason})"
