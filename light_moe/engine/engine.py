@@ -1,0 +1,299 @@
+"""LightMoEEngine: requests in, text out, one scheduler step at a time.
+
+    add_request -> step() [schedule -> run model -> sample -> stop checks -> detokenize] -> RequestOutput
+generate / stream / chat are loops over step(); the API server drives add_request / step / abort
+directly from its own loop. The scheduler (CPU only) decides what runs; the model runner owns
+all tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from light_moe.config import CacheConfig, EngineConfig, ParallelConfig, parse_dtype
+from light_moe.engine.kv_cache import BlockManager
+from light_moe.engine.outputs import RequestOutput
+from light_moe.engine.request import Request
+from light_moe.engine.request_state import RequestState
+from light_moe.engine.sampler import sample
+from light_moe.engine.scheduler import Scheduler, SchedulerConfig
+from light_moe.engine.tokenizer import Tokenizer
+from light_moe.executor.model_runner import ModelRunner
+from light_moe.models.loader import build_model, load_model_config
+from light_moe.ops.backend import select_backend
+from light_moe.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device}")
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls on CPU are slow and the CPU path is the reference
+    checkpoint = parse_dtype(config_dtype) if config_dtype in ("bfloat16", "float16") else torch.bfloat16
+    return checkpoint
+
+
+class LightMoEEngine:
+    """Offline and online inference for MoE checkpoints in Hugging Face format."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        tensor_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
+        num_kv_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+        moe_backend: str = "auto",
+        load_format: str = "auto",
+        seed: int = 0,
+        show_progress: bool = True,
+    ):
+        parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size)
+        model_path = Path(model_path)
+        model_cls, model_cfg = load_model_config(model_path)
+        dev = _resolve_device(device)
+        torch_dtype = _resolve_dtype(dtype, model_cfg.torch_dtype, dev)
+        limit = model_cfg.max_position_embeddings
+        if model_cfg.sliding_window is not None and model_cfg.sliding_window < limit:
+            logger.info(
+                "capping the context at the sliding window (%d): windowed attention is not implemented",
+                model_cfg.sliding_window,
+            )
+            limit = model_cfg.sliding_window
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context window {limit}")
+        self.config = EngineConfig(
+            model_path=str(model_path),
+            dtype=torch_dtype,
+            device=dev,
+            max_model_len=max_model_len or limit,
+            cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_memory_bytes, num_kv_blocks),
+            parallel=parallel,
+            moe_backend=moe_backend,
+            load_format=load_format,
+            seed=seed,
+        )
+        self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.tokenizer = Tokenizer(model_path)
+        self.model_config = model_cfg
+        self.ops, reason = select_backend(moe_backend, dev)
+        logger.info("MoE backend: %s", reason)
+        self.moe_backend_reason = reason
+        self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress)
+        self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens, max_num_seqs)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.eos_token_ids = self._eos_ids(model_path)
+        self._states: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self._generator = torch.Generator(device=dev).manual_seed(seed)
+        self.stats = {
+            "steps": 0,
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "last_batch_size": 0,
+            "max_batch_size": 0,
+            "preemptions": 0,
+        }
+
+    # ---- set-up helpers -----------------------------------------------------------------------
+    def _eos_ids(self, model_path: Path) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        gen_file = model_path / "generation_config.json"
+        if gen_file.is_file():
+            eos = json.loads(gen_file.read_text()).get("eos_token_id")
+            if eos is not None:
+                ids.update(eos if isinstance(eos, list) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(i for i in ids if 0 <= i < self.model_config.vocab_size)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.config.model_path).name
+
+    # ---- requests -----------------------------------------------------------------------------
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids, text = list(prompt), None
+        else:
+            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty (no tokens)")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
+            )
+        return text, ids
+
+    def validate(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        text, ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len}")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"window of {self.max_model_len} tokens"
+            )
+        return text, ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        text, ids = self.validate(prompt, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id=request_id, prompt_token_ids=ids, sampling_params=params, prompt=text)
+        self.scheduler.add_request(request)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
+        self._states[request_id] = RequestState(request, self.tokenizer, generator, self.eos_token_ids)
+        self.stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks. Unknown or finished ids return False."""
+        state = self._states.pop(request_id, None)
+        found = self.scheduler.abort_request(request_id)
+        return found or state is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        outputs = []
+        for request in out.finished:  # the scheduler ended it (grew past the whole cache)
+            state = self._states.pop(request.request_id, None)
+            if state is not None:
+                outputs.append(state.final_output(request.finish_reason or "length"))
+        self.stats["preemptions"] += len(out.preempted)
+        if not out.scheduled:
+            return outputs
+        logits = self.runner.execute(out.scheduled)  # [S, V]
+        sampling = [s for s in out.scheduled if s.samples]
+        rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
+        tokens, logprobs = sample(logits, rows, self._generator) if rows else ([], None)
+        sampled = {s.request.request_id: tok for s, tok in zip(sampling, tokens)}
+        self.scheduler.update_from_output(out, sampled)
+        self.stats["steps"] += 1
+        self.stats["last_batch_size"] = len(out.scheduled)
+        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(out.scheduled))
+        now = time.monotonic()
+        for i, s in enumerate(sampling):
+            state = self._states.get(s.request.request_id)
+            if state is None:
+                continue
+            self.stats["generation_tokens"] += 1
+            output = state.on_token(tokens[i], None if logprobs is None else logprobs[i], now)
+            if output.finished:
+                self.scheduler.finish_request(output.request_id, output.finish_reason)
+                self._states.pop(output.request_id, None)
+            outputs.append(output)
+        return outputs
+
+    # ---- convenience loops --------------------------------------------------------------------
+    def _params(self, sampling_params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+        if sampling_params is not None and kwargs:
+            raise TypeError("pass either sampling_params or keyword sampling arguments, not both")
+        return sampling_params or SamplingParams(**kwargs)
+
+    def generate_outputs(
+        self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None, **kwargs
+    ) -> list[RequestOutput]:
+        """Final RequestOutput (token ids, text, finish reason, logprobs) of each prompt, in order."""
+        params = self._params(sampling_params, kwargs)
+        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        if not batch:
+            raise ValueError("no prompts given")
+        for p in batch:  # validate everything before queuing anything
+            self.validate(p, params)
+        ids = [self.add_request(p, params) for p in batch]
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                for output in self.step():
+                    if output.finished and output.request_id in ids:
+                        done[output.request_id] = output
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        return [done[rid] for rid in ids]
+
+    def generate(
+        self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None, **kwargs
+    ) -> str | list[str]:
+        """Generated text: a string for one prompt, a list for a list of prompts."""
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        texts = [o.text for o in self.generate_outputs(prompts, sampling_params, **kwargs)]
+        return texts[0] if single else texts
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        """Yield text increments of one prompt as they are generated."""
+        params = self._params(sampling_params, kwargs)
+        rid = self.add_request(prompt, params)
+        finished = False
+        try:
+            while not finished:
+                for output in self.step():
+                    if output.request_id == rid:
+                        if output.delta_text:
+                            yield output.delta_text
+                        finished = output.finished
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # the template already carries any BOS it wants
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, **kwargs) -> str:
+        return self.generate(self.apply_chat_template(messages), sampling_params, **kwargs)
+
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage

@@ -1,0 +1,67 @@
+"""One generation request as the scheduler and the engine see it: token ids, progress, KV blocks.
+
+Plain data, no tensors. The scheduler owns `status`, `num_computed_tokens`, `block_table` and
+`num_preemptions`; the engine owns the timing fields and decides when a request finishes.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from light_moe.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+# eq=False: requests are compared by identity; two requests with equal tokens are still two requests.
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # time.monotonic() by default; the scheduler orders by add_request order, never by this clock.
+    arrival_time: float = field(default_factory=time.monotonic)
+    prompt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens [0, num_computed_tokens) have their KV in the cache. After a preemption this drops to 0
+    # and the next prefill recomputes prompt + outputs.
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r} has an empty prompt; expected at least one token id")
+        self.prompt_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,90 @@
+"""Per-request engine state beside the scheduler's Request: sampling generator, detokenizer,
+stop conditions (EOS, stop token ids, stop strings, max_tokens) and the output increments."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from light_moe.engine.outputs import RequestOutput
+from light_moe.engine.request import Request
+from light_moe.engine.sampler import SamplingRow
+from light_moe.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class RequestState:
+    def __init__(self, request: Request, tokenizer: Tokenizer, generator: torch.Generator | None,
+                 eos_token_ids: frozenset[int]):
+        self.request = request
+        self.params = request.sampling_params
+        self.generator = generator
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(eos_token_ids))
+        self.logprobs: list[float] | None = [] if self.params.logprobs else None
+        self.emitted_text = ""
+        self.emitted_tokens = 0
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+
+    def sampling_row(self) -> SamplingRow:
+        seen = self.request.all_token_ids if self.params.repetition_penalty != 1.0 else []
+        return SamplingRow(self.params, self.generator, seen)
+
+    def _visible_text(self, finished: bool) -> tuple[str, bool]:
+        """Apply stop strings: cut at the first match; while running, hold back a suffix that could
+        still become a stop string so a stream never shows text that will be retracted."""
+        text = self.detok.text
+        stop_at = None
+        for stop in self.params.stop:
+            idx = text.find(stop)
+            if idx >= 0 and (stop_at is None or idx < stop_at[0]):
+                stop_at = (idx, stop)
+        if stop_at is not None:
+            idx, stop = stop_at
+            return text[: idx + (len(stop) if self.params.include_stop_str_in_output else 0)], True
+        if not finished:
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        text = text[:-k]
+                        break
+        return text, False
+
+    def on_token(self, token: int, logprob: float | None, now: float) -> RequestOutput:
+        req = self.request
+        if self.first_token_time is None:
+            self.first_token_time = now
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        finish_reason = None
+        if token in self.stop_ids:
+            finish_reason = "stop"
+        elif req.num_output_tokens >= self.params.max_tokens:
+            finish_reason = "length"
+        # a stop token is not part of the text (skip_special_tokens drops EOS; a stop id may be ordinary)
+        ids_for_text = req.output_token_ids[:-1] if token in self.stop_ids else req.output_token_ids
+        self.detok.update(ids_for_text)
+        text, hit_stop_string = self._visible_text(finish_reason is not None)
+        if hit_stop_string:
+            finish_reason = "stop"
+        return self._output(text, finish_reason, now)
+
+    def _output(self, text: str, finish_reason: str | None, now: float) -> RequestOutput:
+        req = self.request
+        token_ids = list(req.output_token_ids)
+        delta_text = text[len(self.emitted_text):] if text.startswith(self.emitted_text) else ""
+        self.emitted_text = text
+        delta_ids = token_ids[self.emitted_tokens:]
+        self.emitted_tokens = len(token_ids)
+        metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time}
+        if finish_reason is not None:
+            metrics["finish_time"] = now
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids), text=text,
+            token_ids=token_ids, delta_text=delta_text, delta_token_ids=delta_ids,
+            finished=finish_reason is not None, finish_reason=finish_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs), metrics=metrics)
+
+    def final_output(self, reason: str) -> RequestOutput:
+        text, _ = self._visible_text(True)
+        return self._output(text, reason, time.monotonic())

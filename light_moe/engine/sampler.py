@@ -1,0 +1,83 @@
+"""Token sampling for one step: penalties -> temperature -> top-k / top-p / min-p -> draw.
+
+Shape legend: B sampling rows, V vocabulary.
+Draws use the exponential race (argmax of p / q, q ~ Exp(1)), equivalent to sampling from p.
+A seeded request draws its q from its own torch.Generator, so its tokens depend only on its
+own logits and seed, not on what else is in the batch. Logprobs are those of the chosen token
+under the model's raw distribution (log_softmax of the unprocessed logits), as vLLM reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from light_moe.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None  # per-request when seeded
+    seen_token_ids: list[int]  # prompt + outputs, for the repetition penalty
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        penalty = row.params.repetition_penalty
+        if penalty == 1.0 or not row.seen_token_ids:
+            continue
+        ids = torch.tensor(sorted(set(row.seen_token_ids)), device=logits.device, dtype=torch.long)
+        picked = logits[i, ids]
+        logits[i, ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+
+
+def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Mask (to -inf) what top-k, top-p and min-p exclude; logits are already temperature-scaled."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=torch.float32)
+    min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=torch.float32)
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=device).expand_as(sorted_logits)
+        drop = rank >= top_k.clamp(max=vocab).unsqueeze(1)
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_p.unsqueeze(1)
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None,
+           ) -> tuple[list[int], list[float] | None]:
+    """logits [B, V] float32 -> (token ids, logprobs of them or None if no row asked)."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
+    logits = logits.clone()
+    _apply_repetition_penalty(logits, rows)
+    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+    tokens = logits.argmax(dim=-1)  # greedy rows use the penalised logits
+    if not bool(greedy.all()):
+        temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
+                             device=logits.device, dtype=torch.float32)
+        scaled = _filter(logits / temps.unsqueeze(1), rows)
+        probs = torch.softmax(scaled, dim=-1)
+        q = torch.empty_like(probs)
+        for i, row in enumerate(rows):
+            if row.params.greedy:
+                q[i] = 1.0
+            else:
+                q[i].exponential_(generator=row.generator if row.generator is not None else default_generator)
+        drawn = (probs / q).argmax(dim=-1)
+        tokens = torch.where(greedy, tokens, drawn)
+    token_list = tokens.tolist()
+    if raw_logprobs is None:
+        return token_list, None
+    return token_list, raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()

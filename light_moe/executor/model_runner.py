@@ -1,0 +1,141 @@
+"""One per rank: scheduled batch -> input tensors and attention metadata -> forward -> logits.
+
+Shape legend: N tokens in the step, B sequences, S sampling rows (sequences whose chunk ends at
+their last known token), L layers, g KV heads, D head_dim.
+The KV cache is one tensor per layer and kind: [num_blocks, block_size, g, D].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from light_moe.config import CacheConfig, ModelConfig
+from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.models.base import MoECausalLM
+from light_moe.ops.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 256 * 1024 * 1024
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: MoECausalLM,
+        cache: CacheConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+    ):
+        self.model = model
+        self.cfg = model.config
+        self.dtype, self.device = dtype, device
+        self.block_size = cache.block_size
+        self.num_blocks = self._num_blocks(cache, max_num_batched_tokens, max_num_seqs)
+        shape = (self.num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(self.cfg.num_layers)
+        ]
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * kv_block_bytes(self.cfg, self.block_size, dtype) / 2**20,
+        )
+
+    # ---- KV cache sizing -------------------------------------------------------------------
+    def _num_blocks(self, cache: CacheConfig, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        block_bytes = kv_block_bytes(self.cfg, cache.block_size, self.dtype)
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if cache.kv_cache_memory_bytes is not None:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._cuda_budget(cache.gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+        num_blocks = budget // block_bytes
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no memory left for the KV cache (budget {budget} bytes, one block needs "
+                f"{block_bytes}); raise gpu_memory_utilization or kv_cache_memory_bytes"
+            )
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _cuda_budget(self, utilization: float, max_tokens: int, max_seqs: int) -> int:
+        """Card memory * utilization - (weights + the activation peak of the largest step)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = min(max_tokens, self.cfg.max_position_embeddings)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(tokens, device=self.device), None, None)
+        self.model.compute_logits(hidden[: min(max_seqs, tokens)])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        _, total = torch.cuda.mem_get_info(self.device)
+        del hidden
+        torch.cuda.empty_cache()
+        return int(total * utilization) - peak
+
+    # ---- one step --------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledRequest]):
+        input_ids, positions, slots, padded_index, sample_rows = [], [], [], [], []
+        ctx_lens, tables, query_pos = [], [], []
+        max_q = max(s.num_new_tokens for s in scheduled)
+        bs = self.block_size
+        n = 0
+        for b, s in enumerate(scheduled):
+            req = s.request
+            start, count = req.num_computed_tokens, s.num_new_tokens
+            tokens = req.all_token_ids[start : start + count]
+            table = req.block_table
+            input_ids.extend(tokens)
+            pos = list(range(start, start + count))
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            padded_index.extend(b * max_q + i for i in range(count))
+            query_pos.append(pos + [-1] * (max_q - count))
+            ctx_lens.append(start + count)
+            tables.append(table)
+            n += count
+            if s.samples:
+                sample_rows.append(n - 1)
+        max_blocks = max(len(t) for t in tables)
+        padded_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
+
+        def as_tensor(values):
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=as_tensor(slots),
+            block_tables=as_tensor(padded_tables),
+            ctx_lens=as_tensor(ctx_lens),
+            query_pos=as_tensor(query_pos),
+            padded_index=as_tensor(padded_index),
+            max_query_len=max_q,
+            max_ctx_len=max(ctx_lens),
+        )
+        return as_tensor(input_ids), as_tensor(positions), meta, as_tensor(sample_rows)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        """Run one step; returns float32 logits [S, V] for the rows that sample, in scheduled order."""
+        input_ids, positions, meta, sample_rows = self.prepare(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
+        return self.model.compute_logits(hidden.index_select(0, sample_rows))
+
+    def expert_load(self) -> list[torch.Tensor]:
+        """Tokens routed to each expert in the last step, per MoE layer ([E] int32 each)."""
+        return [b.last_tokens_per_expert for b in self.model.moe_blocks() if b.last_tokens_per_expert is not None]

@@ -1,0 +1,62 @@
+"""The MoE block: router -> dispatch -> grouped expert FFN (SwiGLU) -> combine, plus the optional
+shared expert of Qwen2-MoE (scaled by sigmoid(x @ shared_expert_gate)).
+
+Shape legend: T tokens, E experts, K top-k, H hidden, I expert intermediate.
+The expert math is delegated to an MoEOps backend (light_moe/ops), chosen once by the engine and
+passed in explicitly, so the CuTe kernels, W4A16 and expert parallelism plug in here without the
+model code knowing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from light_moe.config import ModelConfig
+from light_moe.layers.mlp import SwiGLUMLP
+from light_moe.ops.backend import MoEOps
+
+
+class FusedExperts(nn.Module):
+    """All experts' weights stacked: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw), requires_grad=False)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: MoEOps, dtype=None, device=None):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.num_experts = cfg.num_experts
+        self.renormalize = cfg.norm_topk_prob
+        self.ops = ops
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype, device=device)
+        self.experts = FusedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if cfg.shared_expert_intermediate_size > 0:
+            self.shared_expert = SwiGLUMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, dtype, device)
+            if cfg.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
+        self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_tokens_per_expert: torch.Tensor | None = None  # [E] int32, device: load statistics
+
+    def prepare(self) -> None:
+        """Let the backend repack expert weights once, after loading (no-op for the reference)."""
+        self.prepared = self.ops.prepare_expert_weights(self.experts.w13.data, self.experts.w2.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
+        w13, w2 = self.prepared if self.prepared is not None else (self.experts.w13, self.experts.w2)
+        topk_weights, topk_ids, tokens_per_expert = self.ops.router(
+            x, self.gate.weight, self.top_k, self.renormalize)  # [T, K] fp32, [T, K] int32, [E]
+        self.last_tokens_per_expert = tokens_per_expert
+        out = self.ops.experts(x, topk_weights, topk_ids, w13, w2)  # [T, H]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

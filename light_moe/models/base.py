@@ -1,0 +1,106 @@
+"""The decoder-only MoE transformer shared by every supported family.
+
+Shape legend: N tokens in the step (all sequences flattened), H hidden, V vocabulary.
+A family file (mixtral.py, qwen2_moe.py, ...) only parses its config.json dialect into a
+ModelConfig and says how its checkpoint names map onto these modules; the math lives here and
+in light_moe/layers. Module names mirror the HF checkpoints (model.layers.N.self_attn.q_proj ...)
+except the stacked expert weights (mlp.experts.w13 / w2), which the loader assembles.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from light_moe.config import ModelConfig
+from light_moe.layers.attention import Attention
+from light_moe.layers.mlp import SwiGLUMLP
+from light_moe.layers.moe import MoEBlock
+from light_moe.layers.norm import RMSNorm
+from light_moe.layers.rotary import RotaryEmbedding
+from light_moe.ops.attention import AttentionMetadata
+from light_moe.ops.backend import MoEOps
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ops: MoEOps, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            self.mlp = MoEBlock(cfg, ops, dtype, device)
+        else:
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+
+    def forward(self, x, positions, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: MoEOps, dtype, device):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, ops, dtype, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        x = self.embed_tokens(input_ids)  # [N, H]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, None if kv_caches is None else kv_caches[i], meta)
+        return self.norm(x)
+
+
+class MoECausalLM(nn.Module):
+    """Family-independent causal LM. Subclasses set the checkpoint-name tables below."""
+
+    # how the family names its expert tensors in per-expert checkpoints
+    moe_module_name = "mlp"  # Mixtral: "block_sparse_moe"
+    expert_gate_name = "gate_proj"  # Mixtral: "w1"
+    expert_up_name = "up_proj"  # Mixtral: "w3"
+    expert_down_name = "down_proj"  # Mixtral: "w2"
+
+    def __init__(self, cfg: ModelConfig, ops: MoEOps, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, ops, dtype, device)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def parse_config(hf: dict) -> ModelConfig:
+        raise NotImplementedError
+
+    def checkpoint_name(self, param_name: str) -> str:
+        """Checkpoint tensor name of a (non-expert) parameter."""
+        if self.moe_module_name != "mlp" and ".mlp." in param_name:
+            layer = int(param_name.split(".")[2])
+            if self.config.is_moe_layer(layer):
+                return param_name.replace(".mlp.", f".{self.moe_module_name}.")
+        return param_name
+
+    def expert_checkpoint_names(self, param_name: str, expert: int) -> list[str]:
+        """Per-expert checkpoint tensors stacked into mlp.experts.w13 ([gate; up]) or w2 ([down])."""
+        prefix = param_name.rsplit(".experts.", 1)[0].replace(".mlp", f".{self.moe_module_name}")
+        base = f"{prefix}.experts.{expert}."
+        if param_name.endswith("w13"):
+            return [base + self.expert_gate_name + ".weight", base + self.expert_up_name + ".weight"]
+        return [base + self.expert_down_name + ".weight"]
+
+    def fused_expert_checkpoint_name(self, param_name: str) -> str:
+        """Name in checkpoints that already store stacked experts (transformers 5 layout)."""
+        prefix = param_name.rsplit(".experts.", 1)[0].replace(".mlp", f".{self.moe_module_name}")
+        return prefix + (".experts.gate_up_proj" if param_name.endswith("w13") else ".experts.down_proj")
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata | None):
+        """Returns final hidden states [N, H]; logits are computed only for the rows that sample."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [rows, V]

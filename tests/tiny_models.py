@@ -1,0 +1,70 @@
+"""Tiny random checkpoints of every supported family, written with transformers' save_pretrained,
+plus a small byte-level BPE tokenizer, for fidelity tests against transformers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+VOCAB = 320
+_CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "The quick brown fox jumps over the lazy dog. Mixture of experts models route tokens.",
+    "import os\nimport sys\nprint('hello world')\nfor i in range(10):\n    print(i)\n",
+    "Light-MoE serves mixture-of-experts language models with paged attention.",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def save_tokenizer(out: Path) -> None:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": CHAT_TEMPLATE}))
+
+
+def _config(family: str, **overrides):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    common.update(overrides)
+    if family == "mixtral":
+        return MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                              shared_expert_intermediate_size=80, decoder_sparse_step=1, mlp_only_layers=[1],
+                              norm_topk_prob=False)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                              head_dim=24, norm_topk_prob=True)
+    if family == "olmoe":
+        return OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2, clip_qkv=8.0)
+    raise ValueError(family)
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Random weights (scaled up so routing and logits are not all near-ties)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _config(family, **overrides)
+    cfg.initializer_range = 0.08
+    model = AutoModelForCausalLM.from_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_tokenizer(out)
+    return out
