@@ -45,20 +45,25 @@ def test_greedy_tokens_match_transformers(checkpoint):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
 
 
-def test_prefill_logits_match_transformers(checkpoint):
-    engine = LightMoEEngine(checkpoint, dtype="float32", device="cpu", show_progress=False)
-    hf_model, _ = hf_greedy(checkpoint, [])
-    prompt = PROMPTS[3]
-    with torch.no_grad():
-        expected = hf_model(torch.tensor([prompt])).logits[0].float()
+def engine_prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
+    """Logits of every prompt position through the paged-cache path of the engine. [N, V]"""
     request = Request("probe", prompt, SamplingParams())
     assert engine.block_manager.allocate_slots(request, len(prompt))
     try:
         ids, positions, meta, _ = engine.runner.prepare([ScheduledRequest(request, len(prompt), True, True)])
         with torch.inference_mode():
             hidden = engine.model(ids, positions, engine.runner.kv_caches, meta)
-            logits = engine.model.compute_logits(hidden)
+            return engine.model.compute_logits(hidden)
     finally:
         engine.block_manager.free(request)
+
+
+def test_prefill_logits_match_transformers(checkpoint):
+    engine = LightMoEEngine(checkpoint, dtype="float32", device="cpu", show_progress=False)
+    hf_model, _ = hf_greedy(checkpoint, [])
+    prompt = PROMPTS[3]
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([prompt])).logits[0].float()
+    logits = engine_prefill_logits(engine, prompt)
     rel = (logits - expected).norm() / expected.norm()
     assert rel < 1e-4, f"relative error {rel:.2e}"

@@ -21,7 +21,7 @@ Kernel structure (persistent, warp-specialised):
     Only non-empty tiles exist, so imbalanced routing costs nothing.
   * warpgroup 0 = producer: warp 0 issues the TMA of the weight tile, all 128 threads cp.async their
     token rows (x[gather_index[row]] for the up-projection, act[row] for the down-projection; rows past
-    the expert's end are clamped to its last row, their results are never stored). One mbarrier per
+    the expert's end are skipped, their results are never stored). One mbarrier per
     stage counts 1 expect-tx arrival (TMA bytes) + 128 cp.async.mbarrier.arrive.noinc arrivals.
   * warpgroups 1..2 = consumers: wgmma (fp32 accumulators), then the epilogue: registers -> padded
     shared tile [tile_t, cols] (transposing C^T back to token-major) -> 16-byte predicated stores.
@@ -29,6 +29,7 @@ Kernel structure (persistent, warp-specialised):
     8 gate rows followed by the 8 matching up rows: wgmma puts rows r and r + 8 in the same thread,
     so SiLU(gate) * up happens in registers and the [M, 2I] pre-activation never reaches memory.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,6 +52,7 @@ WG = 128  # threads per warpgroup
 VEC = 8  # bf16 per 16-byte access
 SMEM_CAPACITY = 232448  # bytes of shared memory per CTA on sm_90
 MAX_STAGES = 16
+EPI_T = 64  # tokens per epilogue chunk: a 64-row staging tile instead of 256 buys a 4th stage at 128x256
 PRODUCER_REGS = 56  # the gather producer holds tile_t / 16 row indices per thread
 CONSUMER_REGS = {1: 232, 2: 224}  # 128 * 56 + 256 * 224 = 64512 <= 65536 with two consumer warpgroups
 
@@ -79,12 +81,13 @@ class GroupedGemmSm90:
         self.out_cols = self.tile_w // 2 if gated else self.tile_w  # output columns per tile
         self.out_pitch = self.out_cols + VEC  # +16 bytes per row: scalar epilogue stores hit distinct banks
         self.k_tiles = k_dim // TILE_K
+        self.epi_t = min(self.tile_t, EPI_T)
         self.stages = self.num_stages(config, gated, num_experts)
 
     @staticmethod
     def num_stages(config: TileConfig, gated: bool, num_experts: int) -> int:
         out_cols = config.tile_w // 2 if gated else config.tile_w
-        fixed = 4 * 1024 + 8 * (num_experts + 1) + config.tile_t * (out_cols + VEC) * 2
+        fixed = 4 * 1024 + 8 * (num_experts + 1) + min(config.tile_t, EPI_T) * (out_cols + VEC) * 2
         per_stage = (config.tile_w + config.tile_t) * TILE_K * 2
         return min(MAX_STAGES, (SMEM_CAPACITY - fixed) // per_stage)
 
@@ -140,7 +143,7 @@ class GroupedGemmSm90:
             empty_bar: cute.struct.MemRange[Int64, self.stages]
             expert_rows: cute.struct.MemRange[Int32, self.num_experts + 1]
             tile_prefix: cute.struct.MemRange[Int32, self.num_experts + 1]
-            s_out: cute.struct.Align[cute.struct.MemRange[BFloat16, self.tile_t * self.out_pitch], 128]
+            s_out: cute.struct.Align[cute.struct.MemRange[BFloat16, self.epi_t * self.out_pitch], 128]
             s_w: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(w_layout)], 1024]
             s_t: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(t_layout)], 1024]
 
@@ -279,13 +282,17 @@ class GroupedGemmSm90:
             local = tile - s_prefix[e]
             w_tile = local // n_t_tiles
             row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
+            # Rows past the expert's end are not loaded: their smem rows hold stale data, which only
+            # reaches output columns (tokens) that the epilogue never stores.
             for j in cutlass.range_constexpr(n_slots):
                 r = row_start + row0 + 16 * j
-                r = r if r < rows_hi else rows_hi - 1
-                if cutlass.const_expr(self.gated):
-                    src_rows[j] = gather_index[r]
-                else:
-                    src_rows[j] = r
+                src_row = Int32(-1)
+                if r < rows_hi:
+                    if cutlass.const_expr(self.gated):
+                        src_row = gather_index[r]
+                    else:
+                        src_row = r
+                src_rows[j] = src_row
             t_wg_w_tile = t_wg_w[(None, w_tile, None, e)]
             for kt in range(self.k_tiles):
                 cute.arch.mbarrier_wait(empty + state.index, state.phase)
@@ -300,9 +307,10 @@ class GroupedGemmSm90:
                     )
                 if row_active:
                     for j in cutlass.range_constexpr(n_slots):
-                        src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
-                        dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, state.index], (VEC,))
-                        cute.copy(g2s, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
+                        if src_rows[j] >= 0:
+                            src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
+                            dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, state.index], (VEC,))
+                            cute.copy(g2s, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
                 cute.arch.cp_async_mbarrier_arrive_noinc(full + state.index)
                 state.advance()
             tile = tile + gdim
@@ -333,9 +341,7 @@ class GroupedGemmSm90:
         ctid = tidx - WG
         s_w = storage.s_w.get_tensor(w_layout.outer, swizzle=w_layout.inner)
         s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)
-        s_out = storage.s_out.get_tensor(
-            cute.make_layout((tile_t, self.out_pitch), stride=(self.out_pitch, 1))
-        )
+        s_out = storage.s_out.get_tensor(cute.make_layout((self.epi_t, self.out_pitch), stride=(self.out_pitch, 1)))
         thr_mma = tiled_mma.get_slice(ctid)
         t_cr_w = tiled_mma.make_fragment_A(thr_mma.partition_A(s_w))
         t_cr_t = tiled_mma.make_fragment_B(thr_mma.partition_B(s_t))
@@ -348,8 +354,9 @@ class GroupedGemmSm90:
         epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.n_consumer_threads)
         copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
         out_frag = cute.make_rmem_tensor((VEC,), BFloat16)
+        epi_t = self.epi_t
         chunks_per_row = self.out_cols // VEC
-        n_chunks = tile_t * chunks_per_row
+        n_chunks = epi_t * chunks_per_row
         read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         tile = bidx
@@ -362,6 +369,7 @@ class GroupedGemmSm90:
             n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
             local = tile - s_prefix[e]
             w_tile = local // n_t_tiles
+            col_chunk0 = w_tile * chunks_per_row
             row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
 
             acc.fill(0.0)
@@ -383,9 +391,7 @@ class GroupedGemmSm90:
             read_state.advance()
             for _kt in range(1, self.k_tiles):
                 cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-                cute.arch.fence_proxy(
-                    cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta
-                )
+                cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
                 for kb in cutlass.range_constexpr(n_k_blocks):
                     cute.gemm(
                         tiled_mma,
@@ -405,34 +411,37 @@ class GroupedGemmSm90:
                 cute.arch.mbarrier_arrive(empty + release_state.index)
             release_state.advance()
 
-            # Epilogue: C^T fragment -> s_out [token, column] -> 16-byte stores of valid rows.
-            epi_barrier.arrive_and_wait()  # the previous tile's s_out readers are done
-            for v in cutlass.range_constexpr(cute.size(acc)):
-                coord = t_cc[v]
-                wrow = coord[0]
-                tok = coord[1]
-                if cutlass.const_expr(self.gated):
-                    # fragment values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row,
-                    # v + 2 the matching up row 8 below it.
-                    if cutlass.const_expr(v % 4 < 2):
-                        gate = acc[v]
-                        up = acc[v + 2]
-                        act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
-                        s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
-                else:
-                    s_out[tok, wrow] = acc[v].to(BFloat16)
-            epi_barrier.arrive_and_wait()
-            valid_rows = rows_hi - row_start
-            col_chunk0 = w_tile * chunks_per_row
-            for it in cutlass.range_constexpr((n_chunks + self.n_consumer_threads - 1) // self.n_consumer_threads):
-                q = ctid + it * self.n_consumer_threads
-                tok = q // chunks_per_row
-                ch = q - tok * chunks_per_row
-                if q < n_chunks and tok < valid_rows:
-                    src = cute.zipped_divide(s_out[tok, None], (VEC,))
-                    cute.autovec_copy(src[None, ch], out_frag)
-                    dst = cute.zipped_divide(out[row_start + tok, None], (VEC,))
-                    cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
+            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] -> 16-byte stores
+            # of the valid rows. Fragment value v holds column 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a
+            # chunk of tokens is a static range of v.
+            for ec in cutlass.range_constexpr(tile_t // epi_t):
+                epi_barrier.arrive_and_wait()  # the previous s_out readers are done
+                for v in cutlass.range_constexpr(ec * epi_t // 2, (ec + 1) * epi_t // 2):
+                    coord = t_cc[v]
+                    wrow = coord[0]
+                    tok = coord[1] - ec * epi_t
+                    if cutlass.const_expr(self.gated):
+                        # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the
+                        # matching up row 8 below it (prepare_expert_weights interleaves by 8 rows).
+                        if cutlass.const_expr(v % 4 < 2):
+                            gate = acc[v]
+                            up = acc[v + 2]
+                            act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
+                            s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
+                    else:
+                        s_out[tok, wrow] = acc[v].to(BFloat16)
+                epi_barrier.arrive_and_wait()
+                chunk_row0 = row_start + ec * epi_t
+                valid_rows = rows_hi - chunk_row0
+                for it in cutlass.range_constexpr((n_chunks + self.n_consumer_threads - 1) // self.n_consumer_threads):
+                    q = ctid + it * self.n_consumer_threads
+                    tok = q // chunks_per_row
+                    ch = q - tok * chunks_per_row
+                    if q < n_chunks and tok < valid_rows:
+                        src = cute.zipped_divide(s_out[tok, None], (VEC,))
+                        cute.autovec_copy(src[None, ch], out_frag)
+                        dst = cute.zipped_divide(out[chunk_row0 + tok, None], (VEC,))
+                        cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
             tile = tile + gdim
 
 

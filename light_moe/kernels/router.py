@@ -349,7 +349,8 @@ class RouterKernel:
                     if lane == kk:
                         weights[token, kk] = best_p[kk] * scale
                         ids[token, kk] = best_id[kk]
-                        atomic_add(hist.iterator + best_id[kk], Int32(1), MemScopeKind.CTA)
+                        if best_id[kk] < n_exp:  # only NaN logits leave no winner
+                            atomic_add(hist.iterator + best_id[kk], Int32(1), MemScopeKind.CTA)
         cute.arch.sync_threads()
         for e in range(tidx, n_exp, threads):
             c = hist[e]

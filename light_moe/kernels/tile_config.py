@@ -10,11 +10,13 @@ table lookup on the expected tokens per active expert, not a chain of branches:
   routing imbalance (a second token tile of the same weight tile re-reads that weight tile, from L2
   at best); while the layer streams weights (<= ~230 tokens per expert on an H100: 700 TFLOP/s over
   3 TB/s) a wider N costs nothing but shared memory, so erring large is cheap.
-* tile_w: 64 while the problem is weight-streaming (more, smaller tiles keep all SMs busy when only
-  a few experts are active: T=1 top-2 on Mixtral gives 2 x 448 up-projection tiles of 64 rows,
-  6.8 waves on 132 SMs, against 3.4 waves of 128 rows whose last wave is 40% full), 128 (two
-  consumer warpgroups, 128x256 tiles as in CUTLASS's Hopper GEMM) once tiles are compute-bound.
+* tile_w: 64 for decode (<= 8 tokens per expert): more, smaller tiles keep all SMs busy when only a
+  few experts are active (T=1 top-2 on Mixtral: the down-projection has 2 x 64 tiles of 64 rows for
+  132 SMs, but only 2 x 32 of 128 rows). Otherwise 128 (two consumer warpgroups): every token row a
+  tile gathers is re-read once per weight tile (from L2), so taller weight tiles halve that traffic,
+  and 128 x 256 is the shape of CUTLASS's fastest Hopper GEMM for the compute-bound prefill.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,10 +25,9 @@ from dataclasses import dataclass
 TILE_TABLE: tuple[tuple[float, int, int], ...] = (
     (4, 64, 8),
     (8, 64, 16),
-    (16, 64, 32),
-    (32, 64, 64),
-    (64, 64, 128),
-    (128, 128, 256),
+    (16, 128, 32),
+    (32, 128, 64),
+    (64, 128, 128),
     (float("inf"), 128, 256),
 )
 

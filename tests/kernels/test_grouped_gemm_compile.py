@@ -1,4 +1,5 @@
 """CPU-only compile tests of the grouped GEMM: every variant (up, down, decode) must yield an sm_90a cubin."""
+
 import pytest
 
 cute = pytest.importorskip("cutlass.cute")
@@ -26,13 +27,15 @@ def _args(gated: bool, num_experts: int, hidden: int, inter: int):
 
 
 CASES = {
-    # name: (gated, E, H, I, tile config)
+    # name: (gated, E, H, I, tile config); together they cover every row of tile_config.TILE_TABLE
     "up_prefill_128x256": (True, 8, 4096, 14336, TileConfig(128, 256)),
     "down_prefill_128x256": (False, 8, 4096, 14336, TileConfig(128, 256)),
     "up_decode_64x8": (True, 8, 4096, 14336, TileConfig(64, 8)),
     "down_decode_64x8": (False, 8, 4096, 14336, TileConfig(64, 8)),
-    "up_mid_64x64_E128": (True, 128, 1024, 768, TileConfig(64, 64)),
-    "down_mid_64x128_E128": (False, 128, 1024, 768, TileConfig(64, 128)),
+    "up_decode_64x16_E64": (True, 64, 1024, 768, TileConfig(64, 16)),
+    "down_mid_128x32_E64": (False, 64, 1024, 768, TileConfig(128, 32)),
+    "up_mid_128x64_E128": (True, 128, 1024, 768, TileConfig(128, 64)),
+    "down_mid_128x128_E128": (False, 128, 1024, 768, TileConfig(128, 128)),
 }
 
 

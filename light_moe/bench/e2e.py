@@ -1,0 +1,107 @@
+"""End-to-end throughput: prefill and decode tokens/s of the whole engine for given batch sizes.
+
+Prefill time runs from submitting the batch until every request has its first token; decode time
+from then until the last token. Prompts are random token ids; EOS is ignored so every request
+generates exactly output_len tokens. With --shape mixtral the model is Mixtral-8x7B's layer shape
+(E=8, H=4096, I=14336, top-2, 32 heads, 8 KV heads) cut to --layers layers, with random weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from light_moe.bench.env import environment
+
+MIXTRAL_8X7B = dict(
+    architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+    intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+    rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+    torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+
+
+def write_shaped_model(out: Path, layers: int) -> Path:
+    """config.json of the Mixtral-8x7B shape with `layers` layers, plus a small tokenizer (ids only)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**MIXTRAL_8X7B, "num_hidden_layers": layers}))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["benchmark text"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0) -> list[dict]:
+    from light_moe import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    # warm-up: first-touch allocations, kernel compilation
+    engine.generate_outputs([torch.randint(0, vocab, (input_len,), generator=gen).tolist()], params)
+    rows = []
+    for batch in batch_sizes:
+        prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
+        ids = {engine.add_request(p, params) for p in prompts}
+        have_first, done = set(), set()
+        start = time.perf_counter()
+        prefill_end = None
+        steps = 0
+        while len(done) < batch:
+            for out in engine.step():
+                if out.request_id in ids:
+                    have_first.add(out.request_id)
+                    if out.finished:
+                        done.add(out.request_id)
+            steps += 1
+            if prefill_end is None and len(have_first) == batch:
+                prefill_end = time.perf_counter()
+        end = time.perf_counter()
+        decode_tokens = batch * (output_len - 1)
+        rows.append(dict(batch=batch, input_len=input_len, output_len=output_len, steps=steps,
+                         prefill_s=prefill_end - start, decode_s=end - prefill_end,
+                         prefill_tok_s=batch * input_len / (prefill_end - start),
+                         decode_tok_s=decode_tokens / (end - prefill_end) if end > prefill_end else float("nan")))
+    return rows
+
+
+def main(args) -> dict:
+    from light_moe import LightMoEEngine
+
+    tmp = None
+    model_path, load_format = args.model, "auto"
+    if args.shape == "mixtral":
+        tmp = Path(tempfile.mkdtemp(prefix="light-moe-bench-"))
+        model_path, load_format = write_shaped_model(tmp, args.layers), "dummy"
+    elif model_path is None:
+        from light_moe.assets import DEMO_MODEL_DIR
+
+        model_path = DEMO_MODEL_DIR
+    try:
+        engine = LightMoEEngine(model_path, dtype=args.dtype, device=args.device, load_format=load_format,
+                                max_model_len=args.input_len + args.output_len + 16,
+                                max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
+                                max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False)
+        rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result = dict(benchmark="e2e", env=environment(), model=str(model_path) if tmp is None else
+                  f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
+                  moe_backend=engine.ops.name, rows=rows)
+    print(f"{'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps':>6}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['steps']:>6}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    else:
+        print(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,44 @@
+"""Where a benchmark ran: card, versions, commit. Written into every result JSON."""
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["num_gpus"] = torch.cuda.device_count()
+    try:
+        from importlib.metadata import version
+
+        env["nvidia_cutlass_dsl"] = version("nvidia-cutlass-dsl")
+    except Exception:  # not installed (CPU machine) or not found from a source-tree run
+        try:
+            import cutlass
+
+            env["nvidia_cutlass_dsl"] = getattr(cutlass, "__version__", "present")
+        except ImportError:
+            env["nvidia_cutlass_dsl"] = None
+    return env

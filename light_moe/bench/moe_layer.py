@@ -1,0 +1,203 @@
+"""`light-moe bench moe-layer`: one MoE layer (router + metadata + up + down + combine) at several T.
+
+Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
+
+Rows per T, all measured in the same run on the same card and inputs (CUDA events, median):
+  * ours_layer      the whole layer through `ops` (default: reference router/metadata/combine, our
+                    grouped GEMM for up and down), eager;
+  * ours_experts    only our up + down kernels, replayed from a CUDA graph (what the engine runs);
+                    ours_up / ours_down: each projection alone, also graph-replayed;
+  * grouped_mm_layer / grouped_mm_experts   the same with torch._grouped_mm for the two GEMMs
+                    (gather by index_select, SiLU*up in PyTorch);
+  * loop_layer      the per-expert loop of ops/reference.py (transformers-style).
+Weight GB/s = bytes of the experts that received a token / time; TFLOP/s = 2 M (3 H I) / time.
+Results go to benchmarks/results/moe_layer-<gpu>-<date>.json with GPU name, versions and commit.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from light_moe.bench.env import environment
+from light_moe.ops import reference
+from light_moe.ops.backend import MoEOps
+
+TARGETS_US = {1: 260, 4: 975, 16: 975, 64: 975, 256: 1000, 4096: 4000, 16384: 16000}  # DESIGN.md sec. 5
+
+
+class GroupedGemmOps(MoEOps):
+    """Reference router / metadata / combine with this project's CuTe grouped GEMM for the experts."""
+
+    name = "cute-grouped-gemm"
+
+    def prepare_expert_weights(self, w13, w2):
+        from light_moe.kernels import grouped_gemm
+
+        return grouped_gemm.prepare_expert_weights(w13, w2)
+
+    def expert_up(self, x, gather_index, expert_offsets, w13):
+        from light_moe.kernels import grouped_gemm
+
+        return grouped_gemm.expert_up(x, gather_index, expert_offsets, w13)
+
+    def expert_down(self, act, expert_offsets, w2):
+        from light_moe.kernels import grouped_gemm
+
+        return grouped_gemm.expert_down(act, expert_offsets, w2)
+
+
+def _time_us(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def _graph(fn):
+    """Capture fn (after a warm-up on a side stream) and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
+def _grouped_mm_experts(x, gather_index, offsets, w13_t, w2_t):
+    """torch._grouped_mm baseline: w13_t [E, H, 2I], w2_t [E, I, H] (transposed views, K-major)."""
+    ends = offsets[1:]
+    rows = x.index_select(0, gather_index)  # [M, H]
+    gate_up = torch._grouped_mm(rows, w13_t, offs=ends)  # [M, 2I]
+    inter = gate_up.shape[1] // 2
+    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    return torch._grouped_mm(act, w2_t, offs=ends)  # [M, H]
+
+
+def run_moe_layer_bench(
+    tokens: list[int],
+    num_experts: int = 8,
+    hidden: int = 4096,
+    inter: int = 14336,
+    top_k: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    out_json: str | None = None,
+    ops: MoEOps | None = None,
+    seed: int = 0,
+    full_layer: bool = True,
+) -> dict:
+    device = torch.device("cuda")
+    ops = ops or GroupedGemmOps()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=dtype, generator=gen) / inter**0.5
+    gate_weight = torch.randn(num_experts, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5
+    w13p, w2p = ops.prepare_expert_weights(w13, w2)
+    rows = []
+    for num_tokens in tokens:
+        x = torch.randn(num_tokens, hidden, device=device, dtype=dtype, generator=gen)
+        row = _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k, full_layer)
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    env = environment()
+    result = {
+        "benchmark": "moe_layer",
+        "env": env,
+        "shape": dict(E=num_experts, H=hidden, I=inter, K=top_k, dtype=str(dtype)),
+        "ops": type(ops).__name__,
+        "rows": rows,
+    }
+    if out_json is None:
+        name = env["device"].replace(" ", "_")
+        out_json = f"benchmarks/results/moe_layer-{name}-{env['date'][:10]}.json"
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_layer: bool) -> dict:
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, H, 2I], [E, I, H]
+    expert_bytes = 3 * hidden * inter * x.element_size()
+    topk_w, topk_ids, counts = reference.router(x, gate_weight, top_k, True)
+    offsets, gather_index, reverse_index = reference.routing_metadata(topk_ids, num_experts)
+    active = int((counts > 0).sum())
+    flops = 2 * num_tokens * top_k * 3 * hidden * inter
+    iters = max(5, min(50, int(2e5 / max(num_tokens, 1))))
+
+    def grouped_mm_layer():
+        w, ids, _ = reference.router(x, gate_weight, top_k, True)
+        off, gidx, rev = reference.routing_metadata(ids, num_experts)
+        return reference.combine(_grouped_mm_experts(x, gidx, off, w13_t, w2_t), rev, w)
+
+    ours = ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True)
+    ref = reference.moe_forward(x, gate_weight, w13, w2, top_k, True)
+    rel = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+    act = ops.expert_up(x, gather_index, offsets, w13p)
+    cases = {
+        "ours_up": (lambda: ops.expert_up(x, gather_index, offsets, w13p), True),
+        "ours_down": (lambda: ops.expert_down(act, offsets, w2p), True),
+        "ours_experts": (lambda: ops.expert_down(ops.expert_up(x, gather_index, offsets, w13p), offsets, w2p), True),
+        "grouped_mm_experts": (lambda: _grouped_mm_experts(x, gather_index, offsets, w13_t, w2_t), True),
+    }
+    if full_layer:
+        cases["ours_layer"] = (lambda: ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True), False)
+        cases["grouped_mm_layer"] = (grouped_mm_layer, False)
+        cases["loop_layer"] = (lambda: reference.moe_forward(x, gate_weight, w13, w2, top_k, True), False)
+    row = {
+        "tokens": num_tokens,
+        "active_experts": active,
+        "rel_l2_vs_reference": rel,
+        "target_us": TARGETS_US.get(num_tokens),
+    }
+    for name, (fn, in_graph) in cases.items():
+        try:
+            us = _time_us(_graph(fn) if in_graph else fn, 3 if name == "loop_layer" else iters)
+        except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the other rows
+            print(f"T={num_tokens} {name} failed: {exc!r}"[:300], flush=True)
+            us = float("nan")
+        row[f"{name}_us"] = round(us, 1)
+        row[f"{name}_weight_GBps"] = round(active * expert_bytes / us / 1e3, 1)
+        row[f"{name}_TFLOPs"] = round(flops / us / 1e6, 1)
+    return row
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"T={row['tokens']:>5}"]
+    for name in (
+        "ours_layer",
+        "ours_experts",
+        "ours_up",
+        "ours_down",
+        "grouped_mm_layer",
+        "grouped_mm_experts",
+        "loop_layer",
+    ):
+        if f"{name}_us" not in row:
+            continue
+        parts.append(
+            f"{name} {row[f'{name}_us']:>8.1f}us {row[f'{name}_weight_GBps']:>6.0f}GB/s {row[f'{name}_TFLOPs']:>5.0f}TF"
+        )
+    parts.append(f"target {row['target_us']} relL2 {row['rel_l2_vs_reference']:.1e}")
+    return " | ".join(parts)
+
+
+def main(args) -> None:
+    run_moe_layer_bench(args.tokens, args.experts, args.hidden, args.intermediate, args.top_k, out_json=args.output)

@@ -1,0 +1,145 @@
+"""`light-moe` command line: generate | serve | bench {e2e, moe-layer}."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    p.add_argument("--model", required=model_required, default=None,
+                   help="Hugging Face model directory (default: the bundled demo model)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"],
+                   help="MoE kernels: auto picks CuTe on sm_90 GPUs, else the PyTorch reference")
+
+
+def _default_model(path):
+    if path is not None:
+        return path
+    from light_moe.assets import DEMO_MODEL_DIR
+
+    return DEMO_MODEL_DIR
+
+
+def cmd_generate(args) -> int:
+    from light_moe import LightMoEEngine, SamplingParams
+
+    model = _default_model(args.model)
+    if args.model is None:
+        print(f"(using the bundled demo model: {model})", file=sys.stderr)
+    engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                            moe_backend=args.moe_backend, seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+    start = time.perf_counter()
+    if args.stream:
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        count = 0
+        rid = engine.add_request(prompt, params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    print(out.delta_text, end="", flush=True)
+                    count = len(out.token_ids)
+        print()
+    else:
+        out = engine.generate_outputs(prompt, params)[0]
+        count = len(out.token_ids)
+        print(out.text if args.chat else args.prompt + out.text)
+    elapsed = time.perf_counter() - start
+    print(f"[{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_e2e(args) -> int:
+    from light_moe.bench import e2e
+
+    e2e.main(args)
+    return 0
+
+
+def cmd_bench_moe_layer(args) -> int:
+    from light_moe.bench import moe_layer
+
+    moe_layer.main(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="light-moe", description="Light-MoE: fast inference for MoE models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    _engine_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    try:
+        from light_moe.server.serve import add_serve_args
+        from light_moe.server.serve import serve as serve_fn
+    except ImportError as exc:  # server extra not installed
+        serve.set_defaults(func=lambda _args, exc=exc: _missing_server(exc))
+    else:
+        add_serve_args(serve)
+        serve.set_defaults(func=serve_fn)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON results)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    e2e = bsub.add_parser("e2e", help="prefill and decode tokens/s of the whole engine")
+    _engine_args(e2e)
+    e2e.add_argument("--shape", choices=["mixtral"], default=None,
+                     help="ignore --model and use the Mixtral-8x7B shape with random weights")
+    e2e.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
+    e2e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    e2e.add_argument("--input-len", type=int, default=128)
+    e2e.add_argument("--output-len", type=int, default=64)
+    e2e.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    e2e.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
+    e2e.set_defaults(func=cmd_bench_e2e)
+
+    layer = bsub.add_parser("moe-layer", help="the MoE layer against torch._grouped_mm and a per-expert loop")
+    layer.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 16384])
+    layer.add_argument("--experts", type=int, default=8)
+    layer.add_argument("--hidden", type=int, default=4096)
+    layer.add_argument("--intermediate", type=int, default=14336)
+    layer.add_argument("--top-k", type=int, default=2)
+    layer.add_argument("--output", default=None)
+    layer.set_defaults(func=cmd_bench_moe_layer)
+    return parser
+
+
+def _missing_server(exc) -> int:
+    print(f"light-moe serve needs the server extra (pip install 'light-moe[server]'): {exc}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

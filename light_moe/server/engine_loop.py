@@ -1,0 +1,297 @@
+"""The one thread that owns the engine, and the bridge between it and the asyncio handlers.
+
+    handler (event loop)                       engine thread
+    submit() -> command deque ---------------> apply adds/aborts -> engine.step()
+       await stream.accepted  <--------------- accepted / 400 error  (call_soon_threadsafe)
+       async for out in stream <-------------- RequestOutputs of each step, one hop per step
+    abort()  -> command deque ---------------> engine.abort(): KV blocks freed
+
+The engine is not thread-safe, so nothing but this thread calls into it (engine.validate,
+which only reads the tokenizer and the config, is the exception the handlers use to answer
+400s before queueing). Commands go through a deque under a Condition: the thread sleeps on
+it while the engine is idle and drains it between steps, so requests that arrive during a
+step join the running batch at the next one (continuous batching by the scheduler).
+Outputs of one step travel to the event loop in a single call_soon_threadsafe.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from light_moe.engine.outputs import RequestOutput
+from light_moe.sampling_params import SamplingParams
+from light_moe.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shut down, or step() raised): no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than max_waiting allows."""
+
+
+class RequestStream:
+    """The handler's end of one request: acceptance, then its outputs until one is finished."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, arrival_time: float, stream_deltas: bool):
+        self.request_id = request_id
+        self.arrival_time = arrival_time
+        self.stream_deltas = stream_deltas  # False: only the final output is delivered
+        self.accepted: asyncio.Future = loop.create_future()
+        self.finished = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        # engine-thread bookkeeping for the latency metrics
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def _resolve(self, error: BaseException | None) -> None:
+        if self.accepted.done():
+            return
+        if error is None:
+            self.accepted.set_result(None)
+        else:
+            self.accepted.set_exception(error)
+
+    async def next(self) -> RequestOutput:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while not self.finished:
+            yield await self.next()
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    def __init__(self, engine, metrics: ServerMetrics, max_waiting: int | None = None):
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0 or None (no limit), got {max_waiting}")
+        self.engine = engine
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self._cv = threading.Condition()
+        self._commands: deque[_Add | _Abort] = deque()
+        self._queued_adds = 0  # submitted, not yet applied (guarded by _cv)
+        self._engine_waiting = 0  # scheduler.num_waiting after the last command drain or step (guarded by _cv)
+        self._stopping = False
+        self._error: BaseException | None = None
+        # engine thread only: live requests, and what the next hand-over to the event loop carries
+        self._streams: dict[str, RequestStream] = {}
+        self._accepted: list[tuple[RequestStream, BaseException | None]] = []
+        self._deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- any thread -----------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def num_queued(self) -> int:
+        """Accepted requests not running yet: submitted but not applied, or waiting in the scheduler."""
+        with self._cv:
+            return self._queued_adds + self._engine_waiting
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine thread to abort a request (no-op if it already finished)."""
+        with self._cv:
+            self._commands.append(_Abort(request_id))
+            self._cv.notify()
+
+    # ---- event loop -----------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already started")
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="light-moe-engine", daemon=True)
+        self._thread.start()
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     arrival_time: float, stream_deltas: bool = True) -> RequestStream:
+        """Queue a validated request; returns once the engine has taken it.
+
+        Raises QueueFullError (429), EngineDeadError (503), or the engine's ValueError (400).
+        """
+        stream = RequestStream(request_id, asyncio.get_running_loop(), arrival_time, stream_deltas)
+        with self._cv:
+            if self._error is not None or self._stopping or self._thread is None:
+                raise EngineDeadError("the engine is not running" + (f": {self._error}" if self._error else ""))
+            if self.max_waiting is not None and self._queued_adds + self._engine_waiting >= self.max_waiting:
+                raise QueueFullError(f"{self._queued_adds + self._engine_waiting} requests are already waiting "
+                                     f"(max_waiting={self.max_waiting}); retry later")
+            self._commands.append(_Add(stream, prompt_token_ids, params))
+            self._queued_adds += 1
+            self._cv.notify()
+        try:
+            await stream.accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return stream
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what is still running, deliver 'abort' to its handlers, stop the thread. Blocking."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the engine thread did not stop within %.1f s", timeout)
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cv:
+                    while not self._commands and not self._stopping and not engine.has_unfinished_requests():
+                        self._cv.wait()
+                    commands = list(self._commands)
+                    self._commands.clear()
+                    stopping = self._stopping
+                num_adds = 0
+                for command in commands:
+                    if isinstance(command, _Add):
+                        num_adds += 1
+                        self._accepted.append((command.stream, self._add(command)))
+                    else:
+                        self._abort(command.request_id)
+                if stopping:
+                    self._abort_all()
+                self._publish(num_adds)
+                if stopping:
+                    return
+                if engine.has_unfinished_requests():
+                    self._route(engine.step())
+                    self._publish(0)
+        except BaseException as exc:  # a failed step leaves the engine in an unknown state: stop serving
+            logger.exception("the engine loop stopped on an error")
+            self._fail_everything(exc)
+
+    def _add(self, command: _Add) -> BaseException | None:
+        stream = command.stream
+        try:
+            self.engine.add_request(command.prompt_token_ids, command.params, stream.request_id)
+        except (ValueError, TypeError) as exc:
+            return exc
+        except Exception as exc:
+            logger.exception("add_request failed for %s", stream.request_id)
+            self.engine.abort(stream.request_id)  # it may have reached the scheduler before failing
+            return exc
+        self._streams[stream.request_id] = stream
+        self.metrics.prompt_tokens.inc(len(command.prompt_token_ids))
+        return None
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.engine.abort(request_id)
+            self.metrics.finished.labels(finish_reason="abort").inc()
+
+    def _abort_all(self) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            self.metrics.finished.labels(finish_reason="abort").inc()
+            self._deliveries.append((stream, _aborted_output(request_id)))
+        self._streams.clear()
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted while the step ran
+            n = len(output.delta_token_ids)
+            if n:
+                m.generation_tokens.inc(n)
+                if stream.first_token_time is None:
+                    stream.first_token_time = now
+                    m.ttft.observe(now - stream.arrival_time)
+                    n -= 1  # the first token has no predecessor
+                if n:
+                    gap = (now - stream.last_token_time) / n
+                    for _ in range(n):
+                        m.itl.observe(gap)
+                stream.last_token_time = now
+            if output.finished:
+                del self._streams[output.request_id]
+                m.finished.labels(finish_reason=output.finish_reason or "length").inc()
+                m.e2e.observe(now - stream.arrival_time)
+            if output.finished or stream.stream_deltas:
+                self._deliveries.append((stream, output))
+
+    def _publish(self, num_adds: int) -> None:
+        waiting = self.engine.scheduler.num_waiting
+        with self._cv:
+            self._queued_adds -= num_adds
+            self._engine_waiting = waiting
+            queued = self._queued_adds + waiting
+        self.metrics.observe_step(self.engine, queued)
+        self._send()
+
+    def _send(self) -> None:
+        """Hand this iteration's acceptances and outputs to the event loop in one call."""
+        if not self._accepted and not self._deliveries:
+            return
+        accepted, deliveries = self._accepted, self._deliveries
+        self._accepted, self._deliveries = [], []
+
+        def hand_over():
+            for stream, error in accepted:
+                stream._resolve(error)
+            for stream, item in deliveries:
+                stream._put(item)
+
+        try:
+            self._loop.call_soon_threadsafe(hand_over)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._cv:
+            self._error = exc
+            pending = [c.stream for c in self._commands if isinstance(c, _Add)]
+            self._commands.clear()
+            self._queued_adds = 0
+        error = EngineDeadError(f"the engine stopped: {exc}")
+        # Requests accepted before the failure get the error as their next output; the rest are refused.
+        self._accepted.extend((stream, error) for stream in pending)
+        self._deliveries.extend((stream, error) for stream in self._streams.values())
+        self._streams.clear()
+        self._send()
+
+
+def _aborted_output(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[], text="", token_ids=[],
+                         delta_text="", delta_token_ids=[], finished=True, finish_reason="abort")

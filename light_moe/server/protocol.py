@@ -1,0 +1,186 @@
+"""OpenAI API schemas: the requests we accept and the errors we answer with.
+
+Requests are validated strictly (a string where a number belongs is a 400, not a silent cast)
+and unknown fields are ignored, as OpenAI does. Fields OpenAI defines that the engine cannot
+honour (n > 1, presence/frequency penalties, logit_bias, tools, echo, suffix, best_of > 1) are
+refused with a 400 naming the field instead of being silently ignored. Responses are built
+as plain dicts in app.py: they are written once per token and need no validation.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from light_moe.sampling_params import SamplingParams
+
+# torch.Generator.manual_seed accepts [-2**63, 2**64); keep the seed in that range.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extras beyond OpenAI's API, named as vLLM names them
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, f"n must be 1 (one choice per request), got {self.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported (only 0 is accepted), got {value}; "
+                               "use repetition_penalty instead", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+
+    def sampling_params(self, max_tokens: int, logprobs: bool) -> SamplingParams:
+        """Build the engine's SamplingParams; its ValueError becomes a 400 naming the field."""
+        kwargs: dict[str, Any] = dict(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=self.ignore_eos)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                     "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:
+            message = str(exc)
+            field = message.split(" ", 1)[0]
+            raise APIError(400, message, param=field if field in kwargs else None) from None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise APIError(400, f"best_of must be 1, got {self.best_of}", param="best_of")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request: a string or a list of token ids (a batch of one is unwrapped)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request",
+                               param="prompt")
+            prompt = prompt[0]
+        return prompt
+
+
+class TextContent(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise APIError(400, "tools (function calling) are not supported", param="tools")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _is_union_tag(loc_part: str | int) -> bool:
+    """pydantic names the union member that failed in the error location ('str', 'list[int]')."""
+    return isinstance(loc_part, str) and (loc_part in _UNION_TAGS or "[" in loc_part)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "none"})
+
+
+def parse_request(model: type[_Strict], payload: Any) -> Any:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its top-level field."""
+    if not isinstance(payload, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(payload).__name__}")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = error["loc"]
+        field = str(loc[0]) if loc else None
+        if field == "prompt" and error["type"] != "missing":
+            message = "prompt must be a string or a list of token ids"
+        else:
+            path = ".".join(str(p) for p in loc if not _is_union_tag(p))
+            message = f"{path}: {error['msg']}" if path else error["msg"]
+            if error["type"] != "missing":
+                message += f" (got {error['input']!r:.60})"
+        raise APIError(400, message, param=field) from None
