@@ -10,6 +10,12 @@ import torch
 
 
 def git_commit() -> str:
+    """The checkout's commit; a copy of the tree without .git (e.g. shipped to a GPU box) may name it
+    in LIGHT_MOE_GIT_COMMIT instead."""
+    import os
+
+    if os.environ.get("LIGHT_MOE_GIT_COMMIT"):
+        return os.environ["LIGHT_MOE_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -1,0 +1,98 @@
+"""`light-moe serve --model DIR`: load the engine, serve the OpenAI API with uvicorn.
+
+Shutdown on SIGINT or SIGTERM: uvicorn stops accepting connections and lets in-flight
+requests finish for up to --shutdown-timeout seconds, then cancels them (their engine
+requests are aborted); the app's lifespan then stops the engine thread. A second SIGINT
+skips the wait. The process exits 0 without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from light_moe.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING, build_app
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: the checkpoint directory's name)")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    parser.add_argument("--moe-backend", default="auto", help="MoE kernel backend (auto picks by capability)")
+    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                        help="requests allowed to wait for a batch seat before new ones get 429")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body accepted (larger ones get 413)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests may run after SIGINT/SIGTERM before they are aborted")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def run_server(engine, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+               served_model_name: str | None = None, max_waiting: int | None = DEFAULT_MAX_WAITING,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 30.0,
+               log_level: str = "info") -> None:
+    """Serve `engine` until SIGINT/SIGTERM (call from the main thread: uvicorn installs the handlers)."""
+    import uvicorn
+
+    app = build_app(engine, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
+                    max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down, into the handler that was installed
+    # before it started. Install silent ones for that moment, so SIGTERM does not kill the process (exit
+    # status 143) and SIGINT raises no KeyboardInterrupt after a clean shutdown.
+    previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("server stopped")
+
+
+def _ignore_signal(signum, frame) -> None:
+    pass
+
+
+def serve(args: argparse.Namespace) -> int:
+    from light_moe import LightMoEEngine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.max_waiting < 0:
+        raise SystemExit(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.max_body_bytes <= 0:
+        raise SystemExit(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    try:
+        engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                moe_backend=args.moe_backend)
+    except KeyboardInterrupt:
+        return 130
+    run_server(engine, args.host, args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+               max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_serve_args(argparse.ArgumentParser(prog="light-moe serve",
+                                                    description="OpenAI-compatible API server"))
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
