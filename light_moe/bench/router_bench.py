@@ -84,6 +84,10 @@ def torch_router_graphable(x, w, top_k, renorm, counts):
     return weights, ids
 
 
+def _tile_label(t: router.RouterTile) -> str:
+    return f"mw{t.mw}ng{t.ng}ks{t.ks}mt{t.mt}ntw{t.ntw}u{t.unroll}"
+
+
 def bench_router(rows, copy_gbs, experts, hidden, top_k, tokens_list, tiles=None):
     w = (torch.randn(experts, hidden, device="cuda") / hidden ** 0.5).bfloat16()
     for tokens in tokens_list:
@@ -98,9 +102,9 @@ def _router_row(copy_gbs, w, top_k, tokens, tiles):
     counts = torch.empty(experts, dtype=torch.int32, device="cuda")
     counts64 = torch.empty(experts, dtype=torch.int64, device="cuda")
     auto = router.choose_tile(experts, tokens)
-    candidates = [("auto", auto)] + [(f"{t}", t) for t in (tiles or []) if t != auto]
+    candidates = [("auto", auto)] + [(_tile_label(t), t) for t in (tiles or []) if t != auto]
     row = {"op": "router", "E": experts, "H": hidden, "K": top_k, "T": tokens, "dtype": "bf16",
-           "tile_auto": str(auto), "read_x_us": tokens * hidden * 2 / copy_gbs / 1e3}
+           "tile_auto": _tile_label(auto), "read_x_us": tokens * hidden * 2 / copy_gbs / 1e3}
     for label, tile in candidates:
         t0 = time.perf_counter()
         router.compiled_router(x.dtype, hidden, experts, top_k, True, tile)

@@ -30,10 +30,9 @@ from light_moe.engine.outputs import RequestOutput
 from light_moe.server.engine_loop import EngineDeadError, EngineLoop, QueueFullError, RequestStream
 from light_moe.server.metrics import ServerMetrics
 from light_moe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from light_moe.server.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_WAITING = 1024
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 

@@ -12,9 +12,12 @@ import logging
 import signal
 import sys
 
-from light_moe.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING, build_app
-
 logger = logging.getLogger(__name__)
+
+# Here rather than in app.py so that add_serve_args imports without fastapi (the CLI builds every
+# subcommand's parser, also on machines without the server extra).
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_WAITING = 1024
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -46,6 +49,8 @@ def run_server(engine, host: str = "127.0.0.1", port: int = 8000, *, api_key: st
                log_level: str = "info") -> None:
     """Serve `engine` until SIGINT/SIGTERM (call from the main thread: uvicorn installs the handlers)."""
     import uvicorn
+
+    from light_moe.server.app import build_app
 
     app = build_app(engine, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
                     max_body_bytes=max_body_bytes)
