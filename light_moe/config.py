@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from light_moe.parallel.placement import PLACEMENT_STRATEGIES
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -135,18 +137,30 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """expert_parallel_size N > 1: N processes, attention data-parallel, experts partitioned
+    (docs/expert_parallel.md). expert_placement: contiguous | round_robin | load_aware (the last
+    needs expert_load_file, written by light_moe.parallel.balancer.ExpertLoadWindow.save).
+    collective_timeout_s bounds every collective, so a dead rank is an error, not a hang."""
+
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
+    expert_placement: str = "contiguous"
+    expert_load_file: str | None = None
+    collective_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported: Light-MoE runs attention "
                 "data-parallel; use expert_parallel_size to spread the experts over GPUs")
-        if self.expert_parallel_size != 1:
-            raise ValueError(
-                f"expert_parallel_size={self.expert_parallel_size} is not supported yet: expert parallelism "
-                "has not landed; use expert_parallel_size=1")
+        if not isinstance(self.expert_parallel_size, int) or self.expert_parallel_size < 1:
+            raise ValueError(f"expert_parallel_size must be a positive integer, got {self.expert_parallel_size!r}")
+        if self.expert_placement not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"expert_placement must be one of {PLACEMENT_STRATEGIES}, got {self.expert_placement!r}")
+        if self.expert_placement == "load_aware" and self.expert_load_file is None:
+            raise ValueError("expert_placement='load_aware' needs expert_load_file (recorded per-layer expert load)")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
 
 
 @dataclass(frozen=True)

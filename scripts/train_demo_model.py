@@ -160,6 +160,22 @@ def count_parameters(config: MixtralConfig, model: torch.nn.Module) -> dict[str,
             "active_per_token_non_embedding": total - inactive - embeddings}
 
 
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-Transformer balance loss computed per layer, then averaged (2.0 = balanced at top-2).
+
+    transformers' Mixtral loss pools the routing counts of all layers before balancing, so one
+    layer may starve an expert while another overfeeds it: with it, the first 1,400-step run
+    left expert 6 of layer 1 with 0.0% of held-out routing slots and expert 3 of layer 2 with 0.1%.
+    """
+    losses = []
+    for layer_logits in router_logits:  # each [B*S, E]
+        probs = layer_logits.softmax(dim=-1)
+        num_experts = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # [B*S, E]
+        losses.append(num_experts * (chosen.mean(dim=0) * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warmup, then cosine down to 10% of the peak."""
     if step < args.warmup_steps:
@@ -282,14 +298,15 @@ def main() -> None:
         inputs, targets = sample_batch(train_stream, args, batch_generator)  # [B, S] each
         out = model(input_ids=inputs, output_router_logits=True)
         lm_loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-        loss = lm_loss + config.router_aux_loss_coef * out.aux_loss
+        aux_loss = load_balancing_loss(out.router_logits, config.num_experts_per_tok)
+        loss = lm_loss + config.router_aux_loss_coef * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % args.log_every == 0 or step == args.steps - 1:
             elapsed = time.perf_counter() - t_train
-            print(f"step {step:5d}  loss {lm_loss.item():.4f}  aux {out.aux_loss.item():.3f}  "
+            print(f"step {step:5d}  loss {lm_loss.item():.4f}  aux {aux_loss.item():.3f}  "
                   f"lr {lr_at(step, args):.2e}  {elapsed:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             model.eval()

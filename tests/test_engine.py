@@ -116,6 +116,6 @@ def test_unknown_model_directory_and_parallel_sizes(tmp_path, ckpt):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LightMoEEngine(tmp_path / "nope")
     with pytest.raises(ValueError, match="expert_parallel_size"):
-        LightMoEEngine(ckpt, expert_parallel_size=2)
+        LightMoEEngine(ckpt, expert_parallel_size=0)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LightMoEEngine(ckpt, tensor_parallel_size=2)

@@ -203,7 +203,8 @@ def test_64_concurrent_streams_are_batched(server):
               - _metric(before, "light_moe_batch_size_bucket", le="1.0"))
     assert steps - single > 0, "no engine step ran more than one request"
     assert _metric(after, "light_moe_max_batch_size") > 1
-    generated = _metric(after, "light_moe_generation_tokens_total") - _metric(before, "light_moe_generation_tokens_total")
+    generated = (_metric(after, "light_moe_generation_tokens_total")
+                 - _metric(before, "light_moe_generation_tokens_total"))
     assert generated == num_clients * max_tokens
     assert _metric(after, "light_moe_time_to_first_token_seconds_count") >= num_clients
     # expert load: every MoE layer of the tiny model (3 layers, 8 experts) routed tokens

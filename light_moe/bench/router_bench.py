@@ -85,7 +85,7 @@ def torch_router_graphable(x, w, top_k, renorm, counts):
 
 
 def _tile_label(t: router.RouterTile) -> str:
-    return f"mw{t.mw}ng{t.ng}ks{t.ks}mt{t.mt}ntw{t.ntw}u{t.unroll}"
+    return f"mw{t.mw}ng{t.ng}ks{t.ks}mt{t.mt}ntw{t.ntw}u{t.unroll}eg{t.eg}hs{t.hs}"
 
 
 def bench_router(rows, copy_gbs, experts, hidden, top_k, tokens_list, tiles=None):
@@ -101,7 +101,7 @@ def _router_row(copy_gbs, w, top_k, tokens, tiles):
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device="cuda")
     counts = torch.empty(experts, dtype=torch.int32, device="cuda")
     counts64 = torch.empty(experts, dtype=torch.int64, device="cuda")
-    auto = router.choose_tile(experts, tokens)
+    auto = router.choose_tile(experts, tokens, hidden * 2)
     candidates = [("auto", auto)] + [(_tile_label(t), t) for t in (tiles or []) if t != auto]
     row = {"op": "router", "E": experts, "H": hidden, "K": top_k, "T": tokens, "dtype": "bf16",
            "tile_auto": _tile_label(auto), "read_x_us": tokens * hidden * 2 / copy_gbs / 1e3}
@@ -109,7 +109,9 @@ def _router_row(copy_gbs, w, top_k, tokens, tiles):
         t0 = time.perf_counter()
         router.compiled_router(x.dtype, hidden, experts, top_k, True, tile)
         compile_s = time.perf_counter() - t0
-        us = graph_us(lambda tile=tile: router.router_into(x, w, top_k, True, weights, ids, counts, tile=tile))
+        ws = torch.empty(max(1, router.workspace_size(tokens, experts, tile)), device="cuda")
+        us = graph_us(lambda tile=tile, ws=ws: router.router_into(x, w, top_k, True, weights, ids, counts, tile=tile,
+                                                                  workspace=ws))
         row[f"ours_us[{label}]"] = us
         if label == "auto":
             row["ours_us"] = us
@@ -198,7 +200,8 @@ def host_overhead_us(iters: int = 300) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/router_kernels_<date>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/router_kernels_<date>_<card>.json)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -208,13 +211,14 @@ def main(argv=None):
     rows: list[dict] = []
     RT = router.RouterTile
     tokens_e8 = [1, 16, 64, 256, 1024, 4096, 16384]
-    bench_router(rows, copy_gbs, 8, 4096, 2, tokens_e8,
-                 tiles=[RT(1, 1, 8, 1, 1, 4), RT(1, 1, 16, 1, 1, 2), RT(4, 1, 2, 1, 1, 4), RT(8, 1, 1, 1, 1, 4)])
+    bench_router(rows, copy_gbs, 8, 4096, 2, tokens_e8, tiles=[RT(1, 1, 8, 1, 1, 4), RT(1, 1, 16, 1, 1, 4)])
     if not args.quick:
-        bench_router(rows, copy_gbs, 128, 2048, 8, [1, 64, 256, 4096, 16384],
-                     tiles=[RT(1, 2, 4, 1, 8, 2), RT(4, 2, 1, 1, 8, 2)])
-        bench_router(rows, copy_gbs, 64, 2048, 8, [1, 256, 4096])
-        bench_router(rows, copy_gbs, 256, 7168, 8, [1, 256, 4096])
+        # alternatives: fused one-CTA-per-16-tokens tiles, and the split grid without H slices
+        bench_router(rows, copy_gbs, 128, 2048, 8, [1, 64, 256, 1024, 4096, 16384],
+                     tiles=[RT(1, 2, 4, 1, 8, 2), RT(4, 2, 1, 1, 8, 2), RT(1, 1, 8, 1, 4, 2, 4, 1)])
+        bench_router(rows, copy_gbs, 64, 2048, 8, [1, 256, 4096], tiles=[RT(1, 1, 8, 1, 8, 2)])
+        bench_router(rows, copy_gbs, 256, 7168, 8, [1, 256, 4096],
+                     tiles=[RT(1, 4, 2, 1, 8, 2), RT(1, 1, 8, 1, 4, 2, 8, 1)])
     for experts, top_k in ((8, 2), (128, 8)):
         bench_metadata(rows, experts, top_k, [1, 64, 256, 4096, 16384])
     for hidden, top_k in ((4096, 2), (2048, 8)):
@@ -224,7 +228,8 @@ def main(argv=None):
     result = {"benchmark": "router_kernels", "env": env, "copy_bandwidth_GBs": copy_gbs,
               "timing": f"CUDA graph of {REPS} calls, median of replays, us per call",
               "host_us_per_eager_call": host, "rows": rows}
-    out = Path(args.out or f"benchmarks/results/router_kernels_{env['date'][:10]}.json")
+    card = "".join(c for c in env["device"].lower().split("nvidia")[-1] if c.isalnum())[:4] or "cpu"  # h100, h200
+    out = Path(args.out or f"benchmarks/results/router_kernels_{env['date'][:10]}_{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

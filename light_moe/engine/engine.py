@@ -26,8 +26,10 @@ from light_moe.engine.sampler import sample
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.model_runner import ModelRunner
+from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec
 from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.backend import select_backend
+from light_moe.parallel.placement import place_experts, read_expert_load
 from light_moe.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -77,8 +79,13 @@ class LightMoEEngine:
         load_format: str = "auto",
         seed: int = 0,
         show_progress: bool = True,
+        expert_placement: str = "contiguous",
+        expert_load_file: str | None = None,
+        collective_timeout_s: float = 300.0,
+        expert_parallel_executor: ExpertParallelExecutor | None = None,
     ):
-        parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size)
+        parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
+                                  collective_timeout_s)
         model_path = Path(model_path)
         model_cls, model_cfg = load_model_config(model_path)
         dev = _resolve_device(device)
@@ -109,8 +116,26 @@ class LightMoEEngine:
         self.ops, reason = select_backend(moe_backend, dev)
         logger.info("MoE backend: %s", reason)
         self.moe_backend_reason = reason
-        self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress)
-        self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens, max_num_seqs)
+        # expert parallelism: this process is rank 0; the executor's worker processes are ranks 1..N-1.
+        # A caller-made executor (reused across engines) is left running by shutdown().
+        if expert_parallel_executor is not None and parallel.expert_parallel_size == 1:
+            raise ValueError("expert_parallel_executor was given but expert_parallel_size is 1")
+        self.workers: ExpertParallelExecutor | None = expert_parallel_executor
+        self._owns_workers = False
+        if parallel.expert_parallel_size > 1:
+            spec = self._worker_spec(max_num_batched_tokens, max_num_seqs)  # validates the placement first
+            if self.workers is None:
+                self.workers = ExpertParallelExecutor(parallel.expert_parallel_size, dev, parallel.collective_timeout_s)
+                self._owns_workers = True
+            try:
+                self.model, self.runner = self.workers.load(spec, self.ops)
+            except BaseException:
+                self.shutdown()
+                raise
+        else:
+            self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress)
+            self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens,
+                                      max_num_seqs)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.eos_token_ids = self._eos_ids(model_path)
@@ -127,6 +152,25 @@ class LightMoEEngine:
         }
 
     # ---- set-up helpers -----------------------------------------------------------------------
+    def _worker_spec(self, max_num_batched_tokens: int, max_num_seqs: int) -> WorkerSpec:
+        cfg, parallel = self.config, self.config.parallel
+        load = read_expert_load(parallel.expert_load_file) if parallel.expert_load_file else None
+        placements = place_experts(parallel.expert_placement, self.model_config.num_experts,
+                                   len(self.model_config.moe_layers), parallel.expert_parallel_size, load)
+        return WorkerSpec(cfg.model_path, cfg.dtype, cfg.device, cfg.load_format, cfg.seed, cfg.moe_backend, cfg.cache,
+                          max_num_batched_tokens, max_num_seqs, tuple(placements))
+
+    def shutdown(self) -> None:
+        """Stop the expert-parallel worker processes this engine started (no-op for one process). Idempotent."""
+        if getattr(self, "_owns_workers", False):
+            self.workers.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:  # interpreter teardown: multiprocessing ends daemonic workers anyway
+            pass
+
     def _eos_ids(self, model_path: Path) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)
         gen_file = model_path / "generation_config.json"
@@ -212,7 +256,8 @@ class LightMoEEngine:
         self.stats["preemptions"] += len(out.preempted)
         if not out.scheduled:
             return outputs
-        logits = self.runner.execute(out.scheduled)  # [S, V]
+        executor = self.runner if self.workers is None else self.workers
+        logits = executor.execute(out.scheduled)  # [S, V]
         sampling = [s for s in out.scheduled if s.samples]
         rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
         tokens, logprobs = sample(logits, rows, self._generator) if rows else ([], None)

@@ -10,6 +10,7 @@ One CTA per (token, chunk of 128 x 16 bytes of the row): 128 threads, each ownin
 row; it issues the K row loads before the first add (K x 16 bytes in flight per thread), which is
 what a memory-bound gather needs. Grid = T x ceil(H / (128 * vec)).
 """
+
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
@@ -45,16 +46,22 @@ class CombineKernel:
         self.vec = 128 // dtype.width  # elements per 16-byte access
 
     @cute.jit
-    def __call__(self, y_ptr: cute.Pointer, reverse_ptr: cute.Pointer, weights_ptr: cute.Pointer,
-                 out_ptr: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
+    def __call__(
+        self,
+        y_ptr: cute.Pointer,
+        reverse_ptr: cute.Pointer,
+        weights_ptr: cute.Pointer,
+        out_ptr: cute.Pointer,
+        n_tokens: Int32,
+        stream: cuda.CUstream,
+    ):
         hidden, k = self.hidden, self.top_k
         y = cute.make_tensor(y_ptr, cute.make_layout((n_tokens * k, hidden), stride=(hidden, 1)))
         reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_tokens * k,)))
         weights = cute.make_tensor(weights_ptr, cute.make_layout((n_tokens, k), stride=(k, 1)))
         out = cute.make_tensor(out_ptr, cute.make_layout((n_tokens, hidden), stride=(hidden, 1)))
         n_chunks = -(-(hidden // self.vec) // THREADS)
-        self.kernel(y, reverse, weights, out).launch(
-            grid=(n_tokens, n_chunks, 1), block=(THREADS, 1, 1), stream=stream)
+        self.kernel(y, reverse, weights, out).launch(grid=(n_tokens, n_chunks, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, y: cute.Tensor, reverse: cute.Tensor, weights: cute.Tensor, out: cute.Tensor):
@@ -93,9 +100,14 @@ def make_compile_args(dtype: torch.dtype, hidden: int, top_k: int, stream=None):
     """(jit function, arguments) for cute.compile with placeholder pointers; T is dynamic."""
     gmem = cute.AddressSpace.gmem
     cdt = _DTYPES[dtype]
-    args = (make_ptr(cdt, 16, gmem, assumed_align=16), make_ptr(Int32, 16, gmem, assumed_align=4),
-            make_ptr(Float32, 16, gmem, assumed_align=4), make_ptr(cdt, 16, gmem, assumed_align=16),
-            Int32(1), stream)
+    args = (
+        make_ptr(cdt, 16, gmem, assumed_align=16),
+        make_ptr(Int32, 16, gmem, assumed_align=4),
+        make_ptr(Float32, 16, gmem, assumed_align=4),
+        make_ptr(cdt, 16, gmem, assumed_align=16),
+        Int32(1),
+        stream,
+    )
     return CombineKernel(cdt, hidden, top_k), args
 
 
@@ -111,8 +123,10 @@ def compiled_combine(dtype: torch.dtype, hidden: int, top_k: int):
 def combine_into(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
     """Writes out [T, H] on the current stream. reverse_index entries must lie in [0, M)."""
     if topk_weights.dim() != 2 or topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
-        raise ValueError(f"topk_weights must be a contiguous [T, K] fp32 tensor, got {tuple(topk_weights.shape)} "
-                         f"{topk_weights.dtype}")
+        raise ValueError(
+            f"topk_weights must be a contiguous [T, K] fp32 tensor, got {tuple(topk_weights.shape)} "
+            f"{topk_weights.dtype}"
+        )
     num_tokens, top_k = topk_weights.shape
     if y.dim() != 2 or y.shape[0] != num_tokens * top_k or not y.is_contiguous():
         raise ValueError(f"y must be a contiguous [T * K = {num_tokens * top_k}, H] tensor, got {tuple(y.shape)}")
@@ -121,8 +135,10 @@ def combine_into(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: tor
     if not ok:
         raise ValueError(f"combine kernel: {reason}")
     if reverse_index.shape != (num_tokens * top_k,) or reverse_index.dtype != torch.int32:
-        raise ValueError(f"reverse_index must be [{num_tokens * top_k}] int32, got {tuple(reverse_index.shape)} "
-                         f"{reverse_index.dtype}")
+        raise ValueError(
+            f"reverse_index must be [{num_tokens * top_k}] int32, got {tuple(reverse_index.shape)} "
+            f"{reverse_index.dtype}"
+        )
     if out.shape != (num_tokens, hidden) or out.dtype != y.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{num_tokens}, {hidden}] {y.dtype} tensor")
     if y.data_ptr() % 16 or out.data_ptr() % 16:
@@ -132,11 +148,14 @@ def combine_into(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: tor
     fn = compiled_combine(y.dtype, hidden, top_k)
     gmem = cute.AddressSpace.gmem
     cdt = _DTYPES[y.dtype]
-    fn(make_ptr(cdt, y.data_ptr(), gmem, assumed_align=16),
-       make_ptr(Int32, reverse_index.data_ptr(), gmem, assumed_align=4),
-       make_ptr(Float32, topk_weights.data_ptr(), gmem, assumed_align=4),
-       make_ptr(cdt, out.data_ptr(), gmem, assumed_align=16),
-       Int32(num_tokens), _current_stream())
+    fn(
+        make_ptr(cdt, y.data_ptr(), gmem, assumed_align=16),
+        make_ptr(Int32, reverse_index.data_ptr(), gmem, assumed_align=4),
+        make_ptr(Float32, topk_weights.data_ptr(), gmem, assumed_align=4),
+        make_ptr(cdt, out.data_ptr(), gmem, assumed_align=16),
+        Int32(num_tokens),
+        _current_stream(),
+    )
 
 
 def combine(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,13 @@ x [T, H] and gate_weight [E, H] (bf16, fp16 or fp32, the same dtype) ->
 topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32.
 Semantics: light_moe.ops.reference.router (ties go to the lower expert id).
 
-One launch (plus a memset of tokens_per_expert). A CTA owns TM tokens and all E experts:
+Two launches in either mode (graph-capturable, no host sync):
+  fused  memset(tokens_per_expert) + one kernel; a CTA owns TM tokens and all E experts.
+  split  (E > 16 and T <= SPLIT_MAX_TOKENS) a GEMM kernel on a (token tiles, expert groups,
+         H slices) grid writes fp32 partial logits [HS, T, E], then a top-k kernel sums them.
+         One CTA streaming a large gate_weight alone is latency-bound: E=128, H=2048, K=8 on H100
+         takes 5.7-7.0 us split vs 12.6-15.1 us fused for T = 1..256.
+Pieces:
   1. Gate GEMM on the tensor cores with warp-level mma.sync, fed straight from global memory.
      The reduction dimension H may be permuted freely as long as x and gate_weight use the same
      permutation, so each lane loads 16 contiguous bytes of a row (one 128-bit load) and uses the
@@ -13,14 +19,17 @@ One launch (plus a memset of tokens_per_expert). A CTA owns TM tokens and all E 
      ldmatrix is needed; every x byte is read by exactly one lane. bf16/fp16 use m16n8k16 with
      fp32 accumulation; fp32 uses m16n8k8 tf32 three times (big*big + big*small + small*big),
      which keeps fp32 accuracy (~1e-6 relative).
-  2. Warps split the CTA tile into MW token groups x NG expert groups x KS slices of H; the KS
-     partial sums meet in shared memory (summed in a fixed order: deterministic).
-  3. One warp per token: softmax statistics and top-k over the E logits (fp32) with warp
-     shuffles; top-k runs on the logits (softmax is monotonic), lower id wins ties.
+  2. Warps split the CTA tile into MW token groups x NG expert groups x KS slices of H; partial
+     sums meet in shared memory (and across CTAs in the split scratch), always summed in a fixed
+     order: deterministic.
+  3. One warp per token: softmax statistics over the E fp32 logits by warp reductions; top-k by
+     K rounds of a warp arg-max on int32 keys (order-preserving image of the logit with 255 - id
+     in its low 8 bits: one shuffle + one integer max per step, lower id first on ties); the
+     winner's exact logit gives its weight.
   4. Counts: shared-memory histogram per CTA, then one global atomic per non-empty expert.
 
 Logits stay fp32; the reference rounds F.linear's bf16 output to bf16 first, so near-ties may pick
-a different expert and weights differ by ~bf16 rounding of the logits (<1e-2 relative).
+a different expert and weights differ by ~bf16 rounding of the logits (a few 1e-3 relative).
 """
 from __future__ import annotations
 
@@ -39,15 +48,19 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 _TORCH_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 MAX_EXPERTS = 256
 MAX_TOP_K = 8
-# Token counts above this use the "large" tile table (more tokens per CTA: gate_weight re-read
-# from L2 fewer times); at or below it, the "small" table (H split across warps: more CTAs in
-# flight for few tokens).
-LARGE_T_THRESHOLD = 1024
+SM_COUNT = 132  # H100 SXM; only sizes the split grid, any Hopper part works
+# Up to this many tokens, problems with E > 16 split the gate GEMM over CTAs (expert groups x
+# slices of H) and run the top-k in a second launch: one CTA streaming all of a large gate_weight
+# is latency-bound (E=128, H=2048, T=1: 13 us fused, see docs/kernels.md).
+SPLIT_MAX_TOKENS = 1024
+TOPK_TOKENS_PER_CTA = 8  # second launch of the split mode: one token per warp
 
 
 @dataclass(frozen=True)
 class RouterTile:
-    """Static work split of one CTA. TM = 16 * MW * MT tokens; NG * NTW * 8 >= E experts."""
+    """Static work split. A CTA computes TM = 16 * MW * MT tokens x EC = 8 * NG * NTW experts over
+    1 / HS of H; the grid is (ceil(T / TM), EG, HS). EG = HS = 1 fuses the top-k into the GEMM
+    kernel; otherwise the CTAs write fp32 partial logits and a second kernel does the top-k."""
 
     mw: int  # warps along tokens
     ng: int  # warps along experts
@@ -55,6 +68,8 @@ class RouterTile:
     mt: int  # 16-token mma tiles per warp
     ntw: int  # 8-expert mma tiles per warp
     unroll: int  # 64-byte chunks of each row loaded per loop step and lane group
+    eg: int = 1  # CTA expert groups (grid y)
+    hs: int = 1  # CTA slices of H (grid z)
 
     @property
     def warps(self) -> int:
@@ -64,20 +79,40 @@ class RouterTile:
     def tokens(self) -> int:
         return 16 * self.mw * self.mt
 
+    @property
+    def split(self) -> bool:
+        return self.eg > 1 or self.hs > 1
 
-def choose_tile(num_experts: int, num_tokens: int) -> RouterTile:
-    """Tile from a small table on (E, T regime). Uses host-known sizes only (graph-safe)."""
+
+def choose_tile(num_experts: int, num_tokens: int, row_bytes: int = 8192) -> RouterTile:
+    """Tile from a small table on (E, T, bytes per row). Host-known sizes only (graph-safe).
+
+    Measured on H100 (benchmarks/results/router_kernels_2026-11-27_h100.json): for E <= 16 one
+    512-thread CTA per 16 tokens with H split over 16 warps was best at every T (E=8, H=4096, K=2:
+    4.8-6.0 us for T <= 1024, 9.5 us at 4096, 52-55 us at 16384, vs 16-35 us / 82-104 us for 64- and
+    128-token CTAs, which leave SMs idle and serialise long H loops). For larger E the split grid
+    wins up to T = 1024 (E=128: 11.9 vs 15.5 us at 1024) and loses from 4096 on (29.9 vs 20.8 us).
+    """
     n_tiles = -(-num_experts // 8)
-    large = num_tokens > LARGE_T_THRESHOLD
+    n_chunks = row_bytes // 64
     if n_tiles <= 2:
-        return RouterTile(4, 1, 2, 1, n_tiles, 4) if large else RouterTile(1, 1, 8, 1, n_tiles, 4)
+        return RouterTile(1, 1, 16, 1, n_tiles, 2)
+    if num_tokens <= SPLIT_MAX_TOKENS:
+        ntw = min(4, n_tiles)
+        eg = -(-n_tiles // ntw)
+        ks, unroll = 8, 2
+        token_tiles = -(-num_tokens // 16)
+        hs = 1
+        for d in range(2, n_chunks + 1):  # most H slices that keep one full loop step per warp
+            if n_chunks % d == 0 and n_chunks // d >= ks * unroll and token_tiles * eg * d <= 2 * SM_COUNT:
+                hs = d
+        return RouterTile(1, 1, ks, 1, ntw, unroll, eg, hs)
     if n_tiles <= 8:
-        return RouterTile(4, 1, 2, 1, n_tiles, 2) if large else RouterTile(1, 1, 8, 1, n_tiles, 2)
-    if n_tiles <= 16:
+        return RouterTile(1, 1, 8, 1, n_tiles, 2)
+    if n_tiles <= 16:  # 64 tokens per CTA re-read gate_weight 4x less (E=128, T=16384: 77 vs 85 us)
         ntw = -(-n_tiles // 2)
-        return RouterTile(4, 2, 1, 1, ntw, 2) if large else RouterTile(1, 2, 4, 1, ntw, 2)
-    ntw = -(-n_tiles // 4)
-    return RouterTile(2, 4, 1, 2, ntw, 1) if large else RouterTile(1, 4, 2, 1, ntw, 2)
+        return RouterTile(4, 2, 1, 1, ntw, 2) if num_tokens > 8192 else RouterTile(1, 2, 4, 1, ntw, 2)
+    return RouterTile(1, 4, 2, 1, -(-n_tiles // 4), 2)
 
 
 def supports(dtype: torch.dtype, hidden_size: int, num_experts: int, top_k: int) -> tuple[bool, str]:
@@ -149,11 +184,26 @@ def split_tf32(word, *, loc=None, ip=None):
     return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
             Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
 
+
 @dsl_user_op
 def atomic_add(ptr, val, scope, *, loc=None, ip=None):
     """Relaxed atomic add on an int32 (global or shared pointer)."""
     nvvm.atomicrmw(T.i32(), AtomicOpKind.ADD, ptr.llvm_ptr, Int32(val).ir_value(loc=loc, ip=ip),
                    mem_order=MemOrderKind.RELAXED, syncscope=scope, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def selection_key(value, expert, *, loc=None, ip=None):
+    """Order-preserving int32 image of an fp32 logit with 255 - expert in the low 8 bits: one integer
+    max per shuffle step selects the top value, lower id first among values equal in the upper 24
+    bits (within ~2^-15 relative, far below the bf16 rounding of any gate input)."""
+    bits = Int32(llvm.bitcast(T.i32(), Float32(value).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude bits
+    return (ordered & -256) | (255 - expert)
+
+
+_KEY_REMOVED = -(2 ** 31)
+
 
 class RouterKernel:
     """Compiled once per (dtype, H, E, K, renormalize, tile)."""
@@ -171,17 +221,24 @@ class RouterKernel:
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, weights_ptr: cute.Pointer,
-                 ids_ptr: cute.Pointer, counts_ptr: cute.Pointer, n_tokens: Int32,
+                 ids_ptr: cute.Pointer, counts_ptr: cute.Pointer, logits_ptr: cute.Pointer, n_tokens: Int32,
                  stream: cuda.CUstream):
-        words, n_exp, k = self.words, self.num_experts, self.top_k
+        """logits_ptr: fp32 scratch [HS, T, E] for the split mode (unused when fused)."""
+        words, n_exp, k, tile = self.words, self.num_experts, self.top_k, self.tile
         x = cute.make_tensor(x_ptr, cute.make_layout((n_tokens, words), stride=(words, 1)))
         w = cute.make_tensor(w_ptr, cute.make_layout((n_exp, words), stride=(words, 1)))
         weights = cute.make_tensor(weights_ptr, cute.make_layout((n_tokens, k), stride=(k, 1)))
         ids = cute.make_tensor(ids_ptr, cute.make_layout((n_tokens, k), stride=(k, 1)))
         counts = cute.make_tensor(counts_ptr, cute.make_layout((n_exp,)))
-        self.kernel(x, w, weights, ids, counts, n_tokens).launch(
-            grid=(cute.ceil_div(n_tokens, self.tile.tokens), 1, 1),
+        # (expert, token, H slice), the same index order as the shared-memory partial sums
+        logits = cute.make_tensor(logits_ptr, cute.make_layout((n_exp, n_tokens, tile.hs),
+                                                               stride=(1, n_exp, n_exp * n_tokens)))
+        self.kernel(x, w, weights, ids, counts, logits, n_tokens).launch(
+            grid=(cute.ceil_div(n_tokens, tile.tokens), tile.eg, tile.hs),
             block=(self.threads, 1, 1), stream=stream)
+        if cutlass.const_expr(tile.split):
+            self.topk_kernel(logits, weights, ids, counts, n_tokens).launch(
+                grid=(cute.ceil_div(n_tokens, TOPK_TOKENS_PER_CTA), 1, 1), block=(256, 1, 1), stream=stream)
 
     # Plain-Python helpers: traced inline (loops unroll at trace time, no DSL preprocessing).
     def load_chunk(self, copy128, x_rows, w_rows, chunk, quad, xa, wb, u):
@@ -231,13 +288,13 @@ class RouterKernel:
 
     @cute.kernel
     def kernel(self, x: cute.Tensor, w: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor,
-               counts: cute.Tensor, n_tokens: Int32):
+               counts: cute.Tensor, logits: cute.Tensor, n_tokens: Int32):
         tile = self.tile
-        n_exp, k, e_pad, threads = self.num_experts, self.top_k, self.e_pad, self.threads
+        n_exp, e_pad, threads = self.num_experts, self.e_pad, self.threads
         mw_n, ng_n, ks_n, mt_n, ntw, unroll = tile.mw, tile.ng, tile.ks, tile.mt, tile.ntw, tile.unroll
         tm = tile.tokens
         tidx, _, _ = cute.arch.thread_idx()
-        bidx, _, _ = cute.arch.block_idx()
+        bidx, e_group, h_slice = cute.arch.block_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = cute.arch.lane_idx()
         group = lane // 4  # mma groupID: token row / expert column
@@ -265,25 +322,26 @@ class RouterKernel:
                 x_rows.append(cute.zipped_divide(x[row, None], (4,)))
         w_rows = []  # experts past E are clamped (masked in the top-k)
         for nt in cutlass.range_constexpr(ntw):
-            expert = (w_n * ntw + nt) * 8 + group
+            expert = e_group * e_pad + (w_n * ntw + nt) * 8 + group
             expert = expert if expert < n_exp else n_exp - 1
             w_rows.append(cute.zipped_divide(w[expert, None], (4,)))
 
         acc = cute.make_rmem_tensor((4, mt_n * ntw), Float32)
         acc.fill(0.0)
-        n_chunks = self.words // 16  # 64-byte chunks per row
+        n_chunks = self.words // 16 // tile.hs  # 64-byte chunks of this CTA's slice of each row
+        first = h_slice * n_chunks
         n_steps = n_chunks // (ks_n * unroll)
 
         xa = cute.make_rmem_tensor((4, unroll * 2 * mt_n), Int32)
         wb = cute.make_rmem_tensor((4, unroll * ntw), Int32)
         for step in range(n_steps):
             for u in cutlass.range_constexpr(unroll):
-                self.load_chunk(copy128, x_rows, w_rows, (step * ks_n + w_k) * unroll + u, quad, xa, wb, u)
+                self.load_chunk(copy128, x_rows, w_rows, first + (step * ks_n + w_k) * unroll + u, quad, xa, wb, u)
             for u in cutlass.range_constexpr(unroll):
                 self.mma_chunk(acc, xa, wb, u)
         if cutlass.const_expr(n_steps * ks_n * unroll < n_chunks):
             for chunk in range(n_steps * ks_n * unroll + w_k, n_chunks, ks_n):
-                self.load_chunk(copy128, x_rows, w_rows, chunk, quad, xa, wb, 0)
+                self.load_chunk(copy128, x_rows, w_rows, first + chunk, quad, xa, wb, 0)
                 self.mma_chunk(acc, xa, wb, 0)
 
         # accumulator fragment: c0,c1 -> (row group, cols 2q, 2q+1); c2,c3 -> row group + 8
@@ -298,22 +356,76 @@ class RouterKernel:
                 partial[col + 1, row + 8, w_k] = acc[3, j]
         cute.arch.sync_threads()
 
-        # ---- 2. softmax + top-k, one warp per token; lane owns experts lane + 32 j ----
+        if cutlass.const_expr(tile.split):
+            # partial logits of this CTA's (tokens, experts, H slice) -> global scratch
+            for i in range(tidx, tm * e_pad, threads):
+                local = i // e_pad
+                e_local = i % e_pad
+                token = bidx * tm + local
+                e = e_group * e_pad + e_local
+                if token < n_tokens and e < n_exp:
+                    v = partial[e_local, local, 0]
+                    for kk in cutlass.range_constexpr(1, ks_n):
+                        v = v + partial[e_local, local, kk]
+                    logits[e, token, h_slice] = v
+            if bidx == 0 and e_group == 0 and h_slice == 0:  # the top-k launch runs after this grid
+                for e in range(tidx, n_exp, threads):
+                    counts[e] = Int32(0)
+        else:
+            self.topk_tokens(partial, ks_n, bidx * tm, tm, n_tokens, weights, ids, hist)
+            cute.arch.sync_threads()
+            for e in range(tidx, n_exp, threads):
+                c = hist[e]
+                if c > 0:
+                    atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
+
+    @cute.kernel
+    def topk_kernel(self, logits: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor, counts: cute.Tensor,
+                    n_tokens: Int32):
+        """Split mode, second launch: sum the H-slice partial logits, then softmax + top-k + counts."""
+        n_exp = self.num_experts
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        hist = cutlass.utils.SmemAllocator().allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
+        for e in range(tidx, n_exp, 256):
+            hist[e] = Int32(0)
+        cute.arch.sync_threads()
+        first = bidx * TOPK_TOKENS_PER_CTA
+        self.topk_tokens(logits, self.tile.hs, first, TOPK_TOKENS_PER_CTA, n_tokens, weights, ids, hist)
+        cute.arch.sync_threads()
+        for e in range(tidx, n_exp, 256):
+            c = hist[e]
+            if c > 0:
+                atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
+
+    @cute.jit
+    def topk_tokens(self, src: cute.Tensor, n_parts: cutlass.Constexpr, first: Int32, n_local: cutlass.Constexpr,
+                    n_tokens: Int32, weights: cute.Tensor, ids: cute.Tensor, hist: cute.Tensor):
+        """Softmax + top-k for tokens first + [0, n_local), one warp per token; lane owns experts
+        lane + 32 j. Logit of (token, e) = sum over p < n_parts of src[e, row, p] (row = local index
+        for shared memory, the token for global scratch), in a fixed order."""
+        n_exp, k = self.num_experts, self.top_k
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = cute.arch.lane_idx()
+        n_warps = 8 if self.tile.split else self.threads // 32
         per_lane = (n_exp + 31) // 32
         vals = cute.make_rmem_tensor((per_lane,), Float32)
         best_p = cute.make_rmem_tensor((k,), Float32)
         best_id = cute.make_rmem_tensor((k,), Int32)
-        for local in range(warp, tm, tile.warps):
-            token = bidx * tm + local
+        for local in range(warp, n_local, n_warps):
+            token = first + local
+            row = local
+            if cutlass.const_expr(self.tile.split):
+                row = token
             if token < n_tokens:
                 row_max = -Float32.inf
                 for j in cutlass.range_constexpr(per_lane):
                     e = lane + 32 * j
                     v = -Float32.inf
                     if e < n_exp:
-                        v = partial[e, local, 0]
-                        for kk in cutlass.range_constexpr(1, ks_n):
-                            v = v + partial[e, local, kk]
+                        v = src[e, row, 0]
+                        for part in cutlass.range_constexpr(1, n_parts):
+                            v = v + src[e, row, part]
                     vals[j] = v
                     row_max = cute.arch.fmax(row_max, v)
                 row_max = cute.arch.warp_reduction_max(row_max)
@@ -321,23 +433,25 @@ class RouterKernel:
                 for j in cutlass.range_constexpr(per_lane):
                     denom += cute.math.exp(vals[j] - row_max, fastmath=True)
                 denom = cute.arch.warp_reduction_sum(denom)
+                keys = cute.make_rmem_tensor((per_lane,), Int32)
+                for j in cutlass.range_constexpr(per_lane):
+                    keys[j] = selection_key(vals[j], lane + 32 * j)
                 picked = Float32(0.0)
                 for kk in cutlass.range_constexpr(k):
+                    key = Int32(_KEY_REMOVED)
                     v = -Float32.inf
-                    i = Int32(n_exp)
                     for j in cutlass.range_constexpr(per_lane):
-                        if vals[j] > v:  # strict: the lower id wins inside a lane
-                            v = vals[j]
-                            i = lane + 32 * j
+                        better = keys[j] > key
+                        v = vals[j] if better else v
+                        key = keys[j] if better else key
                     for s in cutlass.range_constexpr(5):
-                        other_v = cute.arch.shuffle_sync_bfly(v, offset=16 >> s)
-                        other_i = cute.arch.shuffle_sync_bfly(i, offset=16 >> s)
-                        if other_v > v or (other_v == v and other_i < i):
-                            v = other_v
-                            i = other_i
+                        other = cute.arch.shuffle_sync_bfly(key, offset=16 >> s)
+                        key = other if other > key else key
+                    i = 255 - (key & 0xFF)
+                    v = cute.arch.shuffle_sync(v, i % 32)  # the winner's exact logit from its lane
                     for j in cutlass.range_constexpr(per_lane):
                         if i == lane + 32 * j:
-                            vals[j] = -Float32.inf
+                            keys[j] = Int32(_KEY_REMOVED)
                     p = cute.math.exp(v - row_max, fastmath=True)
                     best_p[kk] = p
                     best_id[kk] = i
@@ -349,13 +463,9 @@ class RouterKernel:
                     if lane == kk:
                         weights[token, kk] = best_p[kk] * scale
                         ids[token, kk] = best_id[kk]
-                        if best_id[kk] < n_exp:  # only NaN logits leave no winner
+                        if best_id[kk] < n_exp:  # only NaN logits pick a padding column
                             atomic_add(hist.iterator + best_id[kk], Int32(1), MemScopeKind.CTA)
-        cute.arch.sync_threads()
-        for e in range(tidx, n_exp, threads):
-            c = hist[e]
-            if c > 0:
-                atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
+
 
 def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
                       tile: RouterTile, stream=None):
@@ -366,7 +476,7 @@ def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: 
     fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile)
     args = (make_ptr(Int32, 16, gmem, assumed_align=16), make_ptr(Int32, 16, gmem, assumed_align=16),
             make_ptr(Float32, 16, gmem, assumed_align=4), make_ptr(Int32, 16, gmem, assumed_align=4),
-            make_ptr(Int32, 16, gmem, assumed_align=4), Int32(1), stream)
+            make_ptr(Int32, 16, gmem, assumed_align=4), make_ptr(Float32, 16, gmem, assumed_align=4), Int32(1), stream)
     return fn, args
 
 
@@ -392,6 +502,11 @@ def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: in
     return fn
 
 
+def workspace_size(num_tokens: int, num_experts: int, tile: RouterTile) -> int:
+    """fp32 elements of partial-logit scratch [HS, T, E] the split mode needs (0 when fused)."""
+    return tile.hs * num_tokens * num_experts if tile.split else 0
+
+
 def _check(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> None:
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ValueError(f"expected x [T, H] and gate_weight [E, H], got {tuple(x.shape)} and "
@@ -409,9 +524,11 @@ def _check(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> None:
 
 def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, tokens_per_expert: torch.Tensor,
-                tile: RouterTile | None = None) -> None:
-    """Writes topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32 (zeroed
-    here, then counted). Two launches (memset + kernel) on the current stream; graph-capturable."""
+                tile: RouterTile | None = None, workspace: torch.Tensor | None = None) -> None:
+    """Writes topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32 on the current
+    stream; graph-capturable. Two launches: memset + fused kernel, or (split tiles, E > 16 and
+    T <= SPLIT_MAX_TOKENS) GEMM + top-k kernels with fp32 scratch of workspace_size(...) elements,
+    allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks)."""
     _check(x, gate_weight, top_k)
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
@@ -423,17 +540,26 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
         raise ValueError(f"tokens_per_expert must be [{num_experts}] int32")
     if not (topk_weights.is_contiguous() and topk_ids.is_contiguous() and tokens_per_expert.is_contiguous()):
         raise ValueError("outputs must be contiguous")
-    tokens_per_expert.zero_()
     if num_tokens == 0:
+        tokens_per_expert.zero_()
         return
-    tile = tile or choose_tile(num_experts, num_tokens)
+    tile = tile or choose_tile(num_experts, num_tokens, hidden * x.element_size())
     fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile)
+    need = workspace_size(num_tokens, num_experts, tile)
+    if need == 0:
+        tokens_per_expert.zero_()  # the split mode zeroes it inside its first kernel
+        workspace = topk_weights  # placeholder pointer, never read
+    elif workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=x.device)
+    elif workspace.numel() < need or workspace.dtype != torch.float32:
+        raise ValueError(f"workspace must hold {need} fp32 elements")
     gmem = cute.AddressSpace.gmem
     fn(make_ptr(Int32, x.data_ptr(), gmem, assumed_align=16),
        make_ptr(Int32, gate_weight.data_ptr(), gmem, assumed_align=16),
        make_ptr(Float32, topk_weights.data_ptr(), gmem, assumed_align=4),
        make_ptr(Int32, topk_ids.data_ptr(), gmem, assumed_align=4),
        make_ptr(Int32, tokens_per_expert.data_ptr(), gmem, assumed_align=4),
+       make_ptr(Float32, workspace.data_ptr(), gmem, assumed_align=4),
        Int32(num_tokens), _current_stream())
 
 

@@ -9,14 +9,15 @@ The sorted position of assignment a with expert e is
 so the kernel walks the assignments in order, in chunks of one per thread, and keeps a running
 count per expert in shared memory. Inside a chunk, a warp finds the lanes holding the same expert
 with log2(E) ballots (lanes whose expert bits all agree), which gives each lane its rank among
-equal experts in the warp; a second step scans the per-warp counts across warps (one warp per
-expert, a shuffle scan over the warp index). No atomics decide an order, so the result is exact.
+equal experts in the warp; leaders publish per-warp counts, and a second step scans them across the
+16 warps (2-16 adjacent lanes per expert, each summing a few warps, then a shuffle scan). No atomic
+decides an order, so the result is exact.
 
-M <= SINGLE_CTA_MAX_ROWS (decode and small prefill): one CTA, one launch, counts included.
-Larger M: two launches. A count kernel writes per-block histograms [B, E]; the scatter kernel's
-CTA b then sums rows < b (its base per expert) and all rows (the offsets) itself, so no third
-launch or grid-wide synchronisation is needed. All sizes derive from T and K (host-known), so the
-op is CUDA-graph capturable.
+M <= SINGLE_CTA_MAX_ROWS (decode): one CTA, one launch, counts included.
+Larger M: two launches. A count kernel writes per-block histograms [E, B] (ROWS_PER_CTA assignments
+per block); the scatter kernel's CTA b then sums blocks < b (its base per expert) and all blocks (the
+offsets) itself, so no third launch or grid-wide synchronisation is needed.
+All sizes derive from T and K (host-known), so the op is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 MAX_EXPERTS = 256
 THREADS = 512  # 16 warps: one chunk = 512 assignments
 WARPS = THREADS // 32
-SINGLE_CTA_MAX_ROWS = 8192  # one CTA handles up to this many assignments (16 chunks)
-ROWS_PER_CTA = 4096  # multi-CTA mode: assignments per CTA (8 chunks)
+SINGLE_CTA_MAX_ROWS = 4096  # one CTA, one launch up to this many assignments (8 chunks)
+ROWS_PER_CTA = 2048  # multi-CTA mode: assignments per CTA (4 chunks)
 
 
 def supports(num_experts: int, top_k: int) -> tuple[bool, str]:
@@ -43,6 +44,10 @@ def supports(num_experts: int, top_k: int) -> tuple[bool, str]:
     if top_k < 1:
         return False, f"top_k={top_k} must be >= 1"
     return True, "ok"
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
 
 
 @dsl_user_op
@@ -60,6 +65,10 @@ class RoutingKernel:
         self.single_cta = single_cta
         self.rows_per_cta = SINGLE_CTA_MAX_ROWS if single_cta else ROWS_PER_CTA
         self.bits = max(0, (num_experts - 1).bit_length())  # ballots needed to compare expert ids
+        # per-chunk scan: `scan_group` adjacent lanes per expert, each owning `WARPS / scan_group` warps
+        self.scan_group = min(WARPS, _pow2_floor(THREADS // num_experts))
+        # block prefix (multi-CTA): `sum_group` adjacent lanes per expert, striding over the blocks
+        self.sum_group = min(32, _pow2_floor(THREADS // num_experts))
 
     @cute.jit
     def __call__(self, ids_ptr: cute.Pointer, block_counts_ptr: cute.Pointer, offsets_ptr: cute.Pointer,
@@ -70,7 +79,8 @@ class RoutingKernel:
         gather = cute.make_tensor(gather_ptr, cute.make_layout((n_rows,)))
         reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_rows,)))
         n_blocks = cute.ceil_div(n_rows, self.rows_per_cta)
-        block_counts = cute.make_tensor(block_counts_ptr, cute.make_layout((n_exp, n_blocks), stride=(1, n_exp)))
+        # expert-major [E, B]: one expert's block counts are contiguous for the prefix sums
+        block_counts = cute.make_tensor(block_counts_ptr, cute.make_layout((n_exp, n_blocks), stride=(n_blocks, 1)))
         if cutlass.const_expr(not self.single_cta):
             self.count_kernel(ids, block_counts, n_rows).launch(
                 grid=(n_blocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
@@ -125,24 +135,29 @@ class RoutingKernel:
 
         # ---- 1. this CTA's assignments into shared memory; totals and this CTA's base per expert ----
         for a in range(start + tidx, end, THREADS):
-            e = ids[a]
-            ids_s[a - start] = e
+            expert = ids[a]
+            ids_s[a - start] = expert
             if cutlass.const_expr(self.single_cta):
-                _atomic_add(total.iterator + e, Int32(1), MemScopeKind.CTA)
+                _atomic_add(total.iterator + expert, Int32(1), MemScopeKind.CTA)
         if cutlass.const_expr(not self.single_cta):
-            parts = THREADS // n_exp  # threads per expert, each sums blocks part, part + parts, ...
-            if tidx < parts * n_exp:
-                e = tidx % n_exp
-                part = tidx // n_exp
-                sum_all = Int32(0)
-                sum_before = Int32(0)
-                for b in range(part, n_blocks, parts):
-                    c = block_counts[e, b]
+            # sum_group adjacent lanes per expert stride over the blocks; groups never straddle warps
+            group = self.sum_group
+            sum_e = tidx // group
+            sub = tidx % group
+            in_range = sum_e < n_exp
+            sum_all = Int32(0)
+            sum_before = Int32(0)
+            if in_range:
+                for b in cutlass.range(sub, n_blocks, group, unroll=4):
+                    c = block_counts[sum_e, b]
                     sum_all += c
-                    if b < bidx:
-                        sum_before += c
-                _atomic_add(total.iterator + e, sum_all, MemScopeKind.CTA)
-                _atomic_add(before.iterator + e, sum_before, MemScopeKind.CTA)
+                    sum_before += c if b < bidx else Int32(0)
+            for s in cutlass.range_constexpr(group.bit_length() - 1):
+                sum_all += cute.arch.shuffle_sync_bfly(sum_all, offset=1 << s)
+                sum_before += cute.arch.shuffle_sync_bfly(sum_before, offset=1 << s)
+            if in_range and sub == 0:
+                total[sum_e] = sum_all
+                before[sum_e] = sum_before
         cute.arch.sync_threads()
 
         # ---- 2. warp 0: exclusive scan of totals -> offsets; running = offsets + this CTA's base ----
@@ -150,9 +165,9 @@ class RoutingKernel:
             per_lane = (n_exp + 31) // 32
             local = Int32(0)
             for j in cutlass.range_constexpr(per_lane):
-                e = lane * per_lane + j
-                if e < n_exp:
-                    local += total[e]
+                ex = lane * per_lane + j
+                if ex < n_exp:
+                    local += total[ex]
             inclusive = local
             for s in cutlass.range_constexpr(5):
                 other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
@@ -160,56 +175,68 @@ class RoutingKernel:
                     inclusive += other
             acc = inclusive - local
             for j in cutlass.range_constexpr(per_lane):
-                e = lane * per_lane + j
-                if e < n_exp:
-                    running[e] = acc + before[e]
+                ex = lane * per_lane + j
+                if ex < n_exp:
+                    running[ex] = acc + before[ex]
                     if bidx == 0:
-                        offsets[e] = acc
-                    acc += total[e]
+                        offsets[ex] = acc
+                    acc += total[ex]
             if bidx == 0 and lane == 31:
                 offsets[n_exp] = inclusive
         cute.arch.sync_threads()
 
         # ---- 3. chunks of THREADS assignments, in order ----
         lanes_below = (Int32(1) << lane) - 1
+        per_thread = WARPS // self.scan_group  # warps whose counts one scan lane owns
+        scan_e = tidx // self.scan_group
+        scan_sub = tidx % self.scan_group
+        scan_valid = scan_e < n_exp
+        counts = cute.make_rmem_tensor((per_thread,), Int32)
         n_chunks = cute.ceil_div(end - start, THREADS)
         for chunk in range(n_chunks):
             a = start + chunk * THREADS + tidx
             valid = a < end
-            e = Int32(0)
+            expert = Int32(0)
             if valid:
-                e = ids_s[a - start]
+                expert = ids_s[a - start]
             peers = cute.arch.vote_ballot_sync(valid)
             for bit in cutlass.range_constexpr(self.bits):
-                b = (e >> bit) & 1
+                b = (expert >> bit) & 1
                 ballot = cute.arch.vote_ballot_sync(b == 1)
                 peers = peers & (ballot ^ (b - 1))  # b = 1: ballot, b = 0: ~ballot
             rank = cute.arch.popc(peers & lanes_below)
             if valid and rank == 0:
-                warp_count[warp, e] = (chunk << 8) | cute.arch.popc(peers)
+                warp_count[warp, expert] = (chunk << 8) | cute.arch.popc(peers)
             cute.arch.sync_threads()
-            # scan the warp counts of each expert over the warps (warp-uniform loop)
-            for ex in range(warp, n_exp, WARPS):
-                tagged = Int32(-1)
-                if lane < WARPS:
-                    tagged = warp_count[lane, ex]
-                count = Int32(0)
-                if (tagged >> 8) == chunk:
-                    count = tagged & 0xFF
-                inclusive = count
-                for s in cutlass.range_constexpr(5):
-                    other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
-                    if lane >= (1 << s):
-                        inclusive += other
-                base = cute.arch.shuffle_sync(running[ex], 0)  # lane 0 reads, then writes below
-                if count > 0:
-                    warp_base[lane, ex] = base + inclusive - count
-                chunk_total = cute.arch.shuffle_sync(inclusive, 31)
-                if lane == 0:
-                    running[ex] = base + chunk_total
+            # scan: lanes (scan_e, scan_sub) own warps scan_sub * (WARPS // self.scan_group) + i of expert scan_e
+            own = Int32(0)
+            for i in cutlass.range_constexpr(WARPS // self.scan_group):
+                c = Int32(0)
+                if scan_valid:
+                    tagged = warp_count[scan_sub * (WARPS // self.scan_group) + i, scan_e]
+                    if (tagged >> 8) == chunk:
+                        c = tagged & 0xFF
+                counts[i] = c
+                own += c
+            inclusive = own
+            for s in cutlass.range_constexpr(self.scan_group.bit_length() - 1):
+                other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
+                if scan_sub >= (1 << s):
+                    inclusive += other
+            base = Int32(0)
+            if scan_valid:
+                base = running[scan_e]
+            base = cute.arch.shuffle_sync(base, lane - scan_sub)  # the group's first lane
+            pos = base + inclusive - own
+            for i in cutlass.range_constexpr(WARPS // self.scan_group):
+                if counts[i] > 0:
+                    warp_base[scan_sub * (WARPS // self.scan_group) + i, scan_e] = pos
+                pos += counts[i]
+            if scan_valid and scan_sub == self.scan_group - 1:
+                running[scan_e] = base + inclusive
             cute.arch.sync_threads()
             if valid:
-                pos = warp_base[warp, e] + rank
+                pos = warp_base[warp, expert] + rank
                 reverse[a] = pos
                 gather[pos] = a // k
 

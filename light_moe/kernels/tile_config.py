@@ -34,12 +34,12 @@ TILE_TABLE: tuple[tuple[float, int, int], ...] = (
 
 @dataclass(frozen=True)
 class TileConfig:
-    tile_w: int  # weight rows per tile (wgmma M): 64 or 128
+    tile_w: int  # weight rows per tile (wgmma M): 64, 128 or 256 (two m64 atoms per consumer warpgroup)
     tile_t: int  # routed token rows per tile (wgmma N): multiple of 8, <= 256
 
     def __post_init__(self):
-        if self.tile_w not in (64, 128):
-            raise ValueError(f"tile_w must be 64 or 128, got {self.tile_w}")
+        if self.tile_w not in (64, 128, 256):
+            raise ValueError(f"tile_w must be 64, 128 or 256, got {self.tile_w}")
         if self.tile_t % 8 or not 8 <= self.tile_t <= 256:
             raise ValueError(f"tile_t must be a multiple of 8 in [8, 256], got {self.tile_t}")
 

@@ -14,6 +14,7 @@ from torch import nn
 from light_moe.config import ModelConfig
 from light_moe.layers.mlp import SwiGLUMLP
 from light_moe.ops.backend import MoEOps
+from light_moe.parallel.dispatch import LocalDispatcher
 
 
 class FusedExperts(nn.Module):
@@ -43,6 +44,19 @@ class MoEBlock(nn.Module):
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
         self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_tokens_per_expert: torch.Tensor | None = None  # [E] int32, device: load statistics
+        self.dispatcher = LocalDispatcher()
+        self.local_expert_ids: tuple[int, ...] = tuple(range(cfg.num_experts))  # rows of w13 / w2
+
+    def use_dispatcher(self, dispatcher) -> None:
+        """Expert parallelism: hold only `dispatcher.local_experts` (global ids, ascending).
+
+        Called on the meta device before weights are allocated, so each rank only ever allocates
+        and loads its own experts."""
+        w13 = self.experts.w13
+        self.dispatcher = dispatcher
+        self.local_expert_ids = tuple(dispatcher.local_experts)
+        self.experts = FusedExperts(len(self.local_expert_ids), w13.shape[2], w13.shape[1] // 2, w13.dtype,
+                                    w13.device)
 
     def prepare(self) -> None:
         """Let the backend repack expert weights once, after loading (no-op for the reference)."""
@@ -53,7 +67,9 @@ class MoEBlock(nn.Module):
         topk_weights, topk_ids, tokens_per_expert = self.ops.router(
             x, self.gate.weight, self.top_k, self.renormalize)  # [T, K] fp32, [T, K] int32, [E]
         self.last_tokens_per_expert = tokens_per_expert
-        out = self.ops.experts(x, topk_weights, topk_ids, w13, w2)  # [T, H]
+        routed = self.dispatcher.dispatch(x, topk_weights, topk_ids)  # rows for the local experts
+        y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2)
+        out = self.dispatcher.combine(y, routed)  # [T, H]
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -93,11 +93,14 @@ def _checked(name: str, tensor: torch.Tensor, expected: torch.Size, where: str) 
 def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: torch.Size) -> torch.Tensor:
     where = ckpt.describe()
     if name.endswith(("experts.w13", "experts.w2")):
+        # with expert parallelism the block holds only its rank's experts (global ids, ascending)
+        expert_ids = model.get_submodule(name.rsplit(".experts.", 1)[0]).local_expert_ids
         fused = model.fused_expert_checkpoint_name(name)
         if fused in ckpt:
-            return _checked(fused, ckpt.get(fused), shape, where)
+            stacked = _checked(fused, ckpt.get(fused), (model.config.num_experts, *shape[1:]), where)
+            return stacked if len(expert_ids) == stacked.shape[0] else stacked[list(expert_ids)]
         per_expert = []
-        for e in range(shape[0]):
+        for e in expert_ids:
             parts = []
             for part_name in model.expert_checkpoint_names(name, e):
                 if part_name not in ckpt:
@@ -125,11 +128,20 @@ def _fill_dummy(model: MoECausalLM, seed: int) -> None:
 
 
 def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device: torch.device,
-                load_format: str = "auto", seed: int = 0, progress: bool = True) -> MoECausalLM:
+                load_format: str = "auto", seed: int = 0, progress: bool = True,
+                expert_dispatchers: list | None = None) -> MoECausalLM:
+    """expert_dispatchers: one per MoE layer (light_moe.parallel.dispatch) under expert parallelism;
+    each layer then allocates and loads only the dispatcher's local experts."""
     model_path = Path(model_path)
     model_cls, cfg = load_model_config(model_path)
     with torch.device("meta"):
         model = model_cls(cfg, ops, dtype, torch.device("meta"))
+    if expert_dispatchers is not None:
+        blocks = model.moe_blocks()
+        if len(expert_dispatchers) != len(blocks):
+            raise ValueError(f"{len(expert_dispatchers)} expert dispatchers for {len(blocks)} MoE layers")
+        for block, dispatcher in zip(blocks, expert_dispatchers):
+            block.use_dispatcher(dispatcher)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -19,6 +19,8 @@ class MoEOps:
     """Base backend: the pure-PyTorch reference for every op. Subclasses override what they speed up."""
 
     name = "reference"
+    # True when no op synchronises with the host, so the MoE layer can be captured in a CUDA graph
+    graph_safe = False
 
     def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return w13, w2

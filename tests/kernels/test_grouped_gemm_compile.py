@@ -30,6 +30,8 @@ CASES = {
     # name: (gated, E, H, I, tile config); together they cover every row of tile_config.TILE_TABLE
     "up_prefill_128x256": (True, 8, 4096, 14336, TileConfig(128, 256)),
     "down_prefill_128x256": (False, 8, 4096, 14336, TileConfig(128, 256)),
+    "up_prefill_256x128": (True, 8, 4096, 14336, TileConfig(256, 128)),
+    "down_prefill_256x128": (False, 8, 4096, 14336, TileConfig(256, 128)),
     "up_decode_64x8": (True, 8, 4096, 14336, TileConfig(64, 8)),
     "down_decode_64x8": (False, 8, 4096, 14336, TileConfig(64, 8)),
     "up_decode_64x16_E64": (True, 64, 1024, 768, TileConfig(64, 16)),

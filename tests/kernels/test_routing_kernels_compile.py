@@ -19,11 +19,12 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 ROUTER_CASES = {
     "bf16_H4096_E8_K2_decode": (BF16, 4096, 8, 2, True, 16),
     "bf16_H4096_E8_K2_prefill": (BF16, 4096, 8, 2, True, 16384),
-    "bf16_H2048_E128_K8_decode": (BF16, 2048, 128, 8, True, 16),
+    "bf16_H2048_E128_K8_decode_split": (BF16, 2048, 128, 8, True, 16),
+    "bf16_H2048_E128_K8_prefill": (BF16, 2048, 128, 8, True, 4096),
     "bf16_H7168_E256_K8_prefill": (BF16, 7168, 256, 8, False, 16384),
-    "bf16_H2048_E60_K4_decode": (BF16, 2048, 60, 4, False, 16),  # E not a multiple of 8
+    "bf16_H2048_E60_K4_decode_split": (BF16, 2048, 60, 4, False, 16),  # E not a multiple of 8
     "fp16_H2880_E32_K4_prefill": (FP16, 2880, 32, 4, True, 16384),  # H not a multiple of the unroll
-    "fp32_H4096_E64_K2_decode": (FP32, 4096, 64, 2, False, 16),  # 3xTF32 path
+    "fp32_H4096_E64_K2_decode_split": (FP32, 4096, 64, 2, False, 16),  # 3xTF32 path
 }
 
 ROUTING_CASES = {
@@ -50,7 +51,7 @@ def _report(name, seconds, cubin):
 def test_router_compiles(name, tmp_path):
     dtype, hidden, experts, top_k, renorm, tokens = ROUTER_CASES[name]
     assert router.supports(dtype, hidden, experts, top_k)[0]
-    tile = router.choose_tile(experts, tokens)
+    tile = router.choose_tile(experts, tokens, hidden * dtype.itemsize)
     jit_fn, args = router.make_compile_args(dtype, hidden, experts, top_k, renorm, tile, make_fake_stream())
     cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
     _report(f"router {name} {tile}", seconds, cubin)
@@ -84,12 +85,16 @@ def test_supports_reasons():
     assert combine.supports(FP32, 4, 2)[0]
 
 
-@pytest.mark.parametrize("experts", [1, 8, 60, 64, 128, 256])
-@pytest.mark.parametrize("tokens", [1, 4096])
-def test_router_tiles_cover_all_experts(experts, tokens):
-    tile = router.choose_tile(experts, tokens)
-    assert tile.ng * tile.ntw * 8 >= experts
+@pytest.mark.parametrize("experts", [1, 8, 16, 60, 64, 128, 256])
+@pytest.mark.parametrize("tokens", [1, 256, 1024, 4096])
+@pytest.mark.parametrize("row_bytes", [2048, 4096, 5760, 14336])
+def test_router_tiles_cover_all_experts(experts, tokens, row_bytes):
+    tile = router.choose_tile(experts, tokens, row_bytes)
+    assert tile.eg * tile.ng * tile.ntw * 8 >= experts > (tile.eg - 1) * tile.ng * tile.ntw * 8
+    assert (row_bytes // 64) % tile.hs == 0
     assert 1 <= tile.warps <= 32
+    if tile.hs > 1:  # H is only sliced while the grid stays within two waves
+        assert -(-tokens // tile.tokens) * tile.eg * tile.hs <= 2 * router.SM_COUNT
 
 
 def test_routing_workspace_is_host_sized():

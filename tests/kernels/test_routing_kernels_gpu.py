@@ -92,16 +92,24 @@ def test_router_matches_reference(tokens, experts, top_k, dtype):
 
 
 def test_router_fp16_and_odd_experts():
+    """Split mode with a tail of H chunks (H=2880) and E not a multiple of 8; both tile modes."""
     gen = torch.Generator(device="cuda").manual_seed(7)
     for dtype, tokens, experts, top_k, hidden in ((torch.float16, 333, 60, 4, 2048), (torch.bfloat16, 77, 20, 3, 2880)):
         x, w, _ = _router_problem(tokens, experts, top_k, hidden, dtype, gen)
-        weights, ids, counts = router.router(x, w, top_k, False)
         exact = x.double() @ w.double().t()
         clear = _clear_tokens(exact, top_k, 1e-3)
         assert clear.float().mean() > 0.8
-        assert torch.equal(ids[clear].long(), exact.topk(top_k, dim=-1).indices[clear])
-        assert _rel_l2(weights, torch.softmax(exact, -1).gather(1, ids.long())) < 1e-4
-        assert torch.equal(counts.long(), torch.bincount(ids.flatten().long(), minlength=experts))
+        auto = router.choose_tile(experts, tokens, hidden * x.element_size())
+        fused = router.RouterTile(1, 1, 8, 1, -(-experts // 8), 2)
+        assert auto.split and not fused.split
+        for tile in (auto, fused):
+            weights = torch.full((tokens, top_k), float("nan"), device="cuda")
+            ids = torch.full((tokens, top_k), -1, dtype=torch.int32, device="cuda")
+            counts = torch.full((experts,), -1, dtype=torch.int32, device="cuda")
+            router.router_into(x, w, top_k, False, weights, ids, counts, tile=tile)
+            assert torch.equal(ids[clear].long(), exact.topk(top_k, dim=-1).indices[clear])
+            assert _rel_l2(weights, torch.softmax(exact, -1).gather(1, ids.long())) < 1e-4
+            assert torch.equal(counts.long(), torch.bincount(ids.flatten().long(), minlength=experts))
 
 
 def _routed_ids(tokens, experts, top_k, gen):
@@ -112,7 +120,7 @@ def _routed_ids(tokens, experts, top_k, gen):
     return subset[scores.topk(top_k, dim=-1).indices].to(torch.int32)  # [T, K]
 
 
-@pytest.mark.parametrize("tokens", TOKENS + [4097, 16384])
+@pytest.mark.parametrize("tokens", TOKENS + [4097, 16384])  # single-CTA up to M = 4096, then two launches
 @pytest.mark.parametrize("experts,top_k", EXPERTS_TOPK)
 def test_routing_metadata_matches_reference(tokens, experts, top_k):
     gen = torch.Generator(device="cuda").manual_seed(tokens * 7 + experts + top_k)
@@ -165,10 +173,11 @@ def test_combine_matches_reference(tokens, top_k, hidden, dtype):
     assert _rel_l2(out, ref) < (1e-2 if dtype != torch.float32 else 1e-5)
 
 
-def test_routing_chain_is_graph_capturable():
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (64, 8)])  # fused and split router
+def test_routing_chain_is_graph_capturable(experts, top_k):
     """router -> routing_metadata -> combine captured in one CUDA graph, replayed on new inputs."""
     gen = torch.Generator(device="cuda").manual_seed(11)
-    tokens, experts, top_k, hidden = 64, 8, 2, 4096
+    tokens, hidden = 64, 4096
     x, w, _ = _router_problem(tokens, experts, top_k, hidden, torch.bfloat16, gen)
     y = torch.randn(tokens * top_k, hidden, generator=gen, device="cuda").to(torch.bfloat16)
 

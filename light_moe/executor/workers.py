@@ -1,0 +1,347 @@
+"""Expert-parallel execution: N ranks, one process each; rank 0 is the engine's own process.
+
+Per engine step (docs/expert_parallel.md has the full picture):
+  rank 0   scheduler -> StepPlan (for every scheduled sequence: its owner rank, the token chunk,
+           start position, block table, whether it samples) -> broadcast over the gloo cpu_group
+  all      run the plan's sequences they own (attention is data-parallel); a rank that owns
+           none still runs every MoE layer on an empty batch, because each MoE layer is a set
+           of collectives every rank must join (light_moe/parallel/dispatch.py)
+  all      logits of the sampling rows -> gathered to rank 0, which samples: seeded per-request
+           generators and the sampler stay on rank 0, so sampling is exactly the 1-process one
+KV cache: rank 0's block manager hands out block ids from one pool; every rank allocates the
+full pool but only writes (and reads) the blocks of sequences it owns. A sequence keeps its owner
+for life (chosen when first scheduled: the rank owning the fewest live sequences), because its
+KV cache lives there.
+
+Failures: a worker that raises reports its traceback on an error queue and exits 1. Rank 0
+checks that workers are alive before each step and turns a failed collective (peer gone, or the
+collective timeout passed) into a RuntimeError naming the dead ranks and their errors; the
+executor then stays failed (every later step raises at once) until shutdown().
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import weakref
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from light_moe.config import CacheConfig
+from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.executor.model_runner import ModelRunner
+from light_moe.models.base import MoECausalLM
+from light_moe.models.loader import build_model
+from light_moe.ops.backend import MoEOps, select_backend
+from light_moe.parallel.dispatch import make_dispatchers
+from light_moe.parallel.groups import ExpertParallelGroup, free_tcp_port, init_expert_parallel
+from light_moe.parallel.placement import ExpertPlacement
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_JOIN_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to build its share of the model (pickled to spawned workers)."""
+
+    model_path: str
+    dtype: torch.dtype
+    device: torch.device  # cpu, or cuda: rank r uses cuda:r
+    load_format: str
+    seed: int
+    moe_backend: str
+    cache: CacheConfig
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    placements: tuple[ExpertPlacement, ...]  # one per MoE layer
+
+    @property
+    def world_size(self) -> int:
+        return self.placements[0].world_size
+
+
+@dataclass(frozen=True)
+class PlannedSequence:
+    owner: int
+    start: int  # num_computed_tokens before this step
+    tokens: list[int]  # the chunk computed this step
+    block_table: list[int]
+    is_prefill: bool
+    samples: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    sequences: list[PlannedSequence]  # in scheduled order
+
+
+class _TokenWindow:
+    """The planned chunk of a sequence's tokens, sliceable the one way ModelRunner.prepare slices
+    Request.all_token_ids ([start : start + n]); a plan never ships the whole context."""
+
+    def __init__(self, start: int, tokens: list[int]):
+        self.start, self.tokens = start, tokens
+
+    def __getitem__(self, index: slice) -> list[int]:
+        if index.start != self.start or index.stop != self.start + len(self.tokens):
+            raise IndexError(f"plan carries tokens [{self.start}, {self.start + len(self.tokens)}), "
+                             f"asked for [{index.start}, {index.stop})")
+        return self.tokens
+
+
+class _PlannedRequest(NamedTuple):
+    """What ModelRunner.prepare reads from a Request."""
+
+    num_computed_tokens: int
+    all_token_ids: _TokenWindow
+    block_table: list[int]
+
+
+def _scheduled(seq: PlannedSequence) -> ScheduledRequest:
+    request = _PlannedRequest(seq.start, _TokenWindow(seq.start, seq.tokens), seq.block_table)
+    return ScheduledRequest(request, len(seq.tokens), seq.is_prefill, seq.samples)  # type: ignore[arg-type]
+
+
+Message = StepPlan | WorkerSpec | None  # run a step | (re)build the model | shut down
+
+
+def broadcast_message(message: Message, group: ExpertParallelGroup) -> Message:
+    """Rank 0 sends, the others receive (the argument of a receiver is ignored)."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=group.cpu_group)
+    return box[0]
+
+
+class RankExecutor:
+    """One rank's model share and KV cache; runs its part of each plan."""
+
+    def __init__(self, spec: WorkerSpec, group: ExpertParallelGroup, ops: MoEOps | None = None):
+        self.group = group
+        device = group.device
+        if ops is None:
+            ops, reason = select_backend(spec.moe_backend, device)
+            logger.info("rank %d MoE backend: %s", group.rank, reason)
+        dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device)
+        self.model = build_model(spec.model_path, ops, spec.dtype, device, spec.load_format, spec.seed,
+                                 progress=False, expert_dispatchers=dispatchers)
+        self.runner = ModelRunner(self.model, spec.cache, spec.dtype, device, spec.max_num_batched_tokens,
+                                  spec.max_num_seqs)
+        self._agree_on_kv_blocks()
+
+    def _agree_on_kv_blocks(self) -> None:
+        """Block ids come from rank 0's pool, so every rank needs at least that many blocks: all take
+        the smallest count any rank could afford (they differ only when GPUs have different free memory)."""
+        count = torch.tensor([self.runner.num_blocks], dtype=torch.long)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group.cpu_group)
+        fewest = int(count.item())
+        if fewest < self.runner.num_blocks:
+            self.runner.kv_caches = [(k[:fewest].clone(), v[:fewest].clone()) for k, v in self.runner.kv_caches]
+            self.runner.num_blocks = fewest
+            if self.group.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _idle_forward(self) -> None:
+        """No sequences here this step: still serve every MoE layer's exchange, in layer order."""
+        empty = torch.empty(0, self.model.config.hidden_size, dtype=self.runner.dtype, device=self.group.device)
+        for block in self.model.moe_blocks():
+            block(empty)
+
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Rank 0 gets float32 logits [S, V] of the plan's sampling rows in plan order; others None."""
+        mine = [_scheduled(s) for s in plan.sequences if s.owner == self.group.rank]
+        if mine:
+            logits = self.runner.execute(mine)  # [S_rank, V]
+        else:
+            self._idle_forward()
+            logits = torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.group.device)
+        return self._gather_logits(plan, logits)
+
+    def _gather_logits(self, plan: StepPlan, logits: torch.Tensor) -> torch.Tensor | None:
+        world = self.group.world_size
+        counts = [0] * world
+        for s in plan.sequences:
+            counts[s.owner] += s.samples
+        most = max(counts)
+        if most == 0:
+            return logits if self.group.rank == 0 else None
+        padded = logits.new_zeros(most, logits.shape[1])  # gather needs equal shapes
+        padded[: logits.shape[0]] = logits
+        parts = [torch.empty_like(padded) for _ in range(world)] if self.group.rank == 0 else None
+        dist.gather(padded, parts, dst=0, group=self.group.device_group)
+        if self.group.rank != 0:
+            return None
+        taken = [0] * world
+        rows = []
+        for s in plan.sequences:
+            if s.samples:
+                rows.append(parts[s.owner][taken[s.owner]])
+                taken[s.owner] += 1
+        return torch.stack(rows)
+
+
+def worker_main(rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float,
+                errors) -> None:
+    """Entry point of ranks 1..N-1: follow rank 0's messages (build a model, run steps) until None."""
+    group = None
+    try:
+        if device.type == "cpu":  # N processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        group = init_expert_parallel(rank, world_size, init_method, device, timeout_s)
+        executor = None
+        while (message := broadcast_message(None, group)) is not None:
+            if isinstance(message, WorkerSpec):
+                executor = None  # free the previous model before building the next
+                executor = RankExecutor(message, group)
+            else:
+                executor.run(message)
+    except BaseException:  # noqa: B902 - report anything, then exit non-zero
+        errors.put((rank, traceback.format_exc()))
+        sys.exit(1)
+    finally:
+        if group is not None:
+            group.destroy()
+
+
+class ExpertParallelExecutor:
+    """Rank 0's side: spawns ranks 1..N-1 once, then builds models on all ranks (load) and runs steps.
+
+    The engine creates one per expert-parallel engine; a caller may instead create one and pass
+    it to several engines in turn (a benchmark sweep over placements, the tests) to pay the
+    process start-up (~3 s of imports per rank) once."""
+
+    def __init__(self, world_size: int, device: torch.device, timeout_s: float):
+        if dist.is_initialized():  # before spawning anything
+            raise RuntimeError(
+                "torch.distributed is already initialised in this process: one expert-parallel executor per "
+                "process (shut down the previous engine or executor first)")
+        self.world_size, self.device = world_size, device
+        ctx = mp.get_context("spawn")
+        self._errors = ctx.Queue()
+        init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
+        self._workers = [
+            ctx.Process(target=worker_main, args=(rank, world_size, init_method, device, timeout_s, self._errors),
+                        name=f"light-moe-ep-rank{rank}", daemon=True)
+            for rank in range(1, world_size)
+        ]
+        self._failure: str | None = None
+        self._closed = False
+        self.group: ExpertParallelGroup | None = None
+        self.rank: RankExecutor | None = None
+        self._owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> rank
+        for proc in self._workers:
+            proc.start()
+        try:
+            self.group = init_expert_parallel(0, world_size, init_method, device, timeout_s)
+        except BaseException as exc:
+            failure = self._fail(f"expert-parallel start-up failed: {exc}")
+            self.shutdown()
+            raise RuntimeError(failure) from exc
+
+    def load(self, spec: WorkerSpec, ops: MoEOps) -> tuple[MoECausalLM, ModelRunner]:
+        """Build spec's model on every rank (replacing any earlier one); returns rank 0's share."""
+        if spec.world_size != self.world_size or spec.device.type != self.device.type:
+            raise ValueError(f"model wants {spec.world_size} ranks on {spec.device.type}, the executor has "
+                             f"{self.world_size} on {self.device.type}")
+        self._check_workers(need_model=False)
+        self.rank = None
+        self._owners = weakref.WeakKeyDictionary()
+        try:
+            broadcast_message(spec, self.group)
+            self.rank = RankExecutor(spec, self.group, ops)
+        except Exception as exc:
+            raise RuntimeError(self._fail(f"expert-parallel model build failed ({type(exc).__name__}: {exc})")) from exc
+        return self.rank.model, self.rank.runner
+
+    @property
+    def worker_processes(self) -> list:
+        return list(self._workers)
+
+    # ---- steps --------------------------------------------------------------------------------
+    def _owner(self, request) -> int:
+        owner = self._owners.get(request)
+        if owner is None:
+            live = [0] * self.world_size
+            for rank in self._owners.values():
+                live[rank] += 1
+            owner = min(range(self.world_size), key=lambda r: (live[r], r))
+            self._owners[request] = owner
+        return owner
+
+    def plan(self, scheduled: list[ScheduledRequest]) -> StepPlan:
+        sequences = []
+        for s in scheduled:
+            req = s.request
+            start = req.num_computed_tokens
+            tokens = req.all_token_ids[start : start + s.num_new_tokens]
+            sequences.append(PlannedSequence(self._owner(req), start, tokens, list(req.block_table), s.is_prefill,
+                                             s.samples))
+        return StepPlan(sequences)
+
+    def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        """Like ModelRunner.execute, over all ranks: float32 logits [S, V] of the sampling rows."""
+        self._check_workers()
+        plan = self.plan(scheduled)
+        try:
+            broadcast_message(plan, self.group)
+            return self.rank.run(plan)
+        except Exception as exc:
+            raise RuntimeError(self._fail(f"expert-parallel step failed ({type(exc).__name__}: {exc})")) from exc
+
+    # ---- failures and shutdown ----------------------------------------------------------------
+    def _check_workers(self, need_model: bool = True) -> None:
+        if self._closed:
+            raise RuntimeError("the expert-parallel executor was shut down")
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        if any(not p.is_alive() for p in self._workers):
+            raise RuntimeError(self._fail("expert-parallel worker died between steps"))
+        if need_model and self.rank is None:
+            raise RuntimeError("no model is loaded on the expert-parallel executor (call load first)")
+
+    def _fail(self, what: str) -> str:
+        """Record the failure with what is known of the dead ranks; the executor stays failed."""
+        for proc in self._workers:
+            proc.join(timeout=0.5)  # a peer that broke the collective is usually exiting
+        reports = {}
+        while True:
+            try:
+                rank, text = self._errors.get(timeout=0.1)
+            except Exception:  # queue.Empty, or the queue is gone
+                break
+            reports[rank] = text.strip().splitlines()[-1]
+        dead = [f"rank {r} (pid {p.pid}) exit code {p.exitcode}" + (f": {reports[r]}" if r in reports else "")
+                for r, p in enumerate(self._workers, start=1) if not p.is_alive()]
+        self._failure = f"{what}; " + ("; ".join(dead) if dead else "no worker exited (collective timeout?)")
+        logger.error(self._failure)
+        return self._failure
+
+    def shutdown(self) -> None:
+        """Stop the workers (politely when healthy, else terminate) and leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        healthy = self._failure is None and self.group is not None and all(p.is_alive() for p in self._workers)
+        if healthy:
+            try:
+                broadcast_message(None, self.group)
+            except Exception as exc:  # a worker died just now: terminate below
+                logger.warning("expert-parallel shutdown message failed: %s", exc)
+        for proc in self._workers:
+            proc.join(timeout=SHUTDOWN_JOIN_S if healthy else 0.5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if self.group is not None:
+            self.group.destroy()
+        self._errors.close()

@@ -1,0 +1,88 @@
+"""The CuTe DSL backend: router, routing metadata, grouped expert GEMMs and combine on sm_90a.
+
+Each op uses its kernel where the kernel's `supports(...)` accepts the shapes and dtypes, and the
+PyTorch reference otherwise; the reason for every fallback is logged once per (op, reason).
+All kernels launch on torch's current stream without host synchronisation, so a model whose MoE
+layers run here can be captured in a CUDA graph (`graph_safe`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from light_moe.kernels import combine as combine_kernel
+from light_moe.kernels import grouped_gemm
+from light_moe.kernels import router as router_kernel
+from light_moe.kernels import routing as routing_kernel
+from light_moe.ops.backend import MoEOps
+
+logger = logging.getLogger(__name__)
+
+# expert weights repacked for the grouped GEMM carry this attribute, so a layer whose weights the
+# kernel cannot take keeps the canonical layout and the reference path
+_CUTE_LAYOUT = "_light_moe_cute_layout"
+
+
+class CuteOps(MoEOps):
+    name = "cute"
+    graph_safe = True
+
+    def __init__(self):
+        self._logged: set[tuple[str, str]] = set()
+
+    def _fallback(self, op: str, reason: str) -> None:
+        if (op, reason) not in self._logged:
+            self._logged.add((op, reason))
+            logger.warning("CuTe %s unavailable for these shapes (%s); using the PyTorch reference", op, reason)
+
+    @staticmethod
+    def _gemm_supports(w13: torch.Tensor, w2: torch.Tensor) -> tuple[bool, str]:
+        if w13.dtype != torch.bfloat16:
+            return False, f"grouped GEMM is bf16-only, weights are {w13.dtype}"
+        num_experts, two_inter, hidden = w13.shape
+        inter = two_inter // 2
+        if hidden % 64 or inter % 64:
+            return False, f"H={hidden} and I={inter} must be multiples of 64"
+        return True, "ok"
+
+    def prepare_expert_weights(self, w13, w2):
+        ok, reason = self._gemm_supports(w13, w2)
+        if not ok:
+            self._fallback("grouped GEMM", reason)
+            return w13, w2
+        w13p, w2p = grouped_gemm.prepare_expert_weights(w13, w2)
+        setattr(w13p, _CUTE_LAYOUT, True)
+        setattr(w2p, _CUTE_LAYOUT, True)
+        return w13p, w2p
+
+    def router(self, x, gate_weight, top_k: int, renormalize: bool):
+        ok, reason = router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
+        if ok and x.is_contiguous() and gate_weight.dtype == x.dtype:
+            return router_kernel.router(x, gate_weight, top_k, renormalize)
+        self._fallback("router", reason)
+        return super().router(x, gate_weight, top_k, renormalize)
+
+    def routing_metadata(self, topk_ids, num_experts: int):
+        ok, reason = routing_kernel.supports(num_experts, topk_ids.shape[1])
+        if ok:
+            return routing_kernel.routing_metadata(topk_ids.contiguous(), num_experts)
+        self._fallback("routing metadata", reason)
+        return super().routing_metadata(topk_ids, num_experts)
+
+    def expert_up(self, x, gather_index, expert_offsets, w13):
+        if getattr(w13, _CUTE_LAYOUT, False):
+            return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13)
+        return super().expert_up(x, gather_index, expert_offsets, w13)
+
+    def expert_down(self, act, expert_offsets, w2):
+        if getattr(w2, _CUTE_LAYOUT, False):
+            return grouped_gemm.expert_down(act, expert_offsets, w2)
+        return super().expert_down(act, expert_offsets, w2)
+
+    def combine(self, y, reverse_index, topk_weights):
+        ok, reason = combine_kernel.supports(y.dtype, y.shape[1], topk_weights.shape[1])
+        if ok:
+            return combine_kernel.combine(y, reverse_index, topk_weights)
+        self._fallback("combine", reason)
+        return super().combine(y, reverse_index, topk_weights)

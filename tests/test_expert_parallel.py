@@ -1,0 +1,240 @@
+"""Expert parallelism on CPU over gloo: N processes (this pytest process is rank 0) give the same
+greedy tokens and, within float32 rounding, the same logits as one process, for every family and
+placement; a dead worker is an error on rank 0 within the collective timeout, not a hang.
+
+The worker processes are started once per world size (module-scoped, parametrized executor) and
+reused by every engine: one process may belong to one process group at a time, so pytest
+finishes all N=2 tests and tears that executor down before starting the N=4 one.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from light_moe import LightMoEEngine, SamplingParams
+from light_moe.engine.request import Request
+from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.executor.workers import ExpertParallelExecutor
+from light_moe.parallel import placement as pl
+from light_moe.parallel.balancer import ExpertLoadWindow
+from tests.tiny_models import FAMILIES, make_tiny_checkpoint
+
+PROMPTS = [[7, 3, 99], list(range(20, 31)), [5] * 2 + list(range(100, 127)), list(range(200, 247)), [42] * 9]
+NEW_TOKENS = 12
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+ENGINE_ARGS = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {f: make_tiny_checkpoint(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def single_process(checkpoints):
+    """Per family: greedy tokens, prefill logits and recorded expert load of the 1-process engine."""
+    results = {}
+    for family, path in checkpoints.items():
+        engine = LightMoEEngine(path, **ENGINE_ARGS)
+        tokens = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]
+        window = ExpertLoadWindow(len(engine.model.moe_blocks()), engine.model_config.num_experts, window_steps=8)
+        engine.add_request(PROMPTS[3], GREEDY)
+        while engine.has_unfinished_requests():
+            engine.step()
+            window.record(engine.runner.expert_load())
+        assert window.num_steps == 8
+        results[family] = (tokens, prefill_logits(engine), window)
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep4"])
+def executor(request):
+    ex = ExpertParallelExecutor(request.param, torch.device("cpu"), timeout_s=60.0)
+    yield ex
+    ex.shutdown()
+
+
+def prefill_logits(engine, prompts=PROMPTS) -> torch.Tensor:
+    """One step prefilling every prompt (spread over the ranks): logits of the last positions. [S, V]"""
+    requests = [Request(f"probe-{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
+    for r in requests:
+        assert engine.block_manager.allocate_slots(r, len(r.prompt_token_ids))
+    try:
+        scheduled = [ScheduledRequest(r, len(r.prompt_token_ids), True, True) for r in requests]
+        run = engine.runner if engine.workers is None else engine.workers
+        return run.execute(scheduled)
+    finally:
+        for r in requests:
+            engine.block_manager.free(r)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("strategy", ["contiguous", "round_robin"])
+def test_same_greedy_tokens_and_logits_as_one_process(executor, checkpoints, single_process, family, strategy):
+    expected_tokens, expected_logits, _ = single_process[family]
+    engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size,
+                            expert_placement=strategy, expert_parallel_executor=executor, **ENGINE_ARGS)
+    # rank 0 holds only its experts: E / N of them per MoE layer
+    for block in engine.model.moe_blocks():
+        assert block.experts.w13.shape[0] == engine.model_config.num_experts // executor.world_size
+    got = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]
+    assert got == expected_tokens
+    assert engine.stats["max_batch_size"] > executor.world_size  # every rank had sequences
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    logits = prefill_logits(engine)
+    rel = (logits - expected_logits).norm() / expected_logits.norm()
+    assert rel < 1e-5, f"relative logits error {rel:.2e}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_load_aware_placement_gives_the_same_tokens(executor, checkpoints, single_process, family, tmp_path):
+    expected_tokens, _, window = single_process[family]
+    load_file = tmp_path / "expert_load.json"
+    window.save(load_file)
+    engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size,
+                            expert_placement="load_aware", expert_load_file=str(load_file),
+                            expert_parallel_executor=executor, **ENGINE_ARGS)
+    got = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]
+    assert got == expected_tokens
+    placements = pl.place_experts("load_aware", 8, len(window.load()), executor.world_size, window.load())
+    contiguous = [pl.contiguous(8, executor.world_size)] * len(placements)
+    assert max(window.imbalance(placements)) <= max(window.imbalance(contiguous)) + 1e-9
+
+
+def test_load_window_slides():
+    window = ExpertLoadWindow(1, 4, window_steps=2)
+    for step in ([1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 3, 0]):
+        window.record([torch.tensor(step, dtype=torch.int32)])
+    assert window.load() == [[0.0, 2.0, 3.0, 0.0]]
+    assert window.imbalance([pl.contiguous(4, 2)]) == [3.0 / 2.5]  # ranks hold 2 and 3 tokens
+
+
+def test_one_process_per_engine_and_clear_config_errors(executor, checkpoints):
+    with pytest.raises(ValueError, match="expert_placement"):
+        LightMoEEngine(checkpoints["mixtral"], expert_parallel_size=2, expert_placement="random", **ENGINE_ARGS)
+    with pytest.raises(ValueError, match="expert_load_file"):
+        LightMoEEngine(checkpoints["mixtral"], expert_parallel_size=2, expert_placement="load_aware", **ENGINE_ARGS)
+    with pytest.raises(ValueError, match="exceeds the model's 8 experts"):
+        LightMoEEngine(checkpoints["mixtral"], expert_parallel_size=16, **ENGINE_ARGS)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="already initialised"):  # the executor fixture holds the group
+        LightMoEEngine(checkpoints["mixtral"], expert_parallel_size=2, **ENGINE_ARGS)
+    assert time.monotonic() - start < 5  # refused before any process was started
+
+
+# ---- placement strategies (no processes) -----------------------------------------------------
+def test_contiguous_and_round_robin_placements():
+    c = pl.contiguous(10, 4)
+    assert c.local_experts == ((0, 1), (2, 3, 4), (5, 6), (7, 8, 9))
+    r = pl.round_robin(10, 4)
+    assert r.local_experts == ((0, 4, 8), (1, 5, 9), (2, 6), (3, 7))
+    for p in (c, r):
+        local = p.expert_to_local()
+        for rank, experts in enumerate(p.local_experts):
+            assert [p.expert_to_rank[e] for e in experts] == [rank] * len(experts)
+            assert [local[e] for e in experts] == list(range(len(experts)))
+
+
+def test_load_aware_separates_hot_experts_and_keeps_counts_equal():
+    load = [100, 90, 1, 1, 1, 1, 80, 70]
+    p = pl.load_aware(load, 2)
+    assert [len(x) for x in p.local_experts] == [4, 4]
+    assert p.expert_to_rank[0] != p.expert_to_rank[1]
+    totals = [sum(load[e] for e in x) for x in p.local_experts]
+    assert max(totals) - min(totals) <= 20  # contiguous would give 192 vs 152
+    with pytest.raises(ValueError, match="expected \\[2, 8\\]"):
+        pl.place_experts("load_aware", 8, 2, 2, [load])
+
+
+# ---- failures: run in a child process so a hang would be caught by a hard timeout -------------
+FAILURE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from light_moe import LightMoEEngine, SamplingParams
+
+    path, timeout = sys.argv[1], float(sys.argv[2])
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    def step_error(sig, bypass_liveness_check=False):
+        engine = LightMoEEngine(path, dtype="float32", device="cpu", show_progress=False,
+                                expert_parallel_size=2, collective_timeout_s=timeout)
+        assert engine.generate([1, 2, 3], params)  # healthy first
+        if bypass_liveness_check:  # let the step reach the collectives with a dead peer
+            engine.workers._check_workers = lambda need_model=True: None
+        worker = engine.workers.worker_processes[0]
+        os.kill(worker.pid, sig)
+        start = time.monotonic()
+        try:
+            engine.generate([[1, 2, 3], [4, 5, 6]], params)
+        except RuntimeError as exc:
+            elapsed = time.monotonic() - start
+            message = str(exc)
+        else:
+            raise AssertionError("no error after a worker was killed")
+        try:  # the executor stays failed: later calls raise at once
+            engine.generate([1, 2, 3], params)
+            raise AssertionError("no error on the second call")
+        except RuntimeError:
+            pass
+        engine.shutdown()
+        print(f"signal={sig} elapsed={elapsed:.2f}s: {message}", flush=True)
+        return elapsed, message
+
+    if __name__ == "__main__":
+        # a killed worker: the collective fails as soon as the peer's socket closes
+        elapsed, message = step_error(signal.SIGKILL, bypass_liveness_check=True)
+        assert elapsed < timeout and "rank 1" in message and "exit code -9" in message, message
+        # a stuck worker (stopped, still alive): the collective timeout ends the wait
+        elapsed, message = step_error(signal.SIGSTOP)
+        assert timeout - 1 < elapsed < timeout + 10 and "timeout" in message, message
+        print("OK")
+""")
+
+
+def run_script(tmp_path, text: str, *args: str, timeout_s: float = 120) -> str:
+    """Run text as a script in a fresh process (its own process group, a hard timeout)."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    repo = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout_s,
+                          cwd=repo, env=env)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_killed_worker_is_an_error_on_rank_0_not_a_hang(checkpoints, tmp_path):
+    print(run_script(tmp_path, FAILURE_SCRIPT, str(checkpoints["qwen3_moe"]), "5.0"))
+
+
+GPU_SCRIPT = textwrap.dedent("""
+    import sys
+    from light_moe import LightMoEEngine, SamplingParams
+
+    prompts = [[7, 3, 99], list(range(20, 31)), list(range(200, 247)), [42] * 9]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    args = dict(dtype="float32", device="cuda", moe_backend=sys.argv[2], max_num_batched_tokens=16,
+                show_progress=False)
+    if __name__ == "__main__":
+        one = LightMoEEngine(sys.argv[1], **args)
+        expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
+        del one
+        for strategy in ("contiguous", "round_robin"):
+            engine = LightMoEEngine(sys.argv[1], expert_parallel_size=2, expert_placement=strategy, **args)
+            got = [o.token_ids for o in engine.generate_outputs(prompts, params)]
+            engine.shutdown()
+            assert got == expected, (strategy, got, expected)
+        print("OK")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_two_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend):
+    for family in FAMILIES:
+        run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, timeout_s=300)
