@@ -207,7 +207,7 @@ def main(args) -> None:
 def run_tile_sweep(
     tokens: list[int],
     configs: list[tuple[int, int]],
-    fence_modes: tuple[str, ...] = ("producer",),
+    fence_modes: tuple[str, ...] = ("consumer",),
     num_experts: int = 8,
     hidden: int = 4096,
     inter: int = 14336,
@@ -237,14 +237,14 @@ def run_tile_sweep(
         active = int((counts > 0).sum())
         chosen = choose_tile_config(num_tokens * top_k, num_experts, 2 * inter)
         for tile_w, tile_t in configs:
-            config = TileConfig(tile_w, tile_t)
             for mode in fence_modes:
-                act = grouped_gemm.expert_up(x, gather_index, offsets, w13p, config=config, fence_mode=mode)
-                y = grouped_gemm.expert_down(ref_act, offsets, w2p, config=config, fence_mode=mode)
+                config = TileConfig(tile_w, tile_t, mode)
+                act = grouped_gemm.expert_up(x, gather_index, offsets, w13p, config=config)
+                y = grouped_gemm.expert_down(ref_act, offsets, w2p, config=config)
                 err_up = ((act.float() - ref_act.float()).norm() / ref_act.float().norm()).item()
                 err_down = ((y.float() - ref_y.float()).norm() / ref_y.float().norm()).item()
-                up = partial(grouped_gemm.expert_up, x, gather_index, offsets, w13p, config=config, fence_mode=mode)
-                down = partial(grouped_gemm.expert_down, ref_act, offsets, w2p, config=config, fence_mode=mode)
+                up = partial(grouped_gemm.expert_up, x, gather_index, offsets, w13p, config=config)
+                down = partial(grouped_gemm.expert_down, ref_act, offsets, w2p, config=config)
                 up_us, down_us = _time_us(_graph(up), 20), _time_us(_graph(down), 20)
                 row = dict(
                     tokens=num_tokens,
@@ -256,7 +256,7 @@ def run_tile_sweep(
                     err_up=err_up,
                     err_down=err_down,
                     active_experts=active,
-                    heuristic=(chosen.tile_w, chosen.tile_t) == (tile_w, tile_t),
+                    heuristic=chosen == config,
                 )
                 up_bytes, down_bytes = active * 2 * inter * hidden * 2, active * hidden * inter * 2
                 up_flops = 2 * num_tokens * top_k * 2 * inter * hidden

@@ -79,6 +79,7 @@ class LightMoEEngine:
         load_format: str = "auto",
         seed: int = 0,
         show_progress: bool = True,
+        enforce_eager: bool = False,
         expert_placement: str = "contiguous",
         expert_load_file: str | None = None,
         collective_timeout_s: float = 300.0,
@@ -109,6 +110,7 @@ class LightMoEEngine:
             moe_backend=moe_backend,
             load_format=load_format,
             seed=seed,
+            enable_cuda_graphs=not enforce_eager,
         )
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.tokenizer = Tokenizer(model_path)
@@ -135,7 +137,8 @@ class LightMoEEngine:
         else:
             self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress)
             self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens,
-                                      max_num_seqs)
+                                      max_num_seqs, max_model_len=self.config.max_model_len,
+                                      cuda_graphs=self.config.enable_cuda_graphs)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.eos_token_ids = self._eos_ids(model_path)

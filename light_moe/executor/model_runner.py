@@ -13,6 +13,7 @@ import torch
 
 from light_moe.config import CacheConfig, ModelConfig
 from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.executor.cuda_graphs import DecodeGraphs
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
 
@@ -35,13 +36,16 @@ class ModelRunner:
         device: torch.device,
         max_num_batched_tokens: int,
         max_num_seqs: int,
+        max_model_len: int | None = None,
+        cuda_graphs: bool = False,
     ):
         self.model = model
         self.cfg = model.config
         self.dtype, self.device = dtype, device
         self.block_size = cache.block_size
         self.num_blocks = self._num_blocks(cache, max_num_batched_tokens, max_num_seqs)
-        shape = (self.num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        # one block beyond the pool: the scratch slot that padded rows of a CUDA-graph batch write to
+        shape = (self.num_blocks + 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(self.cfg.num_layers)
@@ -52,6 +56,15 @@ class ModelRunner:
             self.block_size,
             self.num_blocks * kv_block_bytes(self.cfg, self.block_size, dtype) / 2**20,
         )
+        self.decode_graphs = None
+        graph_safe = all(b.ops.graph_safe for b in model.moe_blocks())
+        if cuda_graphs and device.type == "cuda" and graph_safe:
+            max_len = max_model_len or self.cfg.max_position_embeddings
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, self.block_size,
+                                              -(-max_len // self.block_size), self.num_blocks * self.block_size,
+                                              max_num_seqs, device)
+        elif cuda_graphs and device.type == "cuda":
+            logger.info("decode runs eagerly: the MoE backend synchronises with the host (not graph-safe)")
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def _num_blocks(self, cache: CacheConfig, max_num_batched_tokens: int, max_num_seqs: int) -> int:
@@ -132,6 +145,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         """Run one step; returns float32 logits [S, V] for the rows that sample, in scheduled order."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
+            return self.decode_graphs.run(scheduled)
         input_ids, positions, meta, sample_rows = self.prepare(scheduled)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -20,6 +20,7 @@ executor then stays failed (every later step raises at once) until shutdown().
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -131,21 +132,26 @@ class RankExecutor:
         dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device)
         self.model = build_model(spec.model_path, ops, spec.dtype, device, spec.load_format, spec.seed,
                                  progress=False, expert_dispatchers=dispatchers)
-        self.runner = ModelRunner(self.model, spec.cache, spec.dtype, device, spec.max_num_batched_tokens,
-                                  spec.max_num_seqs)
-        self._agree_on_kv_blocks()
+        self.runner = self._runner(spec, spec.cache)
+        self._agree_on_kv_blocks(spec)
 
-    def _agree_on_kv_blocks(self) -> None:
+    def _runner(self, spec: WorkerSpec, cache: CacheConfig) -> ModelRunner:
+        # no CUDA graphs: the expert exchange syncs with the host and has data-dependent sizes
+        return ModelRunner(self.model, cache, spec.dtype, self.group.device, spec.max_num_batched_tokens,
+                           spec.max_num_seqs)
+
+    def _agree_on_kv_blocks(self, spec: WorkerSpec) -> None:
         """Block ids come from rank 0's pool, so every rank needs at least that many blocks: all take
-        the smallest count any rank could afford (they differ only when GPUs have different free memory)."""
+        the smallest count any rank could afford (they differ only when GPUs have different free memory).
+        A rank with more rebuilds its runner with the agreed count (no profiling, so no collectives)."""
         count = torch.tensor([self.runner.num_blocks], dtype=torch.long)
         dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group.cpu_group)
         fewest = int(count.item())
         if fewest < self.runner.num_blocks:
-            self.runner.kv_caches = [(k[:fewest].clone(), v[:fewest].clone()) for k, v in self.runner.kv_caches]
-            self.runner.num_blocks = fewest
+            self.runner = None
             if self.group.device.type == "cuda":
                 torch.cuda.empty_cache()
+            self.runner = self._runner(spec, dataclasses.replace(spec.cache, num_blocks=fewest))
 
     @torch.inference_mode()
     def _idle_forward(self) -> None:

@@ -57,8 +57,8 @@ MAX_STAGES = 16
 # full-barrier wait. "producer": each producer thread waits for its copies of stage s (CP_ASYNC_LAG stages
 # later), fences, then arrives. H200, Mixtral T=4096 up/down: consumer 3282/1726 us, producer 3803/1847 us,
 # no fence at all (unsafe, "none", kept only to measure) 3352/1685 us; T=1: consumer 114/61, producer 138/71.
+# TileConfig.fence_mode picks one per table row (tile_config.py).
 CP_ASYNC_LAG = 1
-FENCE_MODES = ("consumer", "producer", "none")
 EPI_BYTES = 64 * 136 * 2  # epilogue staging tile (64 tokens x 128 columns): a 4th stage at 128x256 and 256x128
 PRODUCER_REGS = 56  # the gather producer holds tile_t / 16 row indices per thread
 CONSUMER_REGS = {1: 232, 2: 224}  # 128 * 56 + 256 * 224 = 64512 <= 65536 with two consumer warpgroups
@@ -80,14 +80,11 @@ class GroupedGemmSm90:
         k_dim: int,
         num_experts: int,
         config: TileConfig,
-        fence_mode: str = "consumer",
     ):
         ok, reason = self.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config)
         if not ok:
             raise ValueError(reason)
-        if fence_mode not in FENCE_MODES:
-            raise ValueError(f"fence_mode must be one of {FENCE_MODES}, got {fence_mode!r}")
-        self.fence_mode = fence_mode
+        self.fence_mode = config.fence_mode
         self.gated = gated
         self.n_out = n_out
         self.k_dim = k_dim
@@ -538,14 +535,12 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms[index]
 
 
-def _launch(
-    gated: bool, weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None, fence_mode="consumer"
-):
+def _launch(gated: bool, weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = weights.shape
     num_rows = out.shape[0]
     if config is None:
         config = choose_tile_config(num_rows, num_experts, n_out)
-    key = (gated, weights.dtype, n_out, k_dim, num_experts, config.tile_w, config.tile_t, fence_mode)
+    key = (gated, weights.dtype, n_out, k_dim, num_experts, config)
     args = (
         _weights_view(weights),
         _rows(tokens),
@@ -557,9 +552,7 @@ def _launch(
     )
     fn = _compiled.get(key)
     if fn is None:
-        kernel = GroupedGemmSm90(
-            gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config, fence_mode=fence_mode
-        )
+        kernel = GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config)
         start = time.perf_counter()
         fn = _compiled[key] = cute.compile(kernel, *args)
         compile_seconds[key] = time.perf_counter() - start
@@ -581,7 +574,6 @@ def expert_up(
     w13_prepared: torch.Tensor,  # [E, 2I, H] from prepare_expert_weights
     out: torch.Tensor | None = None,  # [M, I]
     config: TileConfig | None = None,
-    fence_mode: str = "consumer",
 ) -> torch.Tensor:
     """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert; no host sync, graph-capturable."""
     num_experts, two_inter, hidden = w13_prepared.shape
@@ -598,9 +590,7 @@ def expert_up(
         out = x.new_empty(num_rows, two_inter // 2)
     if num_rows == 0:
         return out
-    return _launch(
-        True, w13_prepared, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config, fence_mode
-    )
+    return _launch(True, w13_prepared, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
 
 
 def expert_down(
@@ -609,7 +599,6 @@ def expert_down(
     w2_prepared: torch.Tensor,  # [E, H, I]
     out: torch.Tensor | None = None,  # [M, H]
     config: TileConfig | None = None,
-    fence_mode: str = "consumer",
 ) -> torch.Tensor:
     """y [M, H] = act W2_e^T per expert, expert-sorted rows; no host sync, graph-capturable."""
     num_experts, hidden, inter = w2_prepared.shape
@@ -625,4 +614,4 @@ def expert_down(
     if num_rows == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
-    return _launch(False, w2_prepared, act, expert_offsets, expert_offsets.contiguous(), out, config, fence_mode)
+    return _launch(False, w2_prepared, act, expert_offsets, expert_offsets.contiguous(), out, config)

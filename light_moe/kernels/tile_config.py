@@ -2,33 +2,42 @@
 
 Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
 
-The kernel computes C^T = W X^T per expert: weight rows are wgmma's M (`tile_w`, 64 or 128 rows, one
-consumer warpgroup per 64) and routed token rows are wgmma's N (`tile_t`, 8..256). The choice is a
-table lookup on the expected tokens per active expert, not a chain of branches:
+The kernel computes C^T = W X^T per expert: weight rows are wgmma's M (`tile_w` = 64, 128 or 256 rows;
+one consumer warpgroup per 64 rows, two for 128 and 256) and routed token rows are wgmma's N
+(`tile_t`, 8..256). The choice is a lookup in TILE_TABLE on the expected tokens per active expert
+(M / min(E, M)), i.e. data, not branches. The rows were measured on an H200 with the Mixtral-8x7B
+layer (E=8, H=4096, I=14336, top-2), up + down projection, graph replays
+(`light_moe.bench.moe_layer.run_tile_sweep`; us are up / down):
 
-* tile_t: the smallest table entry >= 2x the expected tokens per active expert. The factor 2 absorbs
-  routing imbalance (a second token tile of the same weight tile re-reads that weight tile, from L2
-  at best); while the layer streams weights (<= ~230 tokens per expert on an H100: 700 TFLOP/s over
-  3 TB/s) a wider N costs nothing but shared memory, so erring large is cheap.
-* tile_w: 64 for decode (<= 8 tokens per expert): more, smaller tiles keep all SMs busy when only a
-  few experts are active (T=1 top-2 on Mixtral: the down-projection has 2 x 64 tiles of 64 rows for
-  132 SMs, but only 2 x 32 of 128 rows). Otherwise 128 (two consumer warpgroups): every token row a
-  tile gathers is re-read once per weight tile (from L2), so taller weight tiles halve that traffic,
-  and 128 x 256 is the shape of CUTLASS's fastest Hopper GEMM for the compute-bound prefill.
+  T=1     (64, 8)    116 / 62   (128, 8) 121 / 63      weight-streaming: 4.0 TB/s of the H200's 4.8
+  T=4     (64, 8)    274 / 146  (128, 16) 279 / 171    small tiles: 2 x 64 down tiles for 132 SMs
+  T=16    (64, 8)    437 / 224  (128, 16) 439 / 227
+  T=64    (128, 32)  442 / 226  (256, 32) 457 / 232  (64, 32) 629 / 312 (producer fence)
+  T=256   (128, 128) 479 / 233  (256, 64) 477 / 258  (128, 64) 755 / 369 (producer fence)
+  T=1024  (256, 64)  854 / 438  (256, 128) 967 / 515  (128, 128) 1046 / 515
+  T=4096  (256, 128) 2659 / 1405 (producer fence: 683 / 724 TFLOP/s) vs consumer fence 2818 / 1681,
+          (128, 256) 3282 / 1726
+  T=16384 (256, 128) 13295 / 5914 (producer fence) vs 12978 / 6227 (consumer)
+
+Why: while the layer streams weights (up to ~230 tokens per expert on an H100: 700 TFLOP/s over
+3 TB/s) tile_t only has to cover the tokens of one expert (2x the mean absorbs routing imbalance) and
+small weight tiles balance the SMs when few experts are active. Once compute-bound, 256 weight rows x
+128 tokens beats 128 x 256: the weights come by TMA and only 128 token rows per stage go through the
+cp.async gather, and 128-row token tiles waste less on each expert's last, partial tile.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# (max expected tokens per active expert, tile_w, tile_t); first row that fits wins.
-TILE_TABLE: tuple[tuple[float, int, int], ...] = (
-    (4, 64, 8),
-    (8, 64, 16),
-    (16, 128, 32),
-    (32, 128, 64),
-    (64, 128, 128),
-    (float("inf"), 128, 256),
+# (max expected tokens per active expert, tile_w, tile_t, fence_mode); first row that fits wins.
+TILE_TABLE: tuple[tuple[float, int, int, str], ...] = (
+    (8, 64, 8, "consumer"),
+    (16, 128, 32, "consumer"),
+    (32, 128, 64, "consumer"),
+    (64, 128, 128, "consumer"),
+    (384, 256, 64, "consumer"),
+    (float("inf"), 256, 128, "producer"),
 )
 
 
@@ -36,12 +45,15 @@ TILE_TABLE: tuple[tuple[float, int, int], ...] = (
 class TileConfig:
     tile_w: int  # weight rows per tile (wgmma M): 64, 128 or 256 (two m64 atoms per consumer warpgroup)
     tile_t: int  # routed token rows per tile (wgmma N): multiple of 8, <= 256
+    fence_mode: str = "consumer"  # who fences cp.async smem writes before wgmma reads (grouped_gemm.py)
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
             raise ValueError(f"tile_w must be 64, 128 or 256, got {self.tile_w}")
         if self.tile_t % 8 or not 8 <= self.tile_t <= 256:
             raise ValueError(f"tile_t must be a multiple of 8 in [8, 256], got {self.tile_t}")
+        if self.fence_mode not in ("consumer", "producer", "none"):
+            raise ValueError(f"fence_mode must be 'consumer', 'producer' or 'none', got {self.fence_mode!r}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:
@@ -56,9 +68,9 @@ def choose_tile_config(num_rows: int, num_experts: int, n_out: int) -> TileConfi
     Uses only host-known sizes (never the device counts), so the choice is graph-safe.
     """
     per_expert = expected_tokens_per_expert(num_rows, num_experts)
-    for limit, tile_w, tile_t in TILE_TABLE:
+    for limit, tile_w, tile_t, fence_mode in TILE_TABLE:
         if per_expert <= limit:
-            if n_out % tile_w:
-                tile_w = 64
-            return TileConfig(tile_w, tile_t)
+            while n_out % tile_w:
+                tile_w //= 2
+            return TileConfig(tile_w, tile_t, fence_mode)
     raise AssertionError("TILE_TABLE ends with an unbounded row")

@@ -28,13 +28,11 @@ def _args(gated: bool, num_experts: int, hidden: int, inter: int):
 
 CASES = {
     # name: (gated, E, H, I, tile config); together they cover every row of tile_config.TILE_TABLE
-    "up_prefill_128x256": (True, 8, 4096, 14336, TileConfig(128, 256)),
-    "down_prefill_128x256": (False, 8, 4096, 14336, TileConfig(128, 256)),
-    "up_prefill_256x128": (True, 8, 4096, 14336, TileConfig(256, 128)),
-    "down_prefill_256x128": (False, 8, 4096, 14336, TileConfig(256, 128)),
+    "up_prefill_256x128_producer_fence": (True, 8, 4096, 14336, TileConfig(256, 128, "producer")),
+    "down_prefill_256x128_producer_fence": (False, 8, 4096, 14336, TileConfig(256, 128, "producer")),
     "up_decode_64x8": (True, 8, 4096, 14336, TileConfig(64, 8)),
     "down_decode_64x8": (False, 8, 4096, 14336, TileConfig(64, 8)),
-    "up_decode_64x16_E64": (True, 64, 1024, 768, TileConfig(64, 16)),
+    "up_mid_256x64_E64": (True, 64, 1024, 768, TileConfig(256, 64)),
     "down_mid_128x32_E64": (False, 64, 1024, 768, TileConfig(128, 32)),
     "up_mid_128x64_E128": (True, 128, 1024, 768, TileConfig(128, 64)),
     "down_mid_128x128_E128": (False, 128, 1024, 768, TileConfig(128, 128)),
@@ -51,7 +49,9 @@ def test_grouped_gemm_compiles(name, tmp_path):
 
 
 def test_tile_heuristic_table():
-    # Mixtral-8x7B top-2: decode -> small token tiles of 64 weight rows; prefill -> 128 x 256.
+    # Mixtral-8x7B top-2: decode -> 64-row weight tiles, 8 tokens; prefill -> 256 x 128, producer fence.
     assert choose_tile_config(2, 8, 28672) == TileConfig(64, 8)
-    assert choose_tile_config(2 * 4096, 8, 28672) == TileConfig(128, 256)
-    assert choose_tile_config(2 * 64, 8, 4096).tile_t == 32
+    assert choose_tile_config(2 * 4096, 8, 28672) == TileConfig(256, 128, "producer")
+    assert choose_tile_config(2 * 64, 8, 4096) == TileConfig(128, 32)
+    assert choose_tile_config(2 * 1024, 8, 4096) == TileConfig(256, 64)
+    assert choose_tile_config(8 * 4096, 128, 96) == TileConfig(32 * 2, 64)  # tile_w shrinks to divide n_out

@@ -1,0 +1,120 @@
+"""CUDA graphs of decode steps.
+
+A decode step of B sequences launches a few hundred small kernels; eagerly each costs ~5-30 us of
+host time (CuTe DSL calls 26-35 us, docs/kernels.md), more than the GPU work at small B. A graph
+replays them for ~5 us. Graphs are captured lazily, one per (batch bucket, context bucket):
+  - batch bucket: the step's sequence count rounded up to 1, 2, 4, 8, 16, 32, 64, 128, 256;
+  - context bucket: the longest block table in the step rounded up to a power of two, which fixes
+    the key length that the reference paged attention gathers.
+Padding rows write their KV to a scratch slot outside the block manager's pool and read block 0;
+their outputs are discarded. Only models whose MoE ops are graph-safe (no host sync) are captured.
+
+Shape legend: B padded batch, H hidden, V vocabulary, NB blocks per sequence in the bucket.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from light_moe.models.base import MoECausalLM
+from light_moe.ops.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _bucket(value: int, buckets) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+class DecodeGraphs:
+    def __init__(self, model: MoECausalLM, kv_caches, block_size: int, max_blocks_per_seq: int, scratch_slot: int,
+                 max_batch: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_blocks = max_blocks_per_seq
+        self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (_bucket(max_batch, BATCH_BUCKETS),)
+        self.max_batch = self.batch_buckets[-1]
+        self.scratch_slot = scratch_slot
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), scratch_slot, dtype=torch.long, device=device)
+        self.ctx_lens = torch.ones(n, dtype=torch.long, device=device)
+        self.tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=device)
+        self.query_pos = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.padded_index = torch.arange(n, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def can_run(self, scheduled) -> bool:
+        return (len(scheduled) <= self.max_batch
+                and all(s.num_new_tokens == 1 and s.samples for s in scheduled))
+
+    def _blocks_bucket(self, blocks: int) -> int:
+        bucket = 1
+        while bucket < blocks:
+            bucket *= 2
+        return min(bucket, self.max_blocks)
+
+    def _forward(self, batch: int, blocks: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:batch], block_tables=self.tables[:batch, :blocks],
+            ctx_lens=self.ctx_lens[:batch], query_pos=self.query_pos[:batch],
+            padded_index=self.padded_index[:batch], max_query_len=1, max_ctx_len=blocks * self.block_size)
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)  # [B, V]
+
+    def _capture(self, batch: int, blocks: int):
+        # warm up on a side stream first: CuTe kernels compile and the allocator settles outside capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(batch, blocks)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(batch, blocks)
+        logger.info("captured a decode graph for batch %d, %d blocks per sequence", batch, blocks)
+        return graph, logits
+
+    @torch.inference_mode()
+    def run(self, scheduled) -> torch.Tensor:
+        """Logits [len(scheduled), V] of a pure-decode step."""
+        n = len(scheduled)
+        batch = _bucket(n, self.batch_buckets)
+        bs = self.block_size
+        tokens, positions, slots, ctx, tables = [], [], [], [], []
+        longest = 1
+        for s in scheduled:
+            req = s.request
+            pos = req.num_computed_tokens
+            tokens.append(req.all_token_ids[pos])
+            positions.append(pos)
+            slots.append(req.block_table[pos // bs] * bs + pos % bs)
+            ctx.append(pos + 1)
+            tables.append(req.block_table)
+            longest = max(longest, len(req.block_table))
+        blocks = self._blocks_bucket(longest)
+        pad = batch - n
+        self.input_ids[:batch].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        self.positions[:batch].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.query_pos[:batch, 0].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:batch].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+        self.ctx_lens[:batch].copy_(torch.tensor(ctx + [1] * pad), non_blocking=True)
+        table = torch.zeros(batch, blocks, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t)
+        self.tables[:batch, :blocks].copy_(table, non_blocking=True)
+        key = (batch, blocks)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch, blocks)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:n]
