@@ -70,7 +70,7 @@ def choose_tile_config(num_rows: int, num_experts: int, n_out: int) -> TileConfi
     per_expert = expected_tokens_per_expert(num_rows, num_experts)
     for limit, tile_w, tile_t, fence_mode in TILE_TABLE:
         if per_expert <= limit:
-            while n_out % tile_w:
+            while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
             return TileConfig(tile_w, tile_t, fence_mode)
     raise AssertionError("TILE_TABLE ends with an unbounded row")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import torch
@@ -117,14 +118,29 @@ def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: tor
 
 
 def _fill_dummy(model: MoECausalLM, seed: int) -> None:
-    """Random weights for benchmarks: N(0, 0.02), norms 1. Generated on the model's device."""
+    """Random weights for benchmarks: N(0, 0.02), norms 1, generated on the model's device.
+
+    Every tensor (and every expert of a stacked expert tensor, by its global id) draws from its own
+    generator seeded by (seed, name, expert), so ranks of an expert-parallel run that hold different
+    experts still build pieces of one and the same random model."""
     gen_device = next(model.parameters()).device
-    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    expert_ids = {}
+    for layer_name, module in model.named_modules():
+        if hasattr(module, "local_expert_ids"):
+            expert_ids[layer_name + ".experts.w13"] = module.local_expert_ids
+            expert_ids[layer_name + ".experts.w2"] = module.local_expert_ids
+
+    def generator(*key) -> torch.Generator:
+        return torch.Generator(device=gen_device).manual_seed(zlib.crc32(repr((seed, *key)).encode()))
+
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
+        elif name in expert_ids:
+            for row, expert in enumerate(expert_ids[name]):
+                param.data[row].normal_(0.0, 0.02, generator=generator(name, expert))
         else:
-            param.data.normal_(0.0, 0.02, generator=gen)
+            param.data.normal_(0.0, 0.02, generator=generator(name))
 
 
 def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device: torch.device,

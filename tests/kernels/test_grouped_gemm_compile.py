@@ -54,4 +54,4 @@ def test_tile_heuristic_table():
     assert choose_tile_config(2 * 4096, 8, 28672) == TileConfig(256, 128, "producer")
     assert choose_tile_config(2 * 64, 8, 4096) == TileConfig(128, 32)
     assert choose_tile_config(2 * 1024, 8, 4096) == TileConfig(256, 64)
-    assert choose_tile_config(8 * 4096, 128, 96) == TileConfig(32 * 2, 64)  # tile_w shrinks to divide n_out
+    assert choose_tile_config(8 * 4096, 128, 192) == TileConfig(64, 64)  # tile_w halves until it divides n_out
