@@ -1,4 +1,4 @@
-"""`light-moe` command line: generate | serve | bench {e2e, moe-layer}."""
+"""`light-moe` command line: generate | serve | bench {e2e, moe-layer, ep}."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,13 @@ def cmd_bench_e2e(args) -> int:
     return 0
 
 
+def cmd_bench_ep(args) -> int:
+    from light_moe.bench import ep
+
+    ep.main(args)
+    return 0
+
+
 def cmd_bench_moe_layer(args) -> int:
     from light_moe.bench import moe_layer
 
@@ -122,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--top-k", type=int, default=2)
     layer.add_argument("--output", default=None)
     layer.set_defaults(func=cmd_bench_moe_layer)
+
+    from light_moe.bench.ep import add_ep_args
+
+    ep = bsub.add_parser("ep", help="expert parallelism: tokens/s per GPU, all-to-all time, overlap, load balance")
+    add_ep_args(ep)
+    ep.set_defaults(func=cmd_bench_ep)
     return parser
 
 

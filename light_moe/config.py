@@ -140,13 +140,24 @@ class ParallelConfig:
     """expert_parallel_size N > 1: N processes, attention data-parallel, experts partitioned
     (docs/expert_parallel.md). expert_placement: contiguous | round_robin | load_aware (the last
     needs expert_load_file, written by light_moe.parallel.balancer.ExpertLoadWindow.save).
-    collective_timeout_s bounds every collective, so a dead rank is an error, not a hang."""
+    collective_timeout_s bounds every collective, so a dead rank is an error, not a hang.
+    Load balancing (parallel/balancer.py): expert_load_window steps of global expert-load statistics;
+    num_redundant_experts extra expert slots per rank for copies of hot experts (used by load_aware
+    and by rebalancing); rebalance_interval > 0 rebalances every that many steps when the window's
+    max/mean tokens per rank exceeds rebalance_threshold (0: only engine.rebalance()).
+    enable_overlap: two micro-batches per MoE layer so one's exchange runs while the other computes
+    (parallel/overlap.py); off by default until `light-moe bench ep` shows it pays on the target GPUs."""
 
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
     expert_placement: str = "contiguous"
     expert_load_file: str | None = None
     collective_timeout_s: float = 300.0
+    enable_overlap: bool = False
+    num_redundant_experts: int = 0
+    expert_load_window: int = 1024
+    rebalance_interval: int = 0
+    rebalance_threshold: float = 1.2
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -161,6 +172,13 @@ class ParallelConfig:
             raise ValueError("expert_placement='load_aware' needs expert_load_file (recorded per-layer expert load)")
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
+        for name in ("num_redundant_experts", "rebalance_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not isinstance(self.expert_load_window, int) or self.expert_load_window <= 0:
+            raise ValueError(f"expert_load_window must be a positive number of steps, got {self.expert_load_window!r}")
+        if not self.rebalance_threshold >= 1.0:
+            raise ValueError(f"rebalance_threshold is a max/mean ratio (>= 1.0), got {self.rebalance_threshold}")
 
 
 @dataclass(frozen=True)

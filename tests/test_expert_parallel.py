@@ -106,6 +106,63 @@ def test_load_aware_placement_gives_the_same_tokens(executor, checkpoints, singl
     assert max(window.imbalance(placements)) <= max(window.imbalance(contiguous)) + 1e-9
 
 
+def generate_with_rebalance(engine, rebalance_at: int, expert_load=None) -> list[list[int]]:
+    """Greedy tokens of PROMPTS, calling engine.rebalance() after step `rebalance_at` (mid-generation)."""
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        steps += 1
+        if steps == rebalance_at:
+            assert engine.has_unfinished_requests()
+            report = engine.rebalance(expert_load)
+            assert max(report["after"]) < max(report["before"])
+    return [done[i] for i in ids]
+
+
+SKEWED_LOAD = [100.0, 60.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # experts 0 and 1 hot: they get copies
+
+
+@pytest.mark.parametrize("family,overlap", [("qwen2_moe", False), ("qwen2_moe", True), ("mixtral", True)])
+def test_rebalance_with_copies_mid_generation_gives_the_same_tokens(executor, checkpoints, single_process, family,
+                                                                    overlap):
+    expected_tokens, _, _ = single_process[family]
+    engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size, num_redundant_experts=1,
+                            enable_overlap=overlap, expert_parallel_executor=executor, **ENGINE_ARGS)
+    num_moe = len(engine.model_config.moe_layers)
+    got = generate_with_rebalance(engine, rebalance_at=5, expert_load=[SKEWED_LOAD] * num_moe)
+    assert got == expected_tokens
+    assert engine.stats["rebalances"] == 1
+    for placement, block in zip(engine.expert_placements, engine.model.moe_blocks()):
+        assert placement.has_replicas and len(placement.expert_ranks()[0]) > 1  # the hot expert has copies
+        assert block.local_expert_ids == placement.local_experts[0]
+        assert block.experts.w13.shape[0] == len(placement.local_experts[0])
+    # copies hold the same weights as the expert's home had: compare with the one-process checkpoint
+    rebuilt = LightMoEEngine(checkpoints[family], **ENGINE_ARGS)
+    for block, full in zip(engine.model.moe_blocks(), rebuilt.model.moe_blocks()):
+        assert torch.equal(block.experts.w13, full.experts.w13[list(block.local_expert_ids)])
+        assert torch.equal(block.experts.w2, full.experts.w2[list(block.local_expert_ids)])
+
+
+def test_automatic_rebalance_from_global_statistics(executor, checkpoints, single_process):
+    """rebalance_interval: rank 0 re-places from the window by itself; the window is global (equal to the
+    one-process engine's) and the tokens are unchanged."""
+    expected_tokens, _, _ = single_process["olmoe"]
+    one = LightMoEEngine(checkpoints["olmoe"], **ENGINE_ARGS)
+    assert [o.token_ids for o in one.generate_outputs(PROMPTS, GREEDY)] == expected_tokens
+    engine = LightMoEEngine(checkpoints["olmoe"], expert_parallel_size=executor.world_size, num_redundant_experts=1,
+                            rebalance_interval=8, rebalance_threshold=1.0, expert_parallel_executor=executor,
+                            **ENGINE_ARGS)
+    got = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]
+    assert got == expected_tokens
+    assert engine.stats["steps"] == one.stats["steps"] and engine.stats["rebalances"] >= 1
+    assert engine.expert_load_stats() == one.expert_load_stats()  # every rank's tokens, not a sample
+    assert sum(engine.expert_load_stats()[0]) > 0
+    assert all(r >= 1.0 for r in engine.expert_rank_balance())
+
+
 def test_load_window_slides():
     window = ExpertLoadWindow(1, 4, window_steps=2)
     for step in ([1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 3, 0]):
@@ -149,6 +206,46 @@ def test_load_aware_separates_hot_experts_and_keeps_counts_equal():
     assert max(totals) - min(totals) <= 20  # contiguous would give 192 vs 152
     with pytest.raises(ValueError, match="expected \\[2, 8\\]"):
         pl.place_experts("load_aware", 8, 2, 2, [load])
+
+
+def test_copies_balance_skewed_load_that_no_placement_can():
+    """Synthetic skew: one expert takes ~30% of the tokens, so no placement of single copies can get
+    max/mean below ~1.2-2 on 4 ranks; copies of the hot experts in one extra slot per rank reach <= 1.1."""
+    gen = torch.Generator().manual_seed(0)
+    for num_experts, world, redundant in [(8, 2, 1), (8, 4, 1), (16, 4, 1), (64, 8, 1), (128, 8, 2)]:
+        zipf = [1000.0 / (i + 1) ** 1.2 for i in range(num_experts)]
+        load = [zipf[i] for i in torch.randperm(num_experts, generator=gen).tolist()]
+        contiguous = pl.contiguous(num_experts, world).imbalance(load)
+        load_aware = pl.load_aware(load, world).imbalance(load)
+        p = pl.replicated(load, world, redundant)
+        assert p.imbalance(load) <= 1.1, (num_experts, world, p.imbalance(load))
+        assert load_aware > 1.1 and contiguous > 1.1
+        assert [len(x) for x in p.local_experts] == [num_experts // world + redundant] * world
+        assert all(len(set(r)) == len(r) for r in p.expert_ranks())  # never two copies on one rank
+    p = pl.replicated([40, 20, 10, 10, 5, 5, 5, 5], 4, 1)
+    assert pl.load_aware([40, 20, 10, 10, 5, 5, 5, 5], 4).imbalance([40, 20, 10, 10, 5, 5, 5, 5]) >= 1.6
+    assert p.imbalance([40, 20, 10, 10, 5, 5, 5, 5]) == 1.0
+    assert p.expert_ranks()[0] == (0, 1, 2, 3)
+
+
+def test_tokens_of_a_copied_expert_split_evenly_over_its_copies():
+    from light_moe.ops.backend import ReferenceOps
+    from light_moe.parallel.dispatch import AllToAllDispatcher
+
+    placement = pl.ExpertPlacement.from_local([[0, 1, 2], [0, 3, 4], [0, 5, 6], [0, 7]], 8)  # expert 0 x4
+    topk_ids = torch.tensor([[0, e] for e in range(1, 8)] * 4, dtype=torch.int32)  # [28, 2]
+    for rank in range(4):
+        d = AllToAllDispatcher(placement, rank, None, ReferenceOps(), torch.device("cpu"))
+        route = d.route(topk_ids)
+        dest = torch.empty_like(route.order)
+        dest[route.order] = torch.repeat_interleave(torch.arange(4), route.send_counts)
+        to_expert_0 = dest.view(-1, 2)[:, 0]  # [T] rank serving each token's expert 0
+        assert torch.bincount(to_expert_0, minlength=4).tolist() == [7, 7, 7, 7]
+        assert to_expert_0[0] == rank  # the round robin starts at this rank: decode tokens spread
+        local = placement.local_experts
+        for row in range(route.order.numel()):
+            r = int(torch.searchsorted(torch.cumsum(route.send_counts, 0), row, right=True))
+            assert local[r][route.local_ids[row]] == topk_ids.view(-1)[route.order[row]]
 
 
 # ---- failures: run in a child process so a hang would be caught by a hard timeout -------------
@@ -209,6 +306,32 @@ def run_script(tmp_path, text: str, *args: str, timeout_s: float = 120) -> str:
 
 def test_killed_worker_is_an_error_on_rank_0_not_a_hang(checkpoints, tmp_path):
     print(run_script(tmp_path, FAILURE_SCRIPT, str(checkpoints["qwen3_moe"]), "5.0"))
+
+
+BENCH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from light_moe.cli import main
+
+    if __name__ == "__main__":
+        out = sys.argv[2]
+        assert main(["bench", "ep", "--model", sys.argv[1], "--device", "cpu", "--dtype", "float32", "--ep", "2",
+                     "--batch-size", "1", "--input-len", "6", "--output-len", "4", "--time-exchange",
+                     "--output", out]) == 0
+        result = json.load(open(out))
+        for key in ("env", "rows", "decode_per_gpu_vs_ep1", "overlap_saving", "all_to_all", "balance"):
+            assert key in result, key
+        assert [(r["ep"], r["overlap"]) for r in result["rows"]] == [(1, False), (2, False), (2, True)]
+        for r in result["rows"]:
+            assert r["decode_tok_s_per_gpu"] > 0 and r["prefill_tok_s_per_gpu"] > 0
+        assert result["all_to_all"]["calls"] > 0 and result["all_to_all"]["dispatch_us_per_layer"] > 0
+        balance = result["balance"]
+        assert balance["measured_before"] >= 1.0 and balance["predicted_after"] <= balance["predicted_before"]
+        print("OK")
+""")
+
+
+def test_bench_ep_runs_on_gloo_and_writes_its_keys(checkpoints, tmp_path):
+    run_script(tmp_path, BENCH_SCRIPT, str(checkpoints["mixtral"]), str(tmp_path / "ep.json"), timeout_s=300)
 
 
 GPU_SCRIPT = textwrap.dedent("""

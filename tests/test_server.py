@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from light_moe import LightMoEEngine, SamplingParams  # noqa: E402
-from light_moe.server.app import build_app  # noqa: E402
+from light_moe.server.app import DrainingServer, build_app  # noqa: E402
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
 
 MODEL = "tiny-moe"
@@ -42,7 +42,8 @@ def _running_server(engine, **app_kwargs):
     """uvicorn in a background thread on a free loopback port; yields its base URL."""
     app = build_app(engine, served_model_name=MODEL, expert_sync_interval_s=0.0, **app_kwargs)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = DrainingServer(config, app.state.server.loop, drain_timeout=1.0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -209,9 +210,10 @@ def test_64_concurrent_streams_are_batched(server):
     assert _metric(after, "light_moe_time_to_first_token_seconds_count") >= num_clients
     # expert load: every MoE layer of the tiny model (3 layers, 8 experts) routed tokens
     routed = {(dict(labels)["layer"], dict(labels)["expert"]): v for (name, labels), v in after.items()
-              if name == "light_moe_expert_tokens_routed_total"}
+              if name == "light_moe_expert_tokens"}
     assert {layer for layer, _ in routed} == {"0", "1", "2"} and len(routed) == 24
     assert sum(routed.values()) > 0
+    assert _metric(after, "light_moe_expert_rank_imbalance", layer="0") == 1.0  # one process
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -338,13 +340,17 @@ def test_full_waiting_queue_gets_429_with_retry_after(limited_server):
 
 # ---- the `serve` entry point and signals ----------------------------------------------------------
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_shuts_down_cleanly_after_in_flight_requests(ckpt, signum):
+@pytest.mark.parametrize("signum, shutdown_timeout, max_tokens, finish_reason", [
+    (signal.SIGTERM, 30.0, 40, "length"),  # the in-flight request finishes
+    (signal.SIGINT, 0.5, 900, "abort"),  # it outlives the shutdown timeout and is aborted
+], ids=["SIGTERM-finishes", "SIGINT-aborts"])
+def test_signal_shuts_down_cleanly(ckpt, signum, shutdown_timeout, max_tokens, finish_reason):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "light_moe.server.serve", "--model", str(ckpt), "--port", str(port),
-         "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL, "--log-level", "warning"],
+         "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL, "--log-level", "warning",
+         "--shutdown-timeout", str(shutdown_timeout)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -358,14 +364,18 @@ def test_signal_shuts_down_cleanly_after_in_flight_requests(ckpt, signum):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
-        body = {**_body(max_tokens=40, ignore_eos=True), "stream": True, "stream_options": {"include_usage": True}}
+        body = {**_body(max_tokens=max_tokens, ignore_eos=True), "stream": True,
+                "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signum)
             events = [first[len("data: "):]] + _sse_events(lines)
-        assert events[-1] == "[DONE]"  # the in-flight request finished
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 40
+        assert events[-1] == "[DONE]"  # the stream ended properly either way
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == finish_reason
+        completion_tokens = chunks[-1]["usage"]["completion_tokens"]
+        assert completion_tokens == max_tokens if finish_reason == "length" else completion_tokens < max_tokens
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 0, stderr
         assert "Traceback" not in stderr, stderr

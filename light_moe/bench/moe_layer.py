@@ -3,8 +3,9 @@
 Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
 
 Rows per T, all measured in the same run on the same card and inputs (CUDA events, median):
-  * ours_layer      the whole layer through `ops` (default: reference router/metadata/combine, our
-                    grouped GEMM for up and down), eager;
+  * ours_layer      the whole layer through `ops` (default: `CuteOps`, i.e. the CuTe router, routing
+                    metadata and combine around our grouped GEMM), eager; ours_layer_graph: the same
+                    replayed from a CUDA graph (when the ops are graph-safe: what decode runs);
   * ours_experts    only our up + down kernels, replayed from a CUDA graph (what the engine runs);
                     ours_up / ours_down: each projection alone, also graph-replayed;
   * grouped_mm_layer / grouped_mm_experts   the same with torch._grouped_mm for the two GEMMs
@@ -50,6 +51,17 @@ class GroupedGemmOps(MoEOps):
         from light_moe.kernels import grouped_gemm
 
         return grouped_gemm.expert_down(act, expert_offsets, w2)
+
+
+def default_ops() -> MoEOps:
+    """The whole CuTe layer (router, metadata, grouped GEMM, combine) where it imports, else the reference
+    router / metadata / combine around this project's grouped GEMM."""
+    try:
+        from light_moe.ops.cute_backend import CuteOps
+
+        return CuteOps()
+    except ImportError:
+        return GroupedGemmOps()
 
 
 def _time_us(fn, iters: int, warmup: int = 3) -> float:
@@ -103,7 +115,7 @@ def run_moe_layer_bench(
     full_layer: bool = True,
 ) -> dict:
     device = torch.device("cuda")
-    ops = ops or GroupedGemmOps()
+    ops = ops or default_ops()
     gen = torch.Generator(device=device).manual_seed(seed)
     w13 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5
     w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=dtype, generator=gen) / inter**0.5
@@ -160,6 +172,8 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
     }
     if full_layer:
         cases["ours_layer"] = (lambda: ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True), False)
+        if getattr(ops, "graph_safe", False):
+            cases["ours_layer_graph"] = (lambda: ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True), True)
         cases["grouped_mm_layer"] = (grouped_mm_layer, False)
         cases["loop_layer"] = (lambda: reference.moe_forward(x, gate_weight, w13, w2, top_k, True), False)
     row = {
@@ -184,6 +198,7 @@ def _format_row(row: dict) -> str:
     parts = [f"T={row['tokens']:>5}"]
     for name in (
         "ours_layer",
+        "ours_layer_graph",
         "ours_experts",
         "ours_up",
         "ours_down",
@@ -225,7 +240,7 @@ def run_tile_sweep(
     w13 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16, generator=gen)
     w13 /= hidden**0.5
     w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16, generator=gen) / inter**0.5
-    gate_weight = torch.randn(num_experts, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+    gate_weight = torch.randn(num_experts, hidden, device=device, dtype=torch.bfloat16, generator=gen) / hidden**0.5
     w13p, w2p = grouped_gemm.prepare_expert_weights(w13, w2)
     rows = []
     for num_tokens in tokens:

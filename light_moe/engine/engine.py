@@ -29,6 +29,7 @@ from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec
 from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.backend import select_backend
+from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, ExpertLoadWindow, RebalancePolicy
 from light_moe.parallel.placement import place_experts, read_expert_load
 from light_moe.sampling_params import SamplingParams
 
@@ -84,9 +85,16 @@ class LightMoEEngine:
         expert_load_file: str | None = None,
         collective_timeout_s: float = 300.0,
         expert_parallel_executor: ExpertParallelExecutor | None = None,
+        enable_overlap: bool = False,
+        num_redundant_experts: int = 0,
+        expert_load_window: int = 1024,
+        rebalance_interval: int = 0,
+        rebalance_threshold: float = 1.2,
     ):
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
-                                  collective_timeout_s)
+                                  collective_timeout_s, enable_overlap=enable_overlap,
+                                  num_redundant_experts=num_redundant_experts, expert_load_window=expert_load_window,
+                                  rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold)
         model_path = Path(model_path)
         model_cls, model_cfg = load_model_config(model_path)
         dev = _resolve_device(device)
@@ -139,6 +147,12 @@ class LightMoEEngine:
             self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens,
                                       max_num_seqs, max_model_len=self.config.max_model_len,
                                       cuda_graphs=self.config.enable_cuda_graphs)
+        num_moe = len(self.model_config.moe_layers)
+        records = max(1, -(-parallel.expert_load_window // LOAD_SYNC_STEPS))  # one record per sync
+        self._expert_load = ExpertLoadWindow(num_moe, model_cfg.num_experts, records)  # global tokens per expert
+        self._rank_rows = ExpertLoadWindow(num_moe, parallel.expert_parallel_size, records)  # rows received per rank
+        self._load_tracker = ExpertLoadTracker()  # one process: device-side sums between records
+        self._rebalance_policy = RebalancePolicy(parallel.rebalance_interval, parallel.rebalance_threshold)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.eos_token_ids = self._eos_ids(model_path)
@@ -152,6 +166,7 @@ class LightMoEEngine:
             "last_batch_size": 0,
             "max_batch_size": 0,
             "preemptions": 0,
+            "rebalances": 0,
         }
 
     # ---- set-up helpers -----------------------------------------------------------------------
@@ -159,9 +174,10 @@ class LightMoEEngine:
         cfg, parallel = self.config, self.config.parallel
         load = read_expert_load(parallel.expert_load_file) if parallel.expert_load_file else None
         placements = place_experts(parallel.expert_placement, self.model_config.num_experts,
-                                   len(self.model_config.moe_layers), parallel.expert_parallel_size, load)
+                                   len(self.model_config.moe_layers), parallel.expert_parallel_size, load,
+                                   parallel.num_redundant_experts)
         return WorkerSpec(cfg.model_path, cfg.dtype, cfg.device, cfg.load_format, cfg.seed, cfg.moe_backend, cfg.cache,
-                          max_num_batched_tokens, max_num_seqs, tuple(placements))
+                          max_num_batched_tokens, max_num_seqs, tuple(placements), parallel.enable_overlap)
 
     def shutdown(self) -> None:
         """Stop the expert-parallel worker processes this engine started (no-op for one process). Idempotent."""
@@ -267,6 +283,7 @@ class LightMoEEngine:
         sampled = {s.request.request_id: tok for s, tok in zip(sampling, tokens)}
         self.scheduler.update_from_output(out, sampled)
         self.stats["steps"] += 1
+        self._record_expert_load()
         self.stats["last_batch_size"] = len(out.scheduled)
         self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(out.scheduled))
         now = time.monotonic()
@@ -281,6 +298,64 @@ class LightMoEEngine:
                 self._states.pop(output.request_id, None)
             outputs.append(output)
         return outputs
+
+    # ---- expert load balancing (docs/expert_parallel.md) --------------------------------------
+    def _record_expert_load(self) -> None:
+        num_experts = self.model_config.num_experts
+        if self.workers is not None:
+            load = self.workers.take_load()  # [L, E + N] after every LOAD_SYNC_STEPS-th step
+            if load is not None:
+                self._expert_load.record(load[:, :num_experts])
+                self._rank_rows.record(load[:, num_experts:])
+            if self._rebalance_policy.due(self.stats["steps"], self._expert_load, self.expert_placements):
+                self.rebalance()
+            return
+        self._load_tracker.add(self.runner.expert_load())
+        if self.stats["steps"] % LOAD_SYNC_STEPS == 0:
+            tokens = self._load_tracker.take()
+            if tokens is not None:
+                self._expert_load.record(tokens)
+
+    def expert_load_stats(self) -> list[list[float]]:
+        """Tokens routed to each expert over the sliding window, summed over all ranks. [L][E]
+
+        Updated every LOAD_SYNC_STEPS steps (one small reduce to rank 0, no per-step host sync)."""
+        return self._expert_load.load()
+
+    def expert_rank_balance(self) -> list[float]:
+        """Measured per MoE layer: the busiest rank's expert rows over the mean rank's, over the window
+        since the last placement change (1.0 with one process)."""
+        if self.workers is None:
+            return [1.0] * len(self.model_config.moe_layers)
+        return self._rank_rows.max_over_mean()
+
+    @property
+    def expert_placements(self) -> list:
+        """The placement per MoE layer that the last (or, after rebalance(), the next) step uses."""
+        if self.workers is None:
+            return []
+        return list(self.workers.next_placements)
+
+    def rebalance(self, expert_load: list[list[float]] | None = None) -> dict:
+        """Re-place every layer's experts (with copies of hot experts in num_redundant_experts extra slots
+        per rank) from the load window, or from `expert_load` ([L][E], e.g. a recorded file) if given.
+        Decided here on rank 0 and carried in the next step's plan, so every rank switches at that step
+        boundary. Returns the predicted max/mean tokens per rank per layer before and after; {} with one
+        process or no load to go by."""
+        load = expert_load if expert_load is not None else self._expert_load.load()
+        if self.workers is None or (expert_load is None and self._expert_load.num_steps == 0):
+            return {}
+        parallel = self.config.parallel
+        placements = place_experts("load_aware", self.model_config.num_experts, len(self.model_config.moe_layers),
+                                   parallel.expert_parallel_size, load, parallel.num_redundant_experts)
+        before = [p.imbalance(layer) for p, layer in zip(self.expert_placements, load)]
+        after = [p.imbalance(layer) for p, layer in zip(placements, load)]
+        self.workers.set_placements(placements)
+        self._rank_rows.clear()
+        self.stats["rebalances"] += 1
+        logger.info("expert rebalance: predicted max/mean tokens per rank %.2f -> %.2f (worst layer)",
+                    max(before), max(after))
+        return {"before": before, "after": after}
 
     # ---- convenience loops --------------------------------------------------------------------
     def _params(self, sampling_params: SamplingParams | None, kwargs: dict) -> SamplingParams:

@@ -8,6 +8,10 @@ Per engine step (docs/expert_parallel.md has the full picture):
            of collectives every rank must join (light_moe/parallel/dispatch.py)
   all      logits of the sampling rows -> gathered to rank 0, which samples: seeded per-request
            generators and the sampler stay on rank 0, so sampling is exactly the 1-process one
+Load balancing (parallel/balancer.py): a plan may carry new expert placements, which every rank
+applies (moving expert weights) before that step's forward, and a `collect_load` flag, after which
+every rank reduces its expert-load statistics to rank 0. Both ride in the plan, so all ranks act at
+the same step boundary.
 KV cache: rank 0's block manager hands out block ids from one pool; every rank allocates the
 full pool but only writes (and reads) the blocks of sequences it owns. A sequence keeps its owner
 for life (chosen when first scheduled: the rank owning the fewest live sequences), because its
@@ -39,8 +43,10 @@ from light_moe.executor.model_runner import ModelRunner
 from light_moe.models.base import MoECausalLM
 from light_moe.models.loader import build_model
 from light_moe.ops.backend import MoEOps, select_backend
+from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, apply_placements, reduce_load
 from light_moe.parallel.dispatch import make_dispatchers
 from light_moe.parallel.groups import ExpertParallelGroup, free_tcp_port, init_expert_parallel
+from light_moe.parallel.overlap import TwoBatchOverlap
 from light_moe.parallel.placement import ExpertPlacement
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,7 @@ class WorkerSpec:
     max_num_batched_tokens: int
     max_num_seqs: int
     placements: tuple[ExpertPlacement, ...]  # one per MoE layer
+    enable_overlap: bool = False  # two-batch overlap of the expert exchange (parallel/overlap.py)
 
     @property
     def world_size(self) -> int:
@@ -81,6 +88,18 @@ class PlannedSequence:
 @dataclass(frozen=True)
 class StepPlan:
     sequences: list[PlannedSequence]  # in scheduled order
+    placements: tuple[ExpertPlacement, ...] | None = None  # switch to these before this step's forward
+    collect_load: bool = False  # after the step, reduce the expert-load statistics to rank 0
+
+
+@dataclass(frozen=True)
+class RankCall:
+    """Run fn(rank_executor, *args) on every rank, between steps (benchmarks and tests: e.g. skew the
+    routers of a random model). fn must be picklable (a module-level function); its result on rank 0
+    is returned, the others' are dropped."""
+
+    fn: object
+    args: tuple = ()
 
 
 class _TokenWindow:
@@ -110,7 +129,7 @@ def _scheduled(seq: PlannedSequence) -> ScheduledRequest:
     return ScheduledRequest(request, len(seq.tokens), seq.is_prefill, seq.samples)  # type: ignore[arg-type]
 
 
-Message = StepPlan | WorkerSpec | None  # run a step | (re)build the model | shut down
+Message = StepPlan | WorkerSpec | RankCall | None  # run a step | (re)build the model | call | shut down
 
 
 def broadcast_message(message: Message, group: ExpertParallelGroup) -> Message:
@@ -129,9 +148,14 @@ class RankExecutor:
         if ops is None:
             ops, reason = select_backend(spec.moe_backend, device)
             logger.info("rank %d MoE backend: %s", group.rank, reason)
-        dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device)
+        self.dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device)
         self.model = build_model(spec.model_path, ops, spec.dtype, device, spec.load_format, spec.seed,
-                                 progress=False, expert_dispatchers=dispatchers)
+                                 progress=False, expert_dispatchers=self.dispatchers)
+        if spec.enable_overlap:
+            for block, dispatcher in zip(self.model.moe_blocks(), self.dispatchers):
+                block.overlap = TwoBatchOverlap(dispatcher)
+        self.tracker = ExpertLoadTracker()
+        self.last_load: torch.Tensor | None = None  # rank 0: [L, E + N] from the last collect_load step
         self.runner = self._runner(spec, spec.cache)
         self._agree_on_kv_blocks(spec)
 
@@ -162,13 +186,23 @@ class RankExecutor:
 
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Rank 0 gets float32 logits [S, V] of the plan's sampling rows in plan order; others None."""
+        if plan.placements is not None:
+            apply_placements(self.model.moe_blocks(), self.dispatchers, list(plan.placements), self.group.rank,
+                             self.group.device_group)
+            for dispatcher in self.dispatchers:  # rows per rank are measured per placement
+                dispatcher.rows_received = 0
         mine = [_scheduled(s) for s in plan.sequences if s.owner == self.group.rank]
         if mine:
             logits = self.runner.execute(mine)  # [S_rank, V]
         else:
             self._idle_forward()
             logits = torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.group.device)
-        return self._gather_logits(plan, logits)
+        gathered = self._gather_logits(plan, logits)
+        self.tracker.add([b.last_tokens_per_expert for b in self.model.moe_blocks()])
+        if plan.collect_load:
+            self.last_load = reduce_load(self.tracker, self.dispatchers, self.model.config.num_experts,
+                                         self.group.rank, self.group.device_group, self.group.device)
+        return gathered
 
     def _gather_logits(self, plan: StepPlan, logits: torch.Tensor) -> torch.Tensor | None:
         world = self.group.world_size
@@ -206,6 +240,8 @@ def worker_main(rank: int, world_size: int, init_method: str, device: torch.devi
             if isinstance(message, WorkerSpec):
                 executor = None  # free the previous model before building the next
                 executor = RankExecutor(message, group)
+            elif isinstance(message, RankCall):
+                message.fn(executor, *message.args)
             else:
                 executor.run(message)
     except BaseException:  # noqa: B902 - report anything, then exit non-zero
@@ -242,6 +278,9 @@ class ExpertParallelExecutor:
         self.group: ExpertParallelGroup | None = None
         self.rank: RankExecutor | None = None
         self._owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> rank
+        self.placements: tuple[ExpertPlacement, ...] = ()  # as of the last plan sent
+        self._pending_placements: tuple[ExpertPlacement, ...] | None = None
+        self._steps = 0
         for proc in self._workers:
             proc.start()
         try:
@@ -259,6 +298,7 @@ class ExpertParallelExecutor:
         self._check_workers(need_model=False)
         self.rank = None
         self._owners = weakref.WeakKeyDictionary()
+        self.placements, self._pending_placements, self._steps = tuple(spec.placements), None, 0
         try:
             broadcast_message(spec, self.group)
             self.rank = RankExecutor(spec, self.group, ops)
@@ -281,6 +321,31 @@ class ExpertParallelExecutor:
             self._owners[request] = owner
         return owner
 
+    def set_placements(self, placements: list[ExpertPlacement]) -> None:
+        """Every rank switches to these at the next step boundary (carried by the next StepPlan)."""
+        if len(placements) != len(self.placements) or any(p.world_size != self.world_size for p in placements):
+            raise ValueError(f"expected {len(self.placements)} placements over {self.world_size} ranks")
+        self._pending_placements = tuple(placements)
+
+    @property
+    def next_placements(self) -> tuple[ExpertPlacement, ...]:
+        """The placements the next step runs with (pending ones, else the current ones)."""
+        return self._pending_placements if self._pending_placements is not None else self.placements
+
+    def take_load(self) -> torch.Tensor | None:
+        """[L, E + N] statistics reduced after the last collect_load step (None if none since the last take)."""
+        load, self.rank.last_load = self.rank.last_load, None
+        return load
+
+    def call(self, fn, *args):
+        """fn(rank_executor, *args) on every rank (see RankCall); returns rank 0's result."""
+        self._check_workers()
+        try:
+            broadcast_message(RankCall(fn, args), self.group)
+            return fn(self.rank, *args)
+        except Exception as exc:
+            raise RuntimeError(self._fail(f"expert-parallel call failed ({type(exc).__name__}: {exc})")) from exc
+
     def plan(self, scheduled: list[ScheduledRequest]) -> StepPlan:
         sequences = []
         for s in scheduled:
@@ -289,7 +354,11 @@ class ExpertParallelExecutor:
             tokens = req.all_token_ids[start : start + s.num_new_tokens]
             sequences.append(PlannedSequence(self._owner(req), start, tokens, list(req.block_table), s.is_prefill,
                                              s.samples))
-        return StepPlan(sequences)
+        placements, self._pending_placements = self._pending_placements, None
+        if placements is not None:
+            self.placements = placements
+        self._steps += 1
+        return StepPlan(sequences, placements, collect_load=self._steps % LOAD_SYNC_STEPS == 0)
 
     def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         """Like ModelRunner.execute, over all ranks: float32 logits [S, V] of the sampling rows."""

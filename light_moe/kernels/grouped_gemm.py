@@ -8,23 +8,29 @@ expert: rows of expert e are expert_offsets[e]:expert_offsets[e + 1] (offsets li
     expert_down(act [M, I], expert_offsets [E+1], w2 [E, H, I])       -> y [M, H] (sorted rows)
 
 One kernel serves both projections, "swap AB": per expert it computes C^T = W X^T, so the expert's
-weight rows are wgmma's M (operand A: `tile_w` = 64 or 128 rows, streamed by TMA) and the routed token
-rows are wgmma's N (operand B: `tile_t` = 8..256 rows, gathered by cp.async). Decode (a few tokens per
-expert) is the same kernel with a small `tile_t`: the weights fill the 64-row wgmma M and stream at
-HBM bandwidth, the tokens ride along as N = 8 or 16. Prefill uses 128 x 256 tiles.
+weight rows are wgmma's M (operand A: `tile_w` = 64, 128 or 256 rows, streamed by TMA) and the routed
+token rows are wgmma's N (operand B: `tile_t` = 8..256 rows, gathered by cp.async). Decode (a few tokens
+per expert) is the same kernel with a small `tile_t`: the weights fill the 64-row wgmma M and stream at
+HBM bandwidth, the tokens ride along as N = 8. Prefill uses 256 x 128 tiles. tile_config.py picks the
+tile from (M, E) by table lookup.
 
 Kernel structure (persistent, warp-specialised):
   * grid = number of SMs (host-known), never the device token counts, so no host sync and the launch
     can be captured in a CUDA graph. Every CTA first turns expert_offsets into a per-expert tile
     prefix sum in shared memory (one warp, shuffle scan); tile t of the linear list belongs to the
     expert e with prefix[e] <= t < prefix[e + 1]; CTAs take tiles t = blockIdx, blockIdx + grid, ...
-    Only non-empty tiles exist, so imbalanced routing costs nothing.
-  * warpgroup 0 = producer: warp 0 issues the TMA of the weight tile, all 128 threads cp.async their
-    token rows (x[gather_index[row]] for the up-projection, act[row] for the down-projection; rows past
-    the expert's end are skipped, their results are never stored). One mbarrier per
-    stage counts 1 expect-tx arrival (TMA bytes) + 128 cp.async.mbarrier.arrive.noinc arrivals.
-  * warpgroups 1..2 = consumers: wgmma (fp32 accumulators), then the epilogue: registers -> padded
-    shared tile [tile_t, cols] (transposing C^T back to token-major) -> 16-byte predicated stores.
+    Only non-empty tiles exist, so empty experts and imbalanced routing cost nothing. Within an expert,
+    consecutive tiles share the weight tile (token tiles vary fastest), so concurrent CTAs hit L2.
+  * warpgroup 0 = producer (setmaxnreg 56): warp 0 issues the TMA of the weight tile, all 128 threads
+    cp.async their token rows (x[gather_index[row]] for the up-projection, act[row] for the
+    down-projection; rows past the expert's end are skipped, their results are never stored) into the
+    128-byte-swizzled layout the wgmma descriptor expects. One mbarrier per stage counts the TMA's
+    expect-tx arrival + one arrival per producer thread (cp.async.mbarrier.arrive.noinc, or a plain
+    arrive after wait + fence.proxy.async in the "producer" fence mode).
+  * warpgroups 1..2 = consumers (setmaxnreg 224/232): wgmma with fp32 accumulators (a 256-row tile
+    gives each warpgroup two m64 atoms), then the epilogue per chunk of <= 64 tokens: registers ->
+    padded shared tile [tokens, columns] (transposing C^T back to token-major) -> 16-byte stores of
+    the valid rows only, so every output row is written exactly once and no row of another expert is.
     The up-projection's weights are repacked by `prepare_expert_weights` so that every 16 rows are
     8 gate rows followed by the 8 matching up rows: wgmma puts rows r and r + 8 in the same thread,
     so SiLU(gate) * up happens in registers and the [M, 2I] pre-activation never reaches memory.
@@ -55,8 +61,9 @@ MAX_STAGES = 16
 # cp.async writes smem through the generic proxy, wgmma reads it through the async proxy, so a
 # fence.proxy.async must sit between them. "consumer" (default): each consumer thread fences after its
 # full-barrier wait. "producer": each producer thread waits for its copies of stage s (CP_ASYNC_LAG stages
-# later), fences, then arrives. H200, Mixtral T=4096 up/down: consumer 3282/1726 us, producer 3803/1847 us,
-# no fence at all (unsafe, "none", kept only to measure) 3352/1685 us; T=1: consumer 114/61, producer 138/71.
+# later), fences, then arrives. H200, Mixtral, 128x256 tiles, T=4096 up/down: consumer 3282/1726 us, producer
+# 3803/1847 us, no fence at all (unsafe, "none", kept only to measure) 3352/1685 us; T=1 (64x8): consumer
+# 114/61, producer 138/71. But at 256x128 the producer fence wins (H100 T=4096: 2741/1433 vs 3048/1545), so
 # TileConfig.fence_mode picks one per table row (tile_config.py).
 CP_ASYNC_LAG = 1
 EPI_BYTES = 64 * 136 * 2  # epilogue staging tile (64 tokens x 128 columns): a 4th stage at 128x256 and 256x128
@@ -486,6 +493,17 @@ class GroupedGemmSm90:
 # ------------------------------------------------------------------------------------------------
 # Host side: weight repacking, compile cache, launch wrappers.
 # ------------------------------------------------------------------------------------------------
+
+
+def supports(dtype: torch.dtype, num_experts: int, hidden: int, inter: int) -> tuple[bool, str]:
+    """Whether expert_up / expert_down take this layer (checked once, at weight-preparation time)."""
+    if dtype != torch.bfloat16:
+        return False, f"the grouped GEMM is bf16-only, got {dtype}"
+    if hidden % TILE_K or inter % TILE_K:
+        return False, f"H={hidden} and I={inter} must be multiples of {TILE_K}"
+    if not 1 <= num_experts <= 1024:
+        return False, f"num_experts must be in [1, 1024], got {num_experts}"
+    return True, "ok"
 
 
 def prepare_expert_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

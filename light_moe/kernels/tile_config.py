@@ -7,7 +7,9 @@ one consumer warpgroup per 64 rows, two for 128 and 256) and routed token rows a
 (`tile_t`, 8..256). The choice is a lookup in TILE_TABLE on the expected tokens per active expert
 (M / min(E, M)), i.e. data, not branches. The rows were measured on an H200 with the Mixtral-8x7B
 layer (E=8, H=4096, I=14336, top-2), up + down projection, graph replays
-(`light_moe.bench.moe_layer.run_tile_sweep`; us are up / down):
+(`light_moe.bench.moe_layer.run_tile_sweep`; us are up / down; the sweep then used unscaled gate
+weights, i.e. skewed routing, so compare within a row only; on an H100 at T=4096: 256 x 128 producer
+2741 / 1433, consumer 3048 / 1545, 128 x 256 consumer 3134 / 1606):
 
   T=1     (64, 8)    116 / 62   (128, 8) 121 / 63      weight-streaming: 4.0 TB/s of the H200's 4.8
   T=4     (64, 8)    274 / 146  (128, 16) 279 / 171    small tiles: 2 x 64 down tiles for 132 SMs
@@ -15,7 +17,7 @@ layer (E=8, H=4096, I=14336, top-2), up + down projection, graph replays
   T=64    (128, 32)  442 / 226  (256, 32) 457 / 232  (64, 32) 629 / 312 (producer fence)
   T=256   (128, 128) 479 / 233  (256, 64) 477 / 258  (128, 64) 755 / 369 (producer fence)
   T=1024  (256, 64)  854 / 438  (256, 128) 967 / 515  (128, 128) 1046 / 515
-  T=4096  (256, 128) 2659 / 1405 (producer fence: 683 / 724 TFLOP/s) vs consumer fence 2818 / 1681,
+  T=4096  (256, 128) 2659 / 1405 (producer fence: 724 / 685 TFLOP/s) vs consumer fence 2818 / 1681,
           (128, 256) 3282 / 1726
   T=16384 (256, 128) 13295 / 5914 (producer fence) vs 12978 / 6227 (consumer)
 
@@ -45,7 +47,9 @@ TILE_TABLE: tuple[tuple[float, int, int, str], ...] = (
 class TileConfig:
     tile_w: int  # weight rows per tile (wgmma M): 64, 128 or 256 (two m64 atoms per consumer warpgroup)
     tile_t: int  # routed token rows per tile (wgmma N): multiple of 8, <= 256
-    fence_mode: str = "consumer"  # who fences cp.async smem writes before wgmma reads (grouped_gemm.py)
+    # who fences the cp.async smem writes before wgmma reads them (grouped_gemm.py); "none" is racy and
+    # exists only to measure what the fence costs
+    fence_mode: str = "consumer"
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):

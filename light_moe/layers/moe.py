@@ -45,6 +45,7 @@ class MoEBlock(nn.Module):
         self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_tokens_per_expert: torch.Tensor | None = None  # [E] int32, device: load statistics
         self.dispatcher = LocalDispatcher()
+        self.overlap = None  # parallel.overlap.TwoBatchOverlap under expert parallelism with overlap on
         self.local_expert_ids: tuple[int, ...] = tuple(range(cfg.num_experts))  # rows of w13 / w2
 
     def use_dispatcher(self, dispatcher) -> None:
@@ -58,6 +59,15 @@ class MoEBlock(nn.Module):
         self.experts = FusedExperts(len(self.local_expert_ids), w13.shape[2], w13.shape[1] // 2, w13.dtype,
                                     w13.device)
 
+    def set_local_experts(self, expert_ids: tuple[int, ...], w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Rebalancing: hold `expert_ids` (global, ascending) with these stacked weights from now on."""
+        self.local_expert_ids = tuple(expert_ids)
+        experts = FusedExperts(len(expert_ids), w13.shape[2], w13.shape[1] // 2, w13.dtype, torch.device("meta"))
+        experts.w13 = nn.Parameter(w13, requires_grad=False)
+        experts.w2 = nn.Parameter(w2, requires_grad=False)
+        self.experts = experts
+        self.prepare()
+
     def prepare(self) -> None:
         """Let the backend repack expert weights once, after loading (no-op for the reference)."""
         self.prepared = self.ops.prepare_expert_weights(self.experts.w13.data, self.experts.w2.data)
@@ -67,12 +77,20 @@ class MoEBlock(nn.Module):
         topk_weights, topk_ids, tokens_per_expert = self.ops.router(
             x, self.gate.weight, self.top_k, self.renormalize)  # [T, K] fp32, [T, K] int32, [E]
         self.last_tokens_per_expert = tokens_per_expert
+        if self.overlap is not None:  # two micro-batches; the shared expert runs during the exchange
+            out, shared = self.overlap.forward(
+                x, topk_weights, topk_ids, lambda r: self.ops.experts(r.x, r.topk_weights, r.topk_ids, w13, w2),
+                self._shared if self.shared_expert is not None else None)
+            return out if shared is None else out + shared
         routed = self.dispatcher.dispatch(x, topk_weights, topk_ids)  # rows for the local experts
         y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2)
         out = self.dispatcher.combine(y, routed)  # [T, H]
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
+            out = out + self._shared(x)
         return out
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared

@@ -22,11 +22,18 @@ collectives, in the same order, because every rank runs every MoE layer):
   4. all_to_all_single sends the [R, H] results back along the reversed splits; they arrive in
      send order, so reverse_index = inverse(order) lets the backend's combine sum
      w[t, k] * y[t, k] over k in slot order, as the single-process path does.
+Copies of hot experts (placement.replicated): an assignment to an expert with c holders goes to
+one of them round-robin (see AllToAllDispatcher); the tables [E, C] map (expert, copy) to the rank
+and the local id there. Without copies (C = 1) the route is the plain table lookup.
+set_placement() swaps the tables when the engine rebalances (parallel/balancer.py); the phases
+(route, exchange_counts, send_rows, send_back, finish) are public so that parallel/overlap.py can
+interleave two micro-batches.
 A token whose K experts share a rank is sent K times (no per-rank de-duplication yet: with K=8 of
 128 experts on 8 ranks that costs up to ~K/N-fold extra traffic; see docs/expert_parallel.md).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 import torch
@@ -63,46 +70,145 @@ class _Exchange(NamedTuple):
     topk_weights: torch.Tensor  # [T, K]
 
 
+class _Route(NamedTuple):
+    """Where this rank's assignments go (device tensors; no host sync yet)."""
+
+    order: torch.Tensor  # [M] assignment ids sorted by destination rank
+    token_of_row: torch.Tensor  # [M] token of each row in send order
+    local_ids: torch.Tensor  # [M] expert id on the destination rank, send order
+    send_counts: torch.Tensor  # [N]
+
+
+class ExchangeTiming:
+    """Wall time of the expert exchange on this rank (bench ep). Synchronises the device around each
+    exchange, so it is a measurement mode, never on while serving."""
+
+    def __init__(self) -> None:
+        self.dispatch_s = self.combine_s = 0.0
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.dispatch_s = self.combine_s = 0.0
+        self.calls = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class AllToAllDispatcher:
-    """Expert parallelism over a torch.distributed group (gloo on CPU, NCCL on GPU)."""
+    """Expert parallelism over a torch.distributed group (gloo on CPU, NCCL on GPU).
+
+    Copies (placement.replicated): an expert held by c ranks has its assignments split over them
+    round-robin, by the assignment's occurrence among this rank's assignments to that expert,
+    offset by this rank's id (so one decode token per rank still spreads). The choice depends only
+    on the routing and the rank: reproducible, and every copy holds identical weights.
+    """
 
     def __init__(self, placement: ExpertPlacement, rank: int, group, ops, device: torch.device):
         self.rank = rank
         self.world_size = placement.world_size
         self.group = group
         self.ops = ops  # the backend's combine applies the router weights
-        self.local_experts = placement.local_experts[rank]
-        self.expert_to_rank = torch.tensor(placement.expert_to_rank, dtype=torch.long, device=device)  # [E]
-        self.expert_to_local = torch.tensor(placement.expert_to_local(), dtype=torch.long, device=device)  # [E]
+        self.device = device
+        self.timing: ExchangeTiming | None = None
+        self.rows_received = 0  # rows this rank's experts computed since the last reset (load statistics)
+        self.set_placement(placement)
 
-    def _all_to_all(self, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int]) -> torch.Tensor:
-        out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=self.group)
-        return out
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Switch the routing tables (the block swaps the weights: parallel/balancer.py)."""
+        self.placement = placement
+        self.local_experts = placement.local_experts[self.rank]
+        ranks = placement.expert_ranks()  # [E][C_e]
+        self.max_copies = max(len(r) for r in ranks)
+        local_index = [{e: i for i, e in enumerate(experts)} for experts in placement.local_experts]
+        pad = [list(r) + [r[0]] * (self.max_copies - len(r)) for r in ranks]
+        self.copy_rank = torch.tensor(pad, dtype=torch.long, device=self.device)  # [E, C]
+        self.copy_local = torch.tensor([[local_index[r][e] for r in row] for e, row in enumerate(pad)],
+                                       dtype=torch.long, device=self.device)  # [E, C]
+        self.num_copies = torch.tensor([len(r) for r in ranks], dtype=torch.long, device=self.device)  # [E]
 
-    def dispatch(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Routed:
+    # ---- phases (the overlap scheduler in parallel/overlap.py interleaves them) -------------------
+    def route(self, topk_ids: torch.Tensor) -> _Route:
         top_k = topk_ids.shape[1]
         flat = topk_ids.flatten().long()  # [M]
-        dest = self.expert_to_rank[flat]  # [M]
+        if self.max_copies == 1:
+            dest = self.copy_rank[flat, 0]  # [M]
+            local = self.copy_local[flat, 0]  # [M]
+        else:
+            num_experts = self.num_copies.shape[0]
+            by_expert = torch.sort(flat, stable=True).indices  # [M]
+            counts = torch.bincount(flat, minlength=num_experts)  # [E]
+            starts = torch.cumsum(counts, 0) - counts  # [E]
+            occurrence = torch.empty_like(flat)
+            occurrence[by_expert] = torch.arange(flat.numel(), device=flat.device) - starts[flat[by_expert]]
+            choice = (occurrence + self.rank) % self.num_copies[flat]  # [M]
+            dest = self.copy_rank[flat, choice]
+            local = self.copy_local[flat, choice]
         order = torch.sort(dest, stable=True).indices  # [M]
         send_counts = torch.bincount(dest, minlength=self.world_size)  # [N]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
-        rows = self._all_to_all(x.index_select(0, order // top_k), recv_splits, send_splits)  # [R, H]
-        local_ids = self._all_to_all(self.expert_to_local[flat[order]], recv_splits, send_splits)  # [R]
-        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=x.device)  # [R, 1]
-        handle = _Exchange(order, send_splits, recv_splits, topk_weights)
-        return Routed(rows, ones, local_ids.view(-1, 1).to(torch.int32), handle)
+        return _Route(order, order // top_k, local[order], send_counts)
 
-    def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
-        ex: _Exchange = routed.handle
-        back = self._all_to_all(y, ex.send_splits, ex.recv_splits)  # [M, H] in send order
-        if ex.order.numel() == 0:  # an idle rank still had to serve the exchange above
+    def exchange_counts(self, route: _Route, async_op: bool = False):
+        recv_counts = torch.empty_like(route.send_counts)
+        work = dist.all_to_all_single(recv_counts, route.send_counts, group=self.group, async_op=async_op)
+        return recv_counts, work
+
+    def send_rows(self, x: torch.Tensor, route: _Route, send_splits: list[int], recv_splits: list[int],
+                  async_op: bool = False):
+        """Rows [R, H] and their local expert ids [R] for this rank's experts; works to wait on."""
+        self.rows_received += sum(recv_splits)
+        rows = x.new_empty((sum(recv_splits), x.shape[1]))
+        ids = route.local_ids.new_empty(sum(recv_splits))
+        w1 = dist.all_to_all_single(rows, x.index_select(0, route.token_of_row), recv_splits, send_splits,
+                                    group=self.group, async_op=async_op)
+        w2 = dist.all_to_all_single(ids, route.local_ids, recv_splits, send_splits, group=self.group,
+                                    async_op=async_op)
+        return rows, ids, [w for w in (w1, w2) if w is not None]
+
+    def send_back(self, y: torch.Tensor, ex: _Exchange, async_op: bool = False):
+        back = y.new_empty((sum(ex.send_splits), y.shape[1]))  # [M, H] in send order
+        work = dist.all_to_all_single(back, y.contiguous(), ex.send_splits, ex.recv_splits, group=self.group,
+                                      async_op=async_op)
+        return back, work
+
+    def finish(self, back: torch.Tensor, ex: _Exchange) -> torch.Tensor:
+        if ex.order.numel() == 0:  # an idle rank still had to serve the exchange
             return back.new_zeros(ex.topk_weights.shape[0], back.shape[1])
         reverse_index = torch.empty_like(ex.order)
         reverse_index[ex.order] = torch.arange(ex.order.numel(), device=ex.order.device)
         return self.ops.combine(back, reverse_index.to(torch.int32), ex.topk_weights)  # [T, H]
+
+    @staticmethod
+    def routed(rows: torch.Tensor, ids: torch.Tensor, ex: _Exchange) -> Routed:
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)  # [R, 1]
+        return Routed(rows, ones, ids.view(-1, 1).to(torch.int32), ex)
+
+    # ---- the plain (blocking) path ---------------------------------------------------------------
+    def dispatch(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Routed:
+        if self.timing is not None:
+            _sync(self.device)
+            start = time.perf_counter()
+        route = self.route(topk_ids)
+        recv_counts, _ = self.exchange_counts(route)
+        send_splits, recv_splits = route.send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
+        rows, ids, _ = self.send_rows(x, route, send_splits, recv_splits)
+        if self.timing is not None:
+            _sync(self.device)
+            self.timing.dispatch_s += time.perf_counter() - start
+            self.timing.calls += 1
+        return self.routed(rows, ids, _Exchange(route.order, send_splits, recv_splits, topk_weights))
+
+    def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
+        if self.timing is not None:
+            _sync(self.device)
+            start = time.perf_counter()
+        back, _ = self.send_back(y, routed.handle)
+        if self.timing is not None:
+            _sync(self.device)
+            self.timing.combine_s += time.perf_counter() - start
+        return self.finish(back, routed.handle)
 
 
 def make_dispatchers(placements: list[ExpertPlacement], rank: int, group, ops, device) -> list[AllToAllDispatcher]:

@@ -21,6 +21,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -240,9 +241,13 @@ async def _final_output(state: ServerState, stream: RequestStream, request: Requ
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         if result.done():
             try:
-                return result.result()
+                final = result.result()
             except EngineDeadError as exc:
                 raise APIError(503, str(exc), type="service_unavailable") from None
+            if final.finish_reason == "abort":  # only the server aborts a request whose client is still here
+                raise APIError(503, "the server is shutting down; the request was aborted before it finished",
+                               type="service_unavailable")
+            return final
         return None
     finally:
         result.cancel()
@@ -384,6 +389,22 @@ class _ChatView:
             usage_chunk["choices"] = []
             usage_chunk["usage"] = _usage(self.prompt_tokens, completion_tokens)
             yield usage_chunk
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but shutdown starts the engine loop's drain before waiting for connections to close:
+    in-flight requests may finish for `drain_timeout` seconds, then end with finish_reason "abort"
+    (streams) or a 503 (non-streamed), so their connections close without uvicorn cancelling the
+    handlers (which it would log as tracebacks)."""
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop, drain_timeout: float):
+        super().__init__(config)
+        self.engine_loop = engine_loop
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        self.engine_loop.drain(self.drain_timeout)
+        await super().shutdown(sockets)
 
 
 class _CountRequests:

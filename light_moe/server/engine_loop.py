@@ -103,6 +103,7 @@ class EngineLoop:
         self._queued_adds = 0  # submitted, not yet applied (guarded by _cv)
         self._engine_waiting = 0  # scheduler.num_waiting after the last command drain or step (guarded by _cv)
         self._stopping = False
+        self._drain_deadline: float | None = None  # set by drain(): refuse new requests, abort old ones then
         self._error: BaseException | None = None
         # engine thread only: live requests, and what the next hand-over to the event loop carries
         self._streams: dict[str, RequestStream] = {}
@@ -114,7 +115,8 @@ class EngineLoop:
     # ---- any thread -----------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping
+                and self._drain_deadline is None)
 
     @property
     def num_queued(self) -> int:
@@ -146,6 +148,8 @@ class EngineLoop:
         with self._cv:
             if self._error is not None or self._stopping or self._thread is None:
                 raise EngineDeadError("the engine is not running" + (f": {self._error}" if self._error else ""))
+            if self._drain_deadline is not None:
+                raise EngineDeadError("the server is shutting down")
             if self.max_waiting is not None and self._queued_adds + self._engine_waiting >= self.max_waiting:
                 raise QueueFullError(f"{self._queued_adds + self._engine_waiting} requests are already waiting "
                                      f"(max_waiting={self.max_waiting}); retry later")
@@ -158,6 +162,17 @@ class EngineLoop:
             self.abort(request_id)
             raise
         return stream
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests from now on (503); abort those still running `timeout` seconds later.
+
+        Called when the server starts shutting down, so in-flight requests end on their own terms
+        (finished, or finish_reason "abort") instead of being cancelled by the ASGI server.
+        """
+        with self._cv:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + max(timeout, 0.0)
+            self._cv.notify()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is still running, deliver 'abort' to its handlers, stop the thread. Blocking."""
@@ -180,6 +195,7 @@ class EngineLoop:
                     commands = list(self._commands)
                     self._commands.clear()
                     stopping = self._stopping
+                    drained = self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
                 num_adds = 0
                 for command in commands:
                     if isinstance(command, _Add):
@@ -187,7 +203,7 @@ class EngineLoop:
                         self._accepted.append((command.stream, self._add(command)))
                     else:
                         self._abort(command.request_id)
-                if stopping:
+                if stopping or drained:
                     self._abort_all()
                 self._publish(num_adds)
                 if stopping:

@@ -6,18 +6,17 @@ Who writes what: the HTTP layer counts requests by route and status; the engine 
 observe_step() reads the scheduler, the KV cache and the experts' load. Only the engine
 thread may touch the engine, so scrapes never do: they read the last published snapshot.
 
-Expert load: engine.runner.expert_load() holds device tensors of the last step. Each step
-adds them into a running total on the device (no host sync); the totals are copied to the
-host at most every `expert_sync_interval_s` and whenever the engine goes idle, so a GPU
-server pays one small device-to-host copy per interval, not one per step.
+Expert load comes from the engine's own window (engine.expert_load_stats(): tokens per expert
+over the last expert_load_window steps, summed over expert-parallel ranks, refreshed on the host
+every few steps without a per-step sync); it is copied into the metrics at most every
+`expert_sync_interval_s` and whenever the engine goes idle.
 """
 from __future__ import annotations
 
 import time
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -28,23 +27,23 @@ class _ExpertLoadCollector:
     """Yields the expert-load snapshot at scrape time (custom collector: labels come from the model)."""
 
     def __init__(self) -> None:
-        self.last_step: list[list[int]] = []  # [L][E] tokens per expert in the last step
-        self.total: list[list[int]] = []  # [L][E] tokens per expert since start
+        self.window: list[list[float]] = []  # [L][E] tokens per expert over the engine's load window
+        self.rank_balance: list[float] = []  # [L] busiest rank's rows over the mean rank's
 
     def collect(self):
-        last = GaugeMetricFamily("light_moe_expert_tokens",
-                                 "Tokens routed to each expert in the last engine step, per MoE layer",
-                                 labels=["layer", "expert"])
-        total = CounterMetricFamily("light_moe_expert_tokens_routed",
-                                    "Tokens routed to each expert since start, per MoE layer",
-                                    labels=["layer", "expert"])
-        for layer, counts in enumerate(self.last_step):
+        tokens = GaugeMetricFamily(
+            "light_moe_expert_tokens",
+            "Tokens routed to each expert over the engine's load window (last expert_load_window steps, all "
+            "ranks); layer counts MoE layers only", labels=["layer", "expert"])
+        for layer, counts in enumerate(self.window):
             for expert, count in enumerate(counts):
-                last.add_metric([str(layer), str(expert)], count)
-        for layer, counts in enumerate(self.total):
-            for expert, count in enumerate(counts):
-                total.add_metric([str(layer), str(expert)], count)
-        return [last, total]
+                tokens.add_metric([str(layer), str(expert)], count)
+        balance = GaugeMetricFamily("light_moe_expert_rank_imbalance",
+                                    "Per MoE layer: the busiest rank's expert rows over the mean rank's (1 = even)",
+                                    labels=["layer"])
+        for layer, ratio in enumerate(self.rank_balance):
+            balance.add_metric([str(layer)], ratio)
+        return [tokens, balance]
 
 
 class ServerMetrics:
@@ -81,8 +80,6 @@ class ServerMetrics:
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)
         self._expert_sync_interval_s = expert_sync_interval_s
-        self._expert_last: torch.Tensor | None = None  # [L, E] on the engine's device
-        self._expert_total: torch.Tensor | None = None  # [L, E] int64 on the engine's device
         self._expert_synced_at = 0.0
         self._steps_seen = 0
         self._preemptions_seen = 0
@@ -96,13 +93,6 @@ class ServerMetrics:
             self.engine_steps.inc()
             self.batch_size.observe(stats["last_batch_size"])
             self.max_batch_size.set(stats["max_batch_size"])
-            loads = engine.runner.expert_load()
-            if loads:
-                step_load = torch.stack(loads)  # [L, E]
-                self._expert_last = step_load
-                if self._expert_total is None:
-                    self._expert_total = torch.zeros(step_load.shape, dtype=torch.int64, device=step_load.device)
-                self._expert_total += step_load
         if stats["preemptions"] != self._preemptions_seen:
             self.preemptions.inc(stats["preemptions"] - self._preemptions_seen)
             self._preemptions_seen = stats["preemptions"]
@@ -112,11 +102,9 @@ class ServerMetrics:
         idle = not engine.has_unfinished_requests()
         now = time.monotonic()
         if idle or now - self._expert_synced_at >= self._expert_sync_interval_s:
-            self.sync_expert_load(now)
+            self.sync_expert_load(engine, now)
 
-    def sync_expert_load(self, now: float) -> None:
-        if self._expert_total is None:
-            return
-        self._experts.last_step = self._expert_last.tolist()
-        self._experts.total = self._expert_total.tolist()
+    def sync_expert_load(self, engine, now: float) -> None:
+        self._experts.window = engine.expert_load_stats()
+        self._experts.rank_balance = engine.expert_rank_balance()
         self._expert_synced_at = now

@@ -173,7 +173,10 @@ def parse_request(model: type[_Strict], payload: Any) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        # For a union field pydantic reports one error per member; the deepest is the most specific
+        # (stop=["a", 3] -> "stop.1: Input should be a valid string", not "stop: ... valid string").
+        first_field = exc.errors()[0]["loc"][:1]
+        error = max((e for e in exc.errors() if e["loc"][:1] == first_field), key=lambda e: len(e["loc"]))
         loc = error["loc"]
         field = str(loc[0]) if loc else None
         if field == "prompt" and error["type"] != "missing":

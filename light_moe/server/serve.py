@@ -50,13 +50,15 @@ def run_server(engine, host: str = "127.0.0.1", port: int = 8000, *, api_key: st
     """Serve `engine` until SIGINT/SIGTERM (call from the main thread: uvicorn installs the handlers)."""
     import uvicorn
 
-    from light_moe.server.app import build_app
+    from light_moe.server.app import DrainingServer, build_app
 
     app = build_app(engine, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
                     max_body_bytes=max_body_bytes)
+    # uvicorn's own timeout cancels handler tasks, which it logs as tracebacks; it is only a backstop
+    # behind the engine loop's drain, which ends the requests first.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=shutdown_timeout)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=shutdown_timeout + 10.0)
+    server = DrainingServer(config, app.state.server.loop, shutdown_timeout)
     # uvicorn re-raises the signal it caught once it has shut down, into the handler that was installed
     # before it started. Install silent ones for that moment, so SIGTERM does not kill the process (exit
     # status 143) and SIGINT raises no KeyboardInterrupt after a clean shutdown.

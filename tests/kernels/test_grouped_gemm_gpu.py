@@ -63,7 +63,7 @@ def test_grouped_gemm_matches_reference(num_tokens, num_experts, top_k):
     _check_case(num_tokens, num_experts, top_k, HIDDEN, INTER, seed=num_tokens * 1000 + num_experts + top_k)
 
 
-@pytest.mark.parametrize("num_tokens", (1, 64, 1024))
+@pytest.mark.parametrize("num_tokens", (1, 64, 1024, 4096))
 def test_grouped_gemm_mixtral_shape(num_tokens):
     _check_case(num_tokens, 8, 2, 4096, 14336, seed=7 + num_tokens)
 

@@ -1,0 +1,171 @@
+"""`light-moe bench ep`: expert parallelism against one GPU holding every expert.
+
+Reports, as JSON (with bench.env.environment()):
+  - decode and prefill tokens/s per GPU for EP=1 and EP=N at the same per-GPU batch (EP=N runs
+    N x batch sequences; the engine spreads them one rank at a time, so each rank attends to batch);
+  - the same with two-batch overlap on (parallel/overlap.py) and the saving against off;
+  - with --time-exchange: the wall time of dispatch and combine per MoE layer call on rank 0
+    (device synchronised around each exchange, so measured in a separate run);
+  - load balance under skewed routing: the gate rows of --hot-experts experts are scaled by --skew
+    on every rank (the dummy model's routing is otherwise near uniform), then the measured max/mean
+    expert rows per rank (per layer, worst layer reported) before and after engine.rebalance() with
+    --redundant copies per rank, and the planner's predictions.
+With --shape mixtral the model is the Mixtral-8x7B shape cut to --layers layers, random weights
+(load_format='dummy': identical on every rank). On CPU it runs with gloo and a tiny model (CI smoke).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from light_moe.bench.e2e import run_e2e, write_shaped_model
+from light_moe.bench.env import environment
+
+
+def add_ep_args(p) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the bundled demo model)")
+    p.add_argument("--shape", choices=["mixtral"], default=None,
+                   help="ignore --model and use the Mixtral-8x7B shape with random weights")
+    p.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"])
+    p.add_argument("--ep", type=int, default=2, help="expert_parallel_size N compared with 1")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per GPU")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
+    p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")
+    p.add_argument("--skew", type=float, default=4.0, help="scale of the hot experts' gate rows")
+    p.add_argument("--redundant", type=int, default=1, help="expert copies per rank after rebalancing")
+    p.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
+
+
+def skew_routers(rank_executor, hot_experts: int, scale: float) -> None:
+    """On every rank (RankCall): scale the gate rows of experts [0, hot_experts) so they win more often."""
+    with torch.no_grad():
+        for block in rank_executor.model.moe_blocks():
+            block.gate.weight[:hot_experts] *= scale
+
+
+def _per_gpu(row: dict, gpus: int) -> dict:
+    return dict(row, gpus=gpus, prefill_tok_s_per_gpu=row["prefill_tok_s"] / gpus,
+                decode_tok_s_per_gpu=row["decode_tok_s"] / gpus)
+
+
+def _balance_run(engine, args) -> dict:
+    """Skewed routing: measured max/mean rows per rank before and after a rebalance with copies."""
+    engine.workers.call(skew_routers, args.hot_experts, args.skew)
+    length = max(args.output_len, 24)  # enough steps for a few load syncs (every LOAD_SYNC_STEPS steps)
+    batch = engine.config.parallel.expert_parallel_size * args.batch_size
+    run_e2e(engine, [batch], args.input_len, length, seed=1)
+    before = engine.expert_rank_balance()
+    report = engine.rebalance()
+    run_e2e(engine, [batch], args.input_len, length, seed=1)  # the same traffic again
+    after = engine.expert_rank_balance()
+    return dict(hot_experts=args.hot_experts, skew=args.skew, redundant_per_rank=args.redundant,
+                measured_before=max(before), measured_after=max(after), measured_before_per_layer=before,
+                measured_after_per_layer=after, predicted_before=max(report.get("before", [1.0])),
+                predicted_after=max(report.get("after", [1.0])),
+                expert_load=engine.expert_load_stats())
+
+
+def _exchange_times(engine, args) -> dict:
+    from light_moe.parallel.dispatch import ExchangeTiming
+
+    timings = []
+    for block in engine.model.moe_blocks():
+        block.dispatcher.timing = ExchangeTiming()
+        timings.append(block.dispatcher.timing)
+    rows = run_e2e(engine, [engine.config.parallel.expert_parallel_size * args.batch_size], args.input_len,
+                   args.output_len, seed=3)
+    for block in engine.model.moe_blocks():
+        block.dispatcher.timing = None
+    calls = sum(t.calls for t in timings)
+    return dict(calls=calls, dispatch_us_per_layer=1e6 * sum(t.dispatch_s for t in timings) / max(calls, 1),
+                combine_us_per_layer=1e6 * sum(t.combine_s for t in timings) / max(calls, 1),
+                steps=rows[0]["steps"], note="rank 0, device synchronised around each exchange; includes waiting "
+                "for the slowest rank")
+
+
+def main(args) -> dict:
+    from light_moe import LightMoEEngine
+    from light_moe.engine.engine import _resolve_device
+    from light_moe.executor.workers import ExpertParallelExecutor
+
+    if args.ep < 2:
+        raise ValueError(f"--ep must be at least 2 (it is compared with 1), got {args.ep}")
+    tmp = None
+    model_path, load_format = args.model, "auto"
+    if args.shape == "mixtral":
+        tmp = Path(tempfile.mkdtemp(prefix="light-moe-bench-ep-"))
+        model_path, load_format = write_shaped_model(tmp, args.layers), "dummy"
+    elif model_path is None:
+        from light_moe.assets import DEMO_MODEL_DIR
+
+        model_path = DEMO_MODEL_DIR
+    device = _resolve_device(args.device)
+    common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
+                  max_model_len=args.input_len + max(args.output_len, 24) + 16,
+                  max_num_seqs=args.ep * args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
+                  show_progress=False)
+    rows, executor = [], None
+    try:
+        one = LightMoEEngine(model_path, enforce_eager=True, **common)
+        dtype = str(one.config.dtype)
+        rows.append(dict(_per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1),
+                         ep=1, overlap=False))
+        del one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        executor = ExpertParallelExecutor(args.ep, device, timeout_s=300.0)
+        exchange = None
+        for overlap in (False, True):
+            engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, enable_overlap=overlap,
+                                    expert_parallel_executor=executor, **common)
+            row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
+            rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap))
+            if args.time_exchange and not overlap:
+                exchange = _exchange_times(engine, args)
+            del engine
+        engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, num_redundant_experts=args.redundant,
+                                expert_parallel_executor=executor, **common)
+        balance = _balance_run(engine, args)
+        del engine
+    finally:
+        if executor is not None:
+            executor.shutdown()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    one_row, off, on = rows
+    result = dict(
+        benchmark="ep", env=environment(), dtype=dtype, ep=args.ep, per_gpu_batch=args.batch_size,
+        ep1_cuda_graphs=False,  # EP=N cannot capture the exchange, so the baseline runs eager too
+        model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
+        rows=rows,
+        decode_per_gpu_vs_ep1=off["decode_tok_s_per_gpu"] / one_row["decode_tok_s_per_gpu"],
+        overlap_saving=dict(decode=1 - off["decode_s"] / on["decode_s"] if on["decode_s"] else 0.0,
+                            prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0,
+                            note="fraction of the overlap-off time saved; negative: overlap is slower"),
+        all_to_all=exchange, balance=balance)
+    print(f"{'ep':>3} {'overlap':>8} {'prefill tok/s/GPU':>18} {'decode tok/s/GPU':>17}")
+    for r in rows:
+        print(f"{r['ep']:>3} {str(r['overlap']):>8} {r['prefill_tok_s_per_gpu']:>18.1f} "
+              f"{r['decode_tok_s_per_gpu']:>17.1f}")
+    if exchange:
+        print(f"all-to-all per MoE layer: dispatch {exchange['dispatch_us_per_layer']:.0f} us, "
+              f"combine {exchange['combine_us_per_layer']:.0f} us")
+    print(f"max/mean rows per rank (skewed routing): {balance['measured_before']:.2f} -> "
+          f"{balance['measured_after']:.2f} after rebalancing (predicted {balance['predicted_before']:.2f} -> "
+          f"{balance['predicted_after']:.2f})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    else:
+        print(json.dumps(result, indent=2))
+    return result
