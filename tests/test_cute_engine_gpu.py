@@ -43,7 +43,7 @@ def assert_agree(engine_a, engine_b, prompt, tokens_a, tokens_b):
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_cute_backend_matches_reference(checkpoint):
     params = SamplingParams(max_tokens=32, temperature=0.0)
-    common = dict(dtype="bfloat16", device="cuda", show_progress=False, gpu_memory_utilization=0.3)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20)
     ref = LightMoEEngine(checkpoint, moe_backend="reference", **common)
     cute = LightMoEEngine(checkpoint, moe_backend="cute", enforce_eager=True, **common)
     assert cute.ops.name == "cute"
@@ -54,7 +54,7 @@ def test_cute_backend_matches_reference(checkpoint):
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_cuda_graph_decode_matches_eager(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=0.0)
-    common = dict(dtype="bfloat16", device="cuda", show_progress=False, gpu_memory_utilization=0.3,
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
                   moe_backend="cute")
     eager = LightMoEEngine(checkpoint, enforce_eager=True, **common)
     graphs = LightMoEEngine(checkpoint, **common)

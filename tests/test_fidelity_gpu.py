@@ -22,7 +22,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_float32_tokens_identical_on_cuda(checkpoint):
     engine = LightMoEEngine(checkpoint, dtype="float32", device="cuda", max_num_batched_tokens=16,
-                            show_progress=False, gpu_memory_utilization=0.3)
+                            show_progress=False, kv_cache_memory_bytes=64 << 20)
     outs = engine.generate_outputs(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     _, expected = hf_greedy(checkpoint, PROMPTS, device="cuda")
     assert [o.token_ids for o in outs] == expected
@@ -30,7 +30,7 @@ def test_float32_tokens_identical_on_cuda(checkpoint):
 
 def test_bfloat16_matches_up_to_near_ties(checkpoint):
     engine = LightMoEEngine(checkpoint, dtype="bfloat16", device="cuda", show_progress=False,
-                            gpu_memory_utilization=0.3)
+                            kv_cache_memory_bytes=64 << 20)
     outs = engine.generate_outputs(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     ref32, _ = hf_greedy(checkpoint, [], device="cuda")
     for prompt, out in zip(PROMPTS, outs):

@@ -38,19 +38,20 @@ def _config(family: str, **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-    common.update(overrides)
-    if family == "mixtral":
-        return MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
-    if family == "qwen2_moe":
-        return Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                              shared_expert_intermediate_size=80, decoder_sparse_step=1, mlp_only_layers=[1],
-                              norm_topk_prob=False)
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                              head_dim=24, norm_topk_prob=True)
-    if family == "olmoe":
-        return OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2, clip_qkv=8.0)
-    raise ValueError(family)
+    families = {
+        "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                          shared_expert_intermediate_size=80, decoder_sparse_step=1, mlp_only_layers=[1],
+                          norm_topk_prob=False),
+        "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=24,
+                          norm_topk_prob=True),
+        "olmoe": dict(num_experts=8, num_experts_per_tok=2, clip_qkv=8.0),
+    }
+    classes = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig,
+               "olmoe": OlmoeConfig}
+    if family not in classes:
+        raise ValueError(family)
+    return classes[family](**{**common, **families[family], **overrides})
 
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")

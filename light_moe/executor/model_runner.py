@@ -57,7 +57,7 @@ class ModelRunner:
             self.num_blocks * kv_block_bytes(self.cfg, self.block_size, dtype) / 2**20,
         )
         self.decode_graphs = None
-        graph_safe = all(b.ops.graph_safe for b in model.moe_blocks())
+        graph_safe = all(b.graph_safe for b in model.moe_blocks())
         if cuda_graphs and device.type == "cuda" and graph_safe:
             max_len = max_model_len or self.cfg.max_position_embeddings
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, self.block_size,

@@ -72,6 +72,12 @@ class MoEBlock(nn.Module):
         """Let the backend repack expert weights once, after loading (no-op for the reference)."""
         self.prepared = self.ops.prepare_expert_weights(self.experts.w13.data, self.experts.w2.data)
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether this layer may be captured in a CUDA graph (no host sync on its path)."""
+        w13, w2 = self.prepared if self.prepared is not None else (self.experts.w13, self.experts.w2)
+        return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
         w13, w2 = self.prepared if self.prepared is not None else (self.experts.w13, self.experts.w2)
         topk_weights, topk_ids, tokens_per_expert = self.ops.router(

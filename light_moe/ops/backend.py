@@ -19,11 +19,15 @@ class MoEOps:
     """Base backend: the pure-PyTorch reference for every op. Subclasses override what they speed up."""
 
     name = "reference"
-    # True when no op synchronises with the host, so the MoE layer can be captured in a CUDA graph
-    graph_safe = False
 
     def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return w13, w2
+
+    def graph_safe(self, gate_weight: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+        """True when every op of this layer (its dtype and shapes, its prepared weights) runs without
+        host synchronisation, so the layer can be captured in a CUDA graph. The reference reads
+        expert row counts on the host."""
+        return False
 
     def router(self, x, gate_weight, top_k: int, renormalize: bool):
         return reference.router(x, gate_weight, top_k, renormalize)

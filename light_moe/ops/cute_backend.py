@@ -26,7 +26,6 @@ _CUTE_LAYOUT = "_light_moe_cute_layout"
 
 class CuteOps(MoEOps):
     name = "cute"
-    graph_safe = True
 
     def __init__(self):
         self._logged: set[tuple[str, str]] = set()
@@ -55,6 +54,13 @@ class CuteOps(MoEOps):
         setattr(w13p, _CUTE_LAYOUT, True)
         setattr(w2p, _CUTE_LAYOUT, True)
         return w13p, w2p
+
+    def graph_safe(self, gate_weight, top_k: int, w13, w2) -> bool:
+        num_experts, hidden = gate_weight.shape
+        return (getattr(w13, _CUTE_LAYOUT, False) and getattr(w2, _CUTE_LAYOUT, False)
+                and router_kernel.supports(gate_weight.dtype, hidden, num_experts, top_k)[0]
+                and routing_kernel.supports(num_experts, top_k)[0]
+                and combine_kernel.supports(w13.dtype, hidden, top_k)[0])
 
     def router(self, x, gate_weight, top_k: int, renormalize: bool):
         ok, reason = router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
