@@ -326,7 +326,10 @@ def test_full_waiting_queue_gets_429_with_retry_after(limited_server):
     long_stream = {**_body(max_tokens=900, ignore_eos=True), "stream": True}
     with httpx.Client(headers=headers, timeout=30) as client:
         with client.stream("POST", f"{url}/v1/completions", json=long_stream) as running:
-            next(line for line in running.iter_lines() if line.startswith("data: "))  # holds the one seat
+            # keep the line iterator referenced: a discarded one closes the connection, and the server
+            # (rightly) aborts the request
+            running_lines = running.iter_lines()
+            next(line for line in running_lines if line.startswith("data: "))  # holds the one seat
             with client.stream("POST", f"{url}/v1/completions", json=long_stream) as waiting:
                 assert waiting.status_code == 200  # accepted, waits for the seat
                 refused = client.post(f"{url}/v1/completions", json=_body())
@@ -336,6 +339,20 @@ def test_full_waiting_queue_gets_429_with_retry_after(limited_server):
     _wait_idle(url)
     ok = httpx.post(f"{url}/v1/completions", json=_body(), headers=headers)
     assert ok.status_code == 200
+
+
+def test_a_failed_step_is_a_503_and_health_says_so(ckpt):
+    engine = _engine(ckpt)
+
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+
+    engine.step = broken_step
+    with _running_server(engine) as url:
+        response = httpx.post(f"{url}/v1/completions", json=_body())
+        assert response.status_code == 503 and "simulated device failure" in response.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 503
+        assert httpx.post(f"{url}/v1/completions", json=_body()).status_code == 503
 
 
 # ---- the `serve` entry point and signals ----------------------------------------------------------

@@ -118,12 +118,6 @@ class EngineLoop:
         return (self._thread is not None and self._thread.is_alive() and not self._stopping
                 and self._drain_deadline is None)
 
-    @property
-    def num_queued(self) -> int:
-        """Accepted requests not running yet: submitted but not applied, or waiting in the scheduler."""
-        with self._cv:
-            return self._queued_adds + self._engine_waiting
-
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request (no-op if it already finished)."""
         with self._cv:

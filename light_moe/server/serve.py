@@ -89,9 +89,12 @@ def serve(args: argparse.Namespace) -> int:
                                 moe_backend=args.moe_backend)
     except KeyboardInterrupt:
         return 130
-    run_server(engine, args.host, args.port, api_key=args.api_key, served_model_name=args.served_model_name,
-               max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    try:
+        run_server(engine, args.host, args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+                   max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+                   shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    finally:
+        engine.shutdown()  # expert-parallel worker processes, if any
     return 0
 
 
