@@ -340,8 +340,10 @@ GPU_SCRIPT = textwrap.dedent("""
 
     prompts = [[7, 3, 99], list(range(20, 31)), list(range(200, 247)), [42] * 9]
     params = SamplingParams(max_tokens=16, temperature=0.0)
+    # a fixed KV budget: the first engine's memory is still cached by this process when the second
+    # one sizes its cache from gpu_memory_utilization
     args = dict(dtype="float32", device="cuda", moe_backend=sys.argv[2], max_num_batched_tokens=16,
-                show_progress=False)
+                show_progress=False, kv_cache_memory_bytes=64 << 20)
     if __name__ == "__main__":
         one = LightMoEEngine(sys.argv[1], **args)
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
