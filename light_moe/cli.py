@@ -1,4 +1,4 @@
-"""`light-moe` command line: generate | serve | bench {e2e, moe-layer, ep}."""
+"""`light-moe` command line: generate | serve | bench {e2e, moe-layer, ep} | quantize."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,22 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"],
                    help="MoE kernels: auto picks CuTe on sm_90 GPUs, else the PyTorch reference")
+    p.add_argument("--quantization", default=None, choices=["w4a16"],
+                   help="quantize the routed experts on load (int4 RTN; docs/quantization.md)")
+    _quant_args(p)
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant-group-size", "--group-size", dest="quant_group_size", type=int, default=128,
+                   choices=[32, 64, 128], help="W4A16 group size along the input dimension")
+    p.add_argument("--quant-asymmetric", "--asymmetric", dest="quant_asymmetric", action="store_true",
+                   help="W4A16 with per-group zero points (default: symmetric, zero point 8)")
+
+
+def quant_kwargs(args) -> dict:
+    """LightMoEEngine keyword arguments of the quantization flags."""
+    return dict(quantization=args.quantization, quant_group_size=args.quant_group_size,
+                quant_symmetric=not args.quant_asymmetric)
 
 
 def _default_model(path):
@@ -32,7 +48,7 @@ def cmd_generate(args) -> int:
     if args.model is None:
         print(f"(using the bundled demo model: {model})", file=sys.stderr)
     engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                            moe_backend=args.moe_backend, seed=args.seed)
+                            moe_backend=args.moe_backend, seed=args.seed, **quant_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
     prompt = args.prompt
@@ -77,6 +93,16 @@ def cmd_bench_moe_layer(args) -> int:
     from light_moe.bench import moe_layer
 
     moe_layer.main(args)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from light_moe.quant.export import quantize_checkpoint
+    from light_moe.quant.scheme import W4A16Config
+
+    scheme = W4A16Config(group_size=args.quant_group_size, symmetric=not args.quant_asymmetric)
+    out = quantize_checkpoint(args.model, args.out, scheme)
+    print(f"wrote {scheme.name} checkpoint (GPTQ layout, routed experts quantized) to {out}", file=sys.stderr)
     return 0
 
 
@@ -129,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--top-k", type=int, default=2)
     layer.add_argument("--output", default=None)
     layer.set_defaults(func=cmd_bench_moe_layer)
+
+    quant = sub.add_parser("quantize", help="write a W4A16 checkpoint (RTN, GPTQ layout) that loads back")
+    quant.add_argument("--model", required=True, help="float Hugging Face model directory")
+    quant.add_argument("--out", required=True, help="output directory")
+    _quant_args(quant)
+    quant.set_defaults(func=cmd_quantize)
 
     from light_moe.bench.ep import add_ep_args
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from light_moe.parallel.placement import PLACEMENT_STRATEGIES
+from light_moe.quant.scheme import W4A16Config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,6 +194,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)
     seed: int = 0
     enable_cuda_graphs: bool = True
+    quantization: W4A16Config | None = None  # W4A16 routed experts, quantized on load (docs/quantization.md)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

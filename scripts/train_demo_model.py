@@ -12,8 +12,8 @@ heldout.txt (a few KB of held-out source, so the perplexity test never re-reads 
 and training_summary.json (losses, perplexity bound, greedy samples for regression tests).
 
 Sizes: hidden 128, 3 layers, 8 experts of intermediate 256, top-2, vocab 2048 is 3.0M
-parameters (6.1 MB in bf16). A step of 16 x 256 tokens takes ~0.75 s on one core of the
-build machine, so the default 1,400 steps end in ~20 minutes.
+parameters (6.1 MB in bf16). A step of 16 x 256 tokens takes 0.75-0.9 s on one core of the
+build machine (a shared 2-core VM), so the default 1,400 steps end in 18-22 minutes.
 
 Shape legend: B batch rows, S sequence length, V vocabulary.
 """

@@ -76,6 +76,7 @@ def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, see
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
+    from light_moe.cli import quant_kwargs
 
     tmp = None
     model_path, load_format = args.model, "auto"
@@ -90,14 +91,16 @@ def main(args) -> dict:
         engine = LightMoEEngine(model_path, dtype=args.dtype, device=args.device, load_format=load_format,
                                 max_model_len=args.input_len + args.output_len + 16,
                                 max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
-                                max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False)
+                                max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
+                                **quant_kwargs(args))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result = dict(benchmark="e2e", env=environment(), model=str(model_path) if tmp is None else
                   f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
-                  moe_backend=engine.ops.name, rows=rows)
+                  moe_backend=engine.ops.name, quantization=None if engine.config.quantization is None
+                  else engine.config.quantization.name, rows=rows)
     print(f"{'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps':>6}")
     for r in rows:
         print(f"{r['batch']:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['steps']:>6}")

@@ -31,6 +31,8 @@ from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.backend import select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, ExpertLoadWindow, RebalancePolicy
 from light_moe.parallel.placement import place_experts, read_expert_load
+from light_moe.quant.checkpoint import read_checkpoint_quantization
+from light_moe.quant.scheme import W4A16Config, parse_quantization
 from light_moe.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,9 @@ class LightMoEEngine:
         expert_load_window: int = 1024,
         rebalance_interval: int = 0,
         rebalance_threshold: float = 1.2,
+        quantization: str | W4A16Config | None = None,
+        quant_group_size: int = 128,
+        quant_symmetric: bool = True,
     ):
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
                                   collective_timeout_s, enable_overlap=enable_overlap,
@@ -97,6 +102,12 @@ class LightMoEEngine:
                                   rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold)
         model_path = Path(model_path)
         model_cls, model_cfg = load_model_config(model_path)
+        # quantization="w4a16": routed experts quantized on load (RTN); GPTQ / AWQ checkpoints are W4A16 anyway
+        scheme = parse_quantization(quantization, quant_group_size, quant_symmetric)
+        checkpoint_quant = None if load_format == "dummy" else read_checkpoint_quantization(model_path)
+        if (scheme is not None or checkpoint_quant is not None) and parallel.expert_parallel_size > 1:
+            raise ValueError("W4A16 experts (quantization='w4a16' or a GPTQ / AWQ checkpoint) are not supported "
+                             "with expert_parallel_size > 1 yet")
         dev = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, model_cfg.torch_dtype, dev)
         limit = model_cfg.max_position_embeddings
@@ -119,6 +130,7 @@ class LightMoEEngine:
             load_format=load_format,
             seed=seed,
             enable_cuda_graphs=not enforce_eager,
+            quantization=scheme,
         )
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.tokenizer = Tokenizer(model_path)
@@ -143,7 +155,8 @@ class LightMoEEngine:
                 self.shutdown()
                 raise
         else:
-            self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress)
+            self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress,
+                                     quantization=scheme)
             self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens,
                                       max_num_seqs, max_model_len=self.config.max_model_len,
                                       cuda_graphs=self.config.enable_cuda_graphs)

@@ -15,6 +15,8 @@ from light_moe.config import ModelConfig
 from light_moe.layers.mlp import SwiGLUMLP
 from light_moe.ops.backend import MoEOps
 from light_moe.parallel.dispatch import LocalDispatcher
+from light_moe.quant.scheme import W4A16Config
+from light_moe.quant.w4a16 import PACK, QuantizedWeight
 
 
 class FusedExperts(nn.Module):
@@ -25,6 +27,52 @@ class FusedExperts(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw), requires_grad=False)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13.data, self.w2.data
+
+
+class QuantizedFusedExperts(nn.Module):
+    """W4A16 experts in the canonical format (light_moe/quant/w4a16.py), held as buffers:
+    w13_qweight int32 [E, 2I, H / 8], w13_scales [E, 2I, H / g], w13_zeros uint8 [E, 2I, H / g]
+    (asymmetric only), w13_perm int32 [E, H] (act-order checkpoints only); w2_* likewise for the
+    logical [E, H, I]. Only routed experts are quantized; the shared expert stays in the model dtype."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, scheme: W4A16Config,
+                 dtype=None, device=None, act_order: bool = False):
+        super().__init__()
+        self.scheme = scheme
+        g = scheme.group_size
+        for name, n, k in (("w13", 2 * intermediate_size, hidden_size), ("w2", hidden_size, intermediate_size)):
+            if k % g:
+                raise ValueError(f"experts.{name}: in_features {k} is not a multiple of group_size {g}")
+            self.register_buffer(f"{name}_qweight", torch.empty(num_experts, n, k // PACK, dtype=torch.int32,
+                                                                device=device))
+            self.register_buffer(f"{name}_scales", torch.empty(num_experts, n, k // g, dtype=dtype, device=device))
+            zeros = None if scheme.symmetric else torch.empty(num_experts, n, k // g, dtype=torch.uint8, device=device)
+            self.register_buffer(f"{name}_zeros", zeros)
+            perm = torch.empty(num_experts, k, dtype=torch.int32, device=device) if act_order else None
+            self.register_buffer(f"{name}_perm", perm)
+
+    def weight(self, name: str) -> QuantizedWeight:
+        return QuantizedWeight(getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scales"),
+                               getattr(self, f"{name}_zeros"), self.scheme.group_size, getattr(self, f"{name}_perm"))
+
+    def weights(self) -> tuple[QuantizedWeight, QuantizedWeight]:
+        return self.weight("w13"), self.weight("w2")
+
+    def load(self, name: str, weight: QuantizedWeight) -> None:
+        """Copy a loaded QuantizedWeight into the buffers of `name` (w13 or w2)."""
+        for field in ("qweight", "scales", "zeros", "perm"):
+            buffer, value = getattr(self, f"{name}_{field}"), getattr(weight, field)
+            if (buffer is None) != (value is None):
+                raise ValueError(f"experts.{name}_{field}: the layer was built {'with' if buffer is not None else 'without'}"
+                                 f" it but the loaded weight has {'none' if value is None else 'one'}")
+            if buffer is not None:
+                if tuple(buffer.shape) != tuple(value.shape):
+                    raise ValueError(f"expected experts.{name}_{field} of shape {list(buffer.shape)}, "
+                                     f"found {list(value.shape)}")
+                buffer.copy_(value)
 
 
 class MoEBlock(nn.Module):
@@ -48,11 +96,21 @@ class MoEBlock(nn.Module):
         self.overlap = None  # parallel.overlap.TwoBatchOverlap under expert parallelism with overlap on
         self.local_expert_ids: tuple[int, ...] = tuple(range(cfg.num_experts))  # rows of w13 / w2
 
+    def use_quantized_experts(self, scheme: W4A16Config, act_order: bool = False) -> None:
+        """Hold the routed experts as W4A16 (called on the meta device, before weights are allocated)."""
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            raise ValueError("W4A16 experts under expert parallelism are not supported yet")
+        w13 = self.experts.w13
+        self.experts = QuantizedFusedExperts(w13.shape[0], w13.shape[2], w13.shape[1] // 2, scheme, w13.dtype,
+                                             w13.device, act_order)
+
     def use_dispatcher(self, dispatcher) -> None:
         """Expert parallelism: hold only `dispatcher.local_experts` (global ids, ascending).
 
         Called on the meta device before weights are allocated, so each rank only ever allocates
         and loads its own experts."""
+        if isinstance(self.experts, QuantizedFusedExperts):
+            raise ValueError("W4A16 experts under expert parallelism are not supported yet")
         w13 = self.experts.w13
         self.dispatcher = dispatcher
         self.local_expert_ids = tuple(dispatcher.local_experts)
@@ -70,16 +128,16 @@ class MoEBlock(nn.Module):
 
     def prepare(self) -> None:
         """Let the backend repack expert weights once, after loading (no-op for the reference)."""
-        self.prepared = self.ops.prepare_expert_weights(self.experts.w13.data, self.experts.w2.data)
+        self.prepared = self.ops.prepare_expert_weights(*self.experts.weights())
 
     @property
     def graph_safe(self) -> bool:
         """Whether this layer may be captured in a CUDA graph (no host sync on its path)."""
-        w13, w2 = self.prepared if self.prepared is not None else (self.experts.w13, self.experts.w2)
+        w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
         return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
-        w13, w2 = self.prepared if self.prepared is not None else (self.experts.w13, self.experts.w2)
+        w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
         topk_weights, topk_ids, tokens_per_expert = self.ops.router(
             x, self.gate.weight, self.top_k, self.renormalize)  # [T, K] fp32, [T, K] int32, [E]
         self.last_tokens_per_expert = tokens_per_expert

@@ -5,6 +5,12 @@ model.safetensors.index.json. Per-expert checkpoint tensors are stacked into the
 mlp.experts.w13 [E, 2I, H] / w2 [E, H, I] parameters; checkpoints that already store stacked
 experts (gate_up_proj / down_proj) load directly. Every missing or misshapen tensor is reported
 by name together with the file it was looked for in.
+
+W4A16 (docs/quantization.md): with a scheme, or a GPTQ / AWQ checkpoint, the routed experts of
+every MoE layer are held in the canonical int4 format (light_moe/quant/w4a16.py), one layer at a
+time: float experts are read, moved to the device and quantized with round-to-nearest; GPTQ / AWQ
+experts are repacked. Other quantized linears of such checkpoints (attention, shared experts, dense
+MLPs) are dequantized to the model dtype at load time.
 """
 from __future__ import annotations
 
@@ -18,10 +24,15 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from light_moe.config import ModelConfig, read_hf_config
+from light_moe.layers.moe import QuantizedFusedExperts
 from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.models.base import MoECausalLM
 from light_moe.models.registry import resolve_architecture
 from light_moe.ops.backend import MoEOps
+from light_moe.quant.checkpoint import (CheckpointFormat, dequantize_linear, read_checkpoint_quantization,
+                                       read_quantized_experts)
+from light_moe.quant.scheme import W4A16Config
+from light_moe.quant.w4a16 import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +102,8 @@ def _checked(name: str, tensor: torch.Tensor, expected: torch.Size, where: str) 
     return tensor
 
 
-def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: torch.Size) -> torch.Tensor:
+def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: torch.Size,
+                quant: CheckpointFormat | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     where = ckpt.describe()
     if name.endswith(("experts.w13", "experts.w2")):
         # with expert parallelism the block holds only its rank's experts (global ids, ascending)
@@ -112,9 +124,16 @@ def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: tor
                                        where))
         return torch.stack(per_expert)
     ckpt_name = model.checkpoint_name(name)
+    prefix = ckpt_name.removesuffix(".weight")
+    if quant is not None and ckpt_name not in ckpt and f"{prefix}.qweight" in ckpt:
+        return dequantize_linear(quant, ckpt, prefix, shape[0], shape[1], dtype)
     if ckpt_name not in ckpt:
         raise ValueError(f"checkpoint tensor {ckpt_name} is missing (looked in {where})")
     return _checked(ckpt_name, ckpt.get(ckpt_name), shape, where)
+
+
+def _dummy_generator(device: torch.device, seed: int, *key) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(zlib.crc32(repr((seed, *key)).encode()))
 
 
 def _fill_dummy(model: MoECausalLM, seed: int) -> None:
@@ -131,7 +150,7 @@ def _fill_dummy(model: MoECausalLM, seed: int) -> None:
             expert_ids[layer_name + ".experts.w2"] = module.local_expert_ids
 
     def generator(*key) -> torch.Generator:
-        return torch.Generator(device=gen_device).manual_seed(zlib.crc32(repr((seed, *key)).encode()))
+        return _dummy_generator(gen_device, seed, *key)
 
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -143,15 +162,57 @@ def _fill_dummy(model: MoECausalLM, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=generator(name))
 
 
+def _load_quantized_experts(model: MoECausalLM, ckpt: CheckpointIndex | None, quant: CheckpointFormat | None,
+                            scheme: W4A16Config, dtype: torch.dtype, seed: int) -> None:
+    """Fill every QuantizedFusedExperts, one layer (and one of w13 / w2) at a time, so that at most
+    one layer's float experts exist at once: repacked from a GPTQ / AWQ checkpoint, or read (random
+    for load_format='dummy', as _fill_dummy would draw them) and quantized with RTN."""
+    for layer_name, module in model.named_modules():
+        if not isinstance(module, QuantizedFusedExperts):
+            continue
+        block = model.get_submodule(layer_name.rsplit(".", 1)[0])
+        device = module.w13_qweight.device
+        for part in ("w13", "w2"):
+            name = f"{layer_name}.{part}"
+            num_experts, out_features, in_features = module.weight(part).shape
+            names = [[n.removesuffix(".weight") for n in model.expert_checkpoint_names(name, e)]
+                     for e in block.local_expert_ids]
+            if quant is not None and f"{names[0][0]}.qweight" in ckpt:
+                part_out = [out_features // len(names[0])] * len(names[0])
+                weight = read_quantized_experts(quant, ckpt, names, part_out, in_features, dtype).to(device)
+            else:
+                if ckpt is None:
+                    w = torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device)
+                    for row, expert in enumerate(block.local_expert_ids):
+                        w[row].normal_(0.0, 0.02, generator=_dummy_generator(device, seed, name, expert))
+                else:
+                    w = _read_param(ckpt, model, name, (num_experts, out_features, in_features))
+                weight = rtn_quantize(w.to(device=device, dtype=dtype), scheme)
+            module.load(part, weight)
+
+
 def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device: torch.device,
                 load_format: str = "auto", seed: int = 0, progress: bool = True,
-                expert_dispatchers: list | None = None) -> MoECausalLM:
+                expert_dispatchers: list | None = None, quantization: W4A16Config | None = None) -> MoECausalLM:
     """expert_dispatchers: one per MoE layer (light_moe.parallel.dispatch) under expert parallelism;
-    each layer then allocates and loads only the dispatcher's local experts."""
+    each layer then allocates and loads only the dispatcher's local experts.
+    quantization: hold the routed experts as W4A16, quantized on load with RTN. A GPTQ / AWQ
+    checkpoint is always loaded as W4A16 with its own group size and zero points."""
     model_path = Path(model_path)
     model_cls, cfg = load_model_config(model_path)
+    quant = None if load_format == "dummy" else read_checkpoint_quantization(model_path)
+    scheme = quantization
+    if quant is not None:
+        scheme = W4A16Config(group_size=quant.group_size, symmetric=not quant.has_zeros)
+        if quantization is not None and quantization != scheme:
+            logger.info("%s checkpoint: using its own scheme %s, not %s", quant.method, scheme.name, quantization.name)
     with torch.device("meta"):
         model = model_cls(cfg, ops, dtype, torch.device("meta"))
+    if scheme is not None and expert_dispatchers is not None:
+        raise ValueError("W4A16 experts under expert parallelism are not supported yet")
+    if scheme is not None:
+        for block in model.moe_blocks():
+            block.use_quantized_experts(scheme, act_order=quant is not None and quant.desc_act)
     if expert_dispatchers is not None:
         blocks = model.moe_blocks()
         if len(expert_dispatchers) != len(blocks):
@@ -165,15 +226,19 @@ def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device:
         if isinstance(module, RotaryEmbedding):
             module.build(device)
     model.requires_grad_(False)
+    ckpt = None
     if load_format == "dummy":
         _fill_dummy(model, seed)
     else:
         ckpt = CheckpointIndex(model_path)
         params = [(n, p) for n, p in model.named_parameters()]  # tied lm_head appears once, as embed
         for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress, leave=False):
-            param.data.copy_(_read_param(ckpt, model, name, param.shape).to(dtype))
+            param.data.copy_(_read_param(ckpt, model, name, param.shape, quant, dtype).to(dtype))
+    if scheme is not None:
+        _load_quantized_experts(model, ckpt, quant, scheme, dtype, seed)
     for block in model.moe_blocks():
         block.prepare()
     model.eval()
-    logger.info("loaded %s (%s) from %s", cfg.architecture, dtype, model_path)
+    logger.info("loaded %s (%s%s) from %s", cfg.architecture, dtype,
+                "" if scheme is None else f", experts {scheme.name}", model_path)
     return model

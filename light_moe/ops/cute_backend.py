@@ -37,6 +37,8 @@ class CuteOps(MoEOps):
 
     @staticmethod
     def _gemm_supports(w13: torch.Tensor, w2: torch.Tensor) -> tuple[bool, str]:
+        if not isinstance(w13, torch.Tensor):  # QuantizedWeight: the W4A16 kernel repacks it (issue 4)
+            return False, "W4A16 experts run the dequantising reference until the W4A16 kernel is wired in"
         if w13.dtype != torch.bfloat16:
             return False, f"grouped GEMM is bf16-only, weights are {w13.dtype}"
         num_experts, two_inter, hidden = w13.shape

@@ -5,6 +5,10 @@ A routed row is one (token, slot) assignment; "sorted" order groups the M rows b
 (rows of expert 0 first, within an expert by token then slot), which every backend must reproduce
 so that results are comparable row by row.
 
+Expert weights (w13, w2) are either stacked float tensors or W4A16 QuantizedWeight objects
+(light_moe/quant/w4a16.py); `expert_weight` is the one place that tells them apart: the reference
+dequantises one expert at a time, so W4A16 runs (slowly) on any device.
+
 Op chain of the MoE layer:
     router -> routing_metadata -> expert_up (gather + gate/up GEMM + SiLU*up) -> expert_down -> combine
 """
@@ -65,18 +69,24 @@ def _expert_ranges(expert_offsets: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(e, offsets[e], offsets[e + 1]) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
 
 
+def expert_weight(w, expert: int) -> torch.Tensor:
+    """Float weight [N, K] of one expert: a slice of a stacked tensor, or a QuantizedWeight
+    dequantised (in input-channel order, act-order permutation undone) in the scale dtype."""
+    return w[expert] if isinstance(w, torch.Tensor) else w.dequantize_expert(expert)
+
+
 def expert_up(
     x: torch.Tensor,  # [T, H]
     gather_index: torch.Tensor,  # [M]
     expert_offsets: torch.Tensor,  # [E + 1]
-    w13: torch.Tensor,  # [E, 2I, H]: gate rows 0:I, up rows I:2I
+    w13: torch.Tensor,  # [E, 2I, H]: gate rows 0:I, up rows I:2I (or a QuantizedWeight)
 ) -> torch.Tensor:
     """act = SiLU(x_g @ W1^T) * (x_g @ W3^T) per expert over its gathered rows -> [M, I]."""
     inter = w13.shape[1] // 2
     rows = x.index_select(0, gather_index.long())  # [M, H]
     act = x.new_empty(rows.shape[0], inter)
     for e, start, end in _expert_ranges(expert_offsets):
-        gate_up = rows[start:end] @ w13[e].t()  # [m, 2I]
+        gate_up = rows[start:end] @ expert_weight(w13, e).t()  # [m, 2I]
         act[start:end] = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     return act
 
@@ -89,7 +99,7 @@ def expert_down(
     """y = act @ W2^T per expert -> [M, H] in sorted order."""
     out = act.new_empty(act.shape[0], w2.shape[1])
     for e, start, end in _expert_ranges(expert_offsets):
-        out[start:end] = act[start:end] @ w2[e].t()
+        out[start:end] = act[start:end] @ expert_weight(w2, e).t()
     return out
 
 

@@ -1,0 +1,833 @@
+"""W4A16 grouped GEMM for the routed experts on Hopper (sm_90a), in CuTe DSL 4.3.5.
+
+Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows sorted by
+expert (rows of expert e are expert_offsets[e]:expert_offsets[e + 1], on the device), g group size.
+
+    w4a16_expert_up(x [T, H], gather_index [M], expert_offsets [E+1], w13 prepared) -> act [M, I]
+    w4a16_expert_down(act [M, I], expert_offsets [E+1], w2 prepared)                -> y [M, H]
+
+The same kernel as grouped_gemm.py (swap AB: C^T = W X^T per expert, weight rows = wgmma M, routed token
+rows = wgmma N = tile_t, persistent over the tiles found from expert_offsets, warp-specialised, fused
+SiLU*up epilogue, no host sync, CUDA-graph capturable), except for how the weights get into the wgmma:
+
+  * Weights are the wgmma A operand **from registers** (`OperandSource.RMEM`, wgmma "RS"): 4.3.5's
+    `make_trivial_tiled_mma(..., a_source=RMEM)` builds it. int4 never becomes bf16 in shared memory.
+  * Layout (w4a16_layout.py): per (expert, k-tile of 64, 64-row atom) 2 KB in which consumer thread t
+    owns 16 contiguous bytes = its A fragments of the 4 k16 steps. The producer warpgroup copies them
+    with 16-byte cp.async (2 KB contiguous per atom, fully coalesced) into a deep smem ring, beside the
+    gathered token rows; per group it also copies the tile's `meta` words (bf16 scale, bf16 -(128+z)).
+  * Consumer per k-tile: one ld.shared.v4 per atom, then per bf16x2 register one shift + lop3 (the
+    nibbles OR'd into the mantissa of bf16 128.0: 128 + q exactly), fma(t, 1, -(128 + z)) (exact) and
+    fma(t, s, -0) (one rounding: the same bf16 as rounding the fp32 dequantisation). 2 x 4 x 4 inline
+    PTX instructions per atom and k16 step. Two register A sets (even/odd k-tile) let the dequant of
+    k-tile kt + 1 overlap the wgmma of kt (wait_group(1) before a set is rewritten).
+  * Zero points: symmetric weights carry -(128 + 8) in meta, so one compiled kernel serves both.
+  * TMA is not used for weights: cp.async keeps the weight copy, the meta copy and the gather in one
+    producer loop with one mbarrier arrival per thread; whether TMA would stream faster is a GPU question.
+
+Expectations (nothing here has run on a GPU yet, see docs/kernels.md "W4A16 grouped GEMM").
+"""
+
+from __future__ import annotations
+
+import time
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils as utils
+import cutlass.utils.hopper_helpers as sm90_utils
+import torch
+from cutlass import BFloat16, Float32, Int32, Int64
+from cutlass._mlir.dialects import llvm
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.cute.runtime import from_dlpack
+from cutlass.cutlass_dsl import dsl_user_op
+
+from light_moe.kernels.grouped_gemm import GroupedGemmSm90, _check, _rows, _sm_count, _stream
+from light_moe.kernels.tile_config import TileConfig
+from light_moe.kernels.w4a16_layout import (
+    ATOM_M,
+    GROUP_SIZES,
+    TILE_K,
+    W4A16Weights,
+    dequantize_reference,
+    prepare_w4a16_weights,
+)
+
+__all__ = [
+    "W4A16_TILE_TABLE",
+    "W4A16GroupedGemmSm90",
+    "W4A16Weights",
+    "choose_w4a16_tile",
+    "prepare_w4a16_weights",
+    "reference_expert_down",
+    "reference_expert_up",
+    "supports",
+    "w4a16_expert_down",
+    "w4a16_expert_up",
+]
+
+WG = 128  # threads per warpgroup
+VEC = 8  # bf16 per 16-byte access
+SMEM_CAPACITY = 232448
+MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
+CP_ASYNC_LAG = 1
+PRODUCER_REGS = 56
+CONSUMER_REGS = {1: 232, 2: 224}
+
+# (max expected tokens per active expert, tile_w, tile_t, fence_mode): first row that fits wins.
+# A guess derived from grouped_gemm's TILE_TABLE (same roles) - to be swept on the H100 (docs/kernels.md).
+# Prefill uses 128-row weight tiles: the RS A fragments (2 sets x 16 registers per atom) plus a 256 x 128
+# accumulator would not fit 224 registers.
+W4A16_TILE_TABLE: tuple[tuple[float, int, int, str], ...] = (
+    (8, 64, 8, "consumer"),
+    (16, 128, 16, "consumer"),
+    (32, 128, 32, "consumer"),
+    (64, 128, 64, "consumer"),
+    (float("inf"), 128, 128, "producer"),
+)
+
+
+def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int) -> TileConfig:
+    """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows."""
+    per_expert = num_rows / max(1, min(num_experts, num_rows))
+    for limit, tile_w, tile_t, fence_mode in W4A16_TILE_TABLE:
+        if per_expert <= limit:
+            while n_out % tile_w and tile_w > 64:
+                tile_w //= 2
+            return TileConfig(tile_w, tile_t, fence_mode)
+    raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")
+
+
+@dsl_user_op
+def _prmt(a: Int32, selector: int, *, loc=None, ip=None) -> Int32:
+    """prmt.b32 d, a, 0, selector: 0x1010 -> (lo16, lo16), 0x3232 -> (hi16, hi16)."""
+    return Int32(
+        llvm.inline_asm(
+            Int32.mlir_type,
+            [Int32(a).ir_value(loc=loc, ip=ip)],
+            f"prmt.b32 $0, $1, 0, {selector:#x};",
+            "=r,r",
+            has_side_effects=False,
+            is_align_stack=False,
+            asm_dialect=llvm.AsmDialect.AD_ATT,
+        )
+    )
+
+
+@dsl_user_op
+def _dequant_pair(q: Int32, index: int, scale2: Int32, neg_zero2: Int32, *, loc=None, ip=None) -> Int32:
+    """bf16x2 (w[2i], w[2i+1]) from nibbles i and i + 4 of q: (128 + q - (128 + z)) * s.
+
+    lop3 0xEA = (a & b) | c puts nibble i at bits 0-3 and nibble i + 4 at bits 16-19 of the mantissas of
+    two bf16 128.0 (0x4300): bf16x2 (128 + q_i, 128 + q_{i+4}), exact. Then fma(t, 1.0, -(128 + z)) = q - z
+    (exact) and fma(t, s, -0.0) = one bf16 rounding of (q - z) * s.
+    """
+    shift = f"shr.u32 t, $1, {4 * index};" if index else "mov.b32 t, $1;"
+    asm = (
+        "{ .reg .b32 t, one, nzero;\n"
+        f"{shift}\n"
+        "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"
+        "mov.b32 one, 0x3F803F80;\n"
+        "mov.b32 nzero, 0x80008000;\n"
+        "fma.rn.bf16x2 t, t, one, $3;\n"
+        "fma.rn.bf16x2 $0, t, $2, nzero; }"
+    )
+    return Int32(
+        llvm.inline_asm(
+            Int32.mlir_type,
+            [
+                Int32(q).ir_value(loc=loc, ip=ip),
+                Int32(scale2).ir_value(loc=loc, ip=ip),
+                Int32(neg_zero2).ir_value(loc=loc, ip=ip),
+            ],
+            asm,
+            "=r,r,r,r",
+            has_side_effects=False,
+            is_align_stack=False,
+            asm_dialect=llvm.AsmDialect.AD_ATT,
+        )
+    )
+
+
+class W4A16GroupedGemmSm90:
+    """out[rows of e] = epilogue(tokens[rows of e] @ dequant(W[e])^T) for every expert e, one launch.
+
+    gated=True: up-projection, tokens = x [T, H] gathered through gather_index, weights = prepared w13
+    (gate/up rows interleaved by 8), out = act [M, I] = SiLU(gate) * up.
+    gated=False: down-projection, tokens = act [M, I] read in place, weights = prepared w2, out = y [M, H].
+    """
+
+    def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig):
+        ok, reason = self.supports(
+            gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
+        )
+        if not ok:
+            raise ValueError(reason)
+        self.gated = gated
+        self.n_out = n_out
+        self.k_dim = k_dim
+        self.num_experts = num_experts
+        self.group_size = group_size
+        self.fence_mode = config.fence_mode
+        self.tile_w = config.tile_w
+        self.tile_t = config.tile_t
+        self.n_atoms = config.tile_w // ATOM_M
+        self.n_consumer_wg = min(self.n_atoms, 2)
+        self.n_consumer_threads = WG * self.n_consumer_wg
+        self.threads = WG + self.n_consumer_threads
+        self.out_cols = self.tile_w // 2 if gated else self.tile_w
+        self.out_pitch = self.out_cols + VEC
+        self.k_tiles = k_dim // TILE_K
+        self.groups = k_dim // group_size
+        self.groups_per_ktile = max(1, TILE_K // group_size)  # meta rows per stage: 2 for g = 32, else 1
+        self.epi_t = GroupedGemmSm90.epilogue_tokens(config, gated)
+        self.stages = self.num_stages(config, gated, num_experts, group_size)
+
+    @staticmethod
+    def stage_bytes(config: TileConfig, group_size: int) -> int:
+        weights = config.tile_w * TILE_K // 2
+        meta = config.tile_w * max(1, TILE_K // group_size) * 4
+        return weights + meta + config.tile_t * TILE_K * 2
+
+    @staticmethod
+    def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: int) -> int:
+        out_cols = config.tile_w // 2 if gated else config.tile_w
+        epi = GroupedGemmSm90.epilogue_tokens(config, gated) * (out_cols + VEC) * 2
+        fixed = 4 * 1024 + 8 * (num_experts + 1) + epi
+        return min(MAX_STAGES, (SMEM_CAPACITY - fixed) // W4A16GroupedGemmSm90.stage_bytes(config, group_size))
+
+    @staticmethod
+    def supports(
+        *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig
+    ) -> tuple[bool, str]:
+        if group_size not in GROUP_SIZES:
+            return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
+        if config.tile_w not in (64, 128):
+            return False, f"tile_w must be 64 or 128 for W4A16 (registers: RS fragments), got {config.tile_w}"
+        if n_out % config.tile_w:
+            return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
+        if gated and n_out % 16:
+            return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
+        if k_dim % (2 * TILE_K) or k_dim % group_size:
+            return False, f"reduction size {k_dim} must be a multiple of {2 * TILE_K} and of g={group_size}"
+        if not 1 <= num_experts <= 1024:
+            return False, f"num_experts must be in [1, 1024], got {num_experts}"
+        if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
+            return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
+        if W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < 4:
+            return False, f"tile config {config} leaves fewer than 4 pipeline stages in shared memory"
+        return True, "ok"
+
+    @cute.jit
+    def __call__(
+        self,
+        qweight: cute.Tensor,  # (E * K/64 * N/64 * 128, 4) int32: prepared.qweight viewed as 16-byte chunks
+        meta: cute.Tensor,  # (E * G * N / 4, 4) int32: prepared.meta viewed as 16-byte chunks
+        tokens: cute.Tensor,  # (rows, k_dim) bf16: x [T, H] (gated) or act [M, I]
+        gather_index: cute.Tensor,  # (M,) int32 token row of each sorted row (read only when gated)
+        expert_offsets: cute.Tensor,  # (E + 1,) int32
+        out: cute.Tensor,  # (M, n_out / 2) gated, (M, n_out) otherwise
+        num_ctas: Int32,
+        stream: cuda.CUstream,
+    ):
+        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16,
+            BFloat16,
+            warpgroup.OperandMajorMode.K,
+            warpgroup.OperandMajorMode.K,
+            Float32,
+            (self.n_consumer_wg, 1, 1),
+            tiler_mn=(64, self.tile_t),
+            a_source=warpgroup.OperandSource.RMEM,
+        )
+        atom = warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, BFloat16, TILE_K), BFloat16
+        )
+        t_layout = cute.tile_to_shape(atom, (self.tile_t, TILE_K, self.stages), order=(0, 1, 2))
+        q_words = self.n_atoms * WG * 4  # int32 per stage
+        meta_words = self.groups_per_ktile * self.tile_w
+
+        @cute.struct
+        class SharedStorage:
+            full_bar: cute.struct.MemRange[Int64, self.stages]
+            empty_bar: cute.struct.MemRange[Int64, self.stages]
+            expert_rows: cute.struct.MemRange[Int32, self.num_experts + 1]
+            tile_prefix: cute.struct.MemRange[Int32, self.num_experts + 1]
+            s_out: cute.struct.Align[cute.struct.MemRange[BFloat16, self.epi_t * self.out_pitch], 128]
+            s_q: cute.struct.Align[cute.struct.MemRange[Int32, q_words * self.stages], 128]
+            s_meta: cute.struct.Align[cute.struct.MemRange[Int32, meta_words * self.stages], 128]
+            s_t: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(t_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, t_layout).launch(
+            grid=(num_ctas, 1, 1),
+            block=(self.threads, 1, 1),
+            min_blocks_per_mp=1,
+            stream=stream,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        qweight: cute.Tensor,
+        meta: cute.Tensor,
+        tokens: cute.Tensor,
+        gather_index: cute.Tensor,
+        expert_offsets: cute.Tensor,
+        out: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+        t_layout: cute.ComposedLayout,
+    ):
+        n_exp = self.num_experts
+        tile_t = self.tile_t
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = cute.arch.make_warp_uniform(tidx // WG)
+        lane = cute.arch.lane_idx()
+
+        storage = utils.SmemAllocator().allocate(self.shared_storage)
+        full = storage.full_bar.data_ptr()
+        empty = storage.empty_bar.data_ptr()
+        s_rows = storage.expert_rows.get_tensor(cute.make_layout(n_exp + 1))
+        s_prefix = storage.tile_prefix.get_tensor(cute.make_layout(n_exp + 1))
+        if tidx == 0:
+            for s in cutlass.range_constexpr(self.stages):
+                cute.arch.mbarrier_init(full + s, WG)  # one arrival per producer thread (no TMA)
+                cute.arch.mbarrier_init(empty + s, 4 * self.n_consumer_wg)  # one arrival per consumer warp
+            cute.arch.mbarrier_init_fence()
+
+        # Tile schedule (as grouped_gemm.py): tiles of expert e = ceil(rows_e / tile_t) * weight tiles.
+        if warp == 0:
+            per_lane = (n_exp + 31) // 32
+            counts = cute.make_rmem_tensor((per_lane,), Int32)
+            lane_sum = Int32(0)
+            for j in cutlass.range_constexpr(per_lane):
+                e = lane * per_lane + j
+                c = Int32(0)
+                if e < n_exp:
+                    lo = expert_offsets[e]
+                    s_rows[e] = lo
+                    c = (expert_offsets[e + 1] - lo + (tile_t - 1)) // tile_t * (self.n_out // self.tile_w)
+                counts[j] = c
+                lane_sum = lane_sum + c
+            inclusive = lane_sum
+            for d in cutlass.range_constexpr(5):
+                other = cute.arch.shuffle_sync_up(inclusive, 1 << d, mask_and_clamp=0)
+                if lane >= (1 << d):
+                    inclusive = inclusive + other
+            running = inclusive - lane_sum
+            for j in cutlass.range_constexpr(per_lane):
+                e = lane * per_lane + j
+                if e < n_exp:
+                    s_prefix[e] = running
+                running = running + counts[j]
+            if lane == 31:
+                s_prefix[n_exp] = inclusive
+                s_rows[n_exp] = expert_offsets[n_exp]
+        cute.arch.sync_threads()
+
+        total_tiles = s_prefix[n_exp]
+        if wg == 0:
+            self.produce(qweight, meta, tokens, gather_index, storage, s_rows, s_prefix, total_tiles)
+        else:
+            self.consume(out, tiled_mma, storage, t_layout, s_rows, s_prefix, total_tiles)
+
+    @cute.jit
+    def produce(
+        self,
+        qweight: cute.Tensor,
+        meta: cute.Tensor,
+        tokens: cute.Tensor,
+        gather_index: cute.Tensor,
+        storage,
+        s_rows: cute.Tensor,
+        s_prefix: cute.Tensor,
+        total_tiles: Int32,
+    ):
+        """Producer warpgroup: cp.async of the int4 atoms, the group meta and the token rows (128 threads)."""
+        tile_t = self.tile_t
+        n_atoms = self.n_atoms
+        gpk = self.groups_per_ktile
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        gdim, _, _ = cute.arch.grid_dim()
+        full = storage.full_bar.data_ptr()
+        empty = storage.empty_bar.data_ptr()
+        cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
+        s_q = storage.s_q.get_tensor(
+            cute.make_layout((4, WG, n_atoms, self.stages), stride=(1, 4, 4 * WG, 4 * WG * n_atoms))
+        )
+        meta_chunks = gpk * self.tile_w // 4  # 16-byte meta chunks per stage
+        s_meta = storage.s_meta.get_tensor(
+            cute.make_layout((4, meta_chunks, self.stages), stride=(1, 4, 4 * meta_chunks))
+        )
+        # Unswizzled view of the token stages: the 16-byte chunk c of row r lives at chunk c ^ (r % 8)
+        # (the 128-byte swizzle the wgmma descriptor of t_layout expects; stage bases are 1024-aligned).
+        s_t_raw = storage.s_t.get_tensor(
+            cute.make_layout((tile_t, TILE_K, self.stages), stride=(TILE_K, 1, tile_t * TILE_K))
+        )
+        g2s_bf16 = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128
+        )
+        g2s_i32 = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), Int32, num_bits_per_copy=128
+        )
+        chunk = tidx % VEC
+        row0 = tidx // VEC  # 0..15: 16 rows per pass, 8 threads (128 bytes) per row
+        n_slots = max(tile_t // 16, 1)
+        chunk_sw = chunk ^ (row0 % 8)
+        row_active = row0 < tile_t
+        n_blocks = self.n_out // ATOM_M  # 64-row atoms per expert
+        src_rows = cute.make_rmem_tensor((n_slots,), Int32)
+        issued = Int32(0)  # k-tile stages this producer has filled so far (all tiles)
+        tile = bidx
+        e = Int32(0)
+        while tile < total_tiles:
+            while tile >= s_prefix[e + 1]:
+                e = e + 1
+            rows_lo = s_rows[e]
+            rows_hi = s_rows[e + 1]
+            n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
+            local = tile - s_prefix[e]
+            w_tile = local // n_t_tiles
+            row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
+            for j in cutlass.range_constexpr(n_slots):
+                r = row_start + row0 + 16 * j
+                src_row = Int32(-1)
+                if r < rows_hi:
+                    if cutlass.const_expr(self.gated):
+                        src_row = gather_index[r]
+                    else:
+                        src_row = r
+                src_rows[j] = src_row
+            for kt in range(self.k_tiles):
+                stage = issued % self.stages
+                cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
+                # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom
+                q_base = ((e * self.k_tiles + kt) * n_blocks + w_tile * n_atoms) * WG + tidx
+                for a in cutlass.range_constexpr(n_atoms):
+                    cute.copy(g2s_i32, qweight[q_base + a * WG, None], s_q[None, tidx, a, stage])
+                # meta of the groups starting in this k-tile (consumers keep them in registers)
+                if (kt * TILE_K) % self.group_size == 0:
+                    if tidx < meta_chunks:
+                        grp = tidx // (self.tile_w // 4)
+                        m_chunk = (
+                            (e * self.groups + (kt * TILE_K) // self.group_size + grp) * self.n_out
+                            + w_tile * self.tile_w
+                        ) // 4 + (tidx - grp * (self.tile_w // 4))
+                        cute.copy(g2s_i32, meta[m_chunk, None], s_meta[None, tidx, stage])
+                if row_active:
+                    for j in cutlass.range_constexpr(n_slots):
+                        if src_rows[j] >= 0:
+                            src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
+                            dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, stage], (VEC,))
+                            cute.copy(g2s_bf16, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
+                if cutlass.const_expr(self.fence_mode == "producer"):
+                    cute.arch.cp_async_commit_group()
+                    if issued >= CP_ASYNC_LAG:
+                        cute.arch.cp_async_wait_group(CP_ASYNC_LAG)
+                        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+                        cute.arch.mbarrier_arrive(full + (issued - CP_ASYNC_LAG) % self.stages)
+                else:
+                    cute.arch.cp_async_mbarrier_arrive_noinc(full + stage)
+                issued = issued + 1
+            tile = tile + gdim
+        cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(0)
+        if cutlass.const_expr(self.fence_mode == "producer"):
+            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+            for d in cutlass.range_constexpr(CP_ASYNC_LAG, 0, -1):
+                if issued >= d:
+                    cute.arch.mbarrier_arrive(full + (issued - d) % self.stages)
+
+    @cute.jit
+    def k_step(
+        self,
+        tiled_mma: cute.TiledMma,
+        acc: cute.Tensor,
+        a_frag: cute.Tensor,
+        t_cr_t: cute.Tensor,
+        s_q: cute.Tensor,
+        s_meta: cute.Tensor,
+        scale2: cute.Tensor,
+        neg_zero2: cute.Tensor,
+        atom_idx: cute.Tensor,
+        meta_row: cute.Tensor,
+        stage: Int32,
+        load_meta: cutlass.Constexpr,
+    ):
+        """One k-tile whose stage has landed: (new groups: meta -> registers), dequant into a_frag, 4 wgmma."""
+        tidx, _, _ = cute.arch.thread_idx()
+        ctid_wg = (tidx - WG) % WG
+        gpk = self.groups_per_ktile
+        mma_m = cute.size(acc, mode=[1])
+        if cutlass.const_expr(load_meta):
+            for m in cutlass.range_constexpr(mma_m):
+                for j in cutlass.range_constexpr(gpk):
+                    for h in cutlass.range_constexpr(2):
+                        word = s_meta[j * self.tile_w + meta_row[m] + 8 * h, stage]
+                        scale2[(m * gpk + j) * 2 + h] = _prmt(word, 0x1010)
+                        neg_zero2[(m * gpk + j) * 2 + h] = _prmt(word, 0x3232)
+        a_i32 = cute.recast_tensor(a_frag, Int32)
+        q_reg = cute.make_rmem_tensor((4,), Int32)
+        for m in cutlass.range_constexpr(mma_m):
+            cute.autovec_copy(s_q[None, ctid_wg, atom_idx[m], stage], q_reg)
+            for kb in cutlass.range_constexpr(TILE_K // 16):
+                j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
+                word = q_reg[kb]
+                for i in cutlass.range_constexpr(4):
+                    reg = (m * gpk + j) * 2 + i % 2  # registers 0, 2: row r; 1, 3: row r + 8
+                    a_i32[i + 4 * (m + mma_m * kb)] = _dequant_pair(word, i, scale2[reg], neg_zero2[reg])
+        warpgroup.fence()
+        for kb in cutlass.range_constexpr(TILE_K // 16):
+            cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb, stage)], acc)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def consume(
+        self,
+        out: cute.Tensor,
+        tiled_mma: cute.TiledMma,
+        storage,
+        t_layout: cute.ComposedLayout,
+        s_rows: cute.Tensor,
+        s_prefix: cute.Tensor,
+        total_tiles: Int32,
+    ):
+        """Consumer warpgroups: dequant + wgmma (A from registers) over the k-tiles, then the epilogue."""
+        tile_t = self.tile_t
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        gdim, _, _ = cute.arch.grid_dim()
+        lane = cute.arch.lane_idx()
+        full = storage.full_bar.data_ptr()
+        empty = storage.empty_bar.data_ptr()
+        cute.arch.warpgroup_reg_alloc(CONSUMER_REGS[self.n_consumer_wg])
+        ctid = tidx - WG
+        gpk = self.groups_per_ktile
+        s_q = storage.s_q.get_tensor(
+            cute.make_layout((4, WG, self.n_atoms, self.stages), stride=(1, 4, 4 * WG, 4 * WG * self.n_atoms))
+        )
+        meta_words = gpk * self.tile_w
+        s_meta = storage.s_meta.get_tensor(cute.make_layout((meta_words, self.stages), stride=(1, meta_words)))
+        s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)
+        s_out = storage.s_out.get_tensor(cute.make_layout((self.epi_t, self.out_pitch), stride=(self.out_pitch, 1)))
+        thr_mma = tiled_mma.get_slice(ctid)
+        t_cr_t = tiled_mma.make_fragment_B(thr_mma.partition_B(s_t))
+        t_cc = thr_mma.partition_C(cute.make_identity_tensor((self.tile_w, tile_t)))
+        a_shape = tiled_mma.partition_shape_A((self.tile_w, TILE_K))  # ((2, 2, 2), MMA_M, 4)
+        a_even = cute.make_rmem_tensor(a_shape, BFloat16)
+        a_odd = cute.make_rmem_tensor(a_shape, BFloat16)
+        acc_shape = tiled_mma.partition_shape_C((self.tile_w, tile_t))
+        if cutlass.const_expr(tile_t == 8):
+            acc_shape = ((2, 2, 1), 1, 1)  # 4.3.5's verifier wants the N/8 mode kept for the 64x8 atom
+        acc = cute.make_rmem_tensor(acc_shape, Float32)
+        mma_m = cute.size(acc, mode=[1])
+        # This thread's A rows: value 0 of m64 atom m sits in row t_ca[(0, m, 0)][0] (= atom base + 16 w + g,
+        # the layout prepare_w4a16_weights packs for); its atom is that row // 64.
+        t_ca = thr_mma.partition_A(cute.make_identity_tensor((self.tile_w, TILE_K)))
+        atom_idx = cute.make_rmem_tensor((mma_m,), Int32)
+        meta_row = cute.make_rmem_tensor((mma_m,), Int32)
+        for m in cutlass.range_constexpr(mma_m):
+            row = t_ca[(0, m, 0)][0]
+            meta_row[m] = row
+            atom_idx[m] = row // ATOM_M
+        scale2 = cute.make_rmem_tensor((mma_m * gpk * 2,), Int32)
+        neg_zero2 = cute.make_rmem_tensor((mma_m * gpk * 2,), Int32)
+        epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.n_consumer_threads)
+        copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
+        out_frag = cute.make_rmem_tensor((VEC,), BFloat16)
+        epi_t = self.epi_t
+        chunks_per_row = self.out_cols // VEC
+        n_chunks = epi_t * chunks_per_row
+        meta_every_ktile = self.group_size <= TILE_K  # else a group spans 2 k-tiles: starts at even ones
+        read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        tile = bidx
+        e = Int32(0)
+        while tile < total_tiles:
+            while tile >= s_prefix[e + 1]:
+                e = e + 1
+            rows_lo = s_rows[e]
+            rows_hi = s_rows[e + 1]
+            n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
+            local = tile - s_prefix[e]
+            w_tile = local // n_t_tiles
+            col_chunk0 = w_tile * chunks_per_row
+            row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
+
+            acc.fill(0.0)
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            # k-tiles 0 and 1 peeled: from k-tile 1 on, every step releases the stage of the step before.
+            cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
+            if cutlass.const_expr(self.fence_mode == "consumer"):
+                cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+            self.k_step(
+                tiled_mma,
+                acc,
+                a_even,
+                t_cr_t,
+                s_q,
+                s_meta,
+                scale2,
+                neg_zero2,
+                atom_idx,
+                meta_row,
+                read_state.index,
+                True,
+            )
+            read_state.advance()
+            for _kp in range(self.k_tiles // 2 - 1):  # k-tiles 2 kp + 1 (odd set) and 2 kp + 2 (even set)
+                cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
+                if cutlass.const_expr(self.fence_mode == "consumer"):
+                    cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+                self.k_step(
+                    tiled_mma,
+                    acc,
+                    a_odd,
+                    t_cr_t,
+                    s_q,
+                    s_meta,
+                    scale2,
+                    neg_zero2,
+                    atom_idx,
+                    meta_row,
+                    read_state.index,
+                    meta_every_ktile,
+                )
+                read_state.advance()
+                warpgroup.wait_group(1)  # the even step's wgmma finished: its stage and a_even are free
+                if lane == 0:
+                    cute.arch.mbarrier_arrive(empty + release_state.index)
+                release_state.advance()
+                cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
+                if cutlass.const_expr(self.fence_mode == "consumer"):
+                    cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+                self.k_step(
+                    tiled_mma,
+                    acc,
+                    a_even,
+                    t_cr_t,
+                    s_q,
+                    s_meta,
+                    scale2,
+                    neg_zero2,
+                    atom_idx,
+                    meta_row,
+                    read_state.index,
+                    True,
+                )
+                read_state.advance()
+                warpgroup.wait_group(1)  # the odd step's wgmma finished: its stage and a_odd are free
+                if lane == 0:
+                    cute.arch.mbarrier_arrive(empty + release_state.index)
+                release_state.advance()
+            # last k-tile (odd)
+            cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
+            if cutlass.const_expr(self.fence_mode == "consumer"):
+                cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+            self.k_step(
+                tiled_mma,
+                acc,
+                a_odd,
+                t_cr_t,
+                s_q,
+                s_meta,
+                scale2,
+                neg_zero2,
+                atom_idx,
+                meta_row,
+                read_state.index,
+                meta_every_ktile,
+            )
+            read_state.advance()
+            warpgroup.wait_group(1)
+            if lane == 0:
+                cute.arch.mbarrier_arrive(empty + release_state.index)
+            release_state.advance()
+            warpgroup.wait_group(0)
+            if lane == 0:
+                cute.arch.mbarrier_arrive(empty + release_state.index)
+            release_state.advance()
+
+            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] -> 16-byte stores
+            # of the valid rows. Fragment value v + m * tile_t / 2 (m: the warpgroup's m64 atom) holds column
+            # 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a chunk of tokens is a static set of values.
+            for ec in cutlass.range_constexpr(tile_t // epi_t):
+                epi_barrier.arrive_and_wait()  # the previous s_out readers are done
+                for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
+                    v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
+                    coord = t_cc[v]
+                    wrow = coord[0]
+                    tok = coord[1] - ec * epi_t
+                    if cutlass.const_expr(self.gated):
+                        # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the
+                        # matching up row 8 below it (prepare_expert_weights interleaves by 8 rows).
+                        if cutlass.const_expr(v % 4 < 2):
+                            gate = acc[v]
+                            up = acc[v + 2]
+                            act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
+                            s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
+                    else:
+                        s_out[tok, wrow] = acc[v].to(BFloat16)
+                epi_barrier.arrive_and_wait()
+                chunk_row0 = row_start + ec * epi_t
+                valid_rows = rows_hi - chunk_row0
+                for it in cutlass.range_constexpr((n_chunks + self.n_consumer_threads - 1) // self.n_consumer_threads):
+                    q = ctid + it * self.n_consumer_threads
+                    tok = q // chunks_per_row
+                    ch = q - tok * chunks_per_row
+                    if q < n_chunks and tok < valid_rows:
+                        src = cute.zipped_divide(s_out[tok, None], (VEC,))
+                        cute.autovec_copy(src[None, ch], out_frag)
+                        dst = cute.zipped_divide(out[chunk_row0 + tok, None], (VEC,))
+                        cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
+            tile = tile + gdim
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: support check, compile cache, launch wrappers, reference.
+# ------------------------------------------------------------------------------------------------
+
+
+def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tuple[bool, str]:
+    """Whether w4a16_expert_up / _down take this layer (checked once, at weight-preparation time)."""
+    if group_size not in GROUP_SIZES:
+        return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
+    if hidden % (2 * TILE_K) or inter % (2 * TILE_K):
+        return False, f"H={hidden} and I={inter} must be multiples of {2 * TILE_K}"
+    if inter % 32:
+        return False, f"I={inter} must be a multiple of 32 (2I in 64-row atoms)"
+    for gated, n_out, k_dim in ((True, 2 * inter, hidden), (False, hidden, inter)):
+        config = TileConfig(64, 8)
+        ok, reason = W4A16GroupedGemmSm90.supports(
+            gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
+        )
+        if not ok:
+            return False, reason
+    return True, "ok"
+
+
+_compiled: dict[tuple, object] = {}  # (gated, n_out, k_dim, E, g, tile config) -> compiled fn; never T
+compile_seconds: dict[tuple, float] = {}
+_weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape) -> cute views of the prepared tensors
+
+
+def _prepared_views(prepared: W4A16Weights):
+    key = (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape), prepared.group_size)
+    views = _weight_views.get(key)
+    if views is None:
+        q = prepared.qweight.view(-1, 4)  # 16-byte chunks, see w4a16_layout
+        m = prepared.meta.view(-1, 4)
+        views = _weight_views[key] = (from_dlpack(q, assumed_align=16), from_dlpack(m, assumed_align=16))
+    return views
+
+
+def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
+    num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
+    if config is None:
+        config = choose_w4a16_tile(out.shape[0], num_experts, n_out)
+    key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)
+    q_view, meta_view = _prepared_views(prepared)
+    args = (
+        q_view,
+        meta_view,
+        _rows(tokens),
+        _rows(gather_index, 4),
+        from_dlpack(expert_offsets, assumed_align=4),
+        _rows(out),
+        _sm_count(out.device),
+        _stream(),
+    )
+    fn = _compiled.get(key)
+    if fn is None:
+        kernel = W4A16GroupedGemmSm90(
+            gated=prepared.gated,
+            n_out=n_out,
+            k_dim=k_dim,
+            num_experts=num_experts,
+            group_size=prepared.group_size,
+            config=config,
+        )
+        start = time.perf_counter()
+        fn = _compiled[key] = cute.compile(kernel, *args)
+        compile_seconds[key] = time.perf_counter() - start
+    fn(*args)
+    return out
+
+
+def _check_prepared(name: str, prepared: W4A16Weights, gated: bool):
+    if not isinstance(prepared, W4A16Weights):
+        raise TypeError(f"expected {name} from prepare_w4a16_weights, got {type(prepared).__name__}")
+    if prepared.gated != gated:
+        raise ValueError(f"{name} was prepared with gated={prepared.gated}, expected gated={gated}")
+    for t in (prepared.qweight, prepared.meta):
+        if not t.is_cuda or not t.is_contiguous() or t.data_ptr() % 16:
+            raise ValueError(f"{name} tensors must be contiguous, 16-byte aligned CUDA tensors")
+
+
+def w4a16_expert_up(
+    x: torch.Tensor,  # [T, H] bf16
+    gather_index: torch.Tensor,  # [M] int32
+    expert_offsets: torch.Tensor,  # [E + 1] int32
+    w13: W4A16Weights,  # prepare_w4a16_weights(..., gated=True) of w13 [E, 2I, H]
+    out: torch.Tensor | None = None,  # [M, I]
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights; no host sync, graph-capturable."""
+    _check_prepared("w13", w13, gated=True)
+    _check("x", x, torch.bfloat16, 2)
+    if x.shape[1] != w13.k_dim:
+        raise ValueError(f"x has hidden size {x.shape[1]}, w13 expects {w13.k_dim}")
+    if gather_index.dtype != torch.int32 or expert_offsets.dtype != torch.int32:
+        raise ValueError("gather_index and expert_offsets must be int32")
+    if expert_offsets.numel() != w13.num_experts + 1:
+        raise ValueError(f"expected expert_offsets [{w13.num_experts + 1}], got {tuple(expert_offsets.shape)}")
+    num_rows = gather_index.shape[0]
+    if out is None:
+        out = x.new_empty(num_rows, w13.n_out // 2)
+    if num_rows == 0:
+        return out
+    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
+
+
+def w4a16_expert_down(
+    act: torch.Tensor,  # [M, I] bf16, rows sorted by expert
+    expert_offsets: torch.Tensor,  # [E + 1] int32
+    w2: W4A16Weights,  # prepare_w4a16_weights(..., gated=False) of w2 [E, H, I]
+    out: torch.Tensor | None = None,  # [M, H]
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """y [M, H] = act W2_e^T per expert (expert-sorted rows), int4 weights; no host sync, graph-capturable."""
+    _check_prepared("w2", w2, gated=False)
+    _check("act", act, torch.bfloat16, 2)
+    if act.shape[1] != w2.k_dim:
+        raise ValueError(f"act has intermediate size {act.shape[1]}, w2 expects {w2.k_dim}")
+    if expert_offsets.dtype != torch.int32 or expert_offsets.numel() != w2.num_experts + 1:
+        raise ValueError(f"expected int32 expert_offsets [{w2.num_experts + 1}], got {expert_offsets.dtype}")
+    num_rows = act.shape[0]
+    if out is None:
+        out = act.new_empty(num_rows, w2.n_out)
+    if num_rows == 0:
+        return out
+    # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
+    return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config)
+
+
+def reference_expert_up(x, gather_index, expert_offsets, qweight, scales, zeros, group_size: int) -> torch.Tensor:
+    """Dequantise the canonical w13 (fp32) then ops.reference.expert_up in fp32 -> act [M, I] fp32."""
+    from light_moe.ops import reference
+
+    w13 = dequantize_reference(qweight, scales, zeros, group_size)
+    return reference.expert_up(x.float(), gather_index, expert_offsets, w13)
+
+
+def reference_expert_down(act, expert_offsets, qweight, scales, zeros, group_size: int) -> torch.Tensor:
+    """Dequantise the canonical w2 (fp32) then ops.reference.expert_down in fp32 -> y [M, H] fp32."""
+    from light_moe.ops import reference
+
+    w2 = dequantize_reference(qweight, scales, zeros, group_size)
+    return reference.expert_down(act.float(), expert_offsets, w2)

@@ -1,0 +1,122 @@
+"""CPU-only compile tests of the W4A16 grouped GEMM (sm_90a cubins), plus CPU checks of its weight layout."""
+
+import pytest
+import torch
+
+cute = pytest.importorskip("cutlass.cute")
+
+from cutlass import BFloat16, Int32  # noqa: E402
+from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+
+from light_moe.kernels import w4a16_layout as layout  # noqa: E402
+from light_moe.kernels.tile_config import TileConfig  # noqa: E402
+from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, choose_w4a16_tile, supports  # noqa: E402
+from tests.kernels.compile_check import compile_sm90a  # noqa: E402
+
+
+def _rows(dtype, width, align=16):
+    return make_fake_compact_tensor(dtype, (cute.sym_int32(), width), stride_order=(1, 0), assumed_align=align)
+
+
+def _args(gated: bool, num_experts: int, hidden: int, inter: int, group_size: int):
+    n_out, k_dim = (2 * inter, hidden) if gated else (hidden, inter)
+    q_chunks = num_experts * (k_dim // layout.TILE_K) * (n_out // layout.ATOM_M) * 128
+    meta_chunks = num_experts * (k_dim // group_size) * n_out // 4
+    qweight = make_fake_compact_tensor(Int32, (q_chunks, 4), stride_order=(1, 0), assumed_align=16)
+    meta = make_fake_compact_tensor(Int32, (meta_chunks, 4), stride_order=(1, 0), assumed_align=16)
+    tokens = _rows(BFloat16, k_dim)
+    gather_index = make_fake_compact_tensor(Int32, (cute.sym_int32(),), assumed_align=4)
+    offsets = make_fake_compact_tensor(Int32, (num_experts + 1,), assumed_align=4)
+    out = _rows(BFloat16, inter if gated else hidden)
+    return n_out, k_dim, (qweight, meta, tokens, gather_index, offsets, out, 132, make_fake_stream())
+
+
+# One compiled kernel serves zeros and no zeros (symmetric weights carry z = 8 in meta), so "with and without
+# zeros" is a data difference; the cases vary projection, tile and group size instead.
+CASES = {
+    # name: (gated, E, H, I, group size, tile config)
+    "up_decode_64x8_g128": (True, 8, 4096, 14336, 128, TileConfig(64, 8)),
+    "down_decode_64x8_g128": (False, 8, 4096, 14336, 128, TileConfig(64, 8)),
+    "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
+    "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
+    "up_mid_128x32_g32_E64": (True, 64, 1024, 768, 32, TileConfig(128, 32)),
+    "down_mid_128x64_g64_E64": (False, 64, 1024, 768, 64, TileConfig(128, 64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_w4a16_gemm_compiles(name, tmp_path):
+    gated, num_experts, hidden, inter, group_size, config = CASES[name]
+    n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
+    kernel = W4A16GroupedGemmSm90(
+        gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
+    )
+    cubin, seconds = compile_sm90a(kernel, *args, dump_root=str(tmp_path))
+    print(f"{name}: {seconds:.2f} s, stages={kernel.stages}, cubin {cubin}")
+
+
+def _canonical(num_experts, n_out, k_dim, group_size, with_zeros, generator):
+    q = torch.randint(0, 16, (num_experts, n_out, k_dim), dtype=torch.int32, generator=generator)
+    qweight = torch.zeros(num_experts, n_out, k_dim // 8, dtype=torch.int32)
+    for i in range(8):
+        qweight |= q[..., i::8] << (4 * i)
+    scales = (torch.rand(num_experts, n_out, k_dim // group_size, generator=generator) * 0.02 + 1e-3).bfloat16()
+    zeros = None
+    if with_zeros:
+        zeros = torch.randint(0, 16, scales.shape, dtype=torch.uint8, generator=generator)
+    return q, qweight, scales, zeros
+
+
+@pytest.mark.parametrize("gated", (False, True))
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+@pytest.mark.parametrize("with_zeros", (False, True))
+def test_prepared_layout_round_trip(gated, group_size, with_zeros):
+    """The packed fragment order + the emulated lop3/fma dequant reproduce bf16((q - z) * s) exactly."""
+    gen = torch.Generator().manual_seed(group_size + 2 * gated + with_zeros)
+    _, qweight, scales, zeros = _canonical(3, 128, 256, group_size, with_zeros, gen)
+    prepared = layout.prepare_w4a16_weights(qweight, scales, zeros, group_size, gated)
+    assert prepared.qweight.shape == (3, 256 // 64, 128 // 64, 128, 4)
+    assert prepared.meta.shape == (3, 256 // group_size, 128)
+    ref = layout.dequantize_reference(qweight, scales, zeros, group_size).bfloat16().float()
+    assert torch.equal(layout.unpack_prepared(prepared), ref)
+
+
+def test_fragment_order_of_one_thread():
+    """Thread t = 32 w + 4 g + q, k16 block kb: word kb holds rows 16 w + g (+8), columns 2 q (+1, +8, +9)."""
+    q = torch.zeros(1, 64, 128, dtype=torch.int32)
+    w, g, qq, kb = 2, 5, 3, 1
+    r, c = 16 * w + g, 16 * kb + 2 * qq
+    values = {
+        (r, c): 1,
+        (r, c + 1): 2,
+        (r + 8, c): 3,
+        (r + 8, c + 1): 4,
+        (r, c + 8): 5,
+        (r, c + 9): 6,
+        (r + 8, c + 8): 7,
+        (r + 8, c + 9): 8,
+    }
+    for (row, col), v in values.items():
+        q[0, row, col] = v
+    qweight = torch.zeros(1, 64, 16, dtype=torch.int32)
+    for i in range(8):
+        qweight |= q[..., i::8] << (4 * i)
+    scales = torch.ones(1, 64, 1, dtype=torch.bfloat16)
+    prepared = layout.prepare_w4a16_weights(qweight, scales, None, 128, gated=False)
+    word = int(prepared.qweight[0, 0, 0, 32 * w + 4 * g + qq, kb]) & 0xFFFFFFFF
+    # bf16x2 register i = (value 2i, value 2i + 1) = nibbles (i, i + 4)
+    for i in range(4):
+        assert (word >> (4 * i)) & 0xF == 2 * i + 1
+        assert (word >> (4 * (i + 4))) & 0xF == 2 * i + 2
+
+
+def test_supports_and_tiles():
+    assert supports(8, 4096, 14336, 128) == (True, "ok")
+    assert not supports(8, 4096, 14336, 100)[0]
+    assert not supports(8, 4096, 14300, 128)[0]
+    assert choose_w4a16_tile(2, 8, 28672) == TileConfig(64, 8)
+    assert choose_w4a16_tile(2 * 4096, 8, 28672) == TileConfig(128, 128, "producer")
+    ok, reason = W4A16GroupedGemmSm90.supports(
+        gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=128, config=TileConfig(256, 128)
+    )
+    assert not ok and "tile_w" in reason
