@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from light_moe import LightMoEEngine, SamplingParams
 from light_moe.cli import main as cli_main
 from light_moe.ops.backend import ReferenceOps
-from light_moe.quant import W4A16Config, QuantizedWeight, pack_int4, rtn_quantize, unpack_int4
+from light_moe.quant import QuantizedWeight, W4A16Config, pack_int4, rtn_quantize, unpack_int4
 from light_moe.quant.w4a16 import SYMMETRIC_ZERO
 from tests.tiny_models import make_tiny_checkpoint
 

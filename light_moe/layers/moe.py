@@ -66,8 +66,9 @@ class QuantizedFusedExperts(nn.Module):
         for field in ("qweight", "scales", "zeros", "perm"):
             buffer, value = getattr(self, f"{name}_{field}"), getattr(weight, field)
             if (buffer is None) != (value is None):
-                raise ValueError(f"experts.{name}_{field}: the layer was built {'with' if buffer is not None else 'without'}"
-                                 f" it but the loaded weight has {'none' if value is None else 'one'}")
+                built = "with" if buffer is not None else "without"
+                raise ValueError(f"experts.{name}_{field}: the layer was built {built} it but the loaded weight "
+                                 f"has {'none' if value is None else 'one'}")
             if buffer is not None:
                 if tuple(buffer.shape) != tuple(value.shape):
                     raise ValueError(f"expected experts.{name}_{field} of shape {list(buffer.shape)}, "

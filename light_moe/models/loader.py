@@ -29,8 +29,12 @@ from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.models.base import MoECausalLM
 from light_moe.models.registry import resolve_architecture
 from light_moe.ops.backend import MoEOps
-from light_moe.quant.checkpoint import (CheckpointFormat, dequantize_linear, read_checkpoint_quantization,
-                                       read_quantized_experts)
+from light_moe.quant.checkpoint import (
+    CheckpointFormat,
+    dequantize_linear,
+    read_checkpoint_quantization,
+    read_quantized_experts,
+)
 from light_moe.quant.scheme import W4A16Config
 from light_moe.quant.w4a16 import rtn_quantize
 
