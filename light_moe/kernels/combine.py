@@ -20,6 +20,8 @@ import torch
 from cutlass import BFloat16, Float16, Float32, Int32
 from cutlass.cute.runtime import make_ptr
 
+from light_moe.kernels.launch import current_stream
+
 THREADS = 128
 MAX_TOP_K = 16
 _DTYPES = {torch.bfloat16: BFloat16, torch.float16: Float16, torch.float32: Float32}
@@ -85,15 +87,7 @@ class CombineKernel:
 
 
 _compiled: dict = {}  # (dtype, H, K) -> compiled function; never keyed on T
-_streams: dict = {}
 
-
-def _current_stream():
-    handle = torch.cuda.current_stream().cuda_stream
-    stream = _streams.get(handle)
-    if stream is None:
-        stream = _streams[handle] = cuda.CUstream(handle)
-    return stream
 
 
 def make_compile_args(dtype: torch.dtype, hidden: int, top_k: int, stream=None):
@@ -115,7 +109,7 @@ def compiled_combine(dtype: torch.dtype, hidden: int, top_k: int):
     key = (dtype, hidden, top_k)
     fn = _compiled.get(key)
     if fn is None:
-        jit_fn, args = make_compile_args(dtype, hidden, top_k, _current_stream())
+        jit_fn, args = make_compile_args(dtype, hidden, top_k, current_stream())
         fn = _compiled[key] = cute.compile(jit_fn, *args)
     return fn
 
@@ -154,7 +148,7 @@ def combine_into(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: tor
         make_ptr(Float32, topk_weights.data_ptr(), gmem, assumed_align=4),
         make_ptr(cdt, out.data_ptr(), gmem, assumed_align=16),
         Int32(num_tokens),
-        _current_stream(),
+        current_stream(),
     )
 
 

@@ -51,6 +51,7 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
+from light_moe.kernels.launch import current_stream
 from light_moe.kernels.tile_config import TileConfig, choose_tile_config
 
 TILE_K = 64  # bf16 elements per k-tile: one 128-byte swizzle row
@@ -519,17 +520,9 @@ def prepare_expert_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.T
 
 _compiled: dict[tuple, object] = {}  # (gated, dtype, n_out, k_dim, E, tile_w, tile_t) -> compiled fn
 compile_seconds: dict[tuple, float] = {}
-_streams: dict[int, cuda.CUstream] = {}
 _weight_views: dict[tuple, object] = {}  # (data_ptr, shape) -> cute tensor of the (n_out, k, E) weight view
 _num_sms: dict[int, int] = {}
 
-
-def _stream() -> cuda.CUstream:
-    handle = torch.cuda.current_stream().cuda_stream
-    stream = _streams.get(handle)
-    if stream is None:
-        stream = _streams[handle] = cuda.CUstream(handle)
-    return stream
 
 
 def _rows(t: torch.Tensor, align: int = 16):
@@ -566,7 +559,7 @@ def _launch(gated: bool, weights, tokens, gather_index, expert_offsets, out, con
         from_dlpack(expert_offsets, assumed_align=4),
         _rows(out),
         _sm_count(out.device),
-        _stream(),
+        current_stream(),
     )
     fn = _compiled.get(key)
     if fn is None:

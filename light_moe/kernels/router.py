@@ -45,6 +45,8 @@ from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from light_moe.kernels.launch import current_stream
+
 _TORCH_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 MAX_EXPERTS = 256
 MAX_TOP_K = 8
@@ -481,15 +483,7 @@ def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: 
 
 
 _compiled: dict = {}  # (dtype, H, E, K, renormalize, tile) -> compiled function; never keyed on T
-_streams: dict = {}  # torch stream handle -> CUstream (building one costs ~8 us)
 
-
-def _current_stream():
-    handle = torch.cuda.current_stream().cuda_stream
-    stream = _streams.get(handle)
-    if stream is None:
-        stream = _streams[handle] = cuda.CUstream(handle)
-    return stream
 
 
 def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
@@ -497,7 +491,7 @@ def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: in
     key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile)
     fn = _compiled.get(key)
     if fn is None:
-        jit_fn, args = make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile, _current_stream())
+        jit_fn, args = make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile, current_stream())
         fn = _compiled[key] = cute.compile(jit_fn, *args)
     return fn
 
@@ -560,7 +554,7 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
        make_ptr(Int32, topk_ids.data_ptr(), gmem, assumed_align=4),
        make_ptr(Int32, tokens_per_expert.data_ptr(), gmem, assumed_align=4),
        make_ptr(Float32, workspace.data_ptr(), gmem, assumed_align=4),
-       Int32(num_tokens), _current_stream())
+       Int32(num_tokens), current_stream())
 
 
 def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool

@@ -31,6 +31,8 @@ from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from light_moe.kernels.launch import current_stream
+
 MAX_EXPERTS = 256
 THREADS = 512  # 16 warps: one chunk = 512 assignments
 WARPS = THREADS // 32
@@ -242,15 +244,7 @@ class RoutingKernel:
 
 
 _compiled: dict = {}  # (E, K, single_cta) -> compiled function; never keyed on M
-_streams: dict = {}
 
-
-def _current_stream():
-    handle = torch.cuda.current_stream().cuda_stream
-    stream = _streams.get(handle)
-    if stream is None:
-        stream = _streams[handle] = cuda.CUstream(handle)
-    return stream
 
 
 def make_compile_args(num_experts: int, top_k: int, single_cta: bool, stream=None):
@@ -264,7 +258,7 @@ def compiled_routing(num_experts: int, top_k: int, single_cta: bool):
     key = (num_experts, top_k, single_cta)
     fn = _compiled.get(key)
     if fn is None:
-        jit_fn, args = make_compile_args(num_experts, top_k, single_cta, _current_stream())
+        jit_fn, args = make_compile_args(num_experts, top_k, single_cta, current_stream())
         fn = _compiled[key] = cute.compile(jit_fn, *args)
     return fn
 
@@ -307,7 +301,7 @@ def routing_metadata_into(topk_ids: torch.Tensor, num_experts: int, expert_offse
     gmem = cute.AddressSpace.gmem
     fn(*(make_ptr(Int32, t.data_ptr(), gmem, assumed_align=4)
          for t in (topk_ids, workspace, expert_offsets, gather_index, reverse_index)),
-       Int32(num_rows), _current_stream())
+       Int32(num_rows), current_stream())
 
 
 def routing_metadata(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,7 +45,8 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 from cutlass.cutlass_dsl import dsl_user_op
 
-from light_moe.kernels.grouped_gemm import GroupedGemmSm90, _check, _rows, _sm_count, _stream
+from light_moe.kernels.grouped_gemm import GroupedGemmSm90, _check, _rows, _sm_count
+from light_moe.kernels.launch import current_stream
 from light_moe.kernels.tile_config import TileConfig
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
@@ -740,7 +741,7 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
         from_dlpack(expert_offsets, assumed_align=4),
         _rows(out),
         _sm_count(out.device),
-        _stream(),
+        current_stream(),
     )
     fn = _compiled.get(key)
     if fn is None:

@@ -1,5 +1,31 @@
 """Config helpers shared by the family files."""
-from light_moe.config import hf_field
+from light_moe.config import hf_field, rope_theta_of
+
+
+def decoder_fields(hf: dict, architecture: str, rms_norm_eps: float, rope_theta: float = 10000.0,
+                   head_dim_field: bool = True) -> dict:
+    """The ModelConfig fields every family reads the same way: sizes, norms, RoPE, special tokens.
+    A family passes its own defaults (they differ between the reference implementations) and
+    adds its MoE and attention specifics."""
+    heads = hf_field(hf, "num_attention_heads")
+    hidden = hf_field(hf, "hidden_size")
+    head_dim = hf_field(hf, "head_dim", hidden // heads) if head_dim_field else hidden // heads
+    return dict(
+        architecture=architecture,
+        vocab_size=hf_field(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=hf_field(hf, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=hf_field(hf, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        max_position_embeddings=hf_field(hf, "max_position_embeddings"),
+        rms_norm_eps=hf_field(hf, "rms_norm_eps", rms_norm_eps),
+        rope_theta=rope_theta_of(hf, rope_theta),
+        tie_word_embeddings=hf_field(hf, "tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids_of(hf),
+        torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32",
+    )
 
 
 def eos_ids_of(hf: dict) -> tuple[int, ...]:

@@ -1,27 +1,16 @@
 """Qwen2-MoE: q/k/v bias, a shared expert scaled by sigmoid(shared_expert_gate), MoE only on
 layers chosen by decoder_sparse_step and mlp_only_layers (the rest are dense SwiGLU)."""
-from light_moe.config import ModelConfig, hf_field, rope_theta_of
+from light_moe.config import ModelConfig, hf_field
 from light_moe.models.base import MoECausalLM
-from light_moe.models.common import eos_ids_of, num_experts_of, sparse_layers
+from light_moe.models.common import decoder_fields, num_experts_of, sparse_layers
 
 
 class Qwen2MoeForCausalLM(MoECausalLM):
     @staticmethod
     def parse_config(hf: dict) -> ModelConfig:
-        heads = hf_field(hf, "num_attention_heads")
-        layers = hf_field(hf, "num_hidden_layers")
-        sliding = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        base = decoder_fields(hf, "Qwen2MoeForCausalLM", rms_norm_eps=1e-6, head_dim_field=False)
         return ModelConfig(
-            architecture="Qwen2MoeForCausalLM",
-            vocab_size=hf_field(hf, "vocab_size"),
-            hidden_size=hf_field(hf, "hidden_size"),
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=hf_field(hf, "num_key_value_heads", heads),
-            head_dim=hf_field(hf, "hidden_size") // heads,
-            max_position_embeddings=hf_field(hf, "max_position_embeddings"),
-            rms_norm_eps=hf_field(hf, "rms_norm_eps", 1e-6),
-            rope_theta=rope_theta_of(hf),
+            **base,
             num_experts=num_experts_of(hf),
             top_k=hf_field(hf, "num_experts_per_tok"),
             moe_intermediate_size=hf_field(hf, "moe_intermediate_size"),
@@ -29,11 +18,7 @@ class Qwen2MoeForCausalLM(MoECausalLM):
             intermediate_size=hf_field(hf, "intermediate_size", 0),
             shared_expert_intermediate_size=hf_field(hf, "shared_expert_intermediate_size", 0),
             shared_expert_gate=True,
-            moe_layers=sparse_layers(hf, layers),
+            moe_layers=sparse_layers(hf, base["num_layers"]),
             qkv_bias=hf_field(hf, "qkv_bias", True),
-            tie_word_embeddings=hf_field(hf, "tie_word_embeddings", False),
-            sliding_window=sliding,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids_of(hf),
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32",
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
         )
