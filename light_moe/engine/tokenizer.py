@@ -75,17 +75,29 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Text of the generated tokens so far, emitted in increments that never split a UTF-8
-    character (a trailing U+FFFD is held back until the next token completes it)."""
+    """Text of the generated tokens so far, grown by increments that never split a UTF-8 character.
+
+    Each update decodes only a short window of recent tokens, not the whole output (which made
+    detokenisation O(n^2) per request and the largest host cost of a batch-64 decode step): the
+    text a new token adds is decode(ids[prefix:]) minus decode(ids[prefix:read]), where `prefix`
+    trails `read` by the tokens of the previous increment, so decoders whose output for a token
+    depends on its left neighbour (leading-space rules, characters split over byte tokens) see
+    that context. This is the scheme vLLM uses. A window ending in U+FFFD (an incomplete
+    character) or adding no text is held until the next token completes it.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
 
     def update(self, output_ids: list[int]) -> str:
-        full = self.tokenizer.decode(output_ids)
-        if full.endswith("\ufffd"):
+        prefix_text = self.tokenizer.decode(output_ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(output_ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
-        delta = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text = full
+        delta = new_text[len(prefix_text):]
+        self.text += delta
+        self.prefix_offset, self.read_offset = self.read_offset, len(output_ids)
         return delta

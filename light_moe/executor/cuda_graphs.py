@@ -95,7 +95,7 @@ class DecodeGraphs:
         for s in scheduled:
             req = s.request
             pos = req.num_computed_tokens
-            tokens.append(req.all_token_ids[pos])
+            tokens.append(req.tokens(pos, pos + 1)[0])
             positions.append(pos)
             slots.append(req.block_table[pos // bs] * bs + pos % bs)
             ctx.append(pos + 1)

@@ -112,7 +112,7 @@ class ModelRunner:
         for b, s in enumerate(scheduled):
             req = s.request
             start, count = req.num_computed_tokens, s.num_new_tokens
-            tokens = req.all_token_ids[start : start + count]
+            tokens = req.tokens(start, start + count)
             table = req.block_table
             input_ids.extend(tokens)
             pos = list(range(start, start + count))

@@ -102,30 +102,23 @@ class RankCall:
     args: tuple = ()
 
 
-class _TokenWindow:
-    """The planned chunk of a sequence's tokens, sliceable the one way ModelRunner.prepare slices
-    Request.all_token_ids ([start : start + n]); a plan never ships the whole context."""
-
-    def __init__(self, start: int, tokens: list[int]):
-        self.start, self.tokens = start, tokens
-
-    def __getitem__(self, index: slice) -> list[int]:
-        if index.start != self.start or index.stop != self.start + len(self.tokens):
-            raise IndexError(f"plan carries tokens [{self.start}, {self.start + len(self.tokens)}), "
-                             f"asked for [{index.start}, {index.stop})")
-        return self.tokens
-
-
 class _PlannedRequest(NamedTuple):
-    """What ModelRunner.prepare reads from a Request."""
+    """What ModelRunner.prepare reads from a Request; a plan carries only this step's chunk of tokens,
+    never the whole context."""
 
     num_computed_tokens: int
-    all_token_ids: _TokenWindow
+    planned_tokens: list[int]
     block_table: list[int]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        if start != self.num_computed_tokens or end != start + len(self.planned_tokens):
+            raise IndexError(f"plan carries tokens [{self.num_computed_tokens}, "
+                             f"{self.num_computed_tokens + len(self.planned_tokens)}), asked for [{start}, {end})")
+        return self.planned_tokens
 
 
 def _scheduled(seq: PlannedSequence) -> ScheduledRequest:
-    request = _PlannedRequest(seq.start, _TokenWindow(seq.start, seq.tokens), seq.block_table)
+    request = _PlannedRequest(seq.start, seq.tokens, seq.block_table)
     return ScheduledRequest(request, len(seq.tokens), seq.is_prefill, seq.samples)  # type: ignore[arg-type]
 
 
@@ -351,7 +344,7 @@ class ExpertParallelExecutor:
         for s in scheduled:
             req = s.request
             start = req.num_computed_tokens
-            tokens = req.all_token_ids[start : start + s.num_new_tokens]
+            tokens = req.tokens(start, start + s.num_new_tokens)
             sequences.append(PlannedSequence(self._owner(req), start, tokens, list(req.block_table), s.is_prefill,
                                              s.samples))
         placements, self._pending_placements = self._pending_placements, None
