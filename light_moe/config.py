@@ -147,7 +147,10 @@ class ParallelConfig:
     and by rebalancing); rebalance_interval > 0 rebalances every that many steps when the window's
     max/mean tokens per rank exceeds rebalance_threshold (0: only engine.rebalance()).
     enable_overlap: two micro-batches per MoE layer so one's exchange runs while the other computes
-    (parallel/overlap.py); off by default until `light-moe bench ep` shows it pays on the target GPUs."""
+    (parallel/overlap.py); off by default until `light-moe bench ep` shows it pays on the target GPUs.
+    fixed_capacity_tokens C > 0: steps whose largest per-rank routed-row count (tokens x top_k) is at
+    most C exchange a fixed, padded number of rows per rank pair, with no host sync (parallel/dispatch.py;
+    256 is a sensible value); 0 (default, until `bench ep` measures it on GPUs): always variable splits."""
 
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
@@ -159,6 +162,7 @@ class ParallelConfig:
     expert_load_window: int = 1024
     rebalance_interval: int = 0
     rebalance_threshold: float = 1.2
+    fixed_capacity_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -173,7 +177,7 @@ class ParallelConfig:
             raise ValueError("expert_placement='load_aware' needs expert_load_file (recorded per-layer expert load)")
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
-        for name in ("num_redundant_experts", "rebalance_interval"):
+        for name in ("num_redundant_experts", "rebalance_interval", "fixed_capacity_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not isinstance(self.expert_load_window, int) or self.expert_load_window <= 0:

@@ -21,7 +21,7 @@ from light_moe.engine.request import Request
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.workers import ExpertParallelExecutor
 from light_moe.parallel import placement as pl
-from light_moe.parallel.balancer import ExpertLoadWindow
+from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadWindow
 from tests.tiny_models import FAMILIES, make_tiny_checkpoint
 
 PROMPTS = [[7, 3, 99], list(range(20, 31)), [5] * 2 + list(range(100, 127)), list(range(200, 247)), [42] * 9]
@@ -363,3 +363,119 @@ GPU_SCRIPT = textwrap.dedent("""
 def test_two_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend):
     for family in FAMILIES:
         run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, timeout_s=300)
+
+
+# ---- fixed-capacity exchange (no host sync, decode-sized steps) ----------------------------------
+@pytest.mark.parametrize("family,overlap", [("qwen2_moe", False), ("mixtral", True)])
+def test_fixed_capacity_exchange_gives_the_same_tokens(executor, checkpoints, single_process, family, overlap):
+    """Capacity 8 rows (top-2): decode steps (<= 3 tokens per rank) take the fixed exchange, prefill chunks
+    of more than 4 tokens on a rank the variable one; the tokens equal the one-process engine's."""
+    expected_tokens, _, _ = single_process[family]
+    engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size, fixed_capacity_tokens=8,
+                            enable_overlap=overlap, expert_parallel_executor=executor, **ENGINE_ARGS)
+    got = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]
+    assert got == expected_tokens
+    for d in engine.workers.rank.dispatchers:  # every rank takes the mode of the plan: rank 0 stands for all
+        assert d.exchanges["fixed"] > 0 and d.exchanges["variable"] > 0, d.exchanges
+    assert engine.stats["steps"] > LOAD_SYNC_STEPS  # load statistics were reduced, fixed steps included
+    assert all(r >= 1.0 for r in engine.expert_rank_balance())
+
+
+def test_exchange_capacity_is_chosen_from_the_plan():
+    from light_moe.executor.workers import exchange_capacity
+
+    assert exchange_capacity([3, 2], top_k=2, limit=0) == 0  # disabled
+    assert exchange_capacity([3, 2], top_k=2, limit=256) == 8  # power of two >= 6 rows
+    assert exchange_capacity([0, 1], top_k=8, limit=256) == 8
+    assert exchange_capacity([0, 0], top_k=8, limit=256) == 1  # all idle: still one exchange per layer
+    assert exchange_capacity([32, 1], top_k=8, limit=256) == 256
+    assert exchange_capacity([30, 1], top_k=8, limit=250) == 250  # capped at the limit, still >= 240 rows
+    assert exchange_capacity([33, 1], top_k=8, limit=256) == 0  # prefill-sized: variable splits
+
+
+FIXED_EXCHANGE_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from light_moe.ops.backend import ReferenceOps
+    from light_moe.parallel import placement as pl
+    from light_moe.parallel.dispatch import AllToAllDispatcher
+
+    SYNC_OPS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+    class NoHostSync:
+        # raise on any Tensor method that reads a device value on the host (and on torch.bincount,
+        # which syncs on CUDA), while active
+        def __enter__(self):
+            self.saved = {name: getattr(torch.Tensor, name) for name in SYNC_OPS}
+            self.saved_bincount = torch.bincount
+            def trap(name):
+                def raiser(*args, **kwargs):
+                    raise AssertionError(f"host sync in the fixed path: Tensor.{name}")
+                return raiser
+            for name in SYNC_OPS:
+                setattr(torch.Tensor, name, trap(name))
+            torch.bincount = trap("bincount")
+        def __exit__(self, *exc):
+            for name, fn in self.saved.items():
+                setattr(torch.Tensor, name, fn)
+            torch.bincount = self.saved_bincount
+
+    def layer(d, ops, x, w, ids, w13, w2, fixed):
+        d.capacity = fixed
+        if fixed:
+            with NoHostSync():
+                routed = d.dispatch(x, w, ids)
+            y = ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded)
+            with NoHostSync():
+                return d.combine(y, routed)
+        routed = d.dispatch(x, w, ids)
+        return d.combine(ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2), routed)
+
+    def main(rank, world, port):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        torch.manual_seed(0)  # the same weights on every rank: each takes its experts' rows
+        num_experts, hidden, inter, top_k = 8, 24, 16, 2
+        w13_all, w2_all = torch.randn(num_experts, 2 * inter, hidden), torch.randn(num_experts, hidden, inter)
+        ops = ReferenceOps()
+        placements = [pl.contiguous(num_experts, world), pl.round_robin(num_experts, world),
+                      pl.ExpertPlacement.from_local([[0, 1, 2, 3, 4], [0, 5, 6, 7]], num_experts)]  # a copy of 0
+        gen = torch.Generator().manual_seed(100 + rank)
+        for placement in placements:
+            d = AllToAllDispatcher(placement, rank, None, ops, torch.device("cpu"))
+            local = list(placement.local_experts[rank])
+            w13, w2 = w13_all[local], w2_all[local]
+            # rank 1 idle in one case; a full capacity; every row to one expert (all to one rank)
+            for tokens, capacity, skew in [(5, 16, False), (8, 16, False), (0 if rank else 3, 8, False),
+                                           (4, 8, True)]:
+                x = torch.randn(tokens, hidden, generator=gen)
+                logits = torch.randn(tokens, num_experts, generator=gen)
+                if skew:
+                    logits[:, 5:] += 100.0  # experts 5..7 (rank 1's in contiguous) take every row
+                w, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+                ids = ids.to(torch.int32)
+                before = d.rows_received
+                expected = layer(d, ops, x, w, ids, w13, w2, 0)
+                rows_variable = d.rows_received - before
+                got = layer(d, ops, x, w, ids, w13, w2, capacity)
+                assert torch.equal(got, expected), (rank, placement, tokens, (got - expected).abs().max())
+                assert int(d.rows_received - before) == 2 * rows_variable  # padding rows are not counted
+        assert d.exchanges["fixed"] == d.exchanges["variable"] == 4
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            print("OK", flush=True)
+
+    if __name__ == "__main__":
+        from light_moe.parallel.groups import free_tcp_port
+        mp.spawn(main, args=(2, free_tcp_port()), nprocs=2)
+""")
+
+
+def test_fixed_exchange_is_bit_identical_and_never_syncs_with_the_host(tmp_path):
+    """Two gloo ranks, float32: the fixed-capacity exchange gives bit for bit the variable path's output
+    (padding skipped, every expert's rows in the same order), for contiguous, round-robin and copied
+    experts, an idle rank, a full capacity and all rows to one rank; its dispatch and combine call no
+    host-sync op (trapped)."""
+    assert "OK" in run_script(tmp_path, FIXED_EXCHANGE_SCRIPT, timeout_s=120)

@@ -10,6 +10,8 @@ Reports, as JSON (with bench.env.environment()):
     on every rank (the dummy model's routing is otherwise near uniform), then the measured max/mean
     expert rows per rank (per layer, worst layer reported) before and after engine.rebalance() with
     --redundant copies per rank, and the planner's predictions.
+--fixed-capacity C runs the EP=N engines with fixed_capacity_tokens=C (the host-sync-free exchange for
+decode-sized steps, parallel/dispatch.py); compare a run with 0 and one with 256.
 With --shape mixtral the model is the Mixtral-8x7B shape cut to --layers layers, random weights
 (load_format='dummy': identical on every rank). On CPU it runs with gloo and a tiny model (CI smoke).
 """
@@ -39,6 +41,8 @@ def add_ep_args(p) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--fixed-capacity", type=int, default=0,
+                   help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); run with 0 and 256")
     p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
     p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")
     p.add_argument("--skew", type=float, default=4.0, help="scale of the hot experts' gate rows")
@@ -127,7 +131,8 @@ def main(args) -> dict:
         exchange = None
         for overlap in (False, True):
             engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, enable_overlap=overlap,
-                                    expert_parallel_executor=executor, **common)
+                                    fixed_capacity_tokens=args.fixed_capacity, expert_parallel_executor=executor,
+                                    **common)
             row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
             rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap))
             if args.time_exchange and not overlap:
@@ -145,6 +150,7 @@ def main(args) -> dict:
     one_row, off, on = rows
     result = dict(
         benchmark="ep", env=environment(), dtype=dtype, ep=args.ep, per_gpu_batch=args.batch_size,
+        fixed_capacity_tokens=args.fixed_capacity,
         ep1_cuda_graphs=False,  # EP=N cannot capture the exchange, so the baseline runs eager too
         model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
         rows=rows,

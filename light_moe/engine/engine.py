@@ -92,6 +92,7 @@ class LightMoEEngine:
         expert_load_window: int = 1024,
         rebalance_interval: int = 0,
         rebalance_threshold: float = 1.2,
+        fixed_capacity_tokens: int = 0,
         quantization: str | W4A16Config | None = None,
         quant_group_size: int = 128,
         quant_symmetric: bool = True,
@@ -99,7 +100,8 @@ class LightMoEEngine:
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
                                   collective_timeout_s, enable_overlap=enable_overlap,
                                   num_redundant_experts=num_redundant_experts, expert_load_window=expert_load_window,
-                                  rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold)
+                                  rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold,
+                                  fixed_capacity_tokens=fixed_capacity_tokens)
         model_path = Path(model_path)
         model_cls, model_cfg = load_model_config(model_path)
         # quantization="w4a16": routed experts quantized on load (RTN); GPTQ / AWQ checkpoints are W4A16 anyway
@@ -190,7 +192,8 @@ class LightMoEEngine:
                                    len(self.model_config.moe_layers), parallel.expert_parallel_size, load,
                                    parallel.num_redundant_experts)
         return WorkerSpec(cfg.model_path, cfg.dtype, cfg.device, cfg.load_format, cfg.seed, cfg.moe_backend, cfg.cache,
-                          max_num_batched_tokens, max_num_seqs, tuple(placements), parallel.enable_overlap)
+                          max_num_batched_tokens, max_num_seqs, tuple(placements), parallel.enable_overlap,
+                          parallel.fixed_capacity_tokens)
 
     def shutdown(self) -> None:
         """Stop the expert-parallel worker processes this engine started (no-op for one process). Idempotent."""

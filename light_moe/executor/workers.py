@@ -69,6 +69,7 @@ class WorkerSpec:
     max_num_seqs: int
     placements: tuple[ExpertPlacement, ...]  # one per MoE layer
     enable_overlap: bool = False  # two-batch overlap of the expert exchange (parallel/overlap.py)
+    fixed_capacity_tokens: int = 0  # rank 0 only: upper limit of the fixed-capacity exchange (exchange_capacity)
 
     @property
     def world_size(self) -> int:
@@ -90,6 +91,21 @@ class StepPlan:
     sequences: list[PlannedSequence]  # in scheduled order
     placements: tuple[ExpertPlacement, ...] | None = None  # switch to these before this step's forward
     collect_load: bool = False  # after the step, reduce the expert-load statistics to rank 0
+    # >0: every MoE exchange of this step is the fixed-capacity one, this many rows per rank pair
+    # (parallel/dispatch.py); 0: variable splits. Chosen on rank 0 from the host-known token counts.
+    exchange_capacity: int = 0
+
+
+def exchange_capacity(tokens_per_rank: list[int], top_k: int, limit: int) -> int:
+    """Rows per rank pair of a step's fixed-capacity exchange, or 0 for the variable-split path.
+
+    A rank's R = tokens x top_k routed rows may all go to one rank, so the capacity must hold the
+    largest R; it is rounded up to a power of two (few distinct shapes: later one CUDA graph each)
+    and capped at `limit`. Steps with R above `limit` (prefill) use variable splits."""
+    rows = max(tokens_per_rank, default=0) * top_k
+    if limit <= 0 or rows > limit:
+        return 0
+    return min(limit, 1 << max(rows - 1, 0).bit_length())
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,8 @@ class RankExecutor:
                              self.group.device_group)
             for dispatcher in self.dispatchers:  # rows per rank are measured per placement
                 dispatcher.rows_received = 0
+        for dispatcher in self.dispatchers:  # the same mode on every rank: it rides in the plan
+            dispatcher.capacity = plan.exchange_capacity
         mine = [_scheduled(s) for s in plan.sequences if s.owner == self.group.rank]
         if mine:
             logits = self.runner.execute(mine)  # [S_rank, V]
@@ -274,6 +292,7 @@ class ExpertParallelExecutor:
         self.placements: tuple[ExpertPlacement, ...] = ()  # as of the last plan sent
         self._pending_placements: tuple[ExpertPlacement, ...] | None = None
         self._steps = 0
+        self.fixed_capacity_tokens = 0
         for proc in self._workers:
             proc.start()
         try:
@@ -292,6 +311,7 @@ class ExpertParallelExecutor:
         self.rank = None
         self._owners = weakref.WeakKeyDictionary()
         self.placements, self._pending_placements, self._steps = tuple(spec.placements), None, 0
+        self.fixed_capacity_tokens = spec.fixed_capacity_tokens
         try:
             broadcast_message(spec, self.group)
             self.rank = RankExecutor(spec, self.group, ops)
@@ -351,7 +371,12 @@ class ExpertParallelExecutor:
         if placements is not None:
             self.placements = placements
         self._steps += 1
-        return StepPlan(sequences, placements, collect_load=self._steps % LOAD_SYNC_STEPS == 0)
+        tokens = [0] * self.world_size
+        for seq in sequences:
+            tokens[seq.owner] += len(seq.tokens)
+        capacity = exchange_capacity(tokens, self.rank.model.config.top_k, self.fixed_capacity_tokens)
+        return StepPlan(sequences, placements, collect_load=self._steps % LOAD_SYNC_STEPS == 0,
+                        exchange_capacity=capacity)
 
     def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         """Like ModelRunner.execute, over all ranks: float32 logits [S, V] of the sampling rows."""

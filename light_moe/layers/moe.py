@@ -144,11 +144,12 @@ class MoEBlock(nn.Module):
         self.last_tokens_per_expert = tokens_per_expert
         if self.overlap is not None:  # two micro-batches; the shared expert runs during the exchange
             out, shared = self.overlap.forward(
-                x, topk_weights, topk_ids, lambda r: self.ops.experts(r.x, r.topk_weights, r.topk_ids, w13, w2),
+                x, topk_weights, topk_ids, lambda r: self.ops.experts(r.x, r.topk_weights, r.topk_ids, w13, w2,
+                                                                   padded=r.padded),
                 self._shared if self.shared_expert is not None else None)
             return out if shared is None else out + shared
         routed = self.dispatcher.dispatch(x, topk_weights, topk_ids)  # rows for the local experts
-        y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2)
+        y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded)
         out = self.dispatcher.combine(y, routed)  # [T, H]
         if self.shared_expert is not None:
             out = out + self._shared(x)

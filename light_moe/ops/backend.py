@@ -44,11 +44,19 @@ class MoEOps:
     def combine(self, y, reverse_index, topk_weights):
         return reference.combine(y, reverse_index, topk_weights)
 
-    def experts(self, x, topk_weights, topk_ids, w13, w2) -> torch.Tensor:
-        """Routed experts for already-routed tokens: metadata -> up -> down -> combine. [T, H]"""
+    def experts(self, x, topk_weights, topk_ids, w13, w2, padded: bool = False) -> torch.Tensor:
+        """Routed experts for already-routed tokens: metadata -> up -> down -> combine. [T, H]
+
+        padded (the fixed-capacity expert-parallel exchange, parallel/dispatch.py): ids may also be
+        E = w13.shape[0], marking padding rows. They sort after every real row and lie past
+        expert_offsets[E], so no GEMM computes them (their outputs are undefined; the dispatcher
+        drops them), and each real expert sees exactly the rows it would see without padding."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
-        offsets, gather_index, reverse_index = self.routing_metadata(topk_ids, w13.shape[0])
+        num_experts = w13.shape[0]
+        offsets, gather_index, reverse_index = self.routing_metadata(topk_ids, num_experts + int(padded))
+        if padded:
+            offsets = offsets[: num_experts + 1]
         act = self.expert_up(x, gather_index, offsets, w13)  # [M, I]
         y = self.expert_down(act, offsets, w2)  # [M, H]
         return self.combine(y, reverse_index, topk_weights)

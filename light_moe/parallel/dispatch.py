@@ -28,6 +28,13 @@ and the local id there. Without copies (C = 1) the route is the plain table look
 set_placement() swaps the tables when the engine rebalances (parallel/balancer.py); the phases
 (route, exchange_counts, send_rows, send_back, finish) are public so that parallel/overlap.py can
 interleave two micro-batches.
+Fixed-capacity mode (small, decode-sized steps; `capacity` > 0, set per step from the StepPlan):
+every rank sends exactly C rows to every rank in ONE all_to_all_single of equal splits. Each row is
+packed as bytes: the hidden row, then its destination-local expert id as int32 (-1: padding).
+No counts exchange, no host read of any device value (no split sizes), so the step can later be
+captured in a CUDA graph. Padding rows get the local id E_local and MoEOps.experts(padded=True)
+skips them, so every real expert sees exactly the rows, in exactly the order, of the variable-split
+path (bit-identical results). The results return by the same fixed exchange in reverse.
 A token whose K experts share a rank is sent K times (no per-rank de-duplication yet: with K=8 of
 128 experts on 8 ranks that costs up to ~K/N-fold extra traffic; see docs/expert_parallel.md).
 """
@@ -49,6 +56,7 @@ class Routed(NamedTuple):
     topk_weights: torch.Tensor  # [R, K'] float32
     topk_ids: torch.Tensor  # [R, K'] int32, local expert ids
     handle: Any = None
+    padded: bool = False  # fixed-capacity exchange: rows with id == E_local are padding (experts skip them)
 
 
 class LocalDispatcher:
@@ -77,6 +85,18 @@ class _Route(NamedTuple):
     token_of_row: torch.Tensor  # [M] token of each row in send order
     local_ids: torch.Tensor  # [M] expert id on the destination rank, send order
     send_counts: torch.Tensor  # [N]
+
+
+class _FixedExchange(NamedTuple):
+    """Fixed-capacity exchange: where this rank's M sent rows sit in the [N * C] send buffer."""
+
+    reverse_index: torch.Tensor  # [M] buffer position (= position in the returned buffer) of assignment t * K + k
+    topk_weights: torch.Tensor  # [T, K]
+
+
+def _counts(values: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount without a host sync (torch.bincount on CUDA reads the max on the host)."""
+    return torch.zeros(size, dtype=torch.long, device=values.device).scatter_add_(0, values, torch.ones_like(values))
 
 
 class ExchangeTiming:
@@ -114,6 +134,10 @@ class AllToAllDispatcher:
         self.device = device
         self.timing: ExchangeTiming | None = None
         self.rows_received = 0  # rows this rank's experts computed since the last reset (load statistics)
+        # fixed-capacity mode: rows per destination rank this step (0: variable splits). Set by the
+        # rank executor from StepPlan.exchange_capacity, identical on every rank for a step.
+        self.capacity = 0
+        self.exchanges = {"variable": 0, "fixed": 0}  # dispatch calls per mode (tests, bench)
         self.set_placement(placement)
 
     def set_placement(self, placement: ExpertPlacement) -> None:
@@ -130,24 +154,25 @@ class AllToAllDispatcher:
         self.num_copies = torch.tensor([len(r) for r in ranks], dtype=torch.long, device=self.device)  # [E]
 
     # ---- phases (the overlap scheduler in parallel/overlap.py interleaves them) -------------------
+    def _targets(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Destination rank [M] and local expert id there [M] of each assignment (no host sync)."""
+        if self.max_copies == 1:
+            return self.copy_rank[flat, 0], self.copy_local[flat, 0]
+        num_experts = self.num_copies.shape[0]
+        by_expert = torch.sort(flat, stable=True).indices  # [M]
+        counts = _counts(flat, num_experts)  # [E]
+        starts = torch.cumsum(counts, 0) - counts  # [E]
+        occurrence = torch.empty_like(flat)
+        occurrence[by_expert] = torch.arange(flat.numel(), device=flat.device) - starts[flat[by_expert]]
+        choice = (occurrence + self.rank) % self.num_copies[flat]  # [M]
+        return self.copy_rank[flat, choice], self.copy_local[flat, choice]
+
     def route(self, topk_ids: torch.Tensor) -> _Route:
         top_k = topk_ids.shape[1]
         flat = topk_ids.flatten().long()  # [M]
-        if self.max_copies == 1:
-            dest = self.copy_rank[flat, 0]  # [M]
-            local = self.copy_local[flat, 0]  # [M]
-        else:
-            num_experts = self.num_copies.shape[0]
-            by_expert = torch.sort(flat, stable=True).indices  # [M]
-            counts = torch.bincount(flat, minlength=num_experts)  # [E]
-            starts = torch.cumsum(counts, 0) - counts  # [E]
-            occurrence = torch.empty_like(flat)
-            occurrence[by_expert] = torch.arange(flat.numel(), device=flat.device) - starts[flat[by_expert]]
-            choice = (occurrence + self.rank) % self.num_copies[flat]  # [M]
-            dest = self.copy_rank[flat, choice]
-            local = self.copy_local[flat, choice]
+        dest, local = self._targets(flat)
         order = torch.sort(dest, stable=True).indices  # [M]
-        send_counts = torch.bincount(dest, minlength=self.world_size)  # [N]
+        send_counts = _counts(dest, self.world_size)  # [N]
         return _Route(order, order // top_k, local[order], send_counts)
 
     def exchange_counts(self, route: _Route, async_op: bool = False):
@@ -158,7 +183,7 @@ class AllToAllDispatcher:
     def send_rows(self, x: torch.Tensor, route: _Route, send_splits: list[int], recv_splits: list[int],
                   async_op: bool = False):
         """Rows [R, H] and their local expert ids [R] for this rank's experts; works to wait on."""
-        self.rows_received += sum(recv_splits)
+        self.rows_received = self.rows_received + sum(recv_splits)  # may be a device scalar (fixed path)
         rows = x.new_empty((sum(recv_splits), x.shape[1]))
         ids = route.local_ids.new_empty(sum(recv_splits))
         w1 = dist.all_to_all_single(rows, x.index_select(0, route.token_of_row), recv_splits, send_splits,
@@ -185,30 +210,93 @@ class AllToAllDispatcher:
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)  # [R, 1]
         return Routed(rows, ones, ids.view(-1, 1).to(torch.int32), ex)
 
+    # ---- fixed-capacity path: no host sync, one equal-split exchange each way ---------------------
+    @staticmethod
+    def _layout(x: torch.Tensor) -> tuple[int, int]:
+        """Packed row of the fixed exchange, in bytes: the hidden row (x's dtype), padding to a 4-byte
+        boundary, then the destination-local expert id as int32 (-1: padding row). (id offset, width)"""
+        row_bytes = x.shape[1] * x.element_size()
+        id_offset = -(-row_bytes // 4) * 4
+        return id_offset, id_offset + 4
+
+    def dispatch_fixed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Routed:
+        """Send exactly `capacity` packed rows to every rank (padded); receive N * capacity rows."""
+        num_tokens, top_k = topk_ids.shape
+        cap, world, hidden = self.capacity, self.world_size, x.shape[1]
+        if num_tokens * top_k > cap:  # shapes only: host-known
+            raise RuntimeError(f"fixed-capacity exchange: {num_tokens} tokens x top-{top_k} exceed the step's "
+                               f"capacity of {cap} rows per rank (the step plan chose the wrong mode)")
+        flat = topk_ids.flatten().long()  # [M]
+        dest, local = self._targets(flat)
+        order = torch.sort(dest, stable=True).indices  # [M] send order, as in the variable path
+        sorted_dest = dest[order]
+        counts = _counts(dest, world)  # [N]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(flat.numel(), device=flat.device) - starts[sorted_dest]  # [M] < counts <= M <= C
+        position = sorted_dest * cap + slot  # [M] row of the send buffer (and of the returned results)
+        id_offset, width = self._layout(x)
+        row_bytes = hidden * x.element_size()
+        send = torch.zeros(world * cap, width, dtype=torch.uint8, device=x.device)  # [N * C, W]
+        send_ids = send[:, id_offset:].view(torch.int32).view(-1)  # [N * C] view
+        send_ids.fill_(-1)
+        send[:, :row_bytes].view(x.dtype).index_copy_(0, position, x.index_select(0, order // top_k))
+        send_ids.index_copy_(0, position, local[order].to(torch.int32))
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # equal splits: no sizes to agree on
+        rows = recv[:, :row_bytes].view(x.dtype)  # [N * C, H] (strided view)
+        ids = recv[:, id_offset:].view(torch.int32).view(-1)  # [N * C]
+        valid = ids >= 0
+        self.rows_received = self.rows_received + valid.sum()  # a device scalar: no host sync
+        num_local = len(self.local_experts)
+        local_ids = torch.where(valid, ids, num_local).view(-1, 1)  # padding -> E_local, skipped by experts
+        reverse_index = torch.empty_like(order)
+        reverse_index[order] = position
+        weights = valid.to(torch.float32).view(-1, 1)  # 1.0 for real rows, as in the variable path
+        return Routed(rows, weights, local_ids, _FixedExchange(reverse_index, topk_weights), padded=True)
+
+    def send_back_fixed(self, y: torch.Tensor) -> torch.Tensor:
+        """Results of the N * C received rows back to their senders (the same fixed exchange, reversed):
+        row p of the returned [N * C, H] is the result of this rank's send-buffer row p."""
+        back = torch.empty_like(y)
+        dist.all_to_all_single(back, y.contiguous(), group=self.group)
+        return back
+
+    def finish_fixed(self, back: torch.Tensor, ex: _FixedExchange) -> torch.Tensor:
+        if ex.reverse_index.numel() == 0:  # an idle rank still had to serve the exchange
+            return back.new_zeros(ex.topk_weights.shape[0], back.shape[1])
+        return self.ops.combine(back, ex.reverse_index.to(torch.int32), ex.topk_weights)  # [T, H]
+
     # ---- the plain (blocking) path ---------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Routed:
         if self.timing is not None:
             _sync(self.device)
             start = time.perf_counter()
-        route = self.route(topk_ids)
-        recv_counts, _ = self.exchange_counts(route)
-        send_splits, recv_splits = route.send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
-        rows, ids, _ = self.send_rows(x, route, send_splits, recv_splits)
+        if self.capacity > 0:
+            self.exchanges["fixed"] += 1
+            routed = self.dispatch_fixed(x, topk_weights, topk_ids)
+        else:
+            self.exchanges["variable"] += 1
+            route = self.route(topk_ids)
+            recv_counts, _ = self.exchange_counts(route)
+            send_splits, recv_splits = route.send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
+            rows, ids, _ = self.send_rows(x, route, send_splits, recv_splits)
+            routed = self.routed(rows, ids, _Exchange(route.order, send_splits, recv_splits, topk_weights))
         if self.timing is not None:
             _sync(self.device)
             self.timing.dispatch_s += time.perf_counter() - start
             self.timing.calls += 1
-        return self.routed(rows, ids, _Exchange(route.order, send_splits, recv_splits, topk_weights))
+        return routed
 
     def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
         if self.timing is not None:
             _sync(self.device)
             start = time.perf_counter()
-        back, _ = self.send_back(y, routed.handle)
+        fixed = isinstance(routed.handle, _FixedExchange)
+        back = self.send_back_fixed(y) if fixed else self.send_back(y, routed.handle)[0]
         if self.timing is not None:
             _sync(self.device)
             self.timing.combine_s += time.perf_counter() - start
-        return self.finish(back, routed.handle)
+        return self.finish_fixed(back, routed.handle) if fixed else self.finish(back, routed.handle)
 
 
 def make_dispatchers(placements: list[ExpertPlacement], rank: int, group, ops, device) -> list[AllToAllDispatcher]:

@@ -20,6 +20,9 @@ gloo's threads. The results are per token the same sums as without overlap (the 
 other row batches, so float rounding may differ in the last bits; tests compare greedy tokens).
 The saving is measured by `light-moe bench ep` (overlap on vs off), not assumed.
 
+Fixed-capacity steps (dispatcher.capacity > 0, decode-sized batches) skip the micro-batches: the
+layer runs the dispatcher's one sync-free exchange each way (parallel/dispatch.py).
+
 Not overlapped yet: attention of one micro-batch with the other's exchange (that needs the
 whole model forward split into micro-batches, SGLang-style), and the counts exchange itself.
 """
@@ -43,6 +46,11 @@ class TwoBatchOverlap:
                 shared: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """Returns (routed output [T, H], shared expert output [T, H] or None)."""
         d = self.dispatcher
+        if d.capacity > 0:  # fixed-capacity step (small batch): one sync-free exchange, no micro-batches
+            routed = d.dispatch(x, topk_weights, topk_ids)
+            shared_out = shared(x) if shared is not None else None
+            return d.combine(experts(routed), routed), shared_out
+        d.exchanges["variable"] += 1
         num_tokens = x.shape[0]
         half = (num_tokens + 1) // 2
         bounds = [(0, half), (half, num_tokens)]
