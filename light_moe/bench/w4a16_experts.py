@@ -1,0 +1,87 @@
+"""W4A16 vs bf16 expert GEMMs (up + down, CUDA-graph replays) on the Mixtral-8x7B layer shape.
+
+    python -m light_moe.bench.w4a16_experts --output result.json
+
+Routing: each token picks K distinct random experts. Weights: random int4 (group 128, symmetric)
+and random bf16 of the same shape. Time = median of CUDA-event-timed graph replays of
+expert_up + expert_down (router, metadata and combine excluded: they are shared by both paths).
+Weight GB/s = bytes of the experts that received a token (int4 + bf16 scales for W4A16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from light_moe.bench.env import environment
+from light_moe.bench.moe_layer import _graph, _time_us
+from light_moe.ops import reference
+
+
+def _int4(num_experts, n_out, k_dim, group, gen):
+    q = torch.randint(0, 16, (num_experts, n_out, k_dim // 8, 8), device="cuda", dtype=torch.int32, generator=gen)
+    shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)
+    qweight = (q << shifts).sum(-1, dtype=torch.int32)  # nibbles are disjoint: the sum is their OR
+    del q
+    scales = ((torch.rand(num_experts, n_out, k_dim // group, device="cuda", generator=gen) + 0.5)
+              / (4 * k_dim**0.5)).bfloat16()
+    return qweight, scales, None
+
+
+def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
+    def run():
+        up(x, gather_index, offsets, w_up, out=act)
+        down(act, offsets, w_down, out=y)
+    return run
+
+
+def main() -> None:
+    from light_moe.kernels import grouped_gemm as gg
+    from light_moe.kernels import w4a16_gemm as w4
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    E, H, inter, K, G = args.experts, args.hidden, args.intermediate, args.top_k, args.group_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, inter, device="cuda", generator=gen) * inter**-0.5).bfloat16()
+    w13p, w2p = gg.prepare_expert_weights(w13, w2)
+    q13 = w4.prepare_w4a16_weights(*_int4(E, 2 * inter, H, G, gen), G, gated=True)
+    q2 = w4.prepare_w4a16_weights(*_int4(E, H, inter, G, gen), G, gated=False)
+    bf16_expert_bytes = 3 * H * inter * 2
+    int4_expert_bytes = 3 * H * inter // 2 + 3 * H * inter // G * 2
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=-1).indices.to(torch.int32)
+        offsets, gather_index, _ = reference.routing_metadata(ids, E)
+        active = int((offsets[1:] > offsets[:-1]).sum())
+        act = torch.empty(T * K, inter, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(T * K, H, device="cuda", dtype=torch.bfloat16)
+        bf16_us = _time_us(_graph(_pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)),
+                           50)
+        w4_us = _time_us(_graph(_pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2,
+                                      act, y)), 50)
+        row = dict(tokens=T, active_experts=active, bf16_us=round(bf16_us, 1), w4a16_us=round(w4_us, 1),
+                   bf16_weight_TBps=round(active * bf16_expert_bytes / bf16_us / 1e6, 2),
+                   w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
+                   w4a16_speedup=round(bf16_us / w4_us, 2))
+        rows.append(row)
+        print(row, flush=True)
+    result = dict(benchmark="w4a16_experts", env=environment(),
+                  shape=dict(E=E, H=H, I=inter, K=K, group_size=G, symmetric=True), rows=rows)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
