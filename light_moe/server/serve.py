@@ -33,6 +33,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     parser.add_argument("--moe-backend", default="auto", help="MoE kernel backend (auto picks by capability)")
+    parser.add_argument("--quantization", default=None, choices=["w4a16"],
+                        help="quantize the routed experts to int4 on load (GPTQ / AWQ checkpoints are detected)")
+    parser.add_argument("--quant-group-size", type=int, default=128, choices=[32, 64, 128])
+    parser.add_argument("--quant-asymmetric", action="store_true", help="zero points per group (default symmetric)")
+    parser.add_argument("--expert-parallel-size", type=int, default=1,
+                        help="processes (GPUs) the experts are spread over (docs/expert_parallel.md)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -86,7 +93,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                moe_backend=args.moe_backend)
+                                moe_backend=args.moe_backend, quantization=args.quantization,
+                                quant_group_size=args.quant_group_size, quant_symmetric=not args.quant_asymmetric,
+                                expert_parallel_size=args.expert_parallel_size, enforce_eager=args.enforce_eager)
     except KeyboardInterrupt:
         return 130
     try:
