@@ -63,6 +63,11 @@ class W4A16Weights:
     def k_dim(self) -> int:
         return self.qweight.shape[1] * TILE_K
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Logical [E, N, K] of the weight, like the float stack it replaces (MoEOps reads E from it)."""
+        return (self.num_experts, self.n_out, self.k_dim)
+
 
 def unpack_canonical(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [..., K // 8] -> uint8 [..., K] values 0..15, low nibble first."""

@@ -4,6 +4,8 @@ Each op uses its kernel where the kernel's `supports(...)` accepts the shapes an
 PyTorch reference otherwise; the reason for every fallback is logged once per (op, reason).
 All kernels launch on torch's current stream without host synchronisation, so a model whose MoE
 layers run here can be captured in a CUDA graph (`graph_safe`).
+W4A16 experts (light_moe.quant.QuantizedWeight) are repacked once into the W4A16 kernel's layout
+(W4A16Weights) and run on the W4A16 grouped GEMM; act-order checkpoints stay on the reference.
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import logging
 import torch
 
 from light_moe.kernels import combine as combine_kernel
-from light_moe.kernels import grouped_gemm
+from light_moe.kernels import grouped_gemm, w4a16_gemm
 from light_moe.kernels import router as router_kernel
 from light_moe.kernels import routing as routing_kernel
+from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
 from light_moe.ops.backend import MoEOps
+from light_moe.quant.w4a16 import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +41,6 @@ class CuteOps(MoEOps):
 
     @staticmethod
     def _gemm_supports(w13: torch.Tensor, w2: torch.Tensor) -> tuple[bool, str]:
-        if not isinstance(w13, torch.Tensor):  # QuantizedWeight: the W4A16 kernel repacks it (issue 4)
-            return False, "W4A16 experts run the dequantising reference until the W4A16 kernel is wired in"
         if w13.dtype != torch.bfloat16:
             return False, f"grouped GEMM is bf16-only, weights are {w13.dtype}"
         num_experts, two_inter, hidden = w13.shape
@@ -47,7 +49,25 @@ class CuteOps(MoEOps):
             return False, f"H={hidden} and I={inter} must be multiples of 64"
         return True, "ok"
 
+    @staticmethod
+    def _w4a16_supports(w13: QuantizedWeight, w2: QuantizedWeight) -> tuple[bool, str]:
+        if w13.perm is not None or w2.perm is not None:
+            return False, "act-order (permuted) W4A16 weights are not supported by the W4A16 kernel"
+        if w13.scales.dtype != torch.bfloat16 or w2.scales.dtype != torch.bfloat16:
+            return False, f"the W4A16 kernel takes bf16 scales (bf16 activations), got {w13.scales.dtype}"
+        if w13.group_size != w2.group_size:
+            return False, f"group sizes differ: {w13.group_size} vs {w2.group_size}"
+        num_experts, two_inter, hidden = w13.shape
+        return w4a16_gemm.supports(num_experts, hidden, two_inter // 2, w13.group_size)
+
     def prepare_expert_weights(self, w13, w2):
+        if isinstance(w13, QuantizedWeight):
+            ok, reason = self._w4a16_supports(w13, w2)
+            if not ok:
+                self._fallback("W4A16 grouped GEMM", reason)
+                return w13, w2
+            return (prepare_w4a16_weights(w13.qweight, w13.scales, w13.zeros, w13.group_size, gated=True),
+                    prepare_w4a16_weights(w2.qweight, w2.scales, w2.zeros, w2.group_size, gated=False))
         ok, reason = self._gemm_supports(w13, w2)
         if not ok:
             self._fallback("grouped GEMM", reason)
@@ -57,12 +77,16 @@ class CuteOps(MoEOps):
         setattr(w2p, _CUTE_LAYOUT, True)
         return w13p, w2p
 
+    @staticmethod
+    def _kernel_layout(w) -> bool:
+        return isinstance(w, W4A16Weights) or getattr(w, _CUTE_LAYOUT, False)
+
     def graph_safe(self, gate_weight, top_k: int, w13, w2) -> bool:
         num_experts, hidden = gate_weight.shape
-        return (getattr(w13, _CUTE_LAYOUT, False) and getattr(w2, _CUTE_LAYOUT, False)
+        return (self._kernel_layout(w13) and self._kernel_layout(w2)
                 and router_kernel.supports(gate_weight.dtype, hidden, num_experts, top_k)[0]
                 and routing_kernel.supports(num_experts, top_k)[0]
-                and combine_kernel.supports(w13.dtype, hidden, top_k)[0])
+                and combine_kernel.supports(gate_weight.dtype, hidden, top_k)[0])
 
     def router(self, x, gate_weight, top_k: int, renormalize: bool):
         ok, reason = router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
@@ -79,11 +103,15 @@ class CuteOps(MoEOps):
         return super().routing_metadata(topk_ids, num_experts)
 
     def expert_up(self, x, gather_index, expert_offsets, w13):
+        if isinstance(w13, W4A16Weights):
+            return w4a16_gemm.w4a16_expert_up(x.contiguous(), gather_index, expert_offsets, w13)
         if getattr(w13, _CUTE_LAYOUT, False):
             return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13)
         return super().expert_up(x, gather_index, expert_offsets, w13)
 
     def expert_down(self, act, expert_offsets, w2):
+        if isinstance(w2, W4A16Weights):
+            return w4a16_gemm.w4a16_expert_down(act, expert_offsets, w2)
         if getattr(w2, _CUTE_LAYOUT, False):
             return grouped_gemm.expert_down(act, expert_offsets, w2)
         return super().expert_down(act, expert_offsets, w2)
