@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -17,6 +18,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
                    help="MoE kernels: auto picks CuTe on sm_90 GPUs, else the PyTorch reference")
     p.add_argument("--quantization", default=None, choices=["w4a16"],
                    help="quantize the routed experts on load (int4 RTN; docs/quantization.md)")
+    p.add_argument("--expert-parallel-size", type=int, default=1,
+                   help="N processes with the experts partitioned: spawned by this process, or, under torchrun, "
+                        "the job's N ranks (WORLD_SIZE must be N; only rank 0 prints; docs/expert_parallel.md)")
     _quant_args(p)
 
 
@@ -33,6 +37,11 @@ def quant_kwargs(args) -> dict:
                 quant_symmetric=not args.quant_asymmetric)
 
 
+def is_rank_zero() -> bool:
+    """False on ranks 1..N-1 of a torchrun job (RANK set and not 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _default_model(path):
     if path is not None:
         return path
@@ -45,10 +54,12 @@ def cmd_generate(args) -> int:
     from light_moe import LightMoEEngine, SamplingParams
 
     model = _default_model(args.model)
-    if args.model is None:
+    if args.model is None and is_rank_zero():
         print(f"(using the bundled demo model: {model})", file=sys.stderr)
+    # under torchrun only rank 0 returns from the constructor: the other ranks serve it, then exit
     engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                            moe_backend=args.moe_backend, seed=args.seed, **quant_kwargs(args))
+                            moe_backend=args.moe_backend, seed=args.seed,
+                            expert_parallel_size=args.expert_parallel_size, **quant_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
     prompt = args.prompt
@@ -72,6 +83,7 @@ def cmd_generate(args) -> int:
         print(out.text if args.chat else args.prompt + out.text)
     elapsed = time.perf_counter() - start
     print(f"[{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s]", file=sys.stderr)
+    engine.shutdown()
     return 0
 
 

@@ -6,6 +6,7 @@ The worker processes are started once per world size (module-scoped, parametrize
 reused by every engine: one process may belong to one process group at a time, so pytest
 finishes all N=2 tests and tears that executor down before starting the N=4 one.
 """
+import json
 import os
 import subprocess
 import sys
@@ -479,3 +480,114 @@ def test_fixed_exchange_is_bit_identical_and_never_syncs_with_the_host(tmp_path)
     experts, an idle rank, a full capacity and all rows to one rank; its dispatch and combine call no
     host-sync op (trapped)."""
     assert "OK" in run_script(tmp_path, FIXED_EXCHANGE_SCRIPT, timeout_s=120)
+
+
+# ---- launched by torchrun: every rank runs the script, rank 0 is the engine --------------------------
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from light_moe import LightMoEEngine, SamplingParams
+
+    out = Path(sys.argv[2])
+    rank = os.environ["RANK"]
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    engine = LightMoEEngine(sys.argv[1], expert_parallel_size=2, dtype="float32", device="cpu",
+                            max_num_batched_tokens=16, show_progress=False, collective_timeout_s=60)
+    (out / f"returned{rank}").write_text("")  # only rank 0 gets here
+    prompts = json.loads(sys.argv[3])
+    outputs = engine.generate_outputs(prompts, SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0))
+    (out / "tokens.json").write_text(json.dumps([o.token_ids for o in outputs]))
+    print("OK")
+""")
+
+
+def _repo_env(**extra) -> dict:
+    repo = str(Path(__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])), **extra}
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    return make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("torchrun_mixtral"))
+
+
+def test_torchrun_launch_gives_the_same_greedy_tokens_and_exits_cleanly(tiny_mixtral, tmp_path):
+    from light_moe.parallel.groups import free_tcp_port
+
+    prompts, new_tokens = PROMPTS[:4], 8
+    one = LightMoEEngine(tiny_mixtral, **ENGINE_ARGS)
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    expected = [o.token_ids for o in one.generate_outputs(prompts, greedy)]
+    del one
+    script = tmp_path / "torchrun_script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = _repo_env()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_tcp_port()), str(script), str(tiny_mixtral), str(tmp_path), json.dumps(prompts),
+                           str(new_tokens)], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("OK") == 1  # rank 1 never returned from the constructor
+    assert json.loads((tmp_path / "tokens.json").read_text()) == expected
+    assert (tmp_path / "returned0").exists() and not (tmp_path / "returned1").exists()
+    for rank in (0, 1):  # both processes are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((tmp_path / f"pid{rank}").read_text()), 0)
+
+
+def test_torchrun_world_size_must_equal_expert_parallel_size(monkeypatch, tmp_path):
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but expert_parallel_size=4"):
+        LightMoEEngine(tmp_path, expert_parallel_size=4, **ENGINE_ARGS)  # refused before anything is read
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but expert_parallel_size=1"):
+        LightMoEEngine(tmp_path, **ENGINE_ARGS)
+
+
+TORCHRUN_DEAD_RANK_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from light_moe import LightMoEEngine, SamplingParams
+
+    out = Path(sys.argv[2])
+    rank = os.environ["RANK"]
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    engine = LightMoEEngine(sys.argv[1], expert_parallel_size=2, dtype="float32", device="cpu",
+                            max_num_batched_tokens=16, show_progress=False, collective_timeout_s=30)
+    os.kill(int((out / "pid1").read_text()), signal.SIGKILL)  # rank 1 waits for a step: kill it
+    time.sleep(0.5)
+    start = time.monotonic()
+    try:
+        engine.generate_outputs([[7, 3, 99], list(range(20, 31))], SamplingParams(max_tokens=8, temperature=0.0))
+    except RuntimeError as exc:
+        elapsed = time.monotonic() - start
+        assert elapsed < 10 and "torchrun" in str(exc), (elapsed, str(exc))
+        print("OK", elapsed, exc)
+""")
+
+
+def test_dead_rank_of_a_torchrun_job_is_an_error_on_rank_0(tiny_mixtral, tmp_path):
+    """The ranks are started with torchrun's variables but without its agent (which would end rank 0 as
+    soon as rank 1 died): rank 0 has no process to watch and must notice from the collective alone."""
+    from light_moe.parallel.groups import free_tcp_port
+
+    script = tmp_path / "dead_rank.py"
+    script.write_text(TORCHRUN_DEAD_RANK_SCRIPT)
+    port = str(free_tcp_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(tiny_mixtral), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+                              env=_repo_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=port, OMP_NUM_THREADS="1"))
+             for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode == 0 and "OK" in out, out + err[-3000:]
+        assert procs[1].wait(timeout=10) == -9
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

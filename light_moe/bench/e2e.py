@@ -92,14 +92,16 @@ def main(args) -> dict:
                                 max_model_len=args.input_len + args.output_len + 16,
                                 max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
                                 max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                                **quant_kwargs(args))
+                                expert_parallel_size=getattr(args, "expert_parallel_size", 1), **quant_kwargs(args))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
+        engine.shutdown()  # expert parallelism: stops the workers (spawned, or torchrun's other ranks)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result = dict(benchmark="e2e", env=environment(), model=str(model_path) if tmp is None else
                   f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
-                  moe_backend=engine.ops.name, quantization=None if engine.config.quantization is None
+                  moe_backend=engine.ops.name, expert_parallel_size=engine.config.parallel.expert_parallel_size,
+                  quantization=None if engine.config.quantization is None
                   else engine.config.quantization.name, rows=rows)
     print(f"{'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps':>6}")
     for r in rows:

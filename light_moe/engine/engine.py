@@ -26,10 +26,11 @@ from light_moe.engine.sampler import sample
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.model_runner import ModelRunner
-from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec
+from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec, torchrun_worker
 from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.backend import select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, ExpertLoadWindow, RebalancePolicy
+from light_moe.parallel.groups import torchrun_launch
 from light_moe.parallel.placement import place_experts, read_expert_load
 from light_moe.quant.checkpoint import read_checkpoint_quantization
 from light_moe.quant.scheme import W4A16Config, parse_quantization
@@ -61,7 +62,11 @@ def _resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.de
 
 
 class LightMoEEngine:
-    """Offline and online inference for MoE checkpoints in Hugging Face format."""
+    """Offline and online inference for MoE checkpoints in Hugging Face format.
+
+    expert_parallel_size=N > 1 spawns ranks 1..N-1, or, in a job started by torchrun (WORLD_SIZE must be
+    N), the constructor returns on rank 0 only: on the other ranks it serves rank 0 until it shuts down,
+    then raises SystemExit(0) (docs/expert_parallel.md, "Launching with torchrun")."""
 
     def __init__(
         self,
@@ -102,6 +107,15 @@ class LightMoEEngine:
                                   num_redundant_experts=num_redundant_experts, expert_load_window=expert_load_window,
                                   rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold,
                                   fixed_capacity_tokens=fixed_capacity_tokens)
+        # launched by torchrun: every rank constructs the engine; rank 0 is the engine, the others become
+        # workers below (this constructor never returns on them)
+        launch = torchrun_launch() if expert_parallel_executor is None else None
+        if launch is not None and launch.world_size > 1 and launch.world_size != parallel.expert_parallel_size:
+            raise ValueError(f"launched by torchrun with WORLD_SIZE={launch.world_size} but expert_parallel_size="
+                             f"{parallel.expert_parallel_size}: every rank of the job is one expert-parallel rank, "
+                             "so they must be equal (torchrun --nproc-per-node x --nnodes = expert_parallel_size)")
+        if launch is not None and launch.world_size == 1:
+            launch = None  # a one-process job: the engine runs as if torchrun had not started it
         model_path = Path(model_path)
         model_cls, model_cfg = load_model_config(model_path)
         # quantization="w4a16": routed experts quantized on load (RTN); GPTQ / AWQ checkpoints are W4A16 anyway
@@ -135,12 +149,18 @@ class LightMoEEngine:
             quantization=scheme,
         )
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        if launch is not None and launch.is_worker:
+            # ranks 1..N-1 of a torchrun job: serve rank 0's steps until it shuts down, then end the process
+            # ("only rank 0 returns"); an error (rank 0 died, a collective timed out) propagates: exit code 1
+            torchrun_worker(launch, dev, parallel.collective_timeout_s, str(model_path))
+            raise SystemExit(0)
         self.tokenizer = Tokenizer(model_path)
         self.model_config = model_cfg
         self.ops, reason = select_backend(moe_backend, dev)
         logger.info("MoE backend: %s", reason)
         self.moe_backend_reason = reason
-        # expert parallelism: this process is rank 0; the executor's worker processes are ranks 1..N-1.
+        # expert parallelism: this process is rank 0; the executor's worker processes (spawned, or started by
+        # torchrun) are ranks 1..N-1.
         # A caller-made executor (reused across engines) is left running by shutdown().
         if expert_parallel_executor is not None and parallel.expert_parallel_size == 1:
             raise ValueError("expert_parallel_executor was given but expert_parallel_size is 1")
@@ -149,7 +169,8 @@ class LightMoEEngine:
         if parallel.expert_parallel_size > 1:
             spec = self._worker_spec(max_num_batched_tokens, max_num_seqs)  # validates the placement first
             if self.workers is None:
-                self.workers = ExpertParallelExecutor(parallel.expert_parallel_size, dev, parallel.collective_timeout_s)
+                self.workers = ExpertParallelExecutor(parallel.expert_parallel_size, dev, parallel.collective_timeout_s,
+                                                      torchrun=launch)
                 self._owns_workers = True
             try:
                 self.model, self.runner = self.workers.load(spec, self.ops)

@@ -1,5 +1,8 @@
 """Expert-parallel execution: N ranks, one process each; rank 0 is the engine's own process.
 
+Ranks 1..N-1 are spawned by rank 0 (`worker_main`) or started by torchrun (`torchrun_worker`, from the
+engine's constructor on those ranks); both run the same loop, `follow_rank0`.
+
 Per engine step (docs/expert_parallel.md has the full picture):
   rank 0   scheduler -> StepPlan (for every scheduled sequence: its owner rank, the token chunk,
            start position, block table, whether it samples) -> broadcast over the gloo cpu_group
@@ -24,6 +27,7 @@ executor then stays failed (every later step raises at once) until shutdown().
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -45,7 +49,7 @@ from light_moe.models.loader import build_model
 from light_moe.ops.backend import MoEOps, select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, apply_placements, reduce_load
 from light_moe.parallel.dispatch import make_dispatchers
-from light_moe.parallel.groups import ExpertParallelGroup, free_tcp_port, init_expert_parallel
+from light_moe.parallel.groups import ExpertParallelGroup, TorchrunLaunch, free_tcp_port, init_expert_parallel
 from light_moe.parallel.overlap import TwoBatchOverlap
 from light_moe.parallel.placement import ExpertPlacement
 
@@ -238,23 +242,32 @@ class RankExecutor:
         return torch.stack(rows)
 
 
+def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> None:
+    """The worker loop of ranks 1..N-1, whichever way they were started: follow rank 0's messages (build a
+    model, run steps, calls) until None. model_path, if given, replaces the path in every WorkerSpec (a
+    torchrun rank reads the checkpoint from the path its own process was given: other hosts, temp dirs)."""
+    executor = None
+    while (message := broadcast_message(None, group)) is not None:
+        if isinstance(message, WorkerSpec):
+            executor = None  # free the previous model before building the next
+            if model_path is not None:
+                message = dataclasses.replace(message, model_path=model_path)
+            executor = RankExecutor(message, group)
+        elif isinstance(message, RankCall):
+            message.fn(executor, *message.args)
+        else:
+            executor.run(message)
+
+
 def worker_main(rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float,
                 errors) -> None:
-    """Entry point of ranks 1..N-1: follow rank 0's messages (build a model, run steps) until None."""
+    """Entry point of spawned ranks 1..N-1: follow rank 0's messages (build a model, run steps) until None."""
     group = None
     try:
         if device.type == "cpu":  # N processes share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         group = init_expert_parallel(rank, world_size, init_method, device, timeout_s)
-        executor = None
-        while (message := broadcast_message(None, group)) is not None:
-            if isinstance(message, WorkerSpec):
-                executor = None  # free the previous model before building the next
-                executor = RankExecutor(message, group)
-            elif isinstance(message, RankCall):
-                message.fn(executor, *message.args)
-            else:
-                executor.run(message)
+        follow_rank0(group)
     except BaseException:  # noqa: B902 - report anything, then exit non-zero
         errors.put((rank, traceback.format_exc()))
         sys.exit(1)
@@ -263,27 +276,62 @@ def worker_main(rank: int, world_size: int, init_method: str, device: torch.devi
             group.destroy()
 
 
+def torchrun_worker(launch: TorchrunLaunch, device: torch.device, timeout_s: float, model_path: str) -> None:
+    """Rank launch.rank > 0 of a torchrun job: join the env:// rendezvous, follow rank 0 until it shuts down,
+    leave the group and return (the engine then ends the process). Errors propagate (the process exits
+    non-zero with the traceback; torchrun then reports the job failed)."""
+    if launch.rank == 0:
+        raise ValueError("rank 0 of a torchrun job is the engine, not a worker")
+    group = init_expert_parallel(launch.rank, launch.world_size, "env://", device, timeout_s,
+                                 device_index=launch.local_rank)
+    try:
+        follow_rank0(group, model_path)
+    finally:
+        group.destroy()
+
+
+def _shutdown_at_exit(ref) -> None:
+    executor = ref()
+    if executor is not None:
+        executor.shutdown()
+
+
 class ExpertParallelExecutor:
     """Rank 0's side: spawns ranks 1..N-1 once, then builds models on all ranks (load) and runs steps.
 
     The engine creates one per expert-parallel engine; a caller may instead create one and pass
     it to several engines in turn (a benchmark sweep over placements, the tests) to pay the
-    process start-up (~3 s of imports per rank) once."""
+    process start-up (~3 s of imports per rank) once.
 
-    def __init__(self, world_size: int, device: torch.device, timeout_s: float):
+    With `torchrun` (a TorchrunLaunch of rank 0) nothing is spawned: ranks 1..N-1 were started by
+    torchrun and run `torchrun_worker`; the group uses the env:// rendezvous. Their processes are not
+    ours to watch, so a dead or stuck rank shows only as a failed collective (at once when its sockets
+    close, else after timeout_s). The workers are told to stop at shutdown(), or at interpreter exit."""
+
+    def __init__(self, world_size: int, device: torch.device, timeout_s: float,
+                 torchrun: TorchrunLaunch | None = None):
         if dist.is_initialized():  # before spawning anything
             raise RuntimeError(
                 "torch.distributed is already initialised in this process: one expert-parallel executor per "
                 "process (shut down the previous engine or executor first)")
+        if torchrun is not None and (torchrun.rank != 0 or torchrun.world_size != world_size):
+            raise ValueError(f"the executor is rank 0 of {world_size}; torchrun launched rank {torchrun.rank} "
+                             f"of {torchrun.world_size}")
         self.world_size, self.device = world_size, device
-        ctx = mp.get_context("spawn")
-        self._errors = ctx.Queue()
-        init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
-        self._workers = [
-            ctx.Process(target=worker_main, args=(rank, world_size, init_method, device, timeout_s, self._errors),
-                        name=f"light-moe-ep-rank{rank}", daemon=True)
-            for rank in range(1, world_size)
-        ]
+        self.torchrun = torchrun
+        self._errors = None
+        self._workers = []
+        if torchrun is None:
+            ctx = mp.get_context("spawn")
+            self._errors = ctx.Queue()
+            init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
+            self._workers = [
+                ctx.Process(target=worker_main, args=(rank, world_size, init_method, device, timeout_s, self._errors),
+                            name=f"light-moe-ep-rank{rank}", daemon=True)
+                for rank in range(1, world_size)
+            ]
+        else:
+            init_method = "env://"
         self._failure: str | None = None
         self._closed = False
         self.group: ExpertParallelGroup | None = None
@@ -296,7 +344,10 @@ class ExpertParallelExecutor:
         for proc in self._workers:
             proc.start()
         try:
-            self.group = init_expert_parallel(0, world_size, init_method, device, timeout_s)
+            self.group = init_expert_parallel(0, world_size, init_method, device, timeout_s,
+                                              device_index=None if torchrun is None else torchrun.local_rank)
+            if torchrun is not None:  # the workers live until told to stop: tell them even if nobody shuts down
+                atexit.register(_shutdown_at_exit, weakref.ref(self))
         except BaseException as exc:
             failure = self._fail(f"expert-parallel start-up failed: {exc}")
             self.shutdown()
@@ -403,6 +454,11 @@ class ExpertParallelExecutor:
         """Record the failure with what is known of the dead ranks; the executor stays failed."""
         for proc in self._workers:
             proc.join(timeout=0.5)  # a peer that broke the collective is usually exiting
+        if self.torchrun is not None:
+            self._failure = (f"{what}; the other ranks were started by torchrun: see their logs (a dead rank "
+                             "breaks a collective at once, a stuck one after collective_timeout_s)")
+            logger.error(self._failure)
+            return self._failure
         reports = {}
         while True:
             try:
@@ -437,4 +493,5 @@ class ExpertParallelExecutor:
                 proc.join()
         if self.group is not None:
             self.group.destroy()
-        self._errors.close()
+        if self._errors is not None:
+            self._errors.close()

@@ -7,9 +7,14 @@ On CPU both are the one gloo world group. The timeout is what turns a dead or st
 error on the others instead of a hang: gloo raises when a peer's socket closes or when the
 timeout passes; NCCL's watchdog aborts the communicator after the timeout
 (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default in torch >= 2.2).
+
+Two launch modes: rank 0 spawns ranks 1..N-1 on this host (rendezvous tcp://127.0.0.1:<free port>,
+rank r on cuda:r), or torchrun started every rank, on one or several hosts (`TorchrunLaunch`:
+rendezvous env://, rank r on cuda:LOCAL_RANK).
 """
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,18 +43,56 @@ def free_tcp_port() -> int:
         return sock.getsockname()[1]
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """One GPU per rank on one host; CPU ranks share the CPU."""
-    return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class TorchrunLaunch:
+    """This process is one rank of a job that torchrun (or any launcher setting its variables) started."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # the GPU index on this host
+
+    @property
+    def is_worker(self) -> bool:
+        return self.rank != 0
+
+
+def torchrun_launch(environ=None) -> TorchrunLaunch | None:
+    """The launch of this process if RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are all set
+    (torchrun sets them for every rank), else None (a plain process: rank 0 spawns its workers)."""
+    env = os.environ if environ is None else environ
+    if not all(env.get(name) for name in TORCHRUN_VARS):
+        return None
+    try:
+        rank, world_size, local_rank = (int(env[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError as exc:
+        raise ValueError(f"torchrun variables RANK / WORLD_SIZE / LOCAL_RANK must be integers: {exc}") from None
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"inconsistent torchrun variables: RANK={rank} WORLD_SIZE={world_size} "
+                         f"LOCAL_RANK={local_rank}")
+    return TorchrunLaunch(rank, world_size, local_rank)
+
+
+def rank_device(device: torch.device, index: int) -> torch.device:
+    """One GPU per rank (index: the rank, or LOCAL_RANK under torchrun); CPU ranks share the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"this rank wants cuda:{index} but the host has {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)
 
 
 def init_expert_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
-                         timeout_s: float) -> ExpertParallelGroup:
+                         timeout_s: float, device_index: int | None = None) -> ExpertParallelGroup:
+    """device_index: this rank's GPU (default: the rank; LOCAL_RANK under torchrun). init_method "env://"
+    reads MASTER_ADDR / MASTER_PORT (torchrun's rendezvous)."""
     if dist.is_initialized():
         raise RuntimeError(
             "torch.distributed is already initialised in this process: one expert-parallel engine per "
             "process (call shutdown() on the previous engine first)")
-    device = rank_device(device, rank)
+    device = rank_device(device, rank if device_index is None else device_index)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
