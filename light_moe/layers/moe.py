@@ -31,6 +31,11 @@ class FusedExperts(nn.Module):
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w13.data, self.w2.data
 
+    def release(self) -> None:
+        """Free the canonical copy once a backend holds its own layout (see MoEBlock.prepare)."""
+        self.w13.data = self.w13.data.new_empty(0)
+        self.w2.data = self.w2.data.new_empty(0)
+
 
 class QuantizedFusedExperts(nn.Module):
     """W4A16 experts in the canonical format (light_moe/quant/w4a16.py), held as buffers:
@@ -60,6 +65,12 @@ class QuantizedFusedExperts(nn.Module):
 
     def weights(self) -> tuple[QuantizedWeight, QuantizedWeight]:
         return self.weight("w13"), self.weight("w2")
+
+    def release(self) -> None:
+        """Free the canonical copy once a backend holds its own layout (see MoEBlock.prepare)."""
+        for name, buffer in list(self.named_buffers()):
+            if buffer is not None:
+                setattr(self, name, buffer.new_empty(0))
 
     def load(self, name: str, weight: QuantizedWeight) -> None:
         """Copy a loaded QuantizedWeight into the buffers of `name` (w13 or w2)."""
@@ -128,8 +139,15 @@ class MoEBlock(nn.Module):
         self.prepare()
 
     def prepare(self) -> None:
-        """Let the backend repack expert weights once, after loading (no-op for the reference)."""
-        self.prepared = self.ops.prepare_expert_weights(*self.experts.weights())
+        """Let the backend repack expert weights once, after loading (no-op for the reference).
+
+        When the backend made its own copy (the CuTe layouts), one process drops the canonical one,
+        which would otherwise double the expert memory. Under expert parallelism it is kept:
+        rebalancing moves canonical weights between ranks and prepares them again."""
+        weights = self.experts.weights()
+        self.prepared = self.ops.prepare_expert_weights(*weights)
+        if isinstance(self.dispatcher, LocalDispatcher) and self.prepared[0] is not weights[0]:
+            self.experts.release()
 
     @property
     def graph_safe(self) -> bool:

@@ -45,3 +45,22 @@ def test_what_the_kernel_cannot_take_stays_on_the_reference():
     f13, f2 = quantized_experts(True, dtype=torch.float32)  # float32 scales: not the kernel's bf16
     p13, p2 = CuteOps().prepare_expert_weights(f13, f2)
     assert isinstance(p13, QuantizedWeight)
+
+
+def test_one_process_keeps_only_the_kernel_layout():
+    """The canonical experts are freed once the backend holds its own copy (no doubled memory)."""
+    from light_moe.config import ModelConfig
+    from light_moe.layers.moe import MoEBlock
+
+    cfg = ModelConfig(architecture="test", vocab_size=16, hidden_size=H, num_layers=1, num_heads=2, num_kv_heads=2,
+                      head_dim=H // 2, max_position_embeddings=16, rms_norm_eps=1e-5, rope_theta=1e4,
+                      num_experts=E, top_k=1, moe_intermediate_size=INTER, norm_topk_prob=True, moe_layers=(0,))
+    block = MoEBlock(cfg, CuteOps(), torch.bfloat16, "cpu")
+    block.use_quantized_experts(W4A16Config(group_size=64))
+    q13, q2 = quantized_experts(True)
+    block.experts.load("w13", q13)
+    block.experts.load("w2", q2)
+    block.prepare()
+    assert isinstance(block.prepared[0], W4A16Weights)
+    assert torch.equal(unpack_prepared(block.prepared[0]), q13.dequantize().float())
+    assert all(buffer.numel() == 0 for buffer in block.experts.buffers())
