@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     layer = bsub.add_parser("moe-layer", help="the MoE layer against torch._grouped_mm and a per-expert loop")
     layer.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 16384])
+    layer.add_argument("--quant", choices=["w4a16"], default=None,
+                       help="also time the layer with W4A16 experts (RTN g128) in the same run")
     layer.add_argument("--experts", type=int, default=8)
     layer.add_argument("--hidden", type=int, default=4096)
     layer.add_argument("--intermediate", type=int, default=14336)

@@ -30,6 +30,7 @@ from light_moe.ops import reference
 from light_moe.ops.backend import MoEOps
 
 TARGETS_US = {1: 260, 4: 975, 16: 975, 64: 975, 256: 1000, 4096: 4000, 16384: 16000}  # DESIGN.md sec. 5
+W4A16_TARGETS_US = {1: 90, 64: 320}  # issue 4; and never slower than the bf16 layer
 
 
 class GroupedGemmOps(MoEOps):
@@ -113,7 +114,10 @@ def run_moe_layer_bench(
     ops: MoEOps | None = None,
     seed: int = 0,
     full_layer: bool = True,
+    quant: str | None = None,
 ) -> dict:
+    """quant="w4a16": also time the layer with the same experts RTN-quantized (group 128, symmetric)
+    on the W4A16 kernel, in the same run, against the bf16 rows."""
     device = torch.device("cuda")
     ops = ops or default_ops()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -121,10 +125,19 @@ def run_moe_layer_bench(
     w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=dtype, generator=gen) / inter**0.5
     gate_weight = torch.randn(num_experts, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5
     w13p, w2p = ops.prepare_expert_weights(w13, w2)
+    quantized = None
+    if quant is not None:
+        if quant != "w4a16":
+            raise ValueError(f"quant must be 'w4a16' or None, got {quant!r}")
+        from light_moe.quant.scheme import W4A16Config
+        from light_moe.quant.w4a16 import rtn_quantize
+
+        q13, q2 = rtn_quantize(w13, W4A16Config(128)), rtn_quantize(w2, W4A16Config(128))
+        quantized = (q13, q2, *ops.prepare_expert_weights(q13, q2))
     rows = []
     for num_tokens in tokens:
         x = torch.randn(num_tokens, hidden, device=device, dtype=dtype, generator=gen)
-        row = _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k, full_layer)
+        row = _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k, full_layer, quantized)
         rows.append(row)
         print(_format_row(row), flush=True)
     env = environment()
@@ -132,6 +145,7 @@ def run_moe_layer_bench(
         "benchmark": "moe_layer",
         "env": env,
         "shape": dict(E=num_experts, H=hidden, I=inter, K=top_k, dtype=str(dtype)),
+        "quant": quant,
         "ops": type(ops).__name__,
         "rows": rows,
     }
@@ -143,7 +157,7 @@ def run_moe_layer_bench(
     return result
 
 
-def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_layer: bool) -> dict:
+def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_layer: bool, quantized=None) -> dict:
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -172,7 +186,7 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
     }
     if full_layer:
         cases["ours_layer"] = (lambda: ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True), False)
-        if getattr(ops, "graph_safe", False):
+        if ops.graph_safe(gate_weight, top_k, w13p, w2p):
             cases["ours_layer_graph"] = (lambda: ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True), True)
         cases["grouped_mm_layer"] = (grouped_mm_layer, False)
         cases["loop_layer"] = (lambda: reference.moe_forward(x, gate_weight, w13, w2, top_k, True), False)
@@ -182,6 +196,19 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
         "rel_l2_vs_reference": rel,
         "target_us": TARGETS_US.get(num_tokens),
     }
+    bytes_of = {}
+    if quantized is not None:
+        q13, q2, q13p, q2p = quantized
+        # against the reference on the same quantized experts (it dequantises per expert)
+        ours_q = ops.moe_forward(x, gate_weight, q13p, q2p, top_k, True)
+        ref_q = reference.moe_forward(x, gate_weight, q13, q2, top_k, True)
+        row["w4a16_rel_l2_vs_reference"] = ((ours_q.float() - ref_q.float()).norm() / ref_q.float().norm()).item()
+        row["w4a16_target_us"] = W4A16_TARGETS_US.get(num_tokens)
+        cases["w4a16_experts"] = (lambda: ops.expert_down(ops.expert_up(x, gather_index, offsets, q13p), offsets, q2p),
+                                  True)
+        cases["w4a16_layer_graph"] = (lambda: ops.moe_forward(x, gate_weight, q13p, q2p, top_k, True), True)
+        int4_bytes = 3 * hidden * inter // 2 + 3 * hidden * inter // q13.group_size * 2  # int4 + bf16 scales
+        bytes_of = {"w4a16_experts": int4_bytes, "w4a16_layer_graph": int4_bytes}
     for name, (fn, in_graph) in cases.items():
         try:
             us = _time_us(_graph(fn) if in_graph else fn, 3 if name == "loop_layer" else iters)
@@ -191,7 +218,7 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
         # a single projection moves and multiplies its share of the expert: up 2/3 (W1, W3), down 1/3 (W2)
         share = {"ours_up": 2 / 3, "ours_down": 1 / 3}.get(name, 1.0)
         row[f"{name}_us"] = round(us, 1)
-        row[f"{name}_weight_GBps"] = round(share * active * expert_bytes / us / 1e3, 1)
+        row[f"{name}_weight_GBps"] = round(share * active * bytes_of.get(name, expert_bytes) / us / 1e3, 1)
         row[f"{name}_TFLOPs"] = round(share * flops / us / 1e6, 1)
     return row
 
@@ -201,7 +228,9 @@ def _format_row(row: dict) -> str:
     for name in (
         "ours_layer",
         "ours_layer_graph",
+        "w4a16_layer_graph",
         "ours_experts",
+        "w4a16_experts",
         "ours_up",
         "ours_down",
         "grouped_mm_layer",
@@ -218,7 +247,8 @@ def _format_row(row: dict) -> str:
 
 
 def main(args) -> None:
-    run_moe_layer_bench(args.tokens, args.experts, args.hidden, args.intermediate, args.top_k, out_json=args.output)
+    run_moe_layer_bench(args.tokens, args.experts, args.hidden, args.intermediate, args.top_k, out_json=args.output,
+                        quant=args.quant)
 
 
 def run_tile_sweep(
