@@ -48,6 +48,13 @@ def expert_memory(engine) -> dict:
     bf16 (as served on GPU), whatever dtype this run holds them in (float32 on CPU)."""
     deployed = bf16 = 0
     for block in engine.model.moe_blocks():
+        if block.prepared is not None and block.prepared[0] is not block.experts.weights()[0]:
+            # the backend repacked the experts and the canonical copy was freed: count what it holds
+            for w in block.prepared:
+                bf16 += torch.Size(w.shape).numel() * 2
+                deployed += sum(t.numel() * t.element_size() for t in vars(w).values() if torch.is_tensor(t)) \
+                    if not torch.is_tensor(w) else w.numel() * 2
+            continue
         for w in block.experts.weights():
             bf16 += w.shape.numel() * 2
             if isinstance(w, torch.Tensor):
