@@ -48,7 +48,7 @@ def expert_memory(engine) -> dict:
     bf16 (as served on GPU), whatever dtype this run holds them in (float32 on CPU)."""
     deployed = bf16 = 0
     for block in engine.model.moe_blocks():
-        if block.prepared is not None and block.prepared[0] is not block.experts.weights()[0]:
+        if block.canonical_released:
             # the backend repacked the experts and the canonical copy was freed: count what it holds
             for w in block.prepared:
                 bf16 += torch.Size(w.shape).numel() * 2

@@ -103,6 +103,7 @@ class MoEBlock(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
         self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.canonical_released = False  # prepare() freed self.experts: only self.prepared holds the weights
         self.last_tokens_per_expert: torch.Tensor | None = None  # [E] int32, device: load statistics
         self.dispatcher = LocalDispatcher()
         self.overlap = None  # parallel.overlap.TwoBatchOverlap under expert parallelism with overlap on
@@ -146,7 +147,8 @@ class MoEBlock(nn.Module):
         rebalancing moves canonical weights between ranks and prepares them again."""
         weights = self.experts.weights()
         self.prepared = self.ops.prepare_expert_weights(*weights)
-        if isinstance(self.dispatcher, LocalDispatcher) and self.prepared[0] is not weights[0]:
+        self.canonical_released = isinstance(self.dispatcher, LocalDispatcher) and self.prepared[0] is not weights[0]
+        if self.canonical_released:
             self.experts.release()
 
     @property
