@@ -8,7 +8,7 @@ serves prefill, chunked prefill and decode alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,17 @@ class AttentionMetadata:
     padded_index: torch.Tensor  # [N] int64: row of each token in the flattened [B * Q] padding
     max_query_len: int
     max_ctx_len: int
+    # [B, 1, Q, C] bool, derived once per step here rather than in every layer's attention
+    attn_mask: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        batch = self.block_tables.shape[0]
+        key_pos = torch.arange(self.max_ctx_len, device=self.query_pos.device)
+        qpos = self.query_pos.unsqueeze(-1)  # [B, Q, 1]
+        mask = (key_pos <= qpos) & (key_pos < self.ctx_lens.view(batch, 1, 1))  # [B, Q, C]
+        # padded query rows (qpos = -1) would mask every key and turn softmax into NaN: let them see key 0
+        mask[..., 0] |= qpos[..., 0] < 0
+        self.attn_mask = mask.unsqueeze(1)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -55,12 +66,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
 
-    key_pos = torch.arange(max_c, device=q.device)
-    qpos = meta.query_pos.unsqueeze(-1)  # [B, Q, 1]
-    mask = (key_pos <= qpos) & (key_pos < meta.ctx_lens.view(batch, 1, 1))  # [B, Q, C]
-    # padded query rows (qpos = -1) would mask every key and turn softmax into NaN: let them see key 0
-    mask[..., 0] |= qpos[..., 0] < 0
-    out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask.unsqueeze(1), scale=scale)  # [B, h, Q, D]
+    out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=meta.attn_mask, scale=scale)  # [B, h, Q, D]
     out = out.transpose(1, 2).reshape(batch * max_q, num_heads, head_dim)
     return out.index_select(0, meta.padded_index)
 
