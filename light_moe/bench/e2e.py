@@ -38,6 +38,20 @@ def write_shaped_model(out: Path, layers: int) -> Path:
     return out
 
 
+def bench_model(args) -> tuple[Path, str, Path | None]:
+    """(model directory, load_format, temporary directory to remove or None) for a benchmark's
+    --model / --shape / --layers: the Mixtral shape with random weights, a given checkpoint, or the
+    bundled demo model."""
+    if args.shape == "mixtral":
+        tmp = Path(tempfile.mkdtemp(prefix="light-moe-bench-"))
+        return write_shaped_model(tmp, args.layers), "dummy", tmp
+    if args.model is not None:
+        return Path(args.model), "auto", None
+    from light_moe.assets import DEMO_MODEL_DIR
+
+    return DEMO_MODEL_DIR, "auto", None
+
+
 def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0) -> list[dict]:
     from light_moe import SamplingParams
 
@@ -78,15 +92,7 @@ def main(args) -> dict:
     from light_moe import LightMoEEngine
     from light_moe.cli import quant_kwargs
 
-    tmp = None
-    model_path, load_format = args.model, "auto"
-    if args.shape == "mixtral":
-        tmp = Path(tempfile.mkdtemp(prefix="light-moe-bench-"))
-        model_path, load_format = write_shaped_model(tmp, args.layers), "dummy"
-    elif model_path is None:
-        from light_moe.assets import DEMO_MODEL_DIR
-
-        model_path = DEMO_MODEL_DIR
+    model_path, load_format, tmp = bench_model(args)
     try:
         engine = LightMoEEngine(model_path, dtype=args.dtype, device=args.device, load_format=load_format,
                                 max_model_len=args.input_len + args.output_len + 16,

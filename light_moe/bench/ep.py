@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from light_moe.bench.e2e import run_e2e, write_shaped_model
+from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment
 
 
@@ -104,15 +103,7 @@ def main(args) -> dict:
 
     if args.ep < 2:
         raise ValueError(f"--ep must be at least 2 (it is compared with 1), got {args.ep}")
-    tmp = None
-    model_path, load_format = args.model, "auto"
-    if args.shape == "mixtral":
-        tmp = Path(tempfile.mkdtemp(prefix="light-moe-bench-ep-"))
-        model_path, load_format = write_shaped_model(tmp, args.layers), "dummy"
-    elif model_path is None:
-        from light_moe.assets import DEMO_MODEL_DIR
-
-        model_path = DEMO_MODEL_DIR
+    model_path, load_format, tmp = bench_model(args)
     device = _resolve_device(args.device)
     common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,
