@@ -60,8 +60,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
            ) -> tuple[list[int], list[float] | None]:
     """logits [B, V] float32 -> (token ids, logprobs of them or None if no row asked)."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
-    logits = logits.clone()
-    _apply_repetition_penalty(logits, rows)
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        logits = logits.clone()  # the penalty edits in place; the caller's logits stay intact
+        _apply_repetition_penalty(logits, rows)
     greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
     tokens = logits.argmax(dim=-1)  # greedy rows use the penalised logits
     if not bool(greedy.all()):
