@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int]
 
 
+def _is_single_prompt(prompts) -> bool:
+    """One prompt (text or token ids) rather than a list of prompts."""
+    return isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,7 +410,7 @@ class LightMoEEngine:
     ) -> list[RequestOutput]:
         """Final RequestOutput (token ids, text, finish reason, logprobs) of each prompt, in order."""
         params = self._params(sampling_params, kwargs)
-        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:
             raise ValueError("no prompts given")
         for p in batch:  # validate everything before queuing anything
@@ -427,7 +432,7 @@ class LightMoEEngine:
         self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None, **kwargs
     ) -> str | list[str]:
         """Generated text: a string for one prompt, a list for a list of prompts."""
-        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        single = _is_single_prompt(prompts)
         texts = [o.text for o in self.generate_outputs(prompts, sampling_params, **kwargs)]
         return texts[0] if single else texts
 

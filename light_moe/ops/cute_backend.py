@@ -90,8 +90,10 @@ class CuteOps(MoEOps):
 
     def router(self, x, gate_weight, top_k: int, renormalize: bool):
         ok, reason = router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
-        if ok and x.is_contiguous() and gate_weight.dtype == x.dtype:
-            return router_kernel.router(x, gate_weight, top_k, renormalize)
+        if ok and gate_weight.dtype != x.dtype:
+            ok, reason = False, f"gate weight is {gate_weight.dtype}, activations {x.dtype}"
+        if ok:
+            return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize)
         self._fallback("router", reason)
         return super().router(x, gate_weight, top_k, renormalize)
 
