@@ -459,6 +459,3 @@ class LightMoEEngine:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, **kwargs) -> str:
         return self.generate(self.apply_chat_template(messages), sampling_params, **kwargs)
-
-    def kv_cache_usage(self) -> float:
-        return self.block_manager.usage
