@@ -366,6 +366,68 @@ def test_two_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, b
         run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, timeout_s=300)
 
 
+GPU_GRAPH_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from light_moe import LightMoEEngine, SamplingParams
+    from light_moe.engine.request import Request
+    from light_moe.engine.scheduler import ScheduledRequest
+
+    prompts = [[7, 3, 99], list(range(20, 31)), list(range(100, 157)), list(range(200, 240)), [42] * 9]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    args = dict(dtype="bfloat16", device="cuda", moe_backend="cute", max_num_batched_tokens=64,
+                show_progress=False, kv_cache_memory_bytes=64 << 20)
+
+    def prefill_logits(engine, ids):
+        request = Request("probe", ids, SamplingParams())
+        assert engine.block_manager.allocate_slots(request, len(ids))
+        try:
+            run = engine.runner if engine.workers is None else engine.workers
+            return run.execute([ScheduledRequest(request, len(ids), True, True)])[-1].float()
+        finally:
+            engine.block_manager.free(request)
+
+    def agree(one, ep, prompt, a, b):
+        # bf16: a divergence is accepted only at a near-tie (margin within the two paths' logit difference)
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                la, lb = prefill_logits(one, prompt + a[:i]), prefill_logits(ep, prompt + a[:i])
+                noise, margin = (la - lb).abs().max().item(), abs((lb[y] - lb[x]).item())
+                assert margin <= 2 * noise, (i, x, y, margin, noise)
+                return False
+        assert len(a) == len(b)
+        return True
+
+    if __name__ == "__main__":
+        import faulthandler
+        faulthandler.dump_traceback_later(150, exit=True)  # a stuck collective: show where, then fail
+        one = LightMoEEngine(sys.argv[1], **args)  # one GPU, decode graphs
+        ep = LightMoEEngine(sys.argv[1], expert_parallel_size=2, fixed_capacity_tokens=64, collective_timeout_s=120,
+                            **args)
+        assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
+        expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
+        got = [o.token_ids for o in ep.generate_outputs(prompts, params)]
+        assert ep.runner.decode_graphs.graphs, "EP decode never replayed a graph"
+        same = [agree(one, ep, p, a, b) for p, a, b in zip(prompts, expected, got)]
+        again = [o.token_ids for o in ep.generate_outputs(prompts[:3], params)]  # other buckets, graphs reused
+        for p, a, b in zip(prompts, expected, again):
+            agree(one, ep, p, a, b)
+        assert all(r >= 1.0 for r in ep.expert_rank_balance())
+        ep.shutdown()
+        print(f"identical sequences: {sum(same)}/{len(same)}; graphs: {sorted(ep.runner.decode_graphs.graphs)}")
+        print("OK")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_two_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path):
+    """EP=2 on the CuTe backend, bf16: decode replays CUDA graphs holding the fixed-capacity all-to-alls,
+    and agrees with one GPU (near-ties excepted); a second generation reuses the graphs."""
+    path = make_tiny_checkpoint("mixtral", tmp_path / "ckpt", hidden_size=128, intermediate_size=128)
+    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), timeout_s=600))
+
+
 # ---- fixed-capacity exchange (no host sync, decode-sized steps) ----------------------------------
 @pytest.mark.parametrize("family,overlap", [("qwen2_moe", False), ("mixtral", True)])
 def test_fixed_capacity_exchange_gives_the_same_tokens(executor, checkpoints, single_process, family, overlap):
@@ -390,7 +452,10 @@ def test_exchange_capacity_is_chosen_from_the_plan():
     assert exchange_capacity([0, 1], top_k=8, limit=256) == 8
     assert exchange_capacity([0, 0], top_k=8, limit=256) == 1  # all idle: still one exchange per layer
     assert exchange_capacity([32, 1], top_k=8, limit=256) == 256
-    assert exchange_capacity([30, 1], top_k=8, limit=250) == 250  # capped at the limit, still >= 240 rows
+    assert exchange_capacity([30, 1], top_k=8, limit=256) == 256  # 30 tokens pad to a graph batch of 32
+    assert exchange_capacity([5, 1], top_k=3, limit=256) == 32  # 8 padded tokens x 3 = 24 rows -> 32
+    assert exchange_capacity([15, 1], top_k=8, limit=250) == 128  # capped at the limit only when it must be
+    assert exchange_capacity([16, 1], top_k=8, limit=100) == 0  # 128 rows above the limit: variable splits
     assert exchange_capacity([33, 1], top_k=8, limit=256) == 0  # prefill-sized: variable splits
 
 
@@ -456,12 +521,22 @@ FIXED_EXCHANGE_SCRIPT = textwrap.dedent("""
                     logits[:, 5:] += 100.0  # experts 5..7 (rank 1's in contiguous) take every row
                 w, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
                 ids = ids.to(torch.int32)
-                before = d.rows_received
+                before = int(d.rows_received)  # a device counter updated in place: copy its value
                 expected = layer(d, ops, x, w, ids, w13, w2, 0)
-                rows_variable = d.rows_received - before
+                rows_variable = int(d.rows_received) - before
                 got = layer(d, ops, x, w, ids, w13, w2, capacity)
                 assert torch.equal(got, expected), (rank, placement, tokens, (got - expected).abs().max())
-                assert int(d.rows_received - before) == 2 * rows_variable  # padding rows are not counted
+                assert int(d.rows_received) - before == 2 * rows_variable  # padding rows are not counted
+                # a dry run (graph warm-up) runs the same kernels, but no collective, and counts nothing
+                d.capacity, d.dry_run = capacity, True
+                real_all_to_all, dist.all_to_all_single = dist.all_to_all_single, None  # a call would raise
+                try:
+                    routed = d.dispatch(x, w, ids)
+                    y = ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=True)
+                    dry = d.combine(y, routed)
+                finally:
+                    d.capacity, d.dry_run, dist.all_to_all_single = 0, False, real_all_to_all
+                assert dry.shape == got.shape and int(d.rows_received) - before == 2 * rows_variable
         assert d.exchanges["fixed"] == d.exchanges["variable"] == 4
         dist.barrier()
         dist.destroy_process_group()

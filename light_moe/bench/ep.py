@@ -11,12 +11,16 @@ Reports, as JSON (with bench.env.environment()):
     expert rows per rank (per layer, worst layer reported) before and after engine.rebalance() with
     --redundant copies per rank, and the planner's predictions.
 --fixed-capacity C runs the EP=N engines with fixed_capacity_tokens=C (the host-sync-free exchange for
-decode-sized steps, parallel/dispatch.py); compare a run with 0 and one with 256.
+decode-sized steps, parallel/dispatch.py), which also lets EP=N decode replay CUDA graphs; compare a
+run with 0 and one with 256. EP=1 replays CUDA graphs unless --enforce-eager (which also keeps EP=N
+eager). The exchange times come from a separate eager EP=N engine (graph replays cannot be timed
+per exchange).
 With --shape mixtral the model is the Mixtral-8x7B shape cut to --layers layers, random weights
 (load_format='dummy': identical on every rank). On CPU it runs with gloo and a tiny model (CI smoke).
 """
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -43,6 +47,7 @@ def add_ep_args(p) -> None:
     p.add_argument("--fixed-capacity", type=int, default=0,
                    help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); run with 0 and 256")
     p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for EP=1 nor EP=N")
     p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")
     p.add_argument("--skew", type=float, default=4.0, help="scale of the hot experts' gate rows")
     p.add_argument("--redundant", type=int, default=1, help="expert copies per rank after rebalancing")
@@ -79,6 +84,7 @@ def _balance_run(engine, args) -> dict:
 
 
 def _exchange_times(engine, args) -> dict:
+    """engine: an eager EP=N engine (every exchange runs in Python, so each can be timed)."""
     from light_moe.parallel.dispatch import ExchangeTiming
 
     timings = []
@@ -108,14 +114,16 @@ def main(args) -> dict:
     common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,
                   max_num_seqs=args.ep * args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                  show_progress=False)
+                  show_progress=False, enforce_eager=args.enforce_eager)
     rows, executor = [], None
     try:
-        one = LightMoEEngine(model_path, enforce_eager=True, **common)
+        one = LightMoEEngine(model_path, **common)
+        graphs = one.runner.decode_graphs is not None
         dtype = str(one.config.dtype)
         rows.append(dict(_per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1),
-                         ep=1, overlap=False))
+                         ep=1, overlap=False, cuda_graphs=graphs))
         del one
+        gc.collect()  # the engine's CUDA graphs and KV cache (sized to the card) must go before EP=N sizes its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
         executor = ExpertParallelExecutor(args.ep, device, timeout_s=300.0)
@@ -125,9 +133,15 @@ def main(args) -> dict:
                                     fixed_capacity_tokens=args.fixed_capacity, expert_parallel_executor=executor,
                                     **common)
             row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
-            rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap))
-            if args.time_exchange and not overlap:
-                exchange = _exchange_times(engine, args)
+            rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap,
+                             cuda_graphs=engine.runner.decode_graphs is not None))
+            print(f"EP={args.ep} overlap={overlap}: {rows[-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU "
+                  f"(EP=1: {rows[0]['decode_tok_s_per_gpu']:.1f})", flush=True)
+            del engine
+        if args.time_exchange:
+            engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, fixed_capacity_tokens=args.fixed_capacity,
+                                    expert_parallel_executor=executor, **dict(common, enforce_eager=True))
+            exchange = _exchange_times(engine, args)
             del engine
         engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, num_redundant_experts=args.redundant,
                                 expert_parallel_executor=executor, **common)
@@ -142,7 +156,7 @@ def main(args) -> dict:
     result = dict(
         benchmark="ep", env=environment(), dtype=dtype, ep=args.ep, per_gpu_batch=args.batch_size,
         fixed_capacity_tokens=args.fixed_capacity,
-        ep1_cuda_graphs=False,  # EP=N cannot capture the exchange, so the baseline runs eager too
+        ep1_cuda_graphs=graphs,
         model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
         rows=rows,
         decode_per_gpu_vs_ep1=off["decode_tok_s_per_gpu"] / one_row["decode_tok_s_per_gpu"],
@@ -150,9 +164,9 @@ def main(args) -> dict:
                             prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0,
                             note="fraction of the overlap-off time saved; negative: overlap is slower"),
         all_to_all=exchange, balance=balance)
-    print(f"{'ep':>3} {'overlap':>8} {'prefill tok/s/GPU':>18} {'decode tok/s/GPU':>17}")
+    print(f"{'ep':>3} {'overlap':>8} {'graphs':>7} {'prefill tok/s/GPU':>18} {'decode tok/s/GPU':>17}")
     for r in rows:
-        print(f"{r['ep']:>3} {str(r['overlap']):>8} {r['prefill_tok_s_per_gpu']:>18.1f} "
+        print(f"{r['ep']:>3} {str(r['overlap']):>8} {str(r['cuda_graphs']):>7} {r['prefill_tok_s_per_gpu']:>18.1f} "
               f"{r['decode_tok_s_per_gpu']:>17.1f}")
     if exchange:
         print(f"all-to-all per MoE layer: dispatch {exchange['dispatch_us_per_layer']:.0f} us, "

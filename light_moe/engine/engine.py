@@ -219,7 +219,7 @@ class LightMoEEngine:
                                    parallel.num_redundant_experts)
         return WorkerSpec(cfg.model_path, cfg.dtype, cfg.device, cfg.load_format, cfg.seed, cfg.moe_backend, cfg.cache,
                           max_num_batched_tokens, max_num_seqs, tuple(placements), parallel.enable_overlap,
-                          parallel.fixed_capacity_tokens)
+                          parallel.fixed_capacity_tokens, cfg.enable_cuda_graphs, cfg.max_model_len)
 
     def shutdown(self) -> None:
         """Stop the expert-parallel worker processes this engine started (no-op for one process). Idempotent."""

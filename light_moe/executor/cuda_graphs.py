@@ -9,11 +9,19 @@ replays them for ~5 us. Graphs are captured lazily, one per (batch bucket, conte
 Padding rows write their KV to a scratch slot outside the block manager's pool and read block 0;
 their outputs are discarded. Only models whose MoE ops are graph-safe (no host sync) are captured.
 
+Under expert parallelism (executor/workers.py) a graph also holds the MoE layers' fixed-capacity
+all-to-alls (parallel/dispatch.py), so the key gets a `tag` (the step's exchange capacity), and the
+warm-up before a capture runs inside `warmup_context` (the dispatchers' dry run): a capturing rank must
+not issue collectives its peers don't, and capture itself only records them; the replay right after
+runs them once, like every peer's eager or replayed step.
+
 Shape legend: B padded batch, H hidden, V vocabulary, NB blocks per sequence in the bucket.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -34,8 +42,10 @@ def _bucket(value: int, buckets) -> int:
 
 class DecodeGraphs:
     def __init__(self, model: MoECausalLM, kv_caches, block_size: int, max_blocks_per_seq: int, scratch_slot: int,
-                 max_batch: int, device: torch.device):
+                 max_batch: int, device: torch.device,
+                 warmup_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.model = model
+        self.warmup_context = warmup_context
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
@@ -50,7 +60,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=device)
         self.query_pos = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.padded_index = torch.arange(n, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, Hashable], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def can_run(self, scheduled) -> bool:
@@ -71,22 +81,31 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # [B, V]
 
-    def _capture(self, batch: int, blocks: int):
+    def _capture(self, batch: int, blocks: int, tag: Hashable):
         # warm up on a side stream first: CuTe kernels compile and the allocator settles outside capture
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), self.warmup_context():
             self._forward(batch, blocks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._forward(batch, blocks)
-        logger.info("captured a decode graph for batch %d, %d blocks per sequence", batch, blocks)
+        logger.info("captured a decode graph for batch %d, %d blocks per sequence (tag %s)", batch, blocks, tag)
         return graph, logits
 
+    def release(self) -> None:
+        """Free every captured graph now. Under expert parallelism this must precede destroying the NCCL
+        group: a communicator whose collectives live on in captured graphs was seen to hang on destroy."""
+        torch.cuda.synchronize()
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     @torch.inference_mode()
-    def run(self, scheduled) -> torch.Tensor:
-        """Logits [len(scheduled), V] of a pure-decode step."""
+    def run(self, scheduled, tag: Hashable = None) -> torch.Tensor:
+        """Logits [len(scheduled), V] of a pure-decode step; `tag` tells apart graphs that differ in something
+        besides the batch and context buckets (expert parallelism: the exchange capacity)."""
         n = len(scheduled)
         batch = _bucket(n, self.batch_buckets)
         bs = self.block_size
@@ -111,9 +130,9 @@ class DecodeGraphs:
         # one host tensor for the whole table: a tensor per row cost ~5 us each at batch 64
         table = [t + [0] * (blocks - len(t)) for t in tables] + [[0] * blocks] * pad
         self.tables[:batch, :blocks].copy_(torch.tensor(table), non_blocking=True)
-        key = (batch, blocks)
+        key = (batch, blocks, tag)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch, blocks)
+            self.graphs[key] = self._capture(batch, blocks, tag)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]

@@ -7,7 +7,9 @@ The KV cache is one tensor per layer and kind: [num_blocks, block_size, g, D].
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -38,6 +40,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
+        graph_warmup: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         self.model = model
         self.cfg = model.config
@@ -62,7 +65,7 @@ class ModelRunner:
             max_len = max_model_len or self.cfg.max_position_embeddings
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, self.block_size,
                                               -(-max_len // self.block_size), self.num_blocks * self.block_size,
-                                              max_num_seqs, device)
+                                              max_num_seqs, device, graph_warmup)
         elif cuda_graphs and device.type == "cuda":
             logger.info("decode runs eagerly: the MoE backend synchronises with the host (not graph-safe)")
 
@@ -143,10 +146,13 @@ class ModelRunner:
         return as_tensor(input_ids), as_tensor(positions), meta, as_tensor(sample_rows)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        """Run one step; returns float32 logits [S, V] for the rows that sample, in scheduled order."""
-        if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
-            return self.decode_graphs.run(scheduled)
+    def execute(self, scheduled: list[ScheduledRequest], graph_tag: Hashable = None,
+                allow_graph: bool = True) -> torch.Tensor:
+        """Run one step; returns float32 logits [S, V] for the rows that sample, in scheduled order.
+        A pure-decode step replays a CUDA graph (when captured graphs are on and allow_graph), keyed also
+        by graph_tag (see DecodeGraphs.run)."""
+        if allow_graph and self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
+            return self.decode_graphs.run(scheduled, graph_tag)
         input_ids, positions, meta, sample_rows = self.prepare(scheduled)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

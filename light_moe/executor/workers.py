@@ -28,9 +28,12 @@ executor then stays failed (every later step raises at once) until shutdown().
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import traceback
 import weakref
@@ -73,7 +76,10 @@ class WorkerSpec:
     max_num_seqs: int
     placements: tuple[ExpertPlacement, ...]  # one per MoE layer
     enable_overlap: bool = False  # two-batch overlap of the expert exchange (parallel/overlap.py)
-    fixed_capacity_tokens: int = 0  # rank 0 only: upper limit of the fixed-capacity exchange (exchange_capacity)
+    fixed_capacity_tokens: int = 0  # upper limit of the fixed-capacity exchange (exchange_capacity)
+    # decode steps with a fixed-capacity exchange (no host sync) replay CUDA graphs on every rank
+    cuda_graphs: bool = False
+    max_model_len: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -103,13 +109,20 @@ class StepPlan:
 def exchange_capacity(tokens_per_rank: list[int], top_k: int, limit: int) -> int:
     """Rows per rank pair of a step's fixed-capacity exchange, or 0 for the variable-split path.
 
-    A rank's R = tokens x top_k routed rows may all go to one rank, so the capacity must hold the
-    largest R; it is rounded up to a power of two (few distinct shapes: later one CUDA graph each)
-    and capped at `limit`. Steps with R above `limit` (prefill) use variable splits."""
-    rows = max(tokens_per_rank, default=0) * top_k
+    A rank's R routed rows may all go to one rank, so the capacity must hold the largest R. R counts
+    the tokens padded to a power of two, as a decode CUDA graph pads its batch (executor/cuda_graphs.py
+    BATCH_BUCKETS), times top_k; the capacity is R rounded up to a power of two (few distinct shapes: one
+    graph each) and capped at `limit`. Steps with R above `limit` (prefill) use variable splits."""
+    tokens = max(tokens_per_rank, default=0)
+    rows = _pow2(tokens) * top_k if tokens else 0
     if limit <= 0 or rows > limit:
         return 0
-    return min(limit, 1 << max(rows - 1, 0).bit_length())
+    return min(limit, _pow2(rows))
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclass(frozen=True)
@@ -173,9 +186,23 @@ class RankExecutor:
         self._agree_on_kv_blocks(spec)
 
     def _runner(self, spec: WorkerSpec, cache: CacheConfig) -> ModelRunner:
-        # no CUDA graphs: the expert exchange syncs with the host and has data-dependent sizes
+        # CUDA graphs only where the exchange is the fixed-capacity one (decode-sized steps): the variable
+        # exchange reads its split sizes on the host
+        graphs = spec.cuda_graphs and spec.fixed_capacity_tokens > 0
         return ModelRunner(self.model, cache, spec.dtype, self.group.device, spec.max_num_batched_tokens,
-                           spec.max_num_seqs)
+                           spec.max_num_seqs, max_model_len=spec.max_model_len, cuda_graphs=graphs,
+                           graph_warmup=self._dry_exchange)
+
+    @contextlib.contextmanager
+    def _dry_exchange(self):
+        """Warm-up before a graph capture: the MoE layers exchange nothing (see DecodeGraphs)."""
+        for dispatcher in self.dispatchers:
+            dispatcher.dry_run = True
+        try:
+            yield
+        finally:
+            for dispatcher in self.dispatchers:
+                dispatcher.dry_run = False
 
     def _agree_on_kv_blocks(self, spec: WorkerSpec) -> None:
         """Block ids come from rank 0's pool, so every rank needs at least that many blocks: all take
@@ -190,6 +217,11 @@ class RankExecutor:
                 torch.cuda.empty_cache()
             self.runner = self._runner(spec, dataclasses.replace(spec.cache, num_blocks=fewest))
 
+    def release_graphs(self) -> None:
+        """Before this rank leaves (or rebuilds) the process group: captured collectives must go first."""
+        if self.runner is not None and self.runner.decode_graphs is not None:
+            self.runner.decode_graphs.release()
+
     @torch.inference_mode()
     def _idle_forward(self) -> None:
         """No sequences here this step: still serve every MoE layer's exchange, in layer order."""
@@ -203,12 +235,13 @@ class RankExecutor:
             apply_placements(self.model.moe_blocks(), self.dispatchers, list(plan.placements), self.group.rank,
                              self.group.device_group)
             for dispatcher in self.dispatchers:  # rows per rank are measured per placement
-                dispatcher.rows_received = 0
+                dispatcher.rows_received.zero_()
         for dispatcher in self.dispatchers:  # the same mode on every rank: it rides in the plan
             dispatcher.capacity = plan.exchange_capacity
         mine = [_scheduled(s) for s in plan.sequences if s.owner == self.group.rank]
-        if mine:
-            logits = self.runner.execute(mine)  # [S_rank, V]
+        if mine:  # decode graphs only on fixed-capacity steps; one graph per capacity
+            logits = self.runner.execute(mine, graph_tag=plan.exchange_capacity,
+                                         allow_graph=plan.exchange_capacity > 0)  # [S_rank, V]
         else:
             self._idle_forward()
             logits = torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.group.device)
@@ -249,7 +282,9 @@ def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> N
     executor = None
     while (message := broadcast_message(None, group)) is not None:
         if isinstance(message, WorkerSpec):
-            executor = None  # free the previous model before building the next
+            if executor is not None:  # free the previous model (and its graphs) before building the next
+                executor.release_graphs()
+            executor = None
             if model_path is not None:
                 message = dataclasses.replace(message, model_path=model_path)
             executor = RankExecutor(message, group)
@@ -257,19 +292,25 @@ def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> N
             message.fn(executor, *message.args)
         else:
             executor.run(message)
+    if executor is not None:
+        executor.release_graphs()  # before the caller destroys the group
 
 
 def worker_main(rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float,
                 errors) -> None:
     """Entry point of spawned ranks 1..N-1: follow rank 0's messages (build a model, run steps) until None."""
     group = None
+    # `kill -USR1 <pid>` prints this rank's Python stacks to its stderr (diagnosing a stuck collective)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if device.type == "cpu":  # N processes share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         group = init_expert_parallel(rank, world_size, init_method, device, timeout_s)
         follow_rank0(group)
     except BaseException:  # noqa: B902 - report anything, then exit non-zero
-        errors.put((rank, traceback.format_exc()))
+        text = traceback.format_exc()
+        print(f"light-moe expert-parallel rank {rank} failed:\n{text}", file=sys.stderr, flush=True)  # for logs
+        errors.put((rank, text))
         sys.exit(1)
     finally:
         if group is not None:
@@ -359,6 +400,8 @@ class ExpertParallelExecutor:
             raise ValueError(f"model wants {spec.world_size} ranks on {spec.device.type}, the executor has "
                              f"{self.world_size} on {self.device.type}")
         self._check_workers(need_model=False)
+        if self.rank is not None:
+            self.rank.release_graphs()
         self.rank = None
         self._owners = weakref.WeakKeyDictionary()
         self.placements, self._pending_placements, self._steps = tuple(spec.placements), None, 0
@@ -491,6 +534,8 @@ class ExpertParallelExecutor:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        if healthy and self.rank is not None:  # (a failed group may never drain: don't synchronise on it)
+            self.rank.release_graphs()  # captured collectives before the communicator (see DecodeGraphs.release)
         if self.group is not None:
             self.group.destroy()
         if self._errors is not None:

@@ -115,15 +115,16 @@ def compiled_combine(dtype: torch.dtype, hidden: int, top_k: int):
 
 
 def combine_into(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
-    """Writes out [T, H] on the current stream. reverse_index entries must lie in [0, M)."""
+    """Writes out [T, H] on the current stream. y may hold more rows than the T * K it is read at (the
+    fixed-capacity expert exchange returns a padded buffer); reverse_index entries must lie in [0, rows of y)."""
     if topk_weights.dim() != 2 or topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
         raise ValueError(
             f"topk_weights must be a contiguous [T, K] fp32 tensor, got {tuple(topk_weights.shape)} "
             f"{topk_weights.dtype}"
         )
     num_tokens, top_k = topk_weights.shape
-    if y.dim() != 2 or y.shape[0] != num_tokens * top_k or not y.is_contiguous():
-        raise ValueError(f"y must be a contiguous [T * K = {num_tokens * top_k}, H] tensor, got {tuple(y.shape)}")
+    if y.dim() != 2 or y.shape[0] < num_tokens * top_k or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous [>= T * K = {num_tokens * top_k}, H] tensor, got {tuple(y.shape)}")
     hidden = y.shape[1]
     ok, reason = supports(y.dtype, hidden, top_k)
     if not ok:

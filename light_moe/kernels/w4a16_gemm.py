@@ -16,16 +16,29 @@ SiLU*up epilogue, no host sync, CUDA-graph capturable), except for how the weigh
     owns 16 contiguous bytes = its A fragments of the 4 k16 steps. The producer warpgroup copies them
     with 16-byte cp.async (2 KB contiguous per atom, fully coalesced) into a deep smem ring, beside the
     gathered token rows; per group it also copies the tile's `meta` words (bf16 scale, bf16 -(128+z)).
-  * Consumer per k-tile: one ld.shared.v4 per atom, then per bf16x2 register one shift + lop3 (the
-    nibbles OR'd into the mantissa of bf16 128.0: 128 + q exactly), fma(t, 1, -(128 + z)) (exact) and
-    fma(t, s, -0) (one rounding: the same bf16 as rounding the fp32 dequantisation). 2 x 4 x 4 inline
-    PTX instructions per atom and k16 step. Two register A sets (even/odd k-tile) let the dequant of
-    k-tile kt + 1 overlap the wgmma of kt (wait_group(1) before a set is rewritten).
+  * Dequant per k-tile: one ld.shared.v4 per atom, then per bf16x2 register one shift + lop3 (the
+    nibbles OR'd into the mantissa of bf16 128.0: 128 + q exactly), fma(t, 1, -(128 + z)) (exact) into a
+    temporary and fma(t, s, -0) (one rounding: the same bf16 as rounding the fp32 dequantisation) into
+    the A register: 4 registers x 4 inline PTX instructions per atom and k16 step.
+  * wgmma pipelining: ptxas serialises every wgmma of the kernel (warning C7513: each wgmma followed by
+    its own wait) as soon as any non-wgmma instruction writes a wgmma input register while a wgmma is in
+    flight - two A register sets rewritten under wait_group(1) are enough to trigger it. So the only
+    A-writing instruction, the scale fma, runs with nothing in flight; per k-tile kt a consumer warpgroup
+    does dequant_exact(kt) (ld.shared + exact part into temporaries, wgmma kt - 1 still running),
+    wait_group(0), releases stage kt - 1, then scale_and_mma(kt): scale fma into A, fence, 4 wgmma
+    back to back, commit. One A set + 16 temporaries per atom; one wgmma wait per k-tile (was 4). In the
+    SASS ptxas still moves that wait above the exact part (it reuses A's registers for the temporaries),
+    so inside one warpgroup only the ld.shared overlaps the previous wgmma.
+  * Split K for tile_w = 64 (SPLIT_K_TILE_W64): two consumer warpgroups take the even and the odd k-tiles
+    of a tile, so one dequantises while the other waits for its wgmma; warpgroup 1 adds its fp32 partial
+    sums into warpgroup 0's accumulator through shared memory before the epilogue (a different fp32
+    summation order than one warpgroup: rounding-level differences). tile_w = 128 keeps one m64 atom per
+    warpgroup over all k-tiles.
   * Zero points: symmetric weights carry -(128 + 8) in meta, so one compiled kernel serves both.
   * TMA is not used for weights: cp.async keeps the weight copy, the meta copy and the gather in one
     producer loop with one mbarrier arrival per thread; whether TMA would stream faster is a GPU question.
 
-Expectations (nothing here has run on a GPU yet, see docs/kernels.md "W4A16 grouped GEMM").
+Status and measurements: docs/kernels.md "W4A16 grouped GEMM", BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -77,17 +90,28 @@ MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages 
 CP_ASYNC_LAG = 1
 PRODUCER_REGS = 56
 CONSUMER_REGS = {1: 232, 2: 224}
+# tile_w = 64 (one m64 atom): two consumer warpgroups split K inside the CTA (even / odd k-tiles, partial sums
+# added through shared memory before the epilogue) instead of one warpgroup doing every k-tile. Part of the
+# compile-cache key, so it can be flipped between launches (A/B timing).
+SPLIT_K_TILE_W64 = True
 
 # (max expected tokens per active expert, tile_w, tile_t, fence_mode): first row that fits wins.
 # A guess derived from grouped_gemm's TILE_TABLE (same roles) - to be swept on the H100 (docs/kernels.md).
-# Prefill uses 128-row weight tiles: the RS A fragments (2 sets x 16 registers per atom) plus a 256 x 128
-# accumulator would not fit 224 registers.
+# Prefill uses 128-row weight tiles: the RS A fragments (16 A + 16 temporary registers per atom) plus a
+# 256 x 128 accumulator would not fit 224 registers. Compute-bound (> 256 tokens per expert): 128 x 256, so
+# each consumer warpgroup's per-k-tile dequant (one m64 atom) feeds a 64 x 256 x 64 wgmma instead of
+# 64 x 128 x 64 (half the dequant per FLOP). Its 64 x 256 fp32 accumulator is 128 registers per thread:
+# ptxas puts the consumer at ~170 of its 224 (CONSUMER_REGS[2]), no spills, no C7513; 5 stages of
+# 36.5 KB (32 KB token rows), epilogue in 4 chunks of 64 tokens. H100, Mixtral up+down: T=4096 5561 us vs
+# 5826 (128 x 128); T=1024 (256 per expert: half the experts get a 2nd, nearly empty 256 tile) 1651 vs 1555,
+# hence (128, 128) up to 256 tokens per expert.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str], ...] = (
     (8, 64, 8, "consumer"),
     (16, 128, 16, "consumer"),
     (32, 128, 32, "consumer"),
     (64, 128, 64, "consumer"),
-    (float("inf"), 128, 128, "producer"),
+    (256, 128, 128, "producer"),
+    (float("inf"), 128, 256, "producer"),
 )
 
 
@@ -119,34 +143,51 @@ def _prmt(a: Int32, selector: int, *, loc=None, ip=None) -> Int32:
 
 
 @dsl_user_op
-def _dequant_pair(q: Int32, index: int, scale2: Int32, neg_zero2: Int32, *, loc=None, ip=None) -> Int32:
-    """bf16x2 (w[2i], w[2i+1]) from nibbles i and i + 4 of q: (128 + q - (128 + z)) * s.
+def _dequant_exact(q: Int32, index: int, neg_zero2: Int32, *, loc=None, ip=None) -> Int32:
+    """bf16x2 (q_i - z, q_{i+4} - z) from nibbles i and i + 4 of q, exact: the dequant minus its scale.
 
     lop3 0xEA = (a & b) | c puts nibble i at bits 0-3 and nibble i + 4 at bits 16-19 of the mantissas of
     two bf16 128.0 (0x4300): bf16x2 (128 + q_i, 128 + q_{i+4}), exact. Then fma(t, 1.0, -(128 + z)) = q - z
-    (exact) and fma(t, s, -0.0) = one bf16 rounding of (q - z) * s.
+    (exact, small integers). The result is a temporary, not a wgmma operand, so this may run while a wgmma
+    is in flight.
     """
     shift = f"shr.u32 t, $1, {4 * index};" if index else "mov.b32 t, $1;"
     asm = (
-        "{ .reg .b32 t, one, nzero;\n"
+        "{ .reg .b32 t, one;\n"
         f"{shift}\n"
         "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"
         "mov.b32 one, 0x3F803F80;\n"
-        "mov.b32 nzero, 0x80008000;\n"
-        "fma.rn.bf16x2 t, t, one, $3;\n"
-        "fma.rn.bf16x2 $0, t, $2, nzero; }"
+        "fma.rn.bf16x2 $0, t, one, $2; }"
     )
     return Int32(
         llvm.inline_asm(
             Int32.mlir_type,
-            [
-                Int32(q).ir_value(loc=loc, ip=ip),
-                Int32(scale2).ir_value(loc=loc, ip=ip),
-                Int32(neg_zero2).ir_value(loc=loc, ip=ip),
-            ],
+            [Int32(q).ir_value(loc=loc, ip=ip), Int32(neg_zero2).ir_value(loc=loc, ip=ip)],
             asm,
-            "=r,r,r,r",
+            "=r,r,r",
             has_side_effects=False,
+            is_align_stack=False,
+            asm_dialect=llvm.AsmDialect.AD_ATT,
+        )
+    )
+
+
+@dsl_user_op
+def _apply_scale(t: Int32, scale2: Int32, *, loc=None, ip=None) -> Int32:
+    """fma(t, s, -0.0) = bf16x2 ((q - z) s), one rounding: the same bf16 as rounding the fp32 dequantisation.
+
+    The only instruction that writes a wgmma A register. ptxas serialises every wgmma of the kernel (C7513)
+    when a non-wgmma instruction defines a wgmma input while a wgmma is in flight, so callers issue it only
+    after wait_group(0); has_side_effects keeps LLVM from moving it above that wait.
+    """
+    asm = "{ .reg .b32 nzero;\nmov.b32 nzero, 0x80008000;\nfma.rn.bf16x2 $0, $1, $2, nzero; }"
+    return Int32(
+        llvm.inline_asm(
+            Int32.mlir_type,
+            [Int32(t).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
+            asm,
+            "=r,r,r",
+            has_side_effects=True,
             is_align_stack=False,
             asm_dialect=llvm.AsmDialect.AD_ATT,
         )
@@ -176,7 +217,9 @@ class W4A16GroupedGemmSm90:
         self.tile_w = config.tile_w
         self.tile_t = config.tile_t
         self.n_atoms = config.tile_w // ATOM_M
-        self.n_consumer_wg = min(self.n_atoms, 2)
+        self.k_split = self.split_k(config)  # consumer warpgroups along K (each takes every k_split-th k-tile)
+        self.m_wg = min(self.n_atoms, 2)  # consumer warpgroups along M (the wgmma atom layout)
+        self.n_consumer_wg = self.m_wg * self.k_split
         self.n_consumer_threads = WG * self.n_consumer_wg
         self.threads = WG + self.n_consumer_threads
         self.out_cols = self.tile_w // 2 if gated else self.tile_w
@@ -184,8 +227,22 @@ class W4A16GroupedGemmSm90:
         self.k_tiles = k_dim // TILE_K
         self.groups = k_dim // group_size
         self.groups_per_ktile = max(1, TILE_K // group_size)  # meta rows per stage: 2 for g = 32, else 1
+        # k-tiles between meta copies: a g = 128 group spans 2 k-tiles and its meta comes with the first one,
+        # except under split K, where the two k-tiles go to different warpgroups and each stage brings its own.
+        self.meta_ktiles = 1 if self.k_split > 1 else max(1, group_size // TILE_K)
+        self.red_words = self.reduce_bytes(config) // 4
         self.epi_t = GroupedGemmSm90.epilogue_tokens(config, gated)
         self.stages = self.num_stages(config, gated, num_experts, group_size)
+
+    @staticmethod
+    def split_k(config: TileConfig) -> int:
+        """Consumer warpgroups that share a tile's k-tiles: 2 for one-atom tiles (tile_w = 64), else 1."""
+        return 2 if SPLIT_K_TILE_W64 and config.tile_w == ATOM_M else 1
+
+    @staticmethod
+    def reduce_bytes(config: TileConfig) -> int:
+        """fp32 partial sums of the second K warpgroup (64 x tile_t) under split K."""
+        return ATOM_M * config.tile_t * 4 if W4A16GroupedGemmSm90.split_k(config) > 1 else 0
 
     @staticmethod
     def stage_bytes(config: TileConfig, group_size: int) -> int:
@@ -197,7 +254,7 @@ class W4A16GroupedGemmSm90:
     def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: int) -> int:
         out_cols = config.tile_w // 2 if gated else config.tile_w
         epi = GroupedGemmSm90.epilogue_tokens(config, gated) * (out_cols + VEC) * 2
-        fixed = 4 * 1024 + 8 * (num_experts + 1) + epi
+        fixed = 4 * 1024 + 8 * (num_experts + 1) + epi + W4A16GroupedGemmSm90.reduce_bytes(config)
         return min(MAX_STAGES, (SMEM_CAPACITY - fixed) // W4A16GroupedGemmSm90.stage_bytes(config, group_size))
 
     @staticmethod
@@ -240,7 +297,7 @@ class W4A16GroupedGemmSm90:
             warpgroup.OperandMajorMode.K,
             warpgroup.OperandMajorMode.K,
             Float32,
-            (self.n_consumer_wg, 1, 1),
+            (self.m_wg, 1, 1),
             tiler_mn=(64, self.tile_t),
             a_source=warpgroup.OperandSource.RMEM,
         )
@@ -260,6 +317,7 @@ class W4A16GroupedGemmSm90:
             s_out: cute.struct.Align[cute.struct.MemRange[BFloat16, self.epi_t * self.out_pitch], 128]
             s_q: cute.struct.Align[cute.struct.MemRange[Int32, q_words * self.stages], 128]
             s_meta: cute.struct.Align[cute.struct.MemRange[Int32, meta_words * self.stages], 128]
+            s_red: cute.struct.Align[cute.struct.MemRange[Float32, max(1, self.red_words)], 16]
             s_t: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(t_layout)], 1024]
 
         self.shared_storage = SharedStorage
@@ -297,7 +355,7 @@ class W4A16GroupedGemmSm90:
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
                 cute.arch.mbarrier_init(full + s, WG)  # one arrival per producer thread (no TMA)
-                cute.arch.mbarrier_init(empty + s, 4 * self.n_consumer_wg)  # one arrival per consumer warp
+                cute.arch.mbarrier_init(empty + s, 4 * self.m_wg)  # one arrival per warp that reads the stage
             cute.arch.mbarrier_init_fence()
 
         # Tile schedule (as grouped_gemm.py): tiles of expert e = ceil(rows_e / tile_t) * weight tiles.
@@ -411,8 +469,9 @@ class W4A16GroupedGemmSm90:
                 q_base = ((e * self.k_tiles + kt) * n_blocks + w_tile * n_atoms) * WG + tidx
                 for a in cutlass.range_constexpr(n_atoms):
                     cute.copy(g2s_i32, qweight[q_base + a * WG, None], s_q[None, tidx, a, stage])
-                # meta of the groups starting in this k-tile (consumers keep them in registers)
-                if (kt * TILE_K) % self.group_size == 0:
+                # meta of the groups starting in this k-tile (consumers keep them in registers); under split K
+                # every k-tile brings the meta of its group
+                if kt % self.meta_ktiles == 0:
                     if tidx < meta_chunks:
                         grp = tidx // (self.tile_w // 4)
                         m_chunk = (
@@ -445,12 +504,23 @@ class W4A16GroupedGemmSm90:
                     cute.arch.mbarrier_arrive(full + (issued - d) % self.stages)
 
     @cute.jit
-    def k_step(
+    def wait_stage(self, full, stage: Int32, phase: Int32):
+        """Wait until the producer filled `stage`; in the consumer fence mode also make its cp.async writes
+        visible to the async proxy (wgmma reads the token rows from shared memory)."""
+        cute.arch.mbarrier_wait(full + stage, phase)
+        if cutlass.const_expr(self.fence_mode == "consumer"):
+            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+
+    @cute.jit
+    def release_stage(self, empty, stage: Int32):
+        """One arrival per consumer warp: the stage's wgmma has completed and its shared memory was read."""
+        if cute.arch.lane_idx() == 0:
+            cute.arch.mbarrier_arrive(empty + stage)
+
+    @cute.jit
+    def dequant_exact(
         self,
-        tiled_mma: cute.TiledMma,
-        acc: cute.Tensor,
-        a_frag: cute.Tensor,
-        t_cr_t: cute.Tensor,
+        tmp: cute.Tensor,
         s_q: cute.Tensor,
         s_meta: cute.Tensor,
         scale2: cute.Tensor,
@@ -460,11 +530,15 @@ class W4A16GroupedGemmSm90:
         stage: Int32,
         load_meta: cutlass.Constexpr,
     ):
-        """One k-tile whose stage has landed: (new groups: meta -> registers), dequant into a_frag, 4 wgmma."""
+        """First half of a k-tile whose stage has landed: (new groups: meta -> scale2 / neg_zero2), one
+        ld.shared.v4 per atom, and the exact part of the dequant into tmp (tmp[v] = bf16x2 q - z of A
+        register v). Writes no wgmma operand, so it runs while the previous k-tile's wgmma is in flight;
+        scale2 / neg_zero2 are free to rewrite because the previous scale_and_mma has already read them.
+        """
         tidx, _, _ = cute.arch.thread_idx()
         ctid_wg = (tidx - WG) % WG
         gpk = self.groups_per_ktile
-        mma_m = cute.size(acc, mode=[1])
+        mma_m = cute.size(atom_idx)
         if cutlass.const_expr(load_meta):
             for m in cutlass.range_constexpr(mma_m):
                 for j in cutlass.range_constexpr(gpk):
@@ -472,7 +546,6 @@ class W4A16GroupedGemmSm90:
                         word = s_meta[j * self.tile_w + meta_row[m] + 8 * h, stage]
                         scale2[(m * gpk + j) * 2 + h] = _prmt(word, 0x1010)
                         neg_zero2[(m * gpk + j) * 2 + h] = _prmt(word, 0x3232)
-        a_i32 = cute.recast_tensor(a_frag, Int32)
         q_reg = cute.make_rmem_tensor((4,), Int32)
         for m in cutlass.range_constexpr(mma_m):
             cute.autovec_copy(s_q[None, ctid_wg, atom_idx[m], stage], q_reg)
@@ -481,11 +554,88 @@ class W4A16GroupedGemmSm90:
                 word = q_reg[kb]
                 for i in cutlass.range_constexpr(4):
                     reg = (m * gpk + j) * 2 + i % 2  # registers 0, 2: row r; 1, 3: row r + 8
-                    a_i32[i + 4 * (m + mma_m * kb)] = _dequant_pair(word, i, scale2[reg], neg_zero2[reg])
+                    tmp[i + 4 * (m + mma_m * kb)] = _dequant_exact(word, i, neg_zero2[reg])
+
+    @cute.jit
+    def scale_and_mma(
+        self,
+        tiled_mma: cute.TiledMma,
+        acc: cute.Tensor,
+        a_frag: cute.Tensor,
+        tmp: cute.Tensor,
+        t_cr_t: cute.Tensor,
+        scale2: cute.Tensor,
+        stage: Int32,
+    ):
+        """Second half, only with no wgmma in flight: A = fma(tmp, s, -0), fence, 4 wgmma k16 steps, commit."""
+        gpk = self.groups_per_ktile
+        mma_m = cute.size(acc, mode=[1])
+        a_i32 = cute.recast_tensor(a_frag, Int32)
+        for m in cutlass.range_constexpr(mma_m):
+            for kb in cutlass.range_constexpr(TILE_K // 16):
+                j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
+                for i in cutlass.range_constexpr(4):
+                    v = i + 4 * (m + mma_m * kb)
+                    a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
         warpgroup.fence()
         for kb in cutlass.range_constexpr(TILE_K // 16):
             cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb, stage)], acc)
         warpgroup.commit_group()
+
+    @cute.jit
+    def k_step(
+        self,
+        tiled_mma: cute.TiledMma,
+        acc: cute.Tensor,
+        a_frag: cute.Tensor,
+        tmp: cute.Tensor,
+        t_cr_t: cute.Tensor,
+        s_q: cute.Tensor,
+        s_meta: cute.Tensor,
+        scale2: cute.Tensor,
+        neg_zero2: cute.Tensor,
+        atom_idx: cute.Tensor,
+        meta_row: cute.Tensor,
+        full,
+        empty,
+        stage: Int32,
+        phase: Int32,
+        prev_stage: Int32,
+        load_meta: cutlass.Constexpr,
+    ):
+        """A k-tile after this warpgroup's first of the tile: dequant_exact while the previous k-tile's
+        wgmma runs, wait_group(0), release the previous k-tile's stage (prev_stage), scale_and_mma. The
+        caller advances the pipeline states: the DSL carries loop state only through names that the loop
+        body itself assigns or calls methods on."""
+        self.wait_stage(full, stage, phase)
+        self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta)
+        warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
+        self.release_stage(empty, prev_stage)
+        self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage)
+
+    @cute.jit
+    def stage_out(self, acc: cute.Tensor, s_out: cute.Tensor, t_cc: cute.Tensor, ec: cutlass.Constexpr):
+        """Epilogue chunk ec: this thread's accumulator values of tokens ec * epi_t ... -> s_out [token, column]
+        (SiLU(gate) * up when gated). Fragment value v + m * tile_t / 2 (m: the warpgroup's m64 atom) holds
+        column 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a chunk of tokens is a static set of values."""
+        tile_t = self.tile_t
+        epi_t = self.epi_t
+        mma_m = cute.size(acc, mode=[1])
+        for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
+            v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
+            coord = t_cc[v]
+            wrow = coord[0]
+            tok = coord[1] - ec * epi_t
+            if cutlass.const_expr(self.gated):
+                # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the
+                # matching up row 8 below it (prepare_expert_weights interleaves by 8 rows).
+                if cutlass.const_expr(v % 4 < 2):
+                    gate = acc[v]
+                    up = acc[v + 2]
+                    act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
+                    s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
+            else:
+                s_out[tok, wrow] = acc[v].to(BFloat16)
 
     @cute.jit
     def consume(
@@ -498,16 +648,18 @@ class W4A16GroupedGemmSm90:
         s_prefix: cute.Tensor,
         total_tiles: Int32,
     ):
-        """Consumer warpgroups: dequant + wgmma (A from registers) over the k-tiles, then the epilogue."""
+        """Consumer warpgroups: dequant + wgmma (A from registers) over the k-tiles, then the epilogue.
+        m_wg warpgroups along M (one m64 atom each) x k_split along K (split K: even / odd k-tiles)."""
         tile_t = self.tile_t
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         gdim, _, _ = cute.arch.grid_dim()
-        lane = cute.arch.lane_idx()
         full = storage.full_bar.data_ptr()
         empty = storage.empty_bar.data_ptr()
         cute.arch.warpgroup_reg_alloc(CONSUMER_REGS[self.n_consumer_wg])
         ctid = tidx - WG
+        kwg = cute.arch.make_warp_uniform(ctid // (WG * self.m_wg))  # K warpgroup: 0, or 0 / 1 under split K
+        ctid_mma = ctid % (WG * self.m_wg)  # thread index in the tiled MMA
         gpk = self.groups_per_ktile
         s_q = storage.s_q.get_tensor(
             cute.make_layout((4, WG, self.n_atoms, self.stages), stride=(1, 4, 4 * WG, 4 * WG * self.n_atoms))
@@ -516,12 +668,12 @@ class W4A16GroupedGemmSm90:
         s_meta = storage.s_meta.get_tensor(cute.make_layout((meta_words, self.stages), stride=(1, meta_words)))
         s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)
         s_out = storage.s_out.get_tensor(cute.make_layout((self.epi_t, self.out_pitch), stride=(self.out_pitch, 1)))
-        thr_mma = tiled_mma.get_slice(ctid)
+        thr_mma = tiled_mma.get_slice(ctid_mma)
         t_cr_t = tiled_mma.make_fragment_B(thr_mma.partition_B(s_t))
         t_cc = thr_mma.partition_C(cute.make_identity_tensor((self.tile_w, tile_t)))
         a_shape = tiled_mma.partition_shape_A((self.tile_w, TILE_K))  # ((2, 2, 2), MMA_M, 4)
-        a_even = cute.make_rmem_tensor(a_shape, BFloat16)
-        a_odd = cute.make_rmem_tensor(a_shape, BFloat16)
+        a_frag = cute.make_rmem_tensor(a_shape, BFloat16)  # the only registers wgmma reads: written after wait_group(0)
+        tmp = cute.make_rmem_tensor((cute.size(a_shape) // 2,), Int32)  # bf16x2 q - z per A register
         acc_shape = tiled_mma.partition_shape_C((self.tile_w, tile_t))
         if cutlass.const_expr(tile_t == 8):
             acc_shape = ((2, 2, 1), 1, 1)  # 4.3.5's verifier wants the N/8 mode kept for the 64x8 atom
@@ -544,9 +696,13 @@ class W4A16GroupedGemmSm90:
         epi_t = self.epi_t
         chunks_per_row = self.out_cols // VEC
         n_chunks = epi_t * chunks_per_row
-        meta_every_ktile = self.group_size <= TILE_K  # else a group spans 2 k-tiles: starts at even ones
-        read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        n_acc = cute.size(acc)
+        s_red = storage.s_red.get_tensor(cute.make_layout((n_acc, WG), stride=(WG, 1)))  # split K only
+        steps = self.k_tiles // self.k_split  # k-tiles per tile of this warpgroup
+        # Stage of this warpgroup's next k-tile to read / to release: the producer fills the stages in k-tile
+        # order, warpgroup kwg reads k-tiles kwg, kwg + k_split, ... (kwg < k_split <= stages: phase 0).
+        read_state = pipeline.PipelineState(self.stages, Int32(0), kwg, Int32(0))
+        release_state = pipeline.PipelineState(self.stages, Int32(0), kwg, Int32(0))
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
@@ -560,120 +716,61 @@ class W4A16GroupedGemmSm90:
             col_chunk0 = w_tile * chunks_per_row
             row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
 
-            acc.fill(0.0)
+            acc.fill(0.0)  # no wgmma in flight: the previous tile ended with wait_group(0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            # k-tiles 0 and 1 peeled: from k-tile 1 on, every step releases the stage of the step before.
-            cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-            if cutlass.const_expr(self.fence_mode == "consumer"):
-                cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            self.k_step(
-                tiled_mma,
-                acc,
-                a_even,
-                t_cr_t,
-                s_q,
-                s_meta,
-                scale2,
-                neg_zero2,
-                atom_idx,
-                meta_row,
-                read_state.index,
-                True,
-            )
-            read_state.advance()
-            for _kp in range(self.k_tiles // 2 - 1):  # k-tiles 2 kp + 1 (odd set) and 2 kp + 2 (even set)
-                cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-                if cutlass.const_expr(self.fence_mode == "consumer"):
-                    cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-                self.k_step(
-                    tiled_mma,
-                    acc,
-                    a_odd,
-                    t_cr_t,
-                    s_q,
-                    s_meta,
-                    scale2,
-                    neg_zero2,
-                    atom_idx,
-                    meta_row,
-                    read_state.index,
-                    meta_every_ktile,
-                )
+            # This warpgroup's k-tiles kt = kwg, kwg + k_split, ...: per k-tile, wait for its stage,
+            # dequant_exact(kt) while wgmma(previous) runs, wait_group(0), release the previous stage,
+            # scale_and_mma(kt). No A register is written while a wgmma is in flight (ptxas would serialise
+            # every wgmma otherwise), so the 4 wgmma of a k-tile run back to back. The first k-tile is peeled
+            # (nothing to wait for or release); with meta every meta_ktiles = 2 k-tiles (g = 128, no split)
+            # the rest go in (odd, even) pairs so that load_meta stays a compile-time value.
+            self.wait_stage(full, read_state.index, read_state.phase)
+            self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, read_state.index, True)
+            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, read_state.index)
+            for _ in cutlass.range_constexpr(self.k_split):
                 read_state.advance()
-                warpgroup.wait_group(1)  # the even step's wgmma finished: its stage and a_even are free
-                if lane == 0:
-                    cute.arch.mbarrier_arrive(empty + release_state.index)
-                release_state.advance()
-                cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-                if cutlass.const_expr(self.fence_mode == "consumer"):
-                    cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+            for _kp in range((steps - 1) // self.meta_ktiles):
+                for p in cutlass.range_constexpr(self.meta_ktiles):
+                    self.k_step(
+                        tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
+                        full, empty, read_state.index, read_state.phase, release_state.index,
+                        p == self.meta_ktiles - 1,
+                    )  # fmt: skip
+                    for _ in cutlass.range_constexpr(self.k_split):
+                        read_state.advance()
+                        release_state.advance()
+            if cutlass.const_expr(self.meta_ktiles == 2):  # steps is even: the last (odd) k-tile
                 self.k_step(
-                    tiled_mma,
-                    acc,
-                    a_even,
-                    t_cr_t,
-                    s_q,
-                    s_meta,
-                    scale2,
-                    neg_zero2,
-                    atom_idx,
-                    meta_row,
-                    read_state.index,
-                    True,
-                )
-                read_state.advance()
-                warpgroup.wait_group(1)  # the odd step's wgmma finished: its stage and a_odd are free
-                if lane == 0:
-                    cute.arch.mbarrier_arrive(empty + release_state.index)
+                    tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
+                    full, empty, read_state.index, read_state.phase, release_state.index, False,
+                )  # fmt: skip
+                read_state.advance()  # (k_split is 1 here)
                 release_state.advance()
-            # last k-tile (odd)
-            cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-            if cutlass.const_expr(self.fence_mode == "consumer"):
-                cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            self.k_step(
-                tiled_mma,
-                acc,
-                a_odd,
-                t_cr_t,
-                s_q,
-                s_meta,
-                scale2,
-                neg_zero2,
-                atom_idx,
-                meta_row,
-                read_state.index,
-                meta_every_ktile,
-            )
-            read_state.advance()
-            warpgroup.wait_group(1)
-            if lane == 0:
-                cute.arch.mbarrier_arrive(empty + release_state.index)
-            release_state.advance()
-            warpgroup.wait_group(0)
-            if lane == 0:
-                cute.arch.mbarrier_arrive(empty + release_state.index)
-            release_state.advance()
+            warpgroup.wait_group(0)  # this warpgroup's sum is final; its last stage is free
+            self.release_stage(empty, release_state.index)
+            for _ in cutlass.range_constexpr(self.k_split):
+                release_state.advance()
+            if cutlass.const_expr(self.k_split > 1):
+                # Split K: the partial sums of warpgroup 1 go through s_red into warpgroup 0's accumulator,
+                # which then runs the epilogue alone (both store). s_red is free: its previous readers passed
+                # the previous tile's epilogue barriers.
+                if kwg == 1:
+                    for v in cutlass.range_constexpr(n_acc):
+                        s_red[v, ctid_mma] = acc[v]
+                epi_barrier.arrive_and_wait()
+                if kwg == 0:
+                    for v in cutlass.range_constexpr(n_acc):
+                        acc[v] = acc[v] + s_red[v, ctid_mma]
 
-            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] -> 16-byte stores
-            # of the valid rows. Fragment value v + m * tile_t / 2 (m: the warpgroup's m64 atom) holds column
-            # 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a chunk of tokens is a static set of values.
+            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (stage_out) ->
+            # 16-byte stores of the valid rows by all consumer threads.
             for ec in cutlass.range_constexpr(tile_t // epi_t):
                 epi_barrier.arrive_and_wait()  # the previous s_out readers are done
-                for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
-                    v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
-                    coord = t_cc[v]
-                    wrow = coord[0]
-                    tok = coord[1] - ec * epi_t
-                    if cutlass.const_expr(self.gated):
-                        # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the
-                        # matching up row 8 below it (prepare_expert_weights interleaves by 8 rows).
-                        if cutlass.const_expr(v % 4 < 2):
-                            gate = acc[v]
-                            up = acc[v + 2]
-                            act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
-                            s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
-                    else:
-                        s_out[tok, wrow] = acc[v].to(BFloat16)
+                if cutlass.const_expr(self.k_split > 1):
+                    if kwg == 0:
+                        self.stage_out(acc, s_out, t_cc, ec)
+                else:
+                    self.stage_out(acc, s_out, t_cc, ec)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
                 valid_rows = rows_hi - chunk_row0
@@ -712,7 +809,7 @@ def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tupl
     return True, "ok"
 
 
-_compiled: dict[tuple, object] = {}  # (gated, n_out, k_dim, E, g, tile config) -> compiled fn; never T
+_compiled: dict[tuple, object] = {}  # (gated, n_out, k_dim, E, g, tile config, split K) -> compiled fn; never T
 compile_seconds: dict[tuple, float] = {}
 _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape) -> cute views of the prepared tensors
 
@@ -731,7 +828,7 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out)
-    key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)
+    key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config, SPLIT_K_TILE_W64)
     q_view, meta_view = _prepared_views(prepared)
     args = (
         q_view,

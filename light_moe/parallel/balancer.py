@@ -113,7 +113,7 @@ def reduce_load(tracker: ExpertLoadTracker, dispatchers, num_experts: int, rank:
         packed[:, :num_experts] = tokens.to(device, torch.float64)
     for layer, d in enumerate(dispatchers):
         packed[layer, num_experts + rank] = d.rows_received
-        d.rows_received = 0
+        d.rows_received.zero_()
     dist.reduce(packed, dst=0, group=group)
     return packed.cpu() if rank == 0 else None
 

@@ -31,10 +31,11 @@ interleave two micro-batches.
 Fixed-capacity mode (small, decode-sized steps; `capacity` > 0, set per step from the StepPlan):
 every rank sends exactly C rows to every rank in ONE all_to_all_single of equal splits. Each row is
 packed as bytes: the hidden row, then its destination-local expert id as int32 (-1: padding).
-No counts exchange, no host read of any device value (no split sizes), so the step can later be
-captured in a CUDA graph. Padding rows get the local id E_local and MoEOps.experts(padded=True)
-skips them, so every real expert sees exactly the rows, in exactly the order, of the variable-split
-path (bit-identical results). The results return by the same fixed exchange in reverse.
+No counts exchange, no host read of any device value (no split sizes), so decode steps are captured
+in CUDA graphs (executor/cuda_graphs.py; `dry_run` lets a capturing rank warm up without
+collectives). Padding rows get the local id E_local and MoEOps.experts(padded=True) skips them, so
+every real expert sees exactly the rows, in exactly the order, of the variable-split path
+(bit-identical results). The results return by the same fixed exchange in reverse.
 A token whose K experts share a rank is sent K times (no per-rank de-duplication yet: with K=8 of
 128 experts on 8 ranks that costs up to ~K/N-fold extra traffic; see docs/expert_parallel.md).
 """
@@ -133,7 +134,13 @@ class AllToAllDispatcher:
         self.ops = ops  # the backend's combine applies the router weights
         self.device = device
         self.timing: ExchangeTiming | None = None
-        self.rows_received = 0  # rows this rank's experts computed since the last reset (load statistics)
+        # rows this rank's experts computed since the last reset (load statistics): a device counter added
+        # to in place, so a CUDA-graph replay of the fixed exchange keeps counting
+        self.rows_received = torch.zeros((), dtype=torch.long, device=device)
+        # warm-up before a CUDA-graph capture (executor/cuda_graphs.py): run every kernel with the step's
+        # shapes but exchange nothing (each rank "receives" its own send buffer), so a rank that captures
+        # issues no more collectives than its peers, which replay or run eagerly
+        self.dry_run = False
         # fixed-capacity mode: rows per destination rank this step (0: variable splits). Set by the
         # rank executor from StepPlan.exchange_capacity, identical on every rank for a step.
         self.capacity = 0
@@ -183,7 +190,7 @@ class AllToAllDispatcher:
     def send_rows(self, x: torch.Tensor, route: _Route, send_splits: list[int], recv_splits: list[int],
                   async_op: bool = False):
         """Rows [R, H] and their local expert ids [R] for this rank's experts; works to wait on."""
-        self.rows_received = self.rows_received + sum(recv_splits)  # may be a device scalar (fixed path)
+        self.rows_received += sum(recv_splits)
         rows = x.new_empty((sum(recv_splits), x.shape[1]))
         ids = route.local_ids.new_empty(sum(recv_splits))
         w1 = dist.all_to_all_single(rows, x.index_select(0, route.token_of_row), recv_splits, send_splits,
@@ -242,11 +249,15 @@ class AllToAllDispatcher:
         send[:, :row_bytes].view(x.dtype).index_copy_(0, position, x.index_select(0, order // top_k))
         send_ids.index_copy_(0, position, local[order].to(torch.int32))
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # equal splits: no sizes to agree on
+        if self.dry_run:
+            recv.copy_(send)
+        else:
+            dist.all_to_all_single(recv, send, group=self.group)  # equal splits: no sizes to agree on
         rows = recv[:, :row_bytes].view(x.dtype)  # [N * C, H] (strided view)
         ids = recv[:, id_offset:].view(torch.int32).view(-1)  # [N * C]
         valid = ids >= 0
-        self.rows_received = self.rows_received + valid.sum()  # a device scalar: no host sync
+        if not self.dry_run:
+            self.rows_received.add_(valid.sum())  # on the device: no host sync
         num_local = len(self.local_experts)
         local_ids = torch.where(valid, ids, num_local).view(-1, 1)  # padding -> E_local, skipped by experts
         reverse_index = torch.empty_like(order)
@@ -258,7 +269,10 @@ class AllToAllDispatcher:
         """Results of the N * C received rows back to their senders (the same fixed exchange, reversed):
         row p of the returned [N * C, H] is the result of this rank's send-buffer row p."""
         back = torch.empty_like(y)
-        dist.all_to_all_single(back, y.contiguous(), group=self.group)
+        if self.dry_run:
+            back.copy_(y)
+        else:
+            dist.all_to_all_single(back, y.contiguous(), group=self.group)
         return back
 
     def finish_fixed(self, back: torch.Tensor, ex: _FixedExchange) -> torch.Tensor:
@@ -267,12 +281,18 @@ class AllToAllDispatcher:
         return self.ops.combine(back, ex.reverse_index.to(torch.int32), ex.topk_weights)  # [T, H]
 
     # ---- the plain (blocking) path ---------------------------------------------------------------
+    def _timed(self) -> bool:
+        """Time this exchange (bench ep): never inside a CUDA-graph capture, which forbids synchronising."""
+        return (self.timing is not None and not self.dry_run
+                and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
     def dispatch(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Routed:
-        if self.timing is not None:
+        timed = self._timed()
+        if timed:
             _sync(self.device)
             start = time.perf_counter()
         if self.capacity > 0:
-            self.exchanges["fixed"] += 1
+            self.exchanges["fixed"] += not self.dry_run
             routed = self.dispatch_fixed(x, topk_weights, topk_ids)
         else:
             self.exchanges["variable"] += 1
@@ -281,19 +301,20 @@ class AllToAllDispatcher:
             send_splits, recv_splits = route.send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
             rows, ids, _ = self.send_rows(x, route, send_splits, recv_splits)
             routed = self.routed(rows, ids, _Exchange(route.order, send_splits, recv_splits, topk_weights))
-        if self.timing is not None:
+        if timed:
             _sync(self.device)
             self.timing.dispatch_s += time.perf_counter() - start
             self.timing.calls += 1
         return routed
 
     def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
-        if self.timing is not None:
+        timed = self._timed()
+        if timed:
             _sync(self.device)
             start = time.perf_counter()
         fixed = isinstance(routed.handle, _FixedExchange)
         back = self.send_back_fixed(y) if fixed else self.send_back(y, routed.handle)[0]
-        if self.timing is not None:
+        if timed:
             _sync(self.device)
             self.timing.combine_s += time.perf_counter() - start
         return self.finish_fixed(back, routed.handle) if fixed else self.finish(back, routed.handle)

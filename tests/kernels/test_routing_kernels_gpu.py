@@ -173,6 +173,22 @@ def test_combine_matches_reference(tokens, top_k, hidden, dtype):
     assert _rel_l2(out, ref) < (1e-2 if dtype != torch.float32 else 1e-5)
 
 
+def test_combine_reads_a_padded_buffer():
+    """The fixed-capacity expert exchange hands combine a [N * C, H] buffer with more rows than T * K:
+    only the rows reverse_index names are read (the rest is NaN here)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    tokens, top_k, hidden, buffer_rows = 7, 2, 4096, 64
+    y = torch.full((buffer_rows, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    reverse = torch.randperm(buffer_rows, generator=gen, device="cuda")[: tokens * top_k].to(torch.int32)
+    y[reverse.long()] = torch.randn(tokens * top_k, hidden, generator=gen, device="cuda").bfloat16()
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen, device="cuda"), dim=-1)
+    out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    combine.combine_into(y, reverse, weights, out)
+    ref = reference.combine(y, reverse, weights)
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    assert _rel_l2(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (64, 8)])  # fused and split router
 def test_routing_chain_is_graph_capturable(experts, top_k):
     """router -> routing_metadata -> combine captured in one CUDA graph, replayed on new inputs."""

@@ -8,6 +8,7 @@ cute = pytest.importorskip("cutlass.cute")
 from cutlass import BFloat16, Int32  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
+from light_moe.kernels import w4a16_gemm  # noqa: E402
 from light_moe.kernels import w4a16_layout as layout  # noqa: E402
 from light_moe.kernels.tile_config import TileConfig  # noqa: E402
 from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, choose_w4a16_tile, supports  # noqa: E402
@@ -39,8 +40,16 @@ CASES = {
     "down_decode_64x8_g128": (False, 8, 4096, 14336, 128, TileConfig(64, 8)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
+    # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
+    # accumulator per thread, 5 stages of 32 KB token rows, 4 epilogue chunks of 64 tokens
+    "up_prefill_128x256_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 256, "producer")),
+    "down_prefill_128x256_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 256, "producer")),
+    "up_prefill_128x256_g32_E64": (True, 64, 1024, 768, 32, TileConfig(128, 256, "producer")),
     "up_mid_128x32_g32_E64": (True, 64, 1024, 768, 32, TileConfig(128, 32)),
     "down_mid_128x64_g64_E64": (False, 64, 1024, 768, 64, TileConfig(128, 64)),
+    # tile_w = 64 beyond decode (choose_w4a16_tile falls back to it when n_out % 128): split K with a
+    # 64 x 32 partial-sum exchange, g = 128 meta in every stage, 2 epilogue chunks of the gated output
+    "up_64x32_g128_split_k_E64": (True, 64, 1024, 768, 128, TileConfig(64, 32)),
 }
 
 
@@ -53,6 +62,22 @@ def test_w4a16_gemm_compiles(name, tmp_path):
     )
     cubin, seconds = compile_sm90a(kernel, *args, dump_root=str(tmp_path))
     print(f"{name}: {seconds:.2f} s, stages={kernel.stages}, cubin {cubin}")
+
+
+def test_w4a16_gemm_consumer_split(monkeypatch, tmp_path):
+    """tile_w = 64 splits K over two consumer warpgroups (meta in every stage); SPLIT_K_TILE_W64 = False
+    keeps the one-warpgroup kernel, which must still compile."""
+    gated, num_experts, hidden, inter, group_size, config = CASES["up_decode_64x8_g128"]
+    n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
+    kw = dict(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size)
+    split = W4A16GroupedGemmSm90(**kw, config=config)
+    assert (split.k_split, split.m_wg, split.n_consumer_wg, split.meta_ktiles) == (2, 1, 2, 1)
+    wide = W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 16))
+    assert (wide.k_split, wide.m_wg, wide.n_consumer_wg, wide.meta_ktiles) == (1, 2, 2, 2)
+    monkeypatch.setattr(w4a16_gemm, "SPLIT_K_TILE_W64", False)
+    one = W4A16GroupedGemmSm90(**kw, config=config)
+    assert (one.k_split, one.n_consumer_wg, one.meta_ktiles, one.red_words) == (1, 1, 2, 0)
+    compile_sm90a(one, *args, dump_root=str(tmp_path))
 
 
 def _canonical(num_experts, n_out, k_dim, group_size, with_zeros, generator):
@@ -115,7 +140,16 @@ def test_supports_and_tiles():
     assert not supports(8, 4096, 14336, 100)[0]
     assert not supports(8, 4096, 14300, 128)[0]
     assert choose_w4a16_tile(2, 8, 28672) == TileConfig(64, 8)
-    assert choose_w4a16_tile(2 * 4096, 8, 28672) == TileConfig(128, 128, "producer")
+    assert choose_w4a16_tile(2 * 1024, 8, 28672) == TileConfig(128, 128, "producer")  # 256 per expert
+    assert choose_w4a16_tile(2 * 2048, 8, 28672) == TileConfig(128, 256, "producer")
+    assert choose_w4a16_tile(2 * 4096, 8, 28672) == TileConfig(128, 256, "producer")
+    for gated, n_out, k_dim in ((True, 28672, 4096), (False, 4096, 14336)):
+        for group_size in (32, 128):
+            kernel = W4A16GroupedGemmSm90(
+                gated=gated, n_out=n_out, k_dim=k_dim, num_experts=8, group_size=group_size,
+                config=TileConfig(128, 256, "producer"),
+            )  # fmt: skip
+            assert kernel.stages >= 4 and kernel.epi_t == 64
     ok, reason = W4A16GroupedGemmSm90.supports(
         gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=128, config=TileConfig(256, 128)
     )

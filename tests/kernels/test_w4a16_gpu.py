@@ -110,7 +110,7 @@ def test_w4a16_mixtral_shape(num_tokens):
     _check_case(num_tokens, 8, 2, 4096, 14336, GROUP, False, seed=11 + num_tokens)
 
 
-@pytest.mark.parametrize("num_tokens", (1, 7, 333))
+@pytest.mark.parametrize("num_tokens", (1, 7, 333, 4096))
 def test_w4a16_every_tile_config(num_tokens):
     """Each row of W4A16_TILE_TABLE on the same data (the table picks by T; force every tile here)."""
     from light_moe.kernels import w4a16_gemm as w4
@@ -128,6 +128,38 @@ def test_w4a16_every_tile_config(num_tokens):
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=TileConfig(tile_w, tile_t, fence))
         assert not act.isnan().any(), f"tile {tile_w}x{tile_t} left rows unwritten"
         assert _rel_l2(act, ref_act) < 1e-2, f"tile {tile_w}x{tile_t}: rel L2 {_rel_l2(act, ref_act):.3e}"
+
+
+@pytest.mark.parametrize("group_size", (32, 128))
+def test_w4a16_t4096_selects_128x256(group_size):
+    """T=4096 (1024 rows per expert) picks the compute-bound 128 x 256 tile for up and down; check both."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    num_rows = 4096 * 2
+    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER) == TileConfig(128, 256, "producer")
+    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN) == TileConfig(128, 256, "producer")
+    _check_case(4096, 8, 2, HIDDEN, INTER, group_size, True, seed=4096 + group_size)
+
+
+@pytest.mark.parametrize("config", ((128, 128, "producer"), (128, 256, "producer")))
+@pytest.mark.parametrize("num_tokens", (333, 4096))
+def test_w4a16_large_tiles_down(num_tokens, config):
+    """Down projection forced onto each large tile (partial last token tiles at T=333, skewed sizes)."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(17 + num_tokens)
+    w2 = _quantized(8, HIDDEN, INTER, GROUP, True, device, gen)
+    offsets, _, _ = _routing(num_tokens, 8, 2, device, gen)
+    act = torch.randn(num_tokens * 2, INTER, device=device, dtype=torch.bfloat16, generator=gen)
+    w2p = w4.prepare_w4a16_weights(*w2, GROUP, gated=False)
+    y = torch.full((num_tokens * 2, HIDDEN), float("nan"), device=device, dtype=torch.bfloat16)
+    w4.w4a16_expert_down(act, offsets, w2p, out=y, config=TileConfig(*config))
+    assert not y.isnan().any(), f"tile {config} left rows unwritten"
+    err = _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, GROUP))
+    assert err < 1e-2, f"tile {config}: rel L2 {err:.3e}"
 
 
 def test_w4a16_cuda_graph_replay():
