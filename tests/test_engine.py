@@ -119,3 +119,13 @@ def test_unknown_model_directory_and_parallel_sizes(tmp_path, ckpt):
         LightMoEEngine(ckpt, expert_parallel_size=0)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LightMoEEngine(ckpt, tensor_parallel_size=2)
+
+
+def test_shutdown_frees_the_kv_cache_and_refuses_more_work(ckpt):
+    engine = LightMoEEngine(ckpt, dtype="float32", device="cpu", show_progress=False)
+    assert len(engine.generate_outputs([1, 2, 3], SamplingParams(max_tokens=2))[0].token_ids) == 2
+    engine.shutdown()
+    assert engine.runner.kv_caches == [] and engine.runner.decode_graphs is None
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.generate([1, 2, 3], SamplingParams(max_tokens=2))
+    engine.shutdown()  # idempotent

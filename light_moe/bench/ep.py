@@ -122,8 +122,9 @@ def main(args) -> dict:
         dtype = str(one.config.dtype)
         rows.append(dict(_per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1),
                          ep=1, overlap=False, cuda_graphs=graphs))
+        one.shutdown()  # its CUDA graphs and KV cache (sized to the card) must go before EP=N sizes its own
         del one
-        gc.collect()  # the engine's CUDA graphs and KV cache (sized to the card) must go before EP=N sizes its own
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         executor = ExpertParallelExecutor(args.ep, device, timeout_s=300.0)
@@ -137,15 +138,18 @@ def main(args) -> dict:
                              cuda_graphs=engine.runner.decode_graphs is not None))
             print(f"EP={args.ep} overlap={overlap}: {rows[-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU "
                   f"(EP=1: {rows[0]['decode_tok_s_per_gpu']:.1f})", flush=True)
+            engine.shutdown()
             del engine
         if args.time_exchange:
             engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, fixed_capacity_tokens=args.fixed_capacity,
                                     expert_parallel_executor=executor, **dict(common, enforce_eager=True))
             exchange = _exchange_times(engine, args)
+            engine.shutdown()
             del engine
         engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, num_redundant_experts=args.redundant,
                                 expert_parallel_executor=executor, **common)
         balance = _balance_run(engine, args)
+        engine.shutdown()
         del engine
     finally:
         if executor is not None:

@@ -169,6 +169,7 @@ class LightMoEEngine:
         # A caller-made executor (reused across engines) is left running by shutdown().
         if expert_parallel_executor is not None and parallel.expert_parallel_size == 1:
             raise ValueError("expert_parallel_executor was given but expert_parallel_size is 1")
+        self._shut_down = False
         self.workers: ExpertParallelExecutor | None = expert_parallel_executor
         self._owns_workers = False
         if parallel.expert_parallel_size > 1:
@@ -222,13 +223,21 @@ class LightMoEEngine:
                           parallel.fixed_capacity_tokens, cfg.enable_cuda_graphs, cfg.max_model_len)
 
     def shutdown(self) -> None:
-        """Stop the expert-parallel worker processes this engine started (no-op for one process). Idempotent."""
+        """Free this engine's device memory (CUDA graphs, KV cache) and stop the expert-parallel worker
+        processes it started. The engine is unusable afterwards. Idempotent."""
+        self._shut_down = True
+        workers = getattr(self, "workers", None)
+        failed = workers is not None and workers.failed  # a broken group may never drain: no device sync then
         if getattr(self, "_owns_workers", False):
-            self.workers.shutdown()
+            workers.shutdown()  # releases the ranks' graphs before leaving the NCCL group
+        runner = getattr(self, "runner", None)
+        if runner is not None and not failed:
+            runner.release()
 
     def __del__(self):
-        try:
-            self.shutdown()
+        try:  # only the processes: no device work during interpreter teardown
+            if getattr(self, "_owns_workers", False):
+                self.workers.shutdown()
         except Exception:  # interpreter teardown: multiprocessing ends daemonic workers anyway
             pass
 
@@ -283,6 +292,7 @@ class LightMoEEngine:
         return text, ids
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        self._check_open()
         params = params or SamplingParams()
         text, ids = self.validate(prompt, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -307,7 +317,12 @@ class LightMoEEngine:
         return self.scheduler.has_unfinished_requests()
 
     # ---- the step -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._shut_down:
+            raise RuntimeError("this engine was shut down (its KV cache and CUDA graphs are freed); create a new one")
+
     def step(self) -> list[RequestOutput]:
+        self._check_open()
         out = self.scheduler.schedule()
         outputs = []
         for request in out.finished:  # the scheduler ended it (grew past the whole cache)

@@ -97,6 +97,8 @@ class DecodeGraphs:
     def release(self) -> None:
         """Free every captured graph now. Under expert parallelism this must precede destroying the NCCL
         group: a communicator whose collectives live on in captured graphs was seen to hang on destroy."""
+        if not self.graphs:
+            return
         torch.cuda.synchronize()
         for graph, _ in self.graphs.values():
             graph.reset()

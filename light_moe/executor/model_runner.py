@@ -157,6 +157,15 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
         return self.model.compute_logits(hidden.index_select(0, sample_rows))
 
+    def release(self) -> None:
+        """Free the CUDA graphs and the KV cache now (engine shutdown), whoever still holds this runner."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
+            self.decode_graphs = None
+        self.kv_caches.clear()  # the list DecodeGraphs shares: its tensors go with it
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def expert_load(self) -> list[torch.Tensor]:
         """Tokens routed to each expert in the last step, per MoE layer ([E] int32 each)."""
         return [b.last_tokens_per_expert for b in self.model.moe_blocks() if b.last_tokens_per_expert is not None]

@@ -414,6 +414,10 @@ class ExpertParallelExecutor:
         return self.rank.model, self.rank.runner
 
     @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    @property
     def worker_processes(self) -> list:
         return list(self._workers)
 

@@ -456,26 +456,11 @@ class GroupedGemmSm90:
                 cute.arch.mbarrier_arrive(empty + release_state.index)
             release_state.advance()
 
-            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] -> 16-byte stores
-            # of the valid rows. Fragment value v + m * tile_t / 2 (m: the warpgroup's m64 atom) holds column
-            # 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a chunk of tokens is a static set of values.
+            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (stage_out_chunk)
+            # -> 16-byte stores of the valid rows.
             for ec in cutlass.range_constexpr(tile_t // epi_t):
                 epi_barrier.arrive_and_wait()  # the previous s_out readers are done
-                for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
-                    v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
-                    coord = t_cc[v]
-                    wrow = coord[0]
-                    tok = coord[1] - ec * epi_t
-                    if cutlass.const_expr(self.gated):
-                        # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the
-                        # matching up row 8 below it (prepare_expert_weights interleaves by 8 rows).
-                        if cutlass.const_expr(v % 4 < 2):
-                            gate = acc[v]
-                            up = acc[v + 2]
-                            act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
-                            s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
-                    else:
-                        s_out[tok, wrow] = acc[v].to(BFloat16)
+                stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
                 valid_rows = rows_hi - chunk_row0
@@ -489,6 +474,31 @@ class GroupedGemmSm90:
                         dst = cute.zipped_divide(out[chunk_row0 + tok, None], (VEC,))
                         cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
             tile = tile + gdim
+
+
+@cute.jit
+def stage_out_chunk(acc: cute.Tensor, s_out: cute.Tensor, t_cc: cute.Tensor, ec: cutlass.Constexpr,
+                    mma_m: cutlass.Constexpr, tile_t: cutlass.Constexpr, epi_t: cutlass.Constexpr,
+                    gated: cutlass.Constexpr):
+    """Epilogue chunk ec (shared with the W4A16 kernel): this thread's accumulator values of tokens
+    ec * epi_t ... -> s_out [token, column], as SiLU(gate) * up when gated. Fragment value v + m * tile_t / 2
+    (m: the warpgroup's m64 atom, mma_m of them) holds column 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a
+    chunk of tokens is a static set of values."""
+    for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
+        v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
+        coord = t_cc[v]
+        wrow = coord[0]
+        tok = coord[1] - ec * epi_t
+        if cutlass.const_expr(gated):
+            # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the matching
+            # up row 8 below it (prepare_expert_weights interleaves by 8 rows).
+            if cutlass.const_expr(v % 4 < 2):
+                gate = acc[v]
+                up = acc[v + 2]
+                act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
+                s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
+        else:
+            s_out[tok, wrow] = acc[v].to(BFloat16)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 from cutlass.cutlass_dsl import dsl_user_op
 
-from light_moe.kernels.grouped_gemm import GroupedGemmSm90, _check, _rows, _sm_count
+from light_moe.kernels.grouped_gemm import GroupedGemmSm90, _check, _rows, _sm_count, stage_out_chunk
 from light_moe.kernels.launch import current_stream
 from light_moe.kernels.tile_config import TileConfig
 from light_moe.kernels.w4a16_layout import (
@@ -126,20 +126,18 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int) -> TileConfig
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")
 
 
+def _asm_b32(asm: str, operands: tuple, side_effects: bool, loc, ip) -> Int32:
+    """One 32-bit result ($0) of inline PTX over 32-bit register operands ($1, $2, ...)."""
+    constraints = ",".join(["=r"] + ["r"] * len(operands))
+    values = [Int32(x).ir_value(loc=loc, ip=ip) for x in operands]
+    return Int32(llvm.inline_asm(Int32.mlir_type, values, asm, constraints, has_side_effects=side_effects,
+                                 is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
 @dsl_user_op
 def _prmt(a: Int32, selector: int, *, loc=None, ip=None) -> Int32:
     """prmt.b32 d, a, 0, selector: 0x1010 -> (lo16, lo16), 0x3232 -> (hi16, hi16)."""
-    return Int32(
-        llvm.inline_asm(
-            Int32.mlir_type,
-            [Int32(a).ir_value(loc=loc, ip=ip)],
-            f"prmt.b32 $0, $1, 0, {selector:#x};",
-            "=r,r",
-            has_side_effects=False,
-            is_align_stack=False,
-            asm_dialect=llvm.AsmDialect.AD_ATT,
-        )
-    )
+    return _asm_b32(f"prmt.b32 $0, $1, 0, {selector:#x};", (a,), False, loc, ip)
 
 
 @dsl_user_op
@@ -159,17 +157,7 @@ def _dequant_exact(q: Int32, index: int, neg_zero2: Int32, *, loc=None, ip=None)
         "mov.b32 one, 0x3F803F80;\n"
         "fma.rn.bf16x2 $0, t, one, $2; }"
     )
-    return Int32(
-        llvm.inline_asm(
-            Int32.mlir_type,
-            [Int32(q).ir_value(loc=loc, ip=ip), Int32(neg_zero2).ir_value(loc=loc, ip=ip)],
-            asm,
-            "=r,r,r",
-            has_side_effects=False,
-            is_align_stack=False,
-            asm_dialect=llvm.AsmDialect.AD_ATT,
-        )
-    )
+    return _asm_b32(asm, (q, neg_zero2), False, loc, ip)
 
 
 @dsl_user_op
@@ -181,17 +169,7 @@ def _apply_scale(t: Int32, scale2: Int32, *, loc=None, ip=None) -> Int32:
     after wait_group(0); has_side_effects keeps LLVM from moving it above that wait.
     """
     asm = "{ .reg .b32 nzero;\nmov.b32 nzero, 0x80008000;\nfma.rn.bf16x2 $0, $1, $2, nzero; }"
-    return Int32(
-        llvm.inline_asm(
-            Int32.mlir_type,
-            [Int32(t).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
-            asm,
-            "=r,r,r",
-            has_side_effects=True,
-            is_align_stack=False,
-            asm_dialect=llvm.AsmDialect.AD_ATT,
-        )
-    )
+    return _asm_b32(asm, (t, scale2), True, loc, ip)
 
 
 class W4A16GroupedGemmSm90:
@@ -614,30 +592,6 @@ class W4A16GroupedGemmSm90:
         self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage)
 
     @cute.jit
-    def stage_out(self, acc: cute.Tensor, s_out: cute.Tensor, t_cc: cute.Tensor, ec: cutlass.Constexpr):
-        """Epilogue chunk ec: this thread's accumulator values of tokens ec * epi_t ... -> s_out [token, column]
-        (SiLU(gate) * up when gated). Fragment value v + m * tile_t / 2 (m: the warpgroup's m64 atom) holds
-        column 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a chunk of tokens is a static set of values."""
-        tile_t = self.tile_t
-        epi_t = self.epi_t
-        mma_m = cute.size(acc, mode=[1])
-        for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
-            v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
-            coord = t_cc[v]
-            wrow = coord[0]
-            tok = coord[1] - ec * epi_t
-            if cutlass.const_expr(self.gated):
-                # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the
-                # matching up row 8 below it (prepare_expert_weights interleaves by 8 rows).
-                if cutlass.const_expr(v % 4 < 2):
-                    gate = acc[v]
-                    up = acc[v + 2]
-                    act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
-                    s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
-            else:
-                s_out[tok, wrow] = acc[v].to(BFloat16)
-
-    @cute.jit
     def consume(
         self,
         out: cute.Tensor,
@@ -762,15 +716,16 @@ class W4A16GroupedGemmSm90:
                     for v in cutlass.range_constexpr(n_acc):
                         acc[v] = acc[v] + s_red[v, ctid_mma]
 
-            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (stage_out) ->
-            # 16-byte stores of the valid rows by all consumer threads.
+            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (grouped_gemm's
+            # stage_out_chunk) -> 16-byte stores of the valid rows by all consumer threads.
+            mma_m = cute.size(acc, mode=[1])
             for ec in cutlass.range_constexpr(tile_t // epi_t):
                 epi_barrier.arrive_and_wait()  # the previous s_out readers are done
                 if cutlass.const_expr(self.k_split > 1):
                     if kwg == 0:
-                        self.stage_out(acc, s_out, t_cc, ec)
+                        stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
                 else:
-                    self.stage_out(acc, s_out, t_cc, ec)
+                    stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
                 valid_rows = rows_hi - chunk_row0
