@@ -428,6 +428,33 @@ def test_two_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path):
     print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), timeout_s=600))
 
 
+BROADCAST_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from light_moe.parallel.groups import FRAME_BYTES, broadcast_pickled
+
+    def main(rank, world, port):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        messages = [None, {"plan": [1, 2, 3]}, list(range(FRAME_BYTES)), b"x" * (FRAME_BYTES - 8 - 20), "end"]
+        for i, message in enumerate(messages):  # small, exactly around the frame, several frames' worth
+            got = broadcast_pickled(message if rank == 0 else "not me", rank, None)
+            assert got == message, (rank, i)
+        dist.destroy_process_group()
+        if rank == 0:
+            print("OK", flush=True)
+
+    if __name__ == "__main__":
+        mp.spawn(main, args=(3, int(sys.argv[1])), nprocs=3)
+""")
+
+
+def test_broadcast_of_plans_small_and_larger_than_one_frame(tmp_path):
+    from light_moe.parallel.groups import free_tcp_port
+
+    run_script(tmp_path, BROADCAST_SCRIPT, str(free_tcp_port()), timeout_s=120)
+
+
 # ---- fixed-capacity exchange (no host sync, decode-sized steps) ----------------------------------
 @pytest.mark.parametrize("family,overlap", [("qwen2_moe", False), ("mixtral", True)])
 def test_fixed_capacity_exchange_gives_the_same_tokens(executor, checkpoints, single_process, family, overlap):

@@ -52,7 +52,13 @@ from light_moe.models.loader import build_model
 from light_moe.ops.backend import MoEOps, select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, apply_placements, reduce_load
 from light_moe.parallel.dispatch import make_dispatchers
-from light_moe.parallel.groups import ExpertParallelGroup, TorchrunLaunch, free_tcp_port, init_expert_parallel
+from light_moe.parallel.groups import (
+    ExpertParallelGroup,
+    TorchrunLaunch,
+    broadcast_pickled,
+    free_tcp_port,
+    init_expert_parallel,
+)
 from light_moe.parallel.overlap import TwoBatchOverlap
 from light_moe.parallel.placement import ExpertPlacement
 
@@ -160,9 +166,7 @@ Message = StepPlan | WorkerSpec | RankCall | None  # run a step | (re)build the 
 
 def broadcast_message(message: Message, group: ExpertParallelGroup) -> Message:
     """Rank 0 sends, the others receive (the argument of a receiver is ignored)."""
-    box = [message]
-    dist.broadcast_object_list(box, src=0, group=group.cpu_group)
-    return box[0]
+    return broadcast_pickled(message, group.rank, group.cpu_group)
 
 
 class RankExecutor:
