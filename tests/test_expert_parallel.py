@@ -413,6 +413,15 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         for p, a, b in zip(prompts, expected, again):
             agree(one, ep, p, a, b)
         assert all(r >= 1.0 for r in ep.expert_rank_balance())
+        # rank 0's short request ends first: rank 0 then idles, replaying its idle-exchange graph
+        short, long = SamplingParams(max_tokens=4, temperature=0.0), SamplingParams(max_tokens=20, temperature=0.0)
+        ids = [ep.add_request(prompts[0], short), ep.add_request(prompts[1], long)]
+        final = {}
+        while ep.has_unfinished_requests():
+            final.update({o.request_id: o.token_ids for o in ep.step() if o.finished})
+        assert any(k[0] == "callable" for k in ep.runner.decode_graphs.graphs), "rank 0 never idled in a graph"
+        agree(one, ep, prompts[0], expected[0][:4], final[ids[0]])
+        agree(one, ep, prompts[1], expected[1][:20], final[ids[1]])
         ep.shutdown()
         print(f"identical sequences: {sum(same)}/{len(same)}; graphs: {sorted(ep.runner.decode_graphs.graphs)}")
         print("OK")

@@ -60,7 +60,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=device)
         self.query_pos = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.padded_index = torch.arange(n, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int, Hashable], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def can_run(self, scheduled) -> bool:
@@ -81,18 +81,28 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # [B, V]
 
-    def _capture(self, batch: int, blocks: int, tag: Hashable):
+    def _capture(self, fn: Callable[[], torch.Tensor | None], what: str):
         # warm up on a side stream first: CuTe kernels compile and the allocator settles outside capture
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self.warmup_context():
-            self._forward(batch, blocks)
+            fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(batch, blocks)
-        logger.info("captured a decode graph for batch %d, %d blocks per sequence (tag %s)", batch, blocks, tag)
-        return graph, logits
+            out = fn()
+        logger.info("captured a CUDA graph: %s", what)
+        return graph, out
+
+    @torch.inference_mode()
+    def replay(self, key: Hashable, fn: Callable[[], None]) -> None:
+        """Run fn() from a graph captured on first use of `key`, like a decode step (same warm-up and pool):
+        for captured work outside the model forward, e.g. an expert-parallel rank with no sequences that must
+        still run every MoE layer's exchange. fn must use only tensors that outlive the graph."""
+        key = ("callable", key)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(fn, f"{key}")
+        self.graphs[key][0].replay()
 
     def release(self) -> None:
         """Free every captured graph now. Under expert parallelism this must precede destroying the NCCL
@@ -134,7 +144,8 @@ class DecodeGraphs:
         self.tables[:batch, :blocks].copy_(torch.tensor(table), non_blocking=True)
         key = (batch, blocks, tag)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch, blocks, tag)
+            self.graphs[key] = self._capture(lambda: self._forward(batch, blocks),
+                                             f"decode batch {batch}, {blocks} blocks per sequence, tag {tag}")
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]

@@ -184,6 +184,7 @@ class RankExecutor:
         if spec.enable_overlap:
             for block, dispatcher in zip(self.model.moe_blocks(), self.dispatchers):
                 block.overlap = TwoBatchOverlap(dispatcher)
+        self._empty_batch = torch.empty(0, self.model.config.hidden_size, dtype=spec.dtype, device=group.device)
         self.tracker = ExpertLoadTracker()
         self.last_load: torch.Tensor | None = None  # rank 0: [L, E + N] from the last collect_load step
         self.runner = self._runner(spec, spec.cache)
@@ -227,9 +228,18 @@ class RankExecutor:
             self.runner.decode_graphs.release()
 
     @torch.inference_mode()
-    def _idle_forward(self) -> None:
-        """No sequences here this step: still serve every MoE layer's exchange, in layer order."""
-        empty = torch.empty(0, self.model.config.hidden_size, dtype=self.runner.dtype, device=self.group.device)
+    def _idle_forward(self, capacity: int) -> None:
+        """No sequences here this step: still serve every MoE layer's exchange, in layer order. Fixed-capacity
+        steps replay a graph (per capacity) when decode graphs are on: busy ranks replay theirs, and an eager
+        idle rank (tens of launches per layer) would hold every exchange back."""
+        graphs = self.runner.decode_graphs
+        if graphs is not None and capacity > 0:
+            graphs.replay(("idle", capacity), self._serve_exchanges)
+        else:
+            self._serve_exchanges()
+
+    def _serve_exchanges(self) -> None:
+        empty = self._empty_batch  # [0, H], kept: a captured graph may refer to it
         for block in self.model.moe_blocks():
             block(empty)
 
@@ -247,7 +257,7 @@ class RankExecutor:
             logits = self.runner.execute(mine, graph_tag=plan.exchange_capacity,
                                          allow_graph=plan.exchange_capacity > 0)  # [S_rank, V]
         else:
-            self._idle_forward()
+            self._idle_forward(plan.exchange_capacity)
             logits = torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.group.device)
         gathered = self._gather_logits(plan, logits)
         self.tracker.add([b.last_tokens_per_expert for b in self.model.moe_blocks()])
