@@ -1,7 +1,7 @@
 """BlockManager accounting: block counts at boundaries, all-or-nothing allocation, free guards."""
 import pytest
 
-from light_moe.engine.kv_cache import BlockManager
+from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.request import Request
 from light_moe.sampling_params import SamplingParams
 
@@ -90,3 +90,22 @@ def test_constructor_rejects_bad_sizes():
         BlockManager(0, 16)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+
+
+def test_partitions_keep_each_request_on_one_rank_and_spread_new_ones():
+    bm = PartitionedBlockManager(blocks_per_rank=4, block_size=2, num_ranks=3)
+    assert bm.num_total_blocks == 12 and bm.num_free_blocks == 12 and bm.max_blocks_per_request == 4
+    reqs = [Request(f"r{i}", [1] * 3, SamplingParams()) for i in range(4)]
+    for r in reqs[:3]:
+        assert bm.allocate_slots(r, 3)  # 2 blocks each
+    assert [bm.owner(r) for r in reqs[:3]] == [0, 1, 2]  # fewest live requests first
+    assert reqs[1].block_table == [4, 5]
+    assert bm.allocate_slots(reqs[3], 3) and bm.owner(reqs[3]) == 0  # all tie on live: lowest rank
+    reqs[0].num_computed_tokens = 3
+    assert not bm.allocate_slots(reqs[0], 4)  # rank 0 is full although ranks 1 and 2 have room
+    assert bm.can_allocate(2) and not bm.can_allocate(3)
+    assert bm.same_pool(reqs[0], reqs[3]) and not bm.same_pool(reqs[0], reqs[1])
+    bm.free(reqs[3])
+    assert bm.allocate_slots(reqs[0], 4) and reqs[0].block_table == [0, 1, 2, 3]
+    assert bm.num_free_blocks == 12 - 4 - 2 - 2
+    assert bm.usage == pytest.approx(8 / 12)

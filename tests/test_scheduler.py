@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from light_moe.engine.kv_cache import BlockManager
+from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.request import Request, RequestStatus
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.sampling_params import SamplingParams
@@ -189,6 +189,9 @@ def check_invariants(s: Scheduler, out, config: SchedulerConfig):
     owned = [b for r in live for b in r.block_table]
     assert len(owned) == len(set(owned)), "a block is in two tables"
     assert bm.num_free_blocks + len(owned) == bm.num_total_blocks
+    if isinstance(bm, PartitionedBlockManager):
+        for r in live:
+            assert len({b // bm.blocks_per_rank for b in r.block_table}) <= 1, "a request spans partitions"
     for r in s.waiting:
         assert r.block_table == [] and r.num_computed_tokens == 0 and r.status is RequestStatus.WAITING
     for r in s.running:
@@ -216,18 +219,25 @@ def fake_token(request_id: str, position: int) -> int:
     return int(request_id[1:]) * 1000 + position
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 3], ids=["one-pool", "2-partitions", "3-partitions"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_steps_keep_invariants_and_lose_no_tokens(seed):
+def test_random_steps_keep_invariants_and_lose_no_tokens(seed, ranks):
+    """ranks > 1: the expert-parallel pool, one partition per rank (a request's blocks in one partition,
+    preemption within it)."""
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 8])
-    num_blocks = rng.randint(6, 16)
+    num_blocks = rng.randint(6, 16)  # per partition
     config = SchedulerConfig(
-        max_num_seqs=rng.randint(3, 8),
+        max_num_seqs=rng.randint(3, 8) * ranks,  # several requests per partition, so they compete
         max_num_batched_tokens=rng.randint(8, 48),
         enable_chunked_prefill=seed % 2 == 0,
     )
-    s = Scheduler(config, BlockManager(num_blocks, block_size))
-    capacity = num_blocks * block_size
+    if ranks == 1:
+        pool = BlockManager(num_blocks, block_size)
+    else:
+        pool = PartitionedBlockManager(num_blocks, block_size, ranks)
+    s = Scheduler(config, pool)
+    capacity = num_blocks * block_size  # one request fits one partition
     if not config.enable_chunked_prefill:
         capacity = min(capacity, config.max_num_batched_tokens)
 
@@ -254,7 +264,7 @@ def test_random_steps_keep_invariants_and_lose_no_tokens(seed):
         check_invariants(s, None, config)
 
     for _ in range(1500):
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 * ranks:  # partitions: more traffic, so that they fill up too
             # Largest length ever computed is prompt + max_tokens - 1; keep it within the cache.
             prompt_len = rng.randint(1, max(1, capacity // 2))
             max_tokens = rng.randint(1, capacity - prompt_len + 1)
@@ -272,7 +282,7 @@ def test_random_steps_keep_invariants_and_lose_no_tokens(seed):
             break
         run_step()
     assert not s.has_unfinished_requests()
-    assert s.block_manager.num_free_blocks == num_blocks and s.block_manager.usage == 0.0
+    assert s.block_manager.num_free_blocks == num_blocks * ranks and s.block_manager.usage == 0.0
 
     assert total_preemptions > 0, "the pool was meant to be small enough to force preemption"
     finished_by_length = 0

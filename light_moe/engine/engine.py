@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from light_moe.config import CacheConfig, EngineConfig, ParallelConfig, parse_dtype
-from light_moe.engine.kv_cache import BlockManager
+from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.request import Request
 from light_moe.engine.request_state import RequestState
@@ -195,7 +195,11 @@ class LightMoEEngine:
         self._rank_rows = ExpertLoadWindow(num_moe, parallel.expert_parallel_size, records)  # rows received per rank
         self._load_tracker = ExpertLoadTracker()  # one process: device-side sums between records
         self._rebalance_policy = RebalancePolicy(parallel.rebalance_interval, parallel.rebalance_threshold)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size)
+        if self.workers is None:
+            self.block_manager = BlockManager(self.runner.num_blocks, block_size)
+        else:  # one partition per rank: each rank's KV cache holds only its own sequences' blocks
+            self.block_manager = PartitionedBlockManager(self.runner.num_blocks, block_size,
+                                                         parallel.expert_parallel_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.eos_token_ids = self._eos_ids(model_path)
         self._states: dict[str, RequestState] = {}

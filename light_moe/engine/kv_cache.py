@@ -37,6 +37,15 @@ class BlockManager:
         """Fraction of blocks in use, 0..1."""
         return len(self._used_blocks) / self._num_blocks
 
+    @property
+    def max_blocks_per_request(self) -> int:
+        """The most blocks one request can ever hold (the whole pool here; one partition when partitioned)."""
+        return self._num_blocks
+
+    def same_pool(self, a: Request, b: Request) -> bool:
+        """Whether freeing a's blocks can make room for b (always, with one pool)."""
+        return True
+
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -53,11 +62,14 @@ class BlockManager:
         needed = self.blocks_needed(request, num_new_tokens)
         if not self.can_allocate(needed):
             return False
-        for _ in range(needed):
-            block_id = self._free_blocks.popleft()
+        self._take(self._free_blocks, needed, request)
+        return True
+
+    def _take(self, free: deque[int], count: int, request: Request) -> None:
+        for _ in range(count):
+            block_id = free.popleft()
             self._used_blocks.add(block_id)
             request.block_table.append(block_id)
-        return True
 
     def free(self, request: Request) -> None:
         """Return every block of `request` to the pool and clear its block_table."""
@@ -77,5 +89,73 @@ class BlockManager:
             seen.add(block_id)
         for block_id in request.block_table:
             self._used_blocks.remove(block_id)
-            self._free_blocks.append(block_id)
+            self._release(block_id)
         request.block_table.clear()
+
+    def _release(self, block_id: int) -> None:
+        self._free_blocks.append(block_id)
+
+
+class PartitionedBlockManager(BlockManager):
+    """One pool per expert-parallel rank, so the KV capacity grows with the ranks (each rank's KV cache
+    holds only its own partition). Global block id = rank * blocks_per_rank + local id; every block of a
+    request comes from one partition, which makes the partition the request's owner rank: attention for
+    it runs there (executor/workers.py reads the owner off block_table[0]).
+
+    A request's partition is chosen at its first allocation: among the partitions with room, the one with
+    the fewest live requests (then the most free blocks, then the lowest rank), so data-parallel attention
+    stays balanced. After a preemption it may land elsewhere (its KV is recomputed anyway)."""
+
+    def __init__(self, blocks_per_rank: int, block_size: int, num_ranks: int) -> None:
+        if num_ranks <= 0:
+            raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+        super().__init__(blocks_per_rank * num_ranks, block_size)
+        self.blocks_per_rank, self.num_ranks = blocks_per_rank, num_ranks
+        self._partition_free = [deque(range(r * blocks_per_rank, (r + 1) * blocks_per_rank)) for r in range(num_ranks)]
+        self._live = [0] * num_ranks  # requests holding blocks, per partition
+        self._free_blocks = deque()  # unused: the partitions hold the free ids (num_free_blocks is overridden)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(len(f) for f in self._partition_free)
+
+    @property
+    def max_blocks_per_request(self) -> int:
+        return self.blocks_per_rank
+
+    def owner(self, request: Request) -> int:
+        """The rank whose partition holds request's blocks (it must hold some)."""
+        return request.block_table[0] // self.blocks_per_rank
+
+    def same_pool(self, a: Request, b: Request) -> bool:
+        return a is b or (bool(a.block_table) and bool(b.block_table) and self.owner(a) == self.owner(b))
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        """Whether some partition could take a new request of num_blocks blocks."""
+        return any(num_blocks <= len(f) for f in self._partition_free)
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        needed = self.blocks_needed(request, num_new_tokens)
+        if request.block_table:
+            rank = self.owner(request)
+            if needed > len(self._partition_free[rank]):
+                return False
+        else:
+            fits = [r for r in range(self.num_ranks) if needed <= len(self._partition_free[r])]
+            if not fits:
+                return False
+            rank = min(fits, key=lambda r: (self._live[r], -len(self._partition_free[r]), r))
+            if needed == 0:  # nothing to hold yet: no owner either
+                return True
+            self._live[rank] += 1
+        self._take(self._partition_free[rank], needed, request)
+        return True
+
+    def free(self, request: Request) -> None:
+        rank = self.owner(request) if request.block_table else None
+        super().free(request)
+        if rank is not None:
+            self._live[rank] -= 1
+
+    def _release(self, block_id: int) -> None:
+        self._partition_free[block_id // self.blocks_per_rank].append(block_id)

@@ -113,7 +113,7 @@ class Scheduler:
             )
         # Its tokens plus one decode must fit the whole cache, or it could never make progress.
         needed = self.block_manager.num_blocks_for_tokens(request.num_tokens + 1)
-        total = self.block_manager.num_total_blocks
+        total = self.block_manager.max_blocks_per_request
         if needed > total:
             raise ValueError(
                 f"request {request.request_id!r} has {request.num_tokens} tokens and needs {needed} KV blocks "
@@ -166,8 +166,10 @@ class Scheduler:
                 out.finished.append(request)
                 continue  # the list shifted left; the same index is the next request
             while not self.block_manager.allocate_slots(request, num_new):
-                # The victim is always at index or later: earlier requests were scheduled already.
-                victim = self._running[-1]
+                # The victim is the latest arrival whose blocks can make room (with one pool: the latest
+                # arrival); it is at index or later, since earlier requests were scheduled already, and it
+                # may be the request itself.
+                victim = next(r for r in reversed(self._running) if self.block_manager.same_pool(r, request))
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -234,7 +236,7 @@ class Scheduler:
         if not self.config.enable_chunked_prefill and num_new_tokens > self.config.max_num_batched_tokens:
             return True
         total_needed = len(request.block_table) + self.block_manager.blocks_needed(request, num_new_tokens)
-        return total_needed > self.block_manager.num_total_blocks
+        return total_needed > self.block_manager.max_blocks_per_request
 
     def _scheduled(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
         is_decode = (

@@ -15,10 +15,10 @@ Load balancing (parallel/balancer.py): a plan may carry new expert placements, w
 applies (moving expert weights) before that step's forward, and a `collect_load` flag, after which
 every rank reduces its expert-load statistics to rank 0. Both ride in the plan, so all ranks act at
 the same step boundary.
-KV cache: rank 0's block manager hands out block ids from one pool; every rank allocates the
-full pool but only writes (and reads) the blocks of sequences it owns. A sequence keeps its owner
-for life (chosen when first scheduled: the rank owning the fewest live sequences), because its
-KV cache lives there.
+KV cache: rank 0's PartitionedBlockManager (engine/kv_cache.py) has one partition of block ids per
+rank, and every rank's cache holds only its partition. A request's blocks all come from one
+partition, chosen at its first allocation (fewest live requests), which makes that rank its owner:
+plans carry the owner and the block table in the owner's local ids.
 
 Failures: a worker that raises reports its traceback on an error queue and exits 1. Rank 0
 checks that workers are alive before each step and turns a failed collective (peer gone, or the
@@ -391,7 +391,6 @@ class ExpertParallelExecutor:
         self._closed = False
         self.group: ExpertParallelGroup | None = None
         self.rank: RankExecutor | None = None
-        self._owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> rank
         self.placements: tuple[ExpertPlacement, ...] = ()  # as of the last plan sent
         self._pending_placements: tuple[ExpertPlacement, ...] | None = None
         self._steps = 0
@@ -417,7 +416,6 @@ class ExpertParallelExecutor:
         if self.rank is not None:
             self.rank.release_graphs()
         self.rank = None
-        self._owners = weakref.WeakKeyDictionary()
         self.placements, self._pending_placements, self._steps = tuple(spec.placements), None, 0
         self.fixed_capacity_tokens = spec.fixed_capacity_tokens
         try:
@@ -436,15 +434,16 @@ class ExpertParallelExecutor:
         return list(self._workers)
 
     # ---- steps --------------------------------------------------------------------------------
-    def _owner(self, request) -> int:
-        owner = self._owners.get(request)
-        if owner is None:
-            live = [0] * self.world_size
-            for rank in self._owners.values():
-                live[rank] += 1
-            owner = min(range(self.world_size), key=lambda r: (live[r], r))
-            self._owners[request] = owner
-        return owner
+    def _owner_and_table(self, request) -> tuple[int, list[int]]:
+        """The owner rank of a request and its block table in that rank's ids. The engine's
+        PartitionedBlockManager gives every request blocks of one rank's partition (global id = rank *
+        blocks_per_rank + local id), so the blocks say where its KV cache, and its attention, live."""
+        per_rank = self.rank.runner.num_blocks
+        table = request.block_table
+        owner = table[0] // per_rank
+        if table[-1] // per_rank != owner:
+            raise RuntimeError(f"request {request.request_id!r} holds blocks of two ranks' partitions")
+        return owner, [b - owner * per_rank for b in table]
 
     def set_placements(self, placements: list[ExpertPlacement]) -> None:
         """Every rank switches to these at the next step boundary (carried by the next StepPlan)."""
@@ -477,8 +476,8 @@ class ExpertParallelExecutor:
             req = s.request
             start = req.num_computed_tokens
             tokens = req.tokens(start, start + s.num_new_tokens)
-            sequences.append(PlannedSequence(self._owner(req), start, tokens, list(req.block_table), s.is_prefill,
-                                             s.samples))
+            owner, table = self._owner_and_table(req)
+            sequences.append(PlannedSequence(owner, start, tokens, table, s.is_prefill, s.samples))
         placements, self._pending_placements = self._pending_placements, None
         if placements is not None:
             self.placements = placements
