@@ -21,6 +21,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--expert-parallel-size", type=int, default=1,
                    help="N processes with the experts partitioned: spawned by this process, or, under torchrun, "
                         "the job's N ranks (WORLD_SIZE must be N; only rank 0 prints; docs/expert_parallel.md)")
+    p.add_argument("--fixed-capacity-tokens", type=int, default=0,
+                   help="expert parallelism: decode steps exchange this many padded rows per rank pair with no "
+                        "host sync, which also lets them run as CUDA graphs (0: off; 256 is a sensible value)")
     _quant_args(p)
 
 
@@ -59,7 +62,8 @@ def cmd_generate(args) -> int:
     # under torchrun only rank 0 returns from the constructor: the other ranks serve it, then exit
     engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                             moe_backend=args.moe_backend, seed=args.seed,
-                            expert_parallel_size=args.expert_parallel_size, **quant_kwargs(args))
+                            expert_parallel_size=args.expert_parallel_size,
+                            fixed_capacity_tokens=args.fixed_capacity_tokens, **quant_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
     prompt = args.prompt

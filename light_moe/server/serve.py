@@ -39,6 +39,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quant-asymmetric", action="store_true", help="zero points per group (default symmetric)")
     parser.add_argument("--expert-parallel-size", type=int, default=1,
                         help="processes (GPUs) the experts are spread over (docs/expert_parallel.md)")
+    parser.add_argument("--fixed-capacity-tokens", type=int, default=0,
+                        help="expert parallelism: sync-free fixed-size exchange for decode steps, which also lets "
+                             "them run as CUDA graphs (0: off; 256 is a sensible value)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
@@ -95,7 +98,8 @@ def serve(args: argparse.Namespace) -> int:
                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 moe_backend=args.moe_backend, quantization=args.quantization,
                                 quant_group_size=args.quant_group_size, quant_symmetric=not args.quant_asymmetric,
-                                expert_parallel_size=args.expert_parallel_size, enforce_eager=args.enforce_eager)
+                                expert_parallel_size=args.expert_parallel_size,
+                                fixed_capacity_tokens=args.fixed_capacity_tokens, enforce_eager=args.enforce_eager)
     except KeyboardInterrupt:
         return 130
     try:
