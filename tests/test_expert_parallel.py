@@ -403,7 +403,7 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         faulthandler.dump_traceback_later(150, exit=True)  # a stuck collective: show where, then fail
         one = LightMoEEngine(sys.argv[1], **args)  # one GPU, decode graphs
         ep = LightMoEEngine(sys.argv[1], expert_parallel_size=2, fixed_capacity_tokens=64, collective_timeout_s=120,
-                            **args)
+                            num_redundant_experts=1, **args)
         assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
         got = [o.token_ids for o in ep.generate_outputs(prompts, params)]
@@ -413,6 +413,11 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         for p, a, b in zip(prompts, expected, again):
             agree(one, ep, p, a, b)
         assert all(r >= 1.0 for r in ep.expert_rank_balance())
+        # a rebalance (copies of hot experts) moves weights: the graphs must be captured again from them
+        assert ep.rebalance(), "no load recorded to rebalance from"
+        placed = [o.token_ids for o in ep.generate_outputs(prompts, params)]
+        for p, a, b in zip(prompts, expected, placed):
+            agree(one, ep, p, a, b)
         # rank 0's short request ends first: rank 0 then idles, replaying its idle-exchange graph
         short, long = SamplingParams(max_tokens=4, temperature=0.0), SamplingParams(max_tokens=20, temperature=0.0)
         ids = [ep.add_request(prompts[0], short), ep.add_request(prompts[1], long)]

@@ -223,7 +223,8 @@ class RankExecutor:
             self.runner = self._runner(spec, dataclasses.replace(spec.cache, num_blocks=fewest))
 
     def release_graphs(self) -> None:
-        """Before this rank leaves (or rebuilds) the process group: captured collectives must go first."""
+        """Drop the captured graphs: before this rank leaves the process group (captured collectives must go
+        first), rebuilds its model, or moves expert weights (graphs point at the old ones)."""
         if self.runner is not None and self.runner.decode_graphs is not None:
             self.runner.decode_graphs.release()
 
@@ -246,6 +247,9 @@ class RankExecutor:
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Rank 0 gets float32 logits [S, V] of the plan's sampling rows in plan order; others None."""
         if plan.placements is not None:
+            # captured graphs point at the old expert weights and routing tables: drop them first (they are
+            # captured again, lazily, from the new ones)
+            self.release_graphs()
             apply_placements(self.model.moe_blocks(), self.dispatchers, list(plan.placements), self.group.rank,
                              self.group.device_group)
             for dispatcher in self.dispatchers:  # rows per rank are measured per placement
