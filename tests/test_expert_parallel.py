@@ -325,6 +325,8 @@ BENCH_SCRIPT = textwrap.dedent("""
         for r in result["rows"]:
             assert r["decode_tok_s_per_gpu"] > 0 and r["prefill_tok_s_per_gpu"] > 0
         assert result["all_to_all"]["calls"] > 0 and result["all_to_all"]["dispatch_us_per_layer"] > 0
+        fixed = result["fixed_exchange_us_per_layer"]["by_tokens_per_rank"]
+        assert sorted(map(int, fixed)) == [1, 4] and all(us > 0 for us in fixed.values())
         balance = result["balance"]
         assert balance["measured_before"] >= 1.0 and balance["predicted_after"] <= balance["predicted_before"]
         print("OK")

@@ -6,6 +6,8 @@ Reports, as JSON (with bench.env.environment()):
   - the same with two-batch overlap on (parallel/overlap.py) and the saving against off;
   - with --time-exchange: the wall time of dispatch and combine per MoE layer call on rank 0
     (device synchronised around each exchange, so measured in a separate run);
+  - fixed_exchange_us_per_layer: one layer's fixed-capacity dispatch + combine alone (no expert math) at
+    1, batch and 4 x batch tokens per rank, replayed from a CUDA graph on GPU (fixed_exchange_us);
   - load balance under skewed routing: the gate rows of --hot-experts experts are scaled by --skew
     on every rank (the dummy model's routing is otherwise near uniform), then the measured max/mean
     expert rows per rank (per layer, worst layer reported) before and after engine.rebalance() with
@@ -83,6 +85,59 @@ def _balance_run(engine, args) -> dict:
                 expert_load=engine.expert_load_stats())
 
 
+def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
+    """On every rank (RankCall): median time of one MoE layer's fixed-capacity exchange, dispatch + combine
+    with no expert math, for `tokens` random tokens per rank; rank 0's figure is returned. On CUDA the
+    exchange is captured in a graph and replayed (as a decode graph runs it: packing, one all_to_all each
+    way, unpacking, weighted sum); on CPU it runs eagerly. Every rank replays the same number of times, so
+    the collectives stay matched."""
+    import statistics
+    import time
+
+    from light_moe.executor.workers import exchange_capacity
+
+    d = rank_executor.dispatchers[0]
+    cfg, device = rank_executor.model.config, rank_executor.group.device
+    gen = torch.Generator(device=device).manual_seed(1000 + rank_executor.group.rank)
+    x = torch.randn(tokens, cfg.hidden_size, generator=gen, device=device).to(rank_executor.runner.dtype)
+    ids = torch.rand(tokens, cfg.num_experts, generator=gen, device=device).topk(cfg.top_k, dim=-1).indices
+    ids = ids.to(torch.int32)
+    weights = torch.full((tokens, cfg.top_k), 1.0 / cfg.top_k, device=device)
+    saved = d.capacity, d.rows_received.clone(), dict(d.exchanges)
+    d.capacity = exchange_capacity([tokens] * d.world_size, cfg.top_k, 1 << 30)
+
+    def exchange():
+        routed = d.dispatch(x, weights, ids)
+        return d.combine(routed.x.contiguous(), routed)  # the received rows stand in for expert outputs
+
+    try:
+        exchange()  # warm-up (every rank): compiles, sizes the allocator
+        times = []
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the collectives; the replays run them
+                exchange()
+            for _ in range(3):
+                graph.replay()
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            graph.reset()
+        else:
+            for _ in range(iters):
+                start = time.perf_counter()
+                exchange()
+                times.append((time.perf_counter() - start) * 1e6)
+    finally:
+        d.capacity, d.exchanges = saved[0], saved[2]
+        d.rows_received.copy_(saved[1])
+    return statistics.median(times)
+
+
 def _exchange_times(engine, args) -> dict:
     """engine: an eager EP=N engine (every exchange runs in Python, so each can be timed)."""
     from light_moe.parallel.dispatch import ExchangeTiming
@@ -136,6 +191,9 @@ def main(args) -> dict:
             row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
             rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap,
                              cuda_graphs=engine.runner.decode_graphs is not None))
+            if not overlap:
+                fixed_exchange = {tokens: engine.workers.call(fixed_exchange_us, tokens, 50)
+                                  for tokens in sorted({1, args.batch_size, 4 * args.batch_size})}
             print(f"EP={args.ep} overlap={overlap}: {rows[-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU "
                   f"(EP=1: {rows[0]['decode_tok_s_per_gpu']:.1f})", flush=True)
             engine.shutdown()
@@ -167,7 +225,9 @@ def main(args) -> dict:
         overlap_saving=dict(decode=1 - off["decode_s"] / on["decode_s"] if on["decode_s"] else 0.0,
                             prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0,
                             note="fraction of the overlap-off time saved; negative: overlap is slower"),
-        all_to_all=exchange, balance=balance)
+        all_to_all=exchange, balance=balance,
+        fixed_exchange_us_per_layer=dict(by_tokens_per_rank=fixed_exchange, note=(
+            "one MoE layer's fixed-capacity dispatch + combine, no expert math, median; CUDA: graph replays")))
     print(f"{'ep':>3} {'overlap':>8} {'graphs':>7} {'prefill tok/s/GPU':>18} {'decode tok/s/GPU':>17}")
     for r in rows:
         print(f"{r['ep']:>3} {str(r['overlap']):>8} {str(r['cuda_graphs']):>7} {r['prefill_tok_s_per_gpu']:>18.1f} "
@@ -175,6 +235,8 @@ def main(args) -> dict:
     if exchange:
         print(f"all-to-all per MoE layer: dispatch {exchange['dispatch_us_per_layer']:.0f} us, "
               f"combine {exchange['combine_us_per_layer']:.0f} us")
+    print("fixed-capacity exchange per MoE layer (dispatch + combine): "
+          + ", ".join(f"{t} tokens/rank {us:.0f} us" for t, us in fixed_exchange.items()))
     print(f"max/mean rows per rank (skewed routing): {balance['measured_before']:.2f} -> "
           f"{balance['measured_after']:.2f} after rebalancing (predicted {balance['predicted_before']:.2f} -> "
           f"{balance['predicted_after']:.2f})")
