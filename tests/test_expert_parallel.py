@@ -362,7 +362,7 @@ GPU_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference"])  # CuTe under NCCL: the bf16 decode-graph test below
 def test_two_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend):
     for family in FAMILIES:
         run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, timeout_s=300)
