@@ -312,6 +312,8 @@ def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> N
             executor.run(message)
     if executor is not None:
         executor.release_graphs()  # before the caller destroys the group
+    # the shutdown handshake: no rank tears its group down while a peer may still be talking to it
+    dist.barrier(group=group.cpu_group)
 
 
 def worker_main(rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float,
@@ -545,6 +547,7 @@ class ExpertParallelExecutor:
         if healthy:
             try:
                 broadcast_message(None, self.group)
+                dist.barrier(group=self.group.cpu_group)  # every rank got it (see follow_rank0)
             except Exception as exc:  # a worker died just now: terminate below
                 logger.warning("expert-parallel shutdown message failed: %s", exc)
         for proc in self._workers:
