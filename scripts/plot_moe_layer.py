@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SERIES = [
     ("ours_layer_graph_us", "Light-MoE CuTe layer (CUDA graph)"),
+    ("w4a16_layer_graph_us", "Light-MoE W4A16 layer (CUDA graph)"),
     ("ours_layer_us", "Light-MoE CuTe layer (eager)"),
     ("grouped_mm_layer_us", "torch._grouped_mm layer (eager)"),
     ("loop_layer_us", "per-expert loop (eager)"),
