@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in a few batches (Hopper GPUs, CuTe DSL installed, repo on PYTHONPATH).
-#   scripts/gpu_checks.sh single OUTDIR   one GPU: every GPU test, then the MoE layer / W4A16 benchmarks
-#   scripts/gpu_checks.sh multi OUTDIR    2+ GPUs: expert-parallel GPU tests, then bench ep (fixed 256 and 0)
+# GPU checks and benchmarks in a few batches (Hopper GPUs, CuTe DSL installed, repo on PYTHONPATH). Each
+# stage fits in 10 minutes:
+#   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
+#   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
+#   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
+#   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), then
+#                                               with variable splits
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single or multi}
+stage=${1:?single-tests, single-bench, multi-tests or multi-bench}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -22,22 +26,26 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
 }
 
 case $stage in
-single)
-    step gpu_tests 400 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels tests/test_cute_engine_gpu.py \
+single-tests)
+    step gpu_tests 540 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels tests/test_cute_engine_gpu.py \
         tests/test_fidelity_gpu.py -ra
-    step moe_layer 420 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
+    ;;
+single-bench)
+    step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
     ;;
-multi)
-    step ep_tests 420 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_expert_parallel.py -ra
+multi-tests)
+    step ep_tests 540 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_expert_parallel.py -ra
+    ;;
+multi-bench)
     n=$(nvidia-smi -L | wc -l)
     step bench_ep_fixed 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 256 --time-exchange --output "$out/ep${n}_fixed256.json"
-    step bench_ep_variable 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
+    step bench_ep_variable 240 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 0 --output "$out/ep${n}_variable.json"
     ;;
 *)
-    echo "unknown stage $stage (single or multi)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, multi-tests or multi-bench)" >&2
     exit 2
     ;;
 esac
