@@ -15,8 +15,8 @@ collectives, in the same order, because every rank runs every MoE layer):
   1. each assignment (t, k) goes to rank expert_to_rank[topk_ids[t, k]]; assignments are sorted
      stably by destination, so each rank's rows are contiguous (send order = `order`)
   2. all_to_all of the per-rank row counts [N] (each rank learns how much it will receive),
-     then all_to_all_single of the rows [M, H] and of their local expert ids [M] with those
-     variable splits
+     then one all_to_all_single of the rows [M, H], each packed with its local expert id (the
+     layout of the fixed path below), with those variable splits
   3. the owner runs its local experts on the R received rows as top-1 routing with weight 1.0
      (exact: the router weights are applied at home)
   4. all_to_all_single sends the [R, H] results back along the reversed splits; they arrive in
@@ -189,15 +189,20 @@ class AllToAllDispatcher:
 
     def send_rows(self, x: torch.Tensor, route: _Route, send_splits: list[int], recv_splits: list[int],
                   async_op: bool = False):
-        """Rows [R, H] and their local expert ids [R] for this rank's experts; works to wait on."""
+        """Rows [R, H] and their local expert ids [R] for this rank's experts (views of one received buffer,
+        valid once the works are waited on); works to wait on. Each row travels packed with its id (the
+        fixed path's layout), so one all_to_all carries both."""
         self.rows_received += sum(recv_splits)
-        rows = x.new_empty((sum(recv_splits), x.shape[1]))
-        ids = route.local_ids.new_empty(sum(recv_splits))
-        w1 = dist.all_to_all_single(rows, x.index_select(0, route.token_of_row), recv_splits, send_splits,
-                                    group=self.group, async_op=async_op)
-        w2 = dist.all_to_all_single(ids, route.local_ids, recv_splits, send_splits, group=self.group,
-                                    async_op=async_op)
-        return rows, ids, [w for w in (w1, w2) if w is not None]
+        id_offset, width = self._layout(x)
+        row_bytes = x.shape[1] * x.element_size()
+        packed = torch.empty(route.token_of_row.numel(), width, dtype=torch.uint8, device=x.device)  # [M, W]
+        packed[:, :row_bytes].view(x.dtype).copy_(x.index_select(0, route.token_of_row))
+        packed[:, id_offset:].view(torch.int32).view(-1).copy_(route.local_ids)
+        recv = packed.new_empty((sum(recv_splits), width))  # [R, W]
+        work = dist.all_to_all_single(recv, packed, recv_splits, send_splits, group=self.group, async_op=async_op)
+        rows = recv[:, :row_bytes].view(x.dtype)  # [R, H] (strided view)
+        ids = recv[:, id_offset:].view(torch.int32).view(-1)  # [R]
+        return rows, ids, [work] if work is not None else []
 
     def send_back(self, y: torch.Tensor, ex: _Exchange, async_op: bool = False):
         back = y.new_empty((sum(ex.send_splits), y.shape[1]))  # [M, H] in send order
