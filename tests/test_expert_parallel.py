@@ -506,7 +506,7 @@ def test_each_rank_holds_its_own_kv_partition_and_preempts_within_it(executor, c
 
 
 def test_exchange_capacity_is_chosen_from_the_plan():
-    from light_moe.executor.workers import exchange_capacity
+    from light_moe.executor.step_plan import exchange_capacity
 
     assert exchange_capacity([3, 2], top_k=2, limit=0) == 0  # disabled
     assert exchange_capacity([3, 2], top_k=2, limit=256) == 8  # power of two >= 6 rows

@@ -94,7 +94,7 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
     import statistics
     import time
 
-    from light_moe.executor.workers import exchange_capacity
+    from light_moe.executor.step_plan import exchange_capacity
 
     d = rank_executor.dispatchers[0]
     cfg, device = rank_executor.model.config, rank_executor.group.device

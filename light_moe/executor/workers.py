@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 from light_moe.config import CacheConfig
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.model_runner import ModelRunner
+from light_moe.executor.step_plan import PlannedSequence, StepPlan, exchange_capacity
 from light_moe.models.base import MoECausalLM
 from light_moe.models.loader import build_model
 from light_moe.ops.backend import MoEOps, select_backend
@@ -90,45 +91,6 @@ class WorkerSpec:
     @property
     def world_size(self) -> int:
         return self.placements[0].world_size
-
-
-@dataclass(frozen=True)
-class PlannedSequence:
-    owner: int
-    start: int  # num_computed_tokens before this step
-    tokens: list[int]  # the chunk computed this step
-    block_table: list[int]
-    is_prefill: bool
-    samples: bool
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    sequences: list[PlannedSequence]  # in scheduled order
-    placements: tuple[ExpertPlacement, ...] | None = None  # switch to these before this step's forward
-    collect_load: bool = False  # after the step, reduce the expert-load statistics to rank 0
-    # >0: every MoE exchange of this step is the fixed-capacity one, this many rows per rank pair
-    # (parallel/dispatch.py); 0: variable splits. Chosen on rank 0 from the host-known token counts.
-    exchange_capacity: int = 0
-
-
-def exchange_capacity(tokens_per_rank: list[int], top_k: int, limit: int) -> int:
-    """Rows per rank pair of a step's fixed-capacity exchange, or 0 for the variable-split path.
-
-    A rank's R routed rows may all go to one rank, so the capacity must hold the largest R. R counts
-    the tokens padded to a power of two, as a decode CUDA graph pads its batch (executor/cuda_graphs.py
-    BATCH_BUCKETS), times top_k; the capacity is R rounded up to a power of two (few distinct shapes: one
-    graph each) and capped at `limit`. Steps with R above `limit` (prefill) use variable splits."""
-    tokens = max(tokens_per_rank, default=0)
-    rows = _pow2(tokens) * top_k if tokens else 0
-    if limit <= 0 or rows > limit:
-        return 0
-    return min(limit, _pow2(rows))
-
-
-def _pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclass(frozen=True)
