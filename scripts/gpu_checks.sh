@@ -27,8 +27,10 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
 
 case $stage in
 single-tests)
-    step gpu_tests 540 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels tests/test_cute_engine_gpu.py \
-        tests/test_fidelity_gpu.py -ra
+    # the Mixtral-shape cases take several GB each: serially, after the rest in 4 workers
+    step gpu_tests 420 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels tests/test_cute_engine_gpu.py \
+        tests/test_fidelity_gpu.py -k "not mixtral_shape" -ra
+    step gpu_tests_mixtral_shape 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels -k mixtral_shape -ra
     ;;
 single-bench)
     step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
