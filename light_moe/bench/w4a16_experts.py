@@ -1,6 +1,12 @@
 """W4A16 vs bf16 expert GEMMs (up + down, CUDA-graph replays) on the Mixtral-8x7B layer shape.
 
     python -m light_moe.bench.w4a16_experts --output result.json
+    python -m light_moe.bench.w4a16_experts --tokens 1 4 16 --configs 64x8x2 64x8x4 128x16x1
+
+--configs also times each explicit W4A16 tile config (tile_w x tile_t x k_split, optional fence suffix
+p = producer / c = consumer, else the fence of the W4A16_TILE_TABLE row with that tile, else consumer)
+for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
+int4 TB/s; "unsupported" where the kernel refuses the config for the shape.
 
 Routing: each token picks K distinct random experts. Weights: random int4 (group 128, symmetric)
 and random bf16 of the same shape. Time = median of CUDA-event-timed graph replays of
@@ -10,6 +16,7 @@ Weight GB/s = bytes of the experts that received a token (int4 + bf16 scales for
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -36,6 +43,19 @@ def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
     return run
 
 
+def _parse_config(spec: str, table):
+    """'64x8x4' / '64x8x2p' -> TileConfig (fence: suffix, else the table row of that tile, else consumer)."""
+    from light_moe.kernels.tile_config import TileConfig
+
+    fence = {"p": "producer", "c": "consumer"}.get(spec[-1])
+    parts = (spec[:-1] if fence else spec).split("x")
+    tile_w, tile_t = int(parts[0]), int(parts[1])
+    k_split = int(parts[2]) if len(parts) > 2 else 1
+    if fence is None:
+        fence = next((row[3] for row in table if row[1:3] == (tile_w, tile_t)), "consumer")
+    return TileConfig(tile_w, tile_t, fence, k_split)
+
+
 def main() -> None:
     from light_moe.kernels import grouped_gemm as gg
     from light_moe.kernels import w4a16_gemm as w4
@@ -47,8 +67,11 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="explicit W4A16 tiles to time as well: tile_w x tile_t x k_split [p|c], e.g. 64x8x4")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
     E, H, inter, K, G = args.experts, args.hidden, args.intermediate, args.top_k, args.group_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
@@ -74,6 +97,20 @@ def main() -> None:
                    bf16_weight_TBps=round(active * bf16_expert_bytes / bf16_us / 1e6, 2),
                    w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
                    w4a16_speedup=round(bf16_us / w4_us, 2))
+        if configs:
+            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n)) for n in (2 * inter, H)]
+            row["configs"] = {}
+        for spec, config in configs.items():
+            ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
+                                                      group_size=G, config=config)[0]
+                     for gated, n_out, k_dim in ((True, 2 * inter, H), (False, H, inter)))
+            if not ok:
+                row["configs"][spec] = "unsupported"
+                continue
+            up = functools.partial(w4.w4a16_expert_up, config=config)
+            down = functools.partial(w4.w4a16_expert_down, config=config)
+            us = _time_us(_graph(_pair(up, down, x, gather_index, offsets, q13, q2, act, y)), 50)
+            row["configs"][spec] = dict(us=round(us, 1), int4_TBps=round(active * int4_expert_bytes / us / 1e6, 2))
         rows.append(row)
         print(row, flush=True)
     result = dict(benchmark="w4a16_experts", env=environment(),

@@ -50,6 +50,10 @@ class TileConfig:
     # who fences the cp.async smem writes before wgmma reads them (grouped_gemm.py); "none" is racy and
     # exists only to measure what the fence costs
     fence_mode: str = "consumer"
+    # consumer warpgroups that share a tile's k-tiles (split K inside the CTA, partial sums reduced through
+    # shared memory): 1, 2 or 4. Only the W4A16 kernel (w4a16_gemm.py, tile_w = 64) implements k_split > 1;
+    # the bf16 grouped GEMM refuses it.
+    k_split: int = 1
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -58,6 +62,8 @@ class TileConfig:
             raise ValueError(f"tile_t must be a multiple of 8 in [8, 256], got {self.tile_t}")
         if self.fence_mode not in ("consumer", "producer", "none"):
             raise ValueError(f"fence_mode must be 'consumer', 'producer' or 'none', got {self.fence_mode!r}")
+        if self.k_split not in (1, 2, 4):
+            raise ValueError(f"k_split must be 1, 2 or 4, got {self.k_split}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:

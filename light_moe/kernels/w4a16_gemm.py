@@ -29,11 +29,13 @@ SiLU*up epilogue, no host sync, CUDA-graph capturable), except for how the weigh
     back to back, commit. One A set + 16 temporaries per atom; one wgmma wait per k-tile (was 4). In the
     SASS ptxas still moves that wait above the exact part (it reuses A's registers for the temporaries),
     so inside one warpgroup only the ld.shared overlaps the previous wgmma.
-  * Split K for tile_w = 64 (SPLIT_K_TILE_W64): two consumer warpgroups take the even and the odd k-tiles
-    of a tile, so one dequantises while the other waits for its wgmma; warpgroup 1 adds its fp32 partial
-    sums into warpgroup 0's accumulator through shared memory before the epilogue (a different fp32
-    summation order than one warpgroup: rounding-level differences). tile_w = 128 keeps one m64 atom per
-    warpgroup over all k-tiles.
+  * Split K for tile_w = 64 (TileConfig.k_split = 2 or 4): k_split consumer warpgroups take the k-tiles
+    kt = c (mod k_split) of a tile, so one dequantises while the others wait for their wgmma; warpgroups
+    1..k_split-1 hand their fp32 partial sums to warpgroup 0 through shared memory before the epilogue,
+    which adds them in order (a different fp32 summation order than one warpgroup: rounding-level
+    differences). Each stage is still read by one warpgroup (4 empty-barrier arrivals); k_split must divide
+    the k-tiles of a tile (K / 64). k_split = 4: 640 threads, setmaxnreg 56 / CONSUMER_REGS[4]. tile_w = 128
+    keeps one m64 atom per warpgroup over all k-tiles (k_split = 1).
   * Zero points: symmetric weights carry -(128 + 8) in meta, so one compiled kernel serves both.
   * TMA is not used for weights: cp.async keeps the weight copy, the meta copy and the gather in one
     producer loop with one mbarrier arrival per thread; whether TMA would stream faster is a GPU question.
@@ -89,13 +91,13 @@ SMEM_CAPACITY = 232448
 MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
 CP_ASYNC_LAG = 1
 PRODUCER_REGS = 56
-CONSUMER_REGS = {1: 232, 2: 224}
-# tile_w = 64 (one m64 atom): two consumer warpgroups split K inside the CTA (even / odd k-tiles, partial sums
-# added through shared memory before the epilogue) instead of one warpgroup doing every k-tile. Part of the
-# compile-cache key, so it can be flipped between launches (A/B timing).
-SPLIT_K_TILE_W64 = True
+# setmaxnreg per consumer warpgroup count. The CTA is launched at R registers per thread (ptxas: 168 for
+# 384 threads, 96 for 640) and the consumers' increase must come out of what the producer frees:
+# 128 (R - 56) >= 128 n (C - R). n = 4: C <= 104 (the k_split = 4 consumer needs ~60).
+CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
+MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
 
-# (max expected tokens per active expert, tile_w, tile_t, fence_mode): first row that fits wins.
+# (max expected tokens per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
 # A guess derived from grouped_gemm's TILE_TABLE (same roles) - to be swept on the H100 (docs/kernels.md).
 # Prefill uses 128-row weight tiles: the RS A fragments (16 A + 16 temporary registers per atom) plus a
 # 256 x 128 accumulator would not fit 224 registers. Compute-bound (> 256 tokens per expert): 128 x 256, so
@@ -105,24 +107,26 @@ SPLIT_K_TILE_W64 = True
 # 36.5 KB (32 KB token rows), epilogue in 4 chunks of 64 tokens. H100, Mixtral up+down: T=4096 5561 us vs
 # 5826 (128 x 128); T=1024 (256 per expert: half the experts get a 2nd, nearly empty 256 tile) 1651 vs 1555,
 # hence (128, 128) up to 256 tokens per expert.
-W4A16_TILE_TABLE: tuple[tuple[float, int, int, str], ...] = (
-    (8, 64, 8, "consumer"),
-    (16, 128, 16, "consumer"),
-    (32, 128, 32, "consumer"),
-    (64, 128, 64, "consumer"),
-    (256, 128, 128, "producer"),
-    (float("inf"), 128, 256, "producer"),
+W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int], ...] = (
+    (8, 64, 8, "consumer", 2),
+    (16, 128, 16, "consumer", 1),
+    (32, 128, 32, "consumer", 1),
+    (64, 128, 64, "consumer", 1),
+    (256, 128, 128, "producer", 1),
+    (float("inf"), 128, 256, "producer", 1),
 )
 
 
 def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int) -> TileConfig:
-    """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows."""
+    """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows.
+    A 128-row tile that does not divide n_out falls back to 64 rows with split K over 2 warpgroups."""
     per_expert = num_rows / max(1, min(num_experts, num_rows))
-    for limit, tile_w, tile_t, fence_mode in W4A16_TILE_TABLE:
+    for limit, tile_w, tile_t, fence_mode, k_split in W4A16_TILE_TABLE:
         if per_expert <= limit:
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
-            return TileConfig(tile_w, tile_t, fence_mode)
+                k_split = max(k_split, 2)
+            return TileConfig(tile_w, tile_t, fence_mode, k_split)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")
 
 
@@ -195,7 +199,7 @@ class W4A16GroupedGemmSm90:
         self.tile_w = config.tile_w
         self.tile_t = config.tile_t
         self.n_atoms = config.tile_w // ATOM_M
-        self.k_split = self.split_k(config)  # consumer warpgroups along K (each takes every k_split-th k-tile)
+        self.k_split = config.k_split  # consumer warpgroups along K (each takes every k_split-th k-tile)
         self.m_wg = min(self.n_atoms, 2)  # consumer warpgroups along M (the wgmma atom layout)
         self.n_consumer_wg = self.m_wg * self.k_split
         self.n_consumer_threads = WG * self.n_consumer_wg
@@ -213,14 +217,9 @@ class W4A16GroupedGemmSm90:
         self.stages = self.num_stages(config, gated, num_experts, group_size)
 
     @staticmethod
-    def split_k(config: TileConfig) -> int:
-        """Consumer warpgroups that share a tile's k-tiles: 2 for one-atom tiles (tile_w = 64), else 1."""
-        return 2 if SPLIT_K_TILE_W64 and config.tile_w == ATOM_M else 1
-
-    @staticmethod
     def reduce_bytes(config: TileConfig) -> int:
-        """fp32 partial sums of the second K warpgroup (64 x tile_t) under split K."""
-        return ATOM_M * config.tile_t * 4 if W4A16GroupedGemmSm90.split_k(config) > 1 else 0
+        """fp32 partial sums (64 x tile_t each) of K warpgroups 1..k_split-1 under split K."""
+        return (config.k_split - 1) * ATOM_M * config.tile_t * 4
 
     @staticmethod
     def stage_bytes(config: TileConfig, group_size: int) -> int:
@@ -245,6 +244,12 @@ class W4A16GroupedGemmSm90:
             return False, f"tile_w must be 64 or 128 for W4A16 (registers: RS fragments), got {config.tile_w}"
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
+        if config.k_split > 1 and config.tile_w != ATOM_M:
+            return False, f"split K (k_split={config.k_split}) needs tile_w = {ATOM_M}, got {config.tile_w}"
+        if config.k_split == 4 and config.tile_t > MAX_TILE_T_SPLIT4:
+            return False, f"k_split=4 supports tile_t <= {MAX_TILE_T_SPLIT4}, got {config.tile_t}"
+        if (k_dim // TILE_K) % config.k_split:
+            return False, f"k_split={config.k_split} must divide the {k_dim // TILE_K} k-tiles of K={k_dim}"
         if gated and n_out % 16:
             return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
         if k_dim % (2 * TILE_K) or k_dim % group_size:
@@ -253,8 +258,8 @@ class W4A16GroupedGemmSm90:
             return False, f"num_experts must be in [1, 1024], got {num_experts}"
         if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
             return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
-        if W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < 4:
-            return False, f"tile config {config} leaves fewer than 4 pipeline stages in shared memory"
+        if W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < max(4, 2 * config.k_split):
+            return False, f"tile config {config} leaves fewer than {max(4, 2 * config.k_split)} pipeline stages"
         return True, "ok"
 
     @cute.jit
@@ -603,7 +608,7 @@ class W4A16GroupedGemmSm90:
         total_tiles: Int32,
     ):
         """Consumer warpgroups: dequant + wgmma (A from registers) over the k-tiles, then the epilogue.
-        m_wg warpgroups along M (one m64 atom each) x k_split along K (split K: even / odd k-tiles)."""
+        m_wg warpgroups along M (one m64 atom each) x k_split along K (split K: k-tiles kt = kwg mod k_split)."""
         tile_t = self.tile_t
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
@@ -612,7 +617,7 @@ class W4A16GroupedGemmSm90:
         empty = storage.empty_bar.data_ptr()
         cute.arch.warpgroup_reg_alloc(CONSUMER_REGS[self.n_consumer_wg])
         ctid = tidx - WG
-        kwg = cute.arch.make_warp_uniform(ctid // (WG * self.m_wg))  # K warpgroup: 0, or 0 / 1 under split K
+        kwg = cute.arch.make_warp_uniform(ctid // (WG * self.m_wg))  # K warpgroup: 0 .. k_split - 1
         ctid_mma = ctid % (WG * self.m_wg)  # thread index in the tiled MMA
         gpk = self.groups_per_ktile
         s_q = storage.s_q.get_tensor(
@@ -651,7 +656,8 @@ class W4A16GroupedGemmSm90:
         chunks_per_row = self.out_cols // VEC
         n_chunks = epi_t * chunks_per_row
         n_acc = cute.size(acc)
-        s_red = storage.s_red.get_tensor(cute.make_layout((n_acc, WG), stride=(WG, 1)))  # split K only
+        n_red = max(1, self.k_split - 1)  # split K only: one 64 x tile_t fp32 slot per K warpgroup 1..k_split-1
+        s_red = storage.s_red.get_tensor(cute.make_layout((n_acc, WG, n_red), stride=(WG, 1, n_acc * WG)))
         steps = self.k_tiles // self.k_split  # k-tiles per tile of this warpgroup
         # Stage of this warpgroup's next k-tile to read / to release: the producer fills the stages in k-tile
         # order, warpgroup kwg reads k-tiles kwg, kwg + k_split, ... (kwg < k_split <= stages: phase 0).
@@ -705,16 +711,22 @@ class W4A16GroupedGemmSm90:
             for _ in cutlass.range_constexpr(self.k_split):
                 release_state.advance()
             if cutlass.const_expr(self.k_split > 1):
-                # Split K: the partial sums of warpgroup 1 go through s_red into warpgroup 0's accumulator,
-                # which then runs the epilogue alone (both store). s_red is free: its previous readers passed
-                # the previous tile's epilogue barriers.
-                if kwg == 1:
-                    for v in cutlass.range_constexpr(n_acc):
-                        s_red[v, ctid_mma] = acc[v]
+                # Split K: the partial sums of warpgroups 1..k_split-1 go through s_red (slot kwg - 1) into
+                # warpgroup 0's accumulator, added in slot order; warpgroup 0 then stages the epilogue alone
+                # (all store). s_red is free: its previous readers passed the previous tile's epilogue barriers.
+                if cutlass.const_expr(self.k_split == 2):
+                    if kwg == 1:
+                        for v in cutlass.range_constexpr(n_acc):
+                            s_red[v, ctid_mma, 0] = acc[v]
+                else:
+                    if kwg > 0:
+                        for v in cutlass.range_constexpr(n_acc):
+                            s_red[v, ctid_mma, kwg - 1] = acc[v]
                 epi_barrier.arrive_and_wait()
                 if kwg == 0:
-                    for v in cutlass.range_constexpr(n_acc):
-                        acc[v] = acc[v] + s_red[v, ctid_mma]
+                    for p in cutlass.range_constexpr(self.k_split - 1):
+                        for v in cutlass.range_constexpr(n_acc):
+                            acc[v] = acc[v] + s_red[v, ctid_mma, p]
 
             # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (grouped_gemm's
             # stage_out_chunk) -> 16-byte stores of the valid rows by all consumer threads.
@@ -755,7 +767,7 @@ def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tupl
     if inter % 32:
         return False, f"I={inter} must be a multiple of 32 (2I in 64-row atoms)"
     for gated, n_out, k_dim in ((True, 2 * inter, hidden), (False, hidden, inter)):
-        config = TileConfig(64, 8)
+        config = TileConfig(64, 8, k_split=2)
         ok, reason = W4A16GroupedGemmSm90.supports(
             gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
         )
@@ -764,7 +776,7 @@ def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tupl
     return True, "ok"
 
 
-_compiled: dict[tuple, object] = {}  # (gated, n_out, k_dim, E, g, tile config, split K) -> compiled fn; never T
+_compiled: dict[tuple, object] = {}  # (gated, n_out, k_dim, E, g, tile config incl. k_split) -> compiled fn; never T
 compile_seconds: dict[tuple, float] = {}
 _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape) -> cute views of the prepared tensors
 
@@ -783,7 +795,7 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out)
-    key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config, SPLIT_K_TILE_W64)
+    key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
     q_view, meta_view = _prepared_views(prepared)
     args = (
         q_view,

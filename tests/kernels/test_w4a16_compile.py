@@ -36,8 +36,13 @@ def _args(gated: bool, num_experts: int, hidden: int, inter: int, group_size: in
 # zeros" is a data difference; the cases vary projection, tile and group size instead.
 CASES = {
     # name: (gated, E, H, I, group size, tile config)
-    "up_decode_64x8_g128": (True, 8, 4096, 14336, 128, TileConfig(64, 8)),
-    "down_decode_64x8_g128": (False, 8, 4096, 14336, 128, TileConfig(64, 8)),
+    "up_decode_64x8_g128": (True, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=2)),
+    "down_decode_64x8_g128": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=2)),
+    # split K over 4 consumer warpgroups (640 threads, 3 partial sums reduced through shared memory)
+    "up_decode_64x8_g128_k4": (True, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4)),
+    "down_decode_64x8_g32_k4": (False, 8, 4096, 14336, 32, TileConfig(64, 8, k_split=4)),
+    "down_decode_64x8_g128_k4_E64": (False, 64, 4096, 14336, 128, TileConfig(64, 8, k_split=4)),
+    "up_64x32_g32_k4_E64": (True, 64, 1024, 768, 32, TileConfig(64, 32, k_split=4)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
@@ -49,7 +54,7 @@ CASES = {
     "down_mid_128x64_g64_E64": (False, 64, 1024, 768, 64, TileConfig(128, 64)),
     # tile_w = 64 beyond decode (choose_w4a16_tile falls back to it when n_out % 128): split K with a
     # 64 x 32 partial-sum exchange, g = 128 meta in every stage, 2 epilogue chunks of the gated output
-    "up_64x32_g128_split_k_E64": (True, 64, 1024, 768, 128, TileConfig(64, 32)),
+    "up_64x32_g128_split_k_E64": (True, 64, 1024, 768, 128, TileConfig(64, 32, k_split=2)),
 }
 
 
@@ -64,20 +69,48 @@ def test_w4a16_gemm_compiles(name, tmp_path):
     print(f"{name}: {seconds:.2f} s, stages={kernel.stages}, cubin {cubin}")
 
 
-def test_w4a16_gemm_consumer_split(monkeypatch, tmp_path):
-    """tile_w = 64 splits K over two consumer warpgroups (meta in every stage); SPLIT_K_TILE_W64 = False
-    keeps the one-warpgroup kernel, which must still compile."""
+def test_w4a16_gemm_consumer_split(tmp_path):
+    """TileConfig.k_split: tile_w = 64 splits K over 2 or 4 consumer warpgroups (meta in every stage);
+    k_split = 1 keeps the one-warpgroup kernel, which must still compile."""
     gated, num_experts, hidden, inter, group_size, config = CASES["up_decode_64x8_g128"]
     n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
     kw = dict(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size)
     split = W4A16GroupedGemmSm90(**kw, config=config)
     assert (split.k_split, split.m_wg, split.n_consumer_wg, split.meta_ktiles) == (2, 1, 2, 1)
+    assert split.red_words == 64 * 8 and split.threads == 384
+    four = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4))
+    assert (four.k_split, four.m_wg, four.n_consumer_wg, four.meta_ktiles) == (4, 1, 4, 1)
+    assert four.red_words == 3 * 64 * 8 and four.threads == 640
+    # setmaxnreg: the consumers' increase must fit what the producer frees at the 96-register launch
+    assert 128 * (96 - w4a16_gemm.PRODUCER_REGS) >= 4 * 128 * (w4a16_gemm.CONSUMER_REGS[4] - 96)
     wide = W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 16))
     assert (wide.k_split, wide.m_wg, wide.n_consumer_wg, wide.meta_ktiles) == (1, 2, 2, 2)
-    monkeypatch.setattr(w4a16_gemm, "SPLIT_K_TILE_W64", False)
-    one = W4A16GroupedGemmSm90(**kw, config=config)
+    one = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=1))
     assert (one.k_split, one.n_consumer_wg, one.meta_ktiles, one.red_words) == (1, 1, 2, 0)
     compile_sm90a(one, *args, dump_root=str(tmp_path))
+
+
+def test_k_split_config_checks():
+    """k_split is validated by TileConfig, refused by the bf16 kernel and checked against the shape here."""
+    from light_moe.kernels.grouped_gemm import GroupedGemmSm90
+
+    with pytest.raises(ValueError, match="k_split"):
+        TileConfig(64, 8, k_split=3)
+    assert TileConfig(64, 8, k_split=2) != TileConfig(64, 8, k_split=4)  # distinct compile-cache keys
+    ok, reason = GroupedGemmSm90.supports(
+        gated=True, n_out=28672, k_dim=4096, num_experts=8, config=TileConfig(64, 8, k_split=2)
+    )
+    assert not ok and "k_split" in reason
+    with pytest.raises(ValueError, match="k_split"):
+        GroupedGemmSm90(gated=True, n_out=28672, k_dim=4096, num_experts=8, config=TileConfig(64, 8, k_split=4))
+    kw = dict(gated=False, n_out=4096, num_experts=8, group_size=128)
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=128 * 3, config=TileConfig(64, 8, k_split=4))
+    assert not ok and "divide" in reason  # 6 k-tiles: k_split = 4 does not divide them
+    assert W4A16GroupedGemmSm90.supports(**kw, k_dim=128 * 3, config=TileConfig(64, 8, k_split=2))[0]
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(128, 16, k_split=2))
+    assert not ok and "tile_w" in reason
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(64, 64, k_split=4))
+    assert not ok and "tile_t" in reason
 
 
 def _canonical(num_experts, n_out, k_dim, group_size, with_zeros, generator):
@@ -139,7 +172,8 @@ def test_supports_and_tiles():
     assert supports(8, 4096, 14336, 128) == (True, "ok")
     assert not supports(8, 4096, 14336, 100)[0]
     assert not supports(8, 4096, 14300, 128)[0]
-    assert choose_w4a16_tile(2, 8, 28672) == TileConfig(64, 8)
+    assert choose_w4a16_tile(2, 8, 28672) == TileConfig(64, 8, k_split=2)
+    assert choose_w4a16_tile(2 * 64, 8, 320) == TileConfig(64, 16, k_split=2)  # 128 rows do not divide 320
     assert choose_w4a16_tile(2 * 1024, 8, 28672) == TileConfig(128, 128, "producer")  # 256 per expert
     assert choose_w4a16_tile(2 * 2048, 8, 28672) == TileConfig(128, 256, "producer")
     assert choose_w4a16_tile(2 * 4096, 8, 28672) == TileConfig(128, 256, "producer")

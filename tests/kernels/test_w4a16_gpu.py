@@ -43,7 +43,8 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed):
+def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, config=None):
+    """Up then down (NaN-poisoned outputs) against the dequantised reference; config=None: the table's tile."""
     from light_moe.kernels import w4a16_gemm as w4
 
     device = torch.device("cuda")
@@ -57,14 +58,14 @@ def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_
     w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
 
     act = torch.full((num_rows, inter), float("nan"), device=device, dtype=torch.bfloat16)
-    w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act)
+    w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
     ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)
     assert not act.isnan().any(), "w4a16_expert_up left rows unwritten"
     err_up = _rel_l2(act, ref_act)
     assert err_up < 1e-2, f"w4a16_expert_up rel L2 {err_up:.3e}"
 
     y = torch.full((num_rows, hidden), float("nan"), device=device, dtype=torch.bfloat16)
-    w4.w4a16_expert_down(act, offsets, w2p, out=y)
+    w4.w4a16_expert_down(act, offsets, w2p, out=y, config=config)
     ref_y = w4.reference_expert_down(act, offsets, *w2, group_size)
     assert not y.isnan().any(), "w4a16_expert_down left rows unwritten"
     err_down = _rel_l2(y, ref_y)
@@ -123,9 +124,10 @@ def test_w4a16_every_tile_config(num_tokens):
     offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
     w13p = w4.prepare_w4a16_weights(*w13, GROUP, gated=True)
     ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, GROUP)
-    for _, tile_w, tile_t, fence in w4.W4A16_TILE_TABLE:
+    for _, tile_w, tile_t, fence, k_split in w4.W4A16_TILE_TABLE:
         act = torch.full((gather_index.shape[0], INTER), float("nan"), device=device, dtype=torch.bfloat16)
-        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=TileConfig(tile_w, tile_t, fence))
+        config = TileConfig(tile_w, tile_t, fence, k_split)
+        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
         assert not act.isnan().any(), f"tile {tile_w}x{tile_t} left rows unwritten"
         assert _rel_l2(act, ref_act) < 1e-2, f"tile {tile_w}x{tile_t}: rel L2 {_rel_l2(act, ref_act):.3e}"
 
@@ -199,3 +201,44 @@ def test_w4a16_cuda_graph_replay():
     torch.cuda.synchronize()
     assert _rel_l2(act, w4.reference_expert_up(x, gather_index, offsets, *w13, GROUP)) < 1e-2
     assert _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, GROUP)) < 1e-2
+
+
+@pytest.mark.parametrize("k_split", (1, 2, 4))
+@pytest.mark.parametrize("num_tokens", (1, 7, 64))
+@pytest.mark.parametrize("num_experts,top_k", EXPERTS_TOPK)
+def test_w4a16_split_k(num_experts, top_k, num_tokens, k_split):
+    """tile_w = 64 forced with k_split 1, 2 and 4 consumer warpgroups along K (up and down, NaN-poisoned
+    outputs): the split-K partial sums must add up to the dequantised reference. T=64 with E=8 gives 16
+    routed rows per expert: 2 token tiles of 8 per expert and weight tile, so every CTA runs several tiles
+    (the per-warpgroup pipeline phases and the s_red reuse across tiles)."""
+    from light_moe.kernels.tile_config import TileConfig
+
+    _check_case(num_tokens, num_experts, top_k, HIDDEN, INTER, GROUP, True,
+                seed=31 + num_tokens + num_experts + k_split, config=TileConfig(64, 8, "consumer", k_split))
+
+
+@pytest.mark.parametrize("group_size", (32, 128))
+@pytest.mark.parametrize("num_tokens", (1, 64))
+def test_w4a16_split_k4_mixtral_shape(num_tokens, group_size):
+    """k_split = 4 on the Mixtral shape (64 and 224 k-tiles per tile): up and down against the reference."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(41 + num_tokens + group_size)
+    hidden, inter = 4096, 14336
+    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+    w13 = _quantized(8, 2 * inter, hidden, group_size, True, device, gen)
+    w2 = _quantized(8, hidden, inter, group_size, True, device, gen)
+    offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
+    num_rows = gather_index.shape[0]
+    config = TileConfig(64, 8, "consumer", 4)
+    act = torch.full((num_rows, inter), float("nan"), device=device, dtype=torch.bfloat16)
+    w4.w4a16_expert_up(x, gather_index, offsets, w4.prepare_w4a16_weights(*w13, group_size, gated=True),
+                       out=act, config=config)
+    assert not act.isnan().any()
+    assert _rel_l2(act, w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)) < 1e-2
+    y = torch.full((num_rows, hidden), float("nan"), device=device, dtype=torch.bfloat16)
+    w4.w4a16_expert_down(act, offsets, w4.prepare_w4a16_weights(*w2, group_size, gated=False), out=y, config=config)
+    assert not y.isnan().any()
+    assert _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, group_size)) < 1e-2
