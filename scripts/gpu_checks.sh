@@ -35,6 +35,8 @@ single-tests)
 single-bench)
     step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
+    step w4a16_decode_configs 150 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 \
+        --configs 64x8x1 64x8x2 64x8x4 64x16x2 64x16x4 128x16x1 --output "$out/w4a16_decode_configs.json"
     ;;
 multi-tests)
     step ep_tests 540 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_expert_parallel.py -ra
