@@ -1,0 +1,78 @@
+"""Where the eager MoE layer loses time against its CUDA-graph replay (prefill sizes), on one GPU.
+
+    python scripts/profile_moe_layer_eager.py --tokens 1024 4096 [--trace-dir DIR]
+
+Per T: the whole CuTe layer (router, metadata, up, down, combine) on the Mixtral-8x7B shape, timed
+eagerly and from a CUDA graph (CUDA events, median of 20), then one eager call under torch.profiler:
+the GPU time of each kernel, the host time of each launch wrapper, and the idle GPU time between
+kernels (the part of the eager-vs-graph gap that launch overhead explains). With --trace-dir a
+Chrome trace per T is written there.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+E, H, INTER, K = 8, 4096, 14336, 2
+
+
+def _median_us(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    from light_moe.bench.moe_layer import _graph
+    from light_moe.ops.cute_backend import CuteOps
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--trace-dir", default=None)
+    args = parser.parse_args()
+    ops = CuteOps()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * INTER, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w2 = (torch.randn(E, H, INTER, device="cuda", generator=gen) * INTER**-0.5).bfloat16()
+    gate = (torch.randn(E, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+    w13p, w2p = ops.prepare_expert_weights(w13, w2)
+    del w13, w2
+    for tokens in args.tokens:
+        x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+        def layer():
+            return ops.moe_forward(x, gate, w13p, w2p, K, True)
+
+        eager_us, graph_us = _median_us(layer), _median_us(_graph(layer))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            layer()
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+        busy = sum(e.time_range.elapsed_us() for e in kernels)
+        span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
+        print(f"T={tokens}: eager {eager_us:.0f} us, graph {graph_us:.0f} us; profiled eager call: "
+              f"{len(kernels)} kernels, GPU busy {busy:.0f} us of a {span:.0f} us span (idle {span - busy:.0f} us)")
+        for e in kernels:
+            print(f"    {e.time_range.elapsed_us():9.1f} us  {e.name[:100]}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        if args.trace_dir:
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(args.trace_dir) / f"moe_layer_eager_T{tokens}.json"))
+
+
+if __name__ == "__main__":
+    main()
