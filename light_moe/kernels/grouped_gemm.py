@@ -229,32 +229,7 @@ class GroupedGemmSm90:
 
         # Tile schedule: tiles of expert e = ceil(rows_e / tile_t) * weight tiles; exclusive prefix over e.
         if warp == 0:
-            per_lane = (n_exp + 31) // 32
-            counts = cute.make_rmem_tensor((per_lane,), Int32)
-            lane_sum = Int32(0)
-            for j in cutlass.range_constexpr(per_lane):
-                e = lane * per_lane + j
-                c = Int32(0)
-                if e < n_exp:
-                    lo = expert_offsets[e]
-                    s_rows[e] = lo
-                    c = (expert_offsets[e + 1] - lo + (tile_t - 1)) // tile_t * (self.n_out // self.tile_w)
-                counts[j] = c
-                lane_sum = lane_sum + c
-            inclusive = lane_sum
-            for d in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(inclusive, 1 << d, mask_and_clamp=0)
-                if lane >= (1 << d):
-                    inclusive = inclusive + other
-            running = inclusive - lane_sum
-            for j in cutlass.range_constexpr(per_lane):
-                e = lane * per_lane + j
-                if e < n_exp:
-                    s_prefix[e] = running
-                running = running + counts[j]
-            if lane == 31:
-                s_prefix[n_exp] = inclusive
-                s_rows[n_exp] = expert_offsets[n_exp]
+            build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, tile_t, self.n_out // self.tile_w)
         cute.arch.sync_threads()
 
         total_tiles = s_prefix[n_exp]
@@ -309,14 +284,7 @@ class GroupedGemmSm90:
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
-            while tile >= s_prefix[e + 1]:
-                e = e + 1
-            rows_lo = s_rows[e]
-            rows_hi = s_rows[e + 1]
-            n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
-            local = tile - s_prefix[e]
-            w_tile = local // n_t_tiles
-            row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
+            e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             # Rows past the expert's end are not loaded: their smem rows hold stale data, which only
             # reaches output columns (tokens) that the epilogue never stores.
             for j in cutlass.range_constexpr(n_slots):
@@ -363,6 +331,18 @@ class GroupedGemmSm90:
                     cute.arch.mbarrier_arrive(full + (issued - d) % self.stages)
 
     @cute.jit
+    def mma_stage(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, t_cr_w: cute.Tensor, t_cr_t: cute.Tensor, full,
+                  stage: Int32, phase: Int32):
+        """One k-tile: wait for its stage (and fence the cp.async token rows in consumer fence mode), issue its
+        wgmma and commit them as one group."""
+        cute.arch.mbarrier_wait(full + stage, phase)
+        if cutlass.const_expr(self.fence_mode == "consumer"):
+            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+        for kb in cutlass.range_constexpr(cute.size(t_cr_w, mode=[2])):
+            cute.gemm(tiled_mma, acc, t_cr_w[(None, None, kb, stage)], t_cr_t[(None, None, kb, stage)], acc)
+        warpgroup.commit_group()
+
+    @cute.jit
     def consume(
         self,
         out: cute.Tensor,
@@ -395,7 +375,6 @@ class GroupedGemmSm90:
         if cutlass.const_expr(tile_t == 8):
             acc_shape = ((2, 2, 1), 1, 1)  # 4.3.5's verifier wants the N/8 mode kept for the 64x8 atom
         acc = cute.make_rmem_tensor(acc_shape, Float32)
-        n_k_blocks = cute.size(t_cr_w, mode=[2])
         epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.n_consumer_threads)
         copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
         out_frag = cute.make_rmem_tensor((VEC,), BFloat16)
@@ -408,46 +387,17 @@ class GroupedGemmSm90:
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
-            while tile >= s_prefix[e + 1]:
-                e = e + 1
-            rows_lo = s_rows[e]
-            rows_hi = s_rows[e + 1]
-            n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
-            local = tile - s_prefix[e]
-            w_tile = local // n_t_tiles
+            e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             col_chunk0 = w_tile * chunks_per_row
-            row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
 
             acc.fill(0.0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
             warpgroup.fence()
             # k-tile 0 (peeled so that the loop below always has a previous stage to release)
-            cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-            if cutlass.const_expr(self.fence_mode == "consumer"):
-                cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            for kb in cutlass.range_constexpr(n_k_blocks):
-                cute.gemm(
-                    tiled_mma,
-                    acc,
-                    t_cr_w[(None, None, kb, read_state.index)],
-                    t_cr_t[(None, None, kb, read_state.index)],
-                    acc,
-                )
-            warpgroup.commit_group()
+            self.mma_stage(tiled_mma, acc, t_cr_w, t_cr_t, full, read_state.index, read_state.phase)
             read_state.advance()
             for _kt in range(1, self.k_tiles):
-                cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
-                if cutlass.const_expr(self.fence_mode == "consumer"):
-                    cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-                for kb in cutlass.range_constexpr(n_k_blocks):
-                    cute.gemm(
-                        tiled_mma,
-                        acc,
-                        t_cr_w[(None, None, kb, read_state.index)],
-                        t_cr_t[(None, None, kb, read_state.index)],
-                        acc,
-                    )
-                warpgroup.commit_group()
+                self.mma_stage(tiled_mma, acc, t_cr_w, t_cr_t, full, read_state.index, read_state.phase)
                 warpgroup.wait_group(1)  # the previous stage's wgmma finished: hand it back
                 if lane == 0:
                     cute.arch.mbarrier_arrive(empty + release_state.index)
@@ -465,17 +415,76 @@ class GroupedGemmSm90:
                 stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
-                valid_rows = rows_hi - chunk_row0
-                for it in cutlass.range_constexpr((n_chunks + self.n_consumer_threads - 1) // self.n_consumer_threads):
-                    q = ctid + it * self.n_consumer_threads
-                    tok = q // chunks_per_row
-                    ch = q - tok * chunks_per_row
-                    if q < n_chunks and tok < valid_rows:
-                        src = cute.zipped_divide(s_out[tok, None], (VEC,))
-                        cute.autovec_copy(src[None, ch], out_frag)
-                        dst = cute.zipped_divide(out[chunk_row0 + tok, None], (VEC,))
-                        cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
+                store_out_chunk(s_out, out, out_frag, copy128, ctid, chunk_row0, rows_hi - chunk_row0, col_chunk0,
+                                chunks_per_row, n_chunks, self.n_consumer_threads)
             tile = tile + gdim
+
+
+@cute.jit
+def build_tile_schedule(expert_offsets: cute.Tensor, s_rows: cute.Tensor, s_prefix: cute.Tensor, lane: Int32,
+                        n_exp: cutlass.Constexpr, tile_t: cutlass.Constexpr, w_tiles: cutlass.Constexpr):
+    """Warp 0 of a CTA (shared with the W4A16 kernel): s_rows[e] = first routed row of expert e (s_rows[E]: the
+    total), s_prefix[e] = persistent tiles before expert e, where expert e has ceil(rows_e / tile_t) *
+    w_tiles tiles (s_prefix[E]: all tiles). A warp-wide inclusive scan over per-lane partial sums."""
+    per_lane = (n_exp + 31) // 32
+    counts = cute.make_rmem_tensor((per_lane,), Int32)
+    lane_sum = Int32(0)
+    for j in cutlass.range_constexpr(per_lane):
+        e = lane * per_lane + j
+        c = Int32(0)
+        if e < n_exp:
+            lo = expert_offsets[e]
+            s_rows[e] = lo
+            c = (expert_offsets[e + 1] - lo + (tile_t - 1)) // tile_t * w_tiles
+        counts[j] = c
+        lane_sum = lane_sum + c
+    inclusive = lane_sum
+    for d in cutlass.range_constexpr(5):
+        other = cute.arch.shuffle_sync_up(inclusive, 1 << d, mask_and_clamp=0)
+        if lane >= (1 << d):
+            inclusive = inclusive + other
+    running = inclusive - lane_sum
+    for j in cutlass.range_constexpr(per_lane):
+        e = lane * per_lane + j
+        if e < n_exp:
+            s_prefix[e] = running
+        running = running + counts[j]
+    if lane == 31:
+        s_prefix[n_exp] = inclusive
+        s_rows[n_exp] = expert_offsets[n_exp]
+
+
+@cute.jit
+def locate_tile(tile: Int32, e: Int32, s_rows: cute.Tensor, s_prefix: cute.Tensor, tile_t: cutlass.Constexpr):
+    """Persistent tile index -> (e, rows_lo, rows_hi, w_tile, row_start): its expert, the expert's routed
+    rows [rows_lo, rows_hi), its weight tile and its first token row. Tiles are expert-major, token tiles
+    fastest within a weight tile; e is the expert of the CTA's previous tile (a CTA's tiles only grow)."""
+    while tile >= s_prefix[e + 1]:
+        e = e + 1
+    rows_lo = s_rows[e]
+    rows_hi = s_rows[e + 1]
+    n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
+    local = tile - s_prefix[e]
+    w_tile = local // n_t_tiles
+    row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
+    return e, rows_lo, rows_hi, w_tile, row_start
+
+
+@cute.jit
+def store_out_chunk(s_out: cute.Tensor, out: cute.Tensor, out_frag: cute.Tensor, copy128: cute.CopyAtom, ctid: Int32,
+                    row0: Int32, valid_rows: Int32, col_chunk0: Int32, chunks_per_row: cutlass.Constexpr,
+                    n_chunks: cutlass.Constexpr, n_threads: cutlass.Constexpr):
+    """Epilogue (shared with the W4A16 kernel): the staged chunk s_out [token, column] -> out rows row0 + token,
+    16-byte stores by n_threads consumer threads, only tokens < valid_rows (the expert's last tile is partial)."""
+    for it in cutlass.range_constexpr((n_chunks + n_threads - 1) // n_threads):
+        q = ctid + it * n_threads
+        tok = q // chunks_per_row
+        ch = q - tok * chunks_per_row
+        if q < n_chunks and tok < valid_rows:
+            src = cute.zipped_divide(s_out[tok, None], (VEC,))
+            cute.autovec_copy(src[None, ch], out_frag)
+            dst = cute.zipped_divide(out[row0 + tok, None], (VEC,))
+            cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
 
 
 @cute.jit

@@ -60,7 +60,16 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 from cutlass.cutlass_dsl import dsl_user_op
 
-from light_moe.kernels.grouped_gemm import GroupedGemmSm90, _check, _rows, _sm_count, stage_out_chunk
+from light_moe.kernels.grouped_gemm import (
+    GroupedGemmSm90,
+    _check,
+    _rows,
+    _sm_count,
+    build_tile_schedule,
+    locate_tile,
+    stage_out_chunk,
+    store_out_chunk,
+)
 from light_moe.kernels.launch import current_stream
 from light_moe.kernels.tile_config import TileConfig
 from light_moe.kernels.w4a16_layout import (
@@ -341,34 +350,8 @@ class W4A16GroupedGemmSm90:
                 cute.arch.mbarrier_init(empty + s, 4 * self.m_wg)  # one arrival per warp that reads the stage
             cute.arch.mbarrier_init_fence()
 
-        # Tile schedule (as grouped_gemm.py): tiles of expert e = ceil(rows_e / tile_t) * weight tiles.
-        if warp == 0:
-            per_lane = (n_exp + 31) // 32
-            counts = cute.make_rmem_tensor((per_lane,), Int32)
-            lane_sum = Int32(0)
-            for j in cutlass.range_constexpr(per_lane):
-                e = lane * per_lane + j
-                c = Int32(0)
-                if e < n_exp:
-                    lo = expert_offsets[e]
-                    s_rows[e] = lo
-                    c = (expert_offsets[e + 1] - lo + (tile_t - 1)) // tile_t * (self.n_out // self.tile_w)
-                counts[j] = c
-                lane_sum = lane_sum + c
-            inclusive = lane_sum
-            for d in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(inclusive, 1 << d, mask_and_clamp=0)
-                if lane >= (1 << d):
-                    inclusive = inclusive + other
-            running = inclusive - lane_sum
-            for j in cutlass.range_constexpr(per_lane):
-                e = lane * per_lane + j
-                if e < n_exp:
-                    s_prefix[e] = running
-                running = running + counts[j]
-            if lane == 31:
-                s_prefix[n_exp] = inclusive
-                s_rows[n_exp] = expert_offsets[n_exp]
+        if warp == 0:  # the tile schedule of grouped_gemm.py
+            build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, tile_t, self.n_out // self.tile_w)
         cute.arch.sync_threads()
 
         total_tiles = s_prefix[n_exp]
@@ -428,14 +411,7 @@ class W4A16GroupedGemmSm90:
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
-            while tile >= s_prefix[e + 1]:
-                e = e + 1
-            rows_lo = s_rows[e]
-            rows_hi = s_rows[e + 1]
-            n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
-            local = tile - s_prefix[e]
-            w_tile = local // n_t_tiles
-            row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
+            e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             for j in cutlass.range_constexpr(n_slots):
                 r = row_start + row0 + 16 * j
                 src_row = Int32(-1)
@@ -666,15 +642,8 @@ class W4A16GroupedGemmSm90:
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
-            while tile >= s_prefix[e + 1]:
-                e = e + 1
-            rows_lo = s_rows[e]
-            rows_hi = s_rows[e + 1]
-            n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
-            local = tile - s_prefix[e]
-            w_tile = local // n_t_tiles
+            e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             col_chunk0 = w_tile * chunks_per_row
-            row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
 
             acc.fill(0.0)  # no wgmma in flight: the previous tile ended with wait_group(0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -714,14 +683,9 @@ class W4A16GroupedGemmSm90:
                 # Split K: the partial sums of warpgroups 1..k_split-1 go through s_red (slot kwg - 1) into
                 # warpgroup 0's accumulator, added in slot order; warpgroup 0 then stages the epilogue alone
                 # (all store). s_red is free: its previous readers passed the previous tile's epilogue barriers.
-                if cutlass.const_expr(self.k_split == 2):
-                    if kwg == 1:
-                        for v in cutlass.range_constexpr(n_acc):
-                            s_red[v, ctid_mma, 0] = acc[v]
-                else:
-                    if kwg > 0:
-                        for v in cutlass.range_constexpr(n_acc):
-                            s_red[v, ctid_mma, kwg - 1] = acc[v]
+                if kwg > 0:
+                    for v in cutlass.range_constexpr(n_acc):
+                        s_red[v, ctid_mma, kwg - 1] = acc[v]
                 epi_barrier.arrive_and_wait()
                 if kwg == 0:
                     for p in cutlass.range_constexpr(self.k_split - 1):
@@ -740,16 +704,8 @@ class W4A16GroupedGemmSm90:
                     stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
-                valid_rows = rows_hi - chunk_row0
-                for it in cutlass.range_constexpr((n_chunks + self.n_consumer_threads - 1) // self.n_consumer_threads):
-                    q = ctid + it * self.n_consumer_threads
-                    tok = q // chunks_per_row
-                    ch = q - tok * chunks_per_row
-                    if q < n_chunks and tok < valid_rows:
-                        src = cute.zipped_divide(s_out[tok, None], (VEC,))
-                        cute.autovec_copy(src[None, ch], out_frag)
-                        dst = cute.zipped_divide(out[chunk_row0 + tok, None], (VEC,))
-                        cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
+                store_out_chunk(s_out, out, out_frag, copy128, ctid, chunk_row0, rows_hi - chunk_row0, col_chunk0,
+                                chunks_per_row, n_chunks, self.n_consumer_threads)
             tile = tile + gdim
 
 
