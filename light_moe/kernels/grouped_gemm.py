@@ -285,17 +285,7 @@ class GroupedGemmSm90:
         e = Int32(0)
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
-            # Rows past the expert's end are not loaded: their smem rows hold stale data, which only
-            # reaches output columns (tokens) that the epilogue never stores.
-            for j in cutlass.range_constexpr(n_slots):
-                r = row_start + row0 + 16 * j
-                src_row = Int32(-1)
-                if r < rows_hi:
-                    if cutlass.const_expr(self.gated):
-                        src_row = gather_index[r]
-                    else:
-                        src_row = r
-                src_rows[j] = src_row
+            gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
             t_wg_w_tile = t_wg_w[(None, w_tile, None, e)]
             for kt in range(self.k_tiles):
                 stage = issued % self.stages
@@ -305,39 +295,18 @@ class GroupedGemmSm90:
                         cute.arch.mbarrier_arrive_and_expect_tx(full + stage, w_tile_bytes)
                     cute.copy(tma_atom_w, t_wg_w_tile[(None, kt)], t_ws_w[(None, stage)], tma_bar_ptr=full + stage)
                 if row_active:
-                    for j in cutlass.range_constexpr(n_slots):
-                        if src_rows[j] >= 0:
-                            src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
-                            dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, stage], (VEC,))
-                            cute.copy(g2s, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
-                if cutlass.const_expr(self.fence_mode == "producer"):
-                    # cp.async writes through the generic proxy and wgmma reads through the async proxy:
-                    # once this thread's copies of stage (issued - LAG) landed, fence, then arrive.
-                    cute.arch.cp_async_commit_group()
-                    if issued >= CP_ASYNC_LAG:
-                        cute.arch.cp_async_wait_group(CP_ASYNC_LAG)
-                        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-                        cute.arch.mbarrier_arrive(full + (issued - CP_ASYNC_LAG) % self.stages)
-                else:
-                    cute.arch.cp_async_mbarrier_arrive_noinc(full + stage)
+                    copy_token_rows(g2s, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, kt, stage, n_slots)
+                signal_full(full, stage, issued, self.stages, self.fence_mode)
                 issued = issued + 1
             tile = tile + gdim
-        cute.arch.cp_async_commit_group()
-        cute.arch.cp_async_wait_group(0)
-        if cutlass.const_expr(self.fence_mode == "producer"):
-            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            for d in cutlass.range_constexpr(CP_ASYNC_LAG, 0, -1):
-                if issued >= d:
-                    cute.arch.mbarrier_arrive(full + (issued - d) % self.stages)
+        drain_producer(full, issued, self.stages, self.fence_mode)
 
     @cute.jit
     def mma_stage(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, t_cr_w: cute.Tensor, t_cr_t: cute.Tensor, full,
                   stage: Int32, phase: Int32):
         """One k-tile: wait for its stage (and fence the cp.async token rows in consumer fence mode), issue its
         wgmma and commit them as one group."""
-        cute.arch.mbarrier_wait(full + stage, phase)
-        if cutlass.const_expr(self.fence_mode == "consumer"):
-            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+        wait_full(full, stage, phase, self.fence_mode)
         for kb in cutlass.range_constexpr(cute.size(t_cr_w, mode=[2])):
             cute.gemm(tiled_mma, acc, t_cr_w[(None, None, kb, stage)], t_cr_t[(None, None, kb, stage)], acc)
         warpgroup.commit_group()
@@ -468,6 +437,73 @@ def locate_tile(tile: Int32, e: Int32, s_rows: cute.Tensor, s_prefix: cute.Tenso
     w_tile = local // n_t_tiles
     row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
     return e, rows_lo, rows_hi, w_tile, row_start
+
+
+@cute.jit
+def gather_sources(src_rows: cute.Tensor, gather_index: cute.Tensor, row_start: Int32, rows_hi: Int32, row0: Int32,
+                   n_slots: cutlass.Constexpr, gated: cutlass.Constexpr):
+    """A producer thread's token rows of a tile (shared with the W4A16 kernel): routed row r = row_start + row0 +
+    16 j -> its row of `tokens` (gather_index[r] in the gated up-projection, r in the down-projection), or -1
+    past the expert's end. Such rows are not loaded: their smem rows hold stale data, which only reaches
+    output columns (tokens) that the epilogue never stores."""
+    for j in cutlass.range_constexpr(n_slots):
+        r = row_start + row0 + 16 * j
+        src_row = Int32(-1)
+        if r < rows_hi:
+            if cutlass.const_expr(gated):
+                src_row = gather_index[r]
+            else:
+                src_row = r
+        src_rows[j] = src_row
+
+
+@cute.jit
+def copy_token_rows(g2s: cute.CopyAtom, tokens: cute.Tensor, s_t_raw: cute.Tensor, src_rows: cute.Tensor, row0: Int32,
+                    chunk: Int32, chunk_sw: Int32, kt: Int32, stage: Int32, n_slots: cutlass.Constexpr):
+    """cp.async of this thread's 16-byte chunk of k-tile kt of its token rows into `stage` (swizzled chunk)."""
+    for j in cutlass.range_constexpr(n_slots):
+        if src_rows[j] >= 0:
+            src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
+            dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, stage], (VEC,))
+            cute.copy(g2s, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
+
+
+@cute.jit
+def signal_full(full, stage: Int32, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr):
+    """The producer thread's copies of `stage` are issued: let the full barrier count them. cp.async writes
+    through the generic proxy and wgmma reads through the async proxy, so someone must fence in between: in
+    "producer" mode this thread waits for its copies of stage (issued - CP_ASYNC_LAG), fences, then arrives;
+    otherwise the arrival rides on the copies' completion and the consumers fence (wait_full)."""
+    if cutlass.const_expr(fence_mode == "producer"):
+        cute.arch.cp_async_commit_group()
+        if issued >= CP_ASYNC_LAG:
+            cute.arch.cp_async_wait_group(CP_ASYNC_LAG)
+            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+            cute.arch.mbarrier_arrive(full + (issued - CP_ASYNC_LAG) % stages)
+    else:
+        cute.arch.cp_async_mbarrier_arrive_noinc(full + stage)
+
+
+@cute.jit
+def drain_producer(full, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr):
+    """After the producer's last stage: wait for all its copies; in "producer" mode signal the stages that
+    signal_full still owes."""
+    cute.arch.cp_async_commit_group()
+    cute.arch.cp_async_wait_group(0)
+    if cutlass.const_expr(fence_mode == "producer"):
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+        for d in cutlass.range_constexpr(CP_ASYNC_LAG, 0, -1):
+            if issued >= d:
+                cute.arch.mbarrier_arrive(full + (issued - d) % stages)
+
+
+@cute.jit
+def wait_full(full, stage: Int32, phase: Int32, fence_mode: cutlass.Constexpr):
+    """Consumer: wait until the producer filled `stage`; in "consumer" fence mode also make its cp.async writes
+    visible to the async proxy (wgmma reads the token rows from shared memory)."""
+    cute.arch.mbarrier_wait(full + stage, phase)
+    if cutlass.const_expr(fence_mode == "consumer"):
+        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
 
 
 @cute.jit

@@ -61,14 +61,22 @@ from cutlass.cute.runtime import from_dlpack
 from cutlass.cutlass_dsl import dsl_user_op
 
 from light_moe.kernels.grouped_gemm import (
+    SMEM_CAPACITY,
+    VEC,
+    WG,
     GroupedGemmSm90,
     _check,
     _rows,
     _sm_count,
     build_tile_schedule,
+    copy_token_rows,
+    drain_producer,
+    gather_sources,
     locate_tile,
+    signal_full,
     stage_out_chunk,
     store_out_chunk,
+    wait_full,
 )
 from light_moe.kernels.launch import current_stream
 from light_moe.kernels.tile_config import TileConfig
@@ -94,11 +102,7 @@ __all__ = [
     "w4a16_expert_up",
 ]
 
-WG = 128  # threads per warpgroup
-VEC = 8  # bf16 per 16-byte access
-SMEM_CAPACITY = 232448
 MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
-CP_ASYNC_LAG = 1
 PRODUCER_REGS = 56
 # setmaxnreg per consumer warpgroup count. The CTA is launched at R registers per thread (ptxas: 168 for
 # 384 threads, 96 for 640) and the consumers' increase must come out of what the producer frees:
@@ -412,15 +416,7 @@ class W4A16GroupedGemmSm90:
         e = Int32(0)
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
-            for j in cutlass.range_constexpr(n_slots):
-                r = row_start + row0 + 16 * j
-                src_row = Int32(-1)
-                if r < rows_hi:
-                    if cutlass.const_expr(self.gated):
-                        src_row = gather_index[r]
-                    else:
-                        src_row = r
-                src_rows[j] = src_row
+            gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
             for kt in range(self.k_tiles):
                 stage = issued % self.stages
                 cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
@@ -439,36 +435,11 @@ class W4A16GroupedGemmSm90:
                         ) // 4 + (tidx - grp * (self.tile_w // 4))
                         cute.copy(g2s_i32, meta[m_chunk, None], s_meta[None, tidx, stage])
                 if row_active:
-                    for j in cutlass.range_constexpr(n_slots):
-                        if src_rows[j] >= 0:
-                            src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
-                            dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, stage], (VEC,))
-                            cute.copy(g2s_bf16, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
-                if cutlass.const_expr(self.fence_mode == "producer"):
-                    cute.arch.cp_async_commit_group()
-                    if issued >= CP_ASYNC_LAG:
-                        cute.arch.cp_async_wait_group(CP_ASYNC_LAG)
-                        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-                        cute.arch.mbarrier_arrive(full + (issued - CP_ASYNC_LAG) % self.stages)
-                else:
-                    cute.arch.cp_async_mbarrier_arrive_noinc(full + stage)
+                    copy_token_rows(g2s_bf16, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, kt, stage, n_slots)
+                signal_full(full, stage, issued, self.stages, self.fence_mode)
                 issued = issued + 1
             tile = tile + gdim
-        cute.arch.cp_async_commit_group()
-        cute.arch.cp_async_wait_group(0)
-        if cutlass.const_expr(self.fence_mode == "producer"):
-            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            for d in cutlass.range_constexpr(CP_ASYNC_LAG, 0, -1):
-                if issued >= d:
-                    cute.arch.mbarrier_arrive(full + (issued - d) % self.stages)
-
-    @cute.jit
-    def wait_stage(self, full, stage: Int32, phase: Int32):
-        """Wait until the producer filled `stage`; in the consumer fence mode also make its cp.async writes
-        visible to the async proxy (wgmma reads the token rows from shared memory)."""
-        cute.arch.mbarrier_wait(full + stage, phase)
-        if cutlass.const_expr(self.fence_mode == "consumer"):
-            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
+        drain_producer(full, issued, self.stages, self.fence_mode)
 
     @cute.jit
     def release_stage(self, empty, stage: Int32):
@@ -566,7 +537,7 @@ class W4A16GroupedGemmSm90:
         wgmma runs, wait_group(0), release the previous k-tile's stage (prev_stage), scale_and_mma. The
         caller advances the pipeline states: the DSL carries loop state only through names that the loop
         body itself assigns or calls methods on."""
-        self.wait_stage(full, stage, phase)
+        wait_full(full, stage, phase, self.fence_mode)
         self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta)
         warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
         self.release_stage(empty, prev_stage)
@@ -653,7 +624,7 @@ class W4A16GroupedGemmSm90:
             # every wgmma otherwise), so the 4 wgmma of a k-tile run back to back. The first k-tile is peeled
             # (nothing to wait for or release); with meta every meta_ktiles = 2 k-tiles (g = 128, no split)
             # the rest go in (odd, even) pairs so that load_meta stays a compile-time value.
-            self.wait_stage(full, read_state.index, read_state.phase)
+            wait_full(full, read_state.index, read_state.phase, self.fence_mode)
             self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, read_state.index, True)
             self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, read_state.index)
             for _ in cutlass.range_constexpr(self.k_split):
