@@ -11,7 +11,6 @@ Chrome trace per T is written there.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
@@ -19,23 +18,8 @@ import torch
 E, H, INTER, K = 8, 4096, 14336, 2
 
 
-def _median_us(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
-    from light_moe.bench.moe_layer import _graph
+    from light_moe.bench.moe_layer import _graph, _time_us
     from light_moe.ops.cute_backend import CuteOps
 
     parser = argparse.ArgumentParser()
@@ -55,7 +39,7 @@ def main() -> None:
         def layer(x=x):
             return ops.moe_forward(x, gate, w13p, w2p, K, True)
 
-        eager_us, graph_us = _median_us(layer), _median_us(_graph(layer))
+        eager_us, graph_us = _time_us(layer, 20), _time_us(_graph(layer), 20)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             layer()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from light_moe.bench.env import environment
+from light_moe.bench.env import environment, write_result
 
 MIXTRAL_8X7B = dict(
     architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
@@ -113,9 +113,5 @@ def main(args) -> dict:
     print(f"{'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps':>6}")
     for r in rows:
         print(f"{r['batch']:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['steps']:>6}")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2))
-    else:
-        print(json.dumps(result, indent=2))
+    write_result(result, args.output)
     return result

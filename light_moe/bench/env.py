@@ -48,3 +48,14 @@ def environment() -> dict:
         except ImportError:
             env["nvidia_cutlass_dsl"] = None
     return env
+
+
+def write_result(result: dict, output: str | None, echo: bool = True) -> None:
+    """A benchmark's JSON result to `output` (parent folders created), or printed when there is none and echo."""
+    import json
+
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2))
+    elif echo:
+        print(json.dumps(result, indent=2))

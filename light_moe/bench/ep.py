@@ -23,14 +23,12 @@ With --shape mixtral the model is the Mixtral-8x7B shape cut to --layers layers,
 from __future__ import annotations
 
 import gc
-import json
 import shutil
-from pathlib import Path
 
 import torch
 
 from light_moe.bench.e2e import bench_model, run_e2e
-from light_moe.bench.env import environment
+from light_moe.bench.env import environment, write_result
 
 
 def add_ep_args(p) -> None:
@@ -240,9 +238,5 @@ def main(args) -> dict:
     print(f"max/mean rows per rank (skewed routing): {balance['measured_before']:.2f} -> "
           f"{balance['measured_after']:.2f} after rebalancing (predicted {balance['predicted_before']:.2f} -> "
           f"{balance['predicted_after']:.2f})")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2))
-    else:
-        print(json.dumps(result, indent=2))
+    write_result(result, args.output)
     return result

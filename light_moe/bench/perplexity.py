@@ -7,14 +7,13 @@ training_summary.json. Writes JSON; `python -m light_moe.bench.perplexity --outp
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from light_moe.bench.env import environment
+from light_moe.bench.env import environment, write_result
 from light_moe.engine.request import Request
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.sampling_params import SamplingParams
@@ -91,9 +90,7 @@ def main(argv=None) -> dict:
         print(f"{label:>18}: perplexity {ppl:.4f} over {tokens} tokens; experts {rows[-1]['ratio_to_bf16']}x bf16")
     result = {"benchmark": "perplexity", "env": environment(), "model": args.model, "text": args.text,
               "window": args.window, "dtype": args.dtype, "device": args.device, "rows": rows}
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2))
+    write_result(result, args.output, echo=False)
     return result
 
 

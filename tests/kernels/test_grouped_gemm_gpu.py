@@ -7,25 +7,15 @@ import pytest
 import torch
 
 from light_moe.ops import reference
+from tests.kernels.gpu_helpers import rel_l2 as _rel_l2
+from tests.kernels.gpu_helpers import replay_up_down_on_new_routing
+from tests.kernels.gpu_helpers import routing as _routing
 
 pytestmark = pytest.mark.gpu
 
 TOKENS = (1, 2, 7, 64, 333, 4096)
 EXPERTS_TOPK = ((8, 2), (8, 8), (64, 2), (64, 8), (128, 2), (128, 8))
 HIDDEN, INTER = 1024, 768
-
-
-def _routing(num_tokens: int, num_experts: int, top_k: int, device, generator):
-    """Random distinct top-k experts per token; expert 1 never chosen (an empty expert) when E > K."""
-    scores = torch.rand(num_tokens, num_experts, device=device, generator=generator)
-    if num_experts > top_k:
-        scores[:, 1] = -1.0
-    topk_ids = scores.topk(top_k, dim=-1).indices.to(torch.int32)  # [T, K]
-    return reference.routing_metadata(topk_ids, num_experts)
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def _check_case(num_tokens, num_experts, top_k, hidden, inter, seed):
@@ -83,25 +73,9 @@ def test_grouped_gemm_cuda_graph_replay():
     act = torch.empty(num_tokens * top_k, INTER, device=device, dtype=torch.bfloat16)
     y = torch.empty(num_tokens * top_k, HIDDEN, device=device, dtype=torch.bfloat16)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        gg.expert_up(x, gather_index, offsets, w13p, out=act)  # compile + warm up outside the capture
-        gg.expert_down(act, offsets, w2p, out=y)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        gg.expert_up(x, gather_index, offsets, w13p, out=act)
-        gg.expert_down(act, offsets, w2p, out=y)
-
-    new_offsets, new_gather, _ = _routing(num_tokens, num_experts, top_k, device, gen)
-    offsets.copy_(new_offsets)
-    gather_index.copy_(new_gather)
-    x.copy_(torch.randn(x.shape, device=device, dtype=x.dtype, generator=gen))
-    act.fill_(float("nan"))
-    y.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_up_down_on_new_routing(lambda x, g, o, out: gg.expert_up(x, g, o, w13p, out=out),
+                                  lambda a, o, out: gg.expert_down(a, o, w2p, out=out),
+                                  x, gather_index, offsets, act, y, top_k, gen)
     ref_act = reference.expert_up(x.float(), gather_index, offsets, w13.float())
     assert _rel_l2(act, ref_act) < 1e-2
     assert _rel_l2(y, reference.expert_down(act.float(), offsets, w2.float())) < 1e-2

@@ -7,7 +7,9 @@ Run on the H100: pytest -m gpu tests/kernels/test_w4a16_gpu.py -v
 import pytest
 import torch
 
-from light_moe.ops import reference
+from tests.kernels.gpu_helpers import rel_l2 as _rel_l2
+from tests.kernels.gpu_helpers import replay_up_down_on_new_routing
+from tests.kernels.gpu_helpers import routing as _routing
 
 pytestmark = pytest.mark.gpu
 
@@ -15,14 +17,6 @@ TOKENS = (1, 2, 7, 64, 333, 4096)
 EXPERTS_TOPK = ((8, 2), (64, 8))
 HIDDEN, INTER = 1024, 768
 GROUP = 128
-
-
-def _routing(num_tokens: int, num_experts: int, top_k: int, device, generator):
-    """Random distinct top-k experts per token; expert 1 never chosen (an empty expert)."""
-    scores = torch.rand(num_tokens, num_experts, device=device, generator=generator)
-    scores[:, 1] = -1.0
-    topk_ids = scores.topk(top_k, dim=-1).indices.to(torch.int32)  # [T, K]
-    return reference.routing_metadata(topk_ids, num_experts)
 
 
 def _quantized(num_experts, n_out, k_dim, group_size, with_zeros, device, generator):
@@ -37,10 +31,6 @@ def _quantized(num_experts, n_out, k_dim, group_size, with_zeros, device, genera
     if with_zeros:
         zeros = torch.randint(0, 16, groups, device=device, dtype=torch.uint8, generator=generator)
     return qweight, scales, zeros
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, config=None):
@@ -180,25 +170,9 @@ def test_w4a16_cuda_graph_replay():
     act = torch.empty(num_tokens * top_k, INTER, device=device, dtype=torch.bfloat16)
     y = torch.empty(num_tokens * top_k, HIDDEN, device=device, dtype=torch.bfloat16)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act)  # compile + warm up outside the capture
-        w4.w4a16_expert_down(act, offsets, w2p, out=y)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act)
-        w4.w4a16_expert_down(act, offsets, w2p, out=y)
-
-    new_offsets, new_gather, _ = _routing(num_tokens, num_experts, top_k, device, gen)
-    offsets.copy_(new_offsets)
-    gather_index.copy_(new_gather)
-    x.copy_(torch.randn(x.shape, device=device, dtype=x.dtype, generator=gen))
-    act.fill_(float("nan"))
-    y.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_up_down_on_new_routing(lambda x, g, o, out: w4.w4a16_expert_up(x, g, o, w13p, out=out),
+                                  lambda a, o, out: w4.w4a16_expert_down(a, o, w2p, out=out),
+                                  x, gather_index, offsets, act, y, top_k, gen)
     assert _rel_l2(act, w4.reference_expert_up(x, gather_index, offsets, *w13, GROUP)) < 1e-2
     assert _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, GROUP)) < 1e-2
 
