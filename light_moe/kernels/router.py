@@ -557,13 +557,14 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
        Int32(num_tokens), current_stream())
 
 
-def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+           tokens_per_expert: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as light_moe.ops.reference.router: (topk_weights fp32 [T, K], topk_ids int32 [T, K],
-    tokens_per_expert int32 [E])."""
+    tokens_per_expert int32 [E]); the counts go into `tokens_per_expert` when given (a persistent buffer)."""
     num_tokens = x.shape[0]
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
-    tokens_per_expert = torch.empty(gate_weight.shape[0], dtype=torch.int32, device=x.device)
+    if tokens_per_expert is None:
+        tokens_per_expert = torch.empty(gate_weight.shape[0], dtype=torch.int32, device=x.device)
     router_into(x, gate_weight, top_k, renormalize, topk_weights, topk_ids, tokens_per_expert)
     return topk_weights, topk_ids, tokens_per_expert

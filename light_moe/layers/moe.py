@@ -159,9 +159,12 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
         w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
-        topk_weights, topk_ids, tokens_per_expert = self.ops.router(
-            x, self.gate.weight, self.top_k, self.renormalize)  # [T, K] fp32, [T, K] int32, [E]
-        self._record_load(tokens_per_expert)
+        if self.last_tokens_per_expert is None:  # the first forward is eager (profiling or a graph's warm-up)
+            self.last_tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        # the router writes the counts into the block's one buffer: a CUDA graph captured here updates it in place,
+        # so the statistics read after a replay are that replay's
+        topk_weights, topk_ids, _ = self.ops.router(
+            x, self.gate.weight, self.top_k, self.renormalize, self.last_tokens_per_expert)  # [T, K] fp32, int32
         if self.overlap is not None:  # two micro-batches; the shared expert runs during the exchange
             out, shared = self.overlap.forward(
                 x, topk_weights, topk_ids, lambda r: self.ops.experts(r.x, r.topk_weights, r.topk_ids, w13, w2,
@@ -174,16 +177,6 @@ class MoEBlock(nn.Module):
         if self.shared_expert is not None:
             out = out + self._shared(x)
         return out
-
-    def _record_load(self, tokens_per_expert: torch.Tensor) -> None:
-        """Copy into one persistent buffer, not rebind: a CUDA graph captured here replays the copy into
-        the same buffer, so the statistics read after a replay are that replay's, not an older step's."""
-        buf = self.last_tokens_per_expert
-        if buf is None or buf.shape != tokens_per_expert.shape or buf.dtype != tokens_per_expert.dtype \
-                or buf.device != tokens_per_expert.device:
-            self.last_tokens_per_expert = tokens_per_expert.clone()  # first (eager) step: never inside a capture
-        else:
-            buf.copy_(tokens_per_expert)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_expert(x)

@@ -29,8 +29,14 @@ class MoEOps:
         expert row counts on the host."""
         return False
 
-    def router(self, x, gate_weight, top_k: int, renormalize: bool):
-        return reference.router(x, gate_weight, top_k, renormalize)
+    def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
+        """(topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32). counts_out: a
+        persistent [E] int32 buffer to write tokens_per_expert into (the MoE block's load statistics, which a
+        CUDA graph must update in place), returned as the third value."""
+        weights, ids, counts = reference.router(x, gate_weight, top_k, renormalize)
+        if counts_out is None:
+            return weights, ids, counts
+        return weights, ids, counts_out.copy_(counts)
 
     def routing_metadata(self, topk_ids, num_experts: int):
         return reference.routing_metadata(topk_ids, num_experts)

@@ -88,14 +88,14 @@ class CuteOps(MoEOps):
                 and routing_kernel.supports(num_experts, top_k)[0]
                 and combine_kernel.supports(gate_weight.dtype, hidden, top_k)[0])
 
-    def router(self, x, gate_weight, top_k: int, renormalize: bool):
+    def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
         ok, reason = router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
         if ok and gate_weight.dtype != x.dtype:
             ok, reason = False, f"gate weight is {gate_weight.dtype}, activations {x.dtype}"
         if ok:
-            return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize)
+            return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
         self._fallback("router", reason)
-        return super().router(x, gate_weight, top_k, renormalize)
+        return super().router(x, gate_weight, top_k, renormalize, counts_out)
 
     def routing_metadata(self, topk_ids, num_experts: int):
         ok, reason = routing_kernel.supports(num_experts, topk_ids.shape[1])
