@@ -92,6 +92,7 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
     import statistics
     import time
 
+    from light_moe.bench.moe_layer import _time_us
     from light_moe.executor.step_plan import exchange_capacity
 
     d = rank_executor.dispatchers[0]
@@ -110,30 +111,22 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
 
     try:
         exchange()  # warm-up (every rank): compiles, sizes the allocator
-        times = []
         if device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the collectives; the replays run them
                 exchange()
-            for _ in range(3):
-                graph.replay()
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
+            us = _time_us(graph.replay, iters)  # every rank replays the same number of times
             graph.reset()
-        else:
-            for _ in range(iters):
-                start = time.perf_counter()
-                exchange()
-                times.append((time.perf_counter() - start) * 1e6)
+            return us
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            exchange()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
     finally:
         d.capacity, d.exchanges = saved[0], saved[2]
         d.rows_received.copy_(saved[1])
-    return statistics.median(times)
 
 
 def _exchange_times(engine, args) -> dict:
