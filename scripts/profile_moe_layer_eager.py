@@ -19,7 +19,7 @@ E, H, INTER, K = 8, 4096, 14336, 2
 
 
 def main() -> None:
-    from light_moe.bench.moe_layer import _graph, _time_us
+    from light_moe.bench.timing import graph_replay, time_us
     from light_moe.ops.cute_backend import CuteOps
 
     parser = argparse.ArgumentParser()
@@ -39,7 +39,7 @@ def main() -> None:
         def layer(x=x):
             return ops.moe_forward(x, gate, w13p, w2p, K, True)
 
-        eager_us, graph_us = _time_us(layer, 20), _time_us(_graph(layer), 20)
+        eager_us, graph_us = time_us(layer, 20), time_us(graph_replay(layer), 20)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             layer()

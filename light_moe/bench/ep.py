@@ -92,7 +92,7 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
     import statistics
     import time
 
-    from light_moe.bench.moe_layer import _time_us
+    from light_moe.bench.timing import time_us
     from light_moe.executor.step_plan import exchange_capacity
 
     d = rank_executor.dispatchers[0]
@@ -115,7 +115,7 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the collectives; the replays run them
                 exchange()
-            us = _time_us(graph.replay, iters)  # every rank replays the same number of times
+            us = time_us(graph.replay, iters)  # every rank replays the same number of times
             graph.reset()
             return us
         times = []

@@ -18,7 +18,6 @@ Results go to benchmarks/results/moe_layer-<gpu>-<date>.json with GPU name, vers
 from __future__ import annotations
 
 import json
-import statistics
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from light_moe.bench.env import environment
+from light_moe.bench.timing import graph_replay, time_us
 from light_moe.ops import reference
 from light_moe.ops.backend import MoEOps
 
@@ -63,34 +63,6 @@ def default_ops() -> MoEOps:
         return CuteOps()
     except ImportError:
         return GroupedGemmOps()
-
-
-def _time_us(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def _graph(fn):
-    """Capture fn (after a warm-up on a side stream) and return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    return graph.replay
 
 
 def _grouped_mm_experts(x, gather_index, offsets, w13_t, w2_t):
@@ -211,7 +183,7 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
         bytes_of = {"w4a16_experts": int4_bytes, "w4a16_layer_graph": int4_bytes}
     for name, (fn, in_graph) in cases.items():
         try:
-            us = _time_us(_graph(fn) if in_graph else fn, 3 if name == "loop_layer" else iters)
+            us = time_us(graph_replay(fn) if in_graph else fn, 3 if name == "loop_layer" else iters)
         except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the other rows
             print(f"T={num_tokens} {name} failed: {exc!r}"[:300], flush=True)
             us = float("nan")
@@ -292,7 +264,7 @@ def run_tile_sweep(
                 err_down = ((y.float() - ref_y.float()).norm() / ref_y.float().norm()).item()
                 up = partial(grouped_gemm.expert_up, x, gather_index, offsets, w13p, config=config)
                 down = partial(grouped_gemm.expert_down, ref_act, offsets, w2p, config=config)
-                up_us, down_us = _time_us(_graph(up), 20), _time_us(_graph(down), 20)
+                up_us, down_us = time_us(graph_replay(up), 20), time_us(graph_replay(down), 20)
                 row = dict(
                     tokens=num_tokens,
                     tile_w=tile_w,

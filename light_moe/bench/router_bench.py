@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from light_moe.bench.env import environment
+from light_moe.bench.timing import graph_replay, time_us
 from light_moe.kernels import combine, router, routing
 from light_moe.ops import reference
 
@@ -31,28 +31,8 @@ REPS = 20
 
 def graph_us(fn, replays: int = 15) -> float:
     """GPU microseconds per fn() call, from a CUDA graph of REPS calls."""
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / REPS)
-    return statistics.median(times)
+    fn()  # compile outside the graph
+    return time_us(graph_replay(lambda: [fn() for _ in range(REPS)]), replays) / REPS
 
 
 def eager_us(fn, iters: int = 30) -> float:

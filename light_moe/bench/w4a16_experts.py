@@ -22,7 +22,7 @@ import json
 import torch
 
 from light_moe.bench.env import environment
-from light_moe.bench.moe_layer import _graph, _time_us
+from light_moe.bench.timing import graph_replay, time_us
 from light_moe.ops import reference
 
 
@@ -89,10 +89,9 @@ def main() -> None:
         active = int((offsets[1:] > offsets[:-1]).sum())
         act = torch.empty(T * K, inter, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(T * K, H, device="cuda", dtype=torch.bfloat16)
-        bf16_us = _time_us(_graph(_pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)),
-                           50)
-        w4_us = _time_us(_graph(_pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2,
-                                      act, y)), 50)
+        bf16_pair = _pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)
+        w4_pair = _pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2, act, y)
+        bf16_us, w4_us = time_us(graph_replay(bf16_pair), 50), time_us(graph_replay(w4_pair), 50)
         row = dict(tokens=T, active_experts=active, bf16_us=round(bf16_us, 1), w4a16_us=round(w4_us, 1),
                    bf16_weight_TBps=round(active * bf16_expert_bytes / bf16_us / 1e6, 2),
                    w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
@@ -109,7 +108,7 @@ def main() -> None:
                 continue
             up = functools.partial(w4.w4a16_expert_up, config=config)
             down = functools.partial(w4.w4a16_expert_down, config=config)
-            us = _time_us(_graph(_pair(up, down, x, gather_index, offsets, q13, q2, act, y)), 50)
+            us = time_us(graph_replay(_pair(up, down, x, gather_index, offsets, q13, q2, act, y)), 50)
             row["configs"][spec] = dict(us=round(us, 1), int4_TBps=round(active * int4_expert_bytes / us / 1e6, 2))
         rows.append(row)
         print(row, flush=True)
