@@ -5,7 +5,7 @@
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
 #   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), then
-#                                               with variable splits
+#                                               with variable splits; EP size: every visible GPU, or $EP_SIZE
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
@@ -42,7 +42,7 @@ multi-tests)
     step ep_tests 540 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_expert_parallel.py -ra
     ;;
 multi-bench)
-    n=$(nvidia-smi -L | wc -l)
+    n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}  # honours CUDA_VISIBLE_DEVICES
     step bench_ep_fixed 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 256 --time-exchange --output "$out/ep${n}_fixed256.json"
     step bench_ep_variable 240 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \

@@ -352,7 +352,8 @@ GPU_SCRIPT = textwrap.dedent("""
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
         del one
         for strategy in ("contiguous", "round_robin"):
-            engine = LightMoEEngine(sys.argv[1], expert_parallel_size=2, expert_placement=strategy, **args)
+            engine = LightMoEEngine(sys.argv[1], expert_parallel_size=int(sys.argv[3]), expert_placement=strategy,
+                                    **args)
             got = [o.token_ids for o in engine.generate_outputs(prompts, params)]
             engine.shutdown()
             assert got == expected, (strategy, got, expected)
@@ -360,12 +361,19 @@ GPU_SCRIPT = textwrap.dedent("""
 """)
 
 
+def needs_gpus(n: int) -> None:
+    if torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} CUDA GPUs, found {torch.cuda.device_count()}")
+
+
 @pytest.mark.gpu
 @pytest.mark.multigpu
+@pytest.mark.parametrize("gpus", [2, 4])
 @pytest.mark.parametrize("backend", ["reference"])  # CuTe under NCCL: the bf16 decode-graph test below
-def test_two_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend):
+def test_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend, gpus):
+    needs_gpus(gpus)
     for family in FAMILIES:
-        run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, timeout_s=300)
+        run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, str(gpus), timeout_s=300)
 
 
 GPU_GRAPH_SCRIPT = textwrap.dedent("""
@@ -402,10 +410,10 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":
         import faulthandler
-        faulthandler.dump_traceback_later(150, exit=True)  # a stuck collective: show where, then fail
+        faulthandler.dump_traceback_later(420, exit=True)  # a stuck collective: show where, then fail
         one = LightMoEEngine(sys.argv[1], **args)  # one GPU, decode graphs
-        ep = LightMoEEngine(sys.argv[1], expert_parallel_size=2, fixed_capacity_tokens=64, collective_timeout_s=120,
-                            num_redundant_experts=1, **args)
+        ep = LightMoEEngine(sys.argv[1], expert_parallel_size=int(sys.argv[2]), fixed_capacity_tokens=64,
+                            collective_timeout_s=120, num_redundant_experts=1, **args)
         assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
         got = [o.token_ids for o in ep.generate_outputs(prompts, params)]
@@ -437,11 +445,14 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-def test_two_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path):
-    """EP=2 on the CuTe backend, bf16: decode replays CUDA graphs holding the fixed-capacity all-to-alls,
-    and agrees with one GPU (near-ties excepted); a second generation reuses the graphs."""
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path, gpus):
+    """EP=2 and 4 on the CuTe backend, bf16: decode replays CUDA graphs holding the fixed-capacity
+    all-to-alls, and agrees with one GPU (near-ties excepted); a second generation reuses the graphs; a
+    rebalance recaptures them; idle ranks replay their exchange-only graph."""
+    needs_gpus(gpus)
     path = make_tiny_checkpoint("mixtral", tmp_path / "ckpt", hidden_size=128, intermediate_size=128)
-    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), timeout_s=600))
+    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), str(gpus), timeout_s=600))
 
 
 BROADCAST_SCRIPT = textwrap.dedent("""
