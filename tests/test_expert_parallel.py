@@ -417,6 +417,7 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
         got = [o.token_ids for o in ep.generate_outputs(prompts, params)]
+        print("generated", flush=True)
         assert ep.runner.decode_graphs.graphs, "EP decode never replayed a graph"
         same = [agree(one, ep, p, a, b) for p, a, b in zip(prompts, expected, got)]
         again = [o.token_ids for o in ep.generate_outputs(prompts[:3], params)]  # other buckets, graphs reused
@@ -424,10 +425,13 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
             agree(one, ep, p, a, b)
         assert all(r >= 1.0 for r in ep.expert_rank_balance())
         # a rebalance (copies of hot experts) moves weights: the graphs must be captured again from them
+        print("second batch agrees", flush=True)
         assert ep.rebalance(), "no load recorded to rebalance from"
+        print("rebalanced", flush=True)
         placed = [o.token_ids for o in ep.generate_outputs(prompts, params)]
         for p, a, b in zip(prompts, expected, placed):
             agree(one, ep, p, a, b)
+        print("rebalanced generation agrees", flush=True)
         # rank 0's short request ends first: rank 0 then idles, replaying its idle-exchange graph
         short, long = SamplingParams(max_tokens=4, temperature=0.0), SamplingParams(max_tokens=20, temperature=0.0)
         ids = [ep.add_request(prompts[0], short), ep.add_request(prompts[1], long)]

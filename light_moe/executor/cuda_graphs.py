@@ -113,6 +113,9 @@ class DecodeGraphs:
         for graph, _ in self.graphs.values():
             graph.reset()
         self.graphs.clear()
+        # the allocator drops a private pool once no graph holds it: capturing into its old id again trips
+        # an internal assert (seen on the GPU after a rebalance), so later graphs get a new pool
+        self.pool = torch.cuda.graph_pool_handle()
 
     @torch.inference_mode()
     def run(self, scheduled, tag: Hashable = None) -> torch.Tensor:

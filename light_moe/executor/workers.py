@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import dataclasses
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -190,6 +191,15 @@ class RankExecutor:
         if self.runner is not None and self.runner.decode_graphs is not None:
             self.runner.decode_graphs.release()
 
+
+def free_device_memory() -> None:
+    """Return a dropped RankExecutor's memory (model, KV cache) to the device now. Its decode graphs' warm-up
+    hook refers back to it (a reference cycle), so without a collection the old model and cache stay alive
+    until some later gc pass: the next model's memory profile then ran out of memory (seen on 2 H100s)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def _idle_forward(self, capacity: int) -> None:
         """No sequences here this step: still serve every MoE layer's exchange, in layer order. Fixed-capacity
@@ -265,6 +275,7 @@ def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> N
             if executor is not None:  # free the previous model (and its graphs) before building the next
                 executor.release_graphs()
             executor = None
+            free_device_memory()
             if model_path is not None:
                 message = dataclasses.replace(message, model_path=model_path)
             executor = RankExecutor(message, group)
@@ -383,7 +394,8 @@ class ExpertParallelExecutor:
         self._check_workers(need_model=False)
         if self.rank is not None:
             self.rank.release_graphs()
-        self.rank = None
+            self.rank = None
+            free_device_memory()
         self.placements, self._pending_placements, self._steps = tuple(spec.placements), None, 0
         self.fixed_capacity_tokens = spec.fixed_capacity_tokens
         try:

@@ -216,3 +216,22 @@ def test_w4a16_split_k4_mixtral_shape(num_tokens, group_size):
     w4.w4a16_expert_down(act, offsets, w4.prepare_w4a16_weights(*w2, group_size, gated=False), out=y, config=config)
     assert not y.isnan().any()
     assert _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, group_size)) < 1e-2
+
+
+@pytest.mark.parametrize("tile", ((64, 16, 4), (64, 32, 4), (64, 32, 2), (128, 32, 1)))
+@pytest.mark.parametrize("num_tokens", (7, 64, 200))
+@pytest.mark.parametrize("num_experts,top_k", EXPERTS_TOPK)
+def test_w4a16_decode_tiles(num_experts, top_k, num_tokens, tile):
+    """The decode-sized tiles with more tokens per tile (16 and 32 columns) and split K: up and down
+    against the dequantised reference (NaN-poisoned outputs), where the kernel accepts the config."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    config = TileConfig(tile[0], tile[1], "consumer", tile[2])
+    for gated, n_out, k_dim in ((True, 2 * INTER, HIDDEN), (False, HIDDEN, INTER)):
+        ok, why = w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
+                                                   group_size=GROUP, config=config)
+        if not ok:
+            pytest.skip(f"{config}: {why}")
+    _check_case(num_tokens, num_experts, top_k, HIDDEN, INTER, GROUP, True,
+                seed=53 + num_tokens + num_experts + tile[1] + tile[2], config=config)
