@@ -132,6 +132,15 @@ def broadcast_message(message: Message, group: ExpertParallelGroup) -> Message:
     return broadcast_pickled(message, group.rank, group.cpu_group)
 
 
+def free_device_memory() -> None:
+    """Return a dropped RankExecutor's memory (model, KV cache) to the device now. Its decode graphs' warm-up
+    hook refers back to it (a reference cycle), so without a collection the old model and cache stay alive
+    until some later gc pass: the next model's memory profile then ran out of memory (seen on 2 H100s)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class RankExecutor:
     """One rank's model share and KV cache; runs its part of each plan."""
 
@@ -190,15 +199,6 @@ class RankExecutor:
         first), rebuilds its model, or moves expert weights (graphs point at the old ones)."""
         if self.runner is not None and self.runner.decode_graphs is not None:
             self.runner.decode_graphs.release()
-
-
-def free_device_memory() -> None:
-    """Return a dropped RankExecutor's memory (model, KV cache) to the device now. Its decode graphs' warm-up
-    hook refers back to it (a reference cycle), so without a collection the old model and cache stay alive
-    until some later gc pass: the next model's memory profile then ran out of memory (seen on 2 H100s)."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _idle_forward(self, capacity: int) -> None:

@@ -110,8 +110,13 @@ PRODUCER_REGS = 56
 CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
 MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
 
-# (max expected tokens per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
-# A guess derived from grouped_gemm's TILE_TABLE (same roles) - to be swept on the H100 (docs/kernels.md).
+# (mean routed rows per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
+# Decode rows from a sweep on one H100 (Mixtral up + down, graph replays, benchmarks/results/
+# w4a16_decode_tiles_h100.json): tile_t about twice the mean, because the busiest expert gets well above
+# the mean and every extra token tile re-reads that expert's weights; k_split = 4 below 16 columns (int4
+# TB/s 2.0 vs 1.7 with 2). T=1: 64x8x4 90 us vs 64x8x2 108; T=32: 64x16x4 350 vs 64x8x2 651;
+# T=64: 128x32x1 362 vs 128x16x1 484 (64x32x4 538: four warpgroups' split-K reduction of 32 columns
+# costs more than it hides); T=128: 128x64x1 432 vs 128x32x1 534.
 # Prefill uses 128-row weight tiles: the RS A fragments (16 A + 16 temporary registers per atom) plus a
 # 256 x 128 accumulator would not fit 224 registers. Compute-bound (> 256 tokens per expert): 128 x 256, so
 # each consumer warpgroup's per-k-tile dequant (one m64 atom) feeds a 64 x 256 x 64 wgmma instead of
@@ -121,24 +126,27 @@ MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 10
 # 5826 (128 x 128); T=1024 (256 per expert: half the experts get a 2nd, nearly empty 256 tile) 1651 vs 1555,
 # hence (128, 128) up to 256 tokens per expert.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int], ...] = (
-    (8, 64, 8, "consumer", 2),
-    (16, 128, 16, "consumer", 1),
-    (32, 128, 32, "consumer", 1),
+    (2, 64, 8, "consumer", 4),
+    (8, 64, 16, "consumer", 4),
+    (16, 128, 32, "consumer", 1),
     (64, 128, 64, "consumer", 1),
     (256, 128, 128, "producer", 1),
     (float("inf"), 128, 256, "producer", 1),
 )
 
 
-def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int) -> TileConfig:
-    """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows.
-    A 128-row tile that does not divide n_out falls back to 64 rows with split K over 2 warpgroups."""
+def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -> TileConfig:
+    """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
+    size k_dim. A 128-row tile that does not divide n_out falls back to 64 rows with split K over 2
+    warpgroups; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
     per_expert = num_rows / max(1, min(num_experts, num_rows))
     for limit, tile_w, tile_t, fence_mode, k_split in W4A16_TILE_TABLE:
         if per_expert <= limit:
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
                 k_split = max(k_split, 2)
+            while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
+                k_split //= 2
             return TileConfig(tile_w, tile_t, fence_mode, k_split)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")
 
@@ -721,7 +729,7 @@ def _prepared_views(prepared: W4A16Weights):
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
-        config = choose_w4a16_tile(out.shape[0], num_experts, n_out)
+        config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
     q_view, meta_view = _prepared_views(prepared)
     args = (

@@ -43,6 +43,7 @@ CASES = {
     "down_decode_64x8_g32_k4": (False, 8, 4096, 14336, 32, TileConfig(64, 8, k_split=4)),
     "down_decode_64x8_g128_k4_E64": (False, 64, 4096, 14336, 128, TileConfig(64, 8, k_split=4)),
     "up_64x32_g32_k4_E64": (True, 64, 1024, 768, 32, TileConfig(64, 32, k_split=4)),
+    "up_decode_64x16_g128_k4": (True, 8, 4096, 14336, 128, TileConfig(64, 16, k_split=4)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
@@ -172,11 +173,23 @@ def test_supports_and_tiles():
     assert supports(8, 4096, 14336, 128) == (True, "ok")
     assert not supports(8, 4096, 14336, 100)[0]
     assert not supports(8, 4096, 14300, 128)[0]
-    assert choose_w4a16_tile(2, 8, 28672) == TileConfig(64, 8, k_split=2)
-    assert choose_w4a16_tile(2 * 64, 8, 320) == TileConfig(64, 16, k_split=2)  # 128 rows do not divide 320
-    assert choose_w4a16_tile(2 * 1024, 8, 28672) == TileConfig(128, 128, "producer")  # 256 per expert
-    assert choose_w4a16_tile(2 * 2048, 8, 28672) == TileConfig(128, 256, "producer")
-    assert choose_w4a16_tile(2 * 4096, 8, 28672) == TileConfig(128, 256, "producer")
+    assert choose_w4a16_tile(2, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)
+    assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(64, 16, k_split=4)  # 8 per expert
+    assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(128, 32)  # 16 per expert
+    assert choose_w4a16_tile(2, 8, 2816, 2048) == TileConfig(64, 8, k_split=4)
+    assert choose_w4a16_tile(2, 60, 2048, 1408) == TileConfig(64, 8, k_split=2)  # Qwen2-MoE down: 22 k-tiles
+    assert choose_w4a16_tile(2 * 64, 8, 320, 4096) == TileConfig(64, 32, k_split=2)  # 128 rows do not divide 320
+    assert choose_w4a16_tile(2 * 1024, 8, 28672, 4096) == TileConfig(128, 128, "producer")  # 256 per expert
+    assert choose_w4a16_tile(2 * 2048, 8, 28672, 4096) == TileConfig(128, 256, "producer")
+    assert choose_w4a16_tile(2 * 4096, 8, 28672, 4096) == TileConfig(128, 256, "producer")
+    # every table row, on every shape the families use, is one the kernel accepts
+    for num_rows in (1, 2, 8, 64, 128, 512, 2048, 8192, 32768):
+        for num_experts, n_out, k_dim in ((8, 28672, 4096), (8, 4096, 14336), (60, 2816, 2048), (60, 2048, 1408),
+                                          (128, 1536, 2048), (128, 2048, 768), (64, 2048, 2048), (64, 2048, 1024)):
+            config = choose_w4a16_tile(num_rows, num_experts, n_out, k_dim)
+            ok, why = W4A16GroupedGemmSm90.supports(gated=False, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
+                                                    group_size=128, config=config)
+            assert ok, (num_rows, num_experts, n_out, k_dim, config, why)
     for gated, n_out, k_dim in ((True, 28672, 4096), (False, 4096, 14336)):
         for group_size in (32, 128):
             kernel = W4A16GroupedGemmSm90(

@@ -129,8 +129,8 @@ def test_w4a16_t4096_selects_128x256(group_size):
     from light_moe.kernels.tile_config import TileConfig
 
     num_rows = 4096 * 2
-    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER) == TileConfig(128, 256, "producer")
-    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN) == TileConfig(128, 256, "producer")
+    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN) == TileConfig(128, 256, "producer")
+    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN, INTER) == TileConfig(128, 256, "producer")
     _check_case(4096, 8, 2, HIDDEN, INTER, group_size, True, seed=4096 + group_size)
 
 
