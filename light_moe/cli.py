@@ -21,9 +21,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--expert-parallel-size", type=int, default=1,
                    help="N processes with the experts partitioned: spawned by this process, or, under torchrun, "
                         "the job's N ranks (WORLD_SIZE must be N; only rank 0 prints; docs/expert_parallel.md)")
-    p.add_argument("--fixed-capacity-tokens", type=int, default=0,
+    p.add_argument("--fixed-capacity-tokens", type=int, default=256,
                    help="expert parallelism: decode steps exchange this many padded rows per rank pair with no "
-                        "host sync, which also lets them run as CUDA graphs (0: off; 256 is a sensible value)")
+                        "host sync, which also lets them run as CUDA graphs (0: always variable splits)")
     _quant_args(p)
 
 

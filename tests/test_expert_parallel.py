@@ -441,8 +441,9 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         assert any(k[0] == "callable" for k in ep.runner.decode_graphs.graphs), "rank 0 never idled in a graph"
         agree(one, ep, prompts[0], expected[0][:4], final[ids[0]])
         agree(one, ep, prompts[1], expected[1][:20], final[ids[1]])
+        graphs = sorted(map(str, ep.runner.decode_graphs.graphs))
+        print(f"identical sequences: {sum(same)}/{len(same)}; graphs: {graphs}")
         ep.shutdown()
-        print(f"identical sequences: {sum(same)}/{len(same)}; graphs: {sorted(ep.runner.decode_graphs.graphs)}")
         print("OK")
 """)
 

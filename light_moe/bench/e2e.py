@@ -99,7 +99,7 @@ def main(args) -> dict:
                                 max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
                                 max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
                                 expert_parallel_size=getattr(args, "expert_parallel_size", 1),
-                                fixed_capacity_tokens=getattr(args, "fixed_capacity_tokens", 0), **quant_kwargs(args))
+                                fixed_capacity_tokens=getattr(args, "fixed_capacity_tokens", 256), **quant_kwargs(args))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
         engine.shutdown()  # expert parallelism: stops the workers (spawned, or torchrun's other ranks)
     finally:

@@ -44,8 +44,8 @@ def add_ep_args(p) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--fixed-capacity", type=int, default=0,
-                   help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); run with 0 and 256")
+    p.add_argument("--fixed-capacity", type=int, default=256,
+                   help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); compare 256 with 0")
     p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for EP=1 nor EP=N")
     p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")

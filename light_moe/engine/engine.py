@@ -102,7 +102,7 @@ class LightMoEEngine:
         expert_load_window: int = 1024,
         rebalance_interval: int = 0,
         rebalance_threshold: float = 1.2,
-        fixed_capacity_tokens: int = 0,
+        fixed_capacity_tokens: int = 256,
         quantization: str | W4A16Config | None = None,
         quant_group_size: int = 128,
         quant_symmetric: bool = True,

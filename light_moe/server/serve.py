@@ -39,9 +39,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quant-asymmetric", action="store_true", help="zero points per group (default symmetric)")
     parser.add_argument("--expert-parallel-size", type=int, default=1,
                         help="processes (GPUs) the experts are spread over (docs/expert_parallel.md)")
-    parser.add_argument("--fixed-capacity-tokens", type=int, default=0,
+    parser.add_argument("--fixed-capacity-tokens", type=int, default=256,
                         help="expert parallelism: sync-free fixed-size exchange for decode steps, which also lets "
-                             "them run as CUDA graphs (0: off; 256 is a sensible value)")
+                             "them run as CUDA graphs (0: always variable splits)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
