@@ -24,6 +24,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--fixed-capacity-tokens", type=int, default=256,
                    help="expert parallelism: decode steps exchange this many padded rows per rank pair with no "
                         "host sync, which also lets them run as CUDA graphs (0: always variable splits)")
+    p.add_argument("--ep-exchange", default="nccl", choices=["nccl", "p2p"],
+                   help="how that fixed-capacity exchange moves: NCCL all-to-all, or p2p: writes into the peer GPUs' "
+                        "memory over NVLink (symmetric memory; one host; experimental)")
     _quant_args(p)
 
 
@@ -63,7 +66,8 @@ def cmd_generate(args) -> int:
     engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                             moe_backend=args.moe_backend, seed=args.seed,
                             expert_parallel_size=args.expert_parallel_size,
-                            fixed_capacity_tokens=args.fixed_capacity_tokens, **quant_kwargs(args))
+                            fixed_capacity_tokens=args.fixed_capacity_tokens, ep_exchange=args.ep_exchange,
+                            **quant_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
     prompt = args.prompt
@@ -94,6 +98,9 @@ def cmd_generate(args) -> int:
 def cmd_bench_e2e(args) -> int:
     from light_moe.bench import e2e
 
+    if getattr(args, "ep_exchange", "nccl") != "nccl":
+        raise ValueError("bench e2e does not take --ep-exchange yet: `light-moe bench ep --exchange p2p` compares "
+                         "the two exchanges")
     e2e.main(args)
     return 0
 

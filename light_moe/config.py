@@ -14,6 +14,7 @@ import torch
 from light_moe.parallel.placement import PLACEMENT_STRATEGIES
 from light_moe.quant.scheme import W4A16Config
 
+EP_EXCHANGES = ("nccl", "p2p")  # ParallelConfig.ep_exchange
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,7 +153,11 @@ class ParallelConfig:
     most C exchange a fixed, padded number of rows per rank pair, with no host sync (parallel/dispatch.py),
     which also lets decode steps replay CUDA graphs; 0: always variable splits. Default 256: on 2 H100s,
     Mixtral shape, 16 sequences per GPU, EP=2 decode ran 2789 tok/s/GPU with it against 872 without
-    (BENCHMARKS.md)."""
+    (BENCHMARKS.md).
+    ep_exchange: how that fixed-capacity exchange moves: "nccl" (default: all_to_all_single) or "p2p" (writes
+    into the peers' memory over NVLink through PyTorch symmetric memory, parallel/p2p_exchange.py; experimental
+    until measured; needs fixed_capacity_tokens > 0 and, checked by the engine, CUDA GPUs of one host with peer
+    access). Steps above the capacity use NCCL's variable splits either way."""
 
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
@@ -165,6 +170,7 @@ class ParallelConfig:
     rebalance_interval: int = 0
     rebalance_threshold: float = 1.2
     fixed_capacity_tokens: int = 256
+    ep_exchange: str = "nccl"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -186,6 +192,13 @@ class ParallelConfig:
             raise ValueError(f"expert_load_window must be a positive number of steps, got {self.expert_load_window!r}")
         if not self.rebalance_threshold >= 1.0:
             raise ValueError(f"rebalance_threshold is a max/mean ratio (>= 1.0), got {self.rebalance_threshold}")
+        if self.ep_exchange not in EP_EXCHANGES:
+            raise ValueError(f"ep_exchange must be one of {EP_EXCHANGES}, got {self.ep_exchange!r}")
+        if self.ep_exchange == "p2p" and self.expert_parallel_size == 1:
+            raise ValueError("ep_exchange='p2p' is an expert-parallel exchange: it needs expert_parallel_size > 1")
+        if self.ep_exchange == "p2p" and self.fixed_capacity_tokens == 0:
+            raise ValueError("ep_exchange='p2p' replaces the fixed-capacity exchange only: it needs "
+                             "fixed_capacity_tokens > 0 (e.g. 256)")
 
 
 @dataclass(frozen=True)

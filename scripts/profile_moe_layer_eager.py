@@ -5,8 +5,9 @@
 Per T: the whole CuTe layer (router, metadata, up, down, combine) on the Mixtral-8x7B shape, timed
 eagerly and from a CUDA graph (CUDA events, median of 20), then one eager call under torch.profiler:
 the GPU time of each kernel, the host time of each launch wrapper, and the idle GPU time between
-kernels (the part of the eager-vs-graph gap that launch overhead explains). With --trace-dir a
-Chrome trace per T is written there.
+kernels (the part of the eager-vs-graph gap that launch overhead explains), and the host time of each
+op's call measured without the profiler (GPU idle at the call). With --trace-dir a Chrome trace per T
+is written there.
 """
 from __future__ import annotations
 
@@ -16,6 +17,37 @@ from pathlib import Path
 import torch
 
 E, H, INTER, K = 8, 4096, 14336, 2
+
+
+def host_costs(ops, x, gate, w13p, w2p, iters: int = 20) -> dict[str, float]:
+    """Host (Python + launch) time of each op of the layer, the GPU idle before each call: the time the
+    eager layer can expose when the kernels before a launch finish sooner than its host work. Without
+    the profiler, whose own overhead inflates host time."""
+    import statistics
+    import time
+
+    def host_us(fn) -> float:
+        times = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        return statistics.median(times)
+
+    weights, ids, _ = ops.router(x, gate, K, True)
+    offsets, gather_index, reverse_index = ops.routing_metadata(ids, E)
+    act = ops.expert_up(x, gather_index, offsets, w13p)
+    y = ops.expert_down(act, offsets, w2p)
+    return {
+        "router": host_us(lambda: ops.router(x, gate, K, True)),
+        "metadata": host_us(lambda: ops.routing_metadata(ids, E)),
+        "up": host_us(lambda: ops.expert_up(x, gather_index, offsets, w13p)),
+        "down": host_us(lambda: ops.expert_down(act, offsets, w2p)),
+        "combine": host_us(lambda: ops.combine(y, reverse_index, weights)),
+        "layer": host_us(lambda: ops.moe_forward(x, gate, w13p, w2p, K, True)),
+    }
 
 
 def main() -> None:
@@ -40,6 +72,9 @@ def main() -> None:
             return ops.moe_forward(x, gate, w13p, w2p, K, True)
 
         eager_us, graph_us = time_us(layer, 20), time_us(graph_replay(layer), 20)
+        host = host_costs(ops, x, gate, w13p, w2p)
+        print(f"T={tokens}: host time per call (GPU idle before each call, median of 20): "
+              + ", ".join(f"{name} {us:.0f} us" for name, us in host.items()))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             layer()

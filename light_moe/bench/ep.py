@@ -7,16 +7,17 @@ Reports, as JSON (with bench.env.environment()):
   - with --time-exchange: the wall time of dispatch and combine per MoE layer call on rank 0
     (device synchronised around each exchange, so measured in a separate run);
   - fixed_exchange_us_per_layer: one layer's fixed-capacity dispatch + combine alone (no expert math) at
-    1, batch and 4 x batch tokens per rank, replayed from a CUDA graph on GPU (fixed_exchange_us);
+    1, batch and 4 x batch tokens per rank, replayed from a CUDA graph on GPU (fixed_exchange_us); with
+    --exchange p2p both the NCCL and the NVLink peer-to-peer exchange (parallel/p2p_exchange.py), same engine;
   - load balance under skewed routing: the gate rows of --hot-experts experts are scaled by --skew
     on every rank (the dummy model's routing is otherwise near uniform), then the measured max/mean
     expert rows per rank (per layer, worst layer reported) before and after engine.rebalance() with
     --redundant copies per rank, and the planner's predictions.
 --fixed-capacity C runs the EP=N engines with fixed_capacity_tokens=C (the host-sync-free exchange for
 decode-sized steps, parallel/dispatch.py), which also lets EP=N decode replay CUDA graphs; compare a
-run with 0 and one with 256. EP=1 replays CUDA graphs unless --enforce-eager (which also keeps EP=N
-eager). The exchange times come from a separate eager EP=N engine (graph replays cannot be timed
-per exchange).
+run with 0 and one with 256. --exchange p2p builds those engines with ep_exchange="p2p". EP=1 replays
+CUDA graphs unless --enforce-eager (which also keeps EP=N eager). The exchange times come from a
+separate eager EP=N engine (graph replays cannot be timed per exchange).
 With --shape mixtral the model is the Mixtral-8x7B shape cut to --layers layers, random weights
 (load_format='dummy': identical on every rank). On CPU it runs with gloo and a tiny model (CI smoke).
 """
@@ -46,6 +47,8 @@ def add_ep_args(p) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--fixed-capacity", type=int, default=256,
                    help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); compare 256 with 0")
+    p.add_argument("--exchange", default="nccl", choices=["nccl", "p2p"],
+                   help="ep_exchange of the EP=N engines' fixed-capacity exchange; p2p: time NCCL's too, per layer")
     p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for EP=1 nor EP=N")
     p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")
@@ -83,12 +86,13 @@ def _balance_run(engine, args) -> dict:
                 expert_load=engine.expert_load_stats())
 
 
-def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
+def fixed_exchange_us(rank_executor, tokens: int, iters: int, exchange: str = "nccl") -> float | None:
     """On every rank (RankCall): median time of one MoE layer's fixed-capacity exchange, dispatch + combine
     with no expert math, for `tokens` random tokens per rank; rank 0's figure is returned. On CUDA the
-    exchange is captured in a graph and replayed (as a decode graph runs it: packing, one all_to_all each
-    way, unpacking, weighted sum); on CPU it runs eagerly. Every rank replays the same number of times, so
-    the collectives stay matched."""
+    exchange is captured in a graph and replayed (as a decode graph runs it: packing, one all_to_all or peer
+    exchange each way, unpacking, weighted sum); on CPU it runs eagerly. Every rank replays the same number
+    of times, so the collectives stay matched. exchange: "nccl", or "p2p" on an engine built with
+    ep_exchange="p2p" (None where the capacity exceeds its buffers, sized for fixed_capacity_tokens)."""
     import statistics
     import time
 
@@ -102,30 +106,36 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int) -> float:
     ids = torch.rand(tokens, cfg.num_experts, generator=gen, device=device).topk(cfg.top_k, dim=-1).indices
     ids = ids.to(torch.int32)
     weights = torch.full((tokens, cfg.top_k), 1.0 / cfg.top_k, device=device)
-    saved = d.capacity, d.rows_received.clone(), dict(d.exchanges)
-    d.capacity = exchange_capacity([tokens] * d.world_size, cfg.top_k, 1 << 30)
+    capacity = exchange_capacity([tokens] * d.world_size, cfg.top_k, 1 << 30)
+    width = d.packed_layout(cfg.hidden_size, x.element_size())[1]
+    if exchange == "p2p" and (d.peer is None or capacity > d.peer.max_rows(width)):  # the same on every rank
+        return None
+    saved = d.capacity, d.rows_received.clone(), dict(d.exchanges), d.peer
+    d.capacity = capacity
+    if exchange != "p2p":
+        d.peer = None  # NCCL, also on a p2p engine (restored below)
 
-    def exchange():
+    def layer():
         routed = d.dispatch(x, weights, ids)
         return d.combine(routed.x.contiguous(), routed)  # the received rows stand in for expert outputs
 
     try:
-        exchange()  # warm-up (every rank): compiles, sizes the allocator
+        layer()  # warm-up (every rank): compiles, sizes the allocator
         if device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the collectives; the replays run them
-                exchange()
+                layer()
             us = time_us(graph.replay, iters)  # every rank replays the same number of times
             graph.reset()
             return us
         times = []
         for _ in range(iters):
             start = time.perf_counter()
-            exchange()
+            layer()
             times.append((time.perf_counter() - start) * 1e6)
         return statistics.median(times)
     finally:
-        d.capacity, d.exchanges = saved[0], saved[2]
+        d.capacity, d.exchanges, d.peer = saved[0], saved[2], saved[3]
         d.rows_received.copy_(saved[1])
 
 
@@ -155,8 +165,12 @@ def main(args) -> dict:
 
     if args.ep < 2:
         raise ValueError(f"--ep must be at least 2 (it is compared with 1), got {args.ep}")
-    model_path, load_format, tmp = bench_model(args)
+    if args.exchange == "p2p" and args.fixed_capacity <= 0:
+        raise ValueError("--exchange p2p replaces the fixed-capacity exchange: it needs --fixed-capacity > 0")
     device = _resolve_device(args.device)
+    if args.exchange == "p2p" and device.type != "cuda":
+        raise ValueError("--exchange p2p writes into peer GPUs' memory: it needs --device cuda")
+    model_path, load_format, tmp = bench_model(args)
     common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,
                   max_num_seqs=args.ep * args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -177,21 +191,23 @@ def main(args) -> dict:
         exchange = None
         for overlap in (False, True):
             engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, enable_overlap=overlap,
-                                    fixed_capacity_tokens=args.fixed_capacity, expert_parallel_executor=executor,
-                                    **common)
+                                    fixed_capacity_tokens=args.fixed_capacity, ep_exchange=args.exchange,
+                                    expert_parallel_executor=executor, **common)
             row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
             rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap,
                              cuda_graphs=engine.runner.decode_graphs is not None))
-            if not overlap:
-                fixed_exchange = {tokens: engine.workers.call(fixed_exchange_us, tokens, 50)
-                                  for tokens in sorted({1, args.batch_size, 4 * args.batch_size})}
+            if not overlap:  # nccl, and p2p on a p2p engine: {exchange: {tokens per rank: us}}
+                fixed_exchange = {ex: {tokens: engine.workers.call(fixed_exchange_us, tokens, 50, ex)
+                                       for tokens in sorted({1, args.batch_size, 4 * args.batch_size})}
+                                  for ex in dict.fromkeys(("nccl", args.exchange))}
             print(f"EP={args.ep} overlap={overlap}: {rows[-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU "
                   f"(EP=1: {rows[0]['decode_tok_s_per_gpu']:.1f})", flush=True)
             engine.shutdown()
             del engine
         if args.time_exchange:
             engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, fixed_capacity_tokens=args.fixed_capacity,
-                                    expert_parallel_executor=executor, **dict(common, enforce_eager=True))
+                                    ep_exchange=args.exchange, expert_parallel_executor=executor,
+                                    **dict(common, enforce_eager=True))
             exchange = _exchange_times(engine, args)
             engine.shutdown()
             del engine
@@ -208,7 +224,7 @@ def main(args) -> dict:
     one_row, off, on = rows
     result = dict(
         benchmark="ep", env=environment(), dtype=dtype, ep=args.ep, per_gpu_batch=args.batch_size,
-        fixed_capacity_tokens=args.fixed_capacity,
+        fixed_capacity_tokens=args.fixed_capacity, ep_exchange=args.exchange,
         ep1_cuda_graphs=graphs,
         model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
         rows=rows,
@@ -217,8 +233,11 @@ def main(args) -> dict:
                             prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0,
                             note="fraction of the overlap-off time saved; negative: overlap is slower"),
         all_to_all=exchange, balance=balance,
-        fixed_exchange_us_per_layer=dict(by_tokens_per_rank=fixed_exchange, note=(
-            "one MoE layer's fixed-capacity dispatch + combine, no expert math, median; CUDA: graph replays")))
+        fixed_exchange_us_per_layer=dict(
+            by_tokens_per_rank=fixed_exchange["nccl"], p2p_by_tokens_per_rank=fixed_exchange.get("p2p"), note=(
+                "one MoE layer's fixed-capacity dispatch + combine, no expert math, median; CUDA: graph replays; "
+                "by_tokens_per_rank: NCCL all_to_all; p2p_by_tokens_per_rank (--exchange p2p): NVLink peer writes, "
+                "null where the capacity exceeds the p2p buffers")))
     print(f"{'ep':>3} {'overlap':>8} {'graphs':>7} {'prefill tok/s/GPU':>18} {'decode tok/s/GPU':>17}")
     for r in rows:
         print(f"{r['ep']:>3} {str(r['overlap']):>8} {str(r['cuda_graphs']):>7} {r['prefill_tok_s_per_gpu']:>18.1f} "
@@ -226,8 +245,9 @@ def main(args) -> dict:
     if exchange:
         print(f"all-to-all per MoE layer: dispatch {exchange['dispatch_us_per_layer']:.0f} us, "
               f"combine {exchange['combine_us_per_layer']:.0f} us")
-    print("fixed-capacity exchange per MoE layer (dispatch + combine): "
-          + ", ".join(f"{t} tokens/rank {us:.0f} us" for t, us in fixed_exchange.items()))
+    for ex, times in fixed_exchange.items():
+        print(f"fixed-capacity exchange per MoE layer (dispatch + combine), {ex}: "
+              + ", ".join(f"{t} tokens/rank " + ("n/a" if us is None else f"{us:.0f} us") for t, us in times.items()))
     print(f"max/mean rows per rank (skewed routing): {balance['measured_before']:.2f} -> "
           f"{balance['measured_after']:.2f} after rebalancing (predicted {balance['predicted_before']:.2f} -> "
           f"{balance['predicted_after']:.2f})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,28 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device}")
     return device
+
+
+def _check_ep_exchange(parallel: ParallelConfig, device: torch.device, launch) -> None:
+    """ep_exchange='p2p' (parallel/p2p_exchange.py) maps every rank's buffers into every peer's GPU: all ranks
+    must be CUDA GPUs of one host that can access each other (NVLink or PCIe peer-to-peer)."""
+    if parallel.ep_exchange != "p2p":
+        return
+    n = parallel.expert_parallel_size
+    local = os.environ.get("LOCAL_WORLD_SIZE") if launch is not None else None
+    if local is not None and local != str(launch.world_size):
+        raise ValueError(f"ep_exchange='p2p' needs every expert-parallel rank on one host, but torchrun started "
+                         f"{local} of the {launch.world_size} ranks here (LOCAL_WORLD_SIZE); use ep_exchange='nccl' "
+                         "across hosts")
+    if device.type != "cuda":
+        raise ValueError(f"ep_exchange='p2p' needs CUDA GPUs (device is {device.type}); use ep_exchange='nccl'")
+    if torch.cuda.device_count() < n:
+        raise ValueError(f"ep_exchange='p2p' needs {n} GPUs on this host, found {torch.cuda.device_count()}")
+    for i in range(n):
+        for j in range(n):
+            if i != j and not torch.cuda.can_device_access_peer(i, j):
+                raise ValueError(f"ep_exchange='p2p': cuda:{i} cannot access the memory of cuda:{j} (no "
+                                 "peer-to-peer path between them); use ep_exchange='nccl'")
 
 
 def _resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.device) -> torch.dtype:
@@ -103,6 +126,7 @@ class LightMoEEngine:
         rebalance_interval: int = 0,
         rebalance_threshold: float = 1.2,
         fixed_capacity_tokens: int = 256,
+        ep_exchange: str = "nccl",
         quantization: str | W4A16Config | None = None,
         quant_group_size: int = 128,
         quant_symmetric: bool = True,
@@ -111,7 +135,7 @@ class LightMoEEngine:
                                   collective_timeout_s, enable_overlap=enable_overlap,
                                   num_redundant_experts=num_redundant_experts, expert_load_window=expert_load_window,
                                   rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold,
-                                  fixed_capacity_tokens=fixed_capacity_tokens)
+                                  fixed_capacity_tokens=fixed_capacity_tokens, ep_exchange=ep_exchange)
         # launched by torchrun: every rank constructs the engine; rank 0 is the engine, the others become
         # workers below (this constructor never returns on them)
         launch = torchrun_launch() if expert_parallel_executor is None else None
@@ -130,6 +154,7 @@ class LightMoEEngine:
             raise ValueError("W4A16 experts (quantization='w4a16' or a GPTQ / AWQ checkpoint) are not supported "
                              "with expert_parallel_size > 1 yet")
         dev = _resolve_device(device)
+        _check_ep_exchange(parallel, dev, launch)  # before any process is spawned
         torch_dtype = _resolve_dtype(dtype, model_cfg.torch_dtype, dev)
         limit = model_cfg.max_position_embeddings
         if model_cfg.sliding_window is not None and model_cfg.sliding_window < limit:
@@ -224,7 +249,8 @@ class LightMoEEngine:
                                    parallel.num_redundant_experts)
         return WorkerSpec(cfg.model_path, cfg.dtype, cfg.device, cfg.load_format, cfg.seed, cfg.moe_backend, cfg.cache,
                           max_num_batched_tokens, max_num_seqs, tuple(placements), parallel.enable_overlap,
-                          parallel.fixed_capacity_tokens, cfg.enable_cuda_graphs, cfg.max_model_len)
+                          parallel.fixed_capacity_tokens, cfg.enable_cuda_graphs, cfg.max_model_len,
+                          parallel.ep_exchange)
 
     def shutdown(self) -> None:
         """Free this engine's device memory (CUDA graphs, KV cache) and stop the expert-parallel worker

@@ -50,10 +50,10 @@ from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.step_plan import PlannedSequence, StepPlan, exchange_capacity
 from light_moe.models.base import MoECausalLM
-from light_moe.models.loader import build_model
+from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.backend import MoEOps, select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, apply_placements, reduce_load
-from light_moe.parallel.dispatch import make_dispatchers
+from light_moe.parallel.dispatch import AllToAllDispatcher, make_dispatchers
 from light_moe.parallel.groups import (
     ExpertParallelGroup,
     TorchrunLaunch,
@@ -62,6 +62,7 @@ from light_moe.parallel.groups import (
     init_expert_parallel,
 )
 from light_moe.parallel.overlap import TwoBatchOverlap
+from light_moe.parallel.p2p_exchange import PeerExchange
 from light_moe.parallel.placement import ExpertPlacement
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class WorkerSpec:
     # decode steps with a fixed-capacity exchange (no host sync) replay CUDA graphs on every rank
     cuda_graphs: bool = False
     max_model_len: int | None = None
+    # "p2p": the fixed-capacity exchange writes into the peers' memory over NVLink (parallel/p2p_exchange.py)
+    ep_exchange: str = "nccl"
 
     @property
     def world_size(self) -> int:
@@ -150,7 +153,9 @@ class RankExecutor:
         if ops is None:
             ops, reason = select_backend(spec.moe_backend, device)
             logger.info("rank %d MoE backend: %s", group.rank, reason)
-        self.dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device)
+        self.peer_exchange = self._peer_exchange(spec)
+        self.dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device,
+                                            peer=self.peer_exchange)
         self.model = build_model(spec.model_path, ops, spec.dtype, device, spec.load_format, spec.seed,
                                  progress=False, expert_dispatchers=self.dispatchers)
         if spec.enable_overlap:
@@ -161,6 +166,17 @@ class RankExecutor:
         self.last_load: torch.Tensor | None = None  # rank 0: [L, E + N] from the last collect_load step
         self.runner = self._runner(spec, spec.cache)
         self._agree_on_kv_blocks(spec)
+
+    def _peer_exchange(self, spec: WorkerSpec) -> PeerExchange | None:
+        """ep_exchange="p2p": this rank's symmetric-memory inboxes, shared by every MoE layer, sized for the largest
+        fixed-capacity step (fixed_capacity_tokens packed rows per rank pair). A collective: every rank builds its
+        executor from the same spec at the same time."""
+        if spec.ep_exchange != "p2p":
+            return None
+        hidden = load_model_config(spec.model_path)[1].hidden_size
+        row_bytes = AllToAllDispatcher.packed_layout(hidden, spec.dtype.itemsize)[1]
+        return PeerExchange.symmetric(self.group.device_group, self.group.device, spec.fixed_capacity_tokens,
+                                      row_bytes)
 
     def _runner(self, spec: WorkerSpec, cache: CacheConfig) -> ModelRunner:
         # CUDA graphs only where the exchange is the fixed-capacity one (decode-sized steps): the variable

@@ -33,9 +33,11 @@ every rank sends exactly C rows to every rank in ONE all_to_all_single of equal 
 packed as bytes: the hidden row, then its destination-local expert id as int32 (-1: padding).
 No counts exchange, no host read of any device value (no split sizes), so decode steps are captured
 in CUDA graphs (executor/cuda_graphs.py; `dry_run` lets a capturing rank warm up without
-collectives). Padding rows get the local id E_local and MoEOps.experts(padded=True) skips them, so
-every real expert sees exactly the rows, in exactly the order, of the variable-split path
-(bit-identical results). The results return by the same fixed exchange in reverse.
+collectives). With a PeerExchange (`peer`, parallel/p2p_exchange.py; ep_exchange="p2p") the two
+equal-split exchanges go over NVLink through symmetric memory instead of NCCL: the same bytes in the same
+places, so packing and unpacking are shared. Padding rows get the local id E_local and
+MoEOps.experts(padded=True) skips them, so every real expert sees exactly the rows, in exactly the order,
+of the variable-split path (bit-identical results). The results return by the same fixed exchange in reverse.
 A token whose K experts share a rank is sent K times (no per-rank de-duplication yet: with K=8 of
 128 experts on 8 ranks that costs up to ~K/N-fold extra traffic; see docs/expert_parallel.md).
 """
@@ -47,6 +49,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from light_moe.parallel.p2p_exchange import COMBINE, DISPATCH, PeerExchange
 from light_moe.parallel.placement import ExpertPlacement
 
 
@@ -127,7 +130,8 @@ class AllToAllDispatcher:
     on the routing and the rank: reproducible, and every copy holds identical weights.
     """
 
-    def __init__(self, placement: ExpertPlacement, rank: int, group, ops, device: torch.device):
+    def __init__(self, placement: ExpertPlacement, rank: int, group, ops, device: torch.device,
+                 peer: PeerExchange | None = None):
         self.rank = rank
         self.world_size = placement.world_size
         self.group = group
@@ -144,6 +148,9 @@ class AllToAllDispatcher:
         # fixed-capacity mode: rows per destination rank this step (0: variable splits). Set by the
         # rank executor from StepPlan.exchange_capacity, identical on every rank for a step.
         self.capacity = 0
+        # the fixed-capacity exchange over NVLink peer-to-peer writes (parallel/p2p_exchange.py), shared by every
+        # layer of this rank; None: NCCL all_to_all_single. Steps above the capacity always use NCCL.
+        self.peer = peer
         self.exchanges = {"variable": 0, "fixed": 0}  # dispatch calls per mode (tests, bench)
         self.set_placement(placement)
 
@@ -224,12 +231,29 @@ class AllToAllDispatcher:
 
     # ---- fixed-capacity path: no host sync, one equal-split exchange each way ---------------------
     @staticmethod
-    def _layout(x: torch.Tensor) -> tuple[int, int]:
+    def packed_layout(hidden: int, element_size: int) -> tuple[int, int]:
         """Packed row of the fixed exchange, in bytes: the hidden row (x's dtype), padding to a 4-byte
         boundary, then the destination-local expert id as int32 (-1: padding row). (id offset, width)"""
-        row_bytes = x.shape[1] * x.element_size()
+        row_bytes = hidden * element_size
         id_offset = -(-row_bytes // 4) * 4
         return id_offset, id_offset + 4
+
+    @classmethod
+    def _layout(cls, x: torch.Tensor) -> tuple[int, int]:
+        return cls.packed_layout(x.shape[1], x.element_size())
+
+    def _fixed_all_to_all(self, send: torch.Tensor, kind: int) -> torch.Tensor:
+        """Block p of send [N * C, ...] to rank p; block q of the result from rank q (equal splits: no sizes to
+        agree on). kind: DISPATCH or COMBINE, the peer exchange's inbox (its result is a view of it)."""
+        if self.peer is not None:
+            self.peer.check(send)  # shapes only: a capacity beyond the buffers fails in a warm-up, not a capture
+        if self.dry_run:  # no collective, no peer write or barrier: each rank "receives" its own send buffer
+            return send.clone()
+        if self.peer is not None:
+            return self.peer.exchange(send, kind)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv
 
     def dispatch_fixed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Routed:
         """Send exactly `capacity` packed rows to every rank (padded); receive N * capacity rows."""
@@ -253,11 +277,7 @@ class AllToAllDispatcher:
         send_ids.fill_(-1)
         send[:, :row_bytes].view(x.dtype).index_copy_(0, position, x.index_select(0, order // top_k))
         send_ids.index_copy_(0, position, local[order].to(torch.int32))
-        recv = torch.empty_like(send)
-        if self.dry_run:
-            recv.copy_(send)
-        else:
-            dist.all_to_all_single(recv, send, group=self.group)  # equal splits: no sizes to agree on
+        recv = self._fixed_all_to_all(send, DISPATCH)
         rows = recv[:, :row_bytes].view(x.dtype)  # [N * C, H] (strided view)
         ids = recv[:, id_offset:].view(torch.int32).view(-1)  # [N * C]
         valid = ids >= 0
@@ -273,12 +293,7 @@ class AllToAllDispatcher:
     def send_back_fixed(self, y: torch.Tensor) -> torch.Tensor:
         """Results of the N * C received rows back to their senders (the same fixed exchange, reversed):
         row p of the returned [N * C, H] is the result of this rank's send-buffer row p."""
-        back = torch.empty_like(y)
-        if self.dry_run:
-            back.copy_(y)
-        else:
-            dist.all_to_all_single(back, y.contiguous(), group=self.group)
-        return back
+        return self._fixed_all_to_all(y.contiguous(), COMBINE)
 
     def finish_fixed(self, back: torch.Tensor, ex: _FixedExchange) -> torch.Tensor:
         if ex.reverse_index.numel() == 0:  # an idle rank still had to serve the exchange
@@ -325,6 +340,8 @@ class AllToAllDispatcher:
         return self.finish_fixed(back, routed.handle) if fixed else self.finish(back, routed.handle)
 
 
-def make_dispatchers(placements: list[ExpertPlacement], rank: int, group, ops, device) -> list[AllToAllDispatcher]:
-    """One dispatcher per MoE layer (placements may differ per layer)."""
-    return [AllToAllDispatcher(p, rank, group, ops, device) for p in placements]
+def make_dispatchers(placements: list[ExpertPlacement], rank: int, group, ops, device,
+                     peer: PeerExchange | None = None) -> list[AllToAllDispatcher]:
+    """One dispatcher per MoE layer (placements may differ per layer); `peer`, shared by all of them (layers run
+    one after another): the fixed-capacity exchange over NVLink instead of NCCL."""
+    return [AllToAllDispatcher(p, rank, group, ops, device, peer=peer) for p in placements]

@@ -42,6 +42,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fixed-capacity-tokens", type=int, default=256,
                         help="expert parallelism: sync-free fixed-size exchange for decode steps, which also lets "
                              "them run as CUDA graphs (0: always variable splits)")
+    parser.add_argument("--ep-exchange", default="nccl", choices=["nccl", "p2p"],
+                        help="the fixed-capacity exchange: NCCL all-to-all, or p2p writes into the peer GPUs' memory "
+                             "over NVLink (one host; experimental)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
@@ -99,7 +102,8 @@ def serve(args: argparse.Namespace) -> int:
                                 moe_backend=args.moe_backend, quantization=args.quantization,
                                 quant_group_size=args.quant_group_size, quant_symmetric=not args.quant_asymmetric,
                                 expert_parallel_size=args.expert_parallel_size,
-                                fixed_capacity_tokens=args.fixed_capacity_tokens, enforce_eager=args.enforce_eager)
+                                fixed_capacity_tokens=args.fixed_capacity_tokens, ep_exchange=args.ep_exchange,
+                                enforce_eager=args.enforce_eager)
     except KeyboardInterrupt:
         return 130
     try:
