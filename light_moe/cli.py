@@ -1,4 +1,4 @@
-"""`light-moe` command line: generate | serve | bench {e2e, moe-layer, ep} | quantize."""
+"""`light-moe` command line: generate | serve | bench {e2e, moe-layer, ep, ep-scale} | quantize."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +112,13 @@ def cmd_bench_ep(args) -> int:
     return 0
 
 
+def cmd_bench_ep_scale(args) -> int:
+    from light_moe.bench import ep_scale
+
+    ep_scale.main(args)
+    return 0
+
+
 def cmd_bench_moe_layer(args) -> int:
     from light_moe.bench import moe_layer
 
@@ -192,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     ep = bsub.add_parser("ep", help="expert parallelism: tokens/s per GPU, all-to-all time, overlap, load balance")
     add_ep_args(ep)
     ep.set_defaults(func=cmd_bench_ep)
+
+    from light_moe.bench.ep_scale import add_ep_scale_args
+
+    scale = bsub.add_parser("ep-scale", help="EP at several sizes (e.g. 8 and 4) against one GPU (W4A16) in one run: "
+                                             "tokens/s, memory per GPU, exchange time, overlap, load balance")
+    add_ep_scale_args(scale)
+    scale.set_defaults(func=cmd_bench_ep_scale)
     return parser
 
 

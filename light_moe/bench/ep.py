@@ -32,29 +32,39 @@ from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
 
 
-def add_ep_args(p) -> None:
+def add_workload_args(p, layers: int) -> None:
+    """Model and workload options shared by `bench ep` and `bench ep-scale`."""
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the bundled demo model)")
     p.add_argument("--shape", choices=["mixtral"], default=None,
                    help="ignore --model and use the Mixtral-8x7B shape with random weights")
-    p.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
+    p.add_argument("--layers", type=int, default=layers, help="layers of the --shape model (32: the whole model)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"])
-    p.add_argument("--ep", type=int, default=2, help="expert_parallel_size N compared with 1")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per GPU")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+
+
+def add_balance_args(p) -> None:
+    """The skewed-routing load-balance measurement (balance_run) and the result file."""
+    p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")
+    p.add_argument("--skew", type=float, default=4.0, help="scale of the hot experts' gate rows")
+    p.add_argument("--redundant", type=int, default=1, help="expert copies per rank after rebalancing")
+    p.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
+
+
+def add_ep_args(p) -> None:
+    add_workload_args(p, layers=4)
+    p.add_argument("--ep", type=int, default=2, help="expert_parallel_size N compared with 1")
     p.add_argument("--fixed-capacity", type=int, default=256,
                    help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); compare 256 with 0")
     p.add_argument("--exchange", default="nccl", choices=["nccl", "p2p"],
                    help="ep_exchange of the EP=N engines' fixed-capacity exchange; p2p: time NCCL's too, per layer")
     p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for EP=1 nor EP=N")
-    p.add_argument("--hot-experts", type=int, default=2, help="experts made hot for the balance measurement")
-    p.add_argument("--skew", type=float, default=4.0, help="scale of the hot experts' gate rows")
-    p.add_argument("--redundant", type=int, default=1, help="expert copies per rank after rebalancing")
-    p.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
+    add_balance_args(p)
 
 
 def skew_routers(rank_executor, hot_experts: int, scale: float) -> None:
@@ -64,12 +74,12 @@ def skew_routers(rank_executor, hot_experts: int, scale: float) -> None:
             block.gate.weight[:hot_experts] *= scale
 
 
-def _per_gpu(row: dict, gpus: int) -> dict:
+def per_gpu(row: dict, gpus: int) -> dict:
     return dict(row, gpus=gpus, prefill_tok_s_per_gpu=row["prefill_tok_s"] / gpus,
                 decode_tok_s_per_gpu=row["decode_tok_s"] / gpus)
 
 
-def _balance_run(engine, args) -> dict:
+def balance_run(engine, args) -> dict:
     """Skewed routing: measured max/mean rows per rank before and after a rebalance with copies."""
     engine.workers.call(skew_routers, args.hot_experts, args.skew)
     length = max(args.output_len, 24)  # enough steps for a few load syncs (every LOAD_SYNC_STEPS steps)
@@ -180,7 +190,7 @@ def main(args) -> dict:
         one = LightMoEEngine(model_path, **common)
         graphs = one.runner.decode_graphs is not None
         dtype = str(one.config.dtype)
-        rows.append(dict(_per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1),
+        rows.append(dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1),
                          ep=1, overlap=False, cuda_graphs=graphs))
         one.shutdown()  # its CUDA graphs and KV cache (sized to the card) must go before EP=N sizes its own
         del one
@@ -194,7 +204,7 @@ def main(args) -> dict:
                                     fixed_capacity_tokens=args.fixed_capacity, ep_exchange=args.exchange,
                                     expert_parallel_executor=executor, **common)
             row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
-            rows.append(dict(_per_gpu(row, args.ep), ep=args.ep, overlap=overlap,
+            rows.append(dict(per_gpu(row, args.ep), ep=args.ep, overlap=overlap,
                              cuda_graphs=engine.runner.decode_graphs is not None))
             if not overlap:  # nccl, and p2p on a p2p engine: {exchange: {tokens per rank: us}}
                 fixed_exchange = {ex: {tokens: engine.workers.call(fixed_exchange_us, tokens, 50, ex)
@@ -213,7 +223,7 @@ def main(args) -> dict:
             del engine
         engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, num_redundant_experts=args.redundant,
                                 expert_parallel_executor=executor, **common)
-        balance = _balance_run(engine, args)
+        balance = balance_run(engine, args)
         engine.shutdown()
         del engine
     finally:
