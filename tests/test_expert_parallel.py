@@ -309,6 +309,32 @@ def test_killed_worker_is_an_error_on_rank_0_not_a_hang(checkpoints, tmp_path):
     print(run_script(tmp_path, FAILURE_SCRIPT, str(checkpoints["qwen3_moe"]), "5.0"))
 
 
+STARTUP_FAILURE_SCRIPT = textwrap.dedent("""
+    import os, time
+    import torch
+    from light_moe.executor.workers import ExpertParallelExecutor
+
+    if __name__ == "__main__":
+        os.remove(__file__)  # a spawned worker re-runs this main module: it dies before worker_main
+        start = time.monotonic()
+        try:
+            ExpertParallelExecutor(2, torch.device("cpu"), timeout_s=120.0)
+        except RuntimeError as exc:
+            took = time.monotonic() - start
+            assert "died before joining" in str(exc) and "rank 1" in str(exc), exc
+            assert took < 60, took  # not the 120 s rendezvous timeout
+            print("OK", round(took, 1))
+        else:
+            raise AssertionError("the executor started without its worker")
+""")
+
+
+def test_worker_dying_at_start_up_is_an_error_at_once(tmp_path):
+    """A spawned rank that dies before the rendezvous (here: it cannot re-import the main module) fails the
+    executor within seconds instead of after the rendezvous timeout."""
+    print(run_script(tmp_path, STARTUP_FAILURE_SCRIPT, timeout_s=110))
+
+
 BENCH_SCRIPT = textwrap.dedent("""
     import json, sys
     from light_moe.cli import main

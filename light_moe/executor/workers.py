@@ -34,8 +34,10 @@ import faulthandler
 import gc
 import logging
 import os
+import queue
 import signal
 import sys
+import time
 import traceback
 import weakref
 from dataclasses import dataclass
@@ -306,8 +308,10 @@ def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> N
 
 
 def worker_main(rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float,
-                errors) -> None:
-    """Entry point of spawned ranks 1..N-1: follow rank 0's messages (build a model, run steps) until None."""
+                errors, started) -> None:
+    """Entry point of spawned ranks 1..N-1: follow rank 0's messages (build a model, run steps) until None.
+    `started` gets this rank before it joins the rendezvous (see ExpertParallelExecutor._await_workers)."""
+    started.put(rank)
     group = None
     # `kill -USR1 <pid>` prints this rank's Python stacks to its stderr (diagnosing a stuck collective)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -374,10 +378,11 @@ class ExpertParallelExecutor:
         if torchrun is None:
             ctx = mp.get_context("spawn")
             self._errors = ctx.Queue()
+            started = ctx.Queue()
             init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
             self._workers = [
-                ctx.Process(target=worker_main, args=(rank, world_size, init_method, device, timeout_s, self._errors),
-                            name=f"light-moe-ep-rank{rank}", daemon=True)
+                ctx.Process(target=worker_main, name=f"light-moe-ep-rank{rank}", daemon=True,
+                            args=(rank, world_size, init_method, device, timeout_s, self._errors, started))
                 for rank in range(1, world_size)
             ]
         else:
@@ -393,6 +398,8 @@ class ExpertParallelExecutor:
         for proc in self._workers:
             proc.start()
         try:
+            if self._workers:
+                self._await_workers(started, timeout_s)
             self.group = init_expert_parallel(0, world_size, init_method, device, timeout_s,
                                               device_index=None if torchrun is None else torchrun.local_rank)
             if torchrun is not None:  # the workers live until told to stop: tell them even if nobody shuts down
@@ -401,6 +408,24 @@ class ExpertParallelExecutor:
             failure = self._fail(f"expert-parallel start-up failed: {exc}")
             self.shutdown()
             raise RuntimeError(failure) from exc
+
+    def _await_workers(self, started, timeout_s: float) -> None:
+        """Wait until every spawned worker runs worker_main. A worker that dies before (it could not import
+        the parent's main module or the package, say) never reaches the rendezvous, which would otherwise
+        wait timeout_s for it: here its death is an error within a fraction of a second."""
+        waiting, deadline = set(range(1, self.world_size)), time.monotonic() + timeout_s
+        while waiting:
+            try:
+                waiting.discard(started.get(timeout=0.1))
+                continue
+            except queue.Empty:
+                pass
+            dead = [f"rank {r} (pid {p.pid}) exit code {p.exitcode}" for r, p in enumerate(self._workers, start=1)
+                    if r in waiting and not p.is_alive()]
+            if dead:
+                raise RuntimeError("worker process died before joining: " + "; ".join(dead) + " (its stderr says why)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(waiting)} did not start within {timeout_s:.0f} s")
 
     def load(self, spec: WorkerSpec, ops: MoEOps) -> tuple[MoECausalLM, ModelRunner]:
         """Build spec's model on every rank (replacing any earlier one); returns rank 0's share."""
