@@ -21,7 +21,7 @@ from light_moe.cli import build_parser
 from light_moe.cli import main as cli_main
 from light_moe.config import ParallelConfig
 from light_moe.parallel.p2p_exchange import COMBINE, DISPATCH, PeerExchange
-from tests.test_expert_parallel import needs_gpus, run_script
+from tests.ep_helpers import needs_gpus, run_script
 from tests.tiny_models import make_tiny_checkpoint
 
 
