@@ -118,8 +118,9 @@ def test_broadcast_of_plans_small_and_larger_than_one_frame(tmp_path):
     run_script(tmp_path, BROADCAST_SCRIPT, str(free_tcp_port()), timeout_s=120)
 
 
-TORCHRUN_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+# a rank of a torchrun job: record the pid, build the EP=2 engine (collective timeout TIMEOUT seconds)
+TORCHRUN_RANK = """
+    import json, os, signal, sys, time
     from pathlib import Path
     from light_moe import LightMoEEngine, SamplingParams
 
@@ -127,7 +128,10 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     rank = os.environ["RANK"]
     (out / f"pid{rank}").write_text(str(os.getpid()))
     engine = LightMoEEngine(sys.argv[1], expert_parallel_size=2, dtype="float32", device="cpu",
-                            max_num_batched_tokens=16, show_progress=False, collective_timeout_s=60)
+                            max_num_batched_tokens=16, show_progress=False, collective_timeout_s=TIMEOUT)
+"""
+
+TORCHRUN_SCRIPT = textwrap.dedent(TORCHRUN_RANK.replace("TIMEOUT", "60") + """
     (out / f"returned{rank}").write_text("")  # only rank 0 gets here
     prompts = json.loads(sys.argv[3])
     outputs = engine.generate_outputs(prompts, SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0))
@@ -178,16 +182,7 @@ def test_torchrun_world_size_must_equal_expert_parallel_size(monkeypatch, tmp_pa
         LightMoEEngine(tmp_path, **ENGINE_ARGS)
 
 
-TORCHRUN_DEAD_RANK_SCRIPT = textwrap.dedent("""
-    import os, signal, sys, time
-    from pathlib import Path
-    from light_moe import LightMoEEngine, SamplingParams
-
-    out = Path(sys.argv[2])
-    rank = os.environ["RANK"]
-    (out / f"pid{rank}").write_text(str(os.getpid()))
-    engine = LightMoEEngine(sys.argv[1], expert_parallel_size=2, dtype="float32", device="cpu",
-                            max_num_batched_tokens=16, show_progress=False, collective_timeout_s=30)
+TORCHRUN_DEAD_RANK_SCRIPT = textwrap.dedent(TORCHRUN_RANK.replace("TIMEOUT", "30") + """
     os.kill(int((out / "pid1").read_text()), signal.SIGKILL)  # rank 1 waits for a step: kill it
     time.sleep(0.5)
     start = time.monotonic()
