@@ -18,6 +18,12 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
                    help="MoE kernels: auto picks CuTe on sm_90 GPUs, else the PyTorch reference")
     p.add_argument("--quantization", default=None, choices=["w4a16"],
                    help="quantize the routed experts on load (int4 RTN; docs/quantization.md)")
+    add_parallel_args(p)
+    add_quant_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """The expert-parallel flags (generate, bench e2e, serve); parallel_kwargs turns them into engine arguments."""
     p.add_argument("--expert-parallel-size", type=int, default=1,
                    help="N processes with the experts partitioned: spawned by this process, or, under torchrun, "
                         "the job's N ranks (WORLD_SIZE must be N; only rank 0 prints; docs/expert_parallel.md)")
@@ -27,10 +33,15 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
     p.add_argument("--ep-exchange", default="nccl", choices=["nccl", "p2p"],
                    help="how that fixed-capacity exchange moves: NCCL all-to-all, or p2p: writes into the peer GPUs' "
                         "memory over NVLink (symmetric memory; one host; experimental)")
-    _quant_args(p)
 
 
-def _quant_args(p: argparse.ArgumentParser) -> None:
+def parallel_kwargs(args) -> dict:
+    """LightMoEEngine keyword arguments of the expert-parallel flags."""
+    return dict(expert_parallel_size=args.expert_parallel_size, fixed_capacity_tokens=args.fixed_capacity_tokens,
+                ep_exchange=args.ep_exchange)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-group-size", "--group-size", dest="quant_group_size", type=int, default=128,
                    choices=[32, 64, 128], help="W4A16 group size along the input dimension")
     p.add_argument("--quant-asymmetric", "--asymmetric", dest="quant_asymmetric", action="store_true",
@@ -65,9 +76,7 @@ def cmd_generate(args) -> int:
     # under torchrun only rank 0 returns from the constructor: the other ranks serve it, then exit
     engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                             moe_backend=args.moe_backend, seed=args.seed,
-                            expert_parallel_size=args.expert_parallel_size,
-                            fixed_capacity_tokens=args.fixed_capacity_tokens, ep_exchange=args.ep_exchange,
-                            **quant_kwargs(args))
+                            **parallel_kwargs(args), **quant_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
     prompt = args.prompt
@@ -98,9 +107,6 @@ def cmd_generate(args) -> int:
 def cmd_bench_e2e(args) -> int:
     from light_moe.bench import e2e
 
-    if getattr(args, "ep_exchange", "nccl") != "nccl":
-        raise ValueError("bench e2e does not take --ep-exchange yet: `light-moe bench ep --exchange p2p` compares "
-                         "the two exchanges")
     e2e.main(args)
     return 0
 
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write a W4A16 checkpoint (RTN, GPTQ layout) that loads back")
     quant.add_argument("--model", required=True, help="float Hugging Face model directory")
     quant.add_argument("--out", required=True, help="output directory")
-    _quant_args(quant)
+    add_quant_args(quant)
     quant.set_defaults(func=cmd_quantize)
 
     from light_moe.bench.ep import add_ep_args

@@ -90,7 +90,7 @@ def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, see
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.cli import quant_kwargs
+    from light_moe.cli import parallel_kwargs, quant_kwargs
 
     model_path, load_format, tmp = bench_model(args)
     try:
@@ -98,8 +98,7 @@ def main(args) -> dict:
                                 max_model_len=args.input_len + args.output_len + 16,
                                 max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
                                 max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                                expert_parallel_size=getattr(args, "expert_parallel_size", 1),
-                                fixed_capacity_tokens=getattr(args, "fixed_capacity_tokens", 256), **quant_kwargs(args))
+                                **parallel_kwargs(args), **quant_kwargs(args))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
         engine.shutdown()  # expert parallelism: stops the workers (spawned, or torchrun's other ranks)
     finally:

@@ -23,7 +23,6 @@ With --shape mixtral the model is the Mixtral-8x7B shape cut to --layers layers,
 """
 from __future__ import annotations
 
-import gc
 import shutil
 
 import torch
@@ -168,10 +167,41 @@ def _exchange_times(engine, args) -> dict:
                 "for the slowest rank")
 
 
+def fixed_exchange_table(engine, batch_size: int, exchange: str = "nccl") -> dict[int, float | None]:
+    """fixed_exchange_us at 1, batch and 4 x batch tokens per rank on an EP engine: {tokens: us}."""
+    return {tokens: engine.workers.call(fixed_exchange_us, tokens, 50, exchange)
+            for tokens in sorted({1, batch_size, 4 * batch_size})}
+
+
+def overlap_saving(off: dict, on: dict) -> dict:
+    """Fraction of the overlap-off time that overlap saves (negative: overlap is slower)."""
+    return dict(decode=1 - off["decode_s"] / on["decode_s"] if on["decode_s"] else 0.0,
+                prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0)
+
+
+def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, measure=None) -> tuple[list, object]:
+    """EP=n engines on `executor` with two-batch overlap off, then on, each running n x --batch-size sequences:
+    their rows, and measure(engine) taken on the overlap-off engine before it shuts down."""
+    from light_moe import LightMoEEngine
+
+    rows, measured = [], None
+    for overlap in (False, True):
+        engine = LightMoEEngine(model_path, expert_parallel_size=n, enable_overlap=overlap,
+                                expert_parallel_executor=executor, **engine_args)
+        row = run_e2e(engine, [n * args.batch_size], args.input_len, args.output_len)[0]
+        rows.append(dict(per_gpu(row, n), ep=n, overlap=overlap, cuda_graphs=engine.runner.decode_graphs is not None))
+        if not overlap and measure is not None:
+            measured = measure(engine)
+        print(f"EP={n} overlap={overlap}: {rows[-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU", flush=True)
+        engine.shutdown()
+        del engine
+    return rows, measured
+
+
 def main(args) -> dict:
     from light_moe import LightMoEEngine
     from light_moe.engine.engine import _resolve_device
-    from light_moe.executor.workers import ExpertParallelExecutor
+    from light_moe.executor.workers import ExpertParallelExecutor, free_device_memory
 
     if args.ep < 2:
         raise ValueError(f"--ep must be at least 2 (it is compared with 1), got {args.ep}")
@@ -194,26 +224,16 @@ def main(args) -> dict:
                          ep=1, overlap=False, cuda_graphs=graphs))
         one.shutdown()  # its CUDA graphs and KV cache (sized to the card) must go before EP=N sizes its own
         del one
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory()
         executor = ExpertParallelExecutor(args.ep, device, timeout_s=300.0)
         exchange = None
-        for overlap in (False, True):
-            engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, enable_overlap=overlap,
-                                    fixed_capacity_tokens=args.fixed_capacity, ep_exchange=args.exchange,
-                                    expert_parallel_executor=executor, **common)
-            row = run_e2e(engine, [args.ep * args.batch_size], args.input_len, args.output_len)[0]
-            rows.append(dict(per_gpu(row, args.ep), ep=args.ep, overlap=overlap,
-                             cuda_graphs=engine.runner.decode_graphs is not None))
-            if not overlap:  # nccl, and p2p on a p2p engine: {exchange: {tokens per rank: us}}
-                fixed_exchange = {ex: {tokens: engine.workers.call(fixed_exchange_us, tokens, 50, ex)
-                                       for tokens in sorted({1, args.batch_size, 4 * args.batch_size})}
-                                  for ex in dict.fromkeys(("nccl", args.exchange))}
-            print(f"EP={args.ep} overlap={overlap}: {rows[-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU "
-                  f"(EP=1: {rows[0]['decode_tok_s_per_gpu']:.1f})", flush=True)
-            engine.shutdown()
-            del engine
+        ep_rows, fixed_exchange = overlap_off_and_on(
+            model_path, args.ep, executor, dict(common, fixed_capacity_tokens=args.fixed_capacity,
+                                                ep_exchange=args.exchange), args,
+            # nccl, and p2p on a p2p engine: {exchange: {tokens per rank: us}}
+            measure=lambda engine: {ex: fixed_exchange_table(engine, args.batch_size, ex)
+                                    for ex in dict.fromkeys(("nccl", args.exchange))})
+        rows += ep_rows
         if args.time_exchange:
             engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, fixed_capacity_tokens=args.fixed_capacity,
                                     ep_exchange=args.exchange, expert_parallel_executor=executor,
@@ -239,8 +259,7 @@ def main(args) -> dict:
         model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
         rows=rows,
         decode_per_gpu_vs_ep1=off["decode_tok_s_per_gpu"] / one_row["decode_tok_s_per_gpu"],
-        overlap_saving=dict(decode=1 - off["decode_s"] / on["decode_s"] if on["decode_s"] else 0.0,
-                            prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0,
+        overlap_saving=dict(overlap_saving(off, on),
                             note="fraction of the overlap-off time saved; negative: overlap is slower"),
         all_to_all=exchange, balance=balance,
         fixed_exchange_us_per_layer=dict(

@@ -21,7 +21,6 @@ exchange). On CPU this runs with gloo and a small model (the CI smoke test).
 """
 from __future__ import annotations
 
-import gc
 import shutil
 
 import torch
@@ -29,7 +28,15 @@ import torch.distributed as dist
 
 from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
-from light_moe.bench.ep import add_balance_args, add_workload_args, balance_run, fixed_exchange_us, per_gpu
+from light_moe.bench.ep import (
+    add_balance_args,
+    add_workload_args,
+    balance_run,
+    fixed_exchange_table,
+    overlap_off_and_on,
+    overlap_saving,
+    per_gpu,
+)
 
 
 def add_ep_scale_args(p) -> None:
@@ -65,9 +72,11 @@ def rank_memory(rank_executor) -> list[dict]:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    """The previous engine's memory back to the device; peak memory counts from here."""
+    from light_moe.executor.workers import free_device_memory
+
+    free_device_memory()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -77,30 +86,16 @@ def _run_ep(model_path, n: int, common: dict, device: torch.device, args) -> dic
     from light_moe.executor.workers import ExpertParallelExecutor
 
     executor = ExpertParallelExecutor(n, device, timeout_s=300.0)
-    out = dict(ep=n, rows=[])
+    engine_args = dict(common, max_num_seqs=n * args.batch_size)
     try:
-        for overlap in (False, True):
-            engine = LightMoEEngine(model_path, expert_parallel_size=n, enable_overlap=overlap,
-                                    fixed_capacity_tokens=args.fixed_capacity, expert_parallel_executor=executor,
-                                    **dict(common, max_num_seqs=n * args.batch_size))
-            row = run_e2e(engine, [n * args.batch_size], args.input_len, args.output_len)[0]
-            out["rows"].append(dict(per_gpu(row, n), ep=n, overlap=overlap,
-                                    cuda_graphs=engine.runner.decode_graphs is not None))
-            if not overlap:
-                out["memory_per_rank"] = engine.workers.call(rank_memory)
-                out["fixed_exchange_us_per_layer"] = {
-                    tokens: engine.workers.call(fixed_exchange_us, tokens, 50)
-                    for tokens in sorted({1, args.batch_size, 4 * args.batch_size})}
-            print(f"EP={n} overlap={overlap}: {out['rows'][-1]['decode_tok_s_per_gpu']:.1f} decode tok/s/GPU",
-                  flush=True)
-            engine.shutdown()
-            del engine
-        off, on = out["rows"]
-        out["overlap_saving"] = dict(decode=1 - off["decode_s"] / on["decode_s"] if on["decode_s"] else 0.0,
-                                     prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0)
+        rows, (memory, fixed) = overlap_off_and_on(
+            model_path, n, executor, dict(engine_args, fixed_capacity_tokens=args.fixed_capacity), args,
+            measure=lambda engine: (engine.workers.call(rank_memory), fixed_exchange_table(engine, args.batch_size)))
+        out = dict(ep=n, rows=rows, memory_per_rank=memory, fixed_exchange_us_per_layer=fixed,
+                   overlap_saving=overlap_saving(*rows))
         if not args.no_balance:
             engine = LightMoEEngine(model_path, expert_parallel_size=n, num_redundant_experts=args.redundant,
-                                    expert_parallel_executor=executor, **dict(common, max_num_seqs=n * args.batch_size))
+                                    expert_parallel_executor=executor, **engine_args)
             out["balance"] = balance_run(engine, args)
             engine.shutdown()
             del engine

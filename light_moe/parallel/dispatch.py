@@ -245,12 +245,12 @@ class AllToAllDispatcher:
     def _fixed_all_to_all(self, send: torch.Tensor, kind: int) -> torch.Tensor:
         """Block p of send [N * C, ...] to rank p; block q of the result from rank q (equal splits: no sizes to
         agree on). kind: DISPATCH or COMBINE, the peer exchange's inbox (its result is a view of it)."""
-        if self.peer is not None:
-            self.peer.check(send)  # shapes only: a capacity beyond the buffers fails in a warm-up, not a capture
         if self.dry_run:  # no collective, no peer write or barrier: each rank "receives" its own send buffer
+            if self.peer is not None:
+                self.peer.check(send)  # shapes only: a capacity beyond the buffers fails here, not in a capture
             return send.clone()
         if self.peer is not None:
-            return self.peer.exchange(send, kind)
+            return self.peer.exchange(send, kind)  # checks the shapes itself
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         return recv

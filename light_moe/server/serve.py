@@ -12,6 +12,8 @@ import logging
 import signal
 import sys
 
+from light_moe.cli import add_parallel_args, add_quant_args, parallel_kwargs, quant_kwargs
+
 logger = logging.getLogger(__name__)
 
 # Here rather than in app.py so that add_serve_args imports without fastapi (the CLI builds every
@@ -35,16 +37,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--moe-backend", default="auto", help="MoE kernel backend (auto picks by capability)")
     parser.add_argument("--quantization", default=None, choices=["w4a16"],
                         help="quantize the routed experts to int4 on load (GPTQ / AWQ checkpoints are detected)")
-    parser.add_argument("--quant-group-size", type=int, default=128, choices=[32, 64, 128])
-    parser.add_argument("--quant-asymmetric", action="store_true", help="zero points per group (default symmetric)")
-    parser.add_argument("--expert-parallel-size", type=int, default=1,
-                        help="processes (GPUs) the experts are spread over (docs/expert_parallel.md)")
-    parser.add_argument("--fixed-capacity-tokens", type=int, default=256,
-                        help="expert parallelism: sync-free fixed-size exchange for decode steps, which also lets "
-                             "them run as CUDA graphs (0: always variable splits)")
-    parser.add_argument("--ep-exchange", default="nccl", choices=["nccl", "p2p"],
-                        help="the fixed-capacity exchange: NCCL all-to-all, or p2p writes into the peer GPUs' memory "
-                             "over NVLink (one host; experimental)")
+    add_quant_args(parser)
+    add_parallel_args(parser)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
@@ -99,11 +93,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                moe_backend=args.moe_backend, quantization=args.quantization,
-                                quant_group_size=args.quant_group_size, quant_symmetric=not args.quant_asymmetric,
-                                expert_parallel_size=args.expert_parallel_size,
-                                fixed_capacity_tokens=args.fixed_capacity_tokens, ep_exchange=args.ep_exchange,
-                                enforce_eager=args.enforce_eager)
+                                moe_backend=args.moe_backend, enforce_eager=args.enforce_eager,
+                                **quant_kwargs(args), **parallel_kwargs(args))
     except KeyboardInterrupt:
         return 130
     try:
