@@ -41,11 +41,11 @@ GPU_SCRIPT = textwrap.dedent("""
 @pytest.mark.gpu
 @pytest.mark.multigpu
 @pytest.mark.parametrize("gpus", [2, 4])
+@pytest.mark.parametrize("family", FAMILIES)  # one case each: ~2 min per family on 4 GPUs, so they run in parallel
 @pytest.mark.parametrize("backend", ["reference"])  # CuTe under NCCL: the bf16 decode-graph test below
-def test_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend, gpus):
+def test_gpus_over_nccl_give_the_same_greedy_tokens(checkpoints, tmp_path, backend, family, gpus):
     needs_gpus(gpus)
-    for family in FAMILIES:
-        run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, str(gpus), timeout_s=300)
+    run_script(tmp_path, GPU_SCRIPT, str(checkpoints[family]), backend, str(gpus), timeout_s=300)
 
 
 GPU_GRAPH_SCRIPT = textwrap.dedent("""
