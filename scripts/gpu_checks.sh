@@ -6,12 +6,14 @@
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
 #   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), then
 #                                               with variable splits; EP size: every visible GPU, or $EP_SIZE
+#   scripts/gpu_checks.sh ep-profile OUTDIR     2+ GPUs: where a decode step's time goes on every rank, EP=1 vs EP=N
+#                                               (scripts/profile_ep_step.py; reports per rank in OUTDIR)
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
 #                                               with --exchange p2p (NCCL and p2p exchange times side by side)
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, multi-tests, multi-bench or p2p}
+stage=${1:?single-tests, single-bench, multi-tests, multi-bench, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -50,6 +52,11 @@ multi-bench)
     step bench_ep_variable 240 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 0 --output "$out/ep${n}_variable.json"
     ;;
+ep-profile)
+    n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
+    TAIL=${TAIL:-12} step ep_profile 300 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral --layers 4 \
+        --batch-size 16 --steps 32 --report-dir "$out" --print-ranks
+    ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     step p2p_tests 360 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_p2p_exchange.py -ra
@@ -57,7 +64,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, multi-tests, multi-bench or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, multi-tests, multi-bench, ep-profile or p2p)" >&2
     exit 2
     ;;
 esac

@@ -1,8 +1,9 @@
 """Where an expert-parallel decode step spends its time, seen from rank 0, next to one GPU's step.
 
 bench ep measures EP=N decode per GPU below EP=1 although each rank reads 1/N of the expert weights; this
-script says why: per EP size, the wall time of a decode step, the GPU time of rank 0's kernels in it (torch
-profiler), and the Python functions that take the host time (cProfile, by own time and by cumulative time).
+script says why: per EP size, the wall time of a decode step and, on every rank, the GPU time of its kernels
+(NCCL's apart: a rank whose NCCL kernels run long waits for a late peer), its host time in the step and in
+the plan broadcast, with a report per rank (kernels; Python functions by own and cumulative time).
 
     python scripts/profile_ep_step.py --ep 1 2 4 --shape mixtral --layers 4 --batch-size 16 --device cuda
 
@@ -11,15 +12,15 @@ On CPU it runs on gloo with the bundled model (a smoke run of the script itself)
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
+import ast
 import shutil
+import tempfile
 import time
 
 import torch
 
 from light_moe import LightMoEEngine, SamplingParams
+from light_moe.bench import rank_profile
 from light_moe.bench.e2e import bench_model
 from light_moe.engine.engine import _resolve_device
 
@@ -58,32 +59,24 @@ def profile_one(model_path, load_format, ep: int, args, device) -> dict:
             step()
         sync()
         wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-        prof = cProfile.Profile()
-        prof.enable()
+        # the same steps profiled on every rank (rank_profile.start/stop run on each through a RankCall)
+        call = (lambda fn, *a: fn(None, *a)) if engine.workers is None else engine.workers.call
+        prefix = f"{args.report_dir}/ep{ep}"
+        call(rank_profile.start)
         for _ in range(args.steps):
             step()
-        sync()
-        prof.disable()
-        gpu_ms = None
-        if device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
-                for _ in range(8):
-                    step()
-                sync()
-            events = tp.key_averages()
-            gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / 8
-            kernels = tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60)
-        else:
-            kernels = ""
+        rank0 = call(rank_profile.stop, prefix, args.steps, args.top)
     finally:
         engine.shutdown()
-    text = io.StringIO()
-    stats = pstats.Stats(prof, stream=text)
-    stats.sort_stats("tottime").print_stats(args.top)
-    stats.sort_stats("cumulative").print_stats(args.top)
-    return dict(ep=ep, batch=batch, wall_ms_per_step=wall_ms, gpu_ms_per_step_rank0=gpu_ms,
-                cprofile=text.getvalue(), kernels=kernels)
+    ranks = [rank0] + [eval_summary(f"{prefix}.rank{r}.txt") for r in range(1, ep)]
+    return dict(ep=ep, batch=batch, wall_ms_per_step=wall_ms, ranks=ranks, reports=[
+        f"{prefix}.rank{r}.txt" for r in range(ep)])
+
+
+def eval_summary(path: str) -> dict:
+    """The summary dict on the first line of a rank's report."""
+    with open(path) as f:
+        return ast.literal_eval(f.readline())
 
 
 def main() -> None:
@@ -100,9 +93,13 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--top", type=int, default=30, help="functions listed per cProfile table")
+    p.add_argument("--top", type=int, default=25, help="rows of each report table")
+    p.add_argument("--report-dir", default=None, help="where the per-rank reports go (default: a temporary folder)")
+    p.add_argument("--print-ranks", type=int, nargs="*", default=[0, 1], help="ranks whose full report is printed")
     args = p.parse_args()
     device = _resolve_device(args.device)
+    if args.report_dir is None:
+        args.report_dir = tempfile.mkdtemp(prefix="light-moe-ep-profile-")
     model_path, load_format, tmp = bench_model(args)
     try:
         results = [profile_one(model_path, load_format, ep, args, device) for ep in args.ep]
@@ -110,11 +107,18 @@ def main() -> None:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     for r in results:
-        print(f"\n######## EP={r['ep']} ({r['batch']} sequences)\n{r['kernels']}\n{r['cprofile']}")
-    print(f"{'ep':>3} {'seqs':>5} {'step ms':>8} {'rank-0 GPU ms':>14}")
+        for rank in args.print_ranks:
+            if rank < r["ep"]:
+                with open(r["reports"][rank]) as f:
+                    print(f"\n######## EP={r['ep']} ({r['batch']} sequences), rank {rank}\n{f.read()}")
+    print(f"reports in {args.report_dir}")
+    print(f"{'ep':>3} {'seqs':>5} {'step ms':>8} {'rank':>5} {'GPU ms':>7} {'NCCL ms':>8} {'step host ms':>13} "
+          f"{'plan bcast ms':>14}")
     for r in results:
-        gpu = "n/a" if r["gpu_ms_per_step_rank0"] is None else f"{r['gpu_ms_per_step_rank0']:.2f}"
-        print(f"{r['ep']:>3} {r['batch']:>5} {r['wall_ms_per_step']:>8.2f} {gpu:>14}")
+        for x in r["ranks"]:
+            print(f"{r['ep']:>3} {r['batch']:>5} {r['wall_ms_per_step']:>8.2f} {x['rank']:>5} "
+                  f"{x['gpu_ms_per_step']:>7.2f} {x['nccl_ms_per_step']:>8.2f} {x['step_host_ms']:>13.2f} "
+                  f"{x['plan_broadcast_ms']:>14.2f}")
 
 
 if __name__ == "__main__":
