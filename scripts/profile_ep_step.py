@@ -1,13 +1,15 @@
-"""Where an expert-parallel decode step spends its time, seen from rank 0, next to one GPU's step.
+"""Where an expert-parallel decode step spends its time, on every rank, next to one GPU's step.
 
 bench ep measures EP=N decode per GPU below EP=1 although each rank reads 1/N of the expert weights; this
-script says why: per EP size, the wall time of a decode step and, on every rank, the GPU time of its kernels
-(NCCL's apart: a rank whose NCCL kernels run long waits for a late peer), its host time in the step and in
-the plan broadcast, with a report per rank (kernels; Python functions by own and cumulative time).
+script says why: per EP size, the wall time of a decode step and, on every rank, the GPU time of its
+kernels (NCCL's apart: a rank whose NCCL kernels run long waits for a late peer), the wall time of its
+model runner's execute (input preparation and launches) and of the plan broadcast, with a report per rank
+(kernels; Python functions by own and by cumulative time).
 
     python scripts/profile_ep_step.py --ep 1 2 4 --shape mixtral --layers 4 --batch-size 16 --device cuda
 
-On CPU it runs on gloo with the bundled model (a smoke run of the script itself).
+On CPU it runs on gloo with the bundled model (a smoke run of the script itself). Profiling slows the host: compare the
+per-rank figures with each other, and the plain step times (measured first, unprofiled) across EP sizes.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def profile_one(model_path, load_format, ep: int, args, device) -> dict:
         sync()
         wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
         # the same steps profiled on every rank (rank_profile.start/stop run on each through a RankCall)
-        call = (lambda fn, *a: fn(None, *a)) if engine.workers is None else engine.workers.call
+        call = (lambda fn, *a: fn(engine, *a)) if engine.workers is None else engine.workers.call
         prefix = f"{args.report_dir}/ep{ep}"
         call(rank_profile.start)
         for _ in range(args.steps):
@@ -112,12 +114,12 @@ def main() -> None:
                 with open(r["reports"][rank]) as f:
                     print(f"\n######## EP={r['ep']} ({r['batch']} sequences), rank {rank}\n{f.read()}")
     print(f"reports in {args.report_dir}")
-    print(f"{'ep':>3} {'seqs':>5} {'step ms':>8} {'rank':>5} {'GPU ms':>7} {'NCCL ms':>8} {'step host ms':>13} "
+    print(f"{'ep':>3} {'seqs':>5} {'step ms':>8} {'rank':>5} {'GPU ms':>7} {'NCCL ms':>8} {'execute ms':>11} "
           f"{'plan bcast ms':>14}")
     for r in results:
         for x in r["ranks"]:
             print(f"{r['ep']:>3} {r['batch']:>5} {r['wall_ms_per_step']:>8.2f} {x['rank']:>5} "
-                  f"{x['gpu_ms_per_step']:>7.2f} {x['nccl_ms_per_step']:>8.2f} {x['step_host_ms']:>13.2f} "
+                  f"{x['gpu_ms_per_step']:>7.2f} {x['nccl_ms_per_step']:>8.2f} {x['execute_ms']:>11.2f} "
                   f"{x['plan_broadcast_ms']:>14.2f}")
 
 

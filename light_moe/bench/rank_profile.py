@@ -1,17 +1,20 @@
 """Profile the same engine steps on every expert-parallel rank (scripts/profile_ep_step.py).
 
 `start` and `stop` run on every rank through ExpertParallelExecutor.call (module-level functions, so the
-workers can unpickle them), or directly on a single-GPU engine. Between the two calls each rank records
-its kernels (torch profiler, CUDA) and its Python host time (cProfile); `stop` writes one report per rank
-to <prefix>.rank<r>.txt and returns rank's summary: GPU kernel time, the part of it in NCCL kernels (which
-spin while a peer is late: a long NCCL time on one rank and a short one on another says who waits for
-whom), and the host time spent in the rank's step function.
+workers can unpickle them; `target` is the rank's RankExecutor), or directly on a single-GPU engine
+(`target` the engine). Between the two calls each rank records its kernels (torch profiler, CUDA), its
+Python functions (cProfile) and the wall time of its model runner's execute (input preparation and the
+launch or graph replay: host work). `stop` writes one report per rank to <prefix>.rank<r>.txt and
+returns the rank's summary: GPU kernel time, the part of it in NCCL kernels (which spin while a peer is
+late: a long NCCL time on one rank and a short one on another says who waits for whom), the execute time,
+and the time in the plan broadcast (rank 0 sending; the others waiting for rank 0).
 """
 from __future__ import annotations
 
 import cProfile
 import io
 import pstats
+import time
 
 import torch
 
@@ -23,9 +26,21 @@ def _cumulative_ms(stats: pstats.Stats, file_suffix: str, function: str) -> floa
                      if name == function and path.replace("\\", "/").endswith(file_suffix))
 
 
-def start(rank_executor=None) -> None:
+def start(target) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    runner, spent = target.runner, [0.0]
+    execute = runner.execute
+
+    def timed_execute(*args, **kwargs):  # an instance attribute over the method until stop() deletes it
+        begin = time.perf_counter()
+        try:
+            return execute(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - begin
+
+    runner.execute = timed_execute
+    _running["execute_s"] = spent
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     _running["torch"] = profile(activities=activities)
     _running["torch"].start()
@@ -33,22 +48,19 @@ def start(rank_executor=None) -> None:
     _running["cprofile"].enable()
 
 
-def stop(rank_executor, prefix: str, steps: int, top: int = 25) -> dict:
+def stop(target, prefix: str, steps: int, top: int = 25) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     _running["cprofile"].disable()
     _running["torch"].stop()
-    rank = 0 if rank_executor is None else rank_executor.group.rank
+    del target.runner.execute  # the method again
+    rank = target.group.rank if hasattr(target, "group") else 0
     events = _running["torch"].key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     nccl_us = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower())
     stats = pstats.Stats(_running.pop("cprofile"), stream=io.StringIO())
-    if rank_executor is None:  # one GPU: the model runner's step
-        host_ms = _cumulative_ms(stats, "executor/model_runner.py", "execute")
-    else:
-        host_ms = _cumulative_ms(stats, "executor/workers.py", "run")
     summary = dict(rank=rank, gpu_ms_per_step=gpu_us / 1e3 / steps, nccl_ms_per_step=nccl_us / 1e3 / steps,
-                   step_host_ms=host_ms / steps,
+                   execute_ms=1e3 * _running.pop("execute_s")[0] / steps,
                    # rank 0: sending the plan; the others: waiting for it (idle while rank 0 schedules)
                    plan_broadcast_ms=_cumulative_ms(stats, "parallel/groups.py", "broadcast_pickled") / steps)
     text = io.StringIO()
