@@ -62,7 +62,7 @@ def stop(target, prefix: str, steps: int, top: int = 25) -> dict:
     summary = dict(rank=rank, gpu_ms_per_step=gpu_us / 1e3 / steps, nccl_ms_per_step=nccl_us / 1e3 / steps,
                    execute_ms=1e3 * _running.pop("execute_s")[0] / steps,
                    # rank 0: sending the plan; the others: waiting for it (idle while rank 0 schedules)
-                   plan_broadcast_ms=_cumulative_ms(stats, "parallel/groups.py", "broadcast_pickled") / steps)
+                   plan_broadcast_ms=_cumulative_ms(stats, "parallel/groups.py", "broadcast_bytes") / steps)
     text = io.StringIO()
     text.write(f"{summary}\n")
     text.write(events.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
