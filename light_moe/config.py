@@ -214,6 +214,9 @@ class EngineConfig:
     seed: int = 0
     enable_cuda_graphs: bool = True
     quantization: W4A16Config | None = None  # W4A16 routed experts, quantized on load (docs/quantization.md)
+    # step() detokenizes and builds the outputs of step n while the GPUs run step n + 1 (outputs come one
+    # step later; the tokens, text and finish reasons are the same). Off until measured on GPUs.
+    async_output_processing: bool = False
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

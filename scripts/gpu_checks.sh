@@ -4,8 +4,9 @@
 #   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
-#   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), then
-#                                               with variable splits; EP size: every visible GPU, or $EP_SIZE
+#   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), the same
+#                                               with async output processing, then with variable splits; EP size:
+#                                               every visible GPU, or $EP_SIZE
 #   scripts/gpu_checks.sh ep-profile OUTDIR     2+ GPUs: where a decode step's time goes on every rank, EP=1 vs EP=N
 #                                               (scripts/profile_ep_step.py; reports per rank in OUTDIR)
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
@@ -49,13 +50,18 @@ multi-bench)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}  # honours CUDA_VISIBLE_DEVICES
     step bench_ep_fixed 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 256 --time-exchange --output "$out/ep${n}_fixed256.json"
+    step bench_ep_async 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
+        --fixed-capacity 256 --async-output-processing --output "$out/ep${n}_fixed256_async.json"
     step bench_ep_variable 240 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 0 --output "$out/ep${n}_variable.json"
     ;;
 ep-profile)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
-    TAIL=${TAIL:-12} step ep_profile 300 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral --layers 4 \
+    TAIL=${TAIL:-12} step ep_profile 200 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral --layers 4 \
         --batch-size 16 --steps 32 --report-dir "$out" --print-ranks
+    mkdir -p "$out/async"
+    TAIL=${TAIL:-12} step ep_profile_async 200 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral \
+        --layers 4 --batch-size 16 --steps 32 --report-dir "$out/async" --print-ranks --async-output-processing
     ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}

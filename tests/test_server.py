@@ -153,6 +153,23 @@ def test_completions_match_the_engine(server, reference):
     assert default.usage.completion_tokens == 16
 
 
+def test_async_output_processing_serves_the_same(ckpt, reference):
+    """An engine whose outputs come one step later (async_output_processing): the same completions, plain and
+    streamed, and nothing left behind."""
+    prompt = "def fibonacci(n):"
+    expected = reference.generate_outputs(prompt, SamplingParams(max_tokens=12, temperature=0.0,
+                                                                 ignore_eos=True))[0]
+    with _running_server(_engine(ckpt, async_output_processing=True)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == expected.text and got.usage.completion_tokens == 12
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+        _wait_idle(url)
+
+
 def test_chat_matches_the_engine(server, reference):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]

@@ -98,6 +98,7 @@ def main(args) -> dict:
                                 max_model_len=args.input_len + args.output_len + 16,
                                 max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
                                 max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
+                                async_output_processing=args.async_output_processing,
                                 **parallel_kwargs(args), **quant_kwargs(args))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
         engine.shutdown()  # expert parallelism: stops the workers (spawned, or torchrun's other ranks)

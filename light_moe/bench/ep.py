@@ -29,6 +29,7 @@ import torch
 
 from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
+from light_moe.cli import add_async_output_arg
 
 
 def add_workload_args(p, layers: int) -> None:
@@ -44,6 +45,7 @@ def add_workload_args(p, layers: int) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_async_output_arg(p)
 
 
 def add_balance_args(p) -> None:
@@ -214,7 +216,8 @@ def main(args) -> dict:
     common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,
                   max_num_seqs=args.ep * args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                  show_progress=False, enforce_eager=args.enforce_eager)
+                  show_progress=False, enforce_eager=args.enforce_eager,
+                  async_output_processing=args.async_output_processing)
     rows, executor = [], None
     try:
         one = LightMoEEngine(model_path, **common)

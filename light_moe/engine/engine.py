@@ -130,6 +130,7 @@ class LightMoEEngine:
         quantization: str | W4A16Config | None = None,
         quant_group_size: int = 128,
         quant_symmetric: bool = True,
+        async_output_processing: bool = False,
     ):
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
                                   collective_timeout_s, enable_overlap=enable_overlap,
@@ -177,6 +178,7 @@ class LightMoEEngine:
             seed=seed,
             enable_cuda_graphs=not enforce_eager,
             quantization=scheme,
+            async_output_processing=async_output_processing,
         )
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         if launch is not None and launch.is_worker:
@@ -228,6 +230,8 @@ class LightMoEEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.eos_token_ids = self._eos_ids(model_path)
         self._states: dict[str, RequestState] = {}
+        # async_output_processing: (state, finish reason, time) of the last step's tokens, emitted by the next step
+        self._pending: list[tuple[RequestState, str | None, float]] = []
         self._ids = itertools.count()
         self._generator = torch.Generator(device=dev).manual_seed(seed)
         self.stats = {
@@ -340,11 +344,13 @@ class LightMoEEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks. Unknown or finished ids return False."""
         state = self._states.pop(request_id, None)
+        self._pending = [p for p in self._pending if p[0].request.request_id != request_id]  # nothing more for it
         found = self.scheduler.abort_request(request_id)
         return found or state is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests still running or waiting, or outputs not yet returned by step()."""
+        return self.scheduler.has_unfinished_requests() or bool(self._pending)
 
     # ---- the step -----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -352,9 +358,13 @@ class LightMoEEngine:
             raise RuntimeError("this engine was shut down (its KV cache and CUDA graphs are freed); create a new one")
 
     def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the RequestOutputs it produced. With async_output_processing, the
+        tokens of a step come out of the next call (their text is made while the GPUs run that step)."""
         self._check_open()
         out = self.scheduler.schedule()
         outputs = []
+        if out.finished or not out.scheduled:  # a final output must follow the pending one of its request
+            outputs += self._emit_pending()
         for request in out.finished:  # the scheduler ended it (grew past the whole cache)
             state = self._states.pop(request.request_id, None)
             if state is not None:
@@ -363,7 +373,8 @@ class LightMoEEngine:
         if not out.scheduled:
             return outputs
         executor = self.runner if self.workers is None else self.workers
-        logits = executor.execute(out.scheduled)  # [S, V]
+        logits = executor.execute(out.scheduled)  # [S, V]; on a GPU still being computed
+        outputs += self._emit_pending()  # the host work of the last step's outputs overlaps this step's kernels
         sampling = [s for s in out.scheduled if s.samples]
         rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
         tokens, logprobs = sample(logits, rows, self._generator) if rows else ([], None)
@@ -379,12 +390,19 @@ class LightMoEEngine:
             if state is None:
                 continue
             self.stats["generation_tokens"] += 1
-            output = state.on_token(tokens[i], None if logprobs is None else logprobs[i], now)
-            if output.finished:
-                self.scheduler.finish_request(output.request_id, output.finish_reason)
-                self._states.pop(output.request_id, None)
-            outputs.append(output)
+            finish_reason = state.accept(tokens[i], None if logprobs is None else logprobs[i], now)
+            if finish_reason is not None:  # ended now: its blocks are free before the next schedule
+                self.scheduler.finish_request(s.request.request_id, finish_reason)
+                self._states.pop(s.request.request_id, None)
+            if self.config.async_output_processing:
+                self._pending.append((state, finish_reason, now))
+            else:
+                outputs.append(state.emit(finish_reason, now))
         return outputs
+
+    def _emit_pending(self) -> list[RequestOutput]:
+        pending, self._pending = self._pending, []
+        return [state.emit(finish_reason, now) for state, finish_reason, now in pending]
 
     # ---- expert load balancing (docs/expert_parallel.md) --------------------------------------
     def _record_expert_load(self) -> None:

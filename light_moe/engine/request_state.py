@@ -25,6 +25,7 @@ class RequestState:
         self.emitted_tokens = 0
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+        self._text_ids: int | None = None  # output ids the text still has to take in (set by accept)
 
     def sampling_row(self) -> SamplingRow:
         seen = self.request.all_token_ids if self.params.repetition_penalty != 1.0 else []
@@ -50,7 +51,11 @@ class RequestState:
                         break
         return text, False
 
-    def on_token(self, token: int, logprob: float | None, now: float) -> RequestOutput:
+    def accept(self, token: int, logprob: float | None, now: float) -> str | None:
+        """Take the token the scheduler just appended to the request and say whether the request ends with it
+        ("stop": a stop token or stop string; "length": max_tokens; None). Only a request with stop strings
+        detokenizes here (their check needs the text); the others' text and RequestOutput wait for emit(),
+        which the engine may run while the GPUs compute the next step (async output processing)."""
         req = self.request
         if self.first_token_time is None:
             self.first_token_time = now
@@ -62,12 +67,23 @@ class RequestState:
         elif req.num_output_tokens >= self.params.max_tokens:
             finish_reason = "length"
         # a stop token is not part of the text (skip_special_tokens drops EOS; a stop id may be ordinary)
-        ids_for_text = req.output_token_ids[:-1] if token in self.stop_ids else req.output_token_ids
-        self.detok.update(ids_for_text)
-        text, hit_stop_string = self._visible_text(finish_reason is not None)
-        if hit_stop_string:
-            finish_reason = "stop"
+        self._text_ids = len(req.output_token_ids) - (token in self.stop_ids)
+        if self.params.stop:
+            self._detokenize()
+            if self._visible_text(finish_reason is not None)[1]:
+                finish_reason = "stop"
+        return finish_reason
+
+    def emit(self, finish_reason: str | None, now: float) -> RequestOutput:
+        """The RequestOutput of the last accepted token (call before the next accept)."""
+        self._detokenize()
+        text, _ = self._visible_text(finish_reason is not None)
         return self._output(text, finish_reason, now)
+
+    def _detokenize(self) -> None:
+        if self._text_ids is not None:
+            self.detok.update(self.request.output_token_ids[:self._text_ids])
+            self._text_ids = None
 
     def _output(self, text: str, finish_reason: str | None, now: float) -> RequestOutput:
         req = self.request
@@ -86,5 +102,6 @@ class RequestState:
             logprobs=None if self.logprobs is None else list(self.logprobs), metrics=metrics)
 
     def final_output(self, reason: str) -> RequestOutput:
+        self._detokenize()
         text, _ = self._visible_text(True)
         return self._output(text, reason, time.monotonic())
