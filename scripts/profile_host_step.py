@@ -7,9 +7,10 @@ time per step can be measured and improved on any machine:
 
     python scripts/profile_host_step.py --batch 16 64 256 --steps 50
 
-Phases: schedule, prepare (the runner's input tensors), sample, update (scheduler bookkeeping), outputs
-(per-request detokenisation, stop checks, RequestOutput), plan (the expert-parallel step plan built and
-pickled as rank 0 does it, for the same batch; not part of an EP=1 step).
+Phases: schedule, prepare (the runner's input tensors), sample, update (scheduler bookkeeping), accept
+(per-request stop checks), emit (detokenisation, stop-string hold-back, RequestOutput: the part that
+async_output_processing moves behind the next step's kernels), plan (the expert-parallel step plan built
+and pickled as rank 0 does it, for the same batch; not part of an EP=1 step).
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def measure(batch: int, steps: int, input_len: int, model: str, profiler=None) -
     _timed(runner, "prepare", spent, "prepare")
     _timed(engine_module, "sample", spent, "sample")
     _timed(engine.scheduler, "update_from_output", spent, "update")
-    _timed(RequestState, "on_token", spent, "outputs")
+    _timed(RequestState, "accept", spent, "accept")
+    _timed(RequestState, "emit", spent, "emit")
     try:
         gen = torch.Generator().manual_seed(0)
         params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
@@ -93,7 +95,8 @@ def measure(batch: int, steps: int, input_len: int, model: str, profiler=None) -
         if profiler is not None:
             profiler.disable()
     finally:
-        _untime(RequestState, "on_token")
+        _untime(RequestState, "accept")
+        _untime(RequestState, "emit")
         _untime(engine_module, "sample")
         engine.shutdown()
     row = {phase: 1e3 * t / steps for phase, t in spent.items()}
@@ -122,7 +125,7 @@ def main() -> None:
             for b in args.batch]
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
-    phases = ["schedule", "prepare", "sample", "update", "outputs", "plan"]
+    phases = ["schedule", "prepare", "sample", "update", "accept", "emit", "plan"]
     print("host ms per decode step (model stubbed out; plan: EP rank 0's step plan, pickled, not in step ms)")
     print(f"{'batch':>6} {'step':>7} " + " ".join(f"{p:>9}" for p in phases) + f" {'plan KiB':>9}")
     for r in rows:

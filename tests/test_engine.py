@@ -129,3 +129,21 @@ def test_shutdown_frees_the_kv_cache_and_refuses_more_work(ckpt):
     with pytest.raises(RuntimeError, match="shut down"):
         engine.generate([1, 2, 3], SamplingParams(max_tokens=2))
     engine.shutdown()  # idempotent
+
+
+def test_host_step_profile_script_times_every_phase():
+    """scripts/profile_host_step.py (host cost per step, model stubbed out) runs and fills each phase."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    try:
+        import profile_host_step
+    finally:
+        sys.path.pop(0)
+    row = profile_host_step.measure(4, 3, 8, str(profile_host_step.DEMO_MODEL_DIR))
+    for phase in ("schedule", "prepare", "sample", "update", "accept", "emit", "plan"):
+        assert row[phase] > 0, phase
+    assert row["step_ms"] > 0 and row["plan_kib"] > 0
+    from light_moe.engine.request_state import RequestState
+    assert RequestState.accept.__name__ == "accept"  # the script put the methods back
