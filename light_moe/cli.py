@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--input-len", type=int, default=128)
     e2e.add_argument("--output-len", type=int, default=64)
     e2e.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    e2e.add_argument("--repeats", type=int, default=3,
+                     help="measured batches per batch size after the warm-up; tokens/s are their median")
     e2e.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
     e2e.set_defaults(func=cmd_bench_e2e)
 

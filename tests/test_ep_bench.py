@@ -20,13 +20,15 @@ BENCH_SCRIPT = textwrap.dedent("""
         out = sys.argv[2]
         assert main(["bench", "ep", "--model", sys.argv[1], "--device", "cpu", "--dtype", "float32", "--ep", "2",
                      "--batch-size", "1", "--input-len", "6", "--output-len", "4", "--time-exchange",
-                     "--output", out]) == 0
+                     "--repeats", "2", "--output", out]) == 0
         result = json.load(open(out))
         for key in ("env", "rows", "decode_per_gpu_vs_ep1", "overlap_saving", "all_to_all", "balance"):
             assert key in result, key
         assert [(r["ep"], r["overlap"]) for r in result["rows"]] == [(1, False), (2, False), (2, True)]
         for r in result["rows"]:
             assert r["decode_tok_s_per_gpu"] > 0 and r["prefill_tok_s_per_gpu"] > 0
+            runs = sorted(r["decode_tok_s_runs"])  # two measured batches; the figure is their median
+            assert r["repeats"] == 2 and len(runs) == 2 and r["decode_tok_s"] == (runs[0] + runs[1]) / 2
         assert result["all_to_all"]["calls"] > 0 and result["all_to_all"]["dispatch_us_per_layer"] > 0
         fixed = result["fixed_exchange_us_per_layer"]["by_tokens_per_rank"]
         assert sorted(map(int, fixed)) == [1, 4] and all(us > 0 for us in fixed.values())

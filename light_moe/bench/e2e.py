@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -52,9 +53,14 @@ def bench_model(args) -> tuple[Path, str, Path | None]:
     return DEMO_MODEL_DIR, "auto", None
 
 
-def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0) -> list[dict]:
+def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0,
+            repeats: int = 1) -> list[dict]:
+    """Prefill and decode throughput per batch size: one warm-up batch, then `repeats` measured batches of
+    fresh random prompts; the figures are the medians over the repeats (each repeat's in the *_runs lists)."""
     from light_moe import SamplingParams
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -64,28 +70,37 @@ def run_e2e(engine, batch_sizes: list[int], input_len: int, output_len: int, see
         # context bucket the measured run will meet happen here, not inside the timing
         engine.generate_outputs([torch.randint(0, vocab, (input_len,), generator=gen).tolist()
                                  for _ in range(batch)], params)
-        prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
-        ids = {engine.add_request(p, params) for p in prompts}
-        have_first, done = set(), set()
-        start = time.perf_counter()
-        prefill_end = None
-        steps = 0
-        while len(done) < batch:
-            for out in engine.step():
-                if out.request_id in ids:
-                    have_first.add(out.request_id)
-                    if out.finished:
-                        done.add(out.request_id)
-            steps += 1
-            if prefill_end is None and len(have_first) == batch:
-                prefill_end = time.perf_counter()
-        end = time.perf_counter()
+        runs = [_timed_batch(engine, gen, vocab, batch, input_len, params) for _ in range(repeats)]
+        prefill = [batch * input_len / p for p, _, _ in runs]
         decode_tokens = batch * (output_len - 1)
-        rows.append(dict(batch=batch, input_len=input_len, output_len=output_len, steps=steps,
-                         prefill_s=prefill_end - start, decode_s=end - prefill_end,
-                         prefill_tok_s=batch * input_len / (prefill_end - start),
-                         decode_tok_s=decode_tokens / (end - prefill_end) if end > prefill_end else float("nan")))
+        decode = [decode_tokens / d if d > 0 else float("nan") for _, d, _ in runs]
+        rows.append(dict(batch=batch, input_len=input_len, output_len=output_len, steps=runs[-1][2],
+                         prefill_s=statistics.median(p for p, _, _ in runs),
+                         decode_s=statistics.median(d for _, d, _ in runs),
+                         prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode),
+                         repeats=repeats, prefill_tok_s_runs=prefill, decode_tok_s_runs=decode))
     return rows
+
+
+def _timed_batch(engine, gen, vocab: int, batch: int, input_len: int, params) -> tuple[float, float, int]:
+    """(seconds until every request has its first token, seconds after that until all finish, steps)."""
+    prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
+    ids = {engine.add_request(p, params) for p in prompts}
+    have_first, done = set(), set()
+    start = time.perf_counter()
+    prefill_end = None
+    steps = 0
+    while len(done) < batch:
+        for out in engine.step():
+            if out.request_id in ids:
+                have_first.add(out.request_id)
+                if out.finished:
+                    done.add(out.request_id)
+        steps += 1
+        if prefill_end is None and len(have_first) == batch:
+            prefill_end = time.perf_counter()
+    end = time.perf_counter()
+    return prefill_end - start, end - prefill_end, steps
 
 
 def main(args) -> dict:
@@ -100,7 +115,7 @@ def main(args) -> dict:
                                 max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
                                 async_output_processing=args.async_output_processing,
                                 **parallel_kwargs(args), **quant_kwargs(args))
-        rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len)
+        rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len, repeats=args.repeats)
         engine.shutdown()  # expert parallelism: stops the workers (spawned, or torchrun's other ranks)
     finally:
         if tmp is not None:

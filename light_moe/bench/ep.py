@@ -45,6 +45,8 @@ def add_workload_args(p, layers: int) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured batches per engine after the warm-up; tokens/s are their median")
     add_async_output_arg(p)
 
 
@@ -190,7 +192,7 @@ def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, me
     for overlap in (False, True):
         engine = LightMoEEngine(model_path, expert_parallel_size=n, enable_overlap=overlap,
                                 expert_parallel_executor=executor, **engine_args)
-        row = run_e2e(engine, [n * args.batch_size], args.input_len, args.output_len)[0]
+        row = run_e2e(engine, [n * args.batch_size], args.input_len, args.output_len, repeats=args.repeats)[0]
         rows.append(dict(per_gpu(row, n), ep=n, overlap=overlap, cuda_graphs=engine.runner.decode_graphs is not None))
         if not overlap and measure is not None:
             measured = measure(engine)
@@ -223,7 +225,8 @@ def main(args) -> dict:
         one = LightMoEEngine(model_path, **common)
         graphs = one.runner.decode_graphs is not None
         dtype = str(one.config.dtype)
-        rows.append(dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1),
+        rows.append(dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len,
+                                         repeats=args.repeats)[0], 1),
                          ep=1, overlap=False, cuda_graphs=graphs))
         one.shutdown()  # its CUDA graphs and KV cache (sized to the card) must go before EP=N sizes its own
         del one

@@ -123,7 +123,8 @@ def main(args) -> dict:
         _free(device)
         one = LightMoEEngine(model_path, quantization=quant, quant_group_size=args.quant_group_size,
                              **dict(common, max_num_seqs=args.batch_size))
-        baseline = dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len)[0], 1), ep=1,
+        baseline = dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len,
+                                        repeats=args.repeats)[0], 1), ep=1,
                         quantization=quant, cuda_graphs=one.runner.decode_graphs is not None,
                         memory=memory_report(one.runner, device))
         dtype = str(one.config.dtype)
