@@ -68,6 +68,12 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     again = graphs.generate_outputs(PROMPTS[:3], params)
     for prompt, a, b in zip(PROMPTS, out_e, again):
         assert_agree(eager, graphs, prompt, a.token_ids, b.token_ids)
+    # async output processing: the same graphs' tokens, made one step later
+    graphs.shutdown()
+    lagged = LightMoEEngine(checkpoint, async_output_processing=True, **common)
+    out_a = lagged.generate_outputs(PROMPTS, params)
+    assert [o.token_ids for o in out_a] == [o.token_ids for o in out_g]
+    assert [o.text for o in out_a] == [o.text for o in out_g]
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")

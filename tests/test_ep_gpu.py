@@ -84,7 +84,9 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         import faulthandler
         faulthandler.dump_traceback_later(420, exit=True)  # a stuck collective: show where, then fail
         one = LightMoEEngine(sys.argv[1], **args)  # one GPU, decode graphs
+        # argv[3] == "async": the EP engine makes its outputs one step late (the one-GPU engine does not)
         ep = LightMoEEngine(sys.argv[1], expert_parallel_size=int(sys.argv[2]), fixed_capacity_tokens=64,
+                            async_output_processing=sys.argv[3] == "async",
                             collective_timeout_s=120, num_redundant_experts=1, **args)
         assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
@@ -122,13 +124,14 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.parametrize("gpus", [2, 4])
-def test_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path, gpus):
+@pytest.mark.parametrize("gpus,outputs", [(2, "sync"), (4, "sync"), (2, "async")])
+def test_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path, gpus, outputs):
     """EP=2 and 4 on the CuTe backend, bf16: decode replays CUDA graphs holding the fixed-capacity
     all-to-alls, and agrees with one GPU (near-ties excepted); a second generation reuses the graphs; a
-    rebalance recaptures them; idle ranks replay their exchange-only graph."""
+    rebalance recaptures them; idle ranks replay their exchange-only graph. "async": the EP engine with
+    async output processing."""
     needs_gpus(gpus)
     path = make_tiny_checkpoint("mixtral", tmp_path / "ckpt", hidden_size=128, intermediate_size=128)
-    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), str(gpus), timeout_s=600))
+    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), str(gpus), outputs, timeout_s=600))
 
 
