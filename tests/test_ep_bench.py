@@ -32,6 +32,8 @@ BENCH_SCRIPT = textwrap.dedent("""
         assert result["all_to_all"]["calls"] > 0 and result["all_to_all"]["dispatch_us_per_layer"] > 0
         fixed = result["fixed_exchange_us_per_layer"]["by_tokens_per_rank"]
         assert sorted(map(int, fixed)) == [1, 4] and all(us > 0 for us in fixed.values())
+        stacked = result["fixed_exchange_us_per_layer"]["in_stacked_graph"]["nccl"]  # per layer, 8 per replay
+        assert sorted(map(int, stacked)) == [1, 4] and all(us > 0 for us in stacked.values())
         balance = result["balance"]
         assert balance["measured_before"] >= 1.0 and balance["predicted_after"] <= balance["predicted_before"]
         print("OK")
@@ -62,6 +64,7 @@ BENCH_SCALE_SCRIPT = textwrap.dedent("""
             memory = ep["memory_per_rank"]
             assert len(memory) == ep["ep"] and all(m["kv_cache_gib"] > 0 for m in memory)
             assert sorted(map(int, ep["fixed_exchange_us_per_layer"])) == [1, 4]
+            assert sorted(map(int, ep["fixed_exchange_us_per_layer_stacked"]["us"])) == [1, 4]
             assert ep["balance"]["measured_before"] >= 1.0
         print("OK")
 """)

@@ -99,13 +99,17 @@ def balance_run(engine, args) -> dict:
                 expert_load=engine.expert_load_stats())
 
 
-def fixed_exchange_us(rank_executor, tokens: int, iters: int, exchange: str = "nccl") -> float | None:
-    """On every rank (RankCall): median time of one MoE layer's fixed-capacity exchange, dispatch + combine
-    with no expert math, for `tokens` random tokens per rank; rank 0's figure is returned. On CUDA the
-    exchange is captured in a graph and replayed (as a decode graph runs it: packing, one all_to_all or peer
-    exchange each way, unpacking, weighted sum); on CPU it runs eagerly. Every rank replays the same number
-    of times, so the collectives stay matched. exchange: "nccl", or "p2p" on an engine built with
-    ep_exchange="p2p" (None where the capacity exceeds its buffers, sized for fixed_capacity_tokens)."""
+def fixed_exchange_us(rank_executor, tokens: int, iters: int, exchange: str = "nccl",
+                      layers: int = 1) -> float | None:
+    """On every rank (RankCall): median time per MoE layer of the fixed-capacity exchange, dispatch + combine
+    with no expert math, for `tokens` random tokens per rank; rank 0's figure is returned. On CUDA `layers`
+    exchanges are captured back to back in one graph and replayed (as a decode graph runs them: packing, one
+    all_to_all or peer exchange each way, unpacking, weighted sum), and the replay time is divided by
+    `layers`. Each replay starts when its own process launches it, so with layers = 1 the figure also holds
+    the launch skew between the ranks' processes (paid once per decode step, not once per layer); more
+    layers per replay show the steady-state cost of a layer. On CPU it runs eagerly. Every rank replays the
+    same number of times, so the collectives stay matched. exchange: "nccl", or "p2p" on an engine built
+    with ep_exchange="p2p" (None where the capacity exceeds its buffers, sized for fixed_capacity_tokens)."""
     import statistics
     import time
 
@@ -132,20 +136,24 @@ def fixed_exchange_us(rank_executor, tokens: int, iters: int, exchange: str = "n
         routed = d.dispatch(x, weights, ids)
         return d.combine(routed.x.contiguous(), routed)  # the received rows stand in for expert outputs
 
+    def stack():
+        for _ in range(layers):
+            layer()
+
     try:
         layer()  # warm-up (every rank): compiles, sizes the allocator
         if device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the collectives; the replays run them
-                layer()
+                stack()
             us = time_us(graph.replay, iters)  # every rank replays the same number of times
             graph.reset()
-            return us
+            return us / layers
         times = []
         for _ in range(iters):
             start = time.perf_counter()
-            layer()
-            times.append((time.perf_counter() - start) * 1e6)
+            stack()
+            times.append((time.perf_counter() - start) * 1e6 / layers)
         return statistics.median(times)
     finally:
         d.capacity, d.exchanges, d.peer = saved[0], saved[2], saved[3]
@@ -171,10 +179,18 @@ def _exchange_times(engine, args) -> dict:
                 "for the slowest rank")
 
 
-def fixed_exchange_table(engine, batch_size: int, exchange: str = "nccl") -> dict[int, float | None]:
-    """fixed_exchange_us at 1, batch and 4 x batch tokens per rank on an EP engine: {tokens: us}."""
-    return {tokens: engine.workers.call(fixed_exchange_us, tokens, 50, exchange)
+STACKED_LAYERS = 8  # exchanges per graph replay for the steady-state per-layer figure
+
+
+def fixed_exchange_table(engine, batch_size: int, exchange: str = "nccl", layers: int = 1) -> dict[int, float | None]:
+    """fixed_exchange_us at 1, batch and 4 x batch tokens per rank on an EP engine: {tokens: us per layer}."""
+    return {tokens: engine.workers.call(fixed_exchange_us, tokens, 50, exchange, layers)
             for tokens in sorted({1, batch_size, 4 * batch_size})}
+
+
+def fixed_exchange_tables(engine, batch_size: int, exchange: str = "nccl") -> dict[str, dict[int, float | None]]:
+    """One layer per replay ("1") and STACKED_LAYERS back to back (their per-layer figure) for one exchange."""
+    return {str(n): fixed_exchange_table(engine, batch_size, exchange, n) for n in (1, STACKED_LAYERS)}
 
 
 def overlap_saving(off: dict, on: dict) -> dict:
@@ -236,8 +252,8 @@ def main(args) -> dict:
         ep_rows, fixed_exchange = overlap_off_and_on(
             model_path, args.ep, executor, dict(common, fixed_capacity_tokens=args.fixed_capacity,
                                                 ep_exchange=args.exchange), args,
-            # nccl, and p2p on a p2p engine: {exchange: {tokens per rank: us}}
-            measure=lambda engine: {ex: fixed_exchange_table(engine, args.batch_size, ex)
+            # nccl, and p2p on a p2p engine: {exchange: {layers per replay: {tokens per rank: us per layer}}}
+            measure=lambda engine: {ex: fixed_exchange_tables(engine, args.batch_size, ex)
                                     for ex in dict.fromkeys(("nccl", args.exchange))})
         rows += ep_rows
         if args.time_exchange:
@@ -269,10 +285,15 @@ def main(args) -> dict:
                             note="fraction of the overlap-off time saved; negative: overlap is slower"),
         all_to_all=exchange, balance=balance,
         fixed_exchange_us_per_layer=dict(
-            by_tokens_per_rank=fixed_exchange["nccl"], p2p_by_tokens_per_rank=fixed_exchange.get("p2p"), note=(
+            by_tokens_per_rank=fixed_exchange["nccl"]["1"],
+            p2p_by_tokens_per_rank=fixed_exchange["p2p"]["1"] if "p2p" in fixed_exchange else None,
+            in_stacked_graph={ex: times[str(STACKED_LAYERS)] for ex, times in fixed_exchange.items()},
+            stacked_layers=STACKED_LAYERS, note=(
                 "one MoE layer's fixed-capacity dispatch + combine, no expert math, median; CUDA: graph replays; "
-                "by_tokens_per_rank: NCCL all_to_all; p2p_by_tokens_per_rank (--exchange p2p): NVLink peer writes, "
-                "null where the capacity exceeds the p2p buffers")))
+                "by_tokens_per_rank: NCCL all_to_all, one layer per replay (includes the ranks' launch skew); "
+                "p2p_by_tokens_per_rank (--exchange p2p): NVLink peer writes, null where the capacity exceeds the "
+                "p2p buffers; in_stacked_graph: per layer with stacked_layers exchanges back to back per replay "
+                "(the steady state of a decode step's layers)")))
     print(f"{'ep':>3} {'overlap':>8} {'graphs':>7} {'prefill tok/s/GPU':>18} {'decode tok/s/GPU':>17}")
     for r in rows:
         print(f"{r['ep']:>3} {str(r['overlap']):>8} {str(r['cuda_graphs']):>7} {r['prefill_tok_s_per_gpu']:>18.1f} "
@@ -280,9 +301,11 @@ def main(args) -> dict:
     if exchange:
         print(f"all-to-all per MoE layer: dispatch {exchange['dispatch_us_per_layer']:.0f} us, "
               f"combine {exchange['combine_us_per_layer']:.0f} us")
-    for ex, times in fixed_exchange.items():
-        print(f"fixed-capacity exchange per MoE layer (dispatch + combine), {ex}: "
-              + ", ".join(f"{t} tokens/rank " + ("n/a" if us is None else f"{us:.0f} us") for t, us in times.items()))
+    for ex, by_layers in fixed_exchange.items():
+        for n, times in by_layers.items():
+            print(f"fixed-capacity exchange per MoE layer (dispatch + combine), {ex}, {n} per replay: "
+                  + ", ".join(f"{t} tokens/rank " + ("n/a" if us is None else f"{us:.0f} us")
+                              for t, us in times.items()))
     print(f"max/mean rows per rank (skewed routing): {balance['measured_before']:.2f} -> "
           f"{balance['measured_after']:.2f} after rebalancing (predicted {balance['predicted_before']:.2f} -> "
           f"{balance['predicted_after']:.2f})")

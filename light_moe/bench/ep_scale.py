@@ -29,10 +29,11 @@ import torch.distributed as dist
 from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
 from light_moe.bench.ep import (
+    STACKED_LAYERS,
     add_balance_args,
     add_workload_args,
     balance_run,
-    fixed_exchange_table,
+    fixed_exchange_tables,
     overlap_off_and_on,
     overlap_saving,
     per_gpu,
@@ -90,8 +91,9 @@ def _run_ep(model_path, n: int, common: dict, device: torch.device, args) -> dic
     try:
         rows, (memory, fixed) = overlap_off_and_on(
             model_path, n, executor, dict(engine_args, fixed_capacity_tokens=args.fixed_capacity), args,
-            measure=lambda engine: (engine.workers.call(rank_memory), fixed_exchange_table(engine, args.batch_size)))
-        out = dict(ep=n, rows=rows, memory_per_rank=memory, fixed_exchange_us_per_layer=fixed,
+            measure=lambda engine: (engine.workers.call(rank_memory), fixed_exchange_tables(engine, args.batch_size)))
+        out = dict(ep=n, rows=rows, memory_per_rank=memory, fixed_exchange_us_per_layer=fixed["1"],
+                   fixed_exchange_us_per_layer_stacked={"layers": STACKED_LAYERS, "us": fixed[str(STACKED_LAYERS)]},
                    overlap_saving=overlap_saving(*rows))
         if not args.no_balance:
             engine = LightMoEEngine(model_path, expert_parallel_size=n, num_redundant_experts=args.redundant,
@@ -148,7 +150,10 @@ def main(args) -> dict:
         for r in ep["rows"]:
             _line(f"EP={ep['ep']} overlap {'on' if r['overlap'] else 'off'}", r, worst)
         print(f"  EP={ep['ep']} fixed exchange per layer: " + ", ".join(
-            f"{t} tokens/rank {us:.0f} us" for t, us in ep["fixed_exchange_us_per_layer"].items() if us is not None))
+            f"{t} tokens/rank {us:.0f} us" for t, us in ep["fixed_exchange_us_per_layer"].items() if us is not None)
+            + f" ({STACKED_LAYERS} layers per replay: " + ", ".join(
+                f"{us:.0f}" for us in ep["fixed_exchange_us_per_layer_stacked"]["us"].values() if us is not None)
+            + " us)")
         if "balance" in ep:
             b = ep["balance"]
             print(f"  EP={ep['ep']} max/mean rows per rank: {b['measured_before']:.2f} -> {b['measured_after']:.2f}")
