@@ -20,13 +20,21 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> No
                    help="quantize the routed experts on load (int4 RTN; docs/quantization.md)")
     add_parallel_args(p)
     add_quant_args(p)
-    add_async_output_arg(p)
+    add_async_args(p)
 
 
-def add_async_output_arg(p: argparse.ArgumentParser) -> None:
+def add_async_args(p: argparse.ArgumentParser) -> None:
+    """The host/GPU overlap flags; async_kwargs turns them into engine arguments."""
     p.add_argument("--async-output-processing", action="store_true",
                    help="detokenize and build each step's outputs while the GPUs run the next step (outputs come "
                         "one step later; the same tokens and text)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule and launch each step before reading the previous step's tokens back (outputs "
+                        "come one step later; the same tokens and text)")
+
+
+def async_kwargs(args) -> dict:
+    return dict(async_output_processing=args.async_output_processing, async_scheduling=args.async_scheduling)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +91,7 @@ def cmd_generate(args) -> int:
     # under torchrun only rank 0 returns from the constructor: the other ranks serve it, then exit
     engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                             moe_backend=args.moe_backend, seed=args.seed,
-                            async_output_processing=args.async_output_processing,
+                            **async_kwargs(args),
                             **parallel_kwargs(args), **quant_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)

@@ -5,8 +5,9 @@
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
 #   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), the same
-#                                               with async output processing, then with variable splits; EP size:
-#                                               every visible GPU, or $EP_SIZE
+#                                               with async output processing, then with async scheduling; EP size:
+#                                               every visible GPU, or $EP_SIZE (~7 min at EP=4)
+#   scripts/gpu_checks.sh multi-bench-variable OUTDIR   bench ep with variable splits only
 #   scripts/gpu_checks.sh ep-profile OUTDIR     2+ GPUs: where a decode step's time goes on every rank, EP=1 vs EP=N
 #                                               (scripts/profile_ep_step.py; reports per rank in OUTDIR)
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
@@ -14,7 +15,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, multi-tests, multi-bench, ep-profile or p2p}
+stage=${1:?single-tests, single-bench, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -50,8 +51,13 @@ multi-bench)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}  # honours CUDA_VISIBLE_DEVICES
     step bench_ep_fixed 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 256 --time-exchange --output "$out/ep${n}_fixed256.json"
-    step bench_ep_async 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
-        --fixed-capacity 256 --async-output-processing --output "$out/ep${n}_fixed256_async.json"
+    step bench_ep_async_outputs 200 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" \
+        --batch-size 16 --fixed-capacity 256 --async-output-processing --output "$out/ep${n}_fixed256_async_out.json"
+    step bench_ep_async_scheduling 200 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" \
+        --batch-size 16 --fixed-capacity 256 --async-scheduling --output "$out/ep${n}_fixed256_async_sched.json"
+    ;;
+multi-bench-variable)
+    n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     step bench_ep_variable 240 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
         --fixed-capacity 0 --output "$out/ep${n}_variable.json"
     ;;
@@ -61,7 +67,7 @@ ep-profile)
         --batch-size 16 --steps 32 --report-dir "$out" --print-ranks
     mkdir -p "$out/async"
     TAIL=${TAIL:-12} step ep_profile_async 200 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral \
-        --layers 4 --batch-size 16 --steps 32 --report-dir "$out/async" --print-ranks --async-output-processing
+        --layers 4 --batch-size 16 --steps 32 --report-dir "$out/async" --print-ranks --async-scheduling
     ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
@@ -70,7 +76,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, multi-tests, multi-bench, ep-profile or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
     exit 2
     ;;
 esac

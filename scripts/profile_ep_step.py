@@ -44,7 +44,7 @@ def profile_one(model_path, load_format, ep: int, args, device) -> dict:
     kwargs = dict(dtype=args.dtype, device=str(device), load_format=load_format, show_progress=False,
                   max_num_seqs=ep * args.batch_size, max_model_len=args.input_len + 3 * args.steps + 64,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  async_output_processing=args.async_output_processing)
+                  async_output_processing=args.async_output_processing, async_scheduling=args.async_scheduling)
     if ep > 1:
         kwargs.update(expert_parallel_size=ep, fixed_capacity_tokens=args.fixed_capacity,
                       ep_exchange=args.exchange)
@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--async-output-processing", action="store_true",
                    help="engines with async output processing (a step's outputs made while the next one runs)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="engines with async scheduling (a step launched before the last one's tokens are read)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--top", type=int, default=25, help="rows of each report table")

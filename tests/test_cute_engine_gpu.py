@@ -68,12 +68,19 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     again = graphs.generate_outputs(PROMPTS[:3], params)
     for prompt, a, b in zip(PROMPTS, out_e, again):
         assert_agree(eager, graphs, prompt, a.token_ids, b.token_ids)
-    # async output processing: the same graphs' tokens, made one step later
+    # async output processing / async scheduling: the graphs' tokens, one step later (async scheduling: the
+    # decode graphs' input ids filled on the device from the last step's sampled tokens). bf16: a wasted row
+    # of an ended request changes the next batch's shape, so near-ties are allowed as above
     graphs.shutdown()
-    lagged = LightMoEEngine(checkpoint, async_output_processing=True, **common)
-    out_a = lagged.generate_outputs(PROMPTS, params)
-    assert [o.token_ids for o in out_a] == [o.token_ids for o in out_g]
-    assert [o.text for o in out_a] == [o.text for o in out_g]
+    for flags in (dict(async_output_processing=True), dict(async_scheduling=True)):
+        lagged = LightMoEEngine(checkpoint, **flags, **common)
+        out_a = lagged.generate_outputs(PROMPTS, params)
+        assert len(lagged.runner.decode_graphs.graphs) > 0
+        for prompt, a, b in zip(PROMPTS, out_e, out_a):
+            assert_agree(eager, lagged, prompt, a.token_ids, b.token_ids)
+        if "async_scheduling" in flags:
+            assert lagged.stats["steps_ahead"] > lagged.stats["steps"] // 2
+        lagged.shutdown()
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")

@@ -84,9 +84,9 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         import faulthandler
         faulthandler.dump_traceback_later(420, exit=True)  # a stuck collective: show where, then fail
         one = LightMoEEngine(sys.argv[1], **args)  # one GPU, decode graphs
-        # argv[3] == "async": the EP engine makes its outputs one step late (the one-GPU engine does not)
+        # argv[3]: "sync", or the EP engine with async_output_processing / async_scheduling (one GPU: sync)
         ep = LightMoEEngine(sys.argv[1], expert_parallel_size=int(sys.argv[2]), fixed_capacity_tokens=64,
-                            async_output_processing=sys.argv[3] == "async",
+                            **({} if sys.argv[3] == "sync" else {sys.argv[3]: True}),
                             collective_timeout_s=120, num_redundant_experts=1, **args)
         assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]
@@ -124,14 +124,16 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.parametrize("gpus,outputs", [(2, "sync"), (4, "sync"), (2, "async")])
-def test_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path, gpus, outputs):
+@pytest.mark.parametrize("gpus,mode", [(2, "sync"), (4, "sync"), (2, "async_output_processing"),
+                                       (2, "async_scheduling")])
+def test_gpus_decode_cuda_graphs_with_the_fixed_exchange(tmp_path, gpus, mode):
     """EP=2 and 4 on the CuTe backend, bf16: decode replays CUDA graphs holding the fixed-capacity
     all-to-alls, and agrees with one GPU (near-ties excepted); a second generation reuses the graphs; a
-    rebalance recaptures them; idle ranks replay their exchange-only graph. "async": the EP engine with
-    async output processing."""
+    rebalance recaptures them; idle ranks replay their exchange-only graph. Also with the EP engine's
+    async output processing or async scheduling (placeholder inputs filled on the device in the graphs'
+    input buffers, sampled tokens broadcast by rank 0)."""
     needs_gpus(gpus)
     path = make_tiny_checkpoint("mixtral", tmp_path / "ckpt", hidden_size=128, intermediate_size=128)
-    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), str(gpus), outputs, timeout_s=600))
+    print(run_script(tmp_path, GPU_GRAPH_SCRIPT, str(path), str(gpus), mode, timeout_s=600))
 
 

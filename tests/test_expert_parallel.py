@@ -243,22 +243,25 @@ def test_tokens_of_a_copied_expert_split_evenly_over_its_copies():
 
 # ---- failures: run in a child process so a hang would be caught by a hard timeout -------------
 # ---- fixed-capacity exchange (no host sync, decode-sized steps) ----------------------------------
-@pytest.mark.parametrize("family,overlap,async_outputs", [("qwen2_moe", False, False), ("mixtral", True, False),
-                                                          ("mixtral", False, True)])
-def test_fixed_capacity_exchange_gives_the_same_tokens(executor, checkpoints, single_process, family, overlap,
-                                                       async_outputs):
+@pytest.mark.parametrize("family,overlap,mode", [("qwen2_moe", False, "sync"), ("mixtral", True, "sync"),
+                                                 ("mixtral", False, "async_output_processing"),
+                                                 ("qwen2_moe", False, "async_scheduling")])
+def test_fixed_capacity_exchange_gives_the_same_tokens(executor, checkpoints, single_process, family, overlap, mode):
     """Capacity 8 rows (top-2): decode steps (<= 3 tokens per rank) take the fixed exchange, prefill chunks
-    of more than 4 tokens on a rank the variable one; the tokens equal the one-process engine's (also with
-    async output processing: rank 0 makes a step's outputs while the ranks run the next one)."""
+    of more than 4 tokens on a rank the variable one; the tokens equal the one-process engine's. Also with
+    async output processing (rank 0 makes a step's outputs while the ranks run the next one) and async
+    scheduling (steps launched before the last one's tokens are read: rank 0 broadcasts them on the device
+    and each rank fills its placeholder inputs from them)."""
     expected_tokens, _, _ = single_process[family]
+    flags = {} if mode == "sync" else {mode: True}
     engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size, fixed_capacity_tokens=8,
-                            enable_overlap=overlap, expert_parallel_executor=executor,
-                            async_output_processing=async_outputs, **ENGINE_ARGS)
+                            enable_overlap=overlap, expert_parallel_executor=executor, **flags, **ENGINE_ARGS)
     got = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]
     assert got == expected_tokens
     for d in engine.workers.rank.dispatchers:  # every rank takes the mode of the plan: rank 0 stands for all
         assert d.exchanges["fixed"] > 0 and d.exchanges["variable"] > 0, d.exchanges
     assert engine.stats["steps"] > LOAD_SYNC_STEPS  # load statistics were reduced, fixed steps included
+    assert (engine.stats["steps_ahead"] > 0) == (mode == "async_scheduling")
     assert all(r >= 1.0 for r in engine.expert_rank_balance())
 
 

@@ -153,13 +153,14 @@ def test_completions_match_the_engine(server, reference):
     assert default.usage.completion_tokens == 16
 
 
-def test_async_output_processing_serves_the_same(ckpt, reference):
-    """An engine whose outputs come one step later (async_output_processing): the same completions, plain and
-    streamed, and nothing left behind."""
+@pytest.mark.parametrize("flag", ["async_output_processing", "async_scheduling"])
+def test_async_engines_serve_the_same(ckpt, reference, flag):
+    """An engine whose outputs come one step later (async output processing, async scheduling): the same
+    completions, plain and streamed, and nothing left behind."""
     prompt = "def fibonacci(n):"
     expected = reference.generate_outputs(prompt, SamplingParams(max_tokens=12, temperature=0.0,
                                                                  ignore_eos=True))[0]
-    with _running_server(_engine(ckpt, async_output_processing=True)) as url:
+    with _running_server(_engine(ckpt, **{flag: True})) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
                                         extra_body={"ignore_eos": True})

@@ -105,7 +105,7 @@ def _timed_batch(engine, gen, vocab: int, batch: int, input_len: int, params) ->
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.cli import parallel_kwargs, quant_kwargs
+    from light_moe.cli import async_kwargs, parallel_kwargs, quant_kwargs
 
     model_path, load_format, tmp = bench_model(args)
     try:
@@ -113,7 +113,7 @@ def main(args) -> dict:
                                 max_model_len=args.input_len + args.output_len + 16,
                                 max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
                                 max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                                async_output_processing=args.async_output_processing,
+                                **async_kwargs(args),
                                 **parallel_kwargs(args), **quant_kwargs(args))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len, repeats=args.repeats)
         engine.shutdown()  # expert parallelism: stops the workers (spawned, or torchrun's other ranks)

@@ -29,7 +29,7 @@ import torch
 
 from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
-from light_moe.cli import add_async_output_arg
+from light_moe.cli import add_async_args, async_kwargs
 
 
 def add_workload_args(p, layers: int) -> None:
@@ -47,7 +47,7 @@ def add_workload_args(p, layers: int) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3,
                    help="measured batches per engine after the warm-up; tokens/s are their median")
-    add_async_output_arg(p)
+    add_async_args(p)
 
 
 def add_balance_args(p) -> None:
@@ -235,7 +235,7 @@ def main(args) -> dict:
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,
                   max_num_seqs=args.ep * args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
                   show_progress=False, enforce_eager=args.enforce_eager,
-                  async_output_processing=args.async_output_processing)
+                  **async_kwargs(args))
     rows, executor = [], None
     try:
         one = LightMoEEngine(model_path, **common)

@@ -38,6 +38,7 @@ from light_moe.bench.ep import (
     overlap_saving,
     per_gpu,
 )
+from light_moe.cli import async_kwargs
 
 
 def add_ep_scale_args(p) -> None:
@@ -118,7 +119,7 @@ def main(args) -> dict:
     common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,
                   max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                  enforce_eager=args.enforce_eager, async_output_processing=args.async_output_processing,
+                  enforce_eager=args.enforce_eager, **async_kwargs(args),
                   kv_cache_memory_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30))
     quant = None if args.baseline_quant == "none" else args.baseline_quant
     try:

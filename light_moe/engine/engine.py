@@ -19,14 +19,16 @@ from pathlib import Path
 import torch
 
 from light_moe.config import CacheConfig, EngineConfig, ParallelConfig, parse_dtype
+from light_moe.engine.inflight import InflightStep
 from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.request import Request
 from light_moe.engine.request_state import RequestState
-from light_moe.engine.sampler import sample
+from light_moe.engine.sampler import sample, sample_on_device
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.model_runner import ModelRunner
+from light_moe.executor.pending_tokens import placeholder
 from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec, torchrun_worker
 from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.backend import select_backend
@@ -131,6 +133,7 @@ class LightMoEEngine:
         quant_group_size: int = 128,
         quant_symmetric: bool = True,
         async_output_processing: bool = False,
+        async_scheduling: bool = False,
     ):
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
                                   collective_timeout_s, enable_overlap=enable_overlap,
@@ -179,6 +182,7 @@ class LightMoEEngine:
             enable_cuda_graphs=not enforce_eager,
             quantization=scheme,
             async_output_processing=async_output_processing,
+            async_scheduling=async_scheduling,
         )
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         if launch is not None and launch.is_worker:
@@ -232,6 +236,7 @@ class LightMoEEngine:
         self._states: dict[str, RequestState] = {}
         # async_output_processing: (state, finish reason, time) of the last step's tokens, emitted by the next step
         self._pending: list[tuple[RequestState, str | None, float]] = []
+        self._inflight: InflightStep | None = None  # async_scheduling: the launched step not yet read back
         self._ids = itertools.count()
         self._generator = torch.Generator(device=dev).manual_seed(seed)
         self.stats = {
@@ -242,6 +247,7 @@ class LightMoEEngine:
             "max_batch_size": 0,
             "preemptions": 0,
             "rebalances": 0,
+            "steps_ahead": 0,  # async_scheduling: steps launched before the previous one was read back
         }
 
     # ---- set-up helpers -----------------------------------------------------------------------
@@ -350,7 +356,7 @@ class LightMoEEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs not yet returned by step()."""
-        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+        return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight is not None
 
     # ---- the step -----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -358,9 +364,11 @@ class LightMoEEngine:
             raise RuntimeError("this engine was shut down (its KV cache and CUDA graphs are freed); create a new one")
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the RequestOutputs it produced. With async_output_processing, the
-        tokens of a step come out of the next call (their text is made while the GPUs run that step)."""
+        """Run one engine step; returns the RequestOutputs it produced. With async_output_processing or
+        async_scheduling, the tokens of a step come out of the next call."""
         self._check_open()
+        if self.config.async_scheduling:
+            return self._step_ahead()
         out = self.scheduler.schedule()
         outputs = []
         if out.finished or not out.scheduled:  # a final output must follow the pending one of its request
@@ -398,6 +406,74 @@ class LightMoEEngine:
                 self._pending.append((state, finish_reason, now))
             else:
                 outputs.append(state.emit(finish_reason, now))
+        return outputs
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """async_scheduling: schedule and launch step n + 1 before reading step n's tokens. Step n's decode
+        rows go on with placeholder inputs that the device fills from step n's sampled tokens
+        (executor/pending_tokens.py); the host reads those tokens (waiting for step n only) while step n + 1
+        runs, then decides endings and makes the outputs. A request that ends with step n's token (stop
+        token or string) was scheduled into step n + 1 too: that row is wasted and its token dropped;
+        max_tokens endings are known ahead and never waste one. Requests with a repetition penalty need every
+        token on the host to sample, so while one runs, each step reads the last one back first."""
+        outputs = []
+        if self._inflight is not None and any(st.params.repetition_penalty != 1.0 for st in self._states.values()):
+            outputs += self._read_back()
+        out = self.scheduler.schedule()
+        if out.finished or not out.scheduled:
+            outputs += self._read_back()
+        for request in out.finished:  # the scheduler ended it (grew past the whole cache)
+            state = self._states.pop(request.request_id, None)
+            if state is not None:
+                outputs.append(state.final_output(request.finish_reason or "length"))
+        self.stats["preemptions"] += len(out.preempted)
+        if not out.scheduled:
+            return outputs
+        prev = None if self._inflight is None else self._inflight.tokens
+        self.stats["steps_ahead"] += prev is not None
+        executor = self.runner if self.workers is None else self.workers
+        logits = executor.execute(out.scheduled, prev_tokens=prev)  # [S, V]
+        sampling = [s for s in out.scheduled if s.samples]
+        launched = None
+        if sampling:
+            rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
+            launched = InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
+        outputs += self._read_back()  # the previous step's tokens, while this step runs
+        self.scheduler.update_from_output(out, {s.request.request_id: placeholder(i) for i, s in enumerate(sampling)})
+        for s in sampling:  # an ending known ahead: not scheduled again; its last token still reads back
+            request = s.request
+            if not request.is_finished and request.num_output_tokens >= request.sampling_params.max_tokens:
+                self.scheduler.finish_request(request.request_id, "length")
+        self._inflight = launched
+        self.stats["steps"] += 1
+        self._record_expert_load()
+        self.stats["last_batch_size"] = len(out.scheduled)
+        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(out.scheduled))
+        return outputs
+
+    def _read_back(self) -> list[RequestOutput]:
+        """Read the in-flight step's tokens into their requests: endings, text, outputs."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        tokens, logprobs = inflight.read()
+        now = time.monotonic()
+        outputs = []
+        for i, s in enumerate(inflight.sampling):
+            request = s.request
+            state = self._states.get(request.request_id)
+            if state is None or state.request is not request:
+                continue  # aborted, or ended by the step before (this row was wasted)
+            if request.output_token_ids[-1] != placeholder(i):
+                raise RuntimeError(f"request {request.request_id!r}: its last token is not the placeholder of "
+                                   "the step being read back (async scheduling bookkeeping)")
+            request.output_token_ids[-1] = tokens[i]
+            self.stats["generation_tokens"] += 1
+            finish_reason = state.accept(tokens[i], None if logprobs is None else logprobs[i], now)
+            if finish_reason is not None:
+                self.scheduler.finish_request(request.request_id, finish_reason)  # no-op after a max_tokens end
+                self._states.pop(request.request_id, None)
+            outputs.append(state.emit(finish_reason, now))
         return outputs
 
     def _emit_pending(self) -> list[RequestOutput]:

@@ -39,7 +39,8 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
     top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=torch.float32)
     min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=torch.float32)
-    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+    # decided from the host-side parameters (a device read here would synchronise with the step's kernels)
+    if any(0 < r.params.top_k < vocab for r in rows) or any(r.params.top_p < 1.0 for r in rows):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device).expand_as(sorted_logits)
         drop = rank >= top_k.clamp(max=vocab).unsqueeze(1)
@@ -49,7 +50,7 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         drop |= mass_before >= top_p.unsqueeze(1)
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if bool((min_p > 0).any()):
+    if any(r.params.min_p > 0 for r in rows):
         probs = torch.softmax(logits, dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -59,13 +60,22 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None,
            ) -> tuple[list[int], list[float] | None]:
     """logits [B, V] float32 -> (token ids, logprobs of them or None if no row asked)."""
+    tokens, logprobs = sample_on_device(logits, rows, default_generator)
+    return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+
+
+def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] float32 -> (token ids [B] int64, logprobs [B] float32 or None), on logits' device, with
+    no host synchronisation: every branch is decided from the rows' host-side parameters, so the draw can be
+    queued behind the step's kernels (async scheduling) and read later."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         logits = logits.clone()  # the penalty edits in place; the caller's logits stay intact
         _apply_repetition_penalty(logits, rows)
-    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
     tokens = logits.argmax(dim=-1)  # greedy rows use the penalised logits
-    if not bool(greedy.all()):
+    if not all(r.params.greedy for r in rows):
+        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
                              device=logits.device, dtype=torch.float32)
         scaled = _filter(logits / temps.unsqueeze(1), rows)
@@ -78,7 +88,6 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
                 q[i].exponential_(generator=row.generator if row.generator is not None else default_generator)
         drawn = (probs / q).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, drawn)
-    token_list = tokens.tolist()
     if raw_logprobs is None:
-        return token_list, None
-    return token_list, raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        return tokens, None
+    return tokens, raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from light_moe.executor.pending_tokens import fill_pending_tokens
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
 
@@ -118,9 +119,10 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     @torch.inference_mode()
-    def run(self, scheduled, tag: Hashable = None) -> torch.Tensor:
+    def run(self, scheduled, tag: Hashable = None, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(scheduled), V] of a pure-decode step; `tag` tells apart graphs that differ in something
-        besides the batch and context buckets (expert parallelism: the exchange capacity)."""
+        besides the batch and context buckets (expert parallelism: the exchange capacity); prev_tokens: the
+        previous step's sampled tokens for placeholder inputs (model_runner.fill_pending_tokens)."""
         n = len(scheduled)
         batch = _bucket(n, self.batch_buckets)
         bs = self.block_size
@@ -138,6 +140,7 @@ class DecodeGraphs:
         blocks = self._blocks_bucket(longest)
         pad = batch - n
         self.input_ids[:batch].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        fill_pending_tokens(self.input_ids, tokens, prev_tokens)
         self.positions[:batch].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.query_pos[:batch, 0].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:batch].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)

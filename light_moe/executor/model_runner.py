@@ -16,6 +16,7 @@ import torch
 from light_moe.config import CacheConfig, ModelConfig
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.cuda_graphs import DecodeGraphs
+from light_moe.executor.pending_tokens import fill_pending_tokens
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
 
@@ -106,7 +107,7 @@ class ModelRunner:
         return int(total * utilization) - peak
 
     # ---- one step --------------------------------------------------------------------------
-    def prepare(self, scheduled: list[ScheduledRequest]):
+    def prepare(self, scheduled: list[ScheduledRequest], prev_tokens: torch.Tensor | None = None):
         input_ids, positions, slots, padded_index, sample_rows = [], [], [], [], []
         ctx_lens, tables, query_pos = [], [], []
         max_q = max(s.num_new_tokens for s in scheduled)
@@ -143,17 +144,20 @@ class ModelRunner:
             max_query_len=max_q,
             max_ctx_len=max(ctx_lens),
         )
-        return as_tensor(input_ids), as_tensor(positions), meta, as_tensor(sample_rows)
+        ids = as_tensor(input_ids)
+        fill_pending_tokens(ids, input_ids, prev_tokens)
+        return ids, as_tensor(positions), meta, as_tensor(sample_rows)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest], graph_tag: Hashable = None,
-                allow_graph: bool = True) -> torch.Tensor:
+                allow_graph: bool = True, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; returns float32 logits [S, V] for the rows that sample, in scheduled order.
         A pure-decode step replays a CUDA graph (when captured graphs are on and allow_graph), keyed also
-        by graph_tag (see DecodeGraphs.run)."""
+        by graph_tag (see DecodeGraphs.run). prev_tokens: the previous step's sampled tokens on the device,
+        for input tokens not yet known on the host (async scheduling: see fill_pending_tokens)."""
         if allow_graph and self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
-            return self.decode_graphs.run(scheduled, graph_tag)
-        input_ids, positions, meta, sample_rows = self.prepare(scheduled)
+            return self.decode_graphs.run(scheduled, graph_tag, prev_tokens)
+        input_ids, positions, meta, sample_rows = self.prepare(scheduled, prev_tokens)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
         return self.model.compute_logits(hidden.index_select(0, sample_rows))
 

@@ -32,6 +32,9 @@ class StepPlan:
     # >0: every MoE exchange of this step is the fixed-capacity one, this many rows per rank pair
     # (parallel/dispatch.py); 0: variable splits. Chosen on rank 0 from the host-known token counts.
     exchange_capacity: int = 0
+    # async scheduling: some tokens are placeholders for the previous step's sampled tokens, of which there
+    # were this many; rank 0 broadcasts them on the device before the forward (executor/pending_tokens.py)
+    prev_samples: int = 0
 
 
 def exchange_capacity(tokens_per_rank: list[int], top_k: int, limit: int) -> int:

@@ -50,6 +50,7 @@ import torch.multiprocessing as mp
 from light_moe.config import CacheConfig
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.model_runner import ModelRunner
+from light_moe.executor.pending_tokens import has_pending
 from light_moe.executor.step_plan import PlannedSequence, StepPlan, exchange_capacity
 from light_moe.models.base import MoECausalLM
 from light_moe.models.loader import build_model, load_model_config
@@ -234,8 +235,10 @@ class RankExecutor:
         for block in self.model.moe_blocks():
             block(empty)
 
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Rank 0 gets float32 logits [S, V] of the plan's sampling rows in plan order; others None."""
+    def run(self, plan: StepPlan, prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Rank 0 gets float32 logits [S, V] of the plan's sampling rows in plan order; others None.
+        prev_tokens (rank 0): the previous step's sampled tokens, broadcast to every rank when the plan has
+        placeholder inputs (plan.prev_samples > 0)."""
         if plan.placements is not None:
             # captured graphs point at the old expert weights and routing tables: drop them first (they are
             # captured again, lazily, from the new ones)
@@ -246,10 +249,15 @@ class RankExecutor:
                 dispatcher.rows_received.zero_()
         for dispatcher in self.dispatchers:  # the same mode on every rank: it rides in the plan
             dispatcher.capacity = plan.exchange_capacity
+        if plan.prev_samples:  # every rank joins, idle ones too
+            if self.group.rank != 0:
+                prev_tokens = torch.empty(plan.prev_samples, dtype=torch.long, device=self.group.device)
+            dist.broadcast(prev_tokens, src=0, group=self.group.device_group)
         mine = [_scheduled(s) for s in plan.sequences if s.owner == self.group.rank]
         if mine:  # decode graphs only on fixed-capacity steps; one graph per capacity
             logits = self.runner.execute(mine, graph_tag=plan.exchange_capacity,
-                                         allow_graph=plan.exchange_capacity > 0)  # [S_rank, V]
+                                         allow_graph=plan.exchange_capacity > 0,
+                                         prev_tokens=prev_tokens)  # [S_rank, V]
         else:
             self._idle_forward(plan.exchange_capacity)
             logits = torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.group.device)
@@ -491,7 +499,7 @@ class ExpertParallelExecutor:
         except Exception as exc:
             raise RuntimeError(self._fail(f"expert-parallel call failed ({type(exc).__name__}: {exc})")) from exc
 
-    def plan(self, scheduled: list[ScheduledRequest]) -> StepPlan:
+    def plan(self, scheduled: list[ScheduledRequest], prev_samples: int = 0) -> StepPlan:
         sequences = []
         for s in scheduled:
             req = s.request
@@ -507,16 +515,17 @@ class ExpertParallelExecutor:
         for seq in sequences:
             tokens[seq.owner] += len(seq.tokens)
         capacity = exchange_capacity(tokens, self.rank.model.config.top_k, self.fixed_capacity_tokens)
+        pending = prev_samples if any(has_pending(seq.tokens) for seq in sequences) else 0
         return StepPlan(sequences, placements, collect_load=self._steps % LOAD_SYNC_STEPS == 0,
-                        exchange_capacity=capacity)
+                        exchange_capacity=capacity, prev_samples=pending)
 
-    def execute(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+    def execute(self, scheduled: list[ScheduledRequest], prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Like ModelRunner.execute, over all ranks: float32 logits [S, V] of the sampling rows."""
         self._check_workers()
-        plan = self.plan(scheduled)
+        plan = self.plan(scheduled, 0 if prev_tokens is None else prev_tokens.numel())
         try:
             broadcast_message(plan, self.group)
-            return self.rank.run(plan)
+            return self.rank.run(plan, prev_tokens)
         except Exception as exc:
             raise RuntimeError(self._fail(f"expert-parallel step failed ({type(exc).__name__}: {exc})")) from exc
 

@@ -12,7 +12,14 @@ import logging
 import signal
 import sys
 
-from light_moe.cli import add_async_output_arg, add_parallel_args, add_quant_args, parallel_kwargs, quant_kwargs
+from light_moe.cli import (
+    add_async_args,
+    add_parallel_args,
+    add_quant_args,
+    async_kwargs,
+    parallel_kwargs,
+    quant_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_quant_args(parser)
     add_parallel_args(parser)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
-    add_async_output_arg(parser)
+    add_async_args(parser)
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -95,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
         engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 moe_backend=args.moe_backend, enforce_eager=args.enforce_eager,
-                                async_output_processing=args.async_output_processing,
+                                **async_kwargs(args),
                                 **quant_kwargs(args), **parallel_kwargs(args))
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,36 @@
+"""Input tokens that are still on the device (async scheduling).
+
+With async scheduling the engine schedules and launches step n+1 before the host has read the tokens that
+step n sampled: a decode row of step n+1 then carries the placeholder -(i + 1) for its input token, i the
+row of that token in step n's sampled tokens, which stay on the device. The runner (eager or CUDA graph)
+copies them into the step's input ids on the stream; under expert parallelism rank 0 broadcasts step n's
+sampled tokens to every rank first (executor/workers.py). Token ids are never negative otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def placeholder(row: int) -> int:
+    """The input token that stands for row `row` of the previous step's sampled tokens."""
+    return -row - 1
+
+
+def has_pending(host_ids) -> bool:
+    return any(t < 0 for t in host_ids)
+
+
+def fill_pending_tokens(ids: torch.Tensor, host_ids: list[int], prev_tokens: torch.Tensor | None) -> None:
+    """Async scheduling schedules a step before the host knows the tokens the previous step sampled: such an
+    input token is a placeholder -(i + 1), i its row in the previous step's sampled tokens (still on the
+    device). Copy them into ids (the step's input ids, already on the device) from prev_tokens, on the
+    stream, without a host read."""
+    pending = [(row, -t - 1) for row, t in enumerate(host_ids) if t < 0]
+    if not pending:
+        return
+    if prev_tokens is None:
+        raise RuntimeError("the step has input tokens still pending from the previous step, but no sampled "
+                           "tokens to take them from")
+    rows, sources = zip(*pending)
+    ids.index_copy_(0, torch.tensor(rows, device=ids.device),
+                    prev_tokens.index_select(0, torch.tensor(sources, device=prev_tokens.device)).to(ids.device))
