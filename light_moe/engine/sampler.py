@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from light_moe.executor.host_to_device import to_device
 from light_moe.sampling_params import SamplingParams
 
 
@@ -27,7 +28,7 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> 
         penalty = row.params.repetition_penalty
         if penalty == 1.0 or not row.seen_token_ids:
             continue
-        ids = torch.tensor(sorted(set(row.seen_token_ids)), device=logits.device, dtype=torch.long)
+        ids = to_device(sorted(set(row.seen_token_ids)), torch.long, logits.device)
         picked = logits[i, ids]
         logits[i, ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
 
@@ -36,9 +37,9 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p exclude; logits are already temperature-scaled."""
     vocab = logits.shape[-1]
     device = logits.device
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=torch.float32)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=torch.float32)
+    top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], torch.long, device)
+    top_p = to_device([r.params.top_p for r in rows], torch.float32, device)
+    min_p = to_device([r.params.min_p for r in rows], torch.float32, device)
     # decided from the host-side parameters (a device read here would synchronise with the step's kernels)
     if any(0 < r.params.top_k < vocab for r in rows) or any(r.params.top_p < 1.0 for r in rows):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -75,9 +76,9 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow], default_gene
         _apply_repetition_penalty(logits, rows)
     tokens = logits.argmax(dim=-1)  # greedy rows use the penalised logits
     if not all(r.params.greedy for r in rows):
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-        temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
-                             device=logits.device, dtype=torch.float32)
+        greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
+        temps = to_device([r.params.temperature if not r.params.greedy else 1.0 for r in rows], torch.float32,
+                          logits.device)
         scaled = _filter(logits / temps.unsqueeze(1), rows)
         probs = torch.softmax(scaled, dim=-1)
         q = torch.empty_like(probs)

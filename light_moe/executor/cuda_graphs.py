@@ -25,6 +25,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from light_moe.executor.host_to_device import copy_to
 from light_moe.executor.pending_tokens import fill_pending_tokens
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
@@ -139,15 +140,15 @@ class DecodeGraphs:
             longest = max(longest, len(req.block_table))
         blocks = self._blocks_bucket(longest)
         pad = batch - n
-        self.input_ids[:batch].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        copy_to(self.input_ids[:batch], tokens + [0] * pad)
         fill_pending_tokens(self.input_ids, tokens, prev_tokens)
-        self.positions[:batch].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.query_pos[:batch, 0].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:batch].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.ctx_lens[:batch].copy_(torch.tensor(ctx + [1] * pad), non_blocking=True)
+        copy_to(self.positions[:batch], positions + [0] * pad)
+        copy_to(self.query_pos[:batch, 0], positions + [0] * pad)
+        copy_to(self.slots[:batch], slots + [self.scratch_slot] * pad)
+        copy_to(self.ctx_lens[:batch], ctx + [1] * pad)
         # one host tensor for the whole table: a tensor per row cost ~5 us each at batch 64
         table = [t + [0] * (blocks - len(t)) for t in tables] + [[0] * blocks] * pad
-        self.tables[:batch, :blocks].copy_(torch.tensor(table), non_blocking=True)
+        copy_to(self.tables[:batch, :blocks], table)
         key = (batch, blocks, tag)
         if key not in self.graphs:
             self.graphs[key] = self._capture(lambda: self._forward(batch, blocks),

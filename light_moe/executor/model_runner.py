@@ -16,6 +16,7 @@ import torch
 from light_moe.config import CacheConfig, ModelConfig
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.cuda_graphs import DecodeGraphs
+from light_moe.executor.host_to_device import to_device
 from light_moe.executor.pending_tokens import fill_pending_tokens
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
@@ -133,7 +134,7 @@ class ModelRunner:
         padded_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
 
         def as_tensor(values):
-            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+            return to_device(values, torch.long, self.device)
 
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from light_moe.executor.host_to_device import to_device
+
 
 def placeholder(row: int) -> int:
     """The input token that stands for row `row` of the previous step's sampled tokens."""
@@ -32,5 +34,5 @@ def fill_pending_tokens(ids: torch.Tensor, host_ids: list[int], prev_tokens: tor
         raise RuntimeError("the step has input tokens still pending from the previous step, but no sampled "
                            "tokens to take them from")
     rows, sources = zip(*pending)
-    ids.index_copy_(0, torch.tensor(rows, device=ids.device),
-                    prev_tokens.index_select(0, torch.tensor(sources, device=prev_tokens.device)).to(ids.device))
+    sources = prev_tokens.index_select(0, to_device(sources, torch.long, prev_tokens.device))
+    ids.index_copy_(0, to_device(rows, torch.long, ids.device), sources.to(ids.device))
