@@ -121,3 +121,27 @@ def test_abort_drops_the_pending_output(ckpt, mode):
         outputs = lagged.step()
         assert all(o.request_id == b for o in outputs)
     assert outputs[-1].finished and len(outputs[-1].token_ids) == 6
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_requests_arriving_mid_generation_in_prefill_chunks(ckpt, mode):
+    """A request that arrives while others decode is prefilled in chunks (16 tokens per step) alongside their
+    decode rows, whose inputs are placeholders under async scheduling: one flattened batch of both kinds."""
+    sync, lagged = engines(ckpt, mode, max_num_batched_tokens=16)
+    late = (list(range(40, 90)), SamplingParams(max_tokens=6, temperature=0.0))
+    results = []
+    for engine in (sync, lagged):
+        seen: dict[str, list[tuple]] = {}
+        for i, p in enumerate(PROMPTS[:3]):
+            engine.add_request(p[:8], SamplingParams(max_tokens=20, temperature=0.0), request_id=f"r{i}")
+        calls = 0
+        while engine.has_unfinished_requests():
+            if calls == 4:
+                engine.add_request(*late, request_id="late")
+            for o in engine.step():
+                seen.setdefault(o.request_id, []).append((o.token_ids, o.finished, o.finish_reason))
+            calls += 1
+        results.append(seen)
+    assert results[1] == results[0]
+    assert results[0]["late"][-1] == (results[0]["late"][-1][0], True, "length")
+    assert len(results[0]["late"][-1][0]) == 6
