@@ -49,3 +49,7 @@ def test_cli_generate_uses_the_demo_model(capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("def add(a, b):") and len(captured.out.strip()) > len("def add(a, b):")
     assert "tokens/s" in captured.err and "demo model" in captured.err
+    # the host/GPU overlap flags give the same text
+    for flags in (["--async-output-processing"], ["--async-scheduling"], ["--stream", "--async-scheduling"]):
+        assert main(["generate", "def add(a, b):", "--max-tokens", "8", "--device", "cpu", *flags]) == 0
+        assert capsys.readouterr().out == captured.out, flags
