@@ -27,6 +27,7 @@ from light_moe.engine.request_state import RequestState
 from light_moe.engine.sampler import sample, sample_on_device
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
+from light_moe.executor.device_to_host import HostCopy
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.pending_tokens import placeholder
 from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec, torchrun_worker
@@ -225,6 +226,7 @@ class LightMoEEngine:
         self._expert_load = ExpertLoadWindow(num_moe, model_cfg.num_experts, records)  # global tokens per expert
         self._rank_rows = ExpertLoadWindow(num_moe, parallel.expert_parallel_size, records)  # rows received per rank
         self._load_tracker = ExpertLoadTracker()  # one process: device-side sums between records
+        self._load_copy: HostCopy | None = None  # one process: the last sums on their way to the host
         self._rebalance_policy = RebalancePolicy(parallel.rebalance_interval, parallel.rebalance_threshold)
         if self.workers is None:
             self.block_manager = BlockManager(self.runner.num_blocks, block_size)
@@ -494,8 +496,11 @@ class LightMoEEngine:
         self._load_tracker.add(self.runner.expert_load())
         if self.stats["steps"] % LOAD_SYNC_STEPS == 0:
             tokens = self._load_tracker.take()
-            if tokens is not None:
-                self._expert_load.record(tokens)
+            if tokens is not None:  # recorded once on the host: no wait for this step's kernels
+                self._load_copy = HostCopy(tokens)
+        if self._load_copy is not None and self._load_copy.ready():
+            self._expert_load.record(self._load_copy.get())
+            self._load_copy = None
 
     def expert_load_stats(self) -> list[list[float]]:
         """Tokens routed to each expert over the sliding window, summed over all ranks. [L][E]

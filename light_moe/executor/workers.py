@@ -49,6 +49,7 @@ import torch.multiprocessing as mp
 
 from light_moe.config import CacheConfig
 from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.executor.device_to_host import HostCopy
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.pending_tokens import has_pending
 from light_moe.executor.step_plan import PlannedSequence, StepPlan, exchange_capacity
@@ -166,7 +167,7 @@ class RankExecutor:
                 block.overlap = TwoBatchOverlap(dispatcher)
         self._empty_batch = torch.empty(0, self.model.config.hidden_size, dtype=spec.dtype, device=group.device)
         self.tracker = ExpertLoadTracker()
-        self.last_load: torch.Tensor | None = None  # rank 0: [L, E + N] from the last collect_load step
+        self.last_load: HostCopy | None = None  # rank 0: [L, E + N] from the last collect_load step
         self.runner = self._runner(spec, spec.cache)
         self._agree_on_kv_blocks(spec)
 
@@ -485,10 +486,14 @@ class ExpertParallelExecutor:
         """The placements the next step runs with (pending ones, else the current ones)."""
         return self._pending_placements if self._pending_placements is not None else self.placements
 
-    def take_load(self) -> torch.Tensor | None:
-        """[L, E + N] statistics reduced after the last collect_load step (None if none since the last take)."""
-        load, self.rank.last_load = self.rank.last_load, None
-        return load
+    def take_load(self, wait: bool = False) -> torch.Tensor | None:
+        """[L, E + N] statistics reduced after the last collect_load step, once they have reached the host
+        (None if none since the last take, or still on the way and not `wait`)."""
+        load = self.rank.last_load
+        if load is None or not (wait or load.ready()):
+            return None
+        self.rank.last_load = None
+        return load.get()
 
     def call(self, fn, *args):
         """fn(rank_executor, *args) on every rank (see RankCall); returns rank 0's result."""

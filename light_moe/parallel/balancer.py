@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from light_moe.executor.device_to_host import HostCopy
 from light_moe.parallel.placement import ExpertPlacement, write_expert_load
 
 LOAD_SYNC_STEPS = 8  # steps between reductions of the load statistics to rank 0
@@ -103,9 +104,10 @@ class ExpertLoadTracker:
 
 
 def reduce_load(tracker: ExpertLoadTracker, dispatchers, num_experts: int, rank: int, group,
-                device: torch.device) -> torch.Tensor | None:
+                device: torch.device) -> HostCopy | None:
     """Every rank: sum its statistics since the last call into rank 0. Rank 0 gets [L, E + N] float64
-    (tokens per expert, then rows received per rank); the others None."""
+    (tokens per expert, then rows received per rank) as a copy on its way to the host (read it when
+    ready(): a `.cpu()` here would hold rank 0 until the step's kernels finish); the others None."""
     world = dist.get_world_size(group)
     packed = torch.zeros(len(dispatchers), num_experts + world, dtype=torch.float64, device=device)  # [L, E + N]
     tokens = tracker.take()
@@ -115,7 +117,7 @@ def reduce_load(tracker: ExpertLoadTracker, dispatchers, num_experts: int, rank:
         packed[layer, num_experts + rank] = d.rows_received
         d.rows_received.zero_()
     dist.reduce(packed, dst=0, group=group)
-    return packed.cpu() if rank == 0 else None
+    return HostCopy(packed) if rank == 0 else None
 
 
 class RebalancePolicy:
