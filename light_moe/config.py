@@ -217,7 +217,7 @@ class EngineConfig:
     # step() detokenizes and builds the outputs of step n while the GPUs run step n + 1 (outputs come one
     # step later; the tokens, text and finish reasons are the same). Off until measured on GPUs.
     async_output_processing: bool = False
-    # schedule and launch step n + 1 before reading step n's tokens back (engine.LightMoEEngine._step_ahead);
+    # schedule and launch step n + 1 before reading step n's tokens back (engine.LightMoEEngine.step);
     # outputs come one step later, tokens and text are the same. Off until measured on GPUs.
     async_scheduling: bool = False
 

@@ -26,6 +26,7 @@ import torch
 from light_moe import LightMoEEngine, SamplingParams
 from light_moe.assets import DEMO_MODEL_DIR
 from light_moe.engine import engine as engine_module
+from light_moe.engine.inflight import InflightStep
 from light_moe.engine.request_state import RequestState
 from light_moe.executor.step_plan import PlannedSequence, StepPlan
 
@@ -63,8 +64,8 @@ def measure(batch: int, steps: int, input_len: int, model: str, profiler=None) -
     plan_bytes = []
     logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(1))  # made once: not host work
 
-    def stub_execute(scheduled, graph_tag=None, allow_graph=True):
-        runner.prepare(scheduled)  # the host part of a real step: input ids, positions, block tables, metadata
+    def stub_execute(scheduled, graph_tag=None, allow_graph=True, prev_tokens=None):
+        runner.prepare(scheduled, prev_tokens)  # the host part of a real step: input ids, positions, block tables, metadata
         begin = time.perf_counter()
         plan_bytes.append(len(_plan(scheduled)))
         spent["plan"] += time.perf_counter() - begin
@@ -73,7 +74,8 @@ def measure(batch: int, steps: int, input_len: int, model: str, profiler=None) -
     runner.execute = stub_execute
     _timed(engine.scheduler, "schedule", spent, "schedule")
     _timed(runner, "prepare", spent, "prepare")
-    _timed(engine_module, "sample", spent, "sample")
+    _timed(engine_module, "sample_on_device", spent, "sample")  # the draw queued, then read back
+    _timed(InflightStep, "read", spent, "sample")
     _timed(engine.scheduler, "update_from_output", spent, "update")
     _timed(RequestState, "accept", spent, "accept")
     _timed(RequestState, "emit", spent, "emit")
@@ -97,7 +99,8 @@ def measure(batch: int, steps: int, input_len: int, model: str, profiler=None) -
     finally:
         _untime(RequestState, "accept")
         _untime(RequestState, "emit")
-        _untime(engine_module, "sample")
+        _untime(engine_module, "sample_on_device")
+        _untime(InflightStep, "read")
         engine.shutdown()
     row = {phase: 1e3 * t / steps for phase, t in spent.items()}
     row.update(batch=batch, step_ms=1e3 * (total - spent["plan"]) / steps, plan_kib=plan_bytes[-1] / 1024)

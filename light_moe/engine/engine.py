@@ -24,7 +24,7 @@ from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.request import Request
 from light_moe.engine.request_state import RequestState
-from light_moe.engine.sampler import sample, sample_on_device
+from light_moe.engine.sampler import sample_on_device
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.device_to_host import HostCopy
@@ -367,63 +367,25 @@ class LightMoEEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the RequestOutputs it produced. With async_output_processing or
-        async_scheduling, the tokens of a step come out of the next call."""
-        self._check_open()
-        if self.config.async_scheduling:
-            return self._step_ahead()
-        out = self.scheduler.schedule()
-        outputs = []
-        if out.finished or not out.scheduled:  # a final output must follow the pending one of its request
-            outputs += self._emit_pending()
-        for request in out.finished:  # the scheduler ended it (grew past the whole cache)
-            state = self._states.pop(request.request_id, None)
-            if state is not None:
-                outputs.append(state.final_output(request.finish_reason or "length"))
-        self.stats["preemptions"] += len(out.preempted)
-        if not out.scheduled:
-            return outputs
-        executor = self.runner if self.workers is None else self.workers
-        logits = executor.execute(out.scheduled)  # [S, V]; on a GPU still being computed
-        outputs += self._emit_pending()  # the host work of the last step's outputs overlaps this step's kernels
-        sampling = [s for s in out.scheduled if s.samples]
-        rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
-        tokens, logprobs = sample(logits, rows, self._generator) if rows else ([], None)
-        sampled = {s.request.request_id: tok for s, tok in zip(sampling, tokens)}
-        self.scheduler.update_from_output(out, sampled)
-        self.stats["steps"] += 1
-        self._record_expert_load()
-        self.stats["last_batch_size"] = len(out.scheduled)
-        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(out.scheduled))
-        now = time.monotonic()
-        for i, s in enumerate(sampling):
-            state = self._states.get(s.request.request_id)
-            if state is None:
-                continue
-            self.stats["generation_tokens"] += 1
-            finish_reason = state.accept(tokens[i], None if logprobs is None else logprobs[i], now)
-            if finish_reason is not None:  # ended now: its blocks are free before the next schedule
-                self.scheduler.finish_request(s.request.request_id, finish_reason)
-                self._states.pop(s.request.request_id, None)
-            if self.config.async_output_processing:
-                self._pending.append((state, finish_reason, now))
-            else:
-                outputs.append(state.emit(finish_reason, now))
-        return outputs
+        async_scheduling, the tokens of a step come out of the next call.
 
-    def _step_ahead(self) -> list[RequestOutput]:
-        """async_scheduling: schedule and launch step n + 1 before reading step n's tokens. Step n's decode
-        rows go on with placeholder inputs that the device fills from step n's sampled tokens
-        (executor/pending_tokens.py); the host reads those tokens (waiting for step n only) while step n + 1
-        runs, then decides endings and makes the outputs. A request that ends with step n's token (stop
-        token or string) was scheduled into step n + 1 too: that row is wasted and its token dropped;
-        max_tokens endings are known ahead and never waste one. Requests with a repetition penalty need every
-        token on the host to sample, so while one runs, each step reads the last one back first."""
+        One path for every mode: the step is launched, its sampled tokens are queued on the device
+        (sample_on_device) as an InflightStep, and the requests get placeholder tokens; reading the tokens
+        back (_read_back: endings, text, outputs) happens at once, or, with async_scheduling, in the next
+        call after that call's step is launched. Its decode rows then take the placeholders as inputs, which
+        the device fills from these tokens (executor/pending_tokens.py). A request that ends with step n's
+        token (stop token or string) was scheduled into step n + 1 too: that row is wasted and its token
+        dropped; max_tokens endings are known ahead and never waste one. Requests with a repetition penalty
+        need every token on the host to sample, so while one runs, each step reads the last one back first.
+        async_output_processing (without async_scheduling) defers the text and outputs of a step to the next
+        call, after its kernels are launched."""
+        self._check_open()
         outputs = []
         if self._inflight is not None and any(st.params.repetition_penalty != 1.0 for st in self._states.values()):
             outputs += self._read_back()
         out = self.scheduler.schedule()
-        if out.finished or not out.scheduled:
-            outputs += self._read_back()
+        if out.finished or not out.scheduled:  # a final output must follow the pending one of its request
+            outputs += self._flush()
         for request in out.finished:  # the scheduler ended it (grew past the whole cache)
             state = self._states.pop(request.request_id, None)
             if state is not None:
@@ -434,31 +396,40 @@ class LightMoEEngine:
         prev = None if self._inflight is None else self._inflight.tokens
         self.stats["steps_ahead"] += prev is not None
         executor = self.runner if self.workers is None else self.workers
-        logits = executor.execute(out.scheduled, prev_tokens=prev)  # [S, V]
+        logits = executor.execute(out.scheduled, prev_tokens=prev)  # [S, V]; on a GPU still being computed
         sampling = [s for s in out.scheduled if s.samples]
         launched = None
         if sampling:
             rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
             launched = InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
-        outputs += self._read_back()  # the previous step's tokens, while this step runs
+        outputs += self._flush()  # the last step's host work overlaps this step's kernels
         self.scheduler.update_from_output(out, {s.request.request_id: placeholder(i) for i, s in enumerate(sampling)})
-        for s in sampling:  # an ending known ahead: not scheduled again; its last token still reads back
-            request = s.request
-            if not request.is_finished and request.num_output_tokens >= request.sampling_params.max_tokens:
-                self.scheduler.finish_request(request.request_id, "length")
         self._inflight = launched
+        if self.config.async_scheduling:
+            for s in sampling:  # an ending known ahead: not scheduled again; its last token still reads back
+                request = s.request
+                if not request.is_finished and request.num_output_tokens >= request.sampling_params.max_tokens:
+                    self.scheduler.finish_request(request.request_id, "length")
+        else:
+            outputs += self._read_back()
         self.stats["steps"] += 1
         self._record_expert_load()
         self.stats["last_batch_size"] = len(out.scheduled)
         self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(out.scheduled))
         return outputs
 
+    def _flush(self) -> list[RequestOutput]:
+        """What the last step left for the host: its tokens (async_scheduling), its outputs (async outputs)."""
+        return self._read_back() + self._emit_pending()
+
     def _read_back(self) -> list[RequestOutput]:
-        """Read the in-flight step's tokens into their requests: endings, text, outputs."""
+        """Read the in-flight step's tokens into their requests: endings, then text and outputs (kept for the
+        next call under async_output_processing without async_scheduling, which already lags a call)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
         tokens, logprobs = inflight.read()
+        defer = self.config.async_output_processing and not self.config.async_scheduling
         now = time.monotonic()
         outputs = []
         for i, s in enumerate(inflight.sampling):
@@ -468,14 +439,17 @@ class LightMoEEngine:
                 continue  # aborted, or ended by the step before (this row was wasted)
             if request.output_token_ids[-1] != placeholder(i):
                 raise RuntimeError(f"request {request.request_id!r}: its last token is not the placeholder of "
-                                   "the step being read back (async scheduling bookkeeping)")
+                                   "the step being read back")
             request.output_token_ids[-1] = tokens[i]
             self.stats["generation_tokens"] += 1
             finish_reason = state.accept(tokens[i], None if logprobs is None else logprobs[i], now)
-            if finish_reason is not None:
+            if finish_reason is not None:  # its blocks are free before the next schedule
                 self.scheduler.finish_request(request.request_id, finish_reason)  # no-op after a max_tokens end
                 self._states.pop(request.request_id, None)
-            outputs.append(state.emit(finish_reason, now))
+            if defer:
+                self._pending.append((state, finish_reason, now))
+            else:
+                outputs.append(state.emit(finish_reason, now))
         return outputs
 
     def _emit_pending(self) -> list[RequestOutput]:
