@@ -20,7 +20,4 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def copy_to(dst: torch.Tensor, values) -> None:
     """dst.copy_(values) for a host list, without a host wait on CUDA (straight from pinned memory)."""
-    if dst.device.type != "cuda":
-        dst.copy_(torch.tensor(values, dtype=dst.dtype))
-        return
-    dst.copy_(torch.tensor(values, dtype=dst.dtype, pin_memory=True), non_blocking=True)
+    dst.copy_(torch.tensor(values, dtype=dst.dtype, pin_memory=dst.is_cuda), non_blocking=True)

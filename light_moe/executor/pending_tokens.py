@@ -19,7 +19,7 @@ def placeholder(row: int) -> int:
 
 
 def has_pending(host_ids) -> bool:
-    return any(t < 0 for t in host_ids)
+    return bool(host_ids) and min(host_ids) < 0  # min runs in C: prefill steps carry thousands of ids
 
 
 def fill_pending_tokens(ids: torch.Tensor, host_ids: list[int], prev_tokens: torch.Tensor | None) -> None:
@@ -27,9 +27,9 @@ def fill_pending_tokens(ids: torch.Tensor, host_ids: list[int], prev_tokens: tor
     input token is a placeholder -(i + 1), i its row in the previous step's sampled tokens (still on the
     device). Copy them into ids (the step's input ids, already on the device) from prev_tokens, on the
     stream, without a host read."""
-    pending = [(row, -t - 1) for row, t in enumerate(host_ids) if t < 0]
-    if not pending:
+    if not has_pending(host_ids):  # every synchronous step, and most rows of any step
         return
+    pending = [(row, -t - 1) for row, t in enumerate(host_ids) if t < 0]
     if prev_tokens is None:
         raise RuntimeError("the step has input tokens still pending from the previous step, but no sampled "
                            "tokens to take them from")

@@ -520,7 +520,7 @@ class ExpertParallelExecutor:
         for seq in sequences:
             tokens[seq.owner] += len(seq.tokens)
         capacity = exchange_capacity(tokens, self.rank.model.config.top_k, self.fixed_capacity_tokens)
-        pending = prev_samples if any(has_pending(seq.tokens) for seq in sequences) else 0
+        pending = prev_samples if prev_samples and any(has_pending(seq.tokens) for seq in sequences) else 0
         return StepPlan(sequences, placements, collect_load=self._steps % LOAD_SYNC_STEPS == 0,
                         exchange_capacity=capacity, prev_samples=pending)
 
