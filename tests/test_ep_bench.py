@@ -99,3 +99,10 @@ def test_profile_ep_step_reports_every_rank(mixtral, tmp_path):
     assert "workers.py" in (tmp_path / "ep2.rank1.txt").read_text()  # its cProfile tables
     table = proc.stdout[proc.stdout.index(" ep  seqs"):].splitlines()
     assert len(table) == 1 + 3, table
+
+
+def test_overlap_saving_is_the_fraction_of_the_overlap_off_time_saved():
+    from light_moe.bench.ep import overlap_saving
+
+    saving = overlap_saving({"decode_s": 1.0, "prefill_s": 2.0}, {"decode_s": 0.8, "prefill_s": 2.5})
+    assert saving["decode"] == pytest.approx(0.2) and saving["prefill"] == pytest.approx(-0.25)

@@ -195,8 +195,8 @@ def fixed_exchange_tables(engine, batch_size: int, exchange: str = "nccl") -> di
 
 def overlap_saving(off: dict, on: dict) -> dict:
     """Fraction of the overlap-off time that overlap saves (negative: overlap is slower)."""
-    return dict(decode=1 - off["decode_s"] / on["decode_s"] if on["decode_s"] else 0.0,
-                prefill=1 - off["prefill_s"] / on["prefill_s"] if on["prefill_s"] else 0.0)
+    return dict(decode=1 - on["decode_s"] / off["decode_s"] if off["decode_s"] else 0.0,
+                prefill=1 - on["prefill_s"] / off["prefill_s"] if off["prefill_s"] else 0.0)
 
 
 def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, measure=None) -> tuple[list, object]:

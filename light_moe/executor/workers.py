@@ -486,11 +486,11 @@ class ExpertParallelExecutor:
         """The placements the next step runs with (pending ones, else the current ones)."""
         return self._pending_placements if self._pending_placements is not None else self.placements
 
-    def take_load(self, wait: bool = False) -> torch.Tensor | None:
+    def take_load(self) -> torch.Tensor | None:
         """[L, E + N] statistics reduced after the last collect_load step, once they have reached the host
-        (None if none since the last take, or still on the way and not `wait`)."""
+        (None if none since the last take, or still on the way)."""
         load = self.rank.last_load
-        if load is None or not (wait or load.ready()):
+        if load is None or not load.ready():
             return None
         self.rank.last_load = None
         return load.get()
