@@ -45,7 +45,8 @@ single-bench)
         --configs 64x8x1 64x8x2 64x8x4 64x16x2 64x16x4 128x16x1 --output "$out/w4a16_decode_configs.json"
     ;;
 multi-tests)
-    step ep_tests 540 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_ep_gpu.py -ra
+    # one case per family and GPU count, in parallel (each spawns its own ranks; ~2 min a case at 4 GPUs)
+    step ep_tests 540 $py -m pytest -q -m "gpu and multigpu" -n 8 -p no:cacheprovider tests/test_ep_gpu.py -ra
     ;;
 multi-bench)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}  # honours CUDA_VISIBLE_DEVICES
