@@ -28,9 +28,10 @@ def add_async_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-output-processing", action="store_true",
                    help="detokenize and build each step's outputs while the GPUs run the next step (outputs come "
                         "one step later; the same tokens and text)")
-    p.add_argument("--async-scheduling", action="store_true",
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule and launch each step before reading the previous step's tokens back (outputs "
-                        "come one step later; the same tokens and text)")
+                        "come one step later; the same tokens and text); on by default, --no-async-scheduling "
+                        "reads each step back before the next")
 
 
 def async_kwargs(args) -> dict:

@@ -4,8 +4,9 @@
 #   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
-#   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), the same
-#                                               with async output processing, then with async scheduling; EP size:
+#   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), read back
+#                                               each step (sync), with async output processing, then with async
+#                                               scheduling (the default); EP size:
 #                                               every visible GPU, or $EP_SIZE (~7 min at EP=4)
 #   scripts/gpu_checks.sh multi-bench-variable OUTDIR   bench ep with variable splits only
 #   scripts/gpu_checks.sh ep-profile OUTDIR     2+ GPUs: where a decode step's time goes on every rank, EP=1 vs EP=N
@@ -51,11 +52,12 @@ multi-tests)
 multi-bench)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}  # honours CUDA_VISIBLE_DEVICES
     step bench_ep_fixed 300 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" --batch-size 16 \
-        --fixed-capacity 256 --time-exchange --output "$out/ep${n}_fixed256.json"
+        --fixed-capacity 256 --time-exchange --no-async-scheduling --output "$out/ep${n}_fixed256.json"
     step bench_ep_async_outputs 200 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" \
-        --batch-size 16 --fixed-capacity 256 --async-output-processing --output "$out/ep${n}_fixed256_async_out.json"
+        --batch-size 16 --fixed-capacity 256 --no-async-scheduling --async-output-processing \
+        --output "$out/ep${n}_fixed256_async_out.json"
     step bench_ep_async_scheduling 200 $py -m light_moe.cli bench ep --shape mixtral --layers 4 --ep "$n" \
-        --batch-size 16 --fixed-capacity 256 --async-scheduling --output "$out/ep${n}_fixed256_async_sched.json"
+        --batch-size 16 --fixed-capacity 256 --output "$out/ep${n}_fixed256_async_sched.json"
     ;;
 multi-bench-variable)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
@@ -65,10 +67,10 @@ multi-bench-variable)
 ep-profile)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     TAIL=${TAIL:-12} step ep_profile 200 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral --layers 4 \
-        --batch-size 16 --steps 32 --report-dir "$out" --print-ranks
+        --batch-size 16 --steps 32 --report-dir "$out" --print-ranks --no-async-scheduling
     mkdir -p "$out/async"
     TAIL=${TAIL:-12} step ep_profile_async 200 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral \
-        --layers 4 --batch-size 16 --steps 32 --report-dir "$out/async" --print-ranks --async-scheduling
+        --layers 4 --batch-size 16 --steps 32 --report-dir "$out/async" --print-ranks
     ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}

@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--async-output-processing", action="store_true",
                    help="engines with async output processing (a step's outputs made while the next one runs)")
-    p.add_argument("--async-scheduling", action="store_true",
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="engines with async scheduling (a step launched before the last one's tokens are read)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")

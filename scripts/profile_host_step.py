@@ -65,7 +65,7 @@ def measure(batch: int, steps: int, input_len: int, model: str, profiler=None) -
     logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(1))  # made once: not host work
 
     def stub_execute(scheduled, graph_tag=None, allow_graph=True, prev_tokens=None):
-        runner.prepare(scheduled, prev_tokens)  # the host part of a real step: input ids, positions, block tables, metadata
+        runner.prepare(scheduled, prev_tokens)  # a real step's host part: ids, positions, tables
         begin = time.perf_counter()
         plan_bytes.append(len(_plan(scheduled)))
         spent["plan"] += time.perf_counter() - begin

@@ -56,8 +56,9 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=0.0)
     common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
                   moe_backend="cute")
-    eager = LightMoEEngine(checkpoint, enforce_eager=True, **common)
-    graphs = LightMoEEngine(checkpoint, **common)
+    sync = dict(async_scheduling=False)
+    eager = LightMoEEngine(checkpoint, enforce_eager=True, **sync, **common)
+    graphs = LightMoEEngine(checkpoint, **sync, **common)
     assert graphs.runner.decode_graphs is not None and eager.runner.decode_graphs is None
     out_e = eager.generate_outputs(PROMPTS, params)
     out_g = graphs.generate_outputs(PROMPTS, params)
@@ -72,7 +73,7 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     # decode graphs' input ids filled on the device from the last step's sampled tokens). bf16: a wasted row
     # of an ended request changes the next batch's shape, so near-ties are allowed as above
     graphs.shutdown()
-    for flags in (dict(async_output_processing=True), dict(async_scheduling=True)):
+    for flags in (dict(async_output_processing=True, **sync), dict(async_scheduling=True)):
         lagged = LightMoEEngine(checkpoint, **flags, **common)
         out_a = lagged.generate_outputs(PROMPTS, params)
         assert len(lagged.runner.decode_graphs.graphs) > 0

@@ -86,7 +86,8 @@ GPU_GRAPH_SCRIPT = textwrap.dedent("""
         one = LightMoEEngine(sys.argv[1], **args)  # one GPU, decode graphs
         # argv[3]: "sync", or the EP engine with async_output_processing / async_scheduling (one GPU: sync)
         ep = LightMoEEngine(sys.argv[1], expert_parallel_size=int(sys.argv[2]), fixed_capacity_tokens=64,
-                            **({} if sys.argv[3] == "sync" else {sys.argv[3]: True}),
+                            **{"async_scheduling": sys.argv[3] == "async_scheduling",
+                               **({} if sys.argv[3] == "sync" else {sys.argv[3]: True})},
                             collective_timeout_s=120, num_redundant_experts=1, **args)
         assert one.runner.decode_graphs is not None and ep.runner.decode_graphs is not None
         expected = [o.token_ids for o in one.generate_outputs(prompts, params)]

@@ -253,7 +253,9 @@ def test_fixed_capacity_exchange_gives_the_same_tokens(executor, checkpoints, si
     scheduling (steps launched before the last one's tokens are read: rank 0 broadcasts them on the device
     and each rank fills its placeholder inputs from them)."""
     expected_tokens, _, _ = single_process[family]
-    flags = {} if mode == "sync" else {mode: True}
+    flags = {"async_scheduling": mode == "async_scheduling"}  # async scheduling is the default
+    if mode == "async_output_processing":
+        flags[mode] = True
     engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size, fixed_capacity_tokens=8,
                             enable_overlap=overlap, expert_parallel_executor=executor, **flags, **ENGINE_ARGS)
     got = [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)]

@@ -153,14 +153,16 @@ def test_completions_match_the_engine(server, reference):
     assert default.usage.completion_tokens == 16
 
 
-@pytest.mark.parametrize("flag", ["async_output_processing", "async_scheduling"])
-def test_async_engines_serve_the_same(ckpt, reference, flag):
-    """An engine whose outputs come one step later (async output processing, async scheduling): the same
-    completions, plain and streamed, and nothing left behind."""
+@pytest.mark.parametrize("flags", [dict(async_scheduling=False), dict(async_output_processing=True,
+                                                                      async_scheduling=False)])
+def test_sync_and_async_output_engines_serve_the_same(ckpt, reference, flags):
+    """The server's default engine schedules asynchronously (outputs one step later); a synchronous engine
+    and one with async output processing only: the same completions, plain and streamed, and nothing left
+    behind."""
     prompt = "def fibonacci(n):"
     expected = reference.generate_outputs(prompt, SamplingParams(max_tokens=12, temperature=0.0,
                                                                  ignore_eos=True))[0]
-    with _running_server(_engine(ckpt, **{flag: True})) as url:
+    with _running_server(_engine(ckpt, **flags)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
                                         extra_body={"ignore_eos": True})

@@ -124,7 +124,7 @@ def main(args) -> dict:
                   f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
                   moe_backend=engine.ops.name, expert_parallel_size=engine.config.parallel.expert_parallel_size,
                   quantization=None if engine.config.quantization is None
-                  else engine.config.quantization.name, rows=rows)
+                  else engine.config.quantization.name, rows=rows, **async_kwargs(args))
     print(f"{'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps':>6}")
     for r in rows:
         print(f"{r['batch']:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['steps']:>6}")

@@ -277,7 +277,7 @@ def main(args) -> dict:
     result = dict(
         benchmark="ep", env=environment(), dtype=dtype, ep=args.ep, per_gpu_batch=args.batch_size,
         fixed_capacity_tokens=args.fixed_capacity, ep_exchange=args.exchange,
-        ep1_cuda_graphs=graphs,
+        ep1_cuda_graphs=graphs, **async_kwargs(args),
         model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
         rows=rows,
         decode_per_gpu_vs_ep1=off["decode_tok_s_per_gpu"] / one_row["decode_tok_s_per_gpu"],

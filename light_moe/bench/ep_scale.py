@@ -143,7 +143,7 @@ def main(args) -> dict:
     result = dict(benchmark="ep_scale", env=environment(), dtype=dtype, per_gpu_batch=args.batch_size,
                   fixed_capacity_tokens=args.fixed_capacity, input_len=args.input_len, output_len=args.output_len,
                   model=str(model_path) if tmp is None else f"mixtral-8x7b-shape-{args.layers}-layers (random weights)",
-                  baseline=baseline, by_ep=by_ep)
+                  baseline=baseline, by_ep=by_ep, **async_kwargs(args))
     print(f"{'config':>18} {'prefill tok/s':>14} {'/GPU':>10} {'decode tok/s':>13} {'/GPU':>9} {'GiB/GPU (KV)':>16}")
     _line(f"1 GPU {quant or 'bf16'}", baseline, baseline["memory"])
     for ep in by_ep:

@@ -134,7 +134,7 @@ class LightMoEEngine:
         quant_group_size: int = 128,
         quant_symmetric: bool = True,
         async_output_processing: bool = False,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
     ):
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
                                   collective_timeout_s, enable_overlap=enable_overlap,
@@ -358,7 +358,13 @@ class LightMoEEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs not yet returned by step()."""
-        return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight_is_live()
+
+    def _inflight_is_live(self) -> bool:
+        """Whether the step in flight has a request its read-back would still give an output (not all aborted)."""
+        return self._inflight is not None and any(
+            (st := self._states.get(s.request.request_id)) is not None and st.request is s.request
+            for s in self._inflight.sampling)
 
     # ---- the step -----------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -54,6 +54,9 @@ class TileConfig:
     # shared memory): 1, 2 or 4. Only the W4A16 kernel (w4a16_gemm.py, tile_w = 64) implements k_split > 1;
     # the bf16 grouped GEMM refuses it.
     k_split: int = 1
+    # pipeline stages of the W4A16 kernel (0: as many as shared memory holds, at most its MAX_STAGES); set
+    # only to measure the pipeline depth. The bf16 grouped GEMM refuses anything but 0.
+    stages: int = 0
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -64,6 +67,8 @@ class TileConfig:
             raise ValueError(f"fence_mode must be 'consumer', 'producer' or 'none', got {self.fence_mode!r}")
         if self.k_split not in (1, 2, 4):
             raise ValueError(f"k_split must be 1, 2 or 4, got {self.k_split}")
+        if self.stages < 0:
+            raise ValueError(f"stages must be >= 0 (0: as many as fit), got {self.stages}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:

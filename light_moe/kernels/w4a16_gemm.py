@@ -253,7 +253,8 @@ class W4A16GroupedGemmSm90:
         out_cols = config.tile_w // 2 if gated else config.tile_w
         epi = GroupedGemmSm90.epilogue_tokens(config, gated) * (out_cols + VEC) * 2
         fixed = 4 * 1024 + 8 * (num_experts + 1) + epi + W4A16GroupedGemmSm90.reduce_bytes(config)
-        return min(MAX_STAGES, (SMEM_CAPACITY - fixed) // W4A16GroupedGemmSm90.stage_bytes(config, group_size))
+        fit = (SMEM_CAPACITY - fixed) // W4A16GroupedGemmSm90.stage_bytes(config, group_size)
+        return min(config.stages, fit) if config.stages else min(MAX_STAGES, fit)
 
     @staticmethod
     def supports(
@@ -279,6 +280,8 @@ class W4A16GroupedGemmSm90:
             return False, f"num_experts must be in [1, 1024], got {num_experts}"
         if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
             return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
+        if config.stages and W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < config.stages:
+            return False, f"{config.stages} stages of {config} do not fit in shared memory"
         if W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < max(4, 2 * config.k_split):
             return False, f"tile config {config} leaves fewer than {max(4, 2 * config.k_split)} pipeline stages"
         return True, "ok"

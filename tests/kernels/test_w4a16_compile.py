@@ -44,6 +44,7 @@ CASES = {
     "down_decode_64x8_g128_k4_E64": (False, 64, 4096, 14336, 128, TileConfig(64, 8, k_split=4)),
     "up_64x32_g32_k4_E64": (True, 64, 1024, 768, 32, TileConfig(64, 32, k_split=4)),
     "up_decode_64x16_g128_k4": (True, 8, 4096, 14336, 128, TileConfig(64, 16, k_split=4)),
+    "down_decode_64x8_g128_k4_48_stages": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, stages=48)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
@@ -112,6 +113,25 @@ def test_k_split_config_checks():
     assert not ok and "tile_w" in reason
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(64, 64, k_split=4))
     assert not ok and "tile_t" in reason
+
+
+def test_explicit_pipeline_stages():
+    """TileConfig.stages sets the W4A16 pipeline depth (beyond MAX_STAGES when it fits), is refused where it
+    does not fit, and by the bf16 kernel; 0 keeps the automatic depth."""
+    from light_moe.kernels.grouped_gemm import GroupedGemmSm90
+
+    with pytest.raises(ValueError, match="stages"):
+        TileConfig(64, 8, stages=-1)
+    kw = dict(gated=False, n_out=4096, k_dim=14336, num_experts=8, group_size=128)
+    auto = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4))
+    deep = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4, stages=48))
+    shallow = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4, stages=8))
+    assert (auto.stages, deep.stages, shallow.stages) == (w4a16_gemm.MAX_STAGES, 48, 8)
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, config=TileConfig(128, 256, "producer", stages=40))
+    assert not ok and "do not fit" in reason
+    ok, reason = GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, num_experts=8,
+                                          config=TileConfig(64, 8, stages=8))
+    assert not ok and "stages" in reason
 
 
 def _canonical(num_experts, n_out, k_dim, group_size, with_zeros, generator):
