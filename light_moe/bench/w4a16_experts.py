@@ -4,7 +4,8 @@
     python -m light_moe.bench.w4a16_experts --tokens 1 4 16 --configs 64x8x2 64x8x4 128x16x1
 
 --configs also times each explicit W4A16 tile config (tile_w x tile_t x k_split, optional fence suffix
-p = producer / c = consumer, else the fence of the W4A16_TILE_TABLE row with that tile, else consumer;
+p = producer / c = consumer / n = none (racy: only to measure the fence), else the fence of the
+W4A16_TILE_TABLE row with that tile, else consumer;
 then sN for N pipeline stages, e.g. 64x8x4s40)
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
 int4 TB/s; "unsupported" where the kernel refuses the config for the shape.
@@ -50,7 +51,7 @@ def _parse_config(spec: str, table):
     from light_moe.kernels.tile_config import TileConfig
 
     spec, _, stages = spec.partition("s")
-    fence = {"p": "producer", "c": "consumer"}.get(spec[-1])
+    fence = {"p": "producer", "c": "consumer", "n": "none"}.get(spec[-1])  # n: racy, to measure the fence
     parts = (spec[:-1] if fence else spec).split("x")
     tile_w, tile_t = int(parts[0]), int(parts[1])
     k_split = int(parts[2]) if len(parts) > 2 else 1

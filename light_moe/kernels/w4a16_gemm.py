@@ -116,7 +116,9 @@ MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 10
 # the mean and every extra token tile re-reads that expert's weights; k_split = 4 below 16 columns (int4
 # TB/s 2.0 vs 1.7 with 2). T=1: 64x8x4 90 us vs 64x8x2 108; T=32: 64x16x4 350 vs 64x8x2 651;
 # T=64: 128x32x1 362 vs 128x16x1 484 (64x32x4 538: four warpgroups' split-K reduction of 32 columns
-# costs more than it hides); T=128: 128x64x1 432 vs 128x32x1 534.
+# costs more than it hides); T=128: 128x64x1 432 vs 128x32x1 534. T=16 (4 per expert), after the one-add ring
+# (w4a16_experts_h100_ring.json): 64x8x4 308 vs 64x16x4 342: the 2nd token tile of the busiest experts
+# costs less than 16 columns everywhere.
 # Prefill uses 128-row weight tiles: the RS A fragments (16 A + 16 temporary registers per atom) plus a
 # 256 x 128 accumulator would not fit 224 registers. Compute-bound (> 256 tokens per expert): 128 x 256, so
 # each consumer warpgroup's per-k-tile dequant (one m64 atom) feeds a 64 x 256 x 64 wgmma instead of
@@ -126,7 +128,7 @@ MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 10
 # 5826 (128 x 128); T=1024 (256 per expert: half the experts get a 2nd, nearly empty 256 tile) 1651 vs 1555,
 # hence (128, 128) up to 256 tokens per expert.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int], ...] = (
-    (2, 64, 8, "consumer", 4),
+    (4, 64, 8, "consumer", 4),
     (8, 64, 16, "consumer", 4),
     (16, 128, 32, "consumer", 1),
     (64, 128, 64, "consumer", 1),
@@ -617,10 +619,13 @@ class W4A16GroupedGemmSm90:
         n_red = max(1, self.k_split - 1)  # split K only: one 64 x tile_t fp32 slot per K warpgroup 1..k_split-1
         s_red = storage.s_red.get_tensor(cute.make_layout((n_acc, WG, n_red), stride=(WG, 1, n_acc * WG)))
         steps = self.k_tiles // self.k_split  # k-tiles per tile of this warpgroup
-        # Stage of this warpgroup's next k-tile to read / to release: the producer fills the stages in k-tile
-        # order, warpgroup kwg reads k-tiles kwg, kwg + k_split, ... (kwg < k_split <= stages: phase 0).
-        read_state = pipeline.PipelineState(self.stages, Int32(0), kwg, Int32(0))
-        release_state = pipeline.PipelineState(self.stages, Int32(0), kwg, Int32(0))
+        # The producer fills the stages in k-tile order; warpgroup kwg reads the k-tiles kwg, kwg + k_split, ...
+        # of each tile: stage / phase of its next k-tile, and prev, the stage of the one it read before (to
+        # release). One add and one wrap per k-tile (k_split <= stages): k_split PipelineState advances cost
+        # ~30 uniform instructions per k-tile at k_split = 4, on a kernel bound by issue slots (-6% time).
+        stage = kwg
+        phase = Int32(0)
+        prev = Int32(0)
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
@@ -635,32 +640,37 @@ class W4A16GroupedGemmSm90:
             # every wgmma otherwise), so the 4 wgmma of a k-tile run back to back. The first k-tile is peeled
             # (nothing to wait for or release); with meta every meta_ktiles = 2 k-tiles (g = 128, no split)
             # the rest go in (odd, even) pairs so that load_meta stays a compile-time value.
-            wait_full(full, read_state.index, read_state.phase, self.fence_mode)
-            self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, read_state.index, True)
-            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, read_state.index)
-            for _ in cutlass.range_constexpr(self.k_split):
-                read_state.advance()
+            wait_full(full, stage, phase, self.fence_mode)
+            self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, True)
+            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage)
+            prev = stage
+            stage = stage + self.k_split
+            if stage >= self.stages:
+                stage = stage - self.stages
+                phase = phase ^ 1
             for _kp in range((steps - 1) // self.meta_ktiles):
                 for p in cutlass.range_constexpr(self.meta_ktiles):
                     self.k_step(
                         tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
-                        full, empty, read_state.index, read_state.phase, release_state.index,
-                        p == self.meta_ktiles - 1,
+                        full, empty, stage, phase, prev, p == self.meta_ktiles - 1,
                     )  # fmt: skip
-                    for _ in cutlass.range_constexpr(self.k_split):
-                        read_state.advance()
-                        release_state.advance()
+                    prev = stage
+                    stage = stage + self.k_split
+                    if stage >= self.stages:
+                        stage = stage - self.stages
+                        phase = phase ^ 1
             if cutlass.const_expr(self.meta_ktiles == 2):  # steps is even: the last (odd) k-tile
                 self.k_step(
                     tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
-                    full, empty, read_state.index, read_state.phase, release_state.index, False,
+                    full, empty, stage, phase, prev, False,
                 )  # fmt: skip
-                read_state.advance()  # (k_split is 1 here)
-                release_state.advance()
+                prev = stage
+                stage = stage + self.k_split
+                if stage >= self.stages:
+                    stage = stage - self.stages
+                    phase = phase ^ 1
             warpgroup.wait_group(0)  # this warpgroup's sum is final; its last stage is free
-            self.release_stage(empty, release_state.index)
-            for _ in cutlass.range_constexpr(self.k_split):
-                release_state.advance()
+            self.release_stage(empty, prev)
             if cutlass.const_expr(self.k_split > 1):
                 # Split K: the partial sums of warpgroups 1..k_split-1 go through s_red (slot kwg - 1) into
                 # warpgroup 0's accumulator, added in slot order; warpgroup 0 then stages the epilogue alone

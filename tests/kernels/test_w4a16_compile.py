@@ -127,6 +127,7 @@ def test_explicit_pipeline_stages():
     deep = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4, stages=48))
     shallow = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4, stages=8))
     assert (auto.stages, deep.stages, shallow.stages) == (w4a16_gemm.MAX_STAGES, 48, 8)
+    assert W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 32)).stages <= w4a16_gemm.MAX_STAGES
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, config=TileConfig(128, 256, "producer", stages=40))
     assert not ok and "do not fit" in reason
     ok, reason = GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, num_experts=8,
@@ -194,6 +195,7 @@ def test_supports_and_tiles():
     assert not supports(8, 4096, 14336, 100)[0]
     assert not supports(8, 4096, 14300, 128)[0]
     assert choose_w4a16_tile(2, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)
+    assert choose_w4a16_tile(2 * 16, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)  # 4 per expert
     assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(64, 16, k_split=4)  # 8 per expert
     assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(128, 32)  # 16 per expert
     assert choose_w4a16_tile(2, 8, 2816, 2048) == TileConfig(64, 8, k_split=4)
