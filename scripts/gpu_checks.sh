@@ -42,8 +42,10 @@ single-tests)
 single-bench)
     step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
+    # one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage) on the decode and mid tiles
     step w4a16_decode_configs 150 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 \
-        --configs 64x8x1 64x8x2 64x8x4 64x16x2 64x16x4 128x16x1 --output "$out/w4a16_decode_configs.json"
+        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x32x1 128x32x1x2 128x64x1x2 \
+        --output "$out/w4a16_decode_configs.json"
     ;;
 multi-tests)
     # one case per family and GPU count, in parallel (each spawns its own ranks; ~2 min a case at 4 GPUs)

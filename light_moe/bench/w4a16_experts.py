@@ -3,10 +3,10 @@
     python -m light_moe.bench.w4a16_experts --output result.json
     python -m light_moe.bench.w4a16_experts --tokens 1 4 16 --configs 64x8x2 64x8x4 128x16x1
 
---configs also times each explicit W4A16 tile config (tile_w x tile_t x k_split, optional fence suffix
-p = producer / c = consumer / n = none (racy: only to measure the fence), else the fence of the
-W4A16_TILE_TABLE row with that tile, else consumer;
-then sN for N pipeline stages, e.g. 64x8x4s40)
+--configs also times each explicit W4A16 tile config (tile_w x tile_t x k_split [x k-tiles per stage, 1 or 2],
+optional fence suffix p = producer / c = consumer / n = none (racy: only to measure the fence), else the
+fence of the W4A16_TILE_TABLE row with that tile, else consumer; then sN for N pipeline stages, e.g.
+64x8x4s40, 64x8x4x2)
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
 int4 TB/s; "unsupported" where the kernel refuses the config for the shape.
 
@@ -46,8 +46,8 @@ def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
 
 
 def _parse_config(spec: str, table):
-    """'64x8x4' / '64x8x2p' / '64x8x4s40' -> TileConfig (fence: suffix, else the table row of that tile, else
-    consumer; sN: N pipeline stages)."""
+    """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' -> TileConfig (fence: suffix, else the table row of
+    that tile, else consumer; sN: N pipeline stages; a 4th number: k-tiles per stage)."""
     from light_moe.kernels.tile_config import TileConfig
 
     spec, _, stages = spec.partition("s")
@@ -55,9 +55,10 @@ def _parse_config(spec: str, table):
     parts = (spec[:-1] if fence else spec).split("x")
     tile_w, tile_t = int(parts[0]), int(parts[1])
     k_split = int(parts[2]) if len(parts) > 2 else 1
+    per_stage = int(parts[3]) if len(parts) > 3 else 1  # k-tiles per pipeline stage
     if fence is None:
         fence = next((row[3] for row in table if row[1:3] == (tile_w, tile_t)), "consumer")
-    return TileConfig(tile_w, tile_t, fence, k_split, int(stages or 0))
+    return TileConfig(tile_w, tile_t, fence, k_split, int(stages or 0), per_stage)
 
 
 def main() -> None:

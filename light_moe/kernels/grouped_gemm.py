@@ -128,8 +128,9 @@ class GroupedGemmSm90:
     def supports(*, gated: bool, n_out: int, k_dim: int, num_experts: int, config: TileConfig) -> tuple[bool, str]:
         if config.k_split != 1:
             return False, f"the bf16 grouped GEMM has no split K (k_split must be 1, got {config.k_split})"
-        if config.stages:
-            return False, f"the bf16 grouped GEMM sizes its own pipeline (stages must be 0, got {config.stages})"
+        if config.stages or config.k_tiles_per_stage != 1:
+            return False, (f"the bf16 grouped GEMM sizes its own pipeline (stages must be 0 and k_tiles_per_stage 1, "
+                           f"got {config.stages} and {config.k_tiles_per_stage})")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
         if gated and n_out % 16:

@@ -57,6 +57,9 @@ class TileConfig:
     # pipeline stages of the W4A16 kernel (0: as many as shared memory holds, at most its MAX_STAGES); set
     # only to measure the pipeline depth. The bf16 grouped GEMM refuses anything but 0.
     stages: int = 0
+    # k-tiles of 64 per pipeline stage of the W4A16 kernel (1 or 2): 2 halves the per-stage barrier, fence,
+    # ring and meta work per weight byte on the issue-bound decode path. The bf16 grouped GEMM refuses 2.
+    k_tiles_per_stage: int = 1
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -69,6 +72,8 @@ class TileConfig:
             raise ValueError(f"k_split must be 1, 2 or 4, got {self.k_split}")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0 (0: as many as fit), got {self.stages}")
+        if self.k_tiles_per_stage not in (1, 2):
+            raise ValueError(f"k_tiles_per_stage must be 1 or 2, got {self.k_tiles_per_stage}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:

@@ -232,9 +232,11 @@ class W4A16GroupedGemmSm90:
         self.k_tiles = k_dim // TILE_K
         self.groups = k_dim // group_size
         self.groups_per_ktile = max(1, TILE_K // group_size)  # meta rows per stage: 2 for g = 32, else 1
-        # k-tiles between meta copies: a g = 128 group spans 2 k-tiles and its meta comes with the first one,
-        # except under split K, where the two k-tiles go to different warpgroups and each stage brings its own.
-        self.meta_ktiles = 1 if self.k_split > 1 else max(1, group_size // TILE_K)
+        self.kps = config.k_tiles_per_stage  # 2: one g = 128 group (two k-tiles) per stage
+        # stages between meta copies: a g = 128 group spans 2 k-tiles and its meta comes with the first one,
+        # except under split K, where the two k-tiles go to different warpgroups and each stage brings its own,
+        # and with 2 k-tiles per stage (one group per stage).
+        self.meta_stages = 1 if self.k_split > 1 or self.kps > 1 else max(1, group_size // TILE_K)
         self.red_words = self.reduce_bytes(config) // 4
         self.epi_t = GroupedGemmSm90.epilogue_tokens(config, gated)
         self.stages = self.num_stages(config, gated, num_experts, group_size)
@@ -248,7 +250,7 @@ class W4A16GroupedGemmSm90:
     def stage_bytes(config: TileConfig, group_size: int) -> int:
         weights = config.tile_w * TILE_K // 2
         meta = config.tile_w * max(1, TILE_K // group_size) * 4
-        return weights + meta + config.tile_t * TILE_K * 2
+        return (weights + config.tile_t * TILE_K * 2) * config.k_tiles_per_stage + meta
 
     @staticmethod
     def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: int) -> int:
@@ -274,6 +276,9 @@ class W4A16GroupedGemmSm90:
             return False, f"k_split=4 supports tile_t <= {MAX_TILE_T_SPLIT4}, got {config.tile_t}"
         if (k_dim // TILE_K) % config.k_split:
             return False, f"k_split={config.k_split} must divide the {k_dim // TILE_K} k-tiles of K={k_dim}"
+        if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
+            return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
+                           f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
         if gated and n_out % 16:
             return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
         if k_dim % (2 * TILE_K) or k_dim % group_size:
@@ -313,8 +318,10 @@ class W4A16GroupedGemmSm90:
         atom = warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, BFloat16, TILE_K), BFloat16
         )
-        t_layout = cute.tile_to_shape(atom, (self.tile_t, TILE_K, self.stages), order=(0, 1, 2))
-        q_words = self.n_atoms * WG * 4  # int32 per stage
+        # K-major token rows, 128-byte swizzle atoms of 8 rows x 64 columns: along the rows first, then the
+        # k-tiles of a stage, then the stages (the producer's raw view relies on this order)
+        t_layout = cute.tile_to_shape(atom, (self.tile_t, TILE_K * self.kps, self.stages), order=(0, 1, 2))
+        q_words = self.n_atoms * self.kps * WG * 4  # int32 per stage
         meta_words = self.groups_per_ktile * self.tile_w
 
         @cute.struct
@@ -399,8 +406,9 @@ class W4A16GroupedGemmSm90:
         full = storage.full_bar.data_ptr()
         empty = storage.empty_bar.data_ptr()
         cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
+        kps = self.kps
         s_q = storage.s_q.get_tensor(
-            cute.make_layout((4, WG, n_atoms, self.stages), stride=(1, 4, 4 * WG, 4 * WG * n_atoms))
+            cute.make_layout((4, WG, n_atoms * kps, self.stages), stride=(1, 4, 4 * WG, 4 * WG * n_atoms * kps))
         )
         meta_chunks = gpk * self.tile_w // 4  # 16-byte meta chunks per stage
         s_meta = storage.s_meta.get_tensor(
@@ -408,8 +416,9 @@ class W4A16GroupedGemmSm90:
         )
         # Unswizzled view of the token stages: the 16-byte chunk c of row r lives at chunk c ^ (r % 8)
         # (the 128-byte swizzle the wgmma descriptor of t_layout expects; stage bases are 1024-aligned).
+        # Block stage * kps + h holds k-tile h of the stage (t_layout's order).
         s_t_raw = storage.s_t.get_tensor(
-            cute.make_layout((tile_t, TILE_K, self.stages), stride=(TILE_K, 1, tile_t * TILE_K))
+            cute.make_layout((tile_t, TILE_K, self.stages * kps), stride=(TILE_K, 1, tile_t * TILE_K))
         )
         g2s_bf16 = cute.make_copy_atom(
             cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128
@@ -430,25 +439,28 @@ class W4A16GroupedGemmSm90:
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
-            for kt in range(self.k_tiles):
+            for ks in range(self.k_tiles // kps):  # stage ks holds k-tiles kps * ks .. kps * ks + kps - 1
                 stage = issued % self.stages
                 cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
                 # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom
-                q_base = ((e * self.k_tiles + kt) * n_blocks + w_tile * n_atoms) * WG + tidx
-                for a in cutlass.range_constexpr(n_atoms):
-                    cute.copy(g2s_i32, qweight[q_base + a * WG, None], s_q[None, tidx, a, stage])
-                # meta of the groups starting in this k-tile (consumers keep them in registers); under split K
-                # every k-tile brings the meta of its group
-                if kt % self.meta_ktiles == 0:
+                for h in cutlass.range_constexpr(kps):
+                    q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG + tidx
+                    for a in cutlass.range_constexpr(n_atoms):
+                        cute.copy(g2s_i32, qweight[q_base + a * WG, None], s_q[None, tidx, a + n_atoms * h, stage])
+                # meta of the groups starting in this stage (consumers keep them in registers); under split K
+                # every stage brings the meta of its group
+                if ks % self.meta_stages == 0:
                     if tidx < meta_chunks:
                         grp = tidx // (self.tile_w // 4)
                         m_chunk = (
-                            (e * self.groups + (kt * TILE_K) // self.group_size + grp) * self.n_out
+                            (e * self.groups + (ks * kps * TILE_K) // self.group_size + grp) * self.n_out
                             + w_tile * self.tile_w
                         ) // 4 + (tidx - grp * (self.tile_w // 4))
                         cute.copy(g2s_i32, meta[m_chunk, None], s_meta[None, tidx, stage])
                 if row_active:
-                    copy_token_rows(g2s_bf16, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, kt, stage, n_slots)
+                    for h in cutlass.range_constexpr(kps):
+                        copy_token_rows(g2s_bf16, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, ks * kps + h,
+                                        stage * kps + h, n_slots)
                 signal_full(full, stage, issued, self.stages, self.fence_mode)
                 issued = issued + 1
             tile = tile + gdim
@@ -472,8 +484,9 @@ class W4A16GroupedGemmSm90:
         meta_row: cute.Tensor,
         stage: Int32,
         load_meta: cutlass.Constexpr,
+        half: cutlass.Constexpr,
     ):
-        """First half of a k-tile whose stage has landed: (new groups: meta -> scale2 / neg_zero2), one
+        """First half of k-tile `half` of a stage that has landed: (new groups: meta -> scale2 / neg_zero2), one
         ld.shared.v4 per atom, and the exact part of the dequant into tmp (tmp[v] = bf16x2 q - z of A
         register v). Writes no wgmma operand, so it runs while the previous k-tile's wgmma is in flight;
         scale2 / neg_zero2 are free to rewrite because the previous scale_and_mma has already read them.
@@ -491,7 +504,7 @@ class W4A16GroupedGemmSm90:
                         neg_zero2[(m * gpk + j) * 2 + h] = _prmt(word, 0x3232)
         q_reg = cute.make_rmem_tensor((4,), Int32)
         for m in cutlass.range_constexpr(mma_m):
-            cute.autovec_copy(s_q[None, ctid_wg, atom_idx[m], stage], q_reg)
+            cute.autovec_copy(s_q[None, ctid_wg, atom_idx[m] + self.n_atoms * half, stage], q_reg)
             for kb in cutlass.range_constexpr(TILE_K // 16):
                 j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
                 word = q_reg[kb]
@@ -509,8 +522,10 @@ class W4A16GroupedGemmSm90:
         t_cr_t: cute.Tensor,
         scale2: cute.Tensor,
         stage: Int32,
+        half: cutlass.Constexpr,
     ):
-        """Second half, only with no wgmma in flight: A = fma(tmp, s, -0), fence, 4 wgmma k16 steps, commit."""
+        """Second half, only with no wgmma in flight: A = fma(tmp, s, -0), fence, 4 wgmma k16 steps over k-tile
+        `half` of the stage, commit."""
         gpk = self.groups_per_ktile
         mma_m = cute.size(acc, mode=[1])
         a_i32 = cute.recast_tensor(a_frag, Int32)
@@ -522,7 +537,8 @@ class W4A16GroupedGemmSm90:
                     a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
         warpgroup.fence()
         for kb in cutlass.range_constexpr(TILE_K // 16):
-            cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb, stage)], acc)
+            cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + (TILE_K // 16) * half, stage)],
+                      acc)
         warpgroup.commit_group()
 
     @cute.jit
@@ -546,15 +562,17 @@ class W4A16GroupedGemmSm90:
         prev_stage: Int32,
         load_meta: cutlass.Constexpr,
     ):
-        """A k-tile after this warpgroup's first of the tile: dequant_exact while the previous k-tile's
-        wgmma runs, wait_group(0), release the previous k-tile's stage (prev_stage), scale_and_mma. The
-        caller advances the pipeline states: the DSL carries loop state only through names that the loop
-        body itself assigns or calls methods on."""
+        """A stage after this warpgroup's first of the tile, per k-tile of it: dequant_exact while the previous
+        k-tile's wgmma runs, wait_group(0), (first k-tile: release the previous stage, prev_stage),
+        scale_and_mma. The caller advances the ring: the DSL carries loop state only through names that the
+        loop body itself assigns or calls methods on."""
         wait_full(full, stage, phase, self.fence_mode)
-        self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta)
-        warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
-        self.release_stage(empty, prev_stage)
-        self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage)
+        for h in cutlass.range_constexpr(self.kps):
+            self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta and h == 0, h)
+            warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
+            if cutlass.const_expr(h == 0):
+                self.release_stage(empty, prev_stage)
+            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
 
     @cute.jit
     def consume(
@@ -580,8 +598,9 @@ class W4A16GroupedGemmSm90:
         kwg = cute.arch.make_warp_uniform(ctid // (WG * self.m_wg))  # K warpgroup: 0 .. k_split - 1
         ctid_mma = ctid % (WG * self.m_wg)  # thread index in the tiled MMA
         gpk = self.groups_per_ktile
+        atoms = self.n_atoms * self.kps  # per stage: the atoms of k-tile h at h * n_atoms
         s_q = storage.s_q.get_tensor(
-            cute.make_layout((4, WG, self.n_atoms, self.stages), stride=(1, 4, 4 * WG, 4 * WG * self.n_atoms))
+            cute.make_layout((4, WG, atoms, self.stages), stride=(1, 4, 4 * WG, 4 * WG * atoms))
         )
         meta_words = gpk * self.tile_w
         s_meta = storage.s_meta.get_tensor(cute.make_layout((meta_words, self.stages), stride=(1, meta_words)))
@@ -618,11 +637,11 @@ class W4A16GroupedGemmSm90:
         n_acc = cute.size(acc)
         n_red = max(1, self.k_split - 1)  # split K only: one 64 x tile_t fp32 slot per K warpgroup 1..k_split-1
         s_red = storage.s_red.get_tensor(cute.make_layout((n_acc, WG, n_red), stride=(WG, 1, n_acc * WG)))
-        steps = self.k_tiles // self.k_split  # k-tiles per tile of this warpgroup
-        # The producer fills the stages in k-tile order; warpgroup kwg reads the k-tiles kwg, kwg + k_split, ...
-        # of each tile: stage / phase of its next k-tile, and prev, the stage of the one it read before (to
-        # release). One add and one wrap per k-tile (k_split <= stages): k_split PipelineState advances cost
-        # ~30 uniform instructions per k-tile at k_split = 4, on a kernel bound by issue slots (-6% time).
+        steps = self.k_tiles // (self.k_split * self.kps)  # stages per tile of this warpgroup
+        # The producer fills the stages in k-tile order; warpgroup kwg reads the stages kwg, kwg + k_split, ...
+        # of each tile: stage / phase of its next one, and prev, the stage it read before (to release). One
+        # add and one wrap per stage (k_split <= stages): k_split PipelineState advances cost ~30 uniform
+        # instructions per stage at k_split = 4, on a kernel bound by issue slots (-6% time).
         stage = kwg
         phase = Int32(0)
         prev = Int32(0)
@@ -634,32 +653,35 @@ class W4A16GroupedGemmSm90:
 
             acc.fill(0.0)  # no wgmma in flight: the previous tile ended with wait_group(0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            # This warpgroup's k-tiles kt = kwg, kwg + k_split, ...: per k-tile, wait for its stage,
-            # dequant_exact(kt) while wgmma(previous) runs, wait_group(0), release the previous stage,
+            # This warpgroup's stages kwg, kwg + k_split, ...: per k-tile kt of a stage, dequant_exact(kt)
+            # while wgmma(previous) runs, wait_group(0), (first of the stage: release the previous stage),
             # scale_and_mma(kt). No A register is written while a wgmma is in flight (ptxas would serialise
-            # every wgmma otherwise), so the 4 wgmma of a k-tile run back to back. The first k-tile is peeled
-            # (nothing to wait for or release); with meta every meta_ktiles = 2 k-tiles (g = 128, no split)
-            # the rest go in (odd, even) pairs so that load_meta stays a compile-time value.
+            # every wgmma otherwise), so the 4 wgmma of a k-tile run back to back. The first stage is peeled
+            # (nothing to release); with meta every meta_stages = 2 stages (g = 128, no split, one k-tile per
+            # stage) the rest go in (odd, even) pairs so that load_meta stays a compile-time value.
             wait_full(full, stage, phase, self.fence_mode)
-            self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, True)
-            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage)
+            for h in cutlass.range_constexpr(self.kps):
+                self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, h == 0, h)
+                if cutlass.const_expr(h > 0):
+                    warpgroup.wait_group(0)
+                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
             prev = stage
             stage = stage + self.k_split
             if stage >= self.stages:
                 stage = stage - self.stages
                 phase = phase ^ 1
-            for _kp in range((steps - 1) // self.meta_ktiles):
-                for p in cutlass.range_constexpr(self.meta_ktiles):
+            for _kp in range((steps - 1) // self.meta_stages):
+                for p in cutlass.range_constexpr(self.meta_stages):
                     self.k_step(
                         tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
-                        full, empty, stage, phase, prev, p == self.meta_ktiles - 1,
+                        full, empty, stage, phase, prev, p == self.meta_stages - 1,
                     )  # fmt: skip
                     prev = stage
                     stage = stage + self.k_split
                     if stage >= self.stages:
                         stage = stage - self.stages
                         phase = phase ^ 1
-            if cutlass.const_expr(self.meta_ktiles == 2):  # steps is even: the last (odd) k-tile
+            if cutlass.const_expr(self.meta_stages == 2):  # steps is even: the last (odd) stage
                 self.k_step(
                     tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
                     full, empty, stage, phase, prev, False,

@@ -45,6 +45,13 @@ CASES = {
     "up_64x32_g32_k4_E64": (True, 64, 1024, 768, 32, TileConfig(64, 32, k_split=4)),
     "up_decode_64x16_g128_k4": (True, 8, 4096, 14336, 128, TileConfig(64, 16, k_split=4)),
     "down_decode_64x8_g128_k4_48_stages": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, stages=48)),
+    # two k-tiles (one g = 128 group) per stage
+    "up_decode_64x8_g128_k4_2kps": (True, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, k_tiles_per_stage=2)),
+    "down_decode_64x16_g128_k4_2kps": (False, 8, 4096, 14336, 128,
+                                       TileConfig(64, 16, k_split=4, k_tiles_per_stage=2)),
+    "up_mid_128x32_g128_2kps": (True, 8, 4096, 14336, 128, TileConfig(128, 32, k_tiles_per_stage=2)),
+    "down_prefill_128x128_g128_2kps": (False, 8, 4096, 14336, 128,
+                                       TileConfig(128, 128, "producer", k_tiles_per_stage=2)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
@@ -78,17 +85,17 @@ def test_w4a16_gemm_consumer_split(tmp_path):
     n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
     kw = dict(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size)
     split = W4A16GroupedGemmSm90(**kw, config=config)
-    assert (split.k_split, split.m_wg, split.n_consumer_wg, split.meta_ktiles) == (2, 1, 2, 1)
+    assert (split.k_split, split.m_wg, split.n_consumer_wg, split.meta_stages) == (2, 1, 2, 1)
     assert split.red_words == 64 * 8 and split.threads == 384
     four = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4))
-    assert (four.k_split, four.m_wg, four.n_consumer_wg, four.meta_ktiles) == (4, 1, 4, 1)
+    assert (four.k_split, four.m_wg, four.n_consumer_wg, four.meta_stages) == (4, 1, 4, 1)
     assert four.red_words == 3 * 64 * 8 and four.threads == 640
     # setmaxnreg: the consumers' increase must fit what the producer frees at the 96-register launch
     assert 128 * (96 - w4a16_gemm.PRODUCER_REGS) >= 4 * 128 * (w4a16_gemm.CONSUMER_REGS[4] - 96)
     wide = W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 16))
-    assert (wide.k_split, wide.m_wg, wide.n_consumer_wg, wide.meta_ktiles) == (1, 2, 2, 2)
+    assert (wide.k_split, wide.m_wg, wide.n_consumer_wg, wide.meta_stages) == (1, 2, 2, 2)
     one = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=1))
-    assert (one.k_split, one.n_consumer_wg, one.meta_ktiles, one.red_words) == (1, 1, 2, 0)
+    assert (one.k_split, one.n_consumer_wg, one.meta_stages, one.red_words) == (1, 1, 2, 0)
     compile_sm90a(one, *args, dump_root=str(tmp_path))
 
 
@@ -113,6 +120,30 @@ def test_k_split_config_checks():
     assert not ok and "tile_w" in reason
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(64, 64, k_split=4))
     assert not ok and "tile_t" in reason
+
+
+def test_two_k_tiles_per_stage_config_checks():
+    """k_tiles_per_stage = 2: one g = 128 group per stage (other groups refused), 2 x k_split must divide the
+    k-tiles, stages twice the bytes; the bf16 kernel refuses it."""
+    from light_moe.kernels.grouped_gemm import GroupedGemmSm90
+
+    with pytest.raises(ValueError, match="k_tiles_per_stage"):
+        TileConfig(64, 8, k_tiles_per_stage=3)
+    kw = dict(gated=False, n_out=4096, k_dim=14336, num_experts=8)
+    two = TileConfig(64, 8, k_split=4, k_tiles_per_stage=2)
+    assert W4A16GroupedGemmSm90.supports(**kw, group_size=128, config=two)[0]
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, group_size=32, config=two)
+    assert not ok and "k_tiles_per_stage" in reason
+    ok, reason = W4A16GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=128 * 10, num_experts=8, group_size=128,
+                                               config=two)  # 20 k-tiles: 2 x 4 does not divide them
+    assert not ok and "k_tiles_per_stage" in reason
+    one = TileConfig(64, 8, k_split=4)
+    assert W4A16GroupedGemmSm90.stage_bytes(two, 128) == 2 * W4A16GroupedGemmSm90.stage_bytes(one, 128) - 64 * 4
+    kernel = W4A16GroupedGemmSm90(**kw, group_size=128, config=two)
+    assert (kernel.kps, kernel.meta_stages) == (2, 1)
+    ok, reason = GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, num_experts=8,
+                                          config=TileConfig(64, 8, k_tiles_per_stage=2))
+    assert not ok and "k_tiles_per_stage" in reason
 
 
 def test_explicit_pipeline_stages():
@@ -223,3 +254,17 @@ def test_supports_and_tiles():
         gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=128, config=TileConfig(256, 128)
     )
     assert not ok and "tile_w" in reason
+
+
+def test_bench_tile_specs():
+    """`bench.w4a16_experts --configs` specs: tile_w x tile_t x k_split [x k-tiles per stage], fence suffix,
+    sN stages; without a suffix the fence of the table row with that tile."""
+    from light_moe.bench.w4a16_experts import _parse_config
+    from light_moe.kernels.w4a16_gemm import W4A16_TILE_TABLE as table
+
+    assert _parse_config("64x8x4", table) == TileConfig(64, 8, "consumer", 4)
+    assert _parse_config("64x8x2p", table) == TileConfig(64, 8, "producer", 2)
+    assert _parse_config("64x8x4s40", table) == TileConfig(64, 8, "consumer", 4, stages=40)
+    assert _parse_config("64x8x4x2", table) == TileConfig(64, 8, "consumer", 4, k_tiles_per_stage=2)
+    assert _parse_config("64x8x4x2ns16", table) == TileConfig(64, 8, "none", 4, stages=16, k_tiles_per_stage=2)
+    assert _parse_config("128x128", table) == TileConfig(128, 128, "producer")

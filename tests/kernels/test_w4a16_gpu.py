@@ -122,6 +122,41 @@ def test_w4a16_every_tile_config(num_tokens):
         assert _rel_l2(act, ref_act) < 1e-2, f"tile {tile_w}x{tile_t}: rel L2 {_rel_l2(act, ref_act):.3e}"
 
 
+@pytest.mark.parametrize("num_tokens", (1, 7, 64, 333))
+def test_w4a16_two_k_tiles_per_stage(num_tokens):
+    """TileConfig.k_tiles_per_stage = 2 (one g = 128 group per stage), up and down, on the decode, mid and
+    prefill tiles of the table, against the dequantising reference."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(23 + num_tokens)
+    x = torch.randn(num_tokens, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen)
+    w13 = _quantized(8, 2 * INTER, HIDDEN, 128, True, device, gen)
+    w2 = _quantized(8, HIDDEN, INTER, 128, True, device, gen)
+    offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
+    w13p = w4.prepare_w4a16_weights(*w13, 128, gated=True)
+    w2p = w4.prepare_w4a16_weights(*w2, 128, gated=False)
+    ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, 128)
+    act_in = torch.randn(gather_index.shape[0], INTER, device=device, dtype=torch.bfloat16, generator=gen)
+    ref_y = w4.reference_expert_down(act_in, offsets, *w2, 128)
+    # the down projection's 12 k-tiles (I = 768) take k_split * 2 = 4 at most: 64x8 k_split 4 runs up only
+    kernel = w4.W4A16GroupedGemmSm90
+    for config in (TileConfig(64, 8, k_split=4, k_tiles_per_stage=2), TileConfig(64, 8, k_split=2, k_tiles_per_stage=2),
+                   TileConfig(64, 16, k_split=2, k_tiles_per_stage=2), TileConfig(128, 32, k_tiles_per_stage=2),
+                   TileConfig(128, 128, "producer", k_tiles_per_stage=2)):
+        assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
+                               config=config)[0]
+        act = torch.full_like(ref_act, float("nan"))
+        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
+        assert not act.isnan().any() and _rel_l2(act, ref_act) < 1e-2, (config, _rel_l2(act, ref_act))
+        if config.k_split == 4:
+            continue
+        y = torch.full_like(ref_y, float("nan"))
+        w4.w4a16_expert_down(act_in, offsets, w2p, out=y, config=config)
+        assert not y.isnan().any() and _rel_l2(y, ref_y) < 1e-2, (config, _rel_l2(y, ref_y))
+
+
 @pytest.mark.parametrize("group_size", (32, 128))
 def test_w4a16_t4096_selects_128x256(group_size):
     """T=4096 (1024 rows per expert) picks the compute-bound 128 x 256 tile for up and down; check both."""
