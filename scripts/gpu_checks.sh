@@ -3,6 +3,7 @@
 # stage fits in 10 minutes:
 #   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
+#   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in tiles beside the table's
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
 #   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), read back
 #                                               each step (sync), with async output processing, then with async
@@ -16,7 +17,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
+stage=${1:?single-tests, single-bench, w4a16-sweep, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -42,10 +43,13 @@ single-tests)
 single-bench)
     step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
-    # one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage) on the decode and mid tiles
-    step w4a16_decode_configs 150 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 \
-        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x32x1 128x32x1x2 128x64x1x2 \
-        --output "$out/w4a16_decode_configs.json"
+    ;;
+w4a16-sweep)
+    # one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage) on the decode and mid tiles, and
+    # 256-row mid tiles (half the token bytes per weight byte); each config compiles for up and down
+    step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 128 \
+        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x32x1 128x32x1x2 128x64x1 128x64x1x2 256x32x1 \
+        256x32x1x2 256x64x1 256x64x1x2 --output "$out/w4a16_decode_configs.json"
     ;;
 multi-tests)
     # one case per family and GPU count, in parallel (each spawns its own ranks; ~2 min a case at 4 GPUs)
@@ -81,7 +85,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
     exit 2
     ;;
 esac

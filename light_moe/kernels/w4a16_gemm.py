@@ -108,6 +108,7 @@ PRODUCER_REGS = 56
 # 384 threads, 96 for 640) and the consumers' increase must come out of what the producer frees:
 # 128 (R - 56) >= 128 n (C - R). n = 4: C <= 104 (the k_split = 4 consumer needs ~60).
 CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
+MAX_TILE_T_W256 = 64  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
 MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
 
 # (mean routed rows per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
@@ -146,7 +147,8 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -
         if per_expert <= limit:
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
-                k_split = max(k_split, 2)
+                if tile_w == ATOM_M:  # one atom: split K keeps a second warpgroup busy
+                    k_split = max(k_split, 2)
             while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
                 k_split //= 2
             return TileConfig(tile_w, tile_t, fence_mode, k_split)
@@ -266,8 +268,9 @@ class W4A16GroupedGemmSm90:
     ) -> tuple[bool, str]:
         if group_size not in GROUP_SIZES:
             return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
-        if config.tile_w not in (64, 128):
-            return False, f"tile_w must be 64 or 128 for W4A16 (registers: RS fragments), got {config.tile_w}"
+        if config.tile_w not in (64, 128) and not (config.tile_w == 256 and config.tile_t <= MAX_TILE_T_W256):
+            return False, (f"tile_w must be 64 or 128 for W4A16, or 256 with tile_t <= {MAX_TILE_T_W256} (registers: "
+                           f"RS fragments of two atoms per warpgroup), got {config.tile_w} x {config.tile_t}")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
         if config.k_split > 1 and config.tile_w != ATOM_M:

@@ -50,6 +50,10 @@ CASES = {
     "down_decode_64x16_g128_k4_2kps": (False, 8, 4096, 14336, 128,
                                        TileConfig(64, 16, k_split=4, k_tiles_per_stage=2)),
     "up_mid_128x32_g128_2kps": (True, 8, 4096, 14336, 128, TileConfig(128, 32, k_tiles_per_stage=2)),
+    # 256 weight rows (two m64 atoms per consumer warpgroup) for the mid range: half the token bytes per weight byte
+    "up_mid_256x32_g128": (True, 8, 4096, 14336, 128, TileConfig(256, 32)),
+    "down_mid_256x64_g128_2kps": (False, 8, 4096, 14336, 128, TileConfig(256, 64, k_tiles_per_stage=2)),
+    "down_mid_256x32_g32_E64": (False, 64, 1024, 768, 32, TileConfig(256, 32)),
     "down_prefill_128x128_g128_2kps": (False, 8, 4096, 14336, 128,
                                        TileConfig(128, 128, "producer", k_tiles_per_stage=2)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
@@ -120,6 +124,11 @@ def test_k_split_config_checks():
     assert not ok and "tile_w" in reason
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(64, 64, k_split=4))
     assert not ok and "tile_t" in reason
+    assert W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 64))[0]
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 128))
+    assert not ok and "tile_w" in reason  # two atoms x 128 columns per warpgroup: too many registers
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 32, k_split=2))
+    assert not ok and "split K" in reason
 
 
 def test_two_k_tiles_per_stage_config_checks():

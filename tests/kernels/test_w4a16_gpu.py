@@ -123,9 +123,10 @@ def test_w4a16_every_tile_config(num_tokens):
 
 
 @pytest.mark.parametrize("num_tokens", (1, 7, 64, 333))
-def test_w4a16_two_k_tiles_per_stage(num_tokens):
-    """TileConfig.k_tiles_per_stage = 2 (one g = 128 group per stage), up and down, on the decode, mid and
-    prefill tiles of the table, against the dequantising reference."""
+def test_w4a16_opt_in_tiles(num_tokens):
+    """Tiles not in the table yet: TileConfig.k_tiles_per_stage = 2 (one g = 128 group per stage) on decode,
+    mid and prefill tiles, and 256 weight rows (two atoms per consumer warpgroup), up and down, against the
+    dequantising reference."""
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
@@ -144,7 +145,8 @@ def test_w4a16_two_k_tiles_per_stage(num_tokens):
     kernel = w4.W4A16GroupedGemmSm90
     for config in (TileConfig(64, 8, k_split=4, k_tiles_per_stage=2), TileConfig(64, 8, k_split=2, k_tiles_per_stage=2),
                    TileConfig(64, 16, k_split=2, k_tiles_per_stage=2), TileConfig(128, 32, k_tiles_per_stage=2),
-                   TileConfig(128, 128, "producer", k_tiles_per_stage=2)):
+                   TileConfig(128, 128, "producer", k_tiles_per_stage=2), TileConfig(256, 32),
+                   TileConfig(256, 64, k_tiles_per_stage=2)):
         assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
                                config=config)[0]
         act = torch.full_like(ref_act, float("nan"))
