@@ -6,7 +6,8 @@ topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32.
 Semantics: light_moe.ops.reference.router (ties go to the lower expert id).
 
 Two launches in either mode (graph-capturable, no host sync):
-  fused  memset(tokens_per_expert) + one kernel; a CTA owns TM tokens and all E experts.
+  fused  memset(tokens_per_expert) + one kernel; a CTA owns TM tokens and all E experts. With one CTA
+         (T <= TM: decode) it stores the counts itself, no memset: one launch.
   split  (E > 16 and T <= SPLIT_MAX_TOKENS) a GEMM kernel on a (token tiles, expert groups,
          H slices) grid writes fp32 partial logits [HS, T, E], then a top-k kernel sums them.
          One CTA streaming a large gate_weight alone is latency-bound: E=128, H=2048, K=8 on H100
@@ -26,7 +27,8 @@ Pieces:
      K rounds of a warp arg-max on int32 keys (order-preserving image of the logit with 255 - id
      in its low 8 bits: one shuffle + one integer max per step, lower id first on ties); the
      winner's exact logit gives its weight.
-  4. Counts: shared-memory histogram per CTA, then one global atomic per non-empty expert.
+  4. Counts: shared-memory histogram per CTA, then one global atomic per non-empty expert (one CTA:
+     plain stores of every expert's count, which also clears the buffer).
 
 Logits stay fp32; the reference rounds F.linear's bf16 output to bf16 first, so near-ties may pick
 a different expert and weights differ by ~bf16 rounding of the logits (a few 1e-3 relative).
@@ -208,16 +210,19 @@ _KEY_REMOVED = -(2 ** 31)
 
 
 class RouterKernel:
-    """Compiled once per (dtype, H, E, K, renormalize, tile)."""
+    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta)."""
 
     def __init__(self, dtype_name: str, hidden: int, num_experts: int, top_k: int,
-                 renormalize: bool, tile: RouterTile):
+                 renormalize: bool, tile: RouterTile, single_cta: bool = False):
         self.dtype_name = dtype_name
         self.words = hidden * (4 if dtype_name == "fp32" else 2) // 4  # 32-bit words per row
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
         self.tile = tile
+        # the launch has one CTA (fused tile, T <= tile.tokens): it owns every count, so it stores them and
+        # the memset launch goes
+        self.single_cta = single_cta and not tile.split
         self.e_pad = 8 * tile.ng * tile.ntw
         self.threads = 32 * tile.warps
 
@@ -378,7 +383,9 @@ class RouterKernel:
             cute.arch.sync_threads()
             for e in range(tidx, n_exp, threads):
                 c = hist[e]
-                if c > 0:
+                if cutlass.const_expr(self.single_cta):
+                    counts[e] = c
+                elif c > 0:
                     atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
 
     @cute.kernel
@@ -470,28 +477,29 @@ class RouterKernel:
 
 
 def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
-                      tile: RouterTile, stream=None):
+                      tile: RouterTile, stream=None, single_cta: bool = False):
     """(jit function, arguments) for cute.compile; placeholder pointers, T dynamic. Used by the
     cache below and by the CPU compile tests (pass cute.runtime.make_fake_stream() there)."""
     name = _TORCH_TO_NAME[dtype]
     gmem = cute.AddressSpace.gmem
-    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile)
+    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta)
     args = (make_ptr(Int32, 16, gmem, assumed_align=16), make_ptr(Int32, 16, gmem, assumed_align=16),
             make_ptr(Float32, 16, gmem, assumed_align=4), make_ptr(Int32, 16, gmem, assumed_align=4),
             make_ptr(Int32, 16, gmem, assumed_align=4), make_ptr(Float32, 16, gmem, assumed_align=4), Int32(1), stream)
     return fn, args
 
 
-_compiled: dict = {}  # (dtype, H, E, K, renormalize, tile) -> compiled function; never keyed on T
+_compiled: dict = {}  # (dtype, H, E, K, renormalize, tile, single_cta) -> compiled function; never keyed on T
 
 
 
 def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
-                    tile: RouterTile):
-    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile)
+                    tile: RouterTile, single_cta: bool = False):
+    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta)
     fn = _compiled.get(key)
     if fn is None:
-        jit_fn, args = make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile, current_stream())
+        jit_fn, args = make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile, current_stream(),
+                                         single_cta)
         fn = _compiled[key] = cute.compile(jit_fn, *args)
     return fn
 
@@ -520,7 +528,8 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, tokens_per_expert: torch.Tensor,
                 tile: RouterTile | None = None, workspace: torch.Tensor | None = None) -> None:
     """Writes topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32 on the current
-    stream; graph-capturable. Two launches: memset + fused kernel, or (split tiles, E > 16 and
+    stream; graph-capturable. One launch when a single fused CTA covers T, else two: memset + fused kernel, or
+    (split tiles, E > 16 and
     T <= SPLIT_MAX_TOKENS) GEMM + top-k kernels with fp32 scratch of workspace_size(...) elements,
     allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks)."""
     _check(x, gate_weight, top_k)
@@ -538,10 +547,12 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
         tokens_per_expert.zero_()
         return
     tile = tile or choose_tile(num_experts, num_tokens, hidden * x.element_size())
-    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile)
     need = workspace_size(num_tokens, num_experts, tile)
+    single_cta = need == 0 and num_tokens <= tile.tokens  # one fused CTA stores every count: no memset
+    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, single_cta)
     if need == 0:
-        tokens_per_expert.zero_()  # the split mode zeroes it inside its first kernel
+        if not single_cta:
+            tokens_per_expert.zero_()  # the split mode zeroes it inside its first kernel
         workspace = topk_weights  # placeholder pointer, never read
     elif workspace is None:
         workspace = torch.empty(need, dtype=torch.float32, device=x.device)

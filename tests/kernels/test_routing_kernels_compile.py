@@ -57,6 +57,18 @@ def test_router_compiles(name, tmp_path):
     _report(f"router {name} {tile}", seconds, cubin)
 
 
+def test_router_single_cta_compiles(tmp_path):
+    """Decode (T <= one fused CTA's tokens): the kernel stores every count itself (no memset launch)."""
+    tile = router.choose_tile(8, 1, 4096 * 2)
+    assert not tile.split and tile.tokens >= 1
+    jit_fn, args = router.make_compile_args(BF16, 4096, 8, 2, True, tile, make_fake_stream(), single_cta=True)
+    assert jit_fn.single_cta
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    _report(f"router single CTA {tile}", seconds, cubin)
+    split = router.choose_tile(128, 1, 2048 * 2)
+    assert split.split and not router.RouterKernel("bf16", 2048, 128, 8, True, split, single_cta=True).single_cta
+
+
 @pytest.mark.parametrize("name", list(ROUTING_CASES))
 def test_routing_metadata_compiles(name, tmp_path):
     experts, top_k, single = ROUTING_CASES[name]
