@@ -4,6 +4,7 @@
 #   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in tiles beside the table's
+#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles (cp.async lag, fences)
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
 #                                               the bf16 kernel (T=4096); ~4 calls of ncu, each under 4 minutes
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
@@ -19,7 +20,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, w4a16-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
+stage=${1:?single-tests, single-bench, w4a16-sweep, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -52,6 +53,13 @@ w4a16-sweep)
     step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 128 \
         --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x32x1 128x32x1x2 128x64x1 128x64x1x2 256x32x1 \
         256x32x1x2 256x64x1 256x64x1x2 --output "$out/w4a16_decode_configs.json"
+    ;;
+w4a16-prefill-sweep)
+    # the prefill tiles with the producer fence's cp.async lag raised (TileConfig.cp_async_lag), the consumer
+    # fence, and two k-tiles per stage: W4A16 prefill is 12-15% slower than bf16 at T >= 1024
+    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 \
+        --configs 128x256x1p 128x256x1pl2 128x256x1pl3 128x256x1c 128x128x1p 128x128x1pl3 128x128x1x2p \
+        --output "$out/w4a16_prefill_configs.json"
     ;;
 ncu)
     # Nsight Compute (clocks left alone) on the W4A16 kernels at T=1 (decode, issue-bound), T=64 (128x32) and
@@ -98,7 +106,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
     exit 2
     ;;
 esac

@@ -5,8 +5,8 @@
 
 --configs also times each explicit W4A16 tile config (tile_w x tile_t x k_split [x k-tiles per stage, 1 or 2],
 optional fence suffix p = producer / c = consumer / n = none (racy: only to measure the fence), else the
-fence of the W4A16_TILE_TABLE row with that tile, else consumer; then sN for N pipeline stages, e.g.
-64x8x4s40, 64x8x4x2)
+fence of the W4A16_TILE_TABLE row with that tile, else consumer; then sN for N pipeline stages and lN for
+the producer fence's cp.async lag, e.g. 64x8x4s40, 64x8x4x2, 128x256x1pl3)
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
 int4 TB/s; "unsupported" where the kernel refuses the config for the shape.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 
 import torch
 
@@ -46,19 +47,20 @@ def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
 
 
 def _parse_config(spec: str, table):
-    """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' -> TileConfig (fence: suffix, else the table row of
-    that tile, else consumer; sN: N pipeline stages; a 4th number: k-tiles per stage)."""
+    """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' / '128x256x1pl3' -> TileConfig: tile_w x tile_t
+    [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
+    consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence."""
     from light_moe.kernels.tile_config import TileConfig
 
-    spec, _, stages = spec.partition("s")
-    fence = {"p": "producer", "c": "consumer", "n": "none"}.get(spec[-1])  # n: racy, to measure the fence
-    parts = (spec[:-1] if fence else spec).split("x")
-    tile_w, tile_t = int(parts[0]), int(parts[1])
-    k_split = int(parts[2]) if len(parts) > 2 else 1
-    per_stage = int(parts[3]) if len(parts) > 3 else 1  # k-tiles per pipeline stage
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?", spec)
+    if m is None:
+        raise ValueError(f"tile spec {spec!r}: tile_w x tile_t [x k_split [x k-tiles per stage]] [p|c|n] [sN] [lN]")
+    tile_w, tile_t, k_split, per_stage, fence, stages, lag = m.groups()
+    tile_w, tile_t = int(tile_w), int(tile_t)
+    fence = {"p": "producer", "c": "consumer", "n": "none", None: None}[fence]  # n: racy, to measure the fence
     if fence is None:
         fence = next((row[3] for row in table if row[1:3] == (tile_w, tile_t)), "consumer")
-    return TileConfig(tile_w, tile_t, fence, k_split, int(stages or 0), per_stage)
+    return TileConfig(tile_w, tile_t, fence, int(k_split or 1), int(stages or 0), int(per_stage or 1), int(lag or 1))
 
 
 def main() -> None:

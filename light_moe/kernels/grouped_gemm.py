@@ -61,12 +61,11 @@ SMEM_CAPACITY = 232448  # bytes of shared memory per CTA on sm_90
 MAX_STAGES = 16
 # cp.async writes smem through the generic proxy, wgmma reads it through the async proxy, so a
 # fence.proxy.async must sit between them. "consumer" (default): each consumer thread fences after its
-# full-barrier wait. "producer": each producer thread waits for its copies of stage s (CP_ASYNC_LAG stages
-# later), fences, then arrives. H200, Mixtral, 128x256 tiles, T=4096 up/down: consumer 3282/1726 us, producer
-# 3803/1847 us, no fence at all (unsafe, "none", kept only to measure) 3352/1685 us; T=1 (64x8): consumer
-# 114/61, producer 138/71. But at 256x128 the producer fence wins (H100 T=4096: 2741/1433 vs 3048/1545), so
-# TileConfig.fence_mode picks one per table row (tile_config.py).
-CP_ASYNC_LAG = 1
+# full-barrier wait. "producer": each producer thread waits for its copies of stage s (TileConfig.cp_async_lag
+# stages later, 1 by default), fences, then arrives. H200, Mixtral, 128x256 tiles, T=4096 up/down: consumer
+# 3282/1726 us, producer 3803/1847 us, no fence at all (unsafe, "none", kept only to measure) 3352/1685 us;
+# T=1 (64x8): consumer 114/61, producer 138/71. But at 256x128 the producer fence wins (H100 T=4096:
+# 2741/1433 vs 3048/1545), so TileConfig.fence_mode picks one per table row (tile_config.py).
 EPI_BYTES = 64 * 136 * 2  # epilogue staging tile (64 tokens x 128 columns): a 4th stage at 128x256 and 256x128
 PRODUCER_REGS = 56  # the gather producer holds tile_t / 16 row indices per thread
 CONSUMER_REGS = {1: 232, 2: 224}  # 128 * 56 + 256 * 224 = 64512 <= 65536 with two consumer warpgroups
@@ -93,6 +92,7 @@ class GroupedGemmSm90:
         if not ok:
             raise ValueError(reason)
         self.fence_mode = config.fence_mode
+        self.cp_async_lag = config.cp_async_lag
         self.gated = gated
         self.n_out = n_out
         self.k_dim = k_dim
@@ -141,6 +141,10 @@ class GroupedGemmSm90:
             return False, f"num_experts must be in [1, 1024], got {num_experts}"
         if GroupedGemmSm90.num_stages(config, gated, num_experts) < 2:
             return False, f"tile config {config} leaves fewer than 2 pipeline stages in shared memory"
+        if config.cp_async_lag > GroupedGemmSm90.num_stages(config, gated, num_experts) - 2:
+            # a consumer hands a stage back after waiting for its next one: a producer blocked on that
+            # stage must already have signalled the next, lag + 2 <= stages
+            return False, f"cp_async_lag={config.cp_async_lag} must be at most the pipeline's stages - 2"
         return True, "ok"
 
     @cute.jit
@@ -299,10 +303,10 @@ class GroupedGemmSm90:
                     cute.copy(tma_atom_w, t_wg_w_tile[(None, kt)], t_ws_w[(None, stage)], tma_bar_ptr=full + stage)
                 if row_active:
                     copy_token_rows(g2s, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, kt, stage, n_slots)
-                signal_full(full, stage, issued, self.stages, self.fence_mode)
+                signal_full(full, stage, issued, self.stages, self.fence_mode, self.cp_async_lag)
                 issued = issued + 1
             tile = tile + gdim
-        drain_producer(full, issued, self.stages, self.fence_mode)
+        drain_producer(full, issued, self.stages, self.fence_mode, self.cp_async_lag)
 
     @cute.jit
     def mma_stage(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, t_cr_w: cute.Tensor, t_cr_t: cute.Tensor, full,
@@ -472,30 +476,33 @@ def copy_token_rows(g2s: cute.CopyAtom, tokens: cute.Tensor, s_t_raw: cute.Tenso
 
 
 @cute.jit
-def signal_full(full, stage: Int32, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr):
+def signal_full(full, stage: Int32, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr,
+                lag: cutlass.Constexpr = 1):
     """The producer thread's copies of `stage` are issued: let the full barrier count them. cp.async writes
     through the generic proxy and wgmma reads through the async proxy, so someone must fence in between: in
-    "producer" mode this thread waits for its copies of stage (issued - CP_ASYNC_LAG), fences, then arrives;
-    otherwise the arrival rides on the copies' completion and the consumers fence (wait_full)."""
+    "producer" mode this thread waits for its copies of stage (issued - lag), fences, then arrives (lag <
+    stages: the stage it refills next was signalled); otherwise the arrival rides on the copies' completion and
+    the consumers fence (wait_full)."""
     if cutlass.const_expr(fence_mode == "producer"):
         cute.arch.cp_async_commit_group()
-        if issued >= CP_ASYNC_LAG:
-            cute.arch.cp_async_wait_group(CP_ASYNC_LAG)
+        if issued >= lag:
+            cute.arch.cp_async_wait_group(lag)
             cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            cute.arch.mbarrier_arrive(full + (issued - CP_ASYNC_LAG) % stages)
+            cute.arch.mbarrier_arrive(full + (issued - lag) % stages)
     else:
         cute.arch.cp_async_mbarrier_arrive_noinc(full + stage)
 
 
 @cute.jit
-def drain_producer(full, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr):
+def drain_producer(full, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr,
+                   lag: cutlass.Constexpr = 1):
     """After the producer's last stage: wait for all its copies; in "producer" mode signal the stages that
     signal_full still owes."""
     cute.arch.cp_async_commit_group()
     cute.arch.cp_async_wait_group(0)
     if cutlass.const_expr(fence_mode == "producer"):
         cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-        for d in cutlass.range_constexpr(CP_ASYNC_LAG, 0, -1):
+        for d in cutlass.range_constexpr(lag, 0, -1):
             if issued >= d:
                 cute.arch.mbarrier_arrive(full + (issued - d) % stages)
 

@@ -60,6 +60,10 @@ class TileConfig:
     # k-tiles of 64 per pipeline stage of the W4A16 kernel (1 or 2): 2 halves the per-stage barrier, fence,
     # ring and meta work per weight byte on the issue-bound decode path. The bf16 grouped GEMM refuses 2.
     k_tiles_per_stage: int = 1
+    # "producer" fence only: stages a producer thread's cp.async copies may run ahead of its fence and arrival
+    # (1: at most two stages of copies in flight per thread). At most stages - k_split - 1 (the kernels check:
+    # a larger lag deadlocks, since consumers hand a stage back only after waiting for their next one).
+    cp_async_lag: int = 1
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -74,6 +78,8 @@ class TileConfig:
             raise ValueError(f"stages must be >= 0 (0: as many as fit), got {self.stages}")
         if self.k_tiles_per_stage not in (1, 2):
             raise ValueError(f"k_tiles_per_stage must be 1 or 2, got {self.k_tiles_per_stage}")
+        if self.cp_async_lag < 1:
+            raise ValueError(f"cp_async_lag must be >= 1, got {self.cp_async_lag}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:

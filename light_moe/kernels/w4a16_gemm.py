@@ -221,6 +221,7 @@ class W4A16GroupedGemmSm90:
         self.num_experts = num_experts
         self.group_size = group_size
         self.fence_mode = config.fence_mode
+        self.cp_async_lag = config.cp_async_lag
         self.tile_w = config.tile_w
         self.tile_t = config.tile_t
         self.n_atoms = config.tile_w // ATOM_M
@@ -292,6 +293,11 @@ class W4A16GroupedGemmSm90:
             return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
         if config.stages and W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < config.stages:
             return False, f"{config.stages} stages of {config} do not fit in shared memory"
+        stages = W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size)
+        if config.cp_async_lag > stages - config.k_split - 1:
+            # a consumer warpgroup hands a stage back after waiting for its next one (k_split stages on): a
+            # producer blocked on that stage must already have signalled it
+            return False, f"cp_async_lag={config.cp_async_lag} must be at most the pipeline's stages - k_split - 1"
         if W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < max(4, 2 * config.k_split):
             return False, f"tile config {config} leaves fewer than {max(4, 2 * config.k_split)} pipeline stages"
         return True, "ok"
@@ -464,10 +470,10 @@ class W4A16GroupedGemmSm90:
                     for h in cutlass.range_constexpr(kps):
                         copy_token_rows(g2s_bf16, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, ks * kps + h,
                                         stage * kps + h, n_slots)
-                signal_full(full, stage, issued, self.stages, self.fence_mode)
+                signal_full(full, stage, issued, self.stages, self.fence_mode, self.cp_async_lag)
                 issued = issued + 1
             tile = tile + gdim
-        drain_producer(full, issued, self.stages, self.fence_mode)
+        drain_producer(full, issued, self.stages, self.fence_mode, self.cp_async_lag)
 
     @cute.jit
     def release_stage(self, empty, stage: Int32):

@@ -30,6 +30,7 @@ CASES = {
     # name: (gated, E, H, I, tile config); together they cover every row of tile_config.TILE_TABLE
     "up_prefill_256x128_producer_fence": (True, 8, 4096, 14336, TileConfig(256, 128, "producer")),
     "down_prefill_256x128_producer_fence": (False, 8, 4096, 14336, TileConfig(256, 128, "producer")),
+    "up_prefill_256x128_producer_fence_lag2": (True, 8, 4096, 14336, TileConfig(256, 128, "producer", cp_async_lag=2)),
     "up_decode_64x8": (True, 8, 4096, 14336, TileConfig(64, 8)),
     "down_decode_64x8": (False, 8, 4096, 14336, TileConfig(64, 8)),
     "up_mid_256x64_E64": (True, 64, 1024, 768, TileConfig(256, 64)),

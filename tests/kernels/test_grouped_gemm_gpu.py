@@ -18,7 +18,7 @@ EXPERTS_TOPK = ((8, 2), (8, 8), (64, 2), (64, 8), (128, 2), (128, 8))
 HIDDEN, INTER = 1024, 768
 
 
-def _check_case(num_tokens, num_experts, top_k, hidden, inter, seed):
+def _check_case(num_tokens, num_experts, top_k, hidden, inter, seed, config=None):
     from light_moe.kernels import grouped_gemm as gg
 
     device = torch.device("cuda")
@@ -32,14 +32,14 @@ def _check_case(num_tokens, num_experts, top_k, hidden, inter, seed):
     w13p, w2p = gg.prepare_expert_weights(w13, w2)
 
     act = torch.full((num_rows, inter), float("nan"), device=device, dtype=torch.bfloat16)
-    gg.expert_up(x, gather_index, offsets, w13p, out=act)
+    gg.expert_up(x, gather_index, offsets, w13p, out=act, config=config)
     ref_act = reference.expert_up(x.float(), gather_index, offsets, w13.float())
     assert not act.isnan().any(), "expert_up left rows unwritten"
     err_up = _rel_l2(act, ref_act)
     assert err_up < 1e-2, f"expert_up rel L2 {err_up:.3e}"
 
     y = torch.full((num_rows, hidden), float("nan"), device=device, dtype=torch.bfloat16)
-    gg.expert_down(act, offsets, w2p, out=y)
+    gg.expert_down(act, offsets, w2p, out=y, config=config)
     ref_y = reference.expert_down(act.float(), offsets, w2.float())
     assert not y.isnan().any(), "expert_down left rows unwritten"
     err_down = _rel_l2(y, ref_y)
@@ -79,3 +79,13 @@ def test_grouped_gemm_cuda_graph_replay():
     ref_act = reference.expert_up(x.float(), gather_index, offsets, w13.float())
     assert _rel_l2(act, ref_act) < 1e-2
     assert _rel_l2(y, reference.expert_down(act.float(), offsets, w2.float())) < 1e-2
+
+
+@pytest.mark.parametrize("num_tokens", (7, 333, 4096))
+def test_grouped_gemm_producer_fence_lag(num_tokens):
+    """TileConfig.cp_async_lag > 1 (not in the table yet): the producer fences and signals each stage several
+    stages after issuing its copies; the drain signals the rest."""
+    from light_moe.kernels.tile_config import TileConfig
+
+    for config in (TileConfig(256, 128, "producer", cp_async_lag=2), TileConfig(128, 64, "producer", cp_async_lag=3)):
+        _check_case(num_tokens, 8, 2, 1024, 768, seed=31 + num_tokens, config=config)

@@ -56,6 +56,8 @@ CASES = {
     "down_mid_256x32_g32_E64": (False, 64, 1024, 768, 32, TileConfig(256, 32)),
     "down_prefill_128x128_g128_2kps": (False, 8, 4096, 14336, 128,
                                        TileConfig(128, 128, "producer", k_tiles_per_stage=2)),
+    "up_prefill_128x256_g128_producer_lag3": (True, 8, 4096, 14336, 128,
+                                              TileConfig(128, 256, "producer", cp_async_lag=3)),
     "up_prefill_128x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     "down_prefill_128x128_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 128, "producer")),
     # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
@@ -277,3 +279,12 @@ def test_bench_tile_specs():
     assert _parse_config("64x8x4x2", table) == TileConfig(64, 8, "consumer", 4, k_tiles_per_stage=2)
     assert _parse_config("64x8x4x2ns16", table) == TileConfig(64, 8, "none", 4, stages=16, k_tiles_per_stage=2)
     assert _parse_config("128x128", table) == TileConfig(128, 128, "producer")
+    assert _parse_config("128x256x1pl3", table) == TileConfig(128, 256, "producer", cp_async_lag=3)
+    with pytest.raises(ValueError, match="tile spec"):
+        _parse_config("64x8x4q", table)
+    with pytest.raises(ValueError, match="cp_async_lag"):
+        TileConfig(64, 8, cp_async_lag=0)
+    kw = dict(gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=128)
+    stages = W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 256, "producer")).stages
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, config=TileConfig(128, 256, "producer", cp_async_lag=stages))
+    assert not ok and "cp_async_lag" in reason

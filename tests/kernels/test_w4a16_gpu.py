@@ -146,7 +146,7 @@ def test_w4a16_opt_in_tiles(num_tokens):
     for config in (TileConfig(64, 8, k_split=4, k_tiles_per_stage=2), TileConfig(64, 8, k_split=2, k_tiles_per_stage=2),
                    TileConfig(64, 16, k_split=2, k_tiles_per_stage=2), TileConfig(128, 32, k_tiles_per_stage=2),
                    TileConfig(128, 128, "producer", k_tiles_per_stage=2), TileConfig(256, 32),
-                   TileConfig(256, 64, k_tiles_per_stage=2)):
+                   TileConfig(256, 64, k_tiles_per_stage=2), TileConfig(128, 256, "producer", cp_async_lag=3)):
         assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
                                config=config)[0]
         act = torch.full_like(ref_act, float("nan"))
