@@ -51,8 +51,8 @@ w4a16-sweep)
     # one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage) on the decode and mid tiles, and
     # 256-row mid tiles (half the token bytes per weight byte); each config compiles for up and down
     step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 128 \
-        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x32x1 128x32x1x2 128x64x1 128x64x1x2 256x32x1 \
-        256x32x1x2 256x64x1 256x64x1x2 --output "$out/w4a16_decode_configs.json"
+        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x8x4 128x8x4x2 128x16x4 128x16x2x2 128x32x1 128x32x1x2 \
+        128x64x1 128x64x1x2 256x32x1 256x32x1x2 256x64x1 256x64x1x2 --output "$out/w4a16_decode_configs.json"
     ;;
 w4a16-prefill-sweep)
     # the prefill tiles with the producer fence's cp.async lag raised (TileConfig.cp_async_lag), the consumer

@@ -226,7 +226,9 @@ class W4A16GroupedGemmSm90:
         self.tile_t = config.tile_t
         self.n_atoms = config.tile_w // ATOM_M
         self.k_split = config.k_split  # consumer warpgroups along K (each takes every k_split-th k-tile)
-        self.m_wg = min(self.n_atoms, 2)  # consumer warpgroups along M (the wgmma atom layout)
+        # consumer warpgroups along M (the wgmma atom layout); under split K one warpgroup takes every atom of
+        # the tile (tile_w = 128: two), so the per-k-tile barrier, fence and ring work covers twice the bytes
+        self.m_wg = 1 if self.k_split > 1 else min(self.n_atoms, 2)
         self.n_consumer_wg = self.m_wg * self.k_split
         self.n_consumer_threads = WG * self.n_consumer_wg
         self.threads = WG + self.n_consumer_threads
@@ -246,8 +248,8 @@ class W4A16GroupedGemmSm90:
 
     @staticmethod
     def reduce_bytes(config: TileConfig) -> int:
-        """fp32 partial sums (64 x tile_t each) of K warpgroups 1..k_split-1 under split K."""
-        return (config.k_split - 1) * ATOM_M * config.tile_t * 4
+        """fp32 partial sums (tile_w x tile_t each) of K warpgroups 1..k_split-1 under split K."""
+        return (config.k_split - 1) * config.tile_w * config.tile_t * 4
 
     @staticmethod
     def stage_bytes(config: TileConfig, group_size: int) -> int:
@@ -274,8 +276,8 @@ class W4A16GroupedGemmSm90:
                            f"RS fragments of two atoms per warpgroup), got {config.tile_w} x {config.tile_t}")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
-        if config.k_split > 1 and config.tile_w != ATOM_M:
-            return False, f"split K (k_split={config.k_split}) needs tile_w = {ATOM_M}, got {config.tile_w}"
+        if config.k_split > 1 and config.tile_w not in (ATOM_M, 2 * ATOM_M):
+            return False, f"split K (k_split={config.k_split}) needs tile_w 64 or 128, got {config.tile_w}"
         if config.k_split == 4 and config.tile_t > MAX_TILE_T_SPLIT4:
             return False, f"k_split=4 supports tile_t <= {MAX_TILE_T_SPLIT4}, got {config.tile_t}"
         if (k_dim // TILE_K) % config.k_split:
@@ -623,7 +625,7 @@ class W4A16GroupedGemmSm90:
         tmp = cute.make_rmem_tensor((cute.size(a_shape) // 2,), Int32)  # bf16x2 q - z per A register
         acc_shape = tiled_mma.partition_shape_C((self.tile_w, tile_t))
         if cutlass.const_expr(tile_t == 8):
-            acc_shape = ((2, 2, 1), 1, 1)  # 4.3.5's verifier wants the N/8 mode kept for the 64x8 atom
+            acc_shape = ((2, 2, 1), self.n_atoms // self.m_wg, 1)  # 4.3.5's verifier wants the N/8 mode kept
         acc = cute.make_rmem_tensor(acc_shape, Float32)
         mma_m = cute.size(acc, mode=[1])
         # This thread's A rows: value 0 of m64 atom m sits in row t_ca[(0, m, 0)][0] (= atom base + 16 w + g,

@@ -54,6 +54,10 @@ CASES = {
     "up_mid_256x32_g128": (True, 8, 4096, 14336, 128, TileConfig(256, 32)),
     "down_mid_256x64_g128_2kps": (False, 8, 4096, 14336, 128, TileConfig(256, 64, k_tiles_per_stage=2)),
     "down_mid_256x32_g32_E64": (False, 64, 1024, 768, 32, TileConfig(256, 32)),
+    # split K over 128 rows: each K warpgroup takes both atoms (more bytes per k-tile's fixed work)
+    "up_decode_128x8_g128_k4": (True, 8, 4096, 14336, 128, TileConfig(128, 8, k_split=4)),
+    "down_decode_128x8_g128_k4_2kps": (False, 8, 4096, 14336, 128, TileConfig(128, 8, k_split=4, k_tiles_per_stage=2)),
+    "up_decode_128x16_g32_k2_E64": (True, 64, 1024, 768, 32, TileConfig(128, 16, k_split=2)),
     "down_prefill_128x128_g128_2kps": (False, 8, 4096, 14336, 128,
                                        TileConfig(128, 128, "producer", k_tiles_per_stage=2)),
     "up_prefill_128x256_g128_producer_lag3": (True, 8, 4096, 14336, 128,
@@ -122,8 +126,9 @@ def test_k_split_config_checks():
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=128 * 3, config=TileConfig(64, 8, k_split=4))
     assert not ok and "divide" in reason  # 6 k-tiles: k_split = 4 does not divide them
     assert W4A16GroupedGemmSm90.supports(**kw, k_dim=128 * 3, config=TileConfig(64, 8, k_split=2))[0]
-    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(128, 16, k_split=2))
-    assert not ok and "tile_w" in reason
+    assert W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(128, 16, k_split=2))[0]
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 16, k_split=2))
+    assert not ok and "split K" in reason
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(64, 64, k_split=4))
     assert not ok and "tile_t" in reason
     assert W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 64))[0]

@@ -125,8 +125,9 @@ def test_w4a16_every_tile_config(num_tokens):
 @pytest.mark.parametrize("num_tokens", (1, 7, 64, 333))
 def test_w4a16_opt_in_tiles(num_tokens):
     """Tiles not in the table yet: TileConfig.k_tiles_per_stage = 2 (one g = 128 group per stage) on decode,
-    mid and prefill tiles, and 256 weight rows (two atoms per consumer warpgroup), up and down, against the
-    dequantising reference."""
+    mid and prefill tiles, 256 weight rows (two atoms per consumer warpgroup), split K over 128-row tiles
+    (each K warpgroup takes both atoms), a larger producer-fence lag; up and down, against the dequantising
+    reference."""
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
@@ -141,18 +142,22 @@ def test_w4a16_opt_in_tiles(num_tokens):
     ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, 128)
     act_in = torch.randn(gather_index.shape[0], INTER, device=device, dtype=torch.bfloat16, generator=gen)
     ref_y = w4.reference_expert_down(act_in, offsets, *w2, 128)
-    # the down projection's 12 k-tiles (I = 768) take k_split * 2 = 4 at most: 64x8 k_split 4 runs up only
+    # the down projection's 12 k-tiles (I = 768) take k_split x k-tiles per stage = 4 at most: the others
+    # run the up projection only (16 k-tiles)
     kernel = w4.W4A16GroupedGemmSm90
     for config in (TileConfig(64, 8, k_split=4, k_tiles_per_stage=2), TileConfig(64, 8, k_split=2, k_tiles_per_stage=2),
                    TileConfig(64, 16, k_split=2, k_tiles_per_stage=2), TileConfig(128, 32, k_tiles_per_stage=2),
                    TileConfig(128, 128, "producer", k_tiles_per_stage=2), TileConfig(256, 32),
-                   TileConfig(256, 64, k_tiles_per_stage=2), TileConfig(128, 256, "producer", cp_async_lag=3)):
+                   TileConfig(256, 64, k_tiles_per_stage=2), TileConfig(128, 256, "producer", cp_async_lag=3),
+                   TileConfig(128, 8, k_split=4), TileConfig(128, 16, k_split=2, k_tiles_per_stage=2),
+                   TileConfig(128, 8, k_split=4, k_tiles_per_stage=2)):
         assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
                                config=config)[0]
         act = torch.full_like(ref_act, float("nan"))
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
         assert not act.isnan().any() and _rel_l2(act, ref_act) < 1e-2, (config, _rel_l2(act, ref_act))
-        if config.k_split == 4:
+        if not kernel.supports(gated=False, n_out=HIDDEN, k_dim=INTER, num_experts=8, group_size=128, config=config)[0]:
+            assert config.k_split * config.k_tiles_per_stage > 4
             continue
         y = torch.full_like(ref_y, float("nan"))
         w4.w4a16_expert_down(act_in, offsets, w2p, out=y, config=config)
