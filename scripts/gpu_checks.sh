@@ -3,10 +3,12 @@
 # stage fits in 10 minutes:
 #   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
-#   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in tiles beside the table's
+#   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in decode tiles beside the table's
+#   scripts/gpu_checks.sh w4a16-sweep-mid OUTDIR    the same for the mid tiles (T = 16..128)
 #   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles (cp.async lag, fences)
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
-#                                               the bf16 kernel (T=4096); ~4 calls of ncu, each under 4 minutes
+#                                               the bf16 kernel (T=4096); if that outruns one call, split it:
+#                                               NCU_TOKENS="1 64" NCU_SKIP_BF16=1, then NCU_TOKENS=4096
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
 #   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), read back
 #                                               each step (sync), with async output processing, then with async
@@ -20,7 +22,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, w4a16-sweep, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
+stage=${1:?single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -48,11 +50,18 @@ single-bench)
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
     ;;
 w4a16-sweep)
-    # one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage) on the decode and mid tiles, and
-    # 256-row mid tiles (half the token bytes per weight byte); each config compiles for up and down
-    step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 128 \
-        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x8x4 128x8x4x2 128x16x4 128x16x2x2 128x32x1 128x32x1x2 \
-        128x64x1 128x64x1x2 256x32x1 256x32x1x2 256x64x1 256x64x1x2 --output "$out/w4a16_decode_configs.json"
+    # decode tiles: one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage), split K over 64- and
+    # 128-row tiles; each config compiles for up and down (~20 s)
+    step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 \
+        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x8x4 128x8x4x2 128x16x4 128x16x2x2 \
+        --output "$out/w4a16_decode_configs.json"
+    ;;
+w4a16-sweep-mid)
+    # mid tiles (T = 16..128): 128 vs 256 weight rows (half the token bytes per weight byte), one or two
+    # k-tiles per stage
+    step w4a16_mid_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 16 64 128 \
+        --configs 128x32x1 128x32x1x2 128x64x1 128x64x1x2 256x32x1 256x32x1x2 256x64x1 256x64x1x2 \
+        --output "$out/w4a16_mid_configs.json"
     ;;
 w4a16-prefill-sweep)
     # the prefill tiles with the producer fence's cp.async lag raised (TileConfig.cp_async_lag), the consumer
@@ -65,11 +74,11 @@ ncu)
     # Nsight Compute (clocks left alone) on the W4A16 kernels at T=1 (decode, issue-bound), T=64 (128x32) and
     # T=4096 (128x256, 12-15% slower than bf16), and on the bf16 kernel at T=4096; the rules' OPT / INF lines
     # name the dominant stalls
-    for t in 1 64 4096; do
+    for t in ${NCU_TOKENS:-1 64 4096}; do
         TAIL=40 step "ncu_w4a16_t$t" 240 ncu --clock-control none --set detailed -k regex:w4a16 --launch-skip 4 \
             --launch-count 2 $py -m light_moe.bench.w4a16_experts --tokens "$t"
     done
-    TAIL=40 step ncu_bf16_t4096 240 ncu --clock-control none --set detailed -k regex:grouped_gemmGroupedGemm \
+    [ -n "${NCU_SKIP_BF16:-}" ] || TAIL=40 step ncu_bf16_t4096 240 ncu --clock-control none --set detailed -k regex:grouped_gemmGroupedGemm \
         --launch-skip 4 --launch-count 2 $py -m light_moe.bench.w4a16_experts --tokens 4096
     ;;
 multi-tests)
@@ -106,7 +115,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
     exit 2
     ;;
 esac
