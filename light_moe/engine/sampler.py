@@ -37,11 +37,11 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p exclude; logits are already temperature-scaled."""
     vocab = logits.shape[-1]
     device = logits.device
-    top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], torch.long, device)
-    top_p = to_device([r.params.top_p for r in rows], torch.float32, device)
-    min_p = to_device([r.params.min_p for r in rows], torch.float32, device)
-    # decided from the host-side parameters (a device read here would synchronise with the step's kernels)
+    # decided from the host-side parameters (a device read here would synchronise with the step's kernels);
+    # each filter's per-row values go to the device only when some row uses it
     if any(0 < r.params.top_k < vocab for r in rows) or any(r.params.top_p < 1.0 for r in rows):
+        top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], torch.long, device)
+        top_p = to_device([r.params.top_p for r in rows], torch.float32, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device).expand_as(sorted_logits)
         drop = rank >= top_k.clamp(max=vocab).unsqueeze(1)
@@ -52,6 +52,7 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(r.params.min_p > 0 for r in rows):
+        min_p = to_device([r.params.min_p for r in rows], torch.float32, device)
         probs = torch.softmax(logits, dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < threshold, float("-inf"))

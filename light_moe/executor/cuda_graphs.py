@@ -143,7 +143,7 @@ class DecodeGraphs:
         copy_to(self.input_ids[:batch], tokens + [0] * pad)
         fill_pending_tokens(self.input_ids, tokens, prev_tokens)
         copy_to(self.positions[:batch], positions + [0] * pad)
-        copy_to(self.query_pos[:batch, 0], positions + [0] * pad)
+        self.query_pos[:batch, 0].copy_(self.positions[:batch])  # the same values: a device copy, not a 2nd upload
         copy_to(self.slots[:batch], slots + [self.scratch_slot] * pad)
         copy_to(self.ctx_lens[:batch], ctx + [1] * pad)
         # one host tensor for the whole table: a tensor per row cost ~5 us each at batch 64

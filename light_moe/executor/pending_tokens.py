@@ -27,12 +27,11 @@ def fill_pending_tokens(ids: torch.Tensor, host_ids: list[int], prev_tokens: tor
     input token is a placeholder -(i + 1), i its row in the previous step's sampled tokens (still on the
     device). Copy them into ids (the step's input ids, already on the device) from prev_tokens, on the
     stream, without a host read."""
-    if not has_pending(host_ids):  # every synchronous step, and most rows of any step
+    if not has_pending(host_ids):  # every synchronous step
         return
-    pending = [(row, -t - 1) for row, t in enumerate(host_ids) if t < 0]
     if prev_tokens is None:
         raise RuntimeError("the step has input tokens still pending from the previous step, but no sampled "
                            "tokens to take them from")
-    rows, sources = zip(*pending)
-    sources = prev_tokens.index_select(0, to_device(sources, torch.long, prev_tokens.device))
-    ids.index_copy_(0, to_device(rows, torch.long, ids.device), sources.to(ids.device))
+    rows = [row for row, t in enumerate(host_ids) if t < 0]
+    index = to_device([rows, [-host_ids[row] - 1 for row in rows]], torch.long, ids.device)  # [2, P]: one upload
+    ids.index_copy_(0, index[0], prev_tokens.index_select(0, index[1].to(prev_tokens.device)).to(ids.device))

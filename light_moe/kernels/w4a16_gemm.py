@@ -293,14 +293,14 @@ class W4A16GroupedGemmSm90:
             return False, f"num_experts must be in [1, 1024], got {num_experts}"
         if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
             return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
-        if config.stages and W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < config.stages:
-            return False, f"{config.stages} stages of {config} do not fit in shared memory"
         stages = W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size)
+        if config.stages and stages < config.stages:
+            return False, f"{config.stages} stages of {config} do not fit in shared memory"
         if config.cp_async_lag > stages - config.k_split - 1:
             # a consumer warpgroup hands a stage back after waiting for its next one (k_split stages on): a
             # producer blocked on that stage must already have signalled it
             return False, f"cp_async_lag={config.cp_async_lag} must be at most the pipeline's stages - k_split - 1"
-        if W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size) < max(4, 2 * config.k_split):
+        if stages < max(4, 2 * config.k_split):
             return False, f"tile config {config} leaves fewer than {max(4, 2 * config.k_split)} pipeline stages"
         return True, "ok"
 
