@@ -73,13 +73,13 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     # decode graphs' input ids filled on the device from the last step's sampled tokens). bf16: a wasted row
     # of an ended request changes the next batch's shape, so near-ties are allowed as above
     graphs.shutdown()
-    for flags in (dict(async_output_processing=True, **sync), dict(async_scheduling=True)):
+    for flags in (dict(async_output_processing=True, **sync), dict(async_scheduling=True)):  # both name the key
         lagged = LightMoEEngine(checkpoint, **flags, **common)
         out_a = lagged.generate_outputs(PROMPTS, params)
         assert len(lagged.runner.decode_graphs.graphs) > 0
         for prompt, a, b in zip(PROMPTS, out_e, out_a):
             assert_agree(eager, lagged, prompt, a.token_ids, b.token_ids)
-        if "async_scheduling" in flags:
+        if flags["async_scheduling"]:
             assert lagged.stats["steps_ahead"] > lagged.stats["steps"] // 2
         lagged.shutdown()
 

@@ -47,20 +47,21 @@ def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
 
 
 def _parse_config(spec: str, table):
-    """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' / '128x256x1pl3' -> TileConfig: tile_w x tile_t
-    [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
-    consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence."""
+    """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' / '128x256x1pl3' / '128x256x1pb' -> TileConfig: tile_w x
+    tile_t [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
+    consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence, b: k-block pipelined wgmma."""
     from light_moe.kernels.tile_config import TileConfig
 
-    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?", spec)
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?", spec)
     if m is None:
-        raise ValueError(f"tile spec {spec!r}: tile_w x tile_t [x k_split [x k-tiles per stage]] [p|c|n] [sN] [lN]")
-    tile_w, tile_t, k_split, per_stage, fence, stages, lag = m.groups()
+        raise ValueError(f"tile spec {spec!r}: tile_w x tile_t [x k_split [x k-tiles per stage]] [p|c|n] [sN] [lN] [b]")
+    tile_w, tile_t, k_split, per_stage, fence, stages, lag, kblock = m.groups()
     tile_w, tile_t = int(tile_w), int(tile_t)
     fence = {"p": "producer", "c": "consumer", "n": "none", None: None}[fence]  # n: racy, to measure the fence
     if fence is None:
         fence = next((row[3] for row in table if row[1:3] == (tile_w, tile_t)), "consumer")
-    return TileConfig(tile_w, tile_t, fence, int(k_split or 1), int(stages or 0), int(per_stage or 1), int(lag or 1))
+    return TileConfig(tile_w, tile_t, fence, int(k_split or 1), int(stages or 0), int(per_stage or 1), int(lag or 1),
+                      kblock_pipeline=kblock is not None)
 
 
 def main() -> None:

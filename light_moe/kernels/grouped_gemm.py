@@ -128,9 +128,10 @@ class GroupedGemmSm90:
     def supports(*, gated: bool, n_out: int, k_dim: int, num_experts: int, config: TileConfig) -> tuple[bool, str]:
         if config.k_split != 1:
             return False, f"the bf16 grouped GEMM has no split K (k_split must be 1, got {config.k_split})"
-        if config.stages or config.k_tiles_per_stage != 1:
-            return False, (f"the bf16 grouped GEMM sizes its own pipeline (stages must be 0 and k_tiles_per_stage 1, "
-                           f"got {config.stages} and {config.k_tiles_per_stage})")
+        if config.stages or config.k_tiles_per_stage != 1 or config.kblock_pipeline:
+            return False, (f"the bf16 grouped GEMM sizes its own pipeline (stages must be 0, k_tiles_per_stage 1 and "
+                           f"kblock_pipeline False, got {config.stages}, {config.k_tiles_per_stage} and "
+                           f"{config.kblock_pipeline})")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
         if gated and n_out % 16:
@@ -645,6 +646,13 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int):
         raise ValueError(f"{name} must be 16-byte aligned (the kernel assumes it)")
 
 
+def check_out(out: torch.Tensor, num_rows: int, cols: int) -> None:
+    """A caller's out buffer: the kernel stores bf16 rows [num_rows, cols] through 16-byte vectors."""
+    _check("out", out, torch.bfloat16, 2)
+    if tuple(out.shape) != (num_rows, cols):
+        raise ValueError(f"expected out of shape {(num_rows, cols)}, got {tuple(out.shape)}")
+
+
 def expert_up(
     x: torch.Tensor,  # [T, H] bf16
     gather_index: torch.Tensor,  # [M] int32
@@ -666,6 +674,7 @@ def expert_up(
     num_rows = gather_index.shape[0]
     if out is None:
         out = x.new_empty(num_rows, two_inter // 2)
+    check_out(out, num_rows, two_inter // 2)
     if num_rows == 0:
         return out
     return _launch(True, w13_prepared, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
@@ -689,6 +698,7 @@ def expert_down(
     num_rows = act.shape[0]
     if out is None:
         out = act.new_empty(num_rows, hidden)
+    check_out(out, num_rows, hidden)
     if num_rows == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.

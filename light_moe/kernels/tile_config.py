@@ -64,6 +64,10 @@ class TileConfig:
     # (1: at most two stages of copies in flight per thread). At most stages - k_split - 1 (the kernels check:
     # a larger lag deadlocks, since consumers hand a stage back only after waiting for their next one).
     cp_async_lag: int = 1
+    # W4A16 only: scale each k16 block's A registers and issue its wgmma at once, with up to three blocks'
+    # wgmma in flight (wait_group(3) before a block's registers are rewritten), instead of scaling all four
+    # after wait_group(0): the tensor cores keep queued work while a warpgroup rescales. The bf16 GEMM refuses it.
+    kblock_pipeline: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):

@@ -69,6 +69,7 @@ from light_moe.kernels.grouped_gemm import (
     _rows,
     _sm_count,
     build_tile_schedule,
+    check_out,
     copy_token_rows,
     drain_producer,
     gather_sources,
@@ -238,6 +239,7 @@ class W4A16GroupedGemmSm90:
         self.groups = k_dim // group_size
         self.groups_per_ktile = max(1, TILE_K // group_size)  # meta rows per stage: 2 for g = 32, else 1
         self.kps = config.k_tiles_per_stage  # 2: one g = 128 group (two k-tiles) per stage
+        self.kblock_pipeline = config.kblock_pipeline  # per-k16-block scale + wgmma, 3 blocks in flight
         # stages between meta copies: a g = 128 group spans 2 k-tiles and its meta comes with the first one,
         # except under split K, where the two k-tiles go to different warpgroups and each stage brings its own,
         # and with 2 k-tiles per stage (one group per stage).
@@ -553,6 +555,43 @@ class W4A16GroupedGemmSm90:
         warpgroup.commit_group()
 
     @cute.jit
+    def scale_and_mma_kblocks(
+        self,
+        tiled_mma: cute.TiledMma,
+        acc: cute.Tensor,
+        a_frag: cute.Tensor,
+        tmp: cute.Tensor,
+        t_cr_t: cute.Tensor,
+        scale2: cute.Tensor,
+        stage: Int32,
+        half: cutlass.Constexpr,
+        empty,
+        prev_stage: Int32,
+        release: cutlass.Constexpr,
+    ):
+        """scale_and_mma one k16 block at a time (TileConfig.kblock_pipeline): wait until at most 3 wgmma groups
+        are in flight, so that the group which read block kb's registers a k-tile ago is done (groups complete in
+        commit order), scale them, fence, issue block kb's wgmma and commit it alone. The tensor cores keep
+        the other blocks' wgmma queued while this warpgroup rescales. release: after the wait of the last block,
+        every wgmma of the previous stage is done: hand prev_stage back."""
+        gpk = self.groups_per_ktile
+        mma_m = cute.size(acc, mode=[1])
+        a_i32 = cute.recast_tensor(a_frag, Int32)
+        n_kb = TILE_K // 16
+        for kb in cutlass.range_constexpr(n_kb):
+            warpgroup.wait_group(n_kb - 1)
+            if cutlass.const_expr(release and kb == n_kb - 1):
+                self.release_stage(empty, prev_stage)
+            j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
+            for m in cutlass.range_constexpr(mma_m):
+                for i in cutlass.range_constexpr(4):
+                    v = i + 4 * (m + mma_m * kb)
+                    a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
+            warpgroup.fence()
+            cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + n_kb * half, stage)], acc)
+            warpgroup.commit_group()
+
+    @cute.jit
     def k_step(
         self,
         tiled_mma: cute.TiledMma,
@@ -580,10 +619,14 @@ class W4A16GroupedGemmSm90:
         wait_full(full, stage, phase, self.fence_mode)
         for h in cutlass.range_constexpr(self.kps):
             self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta and h == 0, h)
-            warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
-            if cutlass.const_expr(h == 0):
-                self.release_stage(empty, prev_stage)
-            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
+            if cutlass.const_expr(self.kblock_pipeline):
+                self.scale_and_mma_kblocks(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev_stage,
+                                           h == 0)
+            else:
+                warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
+                if cutlass.const_expr(h == 0):
+                    self.release_stage(empty, prev_stage)
+                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
 
     @cute.jit
     def consume(
@@ -673,9 +716,13 @@ class W4A16GroupedGemmSm90:
             wait_full(full, stage, phase, self.fence_mode)
             for h in cutlass.range_constexpr(self.kps):
                 self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, h == 0, h)
-                if cutlass.const_expr(h > 0):
-                    warpgroup.wait_group(0)
-                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
+                if cutlass.const_expr(self.kblock_pipeline):
+                    self.scale_and_mma_kblocks(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev,
+                                               False)
+                else:
+                    if cutlass.const_expr(h > 0):
+                        warpgroup.wait_group(0)
+                    self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
             prev = stage
             stage = stage + self.k_split
             if stage >= self.stages:
@@ -835,6 +882,7 @@ def w4a16_expert_up(
     num_rows = gather_index.shape[0]
     if out is None:
         out = x.new_empty(num_rows, w13.n_out // 2)
+    check_out(out, num_rows, w13.n_out // 2)
     if num_rows == 0:
         return out
     return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
@@ -857,6 +905,7 @@ def w4a16_expert_down(
     num_rows = act.shape[0]
     if out is None:
         out = act.new_empty(num_rows, w2.n_out)
+    check_out(out, num_rows, w2.n_out)
     if num_rows == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.

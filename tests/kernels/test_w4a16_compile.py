@@ -67,6 +67,13 @@ CASES = {
     # compute-bound tile (> 256 tokens per expert): 2 warpgroups x 64 rows x 256 tokens, a 128-register fp32
     # accumulator per thread, 5 stages of 32 KB token rows, 4 epilogue chunks of 64 tokens
     "up_prefill_128x256_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(128, 256, "producer")),
+    # k-block pipelined wgmma (opt-in): prefill, mid with two atoms per warpgroup, split-K decode, g = 32
+    "down_prefill_128x256_g128_kblock": (False, 8, 4096, 14336, 128,
+                                         TileConfig(128, 256, "producer", kblock_pipeline=True)),
+    "up_mid_256x32_g128_2kps_kblock": (True, 8, 4096, 14336, 128,
+                                       TileConfig(256, 32, k_tiles_per_stage=2, kblock_pipeline=True)),
+    "down_decode_64x8_g128_k4_kblock": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, kblock_pipeline=True)),
+    "up_mid_128x64_g32_E64_kblock": (True, 64, 1024, 768, 32, TileConfig(128, 64, kblock_pipeline=True)),
     "down_prefill_128x256_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 256, "producer")),
     "up_prefill_128x256_g32_E64": (True, 64, 1024, 768, 32, TileConfig(128, 256, "producer")),
     "up_mid_128x32_g32_E64": (True, 64, 1024, 768, 32, TileConfig(128, 32)),
@@ -285,6 +292,9 @@ def test_bench_tile_specs():
     assert _parse_config("64x8x4x2ns16", table) == TileConfig(64, 8, "none", 4, stages=16, k_tiles_per_stage=2)
     assert _parse_config("128x128", table) == TileConfig(128, 128, "producer")
     assert _parse_config("128x256x1pl3", table) == TileConfig(128, 256, "producer", cp_async_lag=3)
+    assert _parse_config("128x256x1pb", table) == TileConfig(128, 256, "producer", kblock_pipeline=True)
+    assert _parse_config("64x8x4x2b", table) == TileConfig(64, 8, "consumer", 4, k_tiles_per_stage=2,
+                                                          kblock_pipeline=True)
     with pytest.raises(ValueError, match="tile spec"):
         _parse_config("64x8x4q", table)
     with pytest.raises(ValueError, match="cp_async_lag"):

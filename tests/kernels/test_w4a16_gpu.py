@@ -126,8 +126,8 @@ def test_w4a16_every_tile_config(num_tokens):
 def test_w4a16_opt_in_tiles(num_tokens):
     """Tiles not in the table yet: TileConfig.k_tiles_per_stage = 2 (one g = 128 group per stage) on decode,
     mid and prefill tiles, 256 weight rows (two atoms per consumer warpgroup), split K over 128-row tiles
-    (each K warpgroup takes both atoms), a larger producer-fence lag; up and down, against the dequantising
-    reference."""
+    (each K warpgroup takes both atoms), a larger producer-fence lag, k-block pipelined wgmma; up and down,
+    against the dequantising reference."""
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
@@ -150,18 +150,28 @@ def test_w4a16_opt_in_tiles(num_tokens):
                    TileConfig(128, 128, "producer", k_tiles_per_stage=2), TileConfig(256, 32),
                    TileConfig(256, 64, k_tiles_per_stage=2), TileConfig(128, 256, "producer", cp_async_lag=3),
                    TileConfig(128, 8, k_split=4), TileConfig(128, 16, k_split=2, k_tiles_per_stage=2),
-                   TileConfig(128, 8, k_split=4, k_tiles_per_stage=2)):
+                   TileConfig(128, 8, k_split=4, k_tiles_per_stage=2),
+                   # k-block pipelined wgmma: prefill, mid (one and two atoms per warpgroup), split-K decode
+                   TileConfig(128, 256, "producer", kblock_pipeline=True), TileConfig(128, 32, kblock_pipeline=True),
+                   TileConfig(256, 32, k_tiles_per_stage=2, kblock_pipeline=True),
+                   TileConfig(64, 8, k_split=4, kblock_pipeline=True),
+                   TileConfig(64, 16, k_split=4, k_tiles_per_stage=2, kblock_pipeline=True)):
         assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
                                config=config)[0]
-        act = torch.full_like(ref_act, float("nan"))
+        act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)  # the references are float32
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
         assert not act.isnan().any() and _rel_l2(act, ref_act) < 1e-2, (config, _rel_l2(act, ref_act))
         if not kernel.supports(gated=False, n_out=HIDDEN, k_dim=INTER, num_experts=8, group_size=128, config=config)[0]:
             assert config.k_split * config.k_tiles_per_stage > 4
             continue
-        y = torch.full_like(ref_y, float("nan"))
+        y = torch.full_like(ref_y, float("nan"), dtype=torch.bfloat16)
         w4.w4a16_expert_down(act_in, offsets, w2p, out=y, config=config)
         assert not y.isnan().any() and _rel_l2(y, ref_y) < 1e-2, (config, _rel_l2(y, ref_y))
+    # an out buffer of another dtype or shape is refused before any compile or launch
+    with pytest.raises(ValueError, match="out"):
+        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=torch.empty_like(ref_act, dtype=torch.float32))
+    with pytest.raises(ValueError, match="shape"):
+        w4.w4a16_expert_down(act_in, offsets, w2p, out=torch.empty(1, HIDDEN, device=device, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("group_size", (32, 128))
