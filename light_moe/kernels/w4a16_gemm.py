@@ -109,7 +109,7 @@ PRODUCER_REGS = 56
 # 384 threads, 96 for 640) and the consumers' increase must come out of what the producer frees:
 # 128 (R - 56) >= 128 n (C - R). n = 4: C <= 104 (the k_split = 4 consumer needs ~60).
 CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
-MAX_TILE_T_W256 = 64  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
+MAX_TILE_T_W256 = 128  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
 MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
 
 # (mean routed rows per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.

@@ -73,6 +73,8 @@ CASES = {
     "up_mid_256x32_g128_2kps_kblock": (True, 8, 4096, 14336, 128,
                                        TileConfig(256, 32, k_tiles_per_stage=2, kblock_pipeline=True)),
     "down_decode_64x8_g128_k4_kblock": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, kblock_pipeline=True)),
+    "up_prefill_256x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(256, 128, "producer")),
+    "down_prefill_256x128_g32_E64": (False, 64, 1024, 768, 32, TileConfig(256, 128, "producer")),
     "up_mid_128x64_g32_E64_kblock": (True, 64, 1024, 768, 32, TileConfig(128, 64, kblock_pipeline=True)),
     "down_prefill_128x256_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 256, "producer")),
     "up_prefill_128x256_g32_E64": (True, 64, 1024, 768, 32, TileConfig(128, 256, "producer")),
@@ -139,8 +141,9 @@ def test_k_split_config_checks():
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(64, 64, k_split=4))
     assert not ok and "tile_t" in reason
     assert W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 64))[0]
-    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 128))
-    assert not ok and "tile_w" in reason  # two atoms x 128 columns per warpgroup: too many registers
+    assert W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 128))[0]
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 256))
+    assert not ok and "tile_w" in reason  # two atoms x 256 columns per warpgroup: 256 accumulator registers
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, k_dim=14336, config=TileConfig(256, 32, k_split=2))
     assert not ok and "split K" in reason
 

@@ -155,7 +155,9 @@ def test_w4a16_opt_in_tiles(num_tokens):
                    TileConfig(128, 256, "producer", kblock_pipeline=True), TileConfig(128, 32, kblock_pipeline=True),
                    TileConfig(256, 32, k_tiles_per_stage=2, kblock_pipeline=True),
                    TileConfig(64, 8, k_split=4, kblock_pipeline=True),
-                   TileConfig(64, 16, k_split=4, k_tiles_per_stage=2, kblock_pipeline=True)):
+                   TileConfig(64, 16, k_split=4, k_tiles_per_stage=2, kblock_pipeline=True),
+                   # 256 x 128: the bf16 kernel's prefill shape (two atoms x 128 tokens per warpgroup)
+                   TileConfig(256, 128, "producer"), TileConfig(256, 128, "consumer")):
         assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
                                config=config)[0]
         act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)  # the references are float32
