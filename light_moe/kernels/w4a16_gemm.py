@@ -116,32 +116,29 @@ MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 10
 # Decode rows from a sweep on one H100 (Mixtral up + down, graph replays, benchmarks/results/
 # w4a16_decode_tiles_h100.json): tile_t about twice the mean, because the busiest expert gets well above
 # the mean and every extra token tile re-reads that expert's weights; k_split = 4 below 16 columns (int4
-# TB/s 2.0 vs 1.7 with 2). T=1: 64x8x4 90 us vs 64x8x2 108; T=32: 64x16x4 350 vs 64x8x2 651;
-# T=64: 128x32x1 362 vs 128x16x1 484 (64x32x4 538: four warpgroups' split-K reduction of 32 columns
-# costs more than it hides); T=128: 128x64x1 432 vs 128x32x1 534. T=16 (4 per expert), after the one-add ring
-# (w4a16_experts_h100_ring.json): 64x8x4 308 vs 64x16x4 342: the 2nd token tile of the busiest experts
-# costs less than 16 columns everywhere.
-# Prefill uses 128-row weight tiles: the RS A fragments (16 A + 16 temporary registers per atom) plus a
-# 256 x 128 accumulator would not fit 224 registers. Compute-bound (> 256 tokens per expert): 128 x 256, so
-# each consumer warpgroup's per-k-tile dequant (one m64 atom) feeds a 64 x 256 x 64 wgmma instead of
-# 64 x 128 x 64 (half the dequant per FLOP). Its 64 x 256 fp32 accumulator is 128 registers per thread:
-# ptxas puts the consumer at ~170 of its 224 (CONSUMER_REGS[2]), no spills, no C7513; 5 stages of
-# 36.5 KB (32 KB token rows), epilogue in 4 chunks of 64 tokens. H100, Mixtral up+down: T=4096 5561 us vs
-# 5826 (128 x 128); T=1024 (256 per expert: half the experts get a 2nd, nearly empty 256 tile) 1651 vs 1555,
-# hence (128, 128) up to 256 tokens per expert.
+# TB/s 2.0 vs 1.7 with 2). T=1: 64x8x4 90 us vs 64x8x2 108; T=32: 64x16x4 350 vs 64x8x2 651. T=16 (4 per
+# expert), after the one-add ring (w4a16_experts_h100_ring.json): 64x8x4 308 vs 64x16x4 342: the 2nd token
+# tile of the busiest experts costs less than 16 columns everywhere.
+# From 16 rows per expert on, 256-row tiles (two m64 atoms per consumer warpgroup: each dequantised
+# fragment feeds twice the columns per token byte, half the token re-reads). ptxas fits 256 x 128 (two
+# 64 x 128 fp32 accumulators, A and temporaries of two atoms) in the consumers' 224 registers without
+# spills, the bf16 kernel's prefill shape. H200, experts up + down, same run (w4a16_experts_h200_256row_
+# 80d5bce.json): T=64 256x32 274 us vs 128x32 360; T=128 256x64 367 vs 128x64 426; T=256 256x128 549 vs
+# 128x64 654 (bf16 711); T=1024 256x128 consumer fence 1301 vs 128x128 1551 (bf16 1337); T=4096 4899 vs
+# 128x256 5362 (bf16 4666); T=16384 19710 vs 21559 (bf16 18626). The consumer fence beat the producer
+# fence (4978 at T=4096) and a cp.async lag of 2 (4922) at every T.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int], ...] = (
     (4, 64, 8, "consumer", 4),
     (8, 64, 16, "consumer", 4),
-    (16, 128, 32, "consumer", 1),
-    (64, 128, 64, "consumer", 1),
-    (256, 128, 128, "producer", 1),
-    (float("inf"), 128, 256, "producer", 1),
+    (16, 256, 32, "consumer", 1),
+    (32, 256, 64, "consumer", 1),
+    (float("inf"), 256, 128, "consumer", 1),
 )
 
 
 def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -> TileConfig:
     """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
-    size k_dim. A 128-row tile that does not divide n_out falls back to 64 rows with split K over 2
+    size k_dim. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2
     warpgroups; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
     per_expert = num_rows / max(1, min(num_experts, num_rows))
     for limit, tile_w, tile_t, fence_mode, k_split in W4A16_TILE_TABLE:

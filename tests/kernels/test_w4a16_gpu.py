@@ -177,18 +177,18 @@ def test_w4a16_opt_in_tiles(num_tokens):
 
 
 @pytest.mark.parametrize("group_size", (32, 128))
-def test_w4a16_t4096_selects_128x256(group_size):
-    """T=4096 (1024 rows per expert) picks the compute-bound 128 x 256 tile for up and down; check both."""
+def test_w4a16_t4096_selects_256x128(group_size):
+    """T=4096 (1024 rows per expert) picks the compute-bound 256 x 128 tile for up and down; check both."""
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
     num_rows = 4096 * 2
-    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN) == TileConfig(128, 256, "producer")
-    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN, INTER) == TileConfig(128, 256, "producer")
+    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN) == TileConfig(256, 128)
+    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN, INTER) == TileConfig(256, 128)
     _check_case(4096, 8, 2, HIDDEN, INTER, group_size, True, seed=4096 + group_size)
 
 
-@pytest.mark.parametrize("config", ((128, 128, "producer"), (128, 256, "producer")))
+@pytest.mark.parametrize("config", ((128, 128, "producer"), (128, 256, "producer"), (256, 128, "consumer")))
 @pytest.mark.parametrize("num_tokens", (333, 4096))
 def test_w4a16_large_tiles_down(num_tokens, config):
     """Down projection forced onto each large tile (partial last token tiles at T=333, skewed sizes)."""
