@@ -126,10 +126,10 @@ MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 10
 # 80d5bce.json): T=64 256x32 274 us vs 128x32 360; T=128 256x64 367 vs 128x64 426; T=256 256x128 549 vs
 # 128x64 654 (bf16 711); T=1024 256x128 consumer fence 1301 vs 128x128 1551 (bf16 1337); T=4096 4899 vs
 # 128x256 5362 (bf16 4666); T=16384 19710 vs 21559 (bf16 18626). The consumer fence beat the producer
-# fence (4978 at T=4096) and a cp.async lag of 2 (4922) at every T.
+# fence (4978 at T=4096) and a cp.async lag of 2 (4922) at every T. T=32 (8 per expert): 256x32 271 vs
+# 64x16x4 324 (w4a16_experts_h200_extra_d242d4f.json), so 256x32 from 4 rows per expert on.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int], ...] = (
     (4, 64, 8, "consumer", 4),
-    (8, 64, 16, "consumer", 4),
     (16, 256, 32, "consumer", 1),
     (32, 256, 64, "consumer", 1),
     (float("inf"), 256, 128, "consumer", 1),

@@ -253,7 +253,7 @@ def test_supports_and_tiles():
     assert not supports(8, 4096, 14300, 128)[0]
     assert choose_w4a16_tile(2, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)
     assert choose_w4a16_tile(2 * 16, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)  # 4 per expert
-    assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(64, 16, k_split=4)  # 8 per expert
+    assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(256, 32)  # 8 per expert
     assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(256, 32)  # 16 per expert
     assert choose_w4a16_tile(2 * 128, 8, 28672, 4096) == TileConfig(256, 64)  # 32 per expert
     assert choose_w4a16_tile(2 * 256, 8, 28672, 4096) == TileConfig(256, 128)  # 64 per expert
