@@ -127,12 +127,16 @@ MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 10
 # 128x64 654 (bf16 711); T=1024 256x128 consumer fence 1301 vs 128x128 1551 (bf16 1337); T=4096 4899 vs
 # 128x256 5362 (bf16 4666); T=16384 19710 vs 21559 (bf16 18626). The consumer fence beat the producer
 # fence (4978 at T=4096) and a cp.async lag of 2 (4922) at every T. T=32 (8 per expert): 256x32 271 vs
-# 64x16x4 324 (w4a16_experts_h200_extra_d242d4f.json), so 256x32 from 4 rows per expert on.
-W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int], ...] = (
-    (4, 64, 8, "consumer", 4),
-    (16, 256, 32, "consumer", 1),
-    (32, 256, 64, "consumer", 1),
-    (float("inf"), 256, 128, "consumer", 1),
+# 64x16x4 324 (w4a16_experts_h200_extra_d242d4f.json), so 256x32 from 4 rows per expert on. The last
+# field is TileConfig.kblock_pipeline: at 256 x 128 (eight wgmma per k-tile and warpgroup) issuing each k16
+# block as soon as it is scaled was faster in three of three same-run comparisons (H200, T=4096: 4758 vs
+# 4956 us, medians of 6 alternating rounds, w4a16_ab_h200_430c339.json; T=1024 1426 vs 1442); at 128 x 256
+# and on the small tiles it was slower (2-10%: one wait and commit per block costs more than it hides).
+W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
+    (4, 64, 8, "consumer", 4, False),
+    (16, 256, 32, "consumer", 1, False),
+    (32, 256, 64, "consumer", 1, False),
+    (float("inf"), 256, 128, "consumer", 1, True),
 )
 
 
@@ -141,7 +145,7 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -
     size k_dim. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2
     warpgroups; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
     per_expert = num_rows / max(1, min(num_experts, num_rows))
-    for limit, tile_w, tile_t, fence_mode, k_split in W4A16_TILE_TABLE:
+    for limit, tile_w, tile_t, fence_mode, k_split, kblock in W4A16_TILE_TABLE:
         if per_expert <= limit:
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
@@ -149,7 +153,8 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -
                     k_split = max(k_split, 2)
             while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
                 k_split //= 2
-            return TileConfig(tile_w, tile_t, fence_mode, k_split)
+            # the k-block pipeline was measured (and won) only with two atoms per warpgroup
+            return TileConfig(tile_w, tile_t, fence_mode, k_split, kblock_pipeline=kblock and tile_w == 256)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")
 
 
