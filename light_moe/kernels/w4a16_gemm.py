@@ -80,7 +80,7 @@ from light_moe.kernels.grouped_gemm import (
     wait_full,
 )
 from light_moe.kernels.launch import current_stream
-from light_moe.kernels.tile_config import TileConfig
+from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     GROUP_SIZES,
@@ -110,52 +110,6 @@ PRODUCER_REGS = 56
 # 128 (R - 56) >= 128 n (C - R). n = 4: C <= 104 (the k_split = 4 consumer needs ~60).
 CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
 MAX_TILE_T_W256 = 128  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
-MAX_TILE_T_SPLIT4 = 32  # k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
-
-# (mean routed rows per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
-# Decode rows from a sweep on one H100 (Mixtral up + down, graph replays, benchmarks/results/
-# w4a16_decode_tiles_h100.json): tile_t about twice the mean, because the busiest expert gets well above
-# the mean and every extra token tile re-reads that expert's weights; k_split = 4 below 16 columns (int4
-# TB/s 2.0 vs 1.7 with 2). T=1: 64x8x4 90 us vs 64x8x2 108; T=32: 64x16x4 350 vs 64x8x2 651. T=16 (4 per
-# expert), after the one-add ring (w4a16_experts_h100_ring.json): 64x8x4 308 vs 64x16x4 342: the 2nd token
-# tile of the busiest experts costs less than 16 columns everywhere.
-# From 16 rows per expert on, 256-row tiles (two m64 atoms per consumer warpgroup: each dequantised
-# fragment feeds twice the columns per token byte, half the token re-reads). ptxas fits 256 x 128 (two
-# 64 x 128 fp32 accumulators, A and temporaries of two atoms) in the consumers' 224 registers without
-# spills, the bf16 kernel's prefill shape. H200, experts up + down, same run (w4a16_experts_h200_256row_
-# 80d5bce.json): T=64 256x32 274 us vs 128x32 360; T=128 256x64 367 vs 128x64 426; T=256 256x128 549 vs
-# 128x64 654 (bf16 711); T=1024 256x128 consumer fence 1301 vs 128x128 1551 (bf16 1337); T=4096 4899 vs
-# 128x256 5362 (bf16 4666); T=16384 19710 vs 21559 (bf16 18626). The consumer fence beat the producer
-# fence (4978 at T=4096) and a cp.async lag of 2 (4922) at every T. T=32 (8 per expert): 256x32 271 vs
-# 64x16x4 324 (w4a16_experts_h200_extra_d242d4f.json), so 256x32 from 4 rows per expert on. The last
-# field is TileConfig.kblock_pipeline: at 256 x 128 (eight wgmma per k-tile and warpgroup) issuing each k16
-# block as soon as it is scaled was faster in three of three same-run comparisons (H200, T=4096: 4758 vs
-# 4956 us, medians of 6 alternating rounds, w4a16_ab_h200_430c339.json; T=1024 1426 vs 1442); at 128 x 256
-# and on the small tiles it was slower (2-10%: one wait and commit per block costs more than it hides).
-W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
-    (4, 64, 8, "consumer", 4, False),
-    (16, 256, 32, "consumer", 1, False),
-    (32, 256, 64, "consumer", 1, False),
-    (float("inf"), 256, 128, "consumer", 1, True),
-)
-
-
-def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -> TileConfig:
-    """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
-    size k_dim. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2
-    warpgroups; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
-    per_expert = num_rows / max(1, min(num_experts, num_rows))
-    for limit, tile_w, tile_t, fence_mode, k_split, kblock in W4A16_TILE_TABLE:
-        if per_expert <= limit:
-            while n_out % tile_w and tile_w > 64:
-                tile_w //= 2
-                if tile_w == ATOM_M:  # one atom: split K keeps a second warpgroup busy
-                    k_split = max(k_split, 2)
-            while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
-                k_split //= 2
-            # the k-block pipeline was measured (and won) only with two atoms per warpgroup
-            return TileConfig(tile_w, tile_t, fence_mode, k_split, kblock_pipeline=kblock and tile_w == 256)
-    raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")
 
 
 def _asm_b32(asm: str, operands: tuple, side_effects: bool, loc, ip) -> Int32:
