@@ -110,6 +110,9 @@ def choose_tile_config(num_rows: int, num_experts: int, n_out: int) -> TileConfi
 
 
 # ---- W4A16 grouped GEMM (w4a16_gemm.py) ----------------------------------------------------------
+# a split-K decode tile streams one expert's rows alone: below about one tile per SM (132 on H100 / H200)
+# the 128-row tile halves (T=1, Mixtral down: 32 x 2 experts -> 64 rows, 128 tiles)
+MIN_DECODE_TILES = 128
 MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
 
 # (mean routed rows per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
@@ -132,8 +135,12 @@ MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in sm
 # block as soon as it is scaled was faster in three of three same-run comparisons (H200, T=4096: 4758 vs
 # 4956 us, medians of 6 alternating rounds, w4a16_ab_h200_430c339.json; T=1024 1426 vs 1442); at 128 x 256
 # and on the small tiles it was slower (2-10%: one wait and commit per block costs more than it hides).
+# Decode, split K over 128 rows (each of the 4 K warpgroups takes both atoms: half the per-k-tile barrier,
+# fence and ring work per int4 byte), H200 (w4a16_experts_h200_boundary_8bf4511.json): T=4 128x8x4 131 us vs
+# 64x8x4 153, T=8 216 vs 222, T=16 246 vs 294 (256x32 269); T=1 97 vs 83, because the down projection then
+# has 64 tiles for 132 SMs: MIN_DECODE_TILES sends it back to 64 rows.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
-    (4, 64, 8, "consumer", 4, False),
+    (4, 128, 8, "consumer", 4, False),
     (16, 256, 32, "consumer", 1, False),
     (32, 256, 64, "consumer", 1, False),
     (float("inf"), 256, 128, "consumer", 1, True),
@@ -143,10 +150,14 @@ W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
 def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -> TileConfig:
     """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
     size k_dim. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2
-    warpgroups; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
-    per_expert = num_rows / max(1, min(num_experts, num_rows))
+    warpgroups; so does a split-K decode tile that would leave fewer than MIN_DECODE_TILES tiles for the
+    active experts; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
+    active = max(1, min(num_experts, num_rows))
+    per_expert = num_rows / active
     for limit, tile_w, tile_t, fence_mode, k_split, kblock in W4A16_TILE_TABLE:
         if per_expert <= limit:
+            while tile_w > 64 and k_split > 1 and (n_out // tile_w) * active < MIN_DECODE_TILES:
+                tile_w //= 2
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
                 if tile_w == ATOM_M:  # one atom: split K keeps a second warpgroup busy
