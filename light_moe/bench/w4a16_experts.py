@@ -105,7 +105,9 @@ def main() -> None:
                    w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
                    w4a16_speedup=round(bf16_us / w4_us, 2))
         if configs:
-            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k)) for n, k in ((2 * inter, H), (H, inter))]
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms))
+                                  for n, k in ((2 * inter, H), (H, inter))]
             row["configs"] = {}
         for spec, config in configs.items():
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,

@@ -110,9 +110,11 @@ def choose_tile_config(num_rows: int, num_experts: int, n_out: int) -> TileConfi
 
 
 # ---- W4A16 grouped GEMM (w4a16_gemm.py) ----------------------------------------------------------
-# a split-K decode tile streams one expert's rows alone: below about one tile per SM (132 on H100 / H200)
-# the 128-row tile halves (T=1, Mixtral down: 32 x 2 experts -> 64 rows, 128 tiles)
-MIN_DECODE_TILES = 128
+# A split-K decode tile of 128 rows halves to 64 unless its tiles fill the SMs' last wave to at least this
+# fraction (tiles / (waves * SMs)): at T=1 Mixtral's 128-row tiles are 448 (up: 3.4 waves of 132, 85%) and
+# 64 (down) for 2 experts, which measured 97 us against 83 with 64 rows; from 4 experts on (896 / 128
+# tiles: 97%) 128 rows won.
+MIN_DECODE_WAVE_FILL = 0.9
 MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in smem, 104 registers per consumer
 
 # (mean routed rows per active expert, tile_w, tile_t, fence_mode, k_split): first row that fits wins.
@@ -138,7 +140,8 @@ MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in sm
 # Decode, split K over 128 rows (each of the 4 K warpgroups takes both atoms: half the per-k-tile barrier,
 # fence and ring work per int4 byte), H200 (w4a16_experts_h200_boundary_8bf4511.json): T=4 128x8x4 131 us vs
 # 64x8x4 153, T=8 216 vs 222, T=16 246 vs 294 (256x32 269); T=1 97 vs 83, because the down projection then
-# has 64 tiles for 132 SMs: MIN_DECODE_TILES sends it back to 64 rows.
+# has 64 tiles for 132 SMs and the up projection fills its 4th wave to 85%: MIN_DECODE_WAVE_FILL sends
+# both back to 64 rows there.
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
     (4, 128, 8, "consumer", 4, False),
     (16, 256, 32, "consumer", 1, False),
@@ -147,16 +150,22 @@ W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
 )
 
 
-def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int) -> TileConfig:
+def _wave_fill(tiles: int, num_sms: int) -> float:
+    return tiles / (-(-tiles // num_sms) * num_sms)
+
+
+def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, num_sms: int = 132) -> TileConfig:
     """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
-    size k_dim. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2
-    warpgroups; so does a split-K decode tile that would leave fewer than MIN_DECODE_TILES tiles for the
-    active experts; split K falls back to the largest of 4, 2, 1 that divides the k-tiles (Qwen2-MoE: 22)."""
+    size k_dim, on num_sms SMs. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with
+    split K over 2 warpgroups; so does a split-K decode tile whose tiles for the (at most min(E, M)) active
+    experts fill the last wave below MIN_DECODE_WAVE_FILL; split K falls back to the largest of 4, 2, 1 that
+    divides the k-tiles (Qwen2-MoE: 22)."""
     active = max(1, min(num_experts, num_rows))
     per_expert = num_rows / active
     for limit, tile_w, tile_t, fence_mode, k_split, kblock in W4A16_TILE_TABLE:
         if per_expert <= limit:
-            while tile_w > 64 and k_split > 1 and (n_out // tile_w) * active < MIN_DECODE_TILES:
+            while (tile_w > 64 and k_split > 1 and n_out % tile_w == 0
+                   and _wave_fill(n_out // tile_w * active, num_sms) < MIN_DECODE_WAVE_FILL):
                 tile_w //= 2
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2

@@ -251,9 +251,12 @@ def test_supports_and_tiles():
     assert supports(8, 4096, 14336, 128) == (True, "ok")
     assert not supports(8, 4096, 14336, 100)[0]
     assert not supports(8, 4096, 14300, 128)[0]
-    assert choose_w4a16_tile(2, 8, 28672, 4096) == TileConfig(128, 8, k_split=4)  # T=1 up: 224 x 2 tiles
-    assert choose_w4a16_tile(2, 8, 4096, 14336) == TileConfig(64, 8, k_split=4)  # T=1 down: 32 x 2 < 128 tiles
-    assert choose_w4a16_tile(2 * 4, 8, 4096, 14336) == TileConfig(128, 8, k_split=4)  # 4 experts: 128 tiles
+    # split K over 128 rows only where its tiles fill the last wave of 132 SMs to >= 90%
+    assert choose_w4a16_tile(2, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)  # T=1 up: 448 tiles, 85%
+    assert choose_w4a16_tile(2, 8, 4096, 14336) == TileConfig(64, 8, k_split=4)  # T=1 down: 64 tiles
+    assert choose_w4a16_tile(2 * 4, 8, 28672, 4096) == TileConfig(128, 8, k_split=4)  # 4 experts: 896 tiles
+    assert choose_w4a16_tile(2 * 4, 8, 4096, 14336) == TileConfig(128, 8, k_split=4)  # 128 tiles, 97%
+    assert choose_w4a16_tile(2 * 4, 8, 4096, 14336, num_sms=114) == TileConfig(64, 8, k_split=4)  # 2 waves, 56%
     assert choose_w4a16_tile(2 * 16, 8, 28672, 4096) == TileConfig(128, 8, k_split=4)  # 4 per expert
     assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(256, 32)  # 8 per expert
     assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(256, 32)  # 16 per expert
