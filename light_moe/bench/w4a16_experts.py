@@ -6,9 +6,11 @@
 --configs also times each explicit W4A16 tile config (tile_w x tile_t x k_split [x k-tiles per stage, 1 or 2],
 optional fence suffix p = producer / c = consumer / n = none (racy: only to measure the fence), else the
 fence of the W4A16_TILE_TABLE row with that tile, else consumer; then sN for N pipeline stages and lN for
-the producer fence's cp.async lag, e.g. 64x8x4s40, 64x8x4x2, 128x256x1pl3)
+the producer fence's cp.async lag, b for the k-block pipelined wgmma, e.g. 64x8x4s40, 64x8x4x2, 128x256x1pl3,
+256x128x1cb)
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
-int4 TB/s; "unsupported" where the kernel refuses the config for the shape.
+int4 TB/s; "unsupported" where the kernel refuses the config for the shape. --rounds N times every variant
+(bf16, the table's W4A16, each config) N times in alternating order and reports medians (spread_us: min, max).
 
 Routing: each token picks K distinct random experts. Weights: random int4 (group 128, symmetric)
 and random bf16 of the same shape. Time = median of CUDA-event-timed graph replays of
@@ -21,6 +23,7 @@ import argparse
 import functools
 import json
 import re
+import statistics
 
 import torch
 
@@ -44,6 +47,16 @@ def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
         up(x, gather_index, offsets, w_up, out=act)
         down(act, offsets, w_down, out=y)
     return run
+
+
+def round_robin(variants: dict, rounds: int, timer) -> dict[str, dict[str, float]]:
+    """Time each variant once per round, in forward order on even rounds and reverse order on odd ones, so
+    that a clock drift over the run (power, heat) falls on all of them alike: median, min, max per name."""
+    samples = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            samples[name].append(timer(variants[name]))
+    return {name: dict(median=statistics.median(v), min=min(v), max=max(v)) for name, v in samples.items()}
 
 
 def _parse_config(spec: str, table):
@@ -77,6 +90,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--configs", nargs="*", default=[],
                         help="explicit W4A16 tiles to time as well: tile_w x tile_t x k_split [p|c], e.g. 64x8x4")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every variant this many times in alternating order and take medians (the H200's "
+                             "clock moves with power at prefill: sequential timings of one kernel differ by ~5%%)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
@@ -99,27 +115,35 @@ def main() -> None:
         y = torch.empty(T * K, H, device="cuda", dtype=torch.bfloat16)
         bf16_pair = _pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)
         w4_pair = _pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2, act, y)
-        bf16_us, w4_us = time_us(graph_replay(bf16_pair), 50), time_us(graph_replay(w4_pair), 50)
-        row = dict(tokens=T, active_experts=active, bf16_us=round(bf16_us, 1), w4a16_us=round(w4_us, 1),
-                   bf16_weight_TBps=round(active * bf16_expert_bytes / bf16_us / 1e6, 2),
-                   w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
-                   w4a16_speedup=round(bf16_us / w4_us, 2))
-        if configs:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms))
-                                  for n, k in ((2 * inter, H), (H, inter))]
-            row["configs"] = {}
+        variants = {"bf16": graph_replay(bf16_pair), "w4a16": graph_replay(w4_pair)}
+        unsupported = []
         for spec, config in configs.items():
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
                                                       group_size=G, config=config)[0]
                      for gated, n_out, k_dim in ((True, 2 * inter, H), (False, H, inter)))
             if not ok:
-                row["configs"][spec] = "unsupported"
+                unsupported.append(spec)
                 continue
             up = functools.partial(w4.w4a16_expert_up, config=config)
             down = functools.partial(w4.w4a16_expert_down, config=config)
-            us = time_us(graph_replay(_pair(up, down, x, gather_index, offsets, q13, q2, act, y)), 50)
-            row["configs"][spec] = dict(us=round(us, 1), int4_TBps=round(active * int4_expert_bytes / us / 1e6, 2))
+            variants[spec] = graph_replay(_pair(up, down, x, gather_index, offsets, q13, q2, act, y))
+        times = round_robin(variants, args.rounds, lambda fn: time_us(fn, 50 if args.rounds == 1 else 20))
+        bf16_us, w4_us = times["bf16"]["median"], times["w4a16"]["median"]
+        row = dict(tokens=T, active_experts=active, bf16_us=round(bf16_us, 1), w4a16_us=round(w4_us, 1),
+                   bf16_weight_TBps=round(active * bf16_expert_bytes / bf16_us / 1e6, 2),
+                   w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
+                   w4a16_speedup=round(bf16_us / w4_us, 2))
+        if args.rounds > 1:
+            row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
+        if configs:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms))
+                                  for n, k in ((2 * inter, H), (H, inter))]
+            row["configs"] = {spec: "unsupported" for spec in unsupported}
+        for spec in configs:
+            if spec in variants:
+                us = times[spec]["median"]
+                row["configs"][spec] = dict(us=round(us, 1), int4_TBps=round(active * int4_expert_bytes / us / 1e6, 2))
         rows.append(row)
         print(row, flush=True)
     result = dict(benchmark="w4a16_experts", env=environment(),

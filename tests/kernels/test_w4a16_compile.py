@@ -320,3 +320,17 @@ def test_bench_tile_specs():
     stages = W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 256, "producer")).stages
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, config=TileConfig(128, 256, "producer", cp_async_lag=stages))
     assert not ok and "cp_async_lag" in reason
+
+
+def test_w4a16_experts_round_robin_alternates_and_takes_medians():
+    """bench.w4a16_experts --rounds: every variant once per round, reverse order on odd rounds, so a drift
+    (a clock falling over the run) lands on all variants alike; medians, min and max per variant."""
+    from light_moe.bench.w4a16_experts import round_robin
+
+    calls, clock = [], iter(range(100))
+    times = round_robin({"a": "A", "b": "B", "c": "C"}, 3, lambda fn: calls.append(fn) or 10.0 * next(clock))
+    assert calls == ["A", "B", "C", "C", "B", "A", "A", "B", "C"]
+    # a: samples 0, 50, 60; b: 10, 40, 70; c: 20, 30, 80
+    assert times["a"] == dict(median=50.0, min=0.0, max=60.0)
+    assert times["b"] == dict(median=40.0, min=10.0, max=70.0)
+    assert times["c"] == dict(median=30.0, min=20.0, max=80.0)
