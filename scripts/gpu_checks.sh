@@ -4,8 +4,8 @@
 #   scripts/gpu_checks.sh single-tests OUTDIR   one GPU: every single-GPU GPU test
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in decode tiles beside the table's
-#   scripts/gpu_checks.sh w4a16-sweep-mid OUTDIR    the same for the mid tiles (T = 16..128)
-#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles (cp.async lag, fences)
+#   scripts/gpu_checks.sh w4a16-sweep-mid OUTDIR    the same for the mid tiles (T = 32..256)
+#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles (fences, k-block pipeline)
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
 #                                               the bf16 kernel (T=4096); if that outruns one call, split it:
 #                                               NCU_TOKENS="1 64" NCU_SKIP_BF16=1, then NCU_TOKENS=4096
@@ -50,30 +50,29 @@ single-bench)
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
     ;;
 w4a16-sweep)
-    # decode tiles: one vs two k-tiles per pipeline stage (TileConfig.k_tiles_per_stage), split K over 64- and
-    # 128-row tiles; each config compiles for up and down (~20 s)
-    step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 \
-        --configs 64x8x4 64x8x4x2 64x16x4 64x16x4x2 128x8x4 128x8x4x2 128x16x4 128x16x2x2 \
+    # decode tiles (T = 1..32): 64 vs 128 rows with split K 4 (the table switches by wave fill), 16 columns,
+    # two k-tiles per stage, 256x32; alternating rounds (bench --rounds): medians
+    step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 32 --rounds 3 \
+        --configs 64x8x4 128x8x4 128x16x4 64x8x4x2 128x8x4x2 256x32x1 \
         --output "$out/w4a16_decode_configs.json"
     ;;
 w4a16-sweep-mid)
-    # mid tiles (T = 16..128): 128 vs 256 weight rows (half the token bytes per weight byte), one or two
-    # k-tiles per stage
-    step w4a16_mid_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 16 64 128 \
-        --configs 128x32x1 128x32x1x2 128x64x1 128x64x1x2 256x32x1 256x32x1x2 256x64x1 256x64x1x2 \
+    # mid tiles (T = 32..256): 256 weight rows with 32 / 64 / 128 token columns, one or two k-tiles per stage
+    step w4a16_mid_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 32 64 128 256 --rounds 3 \
+        --configs 256x32x1 256x32x1x2 256x64x1 256x64x1x2 256x128x1cb \
         --output "$out/w4a16_mid_configs.json"
     ;;
 w4a16-prefill-sweep)
-    # the prefill tiles with the producer fence's cp.async lag raised (TileConfig.cp_async_lag), the consumer
-    # fence, and two k-tiles per stage: W4A16 prefill is 12-15% slower than bf16 at T >= 1024
-    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 \
-        --configs 128x256x1p 128x256x1pl2 128x256x1pl3 128x256x1c 128x128x1p 128x128x1pl3 128x128x1x2p \
+    # prefill (256 x 128): consumer fence with and without the k-block pipeline, two k-tiles per stage
+    # (g = 128 only), producer fence with a cp.async lag of 2; W4A16 trails bf16 by 3-5% here on an H200
+    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 5 \
+        --configs 256x128x1c 256x128x1cb 256x128x1x2c 256x128x1x2cb 256x128x1pl2 \
         --output "$out/w4a16_prefill_configs.json"
     ;;
 ncu)
-    # Nsight Compute (clocks left alone) on the W4A16 kernels at T=1 (decode, issue-bound), T=64 (128x32) and
-    # T=4096 (128x256, 12-15% slower than bf16), and on the bf16 kernel at T=4096; the rules' OPT / INF lines
-    # name the dominant stalls
+    # Nsight Compute (clocks left alone) on the W4A16 kernels at T=1 (decode, issue-bound), T=64 (256x32) and
+    # T=4096 (256x128, 3-5% slower than bf16 on an H200), and on the bf16 kernel at T=4096; the rules' OPT /
+    # INF lines name the dominant stalls
     for t in ${NCU_TOKENS:-1 64 4096}; do
         TAIL=40 step "ncu_w4a16_t$t" 240 ncu --clock-control none --set detailed -k regex:w4a16 --launch-skip 4 \
             --launch-count 2 $py -m light_moe.bench.w4a16_experts --tokens "$t"
