@@ -71,6 +71,10 @@ class TileConfig:
     # wgmma in flight (wait_group(3) before a block's registers are rewritten), instead of scaling all four
     # after wait_group(0): the tensor cores keep queued work while a warpgroup rescales. The bf16 GEMM refuses it.
     kblock_pipeline: bool = False
+    # W4A16 only: the int4 atoms of a k-tile (tile_w / 64 x 2 KB, contiguous) come by one cp.async.bulk of an
+    # elected producer thread, counted by the full barrier's transaction bytes, instead of one 16-byte cp.async
+    # per producer thread and atom. The bf16 GEMM refuses it (its weights already come by TMA).
+    bulk_weights: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):

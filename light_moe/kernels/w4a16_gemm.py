@@ -196,6 +196,7 @@ class W4A16GroupedGemmSm90:
         self.groups_per_ktile = max(1, TILE_K // group_size)  # meta rows per stage: 2 for g = 32, else 1
         self.kps = config.k_tiles_per_stage  # 2: one g = 128 group (two k-tiles) per stage
         self.kblock_pipeline = config.kblock_pipeline  # per-k16-block scale + wgmma, 3 blocks in flight
+        self.bulk_weights = config.bulk_weights  # int4 atoms of a k-tile by one cp.async.bulk
         # stages between meta copies: a g = 128 group spans 2 k-tiles and its meta comes with the first one,
         # except under split K, where the two k-tiles go to different warpgroups and each stage brings its own,
         # and with 2 k-tiles per stage (one group per stage).
@@ -339,7 +340,8 @@ class W4A16GroupedGemmSm90:
         s_prefix = storage.tile_prefix.get_tensor(cute.make_layout(n_exp + 1))
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
-                cute.arch.mbarrier_init(full + s, WG)  # one arrival per producer thread (no TMA)
+                # one arrival per producer thread (its cp.async), plus the bulk copy's expect-tx arrival
+                cute.arch.mbarrier_init(full + s, WG + int(self.bulk_weights))
                 cute.arch.mbarrier_init(empty + s, 4 * self.m_wg)  # one arrival per warp that reads the stage
             cute.arch.mbarrier_init_fence()
 
@@ -395,6 +397,10 @@ class W4A16GroupedGemmSm90:
         g2s_i32 = cute.make_copy_atom(
             cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), Int32, num_bits_per_copy=128
         )
+        words = n_atoms * WG * 4  # int32 of one k-tile's atoms
+        bulk_i32 = cute.make_copy_atom(cpasync.CopyBulkG2SOp(), Int32, num_bits_per_copy=words * 32)
+        bulk_layout = cute.make_layout((words, 1))
+        sq_ptr = storage.s_q.data_ptr()
         chunk = tidx % VEC
         row0 = tidx // VEC  # 0..15: 16 rows per pass, 8 threads (128 bytes) per row
         n_slots = max(tile_t // 16, 1)
@@ -411,11 +417,21 @@ class W4A16GroupedGemmSm90:
             for ks in range(self.k_tiles // kps):  # stage ks holds k-tiles kps * ks .. kps * ks + kps - 1
                 stage = issued % self.stages
                 cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
-                # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom
-                for h in cutlass.range_constexpr(kps):
-                    q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG + tidx
-                    for a in cutlass.range_constexpr(n_atoms):
-                        cute.copy(g2s_i32, qweight[q_base + a * WG, None], s_q[None, tidx, a + n_atoms * h, stage])
+                # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom, and the
+                # n_atoms atoms of a tile's k-tile are adjacent (n_atoms x 2 KB)
+                if cutlass.const_expr(self.bulk_weights):
+                    if tidx == 0:
+                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, kps * n_atoms * WG * 16)
+                        for h in cutlass.range_constexpr(kps):
+                            q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG
+                            src = cute.make_tensor(qweight.iterator + q_base * 4, bulk_layout)
+                            dst = cute.make_tensor(sq_ptr + (stage * kps + h) * n_atoms * WG * 4, bulk_layout)
+                            cute.copy(bulk_i32, src, dst, mbar_ptr=full + stage)
+                else:
+                    for h in cutlass.range_constexpr(kps):
+                        q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG + tidx
+                        for a in cutlass.range_constexpr(n_atoms):
+                            cute.copy(g2s_i32, qweight[q_base + a * WG, None], s_q[None, tidx, a + n_atoms * h, stage])
                 # meta of the groups starting in this stage (consumers keep them in registers); under split K
                 # every stage brings the meta of its group
                 if ks % self.meta_stages == 0:

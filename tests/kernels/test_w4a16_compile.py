@@ -74,6 +74,15 @@ CASES = {
                                        TileConfig(256, 32, k_tiles_per_stage=2, kblock_pipeline=True)),
     "down_decode_64x8_g128_k4_kblock": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, kblock_pipeline=True)),
     "up_prefill_256x128_g128_producer": (True, 8, 4096, 14336, 128, TileConfig(256, 128, "producer")),
+    # int4 atoms by one cp.async.bulk per k-tile (opt-in): decode split K, prefill with the producer fence,
+    # two k-tiles per stage, g = 32
+    "down_decode_64x8_g128_k4_bulk": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, bulk_weights=True)),
+    "up_prefill_256x128_g128_producer_bulk": (True, 8, 4096, 14336, 128,
+                                              TileConfig(256, 128, "producer", kblock_pipeline=True,
+                                                         bulk_weights=True)),
+    "down_mid_256x32_g128_2kps_bulk": (False, 8, 4096, 14336, 128,
+                                       TileConfig(256, 32, k_tiles_per_stage=2, bulk_weights=True)),
+    "up_decode_128x8_g32_k4_E64_bulk": (True, 64, 1024, 768, 32, TileConfig(128, 8, k_split=4, bulk_weights=True)),
     "down_prefill_256x128_g32_E64": (False, 64, 1024, 768, 32, TileConfig(256, 128, "producer")),
     "up_mid_128x64_g32_E64_kblock": (True, 64, 1024, 768, 32, TileConfig(128, 64, kblock_pipeline=True)),
     "down_prefill_128x256_g128_producer": (False, 8, 4096, 14336, 128, TileConfig(128, 256, "producer")),
@@ -310,6 +319,9 @@ def test_bench_tile_specs():
     assert _parse_config("128x128", table) == TileConfig(128, 128, "consumer")  # not in the table: consumer
     assert _parse_config("128x256x1pl3", table) == TileConfig(128, 256, "producer", cp_async_lag=3)
     assert _parse_config("128x256x1pb", table) == TileConfig(128, 256, "producer", kblock_pipeline=True)
+    assert _parse_config("256x128x1cbw", table) == TileConfig(256, 128, "consumer", kblock_pipeline=True,
+                                                              bulk_weights=True)
+    assert _parse_config("64x8x4w", table) == TileConfig(64, 8, "consumer", 4, bulk_weights=True)
     assert _parse_config("64x8x4x2b", table) == TileConfig(64, 8, "consumer", 4, k_tiles_per_stage=2,
                                                           kblock_pipeline=True)
     with pytest.raises(ValueError, match="tile spec"):

@@ -126,8 +126,8 @@ def test_w4a16_every_tile_config(num_tokens):
 def test_w4a16_opt_in_tiles(num_tokens):
     """Tiles not in the table yet: TileConfig.k_tiles_per_stage = 2 (one g = 128 group per stage) on decode,
     mid and prefill tiles, 256 weight rows (two atoms per consumer warpgroup), split K over 128-row tiles
-    (each K warpgroup takes both atoms), a larger producer-fence lag, k-block pipelined wgmma; up and down,
-    against the dequantising reference."""
+    (each K warpgroup takes both atoms), a larger producer-fence lag, k-block pipelined wgmma, int4 weights by
+    cp.async.bulk; up and down, against the dequantising reference."""
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
@@ -157,7 +157,12 @@ def test_w4a16_opt_in_tiles(num_tokens):
                    TileConfig(64, 8, k_split=4, kblock_pipeline=True),
                    TileConfig(64, 16, k_split=4, k_tiles_per_stage=2, kblock_pipeline=True),
                    # 256 x 128: the bf16 kernel's prefill shape (two atoms x 128 tokens per warpgroup)
-                   TileConfig(256, 128, "producer"), TileConfig(256, 128, "consumer")):
+                   TileConfig(256, 128, "producer"), TileConfig(256, 128, "consumer"),
+                   # int4 atoms by cp.async.bulk (expect-tx on the full barrier): both fences, split K, 2 k-tiles
+                   TileConfig(64, 8, k_split=4, bulk_weights=True), TileConfig(128, 8, k_split=4, bulk_weights=True),
+                   TileConfig(256, 32, k_tiles_per_stage=2, bulk_weights=True),
+                   TileConfig(256, 128, "consumer", kblock_pipeline=True, bulk_weights=True),
+                   TileConfig(256, 128, "producer", cp_async_lag=2, bulk_weights=True)):
         assert kernel.supports(gated=True, n_out=2 * INTER, k_dim=HIDDEN, num_experts=8, group_size=128,
                                config=config)[0]
         act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)  # the references are float32
