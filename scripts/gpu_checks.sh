@@ -51,9 +51,9 @@ single-bench)
     ;;
 w4a16-sweep)
     # decode tiles (T = 1..32): 64 vs 128 rows with split K 4 (the table switches by wave fill), 16 columns,
-    # two k-tiles per stage, 256x32; alternating rounds (bench --rounds): medians
+    # two k-tiles per stage, 256x32, int4 by cp.async.bulk (w); alternating rounds (bench --rounds): medians
     step w4a16_decode_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 32 --rounds 3 \
-        --configs 64x8x4 128x8x4 128x16x4 64x8x4x2 128x8x4x2 256x32x1 \
+        --configs 64x8x4 128x8x4 128x16x4 64x8x4x2 128x8x4x2 256x32x1 64x8x4w 128x8x4w \
         --output "$out/w4a16_decode_configs.json"
     ;;
 w4a16-sweep-mid)
@@ -64,9 +64,10 @@ w4a16-sweep-mid)
     ;;
 w4a16-prefill-sweep)
     # prefill (256 x 128): consumer fence with and without the k-block pipeline, two k-tiles per stage
-    # (g = 128 only), producer fence with a cp.async lag of 2; W4A16 trails bf16 by 3-5% here on an H200
+    # (g = 128 only), producer fence with a cp.async lag of 2, int4 by cp.async.bulk (w); W4A16 trails bf16 by
+    # 3-5% here on an H200
     step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 5 \
-        --configs 256x128x1c 256x128x1cb 256x128x1x2c 256x128x1x2cb 256x128x1pl2 \
+        --configs 256x128x1c 256x128x1cb 256x128x1x2c 256x128x1x2cb 256x128x1pl2 256x128x1cbw 256x128x1pl2bw \
         --output "$out/w4a16_prefill_configs.json"
     ;;
 ncu)
