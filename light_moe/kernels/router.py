@@ -210,10 +210,10 @@ _KEY_REMOVED = -(2 ** 31)
 
 
 class RouterKernel:
-    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta)."""
+    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta, metadata)."""
 
     def __init__(self, dtype_name: str, hidden: int, num_experts: int, top_k: int,
-                 renormalize: bool, tile: RouterTile, single_cta: bool = False):
+                 renormalize: bool, tile: RouterTile, single_cta: bool = False, metadata: bool = False):
         self.dtype_name = dtype_name
         self.words = hidden * (4 if dtype_name == "fp32" else 2) // 4  # 32-bit words per row
         self.num_experts = num_experts
@@ -223,14 +223,20 @@ class RouterKernel:
         # the launch has one CTA (fused tile, T <= tile.tokens): it owns every count, so it stores them and
         # the memset launch goes
         self.single_cta = single_cta and not tile.split
+        # the single CTA also writes routing.py's expert_offsets, gather_index and reverse_index (decode: the
+        # routing-metadata launch goes); only with one fused CTA, which holds every count
+        if metadata and not self.single_cta:
+            raise ValueError("routing metadata from the router needs one fused CTA (single_cta, no split tile)")
+        self.metadata = metadata
         self.e_pad = 8 * tile.ng * tile.ntw
         self.threads = 32 * tile.warps
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, weights_ptr: cute.Pointer,
-                 ids_ptr: cute.Pointer, counts_ptr: cute.Pointer, logits_ptr: cute.Pointer, n_tokens: Int32,
-                 stream: cuda.CUstream):
-        """logits_ptr: fp32 scratch [HS, T, E] for the split mode (unused when fused)."""
+                 ids_ptr: cute.Pointer, counts_ptr: cute.Pointer, logits_ptr: cute.Pointer, offsets_ptr: cute.Pointer,
+                 gather_ptr: cute.Pointer, reverse_ptr: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
+        """logits_ptr: fp32 scratch [HS, T, E] for the split mode (unused when fused). offsets / gather /
+        reverse: int32 [E + 1], [T K], [T K] routing metadata (written only by a metadata kernel)."""
         words, n_exp, k, tile = self.words, self.num_experts, self.top_k, self.tile
         x = cute.make_tensor(x_ptr, cute.make_layout((n_tokens, words), stride=(words, 1)))
         w = cute.make_tensor(w_ptr, cute.make_layout((n_exp, words), stride=(words, 1)))
@@ -240,7 +246,10 @@ class RouterKernel:
         # (expert, token, H slice), the same index order as the shared-memory partial sums
         logits = cute.make_tensor(logits_ptr, cute.make_layout((n_exp, n_tokens, tile.hs),
                                                                stride=(1, n_exp, n_exp * n_tokens)))
-        self.kernel(x, w, weights, ids, counts, logits, n_tokens).launch(
+        offsets = cute.make_tensor(offsets_ptr, cute.make_layout((n_exp + 1,)))
+        gather = cute.make_tensor(gather_ptr, cute.make_layout((n_tokens * k,)))
+        reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_tokens * k,)))
+        self.kernel(x, w, weights, ids, counts, logits, offsets, gather, reverse, n_tokens).launch(
             grid=(cute.ceil_div(n_tokens, tile.tokens), tile.eg, tile.hs),
             block=(self.threads, 1, 1), stream=stream)
         if cutlass.const_expr(tile.split):
@@ -295,7 +304,8 @@ class RouterKernel:
 
     @cute.kernel
     def kernel(self, x: cute.Tensor, w: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor,
-               counts: cute.Tensor, logits: cute.Tensor, n_tokens: Int32):
+               counts: cute.Tensor, logits: cute.Tensor, offsets: cute.Tensor, gather: cute.Tensor,
+               reverse: cute.Tensor, n_tokens: Int32):
         tile = self.tile
         n_exp, e_pad, threads = self.num_experts, self.e_pad, self.threads
         mw_n, ng_n, ks_n, mt_n, ntw, unroll = tile.mw, tile.ng, tile.ks, tile.mt, tile.ntw, tile.unroll
@@ -387,6 +397,53 @@ class RouterKernel:
                     counts[e] = c
                 elif c > 0:
                     atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
+            if cutlass.const_expr(self.metadata):
+                base = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
+                self.write_metadata(ids, hist, base, offsets, gather, reverse, n_tokens)
+
+    @cute.jit
+    def write_metadata(self, ids: cute.Tensor, hist: cute.Tensor, base: cute.Tensor, offsets: cute.Tensor,
+                       gather: cute.Tensor, reverse: cute.Tensor, n_tokens: Int32):
+        """routing.py's metadata from the single CTA, after its top-k (ids in global memory, visible to the CTA
+        after the barrier) and histogram: warp 0 scans the counts into expert_offsets; assignment a = t K + k
+        of expert e sorts to offsets[e] + #{a' < a : ids[a'] == e} (at most T K - 1 < 16 K compares), which
+        keeps rows stable by expert, then by a, as the reference does."""
+        n_exp, k = self.num_experts, self.top_k
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = cute.arch.lane_idx()
+        if warp == 0:
+            per_lane = (n_exp + 31) // 32
+            local = Int32(0)
+            for j in cutlass.range_constexpr(per_lane):
+                ex = lane * per_lane + j
+                if ex < n_exp:
+                    local += hist[ex]
+            inclusive = local
+            for s in cutlass.range_constexpr(5):
+                other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
+                if lane >= (1 << s):
+                    inclusive += other
+            acc = inclusive - local
+            for j in cutlass.range_constexpr(per_lane):
+                ex = lane * per_lane + j
+                if ex < n_exp:
+                    base[ex] = acc
+                    offsets[ex] = acc
+                    acc += hist[ex]
+            if lane == 31:
+                offsets[n_exp] = inclusive
+        cute.arch.sync_threads()
+        for a in range(tidx, n_tokens * k, self.threads):
+            e = ids[a // k, a % k]
+            if e < n_exp:  # only NaN logits pick a padding column (no row of any expert)
+                rank = Int32(0)
+                for b in range(a):
+                    if ids[b // k, b % k] == e:
+                        rank += 1
+                pos = base[e] + rank
+                reverse[a] = pos
+                gather[pos] = a // k
 
     @cute.kernel
     def topk_kernel(self, logits: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor, counts: cute.Tensor,
@@ -477,29 +534,30 @@ class RouterKernel:
 
 
 def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
-                      tile: RouterTile, stream=None, single_cta: bool = False):
+                      tile: RouterTile, stream=None, single_cta: bool = False, metadata: bool = False):
     """(jit function, arguments) for cute.compile; placeholder pointers, T dynamic. Used by the
     cache below and by the CPU compile tests (pass cute.runtime.make_fake_stream() there)."""
     name = _TORCH_TO_NAME[dtype]
     gmem = cute.AddressSpace.gmem
-    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta)
+    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata)
     args = (make_ptr(Int32, 16, gmem, assumed_align=16), make_ptr(Int32, 16, gmem, assumed_align=16),
             make_ptr(Float32, 16, gmem, assumed_align=4), make_ptr(Int32, 16, gmem, assumed_align=4),
-            make_ptr(Int32, 16, gmem, assumed_align=4), make_ptr(Float32, 16, gmem, assumed_align=4), Int32(1), stream)
+            make_ptr(Int32, 16, gmem, assumed_align=4), make_ptr(Float32, 16, gmem, assumed_align=4),
+            *(make_ptr(Int32, 16, gmem, assumed_align=4) for _ in range(3)), Int32(1), stream)
     return fn, args
 
 
-_compiled: dict = {}  # (dtype, H, E, K, renormalize, tile, single_cta) -> compiled function; never keyed on T
+_compiled: dict = {}  # (dtype, H, E, K, renormalize, tile, single_cta, metadata) -> compiled; never keyed on T
 
 
 
 def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
-                    tile: RouterTile, single_cta: bool = False):
-    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta)
+                    tile: RouterTile, single_cta: bool = False, metadata: bool = False):
+    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta, metadata)
     fn = _compiled.get(key)
     if fn is None:
         jit_fn, args = make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile, current_stream(),
-                                         single_cta)
+                                         single_cta, metadata)
         fn = _compiled[key] = cute.compile(jit_fn, *args)
     return fn
 
@@ -524,14 +582,23 @@ def _check(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> None:
         raise ValueError("x and gate_weight must be 16-byte aligned (128-bit loads)")
 
 
+def metadata_fusable(num_experts: int, num_tokens: int, row_bytes: int, tile: RouterTile | None = None) -> bool:
+    """Whether router_into can also write the routing metadata: one fused CTA covers the T tokens."""
+    tile = tile or choose_tile(num_experts, num_tokens, row_bytes)
+    return not tile.split and 0 < num_tokens <= tile.tokens
+
+
 def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, tokens_per_expert: torch.Tensor,
-                tile: RouterTile | None = None, workspace: torch.Tensor | None = None) -> None:
+                tile: RouterTile | None = None, workspace: torch.Tensor | None = None,
+                metadata: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Writes topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32 on the current
     stream; graph-capturable. One launch when a single fused CTA covers T, else two: memset + fused kernel, or
     (split tiles, E > 16 and
     T <= SPLIT_MAX_TOKENS) GEMM + top-k kernels with fp32 scratch of workspace_size(...) elements,
-    allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks)."""
+    allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks).
+    metadata = (expert_offsets [E + 1], gather_index [T K], reverse_index [T K]) int32: also written, as
+    routing.routing_metadata_into would, in the same launch; only where metadata_fusable (decode)."""
     _check(x, gate_weight, top_k)
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
@@ -545,11 +612,22 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
         raise ValueError("outputs must be contiguous")
     if num_tokens == 0:
         tokens_per_expert.zero_()
+        if metadata is not None:
+            metadata[0].zero_()
         return
     tile = tile or choose_tile(num_experts, num_tokens, hidden * x.element_size())
     need = workspace_size(num_tokens, num_experts, tile)
     single_cta = need == 0 and num_tokens <= tile.tokens  # one fused CTA stores every count: no memset
-    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, single_cta)
+    if metadata is not None:
+        if not single_cta:
+            raise ValueError(f"routing metadata from the router needs one fused CTA: T={num_tokens} tokens with "
+                             f"E={num_experts} take {'a split tile' if tile.split else f'{tile.tokens}-token CTAs'}")
+        for name, t, n in (("expert_offsets", metadata[0], num_experts + 1), ("gather_index", metadata[1],
+                           num_tokens * top_k), ("reverse_index", metadata[2], num_tokens * top_k)):
+            if t.shape != (n,) or t.dtype != torch.int32 or not t.is_contiguous() or t.device != x.device:
+                raise ValueError(f"{name} must be a contiguous [{n}] int32 tensor on {x.device}, got "
+                                 f"{tuple(t.shape)} {t.dtype}")
+    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata is not None)
     if need == 0:
         if not single_cta:
             tokens_per_expert.zero_()  # the split mode zeroes it inside its first kernel
@@ -565,6 +643,7 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
        make_ptr(Int32, topk_ids.data_ptr(), gmem, assumed_align=4),
        make_ptr(Int32, tokens_per_expert.data_ptr(), gmem, assumed_align=4),
        make_ptr(Float32, workspace.data_ptr(), gmem, assumed_align=4),
+       *(make_ptr(Int32, t.data_ptr(), gmem, assumed_align=4) for t in (metadata or (topk_ids,) * 3)),
        Int32(num_tokens), current_stream())
 
 

@@ -69,6 +69,30 @@ def test_router_single_cta_compiles(tmp_path):
     assert split.split and not router.RouterKernel("bf16", 2048, 128, 8, True, split, single_cta=True).single_cta
 
 
+@pytest.mark.parametrize("dtype,experts,top_k", [(BF16, 8, 2), (torch.float32, 16, 4), (BF16, 1, 1)])
+def test_router_with_metadata_compiles(dtype, experts, top_k, tmp_path):
+    """The single fused CTA can also write expert_offsets, gather_index and reverse_index (routing.py's
+    metadata, one launch fewer at decode); only where one fused CTA covers T (E <= 16, T <= its tokens)."""
+    hidden = 4096
+    tile = router.choose_tile(experts, 1, hidden * dtype.itemsize)
+    assert router.metadata_fusable(experts, 1, hidden * dtype.itemsize)
+    assert router.metadata_fusable(experts, tile.tokens, hidden * dtype.itemsize)
+    assert not router.metadata_fusable(experts, tile.tokens + 1, hidden * dtype.itemsize)
+    assert not router.metadata_fusable(experts, 0, hidden * dtype.itemsize)
+    jit_fn, args = router.make_compile_args(dtype, hidden, experts, top_k, True, tile, make_fake_stream(),
+                                            single_cta=True, metadata=True)
+    assert jit_fn.metadata and jit_fn.single_cta
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    _report(f"router + metadata E={experts} K={top_k} {tile}", seconds, cubin)
+    # a split tile (E > 16 at decode) or several CTAs cannot: each CTA sees only its tokens' counts
+    split = router.choose_tile(128, 1, 2048 * 2)
+    assert not router.metadata_fusable(128, 1, 2048 * 2)
+    with pytest.raises(ValueError, match="one fused CTA"):
+        router.RouterKernel("bf16", 2048, 128, 8, True, split, single_cta=True, metadata=True)
+    with pytest.raises(ValueError, match="one fused CTA"):
+        router.RouterKernel("bf16", hidden, experts, top_k, True, tile, single_cta=False, metadata=True)
+
+
 @pytest.mark.parametrize("name", list(ROUTING_CASES))
 def test_routing_metadata_compiles(name, tmp_path):
     experts, top_k, single = ROUTING_CASES[name]

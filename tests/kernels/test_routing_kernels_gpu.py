@@ -120,6 +120,39 @@ def _routed_ids(tokens, experts, top_k, gen):
     return subset[scores.topk(top_k, dim=-1).indices].to(torch.int32)  # [T, K]
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 7, 16])
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (16, 4), (1, 1)])
+def test_router_writes_routing_metadata(tokens, experts, top_k):
+    """router_into(..., metadata=...) on one fused CTA (decode): expert_offsets, gather_index and reverse_index
+    equal the reference routing metadata of the kernel's own ids, in the same launch; poisoned outputs."""
+    gen = torch.Generator(device="cuda").manual_seed(77 * tokens + experts)
+    x, w, _ = _router_problem(tokens, experts, top_k, 4096, torch.bfloat16, gen)
+    assert router.metadata_fusable(experts, tokens, 4096 * 2)
+    weights = torch.full((tokens, top_k), float("nan"), device="cuda")
+    ids = torch.full((tokens, top_k), -7, dtype=torch.int32, device="cuda")
+    counts = torch.full((experts,), -7, dtype=torch.int32, device="cuda")
+    meta = (torch.full((experts + 1,), -7, dtype=torch.int32, device="cuda"),
+            torch.full((tokens * top_k,), -7, dtype=torch.int32, device="cuda"),
+            torch.full((tokens * top_k,), -7, dtype=torch.int32, device="cuda"))
+    router.router_into(x, w, top_k, True, weights, ids, counts, metadata=meta)
+    torch.cuda.synchronize()
+    assert ((ids >= 0) & (ids < experts)).all()
+    ref_offsets, ref_gather, ref_reverse = reference.routing_metadata(ids, experts)
+    assert torch.equal(meta[0].cpu(), ref_offsets.int().cpu())
+    assert torch.equal(meta[1].cpu(), ref_gather.int().cpu())
+    assert torch.equal(meta[2].cpu(), ref_reverse.int().cpu())
+    # without metadata the same ids come out (the flag only adds the metadata stage)
+    ids2 = torch.full_like(ids, -7)
+    router.router_into(x, w, top_k, True, torch.empty_like(weights), ids2, torch.empty_like(counts))
+    assert torch.equal(ids2, ids)
+    with pytest.raises(ValueError, match="one fused CTA"):
+        big = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+        router.router_into(big, w, top_k, True, torch.empty(64, top_k, device="cuda"),
+                           torch.empty(64, top_k, dtype=torch.int32, device="cuda"), torch.empty_like(counts),
+                           metadata=(meta[0], torch.empty(64 * top_k, dtype=torch.int32, device="cuda"),
+                                     torch.empty(64 * top_k, dtype=torch.int32, device="cuda")))
+
+
 @pytest.mark.parametrize("tokens", TOKENS + [4097, 16384])  # single-CTA up to M = 4096, then two launches
 @pytest.mark.parametrize("experts,top_k", EXPERTS_TOPK)
 def test_routing_metadata_matches_reference(tokens, experts, top_k):
