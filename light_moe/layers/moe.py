@@ -163,7 +163,7 @@ class MoEBlock(nn.Module):
             self.last_tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         # the router writes the counts into the block's one buffer: a CUDA graph captured here updates it in place,
         # so the statistics read after a replay are that replay's
-        topk_weights, topk_ids, _ = self.ops.router(
+        topk_weights, topk_ids, _, metadata = self.ops.route(
             x, self.gate.weight, self.top_k, self.renormalize, self.last_tokens_per_expert)  # [T, K] fp32, int32
         if self.overlap is not None:  # two micro-batches; the shared expert runs during the exchange
             out, shared = self.overlap.forward(
@@ -172,7 +172,10 @@ class MoEBlock(nn.Module):
                 self._shared if self.shared_expert is not None else None)
             return out if shared is None else out + shared
         routed = self.dispatcher.dispatch(x, topk_weights, topk_ids)  # rows for the local experts
-        y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded)
+        # the router's metadata (if any) describes these rows only when dispatch kept them as they were
+        kept = routed.topk_ids is topk_ids and not routed.padded
+        y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded,
+                             metadata=metadata if kept else None)
         out = self.dispatcher.combine(y, routed)  # [T, H]
         if self.shared_expert is not None:
             out = out + self._shared(x)

@@ -38,6 +38,12 @@ class MoEOps:
             return weights, ids, counts
         return weights, ids, counts_out.copy_(counts)
 
+    def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
+        """router() plus the routing metadata of its ids ((expert_offsets, gather_index, reverse_index), as
+        routing_metadata gives them) where the backend computes it in the same launch, else None."""
+        weights, ids, counts = self.router(x, gate_weight, top_k, renormalize, counts_out)
+        return weights, ids, counts, None
+
     def routing_metadata(self, topk_ids, num_experts: int):
         return reference.routing_metadata(topk_ids, num_experts)
 
@@ -50,8 +56,9 @@ class MoEOps:
     def combine(self, y, reverse_index, topk_weights):
         return reference.combine(y, reverse_index, topk_weights)
 
-    def experts(self, x, topk_weights, topk_ids, w13, w2, padded: bool = False) -> torch.Tensor:
+    def experts(self, x, topk_weights, topk_ids, w13, w2, padded: bool = False, metadata=None) -> torch.Tensor:
         """Routed experts for already-routed tokens: metadata -> up -> down -> combine. [T, H]
+        metadata: route()'s metadata of exactly these ids and experts (skips routing_metadata).
 
         padded (the fixed-capacity expert-parallel exchange, parallel/dispatch.py): ids may also be
         E = w13.shape[0], marking padding rows. They sort after every real row and lie past
@@ -60,7 +67,12 @@ class MoEOps:
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
         num_experts = w13.shape[0]
-        offsets, gather_index, reverse_index = self.routing_metadata(topk_ids, num_experts + int(padded))
+        if metadata is not None:
+            if padded:
+                raise ValueError("router metadata describes unpadded ids; padded rows need routing_metadata")
+            offsets, gather_index, reverse_index = metadata
+        else:
+            offsets, gather_index, reverse_index = self.routing_metadata(topk_ids, num_experts + int(padded))
         if padded:
             offsets = offsets[: num_experts + 1]
         act = self.expert_up(x, gather_index, offsets, w13)  # [M, I]
@@ -68,8 +80,8 @@ class MoEOps:
         return self.combine(y, reverse_index, topk_weights)
 
     def moe_forward(self, x, gate_weight, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
-        topk_weights, topk_ids, _ = self.router(x, gate_weight, top_k, renormalize)
-        return self.experts(x, topk_weights, topk_ids, w13, w2)
+        topk_weights, topk_ids, _, metadata = self.route(x, gate_weight, top_k, renormalize)
+        return self.experts(x, topk_weights, topk_ids, w13, w2, metadata=metadata)
 
 
 class ReferenceOps(MoEOps):

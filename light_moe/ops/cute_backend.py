@@ -31,8 +31,12 @@ _CUTE_LAYOUT = "_light_moe_cute_layout"
 class CuteOps(MoEOps):
     name = "cute"
 
-    def __init__(self):
+    def __init__(self, fuse_routing_metadata: bool = False):
         self._logged: set[tuple[str, str]] = set()
+        # route(): the router kernel's single CTA also writes the routing metadata where one CTA covers T (decode,
+        # E <= 16): one launch fewer per MoE layer. Off until that path has passed its GPU test
+        # (tests/kernels/test_routing_kernels_gpu.py::test_router_writes_routing_metadata) and been timed.
+        self.fuse_routing_metadata = fuse_routing_metadata
 
     def _fallback(self, op: str, reason: str) -> None:
         if (op, reason) not in self._logged:
@@ -96,6 +100,23 @@ class CuteOps(MoEOps):
             return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
         self._fallback("router", reason)
         return super().router(x, gate_weight, top_k, renormalize, counts_out)
+
+    def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
+        num_tokens, hidden = x.shape
+        num_experts = gate_weight.shape[0]
+        if not (self.fuse_routing_metadata and x.dtype == gate_weight.dtype
+                and router_kernel.supports(x.dtype, hidden, num_experts, top_k)[0]
+                and router_kernel.metadata_fusable(num_experts, num_tokens, hidden * x.element_size())):
+            return super().route(x, gate_weight, top_k, renormalize, counts_out)
+        weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+        ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+        counts = counts_out if counts_out is not None else torch.empty(num_experts, dtype=torch.int32, device=x.device)
+        metadata = (torch.empty(num_experts + 1, dtype=torch.int32, device=x.device),
+                    torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device),
+                    torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device))
+        router_kernel.router_into(x.contiguous(), gate_weight, top_k, renormalize, weights, ids, counts,
+                                  metadata=metadata)
+        return weights, ids, counts, metadata
 
     def routing_metadata(self, topk_ids, num_experts: int):
         ok, reason = routing_kernel.supports(num_experts, topk_ids.shape[1])
