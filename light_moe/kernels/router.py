@@ -48,6 +48,7 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.launch import current_stream
+from light_moe.kernels.routing import scan_expert_counts
 
 _TORCH_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 MAX_EXPERTS = 256
@@ -413,26 +414,7 @@ class RouterKernel:
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = cute.arch.lane_idx()
         if warp == 0:
-            per_lane = (n_exp + 31) // 32
-            local = Int32(0)
-            for j in cutlass.range_constexpr(per_lane):
-                ex = lane * per_lane + j
-                if ex < n_exp:
-                    local += hist[ex]
-            inclusive = local
-            for s in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
-                if lane >= (1 << s):
-                    inclusive += other
-            acc = inclusive - local
-            for j in cutlass.range_constexpr(per_lane):
-                ex = lane * per_lane + j
-                if ex < n_exp:
-                    base[ex] = acc
-                    offsets[ex] = acc
-                    acc += hist[ex]
-            if lane == 31:
-                offsets[n_exp] = inclusive
+            scan_expert_counts(hist, n_exp, lane, base, hist, False, offsets, True)
         cute.arch.sync_threads()
         for a in range(tidx, n_tokens * k, self.threads):
             e = ids[a // k, a % k]

@@ -58,6 +58,38 @@ def _atomic_add(ptr, val, scope, *, loc=None, ip=None):
                    mem_order=MemOrderKind.RELAXED, syncscope=scope, loc=loc, ip=ip)
 
 
+@cute.jit
+def scan_expert_counts(counts: cute.Tensor, n_exp: cutlass.Constexpr, lane: Int32, starts: cute.Tensor,
+                       before: cute.Tensor, add_before: cutlass.Constexpr, offsets: cute.Tensor, store_offsets):
+    """One warp's exclusive scan of counts [E] (lane l owns experts l * ceil(E / 32) + j): starts[e] = the
+    sum of counts[e' < e] (+ before[e] when add_before); when store_offsets also offsets[e] = that sum and
+    offsets[E] = the total. Shared by the scatter kernel and the router's single-CTA metadata."""
+    per_lane = (n_exp + 31) // 32
+    local = Int32(0)
+    for j in cutlass.range_constexpr(per_lane):
+        ex = lane * per_lane + j
+        if ex < n_exp:
+            local += counts[ex]
+    inclusive = local
+    for s in cutlass.range_constexpr(5):
+        other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
+        if lane >= (1 << s):
+            inclusive += other
+    acc = inclusive - local
+    for j in cutlass.range_constexpr(per_lane):
+        ex = lane * per_lane + j
+        if ex < n_exp:
+            if cutlass.const_expr(add_before):
+                starts[ex] = acc + before[ex]
+            else:
+                starts[ex] = acc
+            if store_offsets:
+                offsets[ex] = acc
+            acc += counts[ex]
+    if store_offsets and lane == 31:
+        offsets[n_exp] = inclusive
+
+
 class RoutingKernel:
     """Compiled once per (E, K, single_cta); M is a run-time argument."""
 
@@ -164,27 +196,7 @@ class RoutingKernel:
 
         # ---- 2. warp 0: exclusive scan of totals -> offsets; running = offsets + this CTA's base ----
         if warp == 0:
-            per_lane = (n_exp + 31) // 32
-            local = Int32(0)
-            for j in cutlass.range_constexpr(per_lane):
-                ex = lane * per_lane + j
-                if ex < n_exp:
-                    local += total[ex]
-            inclusive = local
-            for s in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
-                if lane >= (1 << s):
-                    inclusive += other
-            acc = inclusive - local
-            for j in cutlass.range_constexpr(per_lane):
-                ex = lane * per_lane + j
-                if ex < n_exp:
-                    running[ex] = acc + before[ex]
-                    if bidx == 0:
-                        offsets[ex] = acc
-                    acc += total[ex]
-            if bidx == 0 and lane == 31:
-                offsets[n_exp] = inclusive
+            scan_expert_counts(total, n_exp, lane, running, before, True, offsets, bidx == 0)
         cute.arch.sync_threads()
 
         # ---- 3. chunks of THREADS assignments, in order ----
