@@ -497,6 +497,16 @@ class W4A16GroupedGemmSm90:
                     reg = (m * gpk + j) * 2 + i % 2  # registers 0, 2: row r; 1, 3: row r + 8
                     tmp[i + 4 * (m + mma_m * kb)] = _dequant_exact(word, i, neg_zero2[reg])
 
+    def scale_kblocks(self, a_i32: cute.Tensor, tmp: cute.Tensor, scale2: cute.Tensor, mma_m: int, kbs):
+        """A registers of the k16 blocks kbs (every atom, atom-major) = tmp * group scale (traced inline)."""
+        gpk = self.groups_per_ktile
+        for m in range(mma_m):
+            for kb in kbs:
+                j = (kb * 16) // self.group_size if gpk > 1 else 0
+                for i in range(4):
+                    v = i + 4 * (m + mma_m * kb)
+                    a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
+
     @cute.jit
     def scale_and_mma(
         self,
@@ -511,15 +521,8 @@ class W4A16GroupedGemmSm90:
     ):
         """Second half, only with no wgmma in flight: A = fma(tmp, s, -0), fence, 4 wgmma k16 steps over k-tile
         `half` of the stage, commit."""
-        gpk = self.groups_per_ktile
-        mma_m = cute.size(acc, mode=[1])
         a_i32 = cute.recast_tensor(a_frag, Int32)
-        for m in cutlass.range_constexpr(mma_m):
-            for kb in cutlass.range_constexpr(TILE_K // 16):
-                j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
-                for i in cutlass.range_constexpr(4):
-                    v = i + 4 * (m + mma_m * kb)
-                    a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
+        self.scale_kblocks(a_i32, tmp, scale2, cute.size(acc, mode=[1]), range(TILE_K // 16))
         warpgroup.fence()
         for kb in cutlass.range_constexpr(TILE_K // 16):
             cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + (TILE_K // 16) * half, stage)],
@@ -546,19 +549,13 @@ class W4A16GroupedGemmSm90:
         commit order), scale them, fence, issue block kb's wgmma and commit it alone. The tensor cores keep
         the other blocks' wgmma queued while this warpgroup rescales. release: after the wait of the last block,
         every wgmma of the previous stage is done: hand prev_stage back."""
-        gpk = self.groups_per_ktile
-        mma_m = cute.size(acc, mode=[1])
         a_i32 = cute.recast_tensor(a_frag, Int32)
         n_kb = TILE_K // 16
         for kb in cutlass.range_constexpr(n_kb):
             warpgroup.wait_group(n_kb - 1)
             if cutlass.const_expr(release and kb == n_kb - 1):
                 self.release_stage(empty, prev_stage)
-            j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
-            for m in cutlass.range_constexpr(mma_m):
-                for i in cutlass.range_constexpr(4):
-                    v = i + 4 * (m + mma_m * kb)
-                    a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
+            self.scale_kblocks(a_i32, tmp, scale2, cute.size(acc, mode=[1]), (kb,))
             warpgroup.fence()
             cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + n_kb * half, stage)], acc)
             warpgroup.commit_group()
