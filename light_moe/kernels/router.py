@@ -633,10 +633,32 @@ def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: 
            tokens_per_expert: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as light_moe.ops.reference.router: (topk_weights fp32 [T, K], topk_ids int32 [T, K],
     tokens_per_expert int32 [E]); the counts go into `tokens_per_expert` when given (a persistent buffer)."""
+    outputs = _outputs(x, gate_weight.shape[0], top_k, tokens_per_expert)
+    router_into(x, gate_weight, top_k, renormalize, *outputs)
+    return outputs
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+          tokens_per_expert: torch.Tensor | None = None):
+    """router() plus (expert_offsets [E + 1], gather_index [T K], reverse_index [T K]) int32 written by the
+    same launch where one fused CTA covers T (metadata_fusable: decode with E <= 16), else None for them."""
+    num_tokens, hidden = x.shape
+    num_experts = gate_weight.shape[0]
+    outputs = _outputs(x, num_experts, top_k, tokens_per_expert)
+    tile = choose_tile(num_experts, num_tokens, hidden * x.element_size())
+    metadata = None
+    if metadata_fusable(num_experts, num_tokens, hidden * x.element_size(), tile):
+        metadata = (torch.empty(num_experts + 1, dtype=torch.int32, device=x.device),
+                    torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device),
+                    torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device))
+    router_into(x, gate_weight, top_k, renormalize, *outputs, tile=tile, metadata=metadata)
+    return (*outputs, metadata)
+
+
+def _outputs(x: torch.Tensor, num_experts: int, top_k: int, tokens_per_expert: torch.Tensor | None):
+    """topk_weights [T, K] fp32, topk_ids [T, K] int32 and the counts [E] int32 (tokens_per_expert if given)."""
     num_tokens = x.shape[0]
-    topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-    topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
     if tokens_per_expert is None:
-        tokens_per_expert = torch.empty(gate_weight.shape[0], dtype=torch.int32, device=x.device)
-    router_into(x, gate_weight, top_k, renormalize, topk_weights, topk_ids, tokens_per_expert)
-    return topk_weights, topk_ids, tokens_per_expert
+        tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=x.device)
+    return (torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device),
+            torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device), tokens_per_expert)

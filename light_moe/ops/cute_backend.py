@@ -92,31 +92,23 @@ class CuteOps(MoEOps):
                 and routing_kernel.supports(num_experts, top_k)[0]
                 and combine_kernel.supports(gate_weight.dtype, hidden, top_k)[0])
 
+    @staticmethod
+    def _router_supports(x, gate_weight, top_k: int) -> tuple[bool, str]:
+        if gate_weight.dtype != x.dtype:
+            return False, f"gate weight is {gate_weight.dtype}, activations {x.dtype}"
+        return router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
+
     def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
-        ok, reason = router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
-        if ok and gate_weight.dtype != x.dtype:
-            ok, reason = False, f"gate weight is {gate_weight.dtype}, activations {x.dtype}"
+        ok, reason = self._router_supports(x, gate_weight, top_k)
         if ok:
             return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
         self._fallback("router", reason)
         return super().router(x, gate_weight, top_k, renormalize, counts_out)
 
     def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
-        num_tokens, hidden = x.shape
-        num_experts = gate_weight.shape[0]
-        if not (self.fuse_routing_metadata and x.dtype == gate_weight.dtype
-                and router_kernel.supports(x.dtype, hidden, num_experts, top_k)[0]
-                and router_kernel.metadata_fusable(num_experts, num_tokens, hidden * x.element_size())):
+        if not (self.fuse_routing_metadata and self._router_supports(x, gate_weight, top_k)[0]):
             return super().route(x, gate_weight, top_k, renormalize, counts_out)
-        weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-        ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
-        counts = counts_out if counts_out is not None else torch.empty(num_experts, dtype=torch.int32, device=x.device)
-        metadata = (torch.empty(num_experts + 1, dtype=torch.int32, device=x.device),
-                    torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device),
-                    torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device))
-        router_kernel.router_into(x.contiguous(), gate_weight, top_k, renormalize, weights, ids, counts,
-                                  metadata=metadata)
-        return weights, ids, counts, metadata
+        return router_kernel.route(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
 
     def routing_metadata(self, topk_ids, num_experts: int):
         ok, reason = routing_kernel.supports(num_experts, topk_ids.shape[1])
