@@ -146,11 +146,15 @@ MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in sm
 # 64x8x4 153, T=8 216 vs 222, T=16 246 vs 294 (256x32 269); T=1 97 vs 83, because the down projection then
 # has 64 tiles for 132 SMs and the up projection fills its 4th wave to 85%: MIN_DECODE_WAVE_FILL sends
 # both back to 64 rows there.
-W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool], ...] = (
-    (4, 128, 8, "consumer", 4, False),
-    (16, 256, 32, "consumer", 1, False),
-    (32, 256, 64, "consumer", 1, False),
-    (float("inf"), 256, 128, "consumer", 1, True),
+# The last field is TileConfig.bulk_weights (int4 atoms of a k-tile by one cp.async.bulk): at 256 x 128 with
+# the k-block pipeline 2.5% faster (H200, 3 alternating rounds, medians: T=4096 4742 vs 4853 us, T=16384
+# 18906 vs 19396; w4a16_experts_h200_bulk_prefill_0d12dab.json); at decode twice as slow (64x8x4 T=1 158 vs
+# 81 us: one elected thread's copy per k-tile serialises what 128 producer threads' cp.async overlap).
+W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool, bool], ...] = (
+    (4, 128, 8, "consumer", 4, False, False),
+    (16, 256, 32, "consumer", 1, False, False),
+    (32, 256, 64, "consumer", 1, False, False),
+    (float("inf"), 256, 128, "consumer", 1, True, True),
 )
 
 
@@ -166,7 +170,7 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
     divides the k-tiles (Qwen2-MoE: 22)."""
     active = max(1, min(num_experts, num_rows))
     per_expert = num_rows / active
-    for limit, tile_w, tile_t, fence_mode, k_split, kblock in W4A16_TILE_TABLE:
+    for limit, tile_w, tile_t, fence_mode, k_split, kblock, bulk in W4A16_TILE_TABLE:
         if per_expert <= limit:
             while (tile_w > 64 and k_split > 1 and n_out % tile_w == 0
                    and _wave_fill(n_out // tile_w * active, num_sms) < MIN_DECODE_WAVE_FILL):
@@ -177,6 +181,7 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
                     k_split = max(k_split, 2)
             while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
                 k_split //= 2
-            # the k-block pipeline was measured (and won) only with two atoms per warpgroup
-            return TileConfig(tile_w, tile_t, fence_mode, k_split, kblock_pipeline=kblock and tile_w == 256)
+            # the k-block pipeline and bulk weights were measured (and won) only with two atoms per warpgroup
+            return TileConfig(tile_w, tile_t, fence_mode, k_split, kblock_pipeline=kblock and tile_w == 256,
+                              bulk_weights=bulk and tile_w == 256)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")

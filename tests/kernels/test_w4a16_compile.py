@@ -270,14 +270,16 @@ def test_supports_and_tiles():
     assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(256, 32)  # 8 per expert
     assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(256, 32)  # 16 per expert
     assert choose_w4a16_tile(2 * 128, 8, 28672, 4096) == TileConfig(256, 64)  # 32 per expert
-    assert choose_w4a16_tile(2 * 256, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True)  # 64 per expert
+    # 64 per expert: the k-block pipeline and int4 by cp.async.bulk
+    assert choose_w4a16_tile(2 * 256, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True)
     assert choose_w4a16_tile(2 * 256, 8, 384, 4096) == TileConfig(128, 128)  # no k-block pipeline at 128 rows
     assert choose_w4a16_tile(2, 8, 2816, 2048) == TileConfig(64, 8, k_split=4)
     assert choose_w4a16_tile(2, 60, 2048, 1408) == TileConfig(64, 8, k_split=2)  # Qwen2-MoE down: 22 k-tiles
     assert choose_w4a16_tile(2 * 64, 8, 320, 4096) == TileConfig(64, 32, k_split=2)  # 256 and 128 do not divide 320
     assert choose_w4a16_tile(2 * 64, 8, 384, 4096) == TileConfig(128, 32)  # 256 does not divide 384
-    assert choose_w4a16_tile(2 * 1024, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True)  # 256 per expert
-    assert choose_w4a16_tile(2 * 4096, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True)
+    prefill = TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True)
+    assert choose_w4a16_tile(2 * 1024, 8, 28672, 4096) == prefill  # 256 per expert
+    assert choose_w4a16_tile(2 * 4096, 8, 28672, 4096) == prefill
     # every table row, on every shape the families use, is one the kernel accepts
     for num_rows in (1, 2, 8, 64, 128, 512, 2048, 8192, 32768):
         for num_experts, n_out, k_dim in ((8, 28672, 4096), (8, 4096, 14336), (60, 2816, 2048), (60, 2048, 1408),

@@ -188,8 +188,10 @@ def test_w4a16_t4096_selects_256x128(group_size):
     from light_moe.kernels.tile_config import TileConfig
 
     num_rows = 4096 * 2
-    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN) == TileConfig(256, 128, kblock_pipeline=True)
-    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN, INTER) == TileConfig(256, 128, kblock_pipeline=True)
+    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN) == TileConfig(256, 128, kblock_pipeline=True,
+                                                                               bulk_weights=True)
+    assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN, INTER) == TileConfig(256, 128, kblock_pipeline=True,
+                                                                           bulk_weights=True)
     _check_case(4096, 8, 2, HIDDEN, INTER, group_size, True, seed=4096 + group_size)
 
 
