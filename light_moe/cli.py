@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--hidden", type=int, default=4096)
     layer.add_argument("--intermediate", type=int, default=14336)
     layer.add_argument("--top-k", type=int, default=2)
+    layer.add_argument("--rounds", type=int, default=1,
+                       help="time every case once per round, alternating, and report the medians (clock drift)")
     layer.add_argument("--output", default=None)
     layer.set_defaults(func=cmd_bench_moe_layer)
 

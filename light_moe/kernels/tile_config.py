@@ -146,14 +146,16 @@ MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in sm
 # 64x8x4 153, T=8 216 vs 222, T=16 246 vs 294 (256x32 269); T=1 97 vs 83, because the down projection then
 # has 64 tiles for 132 SMs and the up projection fills its 4th wave to 85%: MIN_DECODE_WAVE_FILL sends
 # both back to 64 rows there.
-# The last field is TileConfig.bulk_weights (int4 atoms of a k-tile by one cp.async.bulk): at 256 x 128 with
-# the k-block pipeline 2.5% faster (H200, 3 alternating rounds, medians: T=4096 4742 vs 4853 us, T=16384
-# 18906 vs 19396; w4a16_experts_h200_bulk_prefill_0d12dab.json); at decode twice as slow (64x8x4 T=1 158 vs
-# 81 us: one elected thread's copy per k-tile serialises what 128 producer threads' cp.async overlap).
+# The last field is TileConfig.bulk_weights (int4 atoms of a k-tile by one cp.async.bulk): faster on every
+# 256-row tile (H200, 3 alternating rounds, medians; w4a16_experts_h200_bulk_{prefill_0d12dab,mid_5f0b568}
+# .json): 256x128 with the k-block pipeline T=4096 4742 vs 4853 us, T=16384 18906 vs 19396, T=1024 1464 vs
+# 1495; 256x32 T=64 292 vs 299; 256x64 T=256 653 vs 677. At decode twice as slow (64x8x4 T=1 158 vs 81 us,
+# 128x8x4 T=4 172 vs 132: one elected thread's copy per small k-tile serialises what 128 producer threads'
+# cp.async overlap).
 W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool, bool], ...] = (
     (4, 128, 8, "consumer", 4, False, False),
-    (16, 256, 32, "consumer", 1, False, False),
-    (32, 256, 64, "consumer", 1, False, False),
+    (16, 256, 32, "consumer", 1, False, True),
+    (32, 256, 64, "consumer", 1, False, True),
     (float("inf"), 256, 128, "consumer", 1, True, True),
 )
 

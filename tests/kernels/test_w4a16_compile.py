@@ -267,9 +267,9 @@ def test_supports_and_tiles():
     assert choose_w4a16_tile(2 * 4, 8, 4096, 14336) == TileConfig(128, 8, k_split=4)  # 128 tiles, 97%
     assert choose_w4a16_tile(2 * 4, 8, 4096, 14336, num_sms=114) == TileConfig(64, 8, k_split=4)  # 2 waves, 56%
     assert choose_w4a16_tile(2 * 16, 8, 28672, 4096) == TileConfig(128, 8, k_split=4)  # 4 per expert
-    assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(256, 32)  # 8 per expert
-    assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(256, 32)  # 16 per expert
-    assert choose_w4a16_tile(2 * 128, 8, 28672, 4096) == TileConfig(256, 64)  # 32 per expert
+    assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(256, 32, bulk_weights=True)  # 8 per expert
+    assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(256, 32, bulk_weights=True)  # 16 per expert
+    assert choose_w4a16_tile(2 * 128, 8, 28672, 4096) == TileConfig(256, 64, bulk_weights=True)  # 32 per expert
     # 64 per expert: the k-block pipeline and int4 by cp.async.bulk
     assert choose_w4a16_tile(2 * 256, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True)
     assert choose_w4a16_tile(2 * 256, 8, 384, 4096) == TileConfig(128, 128)  # no k-block pipeline at 128 rows
