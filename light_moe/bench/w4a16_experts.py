@@ -139,7 +139,7 @@ def main() -> None:
             row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
         if configs:
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms))
+            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms, G))
                                   for n, k in ((2 * inter, H), (H, inter))]
             row["configs"] = {spec: "unsupported" for spec in unsupported}
         for spec in configs:

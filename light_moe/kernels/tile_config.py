@@ -152,11 +152,16 @@ MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in sm
 # 1495; 256x32 T=64 292 vs 299; 256x64 T=256 653 vs 677. At decode twice as slow (64x8x4 T=1 158 vs 81 us,
 # 128x8x4 T=4 172 vs 132: one elected thread's copy per small k-tile serialises what 128 producer threads'
 # cp.async overlap).
-W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool, bool], ...] = (
-    (4, 128, 8, "consumer", 4, False, False),
-    (16, 256, 32, "consumer", 1, False, True),
-    (32, 256, 64, "consumer", 1, False, True),
-    (float("inf"), 256, 128, "consumer", 1, True, True),
+# The last field: two k-tiles per stage (TileConfig.k_tiles_per_stage = 2, one g = 128 group per stage) when the
+# weights have g = 128: at 256 x 64 (T=128, 32 rows per expert) 346 vs 379 us, T=64 348 vs 360; no gain at
+# 256 x 32 (T=64: 270 vs 267) or 256 x 128 (T=1024 1368 vs 1348, T=4096 4721 vs 4717, T=16384 19276 vs 19407)
+# (H200, alternating rounds, medians, w4a16_experts_h200_kps2_{mid,prefill}_fb60e03.json).
+W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool, bool, bool], ...] = (
+    # rows/expert, tile_w, tile_t, fence, k_split, k-block pipeline, bulk int4, 2 k-tiles per stage at g = 128
+    (4, 128, 8, "consumer", 4, False, False, False),
+    (16, 256, 32, "consumer", 1, False, True, False),
+    (32, 256, 64, "consumer", 1, False, True, True),
+    (float("inf"), 256, 128, "consumer", 1, True, True, False),
 )
 
 
@@ -164,15 +169,17 @@ def _wave_fill(tiles: int, num_sms: int) -> float:
     return tiles / (-(-tiles // num_sms) * num_sms)
 
 
-def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, num_sms: int = 132) -> TileConfig:
+def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, num_sms: int = 132,
+                      group_size: int = 0) -> TileConfig:
     """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
-    size k_dim, on num_sms SMs. A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with
-    split K over 2 warpgroups; so does a split-K decode tile whose tiles for the (at most min(E, M)) active
-    experts fill the last wave below MIN_DECODE_WAVE_FILL; split K falls back to the largest of 4, 2, 1 that
-    divides the k-tiles (Qwen2-MoE: 22)."""
+    size k_dim, on num_sms SMs, weights of group_size (0: not known; only g = 128 takes two k-tiles per stage).
+    A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2 warpgroups;
+    so does a split-K decode tile whose tiles for the (at most min(E, M)) active experts fill the last wave
+    below MIN_DECODE_WAVE_FILL; split K falls back to the largest of 4, 2, 1 that divides the k-tiles
+    (Qwen2-MoE: 22)."""
     active = max(1, min(num_experts, num_rows))
     per_expert = num_rows / active
-    for limit, tile_w, tile_t, fence_mode, k_split, kblock, bulk in W4A16_TILE_TABLE:
+    for limit, tile_w, tile_t, fence_mode, k_split, kblock, bulk, kps_g128 in W4A16_TILE_TABLE:
         if per_expert <= limit:
             while (tile_w > 64 and k_split > 1 and n_out % tile_w == 0
                    and _wave_fill(n_out // tile_w * active, num_sms) < MIN_DECODE_WAVE_FILL):
@@ -183,7 +190,9 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
                     k_split = max(k_split, 2)
             while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
                 k_split //= 2
-            # the k-block pipeline and bulk weights were measured (and won) only with two atoms per warpgroup
-            return TileConfig(tile_w, tile_t, fence_mode, k_split, kblock_pipeline=kblock and tile_w == 256,
-                              bulk_weights=bulk and tile_w == 256)
+            # the k-block pipeline, bulk weights and two k-tiles per stage were measured (and won) only with two
+            # atoms per warpgroup
+            kps = 2 if kps_g128 and tile_w == 256 and group_size == 2 * TILE_K and (k_dim // TILE_K) % 2 == 0 else 1
+            return TileConfig(tile_w, tile_t, fence_mode, k_split, k_tiles_per_stage=kps,
+                              kblock_pipeline=kblock and tile_w == 256, bulk_weights=bulk and tile_w == 256)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")

@@ -270,6 +270,11 @@ def test_supports_and_tiles():
     assert choose_w4a16_tile(2 * 32, 8, 28672, 4096) == TileConfig(256, 32, bulk_weights=True)  # 8 per expert
     assert choose_w4a16_tile(2 * 64, 8, 28672, 4096) == TileConfig(256, 32, bulk_weights=True)  # 16 per expert
     assert choose_w4a16_tile(2 * 128, 8, 28672, 4096) == TileConfig(256, 64, bulk_weights=True)  # 32 per expert
+    # g = 128 weights take two k-tiles (one group) per stage there; other group sizes cannot
+    assert choose_w4a16_tile(2 * 128, 8, 28672, 4096, group_size=128) == TileConfig(256, 64, k_tiles_per_stage=2,
+                                                                                    bulk_weights=True)
+    assert choose_w4a16_tile(2 * 128, 8, 28672, 4096, group_size=32) == TileConfig(256, 64, bulk_weights=True)
+    assert choose_w4a16_tile(2 * 256, 8, 28672, 4096, group_size=128).k_tiles_per_stage == 1
     # 64 per expert: the k-block pipeline and int4 by cp.async.bulk
     assert choose_w4a16_tile(2 * 256, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True)
     assert choose_w4a16_tile(2 * 256, 8, 384, 4096) == TileConfig(128, 128)  # no k-block pipeline at 128 rows
@@ -284,10 +289,11 @@ def test_supports_and_tiles():
     for num_rows in (1, 2, 8, 64, 128, 512, 2048, 8192, 32768):
         for num_experts, n_out, k_dim in ((8, 28672, 4096), (8, 4096, 14336), (60, 2816, 2048), (60, 2048, 1408),
                                           (128, 1536, 2048), (128, 2048, 768), (64, 2048, 2048), (64, 2048, 1024)):
-            config = choose_w4a16_tile(num_rows, num_experts, n_out, k_dim)
-            ok, why = W4A16GroupedGemmSm90.supports(gated=False, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
-                                                    group_size=128, config=config)
-            assert ok, (num_rows, num_experts, n_out, k_dim, config, why)
+            for group_size in (32, 64, 128):
+                config = choose_w4a16_tile(num_rows, num_experts, n_out, k_dim, group_size=group_size)
+                ok, why = W4A16GroupedGemmSm90.supports(gated=False, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
+                                                        group_size=group_size, config=config)
+                assert ok, (num_rows, num_experts, n_out, k_dim, group_size, config, why)
     for gated, n_out, k_dim in ((True, 28672, 4096), (False, 4096, 14336)):
         for group_size in (32, 128):
             kernel = W4A16GroupedGemmSm90(
