@@ -20,7 +20,7 @@ import torch
 from cutlass import BFloat16, Float16, Float32, Int32
 from cutlass.cute.runtime import make_ptr
 
-from light_moe.kernels.launch import current_stream
+from light_moe.kernels.launch import await_inputs, current_stream
 
 THREADS = 128
 MAX_TOP_K = 16
@@ -63,10 +63,12 @@ class CombineKernel:
         weights = cute.make_tensor(weights_ptr, cute.make_layout((n_tokens, k), stride=(k, 1)))
         out = cute.make_tensor(out_ptr, cute.make_layout((n_tokens, hidden), stride=(hidden, 1)))
         n_chunks = -(-(hidden // self.vec) // THREADS)
-        self.kernel(y, reverse, weights, out).launch(grid=(n_tokens, n_chunks, 1), block=(THREADS, 1, 1), stream=stream)
+        self.kernel(y, reverse, weights, out).launch(grid=(n_tokens, n_chunks, 1), block=(THREADS, 1, 1), stream=stream,
+                                                     use_pdl=True)
 
     @cute.kernel
     def kernel(self, y: cute.Tensor, reverse: cute.Tensor, weights: cute.Tensor, out: cute.Tensor):
+        await_inputs()
         k, vec = self.top_k, self.vec
         tidx, _, _ = cute.arch.thread_idx()
         token, chunk, _ = cute.arch.block_idx()

@@ -51,7 +51,7 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
-from light_moe.kernels.launch import current_stream
+from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.tile_config import TileConfig, choose_tile_config
 
 TILE_K = 64  # bf16 elements per k-tile: one 128-byte swizzle row
@@ -197,6 +197,7 @@ class GroupedGemmSm90:
             block=(self.threads, 1, 1),
             min_blocks_per_mp=1,
             stream=stream,
+            use_pdl=True,
         )
 
     @cute.kernel
@@ -233,6 +234,7 @@ class GroupedGemmSm90:
                 cute.arch.mbarrier_init(full + s, 1 + WG)  # TMA expect-tx + one arrival per producer thread
                 cute.arch.mbarrier_init(empty + s, 4 * self.n_consumer_wg)  # one arrival per consumer warp
             cute.arch.mbarrier_init_fence()
+        await_inputs()  # expert_offsets, tokens: the router's and the previous GEMM's outputs
 
         # Tile schedule: tiles of expert e = ceil(rows_e / tile_t) * weight tiles; exclusive prefix over e.
         if warp == 0:

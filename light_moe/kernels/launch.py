@@ -15,3 +15,20 @@ def current_stream() -> cuda.CUstream:
     if stream is None:
         stream = _streams[handle] = cuda.CUstream(handle)
     return stream
+
+
+def await_inputs() -> None:
+    """First statement of every kernel of ours that reads a predecessor's output (device side, traced inline).
+
+    Every kernel is launched with programmatic dependent launch (`use_pdl=True`): it may start while the kernel
+    before it in the stream is still running, once all of that kernel's CTAs have passed their own call of this
+    (griddepcontrol.launch_dependents) or exited. griddepcontrol.wait then holds it until that kernel has finished
+    and its writes are visible, so nothing is read early; what is gained is the launch and prologue of the next
+    kernel (CTA placement, barrier set-up) overlapping the tail of the current one, ~1-2 us per kernel boundary
+    of a decode step's MoE layer (router, up, down, combine). Triggering at the start cannot starve the running
+    kernel: its dependent launches only when every CTA of the running kernel is already resident. A predecessor
+    that never triggers (a torch op, NCCL) makes this an ordinary stream dependency."""
+    import cutlass.cute as cute
+
+    cute.arch.griddepcontrol_wait()
+    cute.arch.griddepcontrol_launch_dependents()

@@ -47,7 +47,7 @@ from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from light_moe.kernels.launch import current_stream
+from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.routing import scan_expert_counts
 
 _TORCH_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -252,10 +252,11 @@ class RouterKernel:
         reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_tokens * k,)))
         self.kernel(x, w, weights, ids, counts, logits, offsets, gather, reverse, n_tokens).launch(
             grid=(cute.ceil_div(n_tokens, tile.tokens), tile.eg, tile.hs),
-            block=(self.threads, 1, 1), stream=stream)
+            block=(self.threads, 1, 1), stream=stream, use_pdl=True)
         if cutlass.const_expr(tile.split):
             self.topk_kernel(logits, weights, ids, counts, n_tokens).launch(
-                grid=(cute.ceil_div(n_tokens, TOPK_TOKENS_PER_CTA), 1, 1), block=(256, 1, 1), stream=stream)
+                grid=(cute.ceil_div(n_tokens, TOPK_TOKENS_PER_CTA), 1, 1), block=(256, 1, 1), stream=stream,
+                use_pdl=True)
 
     # Plain-Python helpers: traced inline (loops unroll at trace time, no DSL preprocessing).
     def load_chunk(self, copy128, x_rows, w_rows, chunk, quad, xa, wb, u):
@@ -307,6 +308,7 @@ class RouterKernel:
     def kernel(self, x: cute.Tensor, w: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor,
                counts: cute.Tensor, logits: cute.Tensor, offsets: cute.Tensor, gather: cute.Tensor,
                reverse: cute.Tensor, n_tokens: Int32):
+        await_inputs()  # x: the previous layer's output
         tile = self.tile
         n_exp, e_pad, threads = self.num_experts, self.e_pad, self.threads
         mw_n, ng_n, ks_n, mt_n, ntw, unroll = tile.mw, tile.ng, tile.ks, tile.mt, tile.ntw, tile.unroll
@@ -431,6 +433,7 @@ class RouterKernel:
     def topk_kernel(self, logits: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor, counts: cute.Tensor,
                     n_tokens: Int32):
         """Split mode, second launch: sum the H-slice partial logits, then softmax + top-k + counts."""
+        await_inputs()
         n_exp = self.num_experts
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()

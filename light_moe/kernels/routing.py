@@ -31,7 +31,7 @@ from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from light_moe.kernels.launch import current_stream
+from light_moe.kernels.launch import await_inputs, current_stream
 
 MAX_EXPERTS = 256
 THREADS = 512  # 16 warps: one chunk = 512 assignments
@@ -117,13 +117,14 @@ class RoutingKernel:
         block_counts = cute.make_tensor(block_counts_ptr, cute.make_layout((n_exp, n_blocks), stride=(n_blocks, 1)))
         if cutlass.const_expr(not self.single_cta):
             self.count_kernel(ids, block_counts, n_rows).launch(
-                grid=(n_blocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
+                grid=(n_blocks, 1, 1), block=(THREADS, 1, 1), stream=stream, use_pdl=True)
         self.scatter_kernel(ids, block_counts, offsets, gather, reverse, n_rows, n_blocks).launch(
-            grid=(n_blocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
+            grid=(n_blocks, 1, 1), block=(THREADS, 1, 1), stream=stream, use_pdl=True)
 
     @cute.kernel
     def count_kernel(self, ids: cute.Tensor, block_counts: cute.Tensor, n_rows: Int32):
         """block_counts[:, b] = histogram of the experts of assignments [b * S, (b + 1) * S)."""
+        await_inputs()
         n_exp, rows = self.num_experts, self.rows_per_cta
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
@@ -142,6 +143,7 @@ class RoutingKernel:
     @cute.kernel
     def scatter_kernel(self, ids: cute.Tensor, block_counts: cute.Tensor, offsets: cute.Tensor,
                        gather: cute.Tensor, reverse: cute.Tensor, n_rows: Int32, n_blocks: Int32):
+        await_inputs()
         n_exp, k, rows = self.num_experts, self.top_k, self.rows_per_cta
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()

@@ -79,7 +79,7 @@ from light_moe.kernels.grouped_gemm import (
     store_out_chunk,
     wait_full,
 )
-from light_moe.kernels.launch import current_stream
+from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
@@ -312,6 +312,7 @@ class W4A16GroupedGemmSm90:
             block=(self.threads, 1, 1),
             min_blocks_per_mp=1,
             stream=stream,
+            use_pdl=True,
         )
 
     @cute.kernel
@@ -344,6 +345,7 @@ class W4A16GroupedGemmSm90:
                 cute.arch.mbarrier_init(full + s, WG + int(self.bulk_weights))
                 cute.arch.mbarrier_init(empty + s, 4 * self.m_wg)  # one arrival per warp that reads the stage
             cute.arch.mbarrier_init_fence()
+        await_inputs()  # expert_offsets, tokens: the router's and the previous GEMM's outputs
 
         if warp == 0:  # the tile schedule of grouped_gemm.py
             build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, tile_t, self.n_out // self.tile_w)
