@@ -30,3 +30,13 @@ def test_same_routing_and_flips():
     flips = _routing_flips(x, gate, 2, same)
     logits = (x[0] @ gate.T).topk(3).values
     assert flips["tokens"] == 1 and abs(flips["max_logit_gap"] - (logits[1] - logits[2]).item()) < 1e-5
+
+
+def test_rounds_must_be_positive():
+    """--rounds 0 would time nothing and report NaN for every case: refused before any GPU work."""
+    import pytest
+
+    from light_moe.bench.moe_layer import run_moe_layer_bench
+
+    with pytest.raises(ValueError, match="rounds"):
+        run_moe_layer_bench([1], rounds=0)

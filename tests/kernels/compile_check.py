@@ -43,3 +43,21 @@ def compile_sm90a(jit_fn, *args, dump_root: str):
     cubins = glob.glob(os.path.join(dump_dir, "*.sm_90a.cubin"))
     assert len(cubins) == 1 and os.path.getsize(cubins[0]) > 0, f"no sm_90a cubin in {dump_dir}"
     return cubins[0], seconds
+
+
+def compile_sm90a_ptx(jit_fn, *args, dump_root: str) -> str:
+    """Like compile_sm90a, keeping the PTX as well; returns its text."""
+    import cutlass.cute as cute
+
+    os.makedirs(dump_root, exist_ok=True)
+    dump_dir = tempfile.mkdtemp(prefix="ptx-", dir=dump_root)
+    options = f"--gpu-arch sm_90a --keep-ptx --keep-cubin --dump-dir {shlex.quote(str(dump_dir))}"
+    try:
+        cute.compile(jit_fn, *args, options=options)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is the missing driver
+        if not _is_missing_driver(exc):
+            raise
+    ptx = glob.glob(os.path.join(dump_dir, "*.ptx"))
+    assert len(ptx) == 1 and os.path.getsize(ptx[0]) > 0, f"no PTX in {dump_dir}: {os.listdir(dump_dir)}"
+    with open(ptx[0]) as f:
+        return f.read()
