@@ -5,7 +5,7 @@
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in decode tiles beside the table's
 #   scripts/gpu_checks.sh w4a16-sweep-mid OUTDIR    the same for the mid tiles (T = 32..256)
-#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles (fences, k-block pipeline)
+#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles, up and down alone (--split)
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
 #                                               the bf16 kernel (T=4096); if that outruns one call, split it:
 #                                               NCU_TOKENS="1 64" NCU_SKIP_BF16=1, then NCU_TOKENS=4096
@@ -63,11 +63,11 @@ w4a16-sweep-mid)
         --output "$out/w4a16_mid_configs.json"
     ;;
 w4a16-prefill-sweep)
-    # prefill (256 x 128): consumer fence with and without the k-block pipeline, two k-tiles per stage
-    # (g = 128 only), producer fence with a cp.async lag of 2, int4 by cp.async.bulk (w); W4A16 trails bf16 by
-    # 3-5% here on an H200
-    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 5 \
-        --configs 256x128x1c 256x128x1cb 256x128x1x2c 256x128x1x2cb 256x128x1pl2 256x128x1cbw 256x128x1pl2bw \
+    # prefill, where W4A16 trails bf16 by 4% at T=16384 on an H200: up and down timed alone (--split), the
+    # table's 256x128 (consumer fence, k-block pipeline, int4 by cp.async.bulk) against 128x256 (half the
+    # dequant per MMA, twice the token gather) with either fence
+    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 3 --split \
+        --configs 256x128x1cbw 128x256x1cbw 128x256x1pbw \
         --output "$out/w4a16_prefill_configs.json"
     ;;
 ncu)

@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every variant this many times in alternating order and take medians (the H200's "
                              "clock moves with power at prefill: sequential timings of one kernel differ by ~5%%)")
+    parser.add_argument("--split", action="store_true",
+                        help="also time the up and the down projection alone (bf16 and the table's W4A16 tile)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
@@ -118,6 +120,13 @@ def main() -> None:
         bf16_pair = _pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)
         w4_pair = _pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2, act, y)
         variants = {"bf16": graph_replay(bf16_pair), "w4a16": graph_replay(w4_pair)}
+        if args.split:  # which projection a difference comes from
+            for name, fn, args_ in (("bf16_up", gg.expert_up, (x, gather_index, offsets, w13p)),
+                                    ("bf16_down", gg.expert_down, (act, offsets, w2p)),
+                                    ("w4a16_up", w4.w4a16_expert_up, (x, gather_index, offsets, q13)),
+                                    ("w4a16_down", w4.w4a16_expert_down, (act, offsets, q2))):
+                out = act if name.endswith("_up") else y
+                variants[name] = graph_replay(functools.partial(fn, *args_, out=out))
         unsupported = []
         for spec, config in configs.items():
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
@@ -135,6 +144,9 @@ def main() -> None:
                    bf16_weight_TBps=round(active * bf16_expert_bytes / bf16_us / 1e6, 2),
                    w4a16_weight_TBps=round(active * int4_expert_bytes / w4_us / 1e6, 2),
                    w4a16_speedup=round(bf16_us / w4_us, 2))
+        if args.split:
+            row["split_us"] = {name: round(times[name]["median"], 1)
+                               for name in ("bf16_up", "bf16_down", "w4a16_up", "w4a16_down")}
         if args.rounds > 1:
             row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
         if configs:
