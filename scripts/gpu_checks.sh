@@ -46,7 +46,7 @@ single-tests)
     step gpu_tests_mixtral_shape 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels -k mixtral_shape -ra
     ;;
 single-bench)
-    step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --output "$out/moe_layer.json"
+    step moe_layer 400 $py -m light_moe.cli bench moe-layer --quant w4a16 --rounds 3 --output "$out/moe_layer.json"
     step w4a16_experts 150 $py -m light_moe.bench.w4a16_experts --output "$out/w4a16_experts.json"
     ;;
 w4a16-sweep)
