@@ -520,46 +520,40 @@ class W4A16GroupedGemmSm90:
         scale2: cute.Tensor,
         stage: Int32,
         half: cutlass.Constexpr,
-    ):
-        """Second half, only with no wgmma in flight: A = fma(tmp, s, -0), fence, 4 wgmma k16 steps over k-tile
-        `half` of the stage, commit."""
-        a_i32 = cute.recast_tensor(a_frag, Int32)
-        self.scale_kblocks(a_i32, tmp, scale2, cute.size(acc, mode=[1]), range(TILE_K // 16))
-        warpgroup.fence()
-        for kb in cutlass.range_constexpr(TILE_K // 16):
-            cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + (TILE_K // 16) * half, stage)],
-                      acc)
-        warpgroup.commit_group()
-
-    @cute.jit
-    def scale_and_mma_kblocks(
-        self,
-        tiled_mma: cute.TiledMma,
-        acc: cute.Tensor,
-        a_frag: cute.Tensor,
-        tmp: cute.Tensor,
-        t_cr_t: cute.Tensor,
-        scale2: cute.Tensor,
-        stage: Int32,
-        half: cutlass.Constexpr,
         empty,
         prev_stage: Int32,
+        wait: cutlass.Constexpr,
         release: cutlass.Constexpr,
     ):
-        """scale_and_mma one k16 block at a time (TileConfig.kblock_pipeline): wait until at most 3 wgmma groups
-        are in flight, so that the group which read block kb's registers a k-tile ago is done (groups complete in
-        commit order), scale them, fence, issue block kb's wgmma and commit it alone. The tensor cores keep
-        the other blocks' wgmma queued while this warpgroup rescales. release: after the wait of the last block,
-        every wgmma of the previous stage is done: hand prev_stage back."""
+        """Second half of a k-tile (k-tile `half` of the stage): A = fma(tmp, s, -0), fence, wgmma, commit, with
+        no wgmma in flight that reads A. Whole k-tile: wait_group(0) first (when `wait`), then scale all four
+        k16 blocks and issue their wgmma back to back as one group. TileConfig.kblock_pipeline: one k16 block at
+        a time, after waiting until at most 3 groups are in flight (so the group that read block kb's registers
+        a k-tile ago is done; groups complete in commit order), each block its own group: the tensor cores keep
+        the other blocks' wgmma queued while this warpgroup rescales. release: once the previous stage's wgmma
+        are done (after the wait, or the last block's wait), hand prev_stage back."""
         a_i32 = cute.recast_tensor(a_frag, Int32)
+        mma_m = cute.size(acc, mode=[1])
         n_kb = TILE_K // 16
-        for kb in cutlass.range_constexpr(n_kb):
-            warpgroup.wait_group(n_kb - 1)
-            if cutlass.const_expr(release and kb == n_kb - 1):
+        if cutlass.const_expr(self.kblock_pipeline):
+            for kb in cutlass.range_constexpr(n_kb):
+                warpgroup.wait_group(n_kb - 1)
+                if cutlass.const_expr(release and kb == n_kb - 1):
+                    self.release_stage(empty, prev_stage)
+                self.scale_kblocks(a_i32, tmp, scale2, mma_m, (kb,))
+                warpgroup.fence()
+                cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + n_kb * half, stage)], acc)
+                warpgroup.commit_group()
+        else:
+            if cutlass.const_expr(wait):
+                warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
+            if cutlass.const_expr(release):
                 self.release_stage(empty, prev_stage)
-            self.scale_kblocks(a_i32, tmp, scale2, cute.size(acc, mode=[1]), (kb,))
+            self.scale_kblocks(a_i32, tmp, scale2, mma_m, range(n_kb))
             warpgroup.fence()
-            cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + n_kb * half, stage)], acc)
+            for kb in cutlass.range_constexpr(n_kb):
+                cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + n_kb * half, stage)],
+                          acc)
             warpgroup.commit_group()
 
     @cute.jit
@@ -590,14 +584,7 @@ class W4A16GroupedGemmSm90:
         wait_full(full, stage, phase, self.fence_mode)
         for h in cutlass.range_constexpr(self.kps):
             self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta and h == 0, h)
-            if cutlass.const_expr(self.kblock_pipeline):
-                self.scale_and_mma_kblocks(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev_stage,
-                                           h == 0)
-            else:
-                warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
-                if cutlass.const_expr(h == 0):
-                    self.release_stage(empty, prev_stage)
-                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
+            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev_stage, True, h == 0)
 
     @cute.jit
     def consume(
@@ -687,13 +674,8 @@ class W4A16GroupedGemmSm90:
             wait_full(full, stage, phase, self.fence_mode)
             for h in cutlass.range_constexpr(self.kps):
                 self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, h == 0, h)
-                if cutlass.const_expr(self.kblock_pipeline):
-                    self.scale_and_mma_kblocks(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev,
-                                               False)
-                else:
-                    if cutlass.const_expr(h > 0):
-                        warpgroup.wait_group(0)
-                    self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h)
+                # the tile's first stage: nothing to release, no wgmma in flight before its first k-tile
+                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev, h > 0, False)
             prev = stage
             stage = stage + self.k_split
             if stage >= self.stages:
