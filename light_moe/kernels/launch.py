@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
+import cutlass.cute as cute
 import torch
 
 _streams: dict[int, cuda.CUstream] = {}  # torch stream handle -> CUstream (building one costs ~8 us)
@@ -28,7 +29,5 @@ def await_inputs() -> None:
     of a decode step's MoE layer (router, up, down, combine). Triggering at the start cannot starve the running
     kernel: its dependent launches only when every CTA of the running kernel is already resident. A predecessor
     that never triggers (a torch op, NCCL) makes this an ordinary stream dependency."""
-    import cutlass.cute as cute
-
     cute.arch.griddepcontrol_wait()
     cute.arch.griddepcontrol_launch_dependents()

@@ -602,7 +602,7 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
         return
     tile = tile or choose_tile(num_experts, num_tokens, hidden * x.element_size())
     need = workspace_size(num_tokens, num_experts, tile)
-    single_cta = need == 0 and num_tokens <= tile.tokens  # one fused CTA stores every count: no memset
+    single_cta = metadata_fusable(num_experts, num_tokens, hidden * x.element_size(), tile)  # no memset either
     if metadata is not None:
         if not single_cta:
             raise ValueError(f"routing metadata from the router needs one fused CTA: T={num_tokens} tokens with "

@@ -192,7 +192,8 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
                 k_split //= 2
             # the k-block pipeline, bulk weights and two k-tiles per stage were measured (and won) only with two
             # atoms per warpgroup
-            kps = 2 if kps_g128 and tile_w == 256 and group_size == 2 * TILE_K and (k_dim // TILE_K) % 2 == 0 else 1
+            # (the k-tiles are even: the W4A16 kernel takes K in multiples of 128)
+            kps = 2 if kps_g128 and tile_w == 256 and group_size == 2 * TILE_K else 1
             return TileConfig(tile_w, tile_t, fence_mode, k_split, k_tiles_per_stage=kps,
                               kblock_pipeline=kblock and tile_w == 256, bulk_weights=bulk and tile_w == 256)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")

@@ -26,38 +26,38 @@ def _is_missing_driver(exc: BaseException) -> bool:
     return False
 
 
-def compile_sm90a(jit_fn, *args, dump_root: str):
-    """Returns (cubin_path, seconds). Raises on any real compile error."""
+def _compile(jit_fn, args, dump_root: str, keep: str) -> tuple[str, float]:
+    """cute.compile for sm_90a keeping `keep` ("--keep-cubin", plus "--keep-ptx") in a fresh dump directory;
+    returns (that directory, seconds). Raises on any real compile error."""
     import cutlass.cute as cute
 
     os.makedirs(dump_root, exist_ok=True)
     dump_dir = tempfile.mkdtemp(prefix="cubin-", dir=dump_root)  # 4.3.5 writes nothing into a missing dir
-    options = f"--gpu-arch sm_90a --keep-cubin --dump-dir {shlex.quote(str(dump_dir))}"
+    options = f"--gpu-arch sm_90a {keep} --dump-dir {shlex.quote(str(dump_dir))}"
     start = time.perf_counter()
     try:
         cute.compile(jit_fn, *args, options=options)
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is the missing driver
         if not _is_missing_driver(exc):
             raise
-    seconds = time.perf_counter() - start
-    cubins = glob.glob(os.path.join(dump_dir, "*.sm_90a.cubin"))
-    assert len(cubins) == 1 and os.path.getsize(cubins[0]) > 0, f"no sm_90a cubin in {dump_dir}"
-    return cubins[0], seconds
+    return dump_dir, time.perf_counter() - start
+
+
+def _one(dump_dir: str, pattern: str) -> str:
+    found = glob.glob(os.path.join(dump_dir, pattern))
+    assert len(found) == 1 and os.path.getsize(found[0]) > 0, f"no {pattern} in {dump_dir}: {os.listdir(dump_dir)}"
+    return found[0]
+
+
+def compile_sm90a(jit_fn, *args, dump_root: str):
+    """Returns (cubin_path, seconds). Raises on any real compile error."""
+    dump_dir, seconds = _compile(jit_fn, args, dump_root, "--keep-cubin")
+    return _one(dump_dir, "*.sm_90a.cubin"), seconds
 
 
 def compile_sm90a_ptx(jit_fn, *args, dump_root: str) -> str:
     """Like compile_sm90a, keeping the PTX as well; returns its text."""
-    import cutlass.cute as cute
-
-    os.makedirs(dump_root, exist_ok=True)
-    dump_dir = tempfile.mkdtemp(prefix="ptx-", dir=dump_root)
-    options = f"--gpu-arch sm_90a --keep-ptx --keep-cubin --dump-dir {shlex.quote(str(dump_dir))}"
-    try:
-        cute.compile(jit_fn, *args, options=options)
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is the missing driver
-        if not _is_missing_driver(exc):
-            raise
-    ptx = glob.glob(os.path.join(dump_dir, "*.ptx"))
-    assert len(ptx) == 1 and os.path.getsize(ptx[0]) > 0, f"no PTX in {dump_dir}: {os.listdir(dump_dir)}"
-    with open(ptx[0]) as f:
+    dump_dir, _ = _compile(jit_fn, args, dump_root, "--keep-ptx --keep-cubin")
+    _one(dump_dir, "*.sm_90a.cubin")
+    with open(_one(dump_dir, "*.ptx")) as f:
         return f.read()

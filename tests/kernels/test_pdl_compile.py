@@ -42,12 +42,10 @@ def test_routing_side_kernels_wait_first(tmp_path):
     # the split router: GEMM kernel + top-k kernel
     tile = router.choose_tile(128, 16, 2048 * 2)
     assert tile.split
-    _check(compile_sm90a_ptx(*_flat(router.make_compile_args(bf16, 2048, 128, 8, True, tile, make_fake_stream())),
-                             dump_root=str(tmp_path)), 2)
-    _check(compile_sm90a_ptx(*_flat(routing.make_compile_args(8, 2, False, make_fake_stream())),
-                             dump_root=str(tmp_path)), 2)
-    _check(compile_sm90a_ptx(*_flat(combine.make_compile_args(bf16, 4096, 2, make_fake_stream())),
-                             dump_root=str(tmp_path)), 1)
+    for (jit_fn, args), kernels in ((router.make_compile_args(bf16, 2048, 128, 8, True, tile, make_fake_stream()), 2),
+                                    (routing.make_compile_args(8, 2, False, make_fake_stream()), 2),
+                                    (combine.make_compile_args(bf16, 4096, 2, make_fake_stream()), 1)):
+        _check(compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path)), kernels)
 
 
 def test_grouped_gemms_wait_first(tmp_path):
@@ -58,8 +56,3 @@ def test_grouped_gemms_wait_first(tmp_path):
     kernel = W4A16GroupedGemmSm90(gated=False, n_out=n_out, k_dim=k_dim, num_experts=8, group_size=128,
                                   config=TileConfig(256, 32, bulk_weights=True))
     _check(compile_sm90a_ptx(kernel, *args, dump_root=str(tmp_path)), 1)
-
-
-def _flat(jit_and_args):
-    jit_fn, args = jit_and_args
-    return (jit_fn, *args)
