@@ -96,7 +96,8 @@ def main() -> None:
                         help="time every variant this many times in alternating order and take medians (the H200's "
                              "clock moves with power at prefill: sequential timings of one kernel differ by ~5%%)")
     parser.add_argument("--split", action="store_true",
-                        help="also time the up and the down projection alone (bf16 and the table's W4A16 tile)")
+                        help="also time the up and the down projection alone (bf16, the table's W4A16 tile and each "
+                             "--configs tile)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
@@ -138,6 +139,9 @@ def main() -> None:
             up = functools.partial(w4.w4a16_expert_up, config=config)
             down = functools.partial(w4.w4a16_expert_down, config=config)
             variants[spec] = graph_replay(_pair(up, down, x, gather_index, offsets, q13, q2, act, y))
+            if args.split:
+                variants[f"{spec}_up"] = graph_replay(functools.partial(up, x, gather_index, offsets, q13, out=act))
+                variants[f"{spec}_down"] = graph_replay(functools.partial(down, act, offsets, q2, out=y))
         times = round_robin(variants, args.rounds, lambda fn: time_us(fn, 50 if args.rounds == 1 else 20))
         bf16_us, w4_us = times["bf16"]["median"], times["w4a16"]["median"]
         row = dict(tokens=T, active_experts=active, bf16_us=round(bf16_us, 1), w4a16_us=round(w4_us, 1),
@@ -158,6 +162,9 @@ def main() -> None:
             if spec in variants:
                 us = times[spec]["median"]
                 row["configs"][spec] = dict(us=round(us, 1), int4_TBps=round(active * int4_expert_bytes / us / 1e6, 2))
+                if args.split:
+                    row["configs"][spec].update(up_us=round(times[f"{spec}_up"]["median"], 1),
+                                                down_us=round(times[f"{spec}_down"]["median"], 1))
         rows.append(row)
         print(row, flush=True)
     result = dict(benchmark="w4a16_experts", env=environment(),
