@@ -177,7 +177,6 @@ class W4A16GroupedGemmSm90:
         self.k_dim = k_dim
         self.num_experts = num_experts
         self.group_size = group_size
-        self.fence_mode = config.fence_mode
         self.cp_async_lag = config.cp_async_lag
         self.tile_w = config.tile_w
         self.tile_t = config.tile_t
@@ -197,6 +196,10 @@ class W4A16GroupedGemmSm90:
         self.kps = config.k_tiles_per_stage  # 2: one g = 128 group (two k-tiles) per stage
         self.kblock_pipeline = config.kblock_pipeline  # per-k16-block scale + wgmma, 3 blocks in flight
         self.bulk_weights = config.bulk_weights  # int4 atoms of a k-tile by one cp.async.bulk
+        self.tma_tokens = config.tma_tokens  # down projection: the token rows of a k-tile by one TMA
+        # TMA tokens: wgmma reads nothing written through the generic proxy (the int4 and meta that cp.async
+        # writes are read by ld.shared), so there is nothing to fence
+        self.fence_mode = "none" if config.tma_tokens else config.fence_mode
         # stages between meta copies: a g = 128 group spans 2 k-tiles and its meta comes with the first one,
         # except under split K, where the two k-tiles go to different warpgroups and each stage brings its own,
         # and with 2 k-tiles per stage (one group per stage).
@@ -244,6 +247,9 @@ class W4A16GroupedGemmSm90:
         if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
             return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
                            f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
+        if config.tma_tokens and (gated or config.k_tiles_per_stage != 1):
+            return False, ("TMA token rows need the down projection (contiguous rows; the up projection gathers) and "
+                           f"one k-tile per stage, got gated={gated}, k_tiles_per_stage={config.k_tiles_per_stage}")
         if gated and n_out % 16:
             return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
         if k_dim % (2 * TILE_K) or k_dim % group_size:
@@ -307,7 +313,14 @@ class W4A16GroupedGemmSm90:
             s_t: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(t_layout)], 1024]
 
         self.shared_storage = SharedStorage
-        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, t_layout).launch(
+        tma_atom_t = None
+        if cutlass.const_expr(self.tma_tokens):  # tokens becomes the TMA coordinate tensor of act [M, I]
+            tma_atom_t, tokens = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), tokens, cute.slice_(t_layout, (None, None, 0)), (self.tile_t, TILE_K)
+            )
+        self.kernel(
+            qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, t_layout, tma_atom_t
+        ).launch(
             grid=(num_ctas, 1, 1),
             block=(self.threads, 1, 1),
             min_blocks_per_mp=1,
@@ -326,6 +339,7 @@ class W4A16GroupedGemmSm90:
         out: cute.Tensor,
         tiled_mma: cute.TiledMma,
         t_layout: cute.ComposedLayout,
+        tma_atom_t: cute.CopyAtom | None,
     ):
         n_exp = self.num_experts
         tile_t = self.tile_t
@@ -341,8 +355,8 @@ class W4A16GroupedGemmSm90:
         s_prefix = storage.tile_prefix.get_tensor(cute.make_layout(n_exp + 1))
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
-                # one arrival per producer thread (its cp.async), plus the bulk copy's expect-tx arrival
-                cute.arch.mbarrier_init(full + s, WG + int(self.bulk_weights))
+                # one arrival per producer thread (its cp.async), plus the expect-tx arrival of the bulk / TMA copies
+                cute.arch.mbarrier_init(full + s, WG + int(self.bulk_weights or self.tma_tokens))
                 cute.arch.mbarrier_init(empty + s, 4 * self.m_wg)  # one arrival per warp that reads the stage
             cute.arch.mbarrier_init_fence()
         await_inputs()  # expert_offsets, tokens: the router's and the previous GEMM's outputs
@@ -353,7 +367,11 @@ class W4A16GroupedGemmSm90:
 
         total_tiles = s_prefix[n_exp]
         if wg == 0:
-            self.produce(qweight, meta, tokens, gather_index, storage, s_rows, s_prefix, total_tiles)
+            if cutlass.const_expr(self.tma_tokens):
+                if warp == 0:
+                    cpasync.prefetch_descriptor(tma_atom_t)
+            self.produce(qweight, meta, tokens, gather_index, storage, t_layout, tma_atom_t, s_rows, s_prefix,
+                         total_tiles)
         else:
             self.consume(out, tiled_mma, storage, t_layout, s_rows, s_prefix, total_tiles)
 
@@ -365,11 +383,15 @@ class W4A16GroupedGemmSm90:
         tokens: cute.Tensor,
         gather_index: cute.Tensor,
         storage,
+        t_layout: cute.ComposedLayout,
+        tma_atom_t: cute.CopyAtom | None,
         s_rows: cute.Tensor,
         s_prefix: cute.Tensor,
         total_tiles: Int32,
     ):
-        """Producer warpgroup: cp.async of the int4 atoms, the group meta and the token rows (128 threads)."""
+        """Producer warpgroup: cp.async of the int4 atoms, the group meta and the token rows (128 threads); or
+        the int4 atoms by one cp.async.bulk and / or the token rows by one TMA of thread 0 (bulk_weights,
+        tma_tokens)."""
         tile_t = self.tile_t
         n_atoms = self.n_atoms
         gpk = self.groups_per_ktile
@@ -403,6 +425,8 @@ class W4A16GroupedGemmSm90:
         bulk_i32 = cute.make_copy_atom(cpasync.CopyBulkG2SOp(), Int32, num_bits_per_copy=words * 32)
         bulk_layout = cute.make_layout((words, 1))
         sq_ptr = storage.s_q.data_ptr()
+        s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)  # (tile_t, 64, stages) under TMA
+        tx_bytes = int(self.bulk_weights) * kps * n_atoms * WG * 16 + int(self.tma_tokens) * tile_t * TILE_K * 2
         chunk = tidx % VEC
         row0 = tidx // VEC  # 0..15: 16 rows per pass, 8 threads (128 bytes) per row
         n_slots = max(tile_t // 16, 1)
@@ -415,21 +439,31 @@ class W4A16GroupedGemmSm90:
         e = Int32(0)
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
-            gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
+            if cutlass.const_expr(not self.tma_tokens):
+                gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
             for ks in range(self.k_tiles // kps):  # stage ks holds k-tiles kps * ks .. kps * ks + kps - 1
                 stage = issued % self.stages
                 cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
                 # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom, and the
                 # n_atoms atoms of a tile's k-tile are adjacent (n_atoms x 2 KB)
-                if cutlass.const_expr(self.bulk_weights):
+                if cutlass.const_expr(self.bulk_weights or self.tma_tokens):
                     if tidx == 0:
-                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, kps * n_atoms * WG * 16)
-                        for h in cutlass.range_constexpr(kps):
-                            q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG
-                            src = cute.make_tensor(qweight.iterator + q_base * 4, bulk_layout)
-                            dst = cute.make_tensor(sq_ptr + (stage * kps + h) * n_atoms * WG * 4, bulk_layout)
-                            cute.copy(bulk_i32, src, dst, mbar_ptr=full + stage)
-                else:
+                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, tx_bytes)
+                        if cutlass.const_expr(self.bulk_weights):
+                            for h in cutlass.range_constexpr(kps):
+                                q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG
+                                src = cute.make_tensor(qweight.iterator + q_base * 4, bulk_layout)
+                                dst = cute.make_tensor(sq_ptr + (stage * kps + h) * n_atoms * WG * 4, bulk_layout)
+                                cute.copy(bulk_i32, src, dst, mbar_ptr=full + stage)
+                        if cutlass.const_expr(self.tma_tokens):
+                            # tile_t rows from row_start (not tile-aligned: experts start anywhere); rows of the
+                            # next expert only reach output columns the epilogue never stores, rows past M are 0
+                            g_t = cute.local_tile(cute.domain_offset((row_start, 0), tokens), (tile_t, TILE_K),
+                                                  (0, None))
+                            t_ts, t_tg = cpasync.tma_partition(tma_atom_t, 0, cute.make_layout(1),
+                                                               cute.group_modes(s_t, 0, 2), cute.group_modes(g_t, 0, 2))
+                            cute.copy(tma_atom_t, t_tg[(None, ks)], t_ts[(None, stage)], tma_bar_ptr=full + stage)
+                if cutlass.const_expr(not self.bulk_weights):
                     for h in cutlass.range_constexpr(kps):
                         q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG + tidx
                         for a in cutlass.range_constexpr(n_atoms):
@@ -444,10 +478,11 @@ class W4A16GroupedGemmSm90:
                             + w_tile * self.tile_w
                         ) // 4 + (tidx - grp * (self.tile_w // 4))
                         cute.copy(g2s_i32, meta[m_chunk, None], s_meta[None, tidx, stage])
-                if row_active:
-                    for h in cutlass.range_constexpr(kps):
-                        copy_token_rows(g2s_bf16, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, ks * kps + h,
-                                        stage * kps + h, n_slots)
+                if cutlass.const_expr(not self.tma_tokens):
+                    if row_active:
+                        for h in cutlass.range_constexpr(kps):
+                            copy_token_rows(g2s_bf16, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, ks * kps + h,
+                                            stage * kps + h, n_slots)
                 signal_full(full, stage, issued, self.stages, self.fence_mode, self.cp_async_lag)
                 issued = issued + 1
             tile = tile + gdim
