@@ -423,7 +423,6 @@ class W4A16GroupedGemmSm90:
         )
         words = n_atoms * WG * 4  # int32 of one k-tile's atoms
         bulk_i32 = cute.make_copy_atom(cpasync.CopyBulkG2SOp(), Int32, num_bits_per_copy=words * 32)
-        bulk_layout = cute.make_layout((words, 1))
         sq_ptr = storage.s_q.data_ptr()
         s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)  # (tile_t, 64, stages) under TMA
         tx_bytes = int(self.bulk_weights) * kps * n_atoms * WG * 16 + int(self.tma_tokens) * tile_t * TILE_K * 2
@@ -446,23 +445,24 @@ class W4A16GroupedGemmSm90:
                 cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
                 # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom, and the
                 # n_atoms atoms of a tile's k-tile are adjacent (n_atoms x 2 KB)
-                if cutlass.const_expr(self.bulk_weights or self.tma_tokens):
+                if cutlass.const_expr(self.tma_tokens):
+                    # warp 0: one elected thread expects the bytes (and copies the int4 when bulk_weights); the
+                    # TMA copy is issued by the whole warp (it elects its thread itself: elect.sync needs all 32)
+                    if tidx < 32:
+                        if tidx == 0:
+                            cute.arch.mbarrier_arrive_and_expect_tx(full + stage, tx_bytes)
+                            if cutlass.const_expr(self.bulk_weights):
+                                self.bulk_copy_weights(bulk_i32, qweight, sq_ptr, full, stage, e, ks, w_tile)
+                        # tile_t rows from row_start (not tile-aligned: experts start anywhere); rows of the next
+                        # expert only reach output columns the epilogue never stores, rows past M are zero-filled
+                        g_t = cute.local_tile(cute.domain_offset((row_start, 0), tokens), (tile_t, TILE_K), (0, None))
+                        t_ts, t_tg = cpasync.tma_partition(tma_atom_t, 0, cute.make_layout(1),
+                                                           cute.group_modes(s_t, 0, 2), cute.group_modes(g_t, 0, 2))
+                        cute.copy(tma_atom_t, t_tg[(None, ks)], t_ts[(None, stage)], tma_bar_ptr=full + stage)
+                elif cutlass.const_expr(self.bulk_weights):
                     if tidx == 0:
                         cute.arch.mbarrier_arrive_and_expect_tx(full + stage, tx_bytes)
-                        if cutlass.const_expr(self.bulk_weights):
-                            for h in cutlass.range_constexpr(kps):
-                                q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG
-                                src = cute.make_tensor(qweight.iterator + q_base * 4, bulk_layout)
-                                dst = cute.make_tensor(sq_ptr + (stage * kps + h) * n_atoms * WG * 4, bulk_layout)
-                                cute.copy(bulk_i32, src, dst, mbar_ptr=full + stage)
-                        if cutlass.const_expr(self.tma_tokens):
-                            # tile_t rows from row_start (not tile-aligned: experts start anywhere); rows of the
-                            # next expert only reach output columns the epilogue never stores, rows past M are 0
-                            g_t = cute.local_tile(cute.domain_offset((row_start, 0), tokens), (tile_t, TILE_K),
-                                                  (0, None))
-                            t_ts, t_tg = cpasync.tma_partition(tma_atom_t, 0, cute.make_layout(1),
-                                                               cute.group_modes(s_t, 0, 2), cute.group_modes(g_t, 0, 2))
-                            cute.copy(tma_atom_t, t_tg[(None, ks)], t_ts[(None, stage)], tma_bar_ptr=full + stage)
+                        self.bulk_copy_weights(bulk_i32, qweight, sq_ptr, full, stage, e, ks, w_tile)
                 if cutlass.const_expr(not self.bulk_weights):
                     for h in cutlass.range_constexpr(kps):
                         q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG + tidx
@@ -487,6 +487,20 @@ class W4A16GroupedGemmSm90:
                 issued = issued + 1
             tile = tile + gdim
         drain_producer(full, issued, self.stages, self.fence_mode, self.cp_async_lag)
+
+    @cute.jit
+    def bulk_copy_weights(self, bulk_i32: cute.CopyAtom, qweight: cute.Tensor, sq_ptr, full, stage: Int32, e: Int32,
+                          ks: Int32, w_tile: Int32):
+        """One thread: the int4 atoms of the k-tiles of stage ks (n_atoms x 2 KB contiguous each) by cp.async.bulk,
+        completing on the stage's full barrier."""
+        kps = self.kps
+        words = self.n_atoms * WG * 4
+        bulk_layout = cute.make_layout((words, 1))
+        for h in cutlass.range_constexpr(kps):
+            q_base = ((e * self.k_tiles + ks * kps + h) * (self.n_out // ATOM_M) + w_tile * self.n_atoms) * WG
+            src = cute.make_tensor(qweight.iterator + q_base * 4, bulk_layout)
+            dst = cute.make_tensor(sq_ptr + (stage * kps + h) * words, bulk_layout)
+            cute.copy(bulk_i32, src, dst, mbar_ptr=full + stage)
 
     @cute.jit
     def release_stage(self, empty, stage: Int32):
