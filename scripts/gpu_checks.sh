@@ -5,7 +5,9 @@
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in decode tiles beside the table's
 #   scripts/gpu_checks.sh w4a16-sweep-mid OUTDIR    the same for the mid tiles (T = 32..256)
-#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles, up and down alone (--split)
+#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: TMA token-row tests, then W4A16 prefill tiles
+#                                               (256x128, 128x256, with and without TMA token rows), up and
+#                                               down alone (--split)
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
 #                                               the bf16 kernel (T=4096); if that outruns one call, split it:
 #                                               NCU_TOKENS="1 64" NCU_SKIP_BF16=1, then NCU_TOKENS=4096
@@ -63,11 +65,17 @@ w4a16-sweep-mid)
         --output "$out/w4a16_mid_configs.json"
     ;;
 w4a16-prefill-sweep)
-    # prefill, where W4A16 trails bf16 by 4% at T=16384 on an H200: up and down timed alone (--split), the
-    # table's 256x128 (consumer fence, k-block pipeline, int4 by cp.async.bulk) against 128x256 (half the
-    # dequant per MMA, twice the token gather) with either fence
-    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 3 --split \
-        --configs 256x128x1cbw 128x256x1cbw 128x256x1pbw \
+    # prefill, where W4A16 trails bf16 by 3% at T=16384 on an H200 (power-bound: ~8% of its per-cycle rate
+    # goes to dequant instructions, benchmarks/results/prefill_power_h200_session8/). First the correctness of
+    # the TMA token rows (never run on a GPU when written; a hang ends at the step's limit and skips the
+    # sweep), then up and down alone (--split): the table's 256x128 against the same with TMA token rows and
+    # against 128x256 (half the dequant per FLOP) with TMA token rows
+    step w4a16_tma_tests 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
+        -k tma_token_rows -x -ra
+    grep -q " passed" "$out/w4a16_tma_tests.log" && ! grep -q -E "[0-9]+ (failed|error)" "$out/w4a16_tma_tests.log" ||
+        exit 1
+    step w4a16_prefill_configs 500 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 3 --split \
+        --configs 256x128x1cbw 256x128x1cbwt 128x256x1cbwt 128x256x1cwt 128x256x1ct \
         --output "$out/w4a16_prefill_configs.json"
     ;;
 ncu)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from light_moe.bench.env import environment
 from light_moe.bench.timing import graph_replay
 from light_moe.bench.w4a16_experts import _int4, _pair
 from light_moe.ops import reference
@@ -97,7 +98,7 @@ def main() -> None:
     thread.join()
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(dict(tokens=T, gpu=torch.cuda.get_device_name(), phases=phases), f, indent=1)
+            json.dump(dict(benchmark="power_probe", env=environment(), tokens=T, phases=phases), f, indent=1)
 
 
 if __name__ == "__main__":

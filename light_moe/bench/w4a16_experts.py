@@ -7,7 +7,7 @@
 optional fence suffix p = producer / c = consumer / n = none (racy: only to measure the fence), else the
 fence of the W4A16_TILE_TABLE row with that tile, else consumer; then sN for N pipeline stages and lN for
 the producer fence's cp.async lag, b for the k-block pipelined wgmma, w for int4 weights by cp.async.bulk,
-t for the down projection's token rows by TMA, e.g. 64x8x4s40, 64x8x4x2, 128x256x1pl3, 256x128x1cbw, 256x128x1cbwt)
+t for token rows by TMA (up: x gathered first), e.g. 64x8x4s40, 64x8x4x2, 128x256x1pl3, 256x128x1cbw, 256x128x1cbwt)
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
 int4 TB/s; "unsupported" where the kernel refuses the config for the shape. --rounds N times every variant
 (bf16, the table's W4A16, each config) N times in alternating order and reports medians (spread_us: min, max).
@@ -20,7 +20,6 @@ Weight GB/s = bytes of the experts that received a token (int4 + bf16 scales for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import re
@@ -64,8 +63,8 @@ def _parse_config(spec: str, table):
     """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' / '128x256x1pl3' / '128x256x1pb' -> TileConfig: tile_w x
     tile_t [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
     consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence, b: k-block pipelined wgmma,
-    w: int4 weights by cp.async.bulk, t: token rows by TMA (down projection only: the up projection of such a spec
-    uses the same tile with cp.async token rows)."""
+    w: int4 weights by cp.async.bulk, t: token rows by TMA (the up projection gathers x into [M, H] first, in the
+    timed graph)."""
     from light_moe.kernels.tile_config import TileConfig
 
     m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?(w)?(t)?", spec)
@@ -132,14 +131,13 @@ def main() -> None:
                 variants[name] = graph_replay(functools.partial(fn, *args_, out=out))
         unsupported = []
         for spec, config in configs.items():
-            up_config = dataclasses.replace(config, tma_tokens=False)  # the up projection gathers its rows
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
-                                                      group_size=G, config=cfg)[0]
-                     for gated, n_out, k_dim, cfg in ((True, 2 * inter, H, up_config), (False, H, inter, config)))
+                                                      group_size=G, config=config)[0]
+                     for gated, n_out, k_dim in ((True, 2 * inter, H), (False, H, inter)))
             if not ok:
                 unsupported.append(spec)
                 continue
-            up = functools.partial(w4.w4a16_expert_up, config=up_config)
+            up = functools.partial(w4.w4a16_expert_up, config=config)
             down = functools.partial(w4.w4a16_expert_down, config=config)
             variants[spec] = graph_replay(_pair(up, down, x, gather_index, offsets, q13, q2, act, y))
             if args.split:

@@ -75,10 +75,10 @@ class TileConfig:
     # elected producer thread, counted by the full barrier's transaction bytes, instead of one 16-byte cp.async
     # per producer thread and atom. The bf16 GEMM refuses it (its weights already come by TMA).
     bulk_weights: bool = False
-    # W4A16 down projection only: the tile's token rows (contiguous in act [M, I]) come by one TMA per k-tile
-    # (rows past M are zero-filled) instead of 128 producer threads' cp.async; nothing then writes shared
-    # memory through the generic proxy for wgmma, so no proxy fence either. One k-tile per stage. The bf16
-    # GEMM and the gathered up projection refuse it.
+    # W4A16 only: the tile's token rows come by one TMA per k-tile (rows past M are zero-filled) instead of 128
+    # producer threads' cp.async; nothing then writes shared memory through the generic proxy for wgmma, so
+    # no proxy fence either. TMA needs contiguous rows: the down projection reads act [M, I] in place, the up
+    # projection gathers x into [M, H] first. One k-tile per stage. The bf16 GEMM refuses it.
     tma_tokens: bool = False
 
     def __post_init__(self):

@@ -164,6 +164,8 @@ class W4A16GroupedGemmSm90:
     gated=True: up-projection, tokens = x [T, H] gathered through gather_index, weights = prepared w13
     (gate/up rows interleaved by 8), out = act [M, I] = SiLU(gate) * up.
     gated=False: down-projection, tokens = act [M, I] read in place, weights = prepared w2, out = y [M, H].
+    config.tma_tokens: tokens are read in place by TMA in both projections (the up projection's caller passes
+    the gathered rows x[gather_index] [M, H]).
     """
 
     def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig):
@@ -196,7 +198,8 @@ class W4A16GroupedGemmSm90:
         self.kps = config.k_tiles_per_stage  # 2: one g = 128 group (two k-tiles) per stage
         self.kblock_pipeline = config.kblock_pipeline  # per-k16-block scale + wgmma, 3 blocks in flight
         self.bulk_weights = config.bulk_weights  # int4 atoms of a k-tile by one cp.async.bulk
-        self.tma_tokens = config.tma_tokens  # down projection: the token rows of a k-tile by one TMA
+        # the token rows of a k-tile by one TMA: contiguous rows, so the up projection's caller gathers x first
+        self.tma_tokens = config.tma_tokens
         # TMA tokens: wgmma reads nothing written through the generic proxy (the int4 and meta that cp.async
         # writes are read by ld.shared), so there is nothing to fence
         self.fence_mode = "none" if config.tma_tokens else config.fence_mode
@@ -247,9 +250,8 @@ class W4A16GroupedGemmSm90:
         if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
             return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
                            f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
-        if config.tma_tokens and (gated or config.k_tiles_per_stage != 1):
-            return False, ("TMA token rows need the down projection (contiguous rows; the up projection gathers) and "
-                           f"one k-tile per stage, got gated={gated}, k_tiles_per_stage={config.k_tiles_per_stage}")
+        if config.tma_tokens and config.k_tiles_per_stage != 1:
+            return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
         if gated and n_out % 16:
             return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
         if k_dim % (2 * TILE_K) or k_dim % group_size:
@@ -274,7 +276,7 @@ class W4A16GroupedGemmSm90:
         self,
         qweight: cute.Tensor,  # (E * K/64 * N/64 * 128, 4) int32: prepared.qweight viewed as 16-byte chunks
         meta: cute.Tensor,  # (E * G * N / 4, 4) int32: prepared.meta viewed as 16-byte chunks
-        tokens: cute.Tensor,  # (rows, k_dim) bf16: x [T, H] (gated) or act [M, I]
+        tokens: cute.Tensor,  # (rows, k_dim) bf16: x [T, H] (gated; TMA tokens: x[gather_index] [M, H]) or act
         gather_index: cute.Tensor,  # (M,) int32 token row of each sorted row (read only when gated)
         expert_offsets: cute.Tensor,  # (E + 1,) int32
         out: cute.Tensor,  # (M, n_out / 2) gated, (M, n_out) otherwise
@@ -314,7 +316,7 @@ class W4A16GroupedGemmSm90:
 
         self.shared_storage = SharedStorage
         tma_atom_t = None
-        if cutlass.const_expr(self.tma_tokens):  # tokens becomes the TMA coordinate tensor of act [M, I]
+        if cutlass.const_expr(self.tma_tokens):  # tokens becomes the TMA coordinate tensor of its [M, k] rows
             tma_atom_t, tokens = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), tokens, cute.slice_(t_layout, (None, None, 0)), (self.tile_t, TILE_K)
             )
@@ -887,7 +889,12 @@ def w4a16_expert_up(
     check_out(out, num_rows, w13.n_out // 2)
     if num_rows == 0:
         return out
-    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
+    if config is None:
+        config = choose_w4a16_tile(num_rows, w13.num_experts, w13.n_out, w13.k_dim, _sm_count(x.device), w13.group_size)
+    gather_index = gather_index.contiguous()
+    if config.tma_tokens:  # TMA reads contiguous rows: gather them first (M x H x 2 bytes each way, one kernel)
+        x = x.index_select(0, gather_index)
+    return _launch(w13, x, gather_index, expert_offsets.contiguous(), out, config)
 
 
 def w4a16_expert_down(

@@ -92,7 +92,10 @@ CASES = {
     # tile_w = 64 beyond decode (choose_w4a16_tile falls back to it when n_out % 128): split K with a
     # 64 x 32 partial-sum exchange, g = 128 meta in every stage, 2 epilogue chunks of the gated output
     "up_64x32_g128_split_k_E64": (True, 64, 1024, 768, 128, TileConfig(64, 32, k_split=2)),
-    # the down projection's token rows by one TMA per k-tile (opt-in): prefill with bulk int4, 128 x 256, decode
+    # token rows by one TMA per k-tile (opt-in; the up projection's caller gathers x first): prefill with bulk
+    # int4, 128 x 256, decode
+    "up_prefill_256x128_g128_tma": (True, 8, 4096, 14336, 128,
+                                    TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True)),
     "down_prefill_256x128_g128_tma": (False, 8, 4096, 14336, 128,
                                       TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True)),
     "down_prefill_128x256_g32_E64_tma": (False, 64, 1024, 768, 32, TileConfig(128, 256, tma_tokens=True)),
@@ -163,15 +166,14 @@ def test_k_split_config_checks():
 
 
 def test_tma_token_rows_config_checks():
-    """TileConfig.tma_tokens: down projection only (the up projection gathers its rows), one k-tile per stage,
-    refused by the bf16 kernel; it drops the proxy fence whatever the config's fence mode."""
+    """TileConfig.tma_tokens: one k-tile per stage, refused by the bf16 kernel; it drops the proxy fence whatever
+    the config's fence mode."""
     from light_moe.kernels.grouped_gemm import GroupedGemmSm90
 
     tma = TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True)
     kw = dict(num_experts=8, group_size=128)
     assert W4A16GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, **kw, config=tma)[0]
-    ok, reason = W4A16GroupedGemmSm90.supports(gated=True, n_out=28672, k_dim=4096, **kw, config=tma)
-    assert not ok and "up projection" in reason
+    assert W4A16GroupedGemmSm90.supports(gated=True, n_out=28672, k_dim=4096, **kw, config=tma)[0]
     ok, reason = W4A16GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, **kw,
                                                config=TileConfig(256, 64, k_tiles_per_stage=2, tma_tokens=True))
     assert not ok and "one k-tile per stage" in reason
