@@ -5,9 +5,9 @@
 #   scripts/gpu_checks.sh single-bench OUTDIR   one GPU: MoE layer (bf16, W4A16, torch._grouped_mm), W4A16 experts
 #   scripts/gpu_checks.sh w4a16-sweep OUTDIR    one GPU: W4A16 experts with the opt-in decode tiles beside the table's
 #   scripts/gpu_checks.sh w4a16-sweep-mid OUTDIR    the same for the mid tiles (T = 32..256)
-#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: TMA token-row tests, then W4A16 prefill tiles
-#                                               (256x128, 128x256, with and without TMA token rows), up and
-#                                               down alone (--split)
+#   scripts/gpu_checks.sh w4a16-tma-tests OUTDIR   one GPU: the GPU tests of the TMA token rows (opt-in tiles)
+#   scripts/gpu_checks.sh w4a16-prefill-sweep OUTDIR   one GPU: W4A16 prefill tiles (256x128, 128x256, with and
+#                                               without TMA token rows), up and down alone (--split)
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
 #                                               the bf16 kernel (T=4096); if that outruns one call, split it:
 #                                               NCU_TOKENS="1 64" NCU_SKIP_BF16=1, then NCU_TOKENS=4096
@@ -24,7 +24,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
+stage=${1:?single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -42,9 +42,10 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
 
 case $stage in
 single-tests)
-    # the Mixtral-shape cases take several GB each: serially, after the rest in 4 workers
+    # the Mixtral-shape cases take several GB each: serially, after the rest in 4 workers; the TMA token-row
+    # tests (~20 compiles, opt-in tiles) have their own stage, w4a16-tma-tests
     step gpu_tests 420 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels tests/test_cute_engine_gpu.py \
-        tests/test_fidelity_gpu.py -k "not mixtral_shape" -ra
+        tests/test_fidelity_gpu.py -k "not mixtral_shape and not tma_token_rows" -ra
     step gpu_tests_mixtral_shape 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels -k mixtral_shape -ra
     ;;
 single-bench)
@@ -64,17 +65,17 @@ w4a16-sweep-mid)
         --configs 256x32x1 256x32x1x2 256x64x1 256x64x1x2 256x128x1cb \
         --output "$out/w4a16_mid_configs.json"
     ;;
+w4a16-tma-tests)
+    # the TMA token rows (TileConfig.tma_tokens), never run on a GPU when written: a hang ends at the limit
+    step w4a16_tma_tests 540 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
+        -k tma_token_rows -x -ra
+    ;;
 w4a16-prefill-sweep)
     # prefill, where W4A16 trails bf16 by 3% at T=16384 on an H200 (power-bound: ~8% of its per-cycle rate
-    # goes to dequant instructions, benchmarks/results/prefill_power_h200_session8/). First the correctness of
-    # the TMA token rows (never run on a GPU when written; a hang ends at the step's limit and skips the
-    # sweep), then up and down alone (--split): the table's 256x128 against the same with TMA token rows and
-    # against 128x256 (half the dequant per FLOP) with TMA token rows
-    step w4a16_tma_tests 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
-        -k tma_token_rows -x -ra
-    grep -q " passed" "$out/w4a16_tma_tests.log" && ! grep -q -E "[0-9]+ (failed|error)" "$out/w4a16_tma_tests.log" ||
-        exit 1
-    step w4a16_prefill_configs 500 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 3 --split \
+    # goes to dequant instructions, benchmarks/results/prefill_power_h200_session8/): up and down alone
+    # (--split), the table's 256x128 against the same with TMA token rows and against 128x256 (half the
+    # dequant per FLOP) with TMA token rows. Run w4a16-tma-tests first.
+    step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 3 --split \
         --configs 256x128x1cbw 256x128x1cbwt 128x256x1cbwt 128x256x1cwt 128x256x1ct \
         --output "$out/w4a16_prefill_configs.json"
     ;;
@@ -123,7 +124,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
     exit 2
     ;;
 esac

@@ -182,41 +182,49 @@ def test_w4a16_opt_in_tiles(num_tokens):
         w4.w4a16_expert_down(act_in, offsets, w2p, out=torch.empty(1, HIDDEN, device=device, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("num_experts,top_k", EXPERTS_TOPK)
-@pytest.mark.parametrize("num_tokens", (1, 7, 333, 4096))
-def test_w4a16_tma_token_rows(num_tokens, num_experts, top_k):
-    """TileConfig.tma_tokens: token rows by one TMA per k-tile from the tile's first row (experts start at any row;
-    a last tile reads rows of the next expert, or past M: zero-filled), no proxy fence; the up projection gathers
-    x first. Prefill, mid and decode tiles, g = 128 with zeros and g = 32 without, up and down against the
-    dequantising reference with NaN-poisoned outputs."""
-    from light_moe.kernels import w4a16_gemm as w4
+def _tma_configs():
     from light_moe.kernels.tile_config import TileConfig
 
+    return (TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True),
+            TileConfig(128, 256, tma_tokens=True),
+            TileConfig(128, 256, kblock_pipeline=True, bulk_weights=True, tma_tokens=True),
+            TileConfig(256, 128, "producer", tma_tokens=True),  # the fence mode has nothing left to fence
+            TileConfig(256, 32, bulk_weights=True, tma_tokens=True),
+            TileConfig(64, 8, k_split=4, tma_tokens=True))
+
+
+# (T, E, top-k, g, zeros, configs): every tile on Mixtral-like routing; g = 32 and 64 small experts (expert
+# starts at any row, many partial last tiles) on the prefill tiles; ~20 compiles in all
+TMA_CASES = [(t, 8, 2, 128, True, slice(None)) for t in (1, 7, 333, 4096)] + [
+    (333, 8, 2, 32, False, slice(0, 2)), (333, 64, 8, 128, True, slice(0, 3)), (4096, 64, 8, 128, False, slice(0, 2))]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,group_size,with_zeros,which", TMA_CASES)
+def test_w4a16_tma_token_rows(num_tokens, num_experts, top_k, group_size, with_zeros, which):
+    """TileConfig.tma_tokens: token rows by one TMA per k-tile from the tile's first row (experts start at any row;
+    a last tile reads rows of the next expert, or past M: zero-filled), no proxy fence; the up projection gathers
+    x first. Prefill, mid and decode tiles, up and down against the dequantising reference with NaN-poisoned
+    outputs."""
+    from light_moe.kernels import w4a16_gemm as w4
+
     device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(41 + num_tokens + num_experts)
+    gen = torch.Generator(device=device).manual_seed(41 + num_tokens + num_experts + group_size)
     x = torch.randn(num_tokens, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen)
     offsets, gather_index, _ = _routing(num_tokens, num_experts, top_k, device, gen)
     act_in = torch.randn(gather_index.shape[0], INTER, device=device, dtype=torch.bfloat16, generator=gen)
-    configs = (TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True),
-               TileConfig(128, 256, tma_tokens=True),
-               TileConfig(128, 256, kblock_pipeline=True, bulk_weights=True, tma_tokens=True),
-               TileConfig(256, 128, "producer", tma_tokens=True),  # the fence mode has nothing left to fence
-               TileConfig(256, 32, bulk_weights=True, tma_tokens=True),
-               TileConfig(64, 8, k_split=4, tma_tokens=True))
-    for group_size, with_zeros in ((128, True), (32, False)):
-        w13 = _quantized(num_experts, 2 * INTER, HIDDEN, group_size, with_zeros, device, gen)
-        w2 = _quantized(num_experts, HIDDEN, INTER, group_size, with_zeros, device, gen)
-        w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
-        w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
-        ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)
-        ref_y = w4.reference_expert_down(act_in, offsets, *w2, group_size)
-        for config in configs:
-            act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)
-            w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
-            assert not act.isnan().any() and _rel_l2(act, ref_act) < 1e-2, (config, group_size, _rel_l2(act, ref_act))
-            y = torch.full_like(ref_y, float("nan"), dtype=torch.bfloat16)
-            w4.w4a16_expert_down(act_in, offsets, w2p, out=y, config=config)
-            assert not y.isnan().any() and _rel_l2(y, ref_y) < 1e-2, (config, group_size, _rel_l2(y, ref_y))
+    w13 = _quantized(num_experts, 2 * INTER, HIDDEN, group_size, with_zeros, device, gen)
+    w2 = _quantized(num_experts, HIDDEN, INTER, group_size, with_zeros, device, gen)
+    w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
+    w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
+    ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)
+    ref_y = w4.reference_expert_down(act_in, offsets, *w2, group_size)
+    for config in _tma_configs()[which]:
+        act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)
+        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
+        assert not act.isnan().any() and _rel_l2(act, ref_act) < 1e-2, (config, _rel_l2(act, ref_act))
+        y = torch.full_like(ref_y, float("nan"), dtype=torch.bfloat16)
+        w4.w4a16_expert_down(act_in, offsets, w2p, out=y, config=config)
+        assert not y.isnan().any() and _rel_l2(y, ref_y) < 1e-2, (config, _rel_l2(y, ref_y))
 
 
 @pytest.mark.parametrize("group_size", (32, 128))
