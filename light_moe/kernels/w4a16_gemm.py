@@ -55,10 +55,8 @@ import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
 import torch
 from cutlass import BFloat16, Float32, Int32, Int64
-from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
-from cutlass.cutlass_dsl import dsl_user_op
 
 from light_moe.kernels.grouped_gemm import (
     SMEM_CAPACITY,
@@ -81,6 +79,7 @@ from light_moe.kernels.grouped_gemm import (
 )
 from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
+from light_moe.kernels.w4a16_dequant import apply_scale, dequant_exact, prmt
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     GROUP_SIZES,
@@ -110,52 +109,6 @@ PRODUCER_REGS = 56
 # 128 (R - 56) >= 128 n (C - R). n = 4: C <= 104 (the k_split = 4 consumer needs ~60).
 CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
 MAX_TILE_T_W256 = 128  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
-
-
-def _asm_b32(asm: str, operands: tuple, side_effects: bool, loc, ip) -> Int32:
-    """One 32-bit result ($0) of inline PTX over 32-bit register operands ($1, $2, ...)."""
-    constraints = ",".join(["=r"] + ["r"] * len(operands))
-    values = [Int32(x).ir_value(loc=loc, ip=ip) for x in operands]
-    return Int32(llvm.inline_asm(Int32.mlir_type, values, asm, constraints, has_side_effects=side_effects,
-                                 is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
-
-
-@dsl_user_op
-def _prmt(a: Int32, selector: int, *, loc=None, ip=None) -> Int32:
-    """prmt.b32 d, a, 0, selector: 0x1010 -> (lo16, lo16), 0x3232 -> (hi16, hi16)."""
-    return _asm_b32(f"prmt.b32 $0, $1, 0, {selector:#x};", (a,), False, loc, ip)
-
-
-@dsl_user_op
-def _dequant_exact(q: Int32, index: int, neg_zero2: Int32, *, loc=None, ip=None) -> Int32:
-    """bf16x2 (q_i - z, q_{i+4} - z) from nibbles i and i + 4 of q, exact: the dequant minus its scale.
-
-    lop3 0xEA = (a & b) | c puts nibble i at bits 0-3 and nibble i + 4 at bits 16-19 of the mantissas of
-    two bf16 128.0 (0x4300): bf16x2 (128 + q_i, 128 + q_{i+4}), exact. Then fma(t, 1.0, -(128 + z)) = q - z
-    (exact, small integers). The result is a temporary, not a wgmma operand, so this may run while a wgmma
-    is in flight.
-    """
-    shift = f"shr.u32 t, $1, {4 * index};" if index else "mov.b32 t, $1;"
-    asm = (
-        "{ .reg .b32 t, one;\n"
-        f"{shift}\n"
-        "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;\n"
-        "mov.b32 one, 0x3F803F80;\n"
-        "fma.rn.bf16x2 $0, t, one, $2; }"
-    )
-    return _asm_b32(asm, (q, neg_zero2), False, loc, ip)
-
-
-@dsl_user_op
-def _apply_scale(t: Int32, scale2: Int32, *, loc=None, ip=None) -> Int32:
-    """fma(t, s, -0.0) = bf16x2 ((q - z) s), one rounding: the same bf16 as rounding the fp32 dequantisation.
-
-    The only instruction that writes a wgmma A register. ptxas serialises every wgmma of the kernel (C7513)
-    when a non-wgmma instruction defines a wgmma input while a wgmma is in flight, so callers issue it only
-    after wait_group(0); has_side_effects keeps LLVM from moving it above that wait.
-    """
-    asm = "{ .reg .b32 nzero;\nmov.b32 nzero, 0x80008000;\nfma.rn.bf16x2 $0, $1, $2, nzero; }"
-    return _asm_b32(asm, (t, scale2), True, loc, ip)
 
 
 class W4A16GroupedGemmSm90:
@@ -392,7 +345,7 @@ class W4A16GroupedGemmSm90:
         total_tiles: Int32,
     ):
         """Producer warpgroup: cp.async of the int4 atoms, the group meta and the token rows (128 threads); or
-        the int4 atoms by one cp.async.bulk and / or the token rows by one TMA of thread 0 (bulk_weights,
+        the int4 atoms by one cp.async.bulk and / or the token rows by one TMA of producer warp 0 (bulk_weights,
         tma_tokens)."""
         tile_t = self.tile_t
         n_atoms = self.n_atoms
@@ -538,8 +491,8 @@ class W4A16GroupedGemmSm90:
                 for j in cutlass.range_constexpr(gpk):
                     for h in cutlass.range_constexpr(2):
                         word = s_meta[j * self.tile_w + meta_row[m] + 8 * h, stage]
-                        scale2[(m * gpk + j) * 2 + h] = _prmt(word, 0x1010)
-                        neg_zero2[(m * gpk + j) * 2 + h] = _prmt(word, 0x3232)
+                        scale2[(m * gpk + j) * 2 + h] = prmt(word, 0x1010)
+                        neg_zero2[(m * gpk + j) * 2 + h] = prmt(word, 0x3232)
         q_reg = cute.make_rmem_tensor((4,), Int32)
         for m in cutlass.range_constexpr(mma_m):
             cute.autovec_copy(s_q[None, ctid_wg, atom_idx[m] + self.n_atoms * half, stage], q_reg)
@@ -548,7 +501,7 @@ class W4A16GroupedGemmSm90:
                 word = q_reg[kb]
                 for i in cutlass.range_constexpr(4):
                     reg = (m * gpk + j) * 2 + i % 2  # registers 0, 2: row r; 1, 3: row r + 8
-                    tmp[i + 4 * (m + mma_m * kb)] = _dequant_exact(word, i, neg_zero2[reg])
+                    tmp[i + 4 * (m + mma_m * kb)] = dequant_exact(word, i, neg_zero2[reg])
 
     def scale_kblocks(self, a_i32: cute.Tensor, tmp: cute.Tensor, scale2: cute.Tensor, mma_m: int, kbs):
         """A registers of the k16 blocks kbs (every atom, atom-major) = tmp * group scale (traced inline)."""
@@ -558,7 +511,7 @@ class W4A16GroupedGemmSm90:
                 j = (kb * 16) // self.group_size if gpk > 1 else 0
                 for i in range(4):
                     v = i + 4 * (m + mma_m * kb)
-                    a_i32[v] = _apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
+                    a_i32[v] = apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
 
     @cute.jit
     def scale_and_mma(
