@@ -20,9 +20,7 @@ import time
 import torch
 
 from light_moe.bench.env import environment
-from light_moe.bench.timing import graph_replay
-from light_moe.bench.w4a16_experts import _int4, _pair
-from light_moe.ops import reference
+from light_moe.bench.w4a16_experts import mixtral_experts, pair_replay, routed_batch
 
 
 def _sampler(samples: list, stop: threading.Event) -> None:
@@ -49,21 +47,10 @@ def main() -> None:
     args = parser.parse_args()
     E, H, inter, K, G, T = 8, 4096, 14336, 2, 128, args.tokens
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, H, inter, device="cuda", generator=gen) * inter**-0.5).bfloat16()
-    w13p, w2p = gg.prepare_expert_weights(w13, w2)
-    q13 = w4.prepare_w4a16_weights(*_int4(E, 2 * inter, H, G, gen), G, gated=True)
-    q2 = w4.prepare_w4a16_weights(*_int4(E, H, inter, G, gen), G, gated=False)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-    ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=-1).indices.to(torch.int32)
-    offsets, gather_index, _ = reference.routing_metadata(ids, E)
-    act = torch.empty(T * K, inter, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(T * K, H, device="cuda", dtype=torch.bfloat16)
-    variants = {
-        "bf16": graph_replay(_pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)),
-        "w4a16": graph_replay(_pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2,
-                                    act, y)),
-    }
+    w13p, w2p, q13, q2 = mixtral_experts(E, H, inter, G, gen)
+    batch = routed_batch(T, E, H, inter, K, gen)
+    variants = {"bf16": pair_replay(gg.expert_up, gg.expert_down, batch, w13p, w2p),
+                "w4a16": pair_replay(w4.w4a16_expert_up, w4.w4a16_expert_down, batch, q13, q2)}
     flop = 2 * T * K * H * inter * 3
     samples: list = []
     stop = threading.Event()

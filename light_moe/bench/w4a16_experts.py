@@ -42,11 +42,49 @@ def _int4(num_experts, n_out, k_dim, group, gen):
     return qweight, scales, None
 
 
-def _pair(up, down, x, gather_index, offsets, w_up, w_down, act, y):
+def mixtral_experts(num_experts, hidden, inter, group, gen):
+    """Random bf16 experts (prepared for the bf16 kernel) and random int4 experts (symmetric, `group`):
+    (w13p, w2p, q13, q2)."""
+    from light_moe.kernels import grouped_gemm as gg
+    from light_moe.kernels import w4a16_gemm as w4
+
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * inter**-0.5).bfloat16()
+    w13p, w2p = gg.prepare_expert_weights(w13, w2)
+    q13 = w4.prepare_w4a16_weights(*_int4(num_experts, 2 * inter, hidden, group, gen), group, gated=True)
+    q2 = w4.prepare_w4a16_weights(*_int4(num_experts, hidden, inter, group, gen), group, gated=False)
+    return w13p, w2p, q13, q2
+
+
+def routed_batch(num_tokens, num_experts, hidden, inter, top_k, gen):
+    """T random tokens, each routed to top_k distinct random experts: (x, offsets, gather_index, act, y), act and
+    y the up and down projections' outputs."""
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ids = torch.rand(num_tokens, num_experts, device="cuda", generator=gen).topk(top_k, dim=-1).indices.to(torch.int32)
+    offsets, gather_index, _ = reference.routing_metadata(ids, num_experts)
+    act = torch.empty(num_tokens * top_k, inter, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(num_tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
+    return x, offsets, gather_index, act, y
+
+
+def pair_replay(up, down, batch, w_up, w_down):
+    """Graph replay of up then down on a routed_batch."""
+    x, offsets, gather_index, act, y = batch
+
     def run():
         up(x, gather_index, offsets, w_up, out=act)
         down(act, offsets, w_down, out=y)
-    return run
+    return graph_replay(run)
+
+
+def _add_variants(variants: dict, name: str, up, down, batch, w_up, w_down, split: bool) -> None:
+    """variants[name] = up + down; with split also name_up and name_down alone (which projection a difference
+    comes from)."""
+    x, offsets, gather_index, act, y = batch
+    variants[name] = pair_replay(up, down, batch, w_up, w_down)
+    if split:
+        variants[f"{name}_up"] = graph_replay(functools.partial(up, x, gather_index, offsets, w_up, out=act))
+        variants[f"{name}_down"] = graph_replay(functools.partial(down, act, offsets, w_down, out=y))
 
 
 def round_robin(variants: dict, rounds: int, timer) -> dict[str, dict[str, float]]:
@@ -104,31 +142,17 @@ def main() -> None:
     configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
     E, H, inter, K, G = args.experts, args.hidden, args.intermediate, args.top_k, args.group_size
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
-    w2 = (torch.randn(E, H, inter, device="cuda", generator=gen) * inter**-0.5).bfloat16()
-    w13p, w2p = gg.prepare_expert_weights(w13, w2)
-    q13 = w4.prepare_w4a16_weights(*_int4(E, 2 * inter, H, G, gen), G, gated=True)
-    q2 = w4.prepare_w4a16_weights(*_int4(E, H, inter, G, gen), G, gated=False)
+    w13p, w2p, q13, q2 = mixtral_experts(E, H, inter, G, gen)
     bf16_expert_bytes = 3 * H * inter * 2
     int4_expert_bytes = 3 * H * inter // 2 + 3 * H * inter // G * 2
     rows = []
     for T in args.tokens:
-        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-        ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=-1).indices.to(torch.int32)
-        offsets, gather_index, _ = reference.routing_metadata(ids, E)
+        batch = routed_batch(T, E, H, inter, K, gen)
+        offsets = batch[1]
         active = int((offsets[1:] > offsets[:-1]).sum())
-        act = torch.empty(T * K, inter, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(T * K, H, device="cuda", dtype=torch.bfloat16)
-        bf16_pair = _pair(gg.expert_up, gg.expert_down, x, gather_index, offsets, w13p, w2p, act, y)
-        w4_pair = _pair(w4.w4a16_expert_up, w4.w4a16_expert_down, x, gather_index, offsets, q13, q2, act, y)
-        variants = {"bf16": graph_replay(bf16_pair), "w4a16": graph_replay(w4_pair)}
-        if args.split:  # which projection a difference comes from
-            for name, fn, args_ in (("bf16_up", gg.expert_up, (x, gather_index, offsets, w13p)),
-                                    ("bf16_down", gg.expert_down, (act, offsets, w2p)),
-                                    ("w4a16_up", w4.w4a16_expert_up, (x, gather_index, offsets, q13)),
-                                    ("w4a16_down", w4.w4a16_expert_down, (act, offsets, q2))):
-                out = act if name.endswith("_up") else y
-                variants[name] = graph_replay(functools.partial(fn, *args_, out=out))
+        variants = {}
+        _add_variants(variants, "bf16", gg.expert_up, gg.expert_down, batch, w13p, w2p, args.split)
+        _add_variants(variants, "w4a16", w4.w4a16_expert_up, w4.w4a16_expert_down, batch, q13, q2, args.split)
         unsupported = []
         for spec, config in configs.items():
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
@@ -137,12 +161,8 @@ def main() -> None:
             if not ok:
                 unsupported.append(spec)
                 continue
-            up = functools.partial(w4.w4a16_expert_up, config=config)
-            down = functools.partial(w4.w4a16_expert_down, config=config)
-            variants[spec] = graph_replay(_pair(up, down, x, gather_index, offsets, q13, q2, act, y))
-            if args.split:
-                variants[f"{spec}_up"] = graph_replay(functools.partial(up, x, gather_index, offsets, q13, out=act))
-                variants[f"{spec}_down"] = graph_replay(functools.partial(down, act, offsets, q2, out=y))
+            _add_variants(variants, spec, functools.partial(w4.w4a16_expert_up, config=config),
+                          functools.partial(w4.w4a16_expert_down, config=config), batch, q13, q2, args.split)
         times = round_robin(variants, args.rounds, lambda fn: time_us(fn, 50 if args.rounds == 1 else 20))
         bf16_us, w4_us = times["bf16"]["median"], times["w4a16"]["median"]
         row = dict(tokens=T, active_experts=active, bf16_us=round(bf16_us, 1), w4a16_us=round(w4_us, 1),
@@ -155,7 +175,7 @@ def main() -> None:
         if args.rounds > 1:
             row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
         if configs:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            sms = torch.cuda.get_device_properties(offsets.device).multi_processor_count
             row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms, G))
                                   for n, k in ((2 * inter, H), (H, inter))]
             row["configs"] = {spec: "unsupported" for spec in unsupported}

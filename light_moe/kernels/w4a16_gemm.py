@@ -400,24 +400,21 @@ class W4A16GroupedGemmSm90:
                 cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
                 # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom, and the
                 # n_atoms atoms of a tile's k-tile are adjacent (n_atoms x 2 KB)
+                # thread 0 expects the bytes of the bulk int4 (which it copies) and of the TMA token rows, which
+                # the whole warp 0 issues (the TMA copy elects its thread itself: elect.sync needs all 32)
+                if cutlass.const_expr(self.bulk_weights or self.tma_tokens):
+                    if tidx == 0:
+                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, tx_bytes)
+                        if cutlass.const_expr(self.bulk_weights):
+                            self.bulk_copy_weights(bulk_i32, qweight, sq_ptr, full, stage, e, ks, w_tile)
                 if cutlass.const_expr(self.tma_tokens):
-                    # warp 0: one elected thread expects the bytes (and copies the int4 when bulk_weights); the
-                    # TMA copy is issued by the whole warp (it elects its thread itself: elect.sync needs all 32)
                     if tidx < 32:
-                        if tidx == 0:
-                            cute.arch.mbarrier_arrive_and_expect_tx(full + stage, tx_bytes)
-                            if cutlass.const_expr(self.bulk_weights):
-                                self.bulk_copy_weights(bulk_i32, qweight, sq_ptr, full, stage, e, ks, w_tile)
                         # tile_t rows from row_start (not tile-aligned: experts start anywhere); rows of the next
                         # expert only reach output columns the epilogue never stores, rows past M are zero-filled
                         g_t = cute.local_tile(cute.domain_offset((row_start, 0), tokens), (tile_t, TILE_K), (0, None))
                         t_ts, t_tg = cpasync.tma_partition(tma_atom_t, 0, cute.make_layout(1),
                                                            cute.group_modes(s_t, 0, 2), cute.group_modes(g_t, 0, 2))
                         cute.copy(tma_atom_t, t_tg[(None, ks)], t_ts[(None, stage)], tma_bar_ptr=full + stage)
-                elif cutlass.const_expr(self.bulk_weights):
-                    if tidx == 0:
-                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, tx_bytes)
-                        self.bulk_copy_weights(bulk_i32, qweight, sq_ptr, full, stage, e, ks, w_tile)
                 if cutlass.const_expr(not self.bulk_weights):
                     for h in cutlass.range_constexpr(kps):
                         q_base = ((e * self.k_tiles + ks * kps + h) * n_blocks + w_tile * n_atoms) * WG + tidx
@@ -780,6 +777,8 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, _sm_count(out.device), prepared.group_size)
+    if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
+        tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
     q_view, meta_view = _prepared_views(prepared)
     args = (
@@ -842,12 +841,7 @@ def w4a16_expert_up(
     check_out(out, num_rows, w13.n_out // 2)
     if num_rows == 0:
         return out
-    if config is None:
-        config = choose_w4a16_tile(num_rows, w13.num_experts, w13.n_out, w13.k_dim, _sm_count(x.device), w13.group_size)
-    gather_index = gather_index.contiguous()
-    if config.tma_tokens:  # TMA reads contiguous rows: gather them first (M x H x 2 bytes each way, one kernel)
-        x = x.index_select(0, gather_index)
-    return _launch(w13, x, gather_index, expert_offsets.contiguous(), out, config)
+    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
 
 
 def w4a16_expert_down(
