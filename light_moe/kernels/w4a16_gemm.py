@@ -78,6 +78,7 @@ from light_moe.kernels.grouped_gemm import (
     wait_full,
 )
 from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels.w4a16_smem_gemm import W4A16SmemGemmSm90
 from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_dequant import apply_scale, dequant_exact, prmt
 from light_moe.kernels.w4a16_layout import (
@@ -203,6 +204,8 @@ class W4A16GroupedGemmSm90:
         if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
             return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
                            f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
+        if config.smem_dequant:
+            return False, f"smem_dequant tiles run in w4a16_smem_gemm.W4A16SmemGemmSm90, got {config}"
         if config.tma_tokens and config.k_tiles_per_stage != 1:
             return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
         if gated and n_out % 16:
@@ -793,7 +796,8 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     )
     fn = _compiled.get(key)
     if fn is None:
-        kernel = W4A16GroupedGemmSm90(
+        kernel_class = W4A16SmemGemmSm90 if config.smem_dequant else W4A16GroupedGemmSm90
+        kernel = kernel_class(
             gated=prepared.gated,
             n_out=n_out,
             k_dim=k_dim,
