@@ -156,8 +156,8 @@ def main() -> None:
         _add_variants(variants, "w4a16", w4.w4a16_expert_up, w4.w4a16_expert_down, batch, q13, q2, args.split)
         unsupported = []
         for spec, config in configs.items():
-            ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
-                                                      group_size=G, config=config)[0]
+            ok = all(w4.kernel_class(config).supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
+                                                group_size=G, config=config)[0]
                      for gated, n_out, k_dim in ((True, 2 * inter, H), (False, H, inter)))
             if not ok:
                 unsupported.append(spec)

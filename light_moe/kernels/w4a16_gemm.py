@@ -78,7 +78,6 @@ from light_moe.kernels.grouped_gemm import (
     wait_full,
 )
 from light_moe.kernels.launch import await_inputs, current_stream
-from light_moe.kernels.w4a16_smem_gemm import W4A16SmemGemmSm90
 from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_dequant import apply_scale, dequant_exact, prmt
 from light_moe.kernels.w4a16_layout import (
@@ -89,8 +88,10 @@ from light_moe.kernels.w4a16_layout import (
     dequantize_reference,
     prepare_w4a16_weights,
 )
+from light_moe.kernels.w4a16_smem_gemm import W4A16SmemGemmSm90
 
 __all__ = [
+    "kernel_class",
     "W4A16_TILE_TABLE",
     "W4A16GroupedGemmSm90",
     "W4A16Weights",
@@ -776,6 +777,11 @@ def _prepared_views(prepared: W4A16Weights):
     return views
 
 
+def kernel_class(config: TileConfig) -> type:
+    """The W4A16 kernel that runs `config`: shared-memory dequant (smem_dequant) or register dequant."""
+    return W4A16SmemGemmSm90 if config.smem_dequant else W4A16GroupedGemmSm90
+
+
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
@@ -796,8 +802,7 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     )
     fn = _compiled.get(key)
     if fn is None:
-        kernel_class = W4A16SmemGemmSm90 if config.smem_dequant else W4A16GroupedGemmSm90
-        kernel = kernel_class(
+        kernel = kernel_class(config)(
             gated=prepared.gated,
             n_out=n_out,
             k_dim=k_dim,
