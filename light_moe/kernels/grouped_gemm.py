@@ -102,6 +102,7 @@ class GroupedGemmSm90:
         self.n_consumer_wg = min(config.tile_w // 64, 2)  # a 256-row tile gives each warpgroup two m64 atoms
         self.n_consumer_threads = WG * self.n_consumer_wg
         self.threads = WG + self.n_consumer_threads
+        self.consumer_regs = CONSUMER_REGS[self.n_consumer_wg]  # setmaxnreg of consume()
         self.out_cols = self.tile_w // 2 if gated else self.tile_w  # output columns per tile
         self.out_pitch = self.out_cols + VEC  # +16 bytes per row: scalar epilogue stores hit distinct banks
         self.k_tiles = k_dim // TILE_K
@@ -342,7 +343,7 @@ class GroupedGemmSm90:
         lane = cute.arch.lane_idx()
         full = storage.full_bar.data_ptr()
         empty = storage.empty_bar.data_ptr()
-        cute.arch.warpgroup_reg_alloc(CONSUMER_REGS[self.n_consumer_wg])
+        cute.arch.warpgroup_reg_alloc(self.consumer_regs)
         ctid = tidx - WG
         s_w = storage.s_w.get_tensor(w_layout.outer, swizzle=w_layout.inner)
         s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)

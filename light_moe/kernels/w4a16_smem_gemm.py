@@ -56,12 +56,18 @@ from light_moe.kernels.w4a16_layout import ATOM_M, GROUP_SIZES, TILE_K
 
 __all__ = ["W4A16SmemGemmSm90"]
 
-PRODUCER_REGS = 56  # the transform warps hold one unit: 4 int4 words, 2 x groups scale / zero pairs, 4 outputs
-TRANSFORM_WARPS = 3  # producer warps 1..3; warp 0 feeds the int4 ring
+# Warpgroups: 0 and 3 produce (warp 0: the int4 loader; warps 1-3 and 12-15: the 7 transform warps), 1 and 2
+# consume (the bf16 kernel's consume() expects its consumers at threads 128..383). 512 threads launch at 128
+# registers each; setmaxnreg: 256 * 56 + 256 * 200 = 65536.
+PRODUCER_REGS = 56  # a transform warp holds one unit: 2 int4 words, 2 x groups scale / zero pairs, 4 outputs
+CONSUMER_REGS = 200  # the bf16 consumer (two 64 x 128 fp32 accumulators at 256 x 128) without spills
+TRANSFORM_WARPS = 7
 MAX_STAGES = 4  # bf16 stages (weights + tokens)
 Q_MIN_STAGES = 4  # int4 slots the loader may run ahead by
 Q_MAX_STAGES = 8
-UNITS_PER_ATOM = ATOM_M // 16  # 16-row units (one consumer warp's rows of an m64 atom)
+# unit of transform work: 16 rows (one consumer warp's rows of an m64 atom) x 32 k (two k16 blocks); 8 per
+# atom, so 7 warps share a 256-row k-tile's 32 units 5/5/5/5/4/4/4
+UNITS_PER_ATOM = (ATOM_M // 16) * 2
 
 
 class W4A16SmemGemmSm90(GroupedGemmSm90):
@@ -86,7 +92,8 @@ class W4A16SmemGemmSm90(GroupedGemmSm90):
         self.n_atoms = config.tile_w // ATOM_M
         self.n_consumer_wg = 2  # as the bf16 kernel: 128 rows = one atom each, 256 = two each
         self.n_consumer_threads = WG * self.n_consumer_wg
-        self.threads = WG + self.n_consumer_threads
+        self.threads = 2 * WG + self.n_consumer_threads
+        self.consumer_regs = CONSUMER_REGS
         self.out_cols = self.tile_w // 2 if gated else self.tile_w
         self.out_pitch = self.out_cols + VEC
         self.k_tiles = k_dim // TILE_K
@@ -236,15 +243,17 @@ class W4A16SmemGemmSm90(GroupedGemmSm90):
         cute.arch.sync_threads()
 
         total_tiles = s_prefix[n_exp]
-        if wg == 0:
+        if wg == 1 or wg == 2:
+            self.consume(out, tiled_mma, storage, w_layout, t_layout, s_rows, s_prefix, total_tiles)
+        else:
             cute.arch.warpgroup_reg_dealloc(PRODUCER_REGS)
             if warp == 0:
                 if tidx == 0:
                     self.load_int4(qweight, meta, storage, s_rows, s_prefix, total_tiles)
             else:
-                self.transform(tma_atom_t, tokens, storage, t_layout, s_rows, s_prefix, total_tiles)
-        else:
-            self.consume(out, tiled_mma, storage, w_layout, t_layout, s_rows, s_prefix, total_tiles)
+                # transform warp 0..6: warps 1-3, then 12-15
+                wt = warp - 1 if warp < 4 else warp - 12 + 3
+                self.transform(wt, tma_atom_t, tokens, storage, t_layout, s_rows, s_prefix, total_tiles)
 
     @cute.jit
     def load_int4(self, qweight: cute.Tensor, meta: cute.Tensor, storage, s_rows: cute.Tensor, s_prefix: cute.Tensor,
@@ -287,14 +296,12 @@ class W4A16SmemGemmSm90(GroupedGemmSm90):
             tile = tile + gdim
 
     @cute.jit
-    def transform(self, tma_atom_t: cute.CopyAtom, tokens: cute.Tensor, storage, t_layout: cute.ComposedLayout,
-                  s_rows: cute.Tensor, s_prefix: cute.Tensor, total_tiles: Int32):
-        """Warps 1..3: per (tile, k-tile) claim a bf16 stage, (warp 1) TMA the token rows into it, dequantise the
-        int4 slot into its weight tile (units wt, wt + 3, ... of the tile_w / 16 sixteen-row units), fence,
-        arrive."""
+    def transform(self, wt: Int32, tma_atom_t: cute.CopyAtom, tokens: cute.Tensor, storage,
+                  t_layout: cute.ComposedLayout, s_rows: cute.Tensor, s_prefix: cute.Tensor, total_tiles: Int32):
+        """Transform warp wt (0..6): per (tile, k-tile) claim a bf16 stage, (wt = 0) TMA the token rows into it,
+        dequantise units wt, wt + 7, ... of the int4 slot into its weight tile, fence, arrive."""
         bidx, _, _ = cute.arch.block_idx()
         gdim, _, _ = cute.arch.grid_dim()
-        wt = cute.arch.make_warp_uniform(cute.arch.warp_idx()) - 1  # transform warp 0..2
         lane = cute.arch.lane_idx()
         full = storage.full_bar.data_ptr()
         empty = storage.empty_bar.data_ptr()
@@ -302,13 +309,16 @@ class W4A16SmemGemmSm90(GroupedGemmSm90):
         q_empty = storage.q_empty_bar.data_ptr()
         s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)  # (tile_t, 64, stages) under TMA
         q_words = self.n_atoms * WG * 4
-        s_q = storage.s_q.get_tensor(cute.make_layout((4, self.n_atoms * WG, self.q_stages), stride=(1, 4, q_words)))
+        # (word in half, half, virtual consumer thread of the tile's atoms, slot)
+        s_q = storage.s_q.get_tensor(
+            cute.make_layout((2, 2, self.n_atoms * WG, self.q_stages), stride=(1, 2, 4, q_words))
+        )
         meta_words = self.groups_per_ktile * self.tile_w
         s_meta = storage.s_meta.get_tensor(cute.make_layout((meta_words, self.q_stages), stride=(1, meta_words)))
         sw_base = storage.s_w.data_ptr().toint()  # 32-bit shared address of bf16 stage 0 (1024-aligned)
         tok_bytes = self.tile_t * TILE_K * 2
         n_units = self.n_atoms * UNITS_PER_ATOM
-        q_reg = cute.make_rmem_tensor((4,), Int32)
+        q_reg = cute.make_rmem_tensor((2,), Int32)
         issued = Int32(0)
         tile = bidx
         e = Int32(0)
@@ -345,29 +355,28 @@ class W4A16SmemGemmSm90(GroupedGemmSm90):
     @cute.jit
     def dequant_unit(self, unit: Int32, lane: Int32, q_reg: cute.Tensor, s_q: cute.Tensor, s_meta: cute.Tensor,
                      slot: Int32, stage_addr: Int32):
-        """Rows 16 u .. 16 u + 15 of the weight tile, all 64 k (unit u = atom a, consumer warp v of the register
-        kernel): lane l reads virtual consumer thread 32 v + l's 16 bytes (its A fragments of the 4 k16 blocks,
-        rows r = 16 v + l / 4 and r + 8 of atom a), dequantises them and stores block kb with one stmatrix.x4:
-        lane l addresses row l % 8 (+ 8 for matrices 1, 3) and 16-byte chunk 2 kb (+ 1 for matrices 2, 3) of
-        the 128-byte-swizzled stage (chunk c of row r at c ^ (r % 8))."""
-        gpk = self.groups_per_ktile
+        """16 rows x 32 k of the weight tile (unit = atom a, consumer warp v of the register kernel, half hf of
+        the k-tile): lane l reads words 2 hf, 2 hf + 1 of virtual consumer thread 32 v + l's 16 bytes (its A
+        fragments of k16 blocks 2 hf and 2 hf + 1, rows r = 16 v + l / 4 and r + 8 of atom a), dequantises them
+        and stores block kb with one stmatrix.x4: lane l addresses row l % 8 (+ 8 for matrices 1, 3) and 16-byte
+        chunk 2 kb (+ 1 for matrices 2, 3) of the 128-byte-swizzled stage (chunk c of row r at c ^ (r % 8))."""
         atom = unit // UNITS_PER_ATOM
-        v = unit - atom * UNITS_PER_ATOM
-        cute.autovec_copy(s_q[None, atom * WG + 32 * v + lane, slot], q_reg)
+        v = (unit // 2) % 4
+        hf = unit % 2
+        cute.autovec_copy(s_q[None, hf, atom * WG + 32 * v + lane, slot], q_reg)
         row = atom * ATOM_M + 16 * v + lane // 4  # this lane's fragment row r (and r + 8)
-        scale2 = cute.make_rmem_tensor((2 * gpk,), Int32)
-        neg_zero2 = cute.make_rmem_tensor((2 * gpk,), Int32)
-        for j in cutlass.range_constexpr(gpk):
-            for h in cutlass.range_constexpr(2):
-                word = s_meta[j * self.tile_w + row + 8 * h, slot]
-                scale2[2 * j + h] = prmt(word, 0x1010)
-                neg_zero2[2 * j + h] = prmt(word, 0x3232)
+        # the unit's group: g = 32 has two per k-tile, the first over k16 blocks 0, 1 (hf = 0), the second 2, 3
+        meta_row = hf * self.tile_w + row if cutlass.const_expr(self.groups_per_ktile > 1) else row
+        scale2 = cute.make_rmem_tensor((2,), Int32)  # rows r, r + 8
+        neg_zero2 = cute.make_rmem_tensor((2,), Int32)
+        for h in cutlass.range_constexpr(2):
+            word = s_meta[meta_row + 8 * h, slot]
+            scale2[h] = prmt(word, 0x1010)
+            neg_zero2[h] = prmt(word, 0x3232)
         mat = lane // 8
         st_row = atom * ATOM_M + 16 * v + 8 * (mat % 2) + lane % 8
         row_addr = stage_addr + st_row * (TILE_K * 2)
-        for kb in cutlass.range_constexpr(TILE_K // 16):
-            j = (kb * 16) // self.group_size if cutlass.const_expr(gpk > 1) else 0
-            regs = [apply_scale(dequant_exact(q_reg[kb], i, neg_zero2[2 * j + i % 2]), scale2[2 * j + i % 2])
-                    for i in range(4)]
-            chunk = 2 * kb + mat // 2
+        for b in cutlass.range_constexpr(2):  # k16 block kb = 2 hf + b
+            regs = [apply_scale(dequant_exact(q_reg[b], i, neg_zero2[i % 2]), scale2[i % 2]) for i in range(4)]
+            chunk = 4 * hf + 2 * b + mat // 2
             stmatrix_x4(row_addr + ((chunk ^ (lane % 8)) << 4), *regs)
