@@ -62,6 +62,7 @@ __all__ = ["W4A16SmemGemmSm90"]
 PRODUCER_REGS = 56  # a transform warp holds one unit: 2 int4 words, 2 x groups scale / zero pairs, 4 outputs
 CONSUMER_REGS = 200  # the bf16 consumer (two 64 x 128 fp32 accumulators at 256 x 128) without spills
 TRANSFORM_WARPS = 7
+MAX_TILE_T = 128
 MAX_STAGES = 4  # bf16 stages (weights + tokens)
 Q_MIN_STAGES = 4  # int4 slots the loader may run ahead by
 Q_MAX_STAGES = 8
@@ -124,8 +125,11 @@ class W4A16SmemGemmSm90(GroupedGemmSm90):
                 config.k_tiles_per_stage != 1 or config.stages):
             return False, (f"smem_dequant needs bulk_weights and tma_tokens, one k-tile per stage, no split K, no "
                            f"k-block pipeline and stages 0, got {config}")
-        if config.tile_w not in (128, 256):
-            return False, f"smem_dequant needs tile_w 128 or 256 (two consumer warpgroups), got {config.tile_w}"
+        if config.tile_w not in (128, 256) or config.tile_t > MAX_TILE_T:
+            # two consumer warpgroups; ptxas fits a 64 x 256 accumulator (one wgmma) in the consumers' registers
+            # only at the 384-thread launch (168), not at this kernel's 512 (128: "insufficient registers")
+            return False, (f"smem_dequant needs tile_w 128 or 256 and tile_t <= {MAX_TILE_T}, got "
+                           f"{config.tile_w} x {config.tile_t}")
         if group_size not in GROUP_SIZES:
             return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
         if n_out % config.tile_w:

@@ -212,7 +212,7 @@ def _smem_configs():
     from light_moe.kernels.tile_config import TileConfig
 
     return tuple(TileConfig(w, t, bulk_weights=True, tma_tokens=True, smem_dequant=True)
-                 for w, t in ((256, 128), (128, 256), (128, 128)))
+                 for w, t in ((256, 128), (128, 128), (256, 64)))
 
 
 # (T, E, top-k, g, zeros): decode to prefill on Mixtral-like routing, every group size, 64 small experts (experts
