@@ -102,7 +102,6 @@ class GroupedGemmSm90:
         self.n_consumer_wg = min(config.tile_w // 64, 2)  # a 256-row tile gives each warpgroup two m64 atoms
         self.n_consumer_threads = WG * self.n_consumer_wg
         self.threads = WG + self.n_consumer_threads
-        self.consumer_regs = CONSUMER_REGS[self.n_consumer_wg]  # setmaxnreg of consume()
         self.out_cols = self.tile_w // 2 if gated else self.tile_w  # output columns per tile
         self.out_pitch = self.out_cols + VEC  # +16 bytes per row: scalar epilogue stores hit distinct banks
         self.k_tiles = k_dim // TILE_K
@@ -130,10 +129,9 @@ class GroupedGemmSm90:
         if config.k_split != 1:
             return False, f"the bf16 grouped GEMM has no split K (k_split must be 1, got {config.k_split})"
         if (config.stages or config.k_tiles_per_stage != 1 or config.kblock_pipeline or config.bulk_weights
-                or config.tma_tokens or config.smem_dequant):
-            return False, (f"the bf16 grouped GEMM sizes its own pipeline and loads its weights by TMA (stages must "
-                           f"be 0, k_tiles_per_stage 1, kblock_pipeline, bulk_weights, tma_tokens and smem_dequant "
-                           f"False), got {config}")
+                or config.tma_tokens):
+            return False, (f"the bf16 grouped GEMM sizes its own pipeline and loads its weights by TMA (stages must be "
+                           f"0, k_tiles_per_stage 1, kblock_pipeline, bulk_weights and tma_tokens False), got {config}")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
         if gated and n_out % 16:
@@ -343,7 +341,7 @@ class GroupedGemmSm90:
         lane = cute.arch.lane_idx()
         full = storage.full_bar.data_ptr()
         empty = storage.empty_bar.data_ptr()
-        cute.arch.warpgroup_reg_alloc(self.consumer_regs)
+        cute.arch.warpgroup_reg_alloc(CONSUMER_REGS[self.n_consumer_wg])
         ctid = tidx - WG
         s_w = storage.s_w.get_tensor(w_layout.outer, swizzle=w_layout.inner)
         s_t = storage.s_t.get_tensor(t_layout.outer, swizzle=t_layout.inner)

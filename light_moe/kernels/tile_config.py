@@ -80,11 +80,6 @@ class TileConfig:
     # no proxy fence either. TMA needs contiguous rows: the down projection reads act [M, I] in place, the up
     # projection gathers x into [M, H] first. One k-tile per stage. The bf16 GEMM refuses it.
     tma_tokens: bool = False
-    # W4A16 only: the producer warpgroup dequantises each k-tile's int4 into a bf16 weight tile in shared memory
-    # and the consumers run the bf16 kernel's wgmma with both operands from shared memory
-    # (w4a16_smem_gemm.py); needs bulk_weights and tma_tokens (that kernel loads both that way), one k-tile per
-    # stage, no split K and no k-block pipeline. The bf16 GEMM and the register-dequant W4A16 kernel refuse it.
-    smem_dequant: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):

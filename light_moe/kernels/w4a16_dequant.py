@@ -13,7 +13,7 @@ from cutlass import Int32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
-__all__ = ["apply_scale", "dequant_exact", "prmt", "stmatrix_x4"]
+__all__ = ["apply_scale", "dequant_exact", "prmt"]
 
 
 def _asm_b32(asm: str, operands: tuple, side_effects: bool, loc, ip) -> Int32:
@@ -60,17 +60,3 @@ def apply_scale(t: Int32, scale2: Int32, *, loc=None, ip=None) -> Int32:
     """
     asm = "{ .reg .b32 nzero;\nmov.b32 nzero, 0x80008000;\nfma.rn.bf16x2 $0, $1, $2, nzero; }"
     return _asm_b32(asm, (t, scale2), True, loc, ip)
-
-
-@dsl_user_op
-def stmatrix_x4(addr: Int32, r0: Int32, r1: Int32, r2: Int32, r3: Int32, *, loc=None, ip=None) -> None:
-    """stmatrix.m8n8.x4: four 8 x 8 bf16 matrices from the warp's registers to shared memory (warp-collective).
-
-    Register i of every lane holds row lane / 4, columns 2 (lane % 4) and + 1 of matrix i: the layout of one
-    m16 x k16 wgmma / mma A fragment (registers 0..3 = rows 0-7 / 8-15 x columns 0-7 / 8-15, i.e. (r, k),
-    (r + 8, k), (r, k + 8), (r + 8, k + 8)), so a dequantised fragment lands with one instruction. Lane l gives
-    the 32-bit shared address of row l % 8 of matrix l / 8 (16 bytes each, 16-byte aligned).
-    """
-    values = [Int32(x).ir_value(loc=loc, ip=ip) for x in (addr, r0, r1, r2, r3)]
-    llvm.inline_asm(None, values, "stmatrix.sync.aligned.m8n8.x4.shared.b16 [$0], {$1, $2, $3, $4};", "r,r,r,r,r",
-                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)

@@ -88,10 +88,8 @@ from light_moe.kernels.w4a16_layout import (
     dequantize_reference,
     prepare_w4a16_weights,
 )
-from light_moe.kernels.w4a16_smem_gemm import W4A16SmemGemmSm90
 
 __all__ = [
-    "kernel_class",
     "W4A16_TILE_TABLE",
     "W4A16GroupedGemmSm90",
     "W4A16Weights",
@@ -205,8 +203,6 @@ class W4A16GroupedGemmSm90:
         if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
             return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
                            f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
-        if config.smem_dequant:
-            return False, f"smem_dequant tiles run in w4a16_smem_gemm.W4A16SmemGemmSm90, got {config}"
         if config.tma_tokens and config.k_tiles_per_stage != 1:
             return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
         if gated and n_out % 16:
@@ -777,11 +773,6 @@ def _prepared_views(prepared: W4A16Weights):
     return views
 
 
-def kernel_class(config: TileConfig) -> type:
-    """The W4A16 kernel that runs `config`: shared-memory dequant (smem_dequant) or register dequant."""
-    return W4A16SmemGemmSm90 if config.smem_dequant else W4A16GroupedGemmSm90
-
-
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
@@ -802,7 +793,7 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     )
     fn = _compiled.get(key)
     if fn is None:
-        kernel = kernel_class(config)(
+        kernel = W4A16GroupedGemmSm90(
             gated=prepared.gated,
             n_out=n_out,
             k_dim=k_dim,

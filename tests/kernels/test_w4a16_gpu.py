@@ -205,32 +205,6 @@ def test_w4a16_tma_token_rows(num_tokens, num_experts, top_k, group_size, with_z
     a last tile reads rows of the next expert, or past M: zero-filled), no proxy fence; the up projection gathers
     x first. Prefill, mid and decode tiles, up and down against the dequantising reference with NaN-poisoned
     outputs."""
-    _check_configs(num_tokens, num_experts, top_k, group_size, with_zeros, _tma_configs()[which])
-
-
-def _smem_configs():
-    from light_moe.kernels.tile_config import TileConfig
-
-    return tuple(TileConfig(w, t, bulk_weights=True, tma_tokens=True, smem_dequant=True)
-                 for w, t in ((256, 128), (128, 128), (256, 64)))
-
-
-# (T, E, top-k, g, zeros): decode to prefill on Mixtral-like routing, every group size, 64 small experts (experts
-# start at any row, many partial last tiles); 3 tiles x 2 projections x 3 group sizes = 18 compiles
-SMEM_CASES = [(t, 8, 2, 128, True) for t in (1, 7, 333, 4096)] + [
-    (333, 8, 2, 32, False), (333, 64, 8, 64, True), (4096, 64, 8, 128, False), (64, 64, 8, 32, True)]
-
-
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,group_size,with_zeros", SMEM_CASES)
-def test_w4a16_smem_dequant(num_tokens, num_experts, top_k, group_size, with_zeros):
-    """TileConfig.smem_dequant (w4a16_smem_gemm.py): the producer dequantises the int4 into bf16 weight tiles
-    in shared memory (stmatrix into the swizzled layout) for the bf16 kernel's consumers; up and down of every
-    tile against the dequantising reference with NaN-poisoned outputs."""
-    _check_configs(num_tokens, num_experts, top_k, group_size, with_zeros, _smem_configs())
-
-
-def _check_configs(num_tokens, num_experts, top_k, group_size, with_zeros, configs):
-    """Up and down of each explicit tile config against the dequantising reference, NaN-poisoned outputs."""
     from light_moe.kernels import w4a16_gemm as w4
 
     device = torch.device("cuda")
@@ -244,7 +218,7 @@ def _check_configs(num_tokens, num_experts, top_k, group_size, with_zeros, confi
     w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
     ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)
     ref_y = w4.reference_expert_down(act_in, offsets, *w2, group_size)
-    for config in configs:
+    for config in _tma_configs()[which]:
         act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
         assert not act.isnan().any() and _rel_l2(act, ref_act) < 1e-2, (config, _rel_l2(act, ref_act))
