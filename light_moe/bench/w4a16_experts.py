@@ -176,8 +176,8 @@ def main() -> None:
             row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
         if configs:
             sms = torch.cuda.get_device_properties(offsets.device).multi_processor_count
-            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms, G))
-                                  for n, k in ((2 * inter, H), (H, inter))]
+            row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms, G, gated))
+                                  for gated, n, k in ((True, 2 * inter, H), (False, H, inter))]
             row["configs"] = {spec: "unsupported" for spec in unsupported}
         for spec in configs:
             if spec in variants:

@@ -161,12 +161,19 @@ MAX_TILE_T_SPLIT4 = 32  # W4A16 k_split = 4: 3 x 64 x tile_t fp32 partials in sm
 # weights have g = 128: at 256 x 64 (T=128, 32 rows per expert) 346 vs 379 us, T=64 348 vs 360; no gain at
 # 256 x 32 (T=64: 270 vs 267) or 256 x 128 (T=1024 1368 vs 1348, T=4096 4721 vs 4717, T=16384 19276 vs 19407)
 # (H200, alternating rounds, medians, w4a16_experts_h200_kps2_{mid,prefill}_fb60e03.json).
-W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool, bool, bool], ...] = (
-    # rows/expert, tile_w, tile_t, fence, k_split, k-block pipeline, bulk int4, 2 k-tiles per stage at g = 128
-    (4, 128, 8, "consumer", 4, False, False, False),
-    (16, 256, 32, "consumer", 1, False, True, False),
-    (32, 256, 64, "consumer", 1, False, True, True),
-    (float("inf"), 256, 128, "consumer", 1, True, True, False),
+# The last field: TileConfig.tma_tokens in the up projection (x[gather_index] gathered into [M, H] by one
+# index_select, then token rows by one TMA per k-tile instead of 128 producer threads' cp.async gather). At
+# 256 x 128 the up projection was faster in three of three runs (H200, session 9, benchmarks/results/
+# smem_dequant_h200_session9/: T=4096 -2.2 / -3.3 / -2.8%, T=16384 -0.9 / -1.9 / -1.7%, the index_select
+# included); the down projection (act read in place either way) was neutral (+2.7, +1.0, -1.8 / -1.7, +0.6,
+# -1.5%), so it keeps the cp.async path.
+W4A16_TILE_TABLE: tuple[tuple[float, int, int, str, int, bool, bool, bool, bool], ...] = (
+    # rows/expert, tile_w, tile_t, fence, k_split, k-block pipeline, bulk int4, 2 k-tiles per stage at g = 128,
+    # TMA token rows in the up projection
+    (4, 128, 8, "consumer", 4, False, False, False, False),
+    (16, 256, 32, "consumer", 1, False, True, False, False),
+    (32, 256, 64, "consumer", 1, False, True, True, False),
+    (float("inf"), 256, 128, "consumer", 1, True, True, False, True),
 )
 
 
@@ -175,16 +182,17 @@ def _wave_fill(tiles: int, num_sms: int) -> float:
 
 
 def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, num_sms: int = 132,
-                      group_size: int = 0) -> TileConfig:
+                      group_size: int = 0, gated: bool = False) -> TileConfig:
     """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
-    size k_dim, on num_sms SMs, weights of group_size (0: not known; only g = 128 takes two k-tiles per stage).
+    size k_dim, on num_sms SMs, weights of group_size (0: not known; only g = 128 takes two k-tiles per stage),
+    gated: the up projection (TMA token rows where the table says so).
     A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2 warpgroups;
     so does a split-K decode tile whose tiles for the (at most min(E, M)) active experts fill the last wave
     below MIN_DECODE_WAVE_FILL; split K falls back to the largest of 4, 2, 1 that divides the k-tiles
     (Qwen2-MoE: 22)."""
     active = max(1, min(num_experts, num_rows))
     per_expert = num_rows / active
-    for limit, tile_w, tile_t, fence_mode, k_split, kblock, bulk, kps_g128 in W4A16_TILE_TABLE:
+    for limit, tile_w, tile_t, fence_mode, k_split, kblock, bulk, kps_g128, tma_up in W4A16_TILE_TABLE:
         if per_expert <= limit:
             while (tile_w > 64 and k_split > 1 and n_out % tile_w == 0
                    and _wave_fill(n_out // tile_w * active, num_sms) < MIN_DECODE_WAVE_FILL):
@@ -195,10 +203,12 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
                     k_split = max(k_split, 2)
             while k_split > 1 and ((k_dim // TILE_K) % k_split or (k_split == 4 and tile_t > MAX_TILE_T_SPLIT4)):
                 k_split //= 2
-            # the k-block pipeline, bulk weights and two k-tiles per stage were measured (and won) only with two
-            # atoms per warpgroup
+            # the k-block pipeline, bulk weights, two k-tiles per stage and TMA token rows were measured (and won)
+            # only with two atoms per warpgroup
             # (the k-tiles are even: the W4A16 kernel takes K in multiples of 128)
             kps = 2 if kps_g128 and tile_w == 256 and group_size == 2 * TILE_K else 1
+            two_atoms = tile_w == 256
             return TileConfig(tile_w, tile_t, fence_mode, k_split, k_tiles_per_stage=kps,
-                              kblock_pipeline=kblock and tile_w == 256, bulk_weights=bulk and tile_w == 256)
+                              kblock_pipeline=kblock and two_atoms, bulk_weights=bulk and two_atoms,
+                              tma_tokens=tma_up and gated and two_atoms)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")

@@ -776,7 +776,8 @@ def _prepared_views(prepared: W4A16Weights):
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
-        config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, _sm_count(out.device), prepared.group_size)
+        config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, _sm_count(out.device), prepared.group_size,
+                                   prepared.gated)
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
         tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split

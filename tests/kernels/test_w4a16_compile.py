@@ -314,15 +314,23 @@ def test_supports_and_tiles():
     prefill = TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True)
     assert choose_w4a16_tile(2 * 1024, 8, 28672, 4096) == prefill  # 256 per expert
     assert choose_w4a16_tile(2 * 4096, 8, 28672, 4096) == prefill
+    # the up projection takes its token rows by TMA there (x gathered first); only with 256 rows
+    prefill_up = TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True)
+    assert choose_w4a16_tile(2 * 1024, 8, 28672, 4096, gated=True) == prefill_up
+    assert choose_w4a16_tile(2 * 1024, 8, 4096, 14336, gated=False) == prefill
+    assert choose_w4a16_tile(2 * 256, 8, 384, 4096, gated=True) == TileConfig(128, 128)
+    assert choose_w4a16_tile(2 * 128, 8, 28672, 4096, gated=True) == TileConfig(256, 64, bulk_weights=True)
     # every table row, on every shape the families use, is one the kernel accepts
     for num_rows in (1, 2, 8, 64, 128, 512, 2048, 8192, 32768):
         for num_experts, n_out, k_dim in ((8, 28672, 4096), (8, 4096, 14336), (60, 2816, 2048), (60, 2048, 1408),
                                           (128, 1536, 2048), (128, 2048, 768), (64, 2048, 2048), (64, 2048, 1024)):
             for group_size in (32, 64, 128):
-                config = choose_w4a16_tile(num_rows, num_experts, n_out, k_dim, group_size=group_size)
-                ok, why = W4A16GroupedGemmSm90.supports(gated=False, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
-                                                        group_size=group_size, config=config)
-                assert ok, (num_rows, num_experts, n_out, k_dim, group_size, config, why)
+                for gated in (False, True):
+                    config = choose_w4a16_tile(num_rows, num_experts, n_out, k_dim, group_size=group_size, gated=gated)
+                    ok, why = W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim,
+                                                            num_experts=num_experts, group_size=group_size,
+                                                            config=config)
+                    assert ok, (num_rows, num_experts, n_out, k_dim, group_size, gated, config, why)
     for gated, n_out, k_dim in ((True, 28672, 4096), (False, 4096, 14336)):
         for group_size in (32, 128):
             kernel = W4A16GroupedGemmSm90(

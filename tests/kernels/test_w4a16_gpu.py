@@ -229,13 +229,14 @@ def test_w4a16_tma_token_rows(num_tokens, num_experts, top_k, group_size, with_z
 
 @pytest.mark.parametrize("group_size", (32, 128))
 def test_w4a16_t4096_selects_256x128(group_size):
-    """T=4096 (1024 rows per expert) picks the compute-bound 256 x 128 tile for up and down; check both."""
+    """T=4096 (1024 rows per expert) picks the compute-bound 256 x 128 tile for up (token rows by TMA) and down;
+    check both."""
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
     num_rows = 4096 * 2
-    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN) == TileConfig(256, 128, kblock_pipeline=True,
-                                                                               bulk_weights=True)
+    assert w4.choose_w4a16_tile(num_rows, 8, 2 * INTER, HIDDEN, gated=True) == TileConfig(
+        256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True)
     assert w4.choose_w4a16_tile(num_rows, 8, HIDDEN, INTER) == TileConfig(256, 128, kblock_pipeline=True,
                                                                            bulk_weights=True)
     _check_case(4096, 8, 2, HIDDEN, INTER, group_size, True, seed=4096 + group_size)
