@@ -114,10 +114,10 @@ def test_w4a16_every_tile_config(num_tokens):
     offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
     w13p = w4.prepare_w4a16_weights(*w13, GROUP, gated=True)
     ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, GROUP)
-    for _, tile_w, tile_t, fence, k_split, kblock, bulk, kps_g128 in w4.W4A16_TILE_TABLE:
+    for _, tile_w, tile_t, fence, k_split, kblock, bulk, kps_g128, tma_up in w4.W4A16_TILE_TABLE:
         act = torch.full((gather_index.shape[0], INTER), float("nan"), device=device, dtype=torch.bfloat16)
         config = TileConfig(tile_w, tile_t, fence, k_split, k_tiles_per_stage=2 if kps_g128 and GROUP == 128 else 1,
-                            kblock_pipeline=kblock, bulk_weights=bulk)
+                            kblock_pipeline=kblock, bulk_weights=bulk, tma_tokens=tma_up)
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
         assert not act.isnan().any(), f"tile {tile_w}x{tile_t} left rows unwritten"
         assert _rel_l2(act, ref_act) < 1e-2, f"tile {tile_w}x{tile_t}: rel L2 {_rel_l2(act, ref_act):.3e}"
