@@ -42,10 +42,9 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
 
 case $stage in
 single-tests)
-    # the Mixtral-shape cases take several GB each: serially, after the rest in 4 workers; the TMA token-row
-    # tests (~20 compiles, opt-in tiles) have their own stage, w4a16-tma-tests
+    # the Mixtral-shape cases take several GB each: serially, after the rest in 4 workers
     step gpu_tests 420 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels tests/test_cute_engine_gpu.py \
-        tests/test_fidelity_gpu.py -k "not mixtral_shape and not tma_token_rows" -ra
+        tests/test_fidelity_gpu.py -k "not mixtral_shape" -ra
     step gpu_tests_mixtral_shape 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels -k mixtral_shape -ra
     ;;
 single-bench)
@@ -66,15 +65,15 @@ w4a16-sweep-mid)
         --output "$out/w4a16_mid_configs.json"
     ;;
 w4a16-tma-tests)
-    # the TMA token rows (TileConfig.tma_tokens), never run on a GPU when written: a hang ends at the limit
+    # the TMA token rows (TileConfig.tma_tokens) alone (also part of single-tests): a hang ends at the limit
     step w4a16_tma_tests 540 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
         -k tma_token_rows -x -ra
     ;;
 w4a16-prefill-sweep)
-    # prefill, where W4A16 trails bf16 by 3% at T=16384 on an H200 (power-bound: ~8% of its per-cycle rate
+    # prefill, where W4A16 trails bf16 by 2-3% at T=16384 on an H200 (power-bound: ~8% of its per-cycle rate
     # goes to dequant instructions, benchmarks/results/prefill_power_h200_session8/): up and down alone
-    # (--split), the table's 256x128 against the same with TMA token rows and against 128x256 (half the
-    # dequant per FLOP) with TMA token rows. Run w4a16-tma-tests first.
+    # (--split), 256x128 with and without TMA token rows (the table: TMA in the up projection only) and
+    # 128x256 (half the dequant per FLOP), benchmarks/results/smem_dequant_h200_session9/.
     step w4a16_prefill_configs 560 $py -m light_moe.bench.w4a16_experts --tokens 1024 4096 16384 --rounds 3 --split \
         --configs 256x128x1cbw 256x128x1cbwt 128x256x1cbwt 128x256x1cwt 128x256x1ct \
         --output "$out/w4a16_prefill_configs.json"
