@@ -18,7 +18,6 @@ Results go to benchmarks/results/moe_layer-<gpu>-<date>.json with GPU name, vers
 from __future__ import annotations
 
 import json
-import statistics
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from light_moe.bench.env import environment
-from light_moe.bench.timing import graph_replay, time_us
+from light_moe.bench.timing import graph_replay, round_robin, time_us
 from light_moe.ops import reference
 from light_moe.ops.backend import MoEOps
 
@@ -104,9 +103,9 @@ def run_moe_layer_bench(
 ) -> dict:
     """quant="w4a16": also time the layer with the same experts RTN-quantized (group 128, symmetric)
     on the W4A16 kernel, in the same run, against the bf16 rows. rounds > 1: every case is timed once per
-    round, the cases alternating within a round, and the median of the rounds is reported (with the spread):
-    a power-limited card's clock drifts by ~5% over the seconds a case takes, which one pass per case would
-    attribute to whichever case ran then."""
+    round, in forward order on even rounds and reverse order on odd ones (timing.round_robin), and the median of
+    the rounds is reported (with the spread): a power-limited card's clock drifts by ~5% over the seconds a
+    case takes, which one pass per case would attribute to whichever case ran then."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     device = torch.device("cuda")
@@ -241,25 +240,34 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
         int4_bytes = 3 * hidden * inter // 2 + 3 * hidden * inter // q13.group_size * 2  # int4 + bf16 scales
         bytes_of = {"w4a16_experts": int4_bytes, "w4a16_layer_graph": int4_bytes,
                     "w4a16_layer_graph_two_launch_routing": int4_bytes}
-    runners, times = {}, {}
-    for name, (fn, in_graph) in cases.items():
-        try:
-            runners[name] = graph_replay(fn) if in_graph else fn
-        except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the other rows
-            print(f"T={num_tokens} {name} failed: {exc!r}"[:300], flush=True)
-    for _ in range(rounds):
-        for name, run in list(runners.items()):
+    failed: set[str] = set()
+
+    def timed(name: str, fn, in_graph: bool):
+        """One timing of the case per call; a case that fails (to capture or to run) is reported once and then
+        skipped: a failing baseline must not hide the other rows."""
+        run = None
+
+        def once() -> float:
+            nonlocal run
+            if name in failed:
+                return float("nan")
             try:
-                times.setdefault(name, []).append(time_us(run, 3 if name == "loop_layer" else iters))
+                run = run or (graph_replay(fn) if in_graph else fn)
+                return time_us(run, 3 if name == "loop_layer" else iters)
             except Exception as exc:  # noqa: BLE001
                 print(f"T={num_tokens} {name} failed: {exc!r}"[:300], flush=True)
-                del runners[name]
-                times.pop(name, None)
+                failed.add(name)
+                return float("nan")
+        return once
+
+    times = round_robin({name: timed(name, fn, in_graph) for name, (fn, in_graph) in cases.items()}, rounds,
+                        lambda once: once())
+    ok = {name: t for name, t in times.items() if name not in failed}
     if rounds > 1:
         row["rounds"] = rounds
-        row["spread_us"] = {name: (round(min(t), 1), round(max(t), 1)) for name, t in times.items()}
+        row["spread_us"] = {name: (round(t["min"], 1), round(t["max"], 1)) for name, t in ok.items()}
     for name in cases:
-        us = statistics.median(times[name]) if name in times else float("nan")
+        us = ok[name]["median"] if name in ok else float("nan")
         # a single projection moves and multiplies its share of the expert: up 2/3 (W1, W3), down 1/3 (W2)
         share = {"ours_up": 2 / 3, "ours_down": 1 / 3}.get(name, 1.0)
         row[f"{name}_us"] = round(us, 1)

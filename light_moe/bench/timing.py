@@ -1,4 +1,4 @@
-"""GPU timing shared by the benchmarks: CUDA-event medians, and CUDA-graph replays of a callable."""
+"""GPU timing shared by the benchmarks: CUDA-event medians, CUDA-graph replays of a callable, alternating rounds."""
 from __future__ import annotations
 
 import statistics
@@ -34,3 +34,13 @@ def graph_replay(fn):
     with torch.cuda.graph(graph, stream=stream):
         fn()
     return graph.replay
+
+
+def round_robin(variants: dict, rounds: int, timer) -> dict[str, dict[str, float]]:
+    """Time each variant once per round, in forward order on even rounds and reverse order on odd ones, so
+    that a clock drift over the run (power, heat) falls on all of them alike: median, min, max per name."""
+    samples = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            samples[name].append(timer(variants[name]))
+    return {name: dict(median=statistics.median(v), min=min(v), max=max(v)) for name, v in samples.items()}

@@ -23,12 +23,11 @@ import argparse
 import functools
 import json
 import re
-import statistics
 
 import torch
 
 from light_moe.bench.env import environment
-from light_moe.bench.timing import graph_replay, time_us
+from light_moe.bench.timing import graph_replay, round_robin, time_us
 from light_moe.ops import reference
 
 
@@ -85,16 +84,6 @@ def _add_variants(variants: dict, name: str, up, down, batch, w_up, w_down, spli
     if split:
         variants[f"{name}_up"] = graph_replay(functools.partial(up, x, gather_index, offsets, w_up, out=act))
         variants[f"{name}_down"] = graph_replay(functools.partial(down, act, offsets, w_down, out=y))
-
-
-def round_robin(variants: dict, rounds: int, timer) -> dict[str, dict[str, float]]:
-    """Time each variant once per round, in forward order on even rounds and reverse order on odd ones, so
-    that a clock drift over the run (power, heat) falls on all of them alike: median, min, max per name."""
-    samples = {name: [] for name in variants}
-    for r in range(rounds):
-        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            samples[name].append(timer(variants[name]))
-    return {name: dict(median=statistics.median(v), min=min(v), max=max(v)) for name, v in samples.items()}
 
 
 def _parse_config(spec: str, table):

@@ -206,8 +206,8 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
             # the k-block pipeline, bulk weights, two k-tiles per stage and TMA token rows were measured (and won)
             # only with two atoms per warpgroup
             # (the k-tiles are even: the W4A16 kernel takes K in multiples of 128)
-            kps = 2 if kps_g128 and tile_w == 256 and group_size == 2 * TILE_K else 1
             two_atoms = tile_w == 256
+            kps = 2 if kps_g128 and two_atoms and group_size == 2 * TILE_K else 1
             return TileConfig(tile_w, tile_t, fence_mode, k_split, k_tiles_per_stage=kps,
                               kblock_pipeline=kblock and two_atoms, bulk_weights=bulk and two_atoms,
                               tma_tokens=tma_up and gated and two_atoms)

@@ -393,7 +393,13 @@ class W4A16GroupedGemmSm90:
         e = Int32(0)
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
-            if cutlass.const_expr(not self.tma_tokens):
+            if cutlass.const_expr(self.tma_tokens):
+                # tile_t rows from row_start (not tile-aligned: experts start anywhere); rows of the next expert
+                # only reach output columns the epilogue never stores, rows past M are zero-filled
+                g_t = cute.local_tile(cute.domain_offset((row_start, 0), tokens), (tile_t, TILE_K), (0, None))
+                t_ts, t_tg = cpasync.tma_partition(tma_atom_t, 0, cute.make_layout(1), cute.group_modes(s_t, 0, 2),
+                                                   cute.group_modes(g_t, 0, 2))
+            else:
                 gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
             for ks in range(self.k_tiles // kps):  # stage ks holds k-tiles kps * ks .. kps * ks + kps - 1
                 stage = issued % self.stages
@@ -409,11 +415,6 @@ class W4A16GroupedGemmSm90:
                             self.bulk_copy_weights(bulk_i32, qweight, sq_ptr, full, stage, e, ks, w_tile)
                 if cutlass.const_expr(self.tma_tokens):
                     if tidx < 32:
-                        # tile_t rows from row_start (not tile-aligned: experts start anywhere); rows of the next
-                        # expert only reach output columns the epilogue never stores, rows past M are zero-filled
-                        g_t = cute.local_tile(cute.domain_offset((row_start, 0), tokens), (tile_t, TILE_K), (0, None))
-                        t_ts, t_tg = cpasync.tma_partition(tma_atom_t, 0, cute.make_layout(1),
-                                                           cute.group_modes(s_t, 0, 2), cute.group_modes(g_t, 0, 2))
                         cute.copy(tma_atom_t, t_tg[(None, ks)], t_ts[(None, stage)], tma_bar_ptr=full + stage)
                 if cutlass.const_expr(not self.bulk_weights):
                     for h in cutlass.range_constexpr(kps):
