@@ -40,11 +40,13 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     # decided from the host-side parameters (a device read here would synchronise with the step's kernels);
     # each filter's per-row values go to the device only when some row uses it
     if any(0 < r.params.top_k < vocab for r in rows) or any(r.params.top_p < 1.0 for r in rows):
-        top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], torch.long, device)
+        # clamped on the host: a top_k beyond the vocabulary means "no filter", and need not fit int64
+        top_k = to_device([min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows], torch.long,
+                          device)
         top_p = to_device([r.params.top_p for r in rows], torch.float32, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device).expand_as(sorted_logits)
-        drop = rank >= top_k.clamp(max=vocab).unsqueeze(1)
+        drop = rank >= top_k.unsqueeze(1)
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         mass_before = probs.cumsum(dim=-1) - probs
@@ -80,7 +82,10 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow], default_gene
         greedy = to_device([r.params.greedy for r in rows], torch.bool, logits.device)
         temps = to_device([r.params.temperature if not r.params.greedy else 1.0 for r in rows], torch.float32,
                           logits.device)
-        scaled = _filter(logits / temps.unsqueeze(1), rows)
+        # shifted by each row's max first, so the largest scaled logit is 0 whatever the temperature: a small
+        # one sends the others towards -inf, never the top one to +inf (inf - inf would be NaN in the softmax)
+        shifted = logits - logits.max(dim=-1, keepdim=True).values
+        scaled = _filter(shifted / temps.unsqueeze(1), rows)
         probs = torch.softmax(scaled, dim=-1)
         q = torch.empty_like(probs)
         for i, row in enumerate(rows):
