@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--max-num-batched-tokens", type=int, default=8192)
     e2e.add_argument("--repeats", type=int, default=3,
                      help="measured batches per batch size after the warm-up; tokens/s are their median")
+    from light_moe.bench.bytes_model import DEFAULT_BANDWIDTH_TBPS
+
+    e2e.add_argument("--bandwidth-tbps", type=float, default=DEFAULT_BANDWIDTH_TBPS,
+                     help="memory bandwidth (TB/s) of the decode bound: bytes per step / bandwidth "
+                          "(default: the H100 SXM copy rate; docs/performance.md)")
+    e2e.add_argument("--ttft-repeats", type=int, default=5,
+                     help="time to first token of one --input-len prompt alone: the median of this many after "
+                          "a warm-up (0: skip)")
     e2e.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
     e2e.set_defaults(func=cmd_bench_e2e)
 
