@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("cutlass")
 
+from light_moe.bench.timing import graph_replay  # noqa: E402
 from light_moe.kernels import rms_norm, rope_kv  # noqa: E402
 from light_moe.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -237,14 +238,7 @@ def test_cuda_graph_replay_on_new_inputs():
         prob.positions[real:] = 0
 
     new_inputs()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        step()
+    replay_graph = graph_replay(step)  # compiles and warms up outside the capture
 
     for replay in range(2):
         new_inputs()
@@ -254,7 +248,7 @@ def test_cuda_graph_replay_on_new_inputs():
         prob.poison_written_slots(rows)
         out.fill_(float("nan"))
         q_out.fill_(float("nan"))
-        graph.replay()
+        replay_graph()
         torch.cuda.synchronize()
         check_close(out, ref_out, f"graph replay {replay} rms_norm")
         assert torch.equal(res, ref_res)
