@@ -1,4 +1,4 @@
-"""`light-moe` command line: generate | serve | bench {e2e, moe-layer, ep, ep-scale} | quantize."""
+"""`light-moe` command line: generate | serve | bench {e2e, profile-step, moe-layer, ep, ep-scale} | quantize."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +142,13 @@ def cmd_bench_ep_scale(args) -> int:
     return 0
 
 
+def cmd_bench_profile_step(args) -> int:
+    from light_moe.bench import step_profile
+
+    step_profile.main(args)
+    return 0
+
+
 def cmd_bench_moe_layer(args) -> int:
     from light_moe.bench import moe_layer
 
@@ -209,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "a warm-up (0: skip)")
     e2e.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
     e2e.set_defaults(func=cmd_bench_e2e)
+
+    from light_moe.bench.step_profile import add_profile_step_args
+
+    profile = bsub.add_parser("profile-step", help="kernels of a decode step (and a prefill) by group: MoE, "
+                                                   "attention, GEMM, elementwise; GPU time vs wall time")
+    _engine_args(profile)
+    add_profile_step_args(profile)
+    profile.set_defaults(func=cmd_bench_profile_step)
 
     layer = bsub.add_parser("moe-layer", help="the MoE layer against torch._grouped_mm and a per-expert loop")
     layer.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 16384])
