@@ -124,3 +124,17 @@ def test_experts_hit_matches_uniform_random_routing(num_experts, top_k, tokens):
     assert expected == pytest.approx(simulated, rel=0.02)
     assert expected_experts_hit(num_experts, top_k, 1) == pytest.approx(top_k)
     assert expected_experts_hit(num_experts, top_k, 10_000) == pytest.approx(num_experts)
+
+
+def test_a_prepared_layout_outside_the_parameters_counts_once(tmp_path):
+    """A module may hold its weight as a backend layout in `prepared` (QuantizedLinear does) and free the
+    parameter, or keep both as one memory: counted once either way."""
+    model = _build(tmp_path, QWEN2)
+    before = model_bytes(model, kv_element_size=F32).dense
+    o_proj = model.model.layers[0].self_attn.o_proj
+    o_proj.prepared = (o_proj.weight,)  # the reference keeps the canonical tensor: no new memory
+    assert model_bytes(model, kv_element_size=F32).dense == before
+    o_proj.prepared = (torch.zeros(10, dtype=torch.int32), None)
+    weight_bytes = o_proj.weight.numel() * F32
+    o_proj.weight.data = o_proj.weight.data.new_empty(0)  # the parameter freed, the layout holds the weight
+    assert model_bytes(model, kv_element_size=F32).dense == before - weight_bytes + 40

@@ -73,16 +73,29 @@ def expected_experts_hit(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
-def tensor_bytes(obj) -> int:
-    """Bytes of every tensor in `obj`: a tensor, a dataclass of tensors (QuantizedWeight, the kernels'
-    weight layouts), or a tuple / list of those; None and other values weigh nothing."""
+def tensors_of(obj) -> list[torch.Tensor]:
+    """Every tensor in `obj`: a tensor, a dataclass of tensors (QuantizedWeight, the kernels' weight
+    layouts), or a tuple / list of those; None and other values hold none."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return [obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        return [t for f in dataclasses.fields(obj) for t in tensors_of(getattr(obj, f.name))]
     if isinstance(obj, (tuple, list)):
-        return sum(tensor_bytes(o) for o in obj)
-    return 0
+        return [t for o in obj for t in tensors_of(o)]
+    return []
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in `obj` (tensors_of)."""
+    return sum(t.numel() * t.element_size() for t in tensors_of(obj))
+
+
+def _key(t: torch.Tensor):
+    """One key per memory: a backend layout that aliases a parameter counts once (meta tensors have no
+    address, so there the tensor object)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return id(t)
+    return t.device, t.data_ptr(), t.numel() * t.element_size()
 
 
 def _row_table_bytes(module: nn.Module) -> int | None:
@@ -101,29 +114,34 @@ def model_bytes(model, kv_element_size: int) -> ModelBytes:
 
     Expert weights are those a block computes with: the backend's prepared layout if it has one, else
     the canonical stack. Their bytes per expert are the stack's bytes over its experts (the local ones
-    under expert parallelism). Every other parameter or buffer is dense, once per tensor (a tied lm_head
-    counts whole, its embedding rows once more)."""
+    under expert parallelism). Everything else is dense: every parameter and buffer, and the `prepared`
+    weight layout a module may hold outside them (QuantizedLinear's), each memory once (a tied lm_head
+    counts whole, its embedding rows once more per token)."""
     cfg = model.config
     blocks = model.moe_blocks()
-    expert_tensors: set[int] = set()
+    expert_keys = set()
     expert_bytes = []
     for block in blocks:
-        expert_tensors.update(id(t) for t in list(block.experts.parameters()) + list(block.experts.buffers()))
-        w13, w2 = block.prepared if block.prepared is not None else block.experts.weights()
-        experts_held = w13.shape[0]
-        expert_bytes.append((tensor_bytes(w13) + tensor_bytes(w2)) // experts_held)
+        weights = block.prepared if block.prepared is not None else block.experts.weights()
+        held = list(block.experts.parameters()) + list(block.experts.buffers()) + tensors_of(weights)
+        expert_keys.update(_key(t) for t in held)
+        experts_held = weights[0].shape[0]
+        unique = {_key(t): t for t in tensors_of(weights)}
+        expert_bytes.append(tensor_bytes(list(unique.values())) // experts_held)
     dense, rows = 0, 0
-    counted: set[int] = set()
+    counted = set(expert_keys)
     for module in model.modules():
         row = _row_table_bytes(module)
         if row is not None:
             rows += row
             continue
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if t is None or id(t) in expert_tensors or id(t) in counted:
-                continue
-            counted.add(id(t))
-            dense += tensor_bytes(t)
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if module not in blocks:
+            own += tensors_of(getattr(module, "prepared", None))
+        for t in own:
+            if _key(t) not in counted:
+                counted.add(_key(t))
+                dense += tensor_bytes(t)
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_element_size
     return ModelBytes(dense=dense, row_bytes=rows, expert_bytes=tuple(expert_bytes), num_experts=cfg.num_experts,
                       top_k=cfg.top_k, kv_token_bytes=kv_token)
