@@ -163,21 +163,14 @@ def measure_ttft(engine, input_len: int, repeats: int, bandwidth_tbps: float, se
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    device = engine.config.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     times = []
     for i in range(repeats + 1):
         prompt = torch.randint(0, vocab, (input_len,), generator=gen).tolist()
-        start = time.perf_counter()
-        rid = engine.add_request(prompt, params)
-        first = None
-        while first is None:
-            if not engine.has_unfinished_requests():
-                raise RuntimeError(f"request {rid} finished without an output")
-            if any(o.request_id == rid for o in engine.step()):
-                first = time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
+        seconds, _ = first_token_seconds(engine, prompt, params, sync)
         if i > 0:  # the first prompt compiles the prefill kernels of this length
-            times.append(1e3 * (first - start))
+            times.append(1e3 * seconds)
     out = dict(input_len=input_len, repeats=repeats, ttft_ms_p50=statistics.median(times), ttft_ms_runs=times)
     weights = engine_model_bytes(engine)
     if weights is not None:
@@ -185,6 +178,29 @@ def measure_ttft(engine, input_len: int, repeats: int, bandwidth_tbps: float, se
         out.update(prefill_bytes=prompt_bytes.total, bandwidth_tbps=bandwidth_tbps,
                    weights_stream_ms=1e3 * prompt_bytes.total / (bandwidth_tbps * 1e12))
     return out
+
+
+def first_token_seconds(engine, prompt: list[int], params, sync=None) -> tuple[float, int]:
+    """(seconds from add_request until the prompt's first output comes out of engine.step, step calls); the
+    engine is drained afterwards. sync (a device synchronize), if given, runs before the clock starts, so no
+    earlier work is in the figure, and before it stops, so every kernel the prompt launched has run."""
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    rid = engine.add_request(prompt, params)
+    calls, done = 0, False
+    while not done:
+        if not engine.has_unfinished_requests():
+            raise RuntimeError(f"request {rid} finished without an output")
+        done = any(o.request_id == rid for o in engine.step())
+        calls += 1
+    if sync is not None:
+        sync()
+    seconds = time.perf_counter() - start
+    engine.abort(rid)  # a request with more tokens to go
+    while engine.has_unfinished_requests():
+        engine.step()
+    return seconds, calls
 
 
 def _timed_batch(engine, gen, vocab: int, batch: int, input_len: int, params) -> tuple[float, float, int]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from light_moe.bench.e2e import bench_model
+from light_moe.bench.e2e import bench_model, first_token_seconds
 from light_moe.bench.env import environment, write_result
 
 GROUPS = ("moe", "attention", "gemm", "elementwise", "communication")
@@ -228,33 +228,17 @@ def profile_prefill(engine, input_len: int, sync, on_gpu: bool, trace: str | Non
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     engine.generate_outputs(_prompts(gen, vocab, 1, input_len), params)
-    wall_us, _ = _first_token(engine, _prompts(gen, vocab, 1, input_len)[0], params, sync)
+    wall_s, _ = first_token_seconds(engine, _prompts(gen, vocab, 1, input_len)[0], params, sync)
     prof = _profiler(on_gpu)
     with prof:
-        profiled_us, calls = _first_token(engine, _prompts(gen, vocab, 1, input_len)[0], params, sync)
+        profiled_s, calls = first_token_seconds(engine, _prompts(gen, vocab, 1, input_len)[0], params, sync)
+    wall_us, profiled_us = 1e6 * wall_s, 1e6 * profiled_s
     _export(prof, trace)
     records, dropped = kernel_records(prof, on_gpu)
     summary = summarize(records, 1, wall_us if on_gpu else profiled_us, top)
     summary.update(wall_us_per_step_unprofiled=wall_us, records_dropped=dropped)
     summary.update(input_len=input_len, engine_step_calls=calls, wall_us_per_step_profiled=profiled_us)
     return summary
-
-
-def _first_token(engine, prompt: list[int], params, sync) -> tuple[float, int]:
-    """(microseconds from add_request until the prompt's output, engine.step calls), then the engine drained."""
-    sync()
-    start = time.perf_counter()
-    rid = engine.add_request(prompt, params)
-    calls, done = 0, False
-    while not done:
-        if not engine.has_unfinished_requests():
-            raise RuntimeError(f"request {rid} finished without an output")
-        done = any(o.request_id == rid for o in engine.step())
-        calls += 1
-    sync()
-    wall_us = 1e6 * (time.perf_counter() - start)
-    _drain(engine, [rid])
-    return wall_us, calls
 
 
 def add_profile_step_args(p: argparse.ArgumentParser) -> None:
