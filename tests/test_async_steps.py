@@ -98,13 +98,13 @@ def test_same_outputs_one_step_later(ckpt, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_preemption_and_a_request_the_cache_cannot_hold(ckpt, mode):
     # 12 blocks of 8 tokens cannot hold six growing sequences (preemption); max_tokens 200 outgrows the whole
-    # cache, so the scheduler itself ends those requests with "length"
+    # cache, so the scheduler itself ends those requests with "capacity"
     sync, lagged = engines(ckpt, mode, block_size=8, num_kv_blocks=12)
     requests = [(p, SamplingParams(max_tokens=40 if i % 2 else 200, temperature=0.0)) for i, p in enumerate(PROMPTS)]
     want, got = run(sync, requests), run(lagged, requests)
     assert sync.stats["preemptions"] > 0 and lagged.stats["preemptions"] > 0
     assert same(got, want)
-    assert any(outs[-1][5] == "length" and len(outs[-1][1]) < 200 for outs in want.values())
+    assert any(outs[-1][5] == "capacity" and len(outs[-1][1]) < 200 for outs in want.values())
     assert lagged.block_manager.num_free_blocks == 12
 
 

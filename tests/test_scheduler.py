@@ -170,7 +170,7 @@ def test_too_big_or_duplicate_request_raises():
         s.add_request(make_request("ok", 3))
 
 
-def test_request_that_outgrows_the_whole_cache_is_finished_with_length():
+def test_request_that_outgrows_the_whole_cache_is_finished_with_capacity():
     s = make_scheduler(num_blocks=2, block_size=4)
     r = make_request("r", 6)
     s.add_request(r)
@@ -179,7 +179,7 @@ def test_request_that_outgrows_the_whole_cache_is_finished_with_length():
         assert not out.finished
     out = step(s)  # computing token 8 would need a third block, and the pool has two
     assert out.finished == [r] and out.scheduled == []
-    assert r.finish_reason == "length" and r.num_output_tokens == 3
+    assert r.finish_reason == "capacity" and r.num_output_tokens == 3
     assert s.block_manager.num_free_blocks == 2 and not s.has_unfinished_requests()
 
 

@@ -22,9 +22,9 @@ from light_moe.config import CacheConfig, EngineConfig, ParallelConfig, parse_dt
 from light_moe.engine.inflight import InflightStep
 from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
-from light_moe.engine.request import Request
-from light_moe.engine.request_state import RequestState
-from light_moe.engine.sampler import sample_on_device
+from light_moe.engine.request import Request, RequestStatus
+from light_moe.engine.request_state import FailedRequestOutput, RequestState
+from light_moe.engine.sampler import SamplingRow, sample_on_device
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.device_to_host import HostCopy
@@ -392,10 +392,10 @@ class LightMoEEngine:
         out = self.scheduler.schedule()
         if out.finished or not out.scheduled:  # a final output must follow the pending one of its request
             outputs += self._flush()
-        for request in out.finished:  # the scheduler ended it (grew past the whole cache)
+        for request in out.finished:  # the scheduler ended it (grew past the whole cache): "capacity"
             state = self._states.pop(request.request_id, None)
             if state is not None:
-                outputs.append(state.final_output(request.finish_reason or "length"))
+                outputs.append(self._guarded(state, state.final_output, request.finish_reason or "capacity"))
         self.stats["preemptions"] += len(out.preempted)
         if not out.scheduled:
             return outputs
@@ -406,8 +406,7 @@ class LightMoEEngine:
         sampling = [s for s in out.scheduled if s.samples]
         launched = None
         if sampling:
-            rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
-            launched = InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
+            sampling, launched = self._sample(sampling, logits, outputs)
         outputs += self._flush()  # the last step's host work overlaps this step's kernels
         self.scheduler.update_from_output(out, {s.request.request_id: placeholder(i) for i, s in enumerate(sampling)})
         self._inflight = launched
@@ -448,19 +447,73 @@ class LightMoEEngine:
                                    "the step being read back")
             request.output_token_ids[-1] = tokens[i]
             self.stats["generation_tokens"] += 1
-            finish_reason = state.accept(tokens[i], None if logprobs is None else logprobs[i], now)
+            try:
+                finish_reason = state.accept(tokens[i], None if logprobs is None else logprobs[i], now)
+            except Exception as exc:
+                outputs.append(self._fail_request(state, exc))
+                continue
             if finish_reason is not None:  # its blocks are free before the next schedule
                 self.scheduler.finish_request(request.request_id, finish_reason)  # no-op after a max_tokens end
                 self._states.pop(request.request_id, None)
             if defer:
                 self._pending.append((state, finish_reason, now))
             else:
-                outputs.append(state.emit(finish_reason, now))
+                outputs.append(self._guarded(state, state.emit, finish_reason, now))
         return outputs
 
     def _emit_pending(self) -> list[RequestOutput]:
         pending, self._pending = self._pending, []
-        return [state.emit(finish_reason, now) for state, finish_reason, now in pending]
+        return [self._guarded(state, state.emit, finish_reason, now) for state, finish_reason, now in pending]
+
+    # ---- one request's failure is that request's alone ---------------------------------------
+    def _sample(self, sampling: list, logits: torch.Tensor, outputs: list[RequestOutput]):
+        """Launch the draw of the step's sampled tokens -> (the rows kept, their InflightStep).
+
+        SamplingParams bounds every value, so a sampler error is a bug; if one is raised anyway, each row is
+        tried alone on a scratch generator (a seeded row's own generator is not advanced), the rows that fail
+        alone are failed (finish_reason "error", output appended to `outputs`) and the rest sampled again. An
+        error that no single row causes is the engine's: it propagates."""
+        try:
+            rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
+            return sampling, InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
+        except Exception as batch_error:
+            keep = []
+            for i, s in enumerate(sampling):
+                state = self._states[s.request.request_id]
+                try:
+                    row = state.sampling_row()
+                    scratch = torch.Generator(device=logits.device).manual_seed(0)
+                    sample_on_device(logits[i:i + 1], [SamplingRow(row.params, None, row.seen_token_ids)], scratch)
+                    keep.append(i)
+                except Exception as exc:
+                    outputs.append(self._fail_request(state, exc))
+            if len(keep) == len(sampling):
+                raise batch_error
+        sampling = [sampling[i] for i in keep]
+        if not sampling:
+            return sampling, None
+        rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
+        logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+        return sampling, InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
+
+    def _guarded(self, state: RequestState, work, *args) -> RequestOutput:
+        """work(*args) -> the request's output; if it raises, the request fails alone."""
+        try:
+            return work(*args)
+        except Exception as exc:
+            return self._fail_request(state, exc)
+
+    def _fail_request(self, state: RequestState, exc: BaseException) -> FailedRequestOutput:
+        """End a request whose own host work (sampling, text, stop strings) raised: its KV blocks are freed
+        and it gets a last output with finish_reason "error"; the engine and the other requests go on."""
+        request_id = state.request.request_id
+        logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
+        if self._states.get(request_id) is state:
+            del self._states[request_id]
+        self._pending = [p for p in self._pending if p[0] is not state]
+        if state.request.status is not RequestStatus.FINISHED:
+            self.scheduler.finish_request(request_id, "error")
+        return state.failed_output(exc)
 
     # ---- expert load balancing (docs/expert_parallel.md) --------------------------------------
     def _record_expert_load(self) -> None:
@@ -550,6 +603,9 @@ class LightMoEEngine:
             for rid in ids:
                 self.abort(rid)
             raise
+        failed = [done[rid] for rid in ids if done[rid].finish_reason == "error"]
+        if failed:  # the others finished; this one's own work raised (logged with its traceback)
+            raise RuntimeError(f"request {failed[0].request_id!r} failed: {failed[0].error}")
         return [done[rid] for rid in ids]
 
     def generate(
@@ -569,6 +625,8 @@ class LightMoEEngine:
             while not finished:
                 for output in self.step():
                     if output.request_id == rid:
+                        if output.finish_reason == "error":
+                            raise RuntimeError(f"request {rid!r} failed: {output.error}")
                         if output.delta_text:
                             yield output.delta_text
                         finished = output.finished

@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
-FINISH_REASONS = ("stop", "length", "abort")
+# stop: a stop token or string; length: max_tokens; abort: abort() (a client went away, shutdown);
+# capacity: the engine can no longer hold the request (its tokens outgrew the whole KV cache, or, without
+# chunked prefill, one step's token budget); error: the request's own host work raised (engine.py).
+FINISH_REASONS = ("stop", "length", "abort", "capacity", "error")
 
 
 # eq=False: requests are compared by identity; two requests with equal tokens are still two requests.

@@ -3,6 +3,7 @@ stop conditions (EOS, stop token ids, stop strings, max_tokens) and the output i
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -10,6 +11,14 @@ from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.request import Request
 from light_moe.engine.sampler import SamplingRow
 from light_moe.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class FailedRequestOutput(RequestOutput):
+    """The last output of a request whose own host work raised (finish_reason "error"); the engine and the
+    other requests went on. error: the exception, as "Type: message"."""
+
+    error: str = ""
 
 
 class RequestState:
@@ -26,6 +35,7 @@ class RequestState:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self._text_ids: int | None = None  # output ids the text still has to take in (set by accept)
+        self._stop_searched = 0  # detok.text[:_stop_searched] holds no stop string
 
     def sampling_row(self) -> SamplingRow:
         seen = self.request.all_token_ids if self.params.repetition_penalty != 1.0 else []
@@ -37,9 +47,12 @@ class RequestState:
         text = self.detok.text
         stop_at = None
         for stop in self.params.stop:
-            idx = text.find(stop)
+            # the text before _stop_searched held no stop string: look only where a new one can end
+            idx = text.find(stop, max(0, self._stop_searched - len(stop) + 1))
             if idx >= 0 and (stop_at is None or idx < stop_at[0]):
                 stop_at = (idx, stop)
+        if stop_at is None:
+            self._stop_searched = len(text)
         if stop_at is not None:
             idx, stop = stop_at
             return text[: idx + (len(stop) if self.params.include_stop_str_in_output else 0)], True
@@ -105,3 +118,16 @@ class RequestState:
         self._detokenize()
         text, _ = self._visible_text(True)
         return self._output(text, reason, time.monotonic())
+
+    def failed_output(self, exc: BaseException) -> FailedRequestOutput:
+        """The request's last output after `exc`: the text already emitted (the detokenizer or the stop logic
+        may be what failed, so nothing more is decoded), finish_reason "error"."""
+        req = self.request
+        return FailedRequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
+            text=self.emitted_text, token_ids=list(req.output_token_ids[:self.emitted_tokens]), delta_text="",
+            delta_token_ids=[], finished=True, finish_reason="error",
+            logprobs=None if self.logprobs is None else self.logprobs[:self.emitted_tokens],
+            metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                     "finish_time": time.monotonic()},
+            error=f"{type(exc).__name__}: {exc}")

@@ -14,7 +14,7 @@ Data flow per engine step:
   out = scheduler.schedule()                      # engine runs the model on out.scheduled
   got = scheduler.update_from_output(out, ids)    # computed tokens advance, tokens appended
   for req in got: ...stop checks...; scheduler.finish_request(req.request_id, reason)
-  for req in out.finished: ...emit them too: the scheduler ended them ("length")
+  for req in out.finished: ...emit them too: the scheduler ended them ("capacity")
 A request always has at least one uncomputed token while it is unfinished: after its last
 prompt chunk or a decode it receives a sampled token, and the next decode computes that token.
 """
@@ -59,8 +59,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # Requests the scheduler finished itself (reason "length") because they can never be scheduled
-    # again: they outgrew the whole KV cache, or, without chunked prefill, the token budget.
+    # Requests the scheduler finished itself (reason "capacity", never "length", which is max_tokens's)
+    # because they can never be scheduled again: they outgrew the whole KV cache, or, without chunked
+    # prefill, the token budget. Preemption comes first: only a request that cannot fit even alone ends.
     finished: list[Request] = field(default_factory=list)
     num_batched_tokens: int = 0
 
@@ -162,7 +163,7 @@ class Scheduler:
             request = self._running[index]
             num_new = min(self._num_uncomputed(request), budget)
             if self._can_never_fit(request, num_new):
-                self.finish_request(request.request_id, "length")
+                self.finish_request(request.request_id, "capacity")
                 out.finished.append(request)
                 continue  # the list shifted left; the same index is the next request
             while not self.block_manager.allocate_slots(request, num_new):
@@ -186,7 +187,7 @@ class Scheduler:
                 remaining = self._num_uncomputed(request)
                 num_new = min(remaining, budget)
                 if self._can_never_fit(request, remaining if not self.config.enable_chunked_prefill else num_new):
-                    self.finish_request(request.request_id, "length")
+                    self.finish_request(request.request_id, "capacity")
                     out.finished.append(request)
                     continue
                 if not self.config.enable_chunked_prefill and num_new < remaining:
