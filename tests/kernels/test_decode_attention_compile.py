@@ -1,0 +1,110 @@
+"""CPU-only compile tests of the paged decode-attention kernel (kernels/decode_attention.py) for sm_90a, plus its
+host-side split choice and its PTX (PDL wait first, the tensor-core and load instructions it is designed around).
+
+Each case traces, lowers and assembles one static configuration (B, MB and the split count stay dynamic) and
+checks that a non-empty sm_90a cubin was written. Run with -s to see the compile time of each case.
+"""
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("cutlass")
+
+from cutlass.cute.runtime import make_fake_stream  # noqa: E402
+
+from light_moe.kernels import decode_attention as da  # noqa: E402
+from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
+
+BF16, FP16, I32, I64 = torch.bfloat16, torch.float16, torch.int32, torch.int64
+
+# name -> (dtype, table / ctx index dtype, h, g, D, bs, split)
+CASES = {
+    "mixtral_bf16_D128_r4_bs16_split": (BF16, I32, 32, 8, 128, 16, True),
+    "mixtral_bf16_D128_r4_bs16_single": (BF16, I32, 32, 8, 128, 16, False),
+    "bf16_D128_r4_bs64_split_int64": (BF16, I64, 32, 8, 128, 64, True),  # the engine's int64 metadata
+    "bf16_D128_r1_bs16_split": (BF16, I32, 16, 16, 128, 16, True),  # MHA
+    "bf16_D128_r8_bs64_single": (BF16, I32, 32, 4, 128, 64, False),
+    "bf16_D64_r1_bs16_split": (BF16, I32, 16, 16, 64, 16, True),
+    "bf16_D64_r4_bs64_single": (BF16, I32, 16, 4, 64, 64, False),
+    "bf16_D64_r8_bs16_split": (BF16, I32, 64, 8, 64, 16, True),
+    "bf16_D128_r16_bs16_split": (BF16, I32, 64, 4, 128, 16, True),  # both 8-row halves of the mma tile
+    "bf16_D128_r5_bs32_split": (BF16, I32, 40, 8, 128, 32, True),  # r not a power of two
+    "bf16_D128_r4_bs8_split": (BF16, I32, 32, 8, 128, 8, True),  # two blocks per 16-key tile
+    "bf16_D64_r4_bs4_split": (BF16, I32, 32, 8, 64, 4, True),  # blocks smaller than an 8-key group
+    "bf16_D128_r4_bs1_single": (BF16, I32, 32, 8, 128, 1, False),
+    "bf16_D128_r4_bs256_split": (BF16, I32, 32, 8, 128, 256, True),
+    "fp16_D128_r4_bs16_split": (FP16, I32, 32, 8, 128, 16, True),
+    "fp16_D64_r1_bs32_single": (FP16, I64, 8, 8, 64, 32, False),
+}
+
+
+def _args(name):
+    dtype, index, h, g, d, bs, split = CASES[name]
+    return da.make_compile_args(dtype, index, index, h, g, d, bs, split, make_fake_stream())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_attention_compiles(name, tmp_path):
+    dtype, index, h, g, d, bs, split = CASES[name]
+    assert da.supports(dtype, h, g, d, bs) == (True, "ok")
+    jit_fn, args = _args(name)
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    print(f"\ndecode_attention {name}: compiled in {seconds:.2f} s -> {cubin.rsplit('/', 1)[-1][:60]}...")
+
+
+def _entries(ptx: str) -> dict[str, str]:
+    parts = re.split(r"\.entry\s+(\S+?)\s*\(", ptx)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+@pytest.mark.parametrize("name", ["mixtral_bf16_D128_r4_bs16_split", "bf16_D64_r8_bs16_split",
+                                  "bf16_D128_r16_bs16_split"])
+def test_ptx_structure(name, tmp_path):
+    """Both kernels wait for their predecessor (PDL) before any global load; the attention kernel reads K/V with
+    16-byte loads (16 per lane per tile) and multiplies on the tensor cores: KT / 8 * D / 16 QK^T plus
+    KT / 16 * D / 8 PV mma per tile, none of them duplicated."""
+    dtype, index, h, g, d, bs, split = CASES[name]
+    jit_fn, args = _args(name)
+    ptx = compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))
+    entries = _entries(ptx)
+    assert len(entries) == 2, list(entries)
+    for kernel_name, body in entries.items():
+        wait = body.find("griddepcontrol.wait")
+        assert 0 <= wait, f"{kernel_name}: no griddepcontrol.wait"
+        first_load = min((i for i in (body.find("ld.global"),) if i >= 0), default=len(body))
+        assert wait < first_load, f"{kernel_name}: a global load comes before griddepcontrol.wait"
+    attn = next(body for kernel_name, body in entries.items() if "attention_kernel" in kernel_name)
+    kt = da.keys_per_tile(d)
+    assert attn.count("mma.sync.aligned.m16n8k16") == kt // 8 * (d // 16) + kt // 16 * (d // 8)
+    rows = 2 if h // g > 8 else 1
+    q_loads = rows * d // 32
+    assert attn.count("ld.global.nc.L1::no_allocate.v4.b32") == q_loads + 16  # q once, then 16 per tile
+    assert "ex2.approx" in attn
+
+
+def test_supports_reasons():
+    assert da.supports(BF16, 32, 8, 128, 16) == (True, "ok")
+    assert da.supports(FP16, 8, 8, 64, 1) == (True, "ok")
+    assert not da.supports(torch.float32, 32, 8, 128, 16)[0]
+    assert not da.supports(BF16, 32, 8, 96, 16)[0]
+    assert not da.supports(BF16, 32, 8, 256, 16)[0]
+    assert not da.supports(BF16, 30, 8, 128, 16)[0]
+    assert "query heads per KV head" in da.supports(BF16, 64, 2, 128, 16)[1]
+    assert not da.supports(BF16, 32, 8, 128, 24)[0]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 64, 256])
+@pytest.mark.parametrize("max_blocks", [1, 7, 16, 128, 1024])
+@pytest.mark.parametrize("block_size,tile_keys", [(16, 16), (64, 16), (8, 16), (16, 32), (256, 16), (1, 16)])
+def test_choose_splits_covers_every_tile(batch, max_blocks, block_size, tile_keys):
+    n_tiles = -(-max_blocks * block_size // tile_keys)
+    splits, per_split = da.choose_splits(batch, 8, max_blocks, block_size, tile_keys, 132)
+    assert splits >= 1 and per_split >= 1
+    assert splits * per_split >= n_tiles > (splits - 1) * per_split  # every tile owned, no empty last split
+    assert splits <= max(1, -(-n_tiles // da.WARPS))  # on average a tile for every warp of a split
+    if splits > 1:
+        assert batch * 8 * (splits - 1) < da.SPLIT_TARGET_CTAS_PER_SM * 132  # not more splits than the target
+    forced, forced_per_split = da.choose_splits(batch, 8, max_blocks, block_size, tile_keys, 132, num_splits=3)
+    assert forced == min(3, n_tiles) or forced * forced_per_split >= n_tiles > (forced - 1) * forced_per_split
+    assert forced <= 3 and forced * forced_per_split >= n_tiles
