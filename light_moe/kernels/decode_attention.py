@@ -113,22 +113,24 @@ def load_v4(addr: Int64, *, loc=None, ip=None) -> list:
     return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
 
 
+def _asm_b32(asm: str, constraints: str, values: list, loc, ip) -> Int32:
+    """One 32-bit result ($0) of side-effect-free inline PTX."""
+    return Int32(llvm.inline_asm(T.i32(), values, asm, constraints, has_side_effects=False, is_align_stack=False,
+                                 asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
 @dsl_user_op
 def pair_halves(lo_src: Int32, hi_src: Int32, selector: int, *, loc=None, ip=None) -> Int32:
     """prmt.b32: 0x5410 -> (lo16 of lo_src, lo16 of hi_src), 0x7632 -> (hi16 of lo_src, hi16 of hi_src)."""
-    ops = [Int32(x).ir_value(loc=loc, ip=ip) for x in (lo_src, hi_src)]
-    return Int32(llvm.inline_asm(T.i32(), ops, f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r",
-                                 has_side_effects=False, is_align_stack=False,
-                                 asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+    values = [Int32(x).ir_value(loc=loc, ip=ip) for x in (lo_src, hi_src)]
+    return _asm_b32(f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r", values, loc, ip)
 
 
 @dsl_user_op
 def pack2(lo: Float32, hi: Float32, instr: str, *, loc=None, ip=None) -> Int32:
     """Two fp32 -> bf16x2 / f16x2 (round to nearest), lo in the low half: one mma A register."""
-    ops = [Float32(x).ir_value(loc=loc, ip=ip) for x in (hi, lo)]
-    return Int32(llvm.inline_asm(T.i32(), ops, f"cvt.rn.{instr}x2.f32 $0, $1, $2;", "=r,f,f",
-                                 has_side_effects=False, is_align_stack=False,
-                                 asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+    values = [Float32(x).ir_value(loc=loc, ip=ip) for x in (hi, lo)]
+    return _asm_b32(f"cvt.rn.{instr}x2.f32 $0, $1, $2;", "=r,f,f", values, loc, ip)
 
 
 class DecodeAttentionSm90:

@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("cutlass")
 
+from light_moe.bench.timing import graph_replay  # noqa: E402
 from light_moe.kernels import decode_attention as da  # noqa: E402
 from light_moe.ops.attention import AttentionMetadata, paged_attention  # noqa: E402
 from tests.kernels.gpu_helpers import rel_l2  # noqa: E402
@@ -205,15 +206,9 @@ def test_cuda_graph_replay_reads_new_inputs(num_splits):
         da.decode_attention(problem.q, problem.k_cache, problem.v_cache, problem.tables, problem.ctx_lens, 0.09,
                             out=out, num_splits=num_splits)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile + warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        step()
-    graph.replay()
+    replay = graph_replay(step)  # warmed up (compiled) on a side stream, then captured
+    out.fill_(float("nan"))
+    replay()
     _check(problem, out, 0.09, BF16)
 
     second = [3000, 1, 15, 33]  # within the table width the graph was captured with
@@ -223,5 +218,5 @@ def test_cuda_graph_replay_reads_new_inputs(num_splits):
     problem.lengths = second
     problem.refill()
     out.fill_(float("nan"))
-    graph.replay()
+    replay()
     _check(problem, out, 0.09, BF16)
