@@ -6,6 +6,7 @@ parses its own dialect in light_moe/models/<family>.py); the others configure th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,65 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+# Sane maxima for the sizes a config.json declares (docs/model_loading.md lists them with the largest
+# released checkpoint of each kind). Every one is several times above any supported model and far
+# below the sizes that would try to allocate terabytes; within them, the tensor shapes of the
+# checkpoint itself are checked before anything is allocated (models/validation.py).
+MODEL_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "num_layers": 1024,
+    "num_heads": 1024,
+    "num_kv_heads": 1024,
+    "head_dim": 512,
+    "num_experts": 4096,
+    "top_k": 4096,
+    "moe_intermediate_size": 1 << 18,
+    "intermediate_size": 1 << 18,
+    "shared_expert_intermediate_size": 1 << 18,
+    # the RoPE tables hold max_position_embeddings x head_dim float32 cos and sin
+    "max_position_embeddings": 1 << 20,
+}
+# the sizes together: a dummy-weight build (no checkpoint shapes to compare with) of a config under
+# every per-field maximum could still ask for petabytes
+MAX_PARAMETERS = 1 << 41
+_MAY_BE_ZERO = ("intermediate_size", "shared_expert_intermediate_size")
+# ModelConfig fields whose config.json name differs (the same in every supported family)
+_CONFIG_JSON_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                      "num_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok"}
+
+
+def checked_int(value, what: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """`value` if it is an int (not a bool) in [minimum, maximum]; else ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be at most {maximum}, got {value}")
+    return value
+
+
+def checked_float(value, what: str, positive: bool = False) -> float:
+    """`value` as a float if it is a finite real number (int or float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{what} must be positive, got {value}")
+    return float(value)
+
+
+def checked_bool(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder-only MoE transformer, in the engine's own terms."""
+    """Architecture of a decoder-only MoE transformer, in the engine's own terms. Every field is
+    checked once here (types, MODEL_LIMITS, MAX_PARAMETERS); the family parsers check config.json's
+    own field names on the way in, so a bad file names its field before anything is computed."""
 
     architecture: str
     vocab_size: int
@@ -53,22 +110,37 @@ class ModelConfig:
     intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ g) scales the shared expert
-    moe_layers: tuple[int, ...] = ()  # indices of MoE layers; others use the dense MLP
+    moe_layers: tuple[int, ...] = ()  # indices of MoE layers, ascending; others use the dense MLP
     qkv_bias: bool = False
     qk_norm: str = "none"  # "none" | "per_head" (Qwen3-MoE) | "full" (OLMoE: over all heads' dims)
     clip_qkv: float | None = None
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # config.json's and generation_config.json's (models/loader.py)
     torch_dtype: str = "float32"
+    # moe_layers as a set, so that is_moe_layer and the checks below are O(1) per layer
+    _moe_layer_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "num_experts", "top_k", "moe_intermediate_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        for name, maximum in MODEL_LIMITS.items():
+            alias = _CONFIG_JSON_NAMES.get(name)
+            what = f"{name} (config.json {alias})" if alias else name
+            checked_int(getattr(self, name), what, 0 if name in _MAY_BE_ZERO else 1, maximum)
+        checked_float(self.rms_norm_eps, "rms_norm_eps", positive=True)
+        checked_float(self.rope_theta, "rope_theta", positive=True)
+        if self.clip_qkv is not None:
+            checked_float(self.clip_qkv, "clip_qkv", positive=True)
+        for name in ("norm_topk_prob", "shared_expert_gate", "qkv_bias", "tie_word_embeddings"):
+            checked_bool(getattr(self, name), name)
+        if self.sliding_window is not None:
+            checked_int(self.sliding_window, "sliding_window", minimum=1)
+        if self.bos_token_id is not None:
+            checked_int(self.bos_token_id, "bos_token_id")
+        for eos in self.eos_token_ids:
+            checked_int(eos, "eos_token_id")
+        if not isinstance(self.torch_dtype, str):
+            raise ValueError(f"torch_dtype must be a string such as 'bfloat16', got {self.torch_dtype!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_kv_heads}")
@@ -76,12 +148,39 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_tok {self.top_k} exceeds the number of experts {self.num_experts}")
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ValueError(f"qk_norm must be none|per_head|full, got {self.qk_norm!r}")
-        dense_layers = [i for i in range(self.num_layers) if i not in self.moe_layers]
-        if dense_layers and self.intermediate_size <= 0:
+        self._check_moe_layers()
+        params = self.parameter_count()
+        if params > MAX_PARAMETERS:
+            raise ValueError(f"config.json describes a model of about {params:.3g} parameters, above the supported "
+                             f"maximum {MAX_PARAMETERS:.3g} (docs/model_loading.md): check hidden_size, "
+                             "num_hidden_layers, the number of experts and the intermediate sizes")
+
+    def _check_moe_layers(self) -> None:
+        layers = self.moe_layers
+        if not isinstance(layers, tuple):
+            raise ValueError(f"moe_layers must be a tuple of layer indices, got {type(layers).__name__}")
+        for i in layers:
+            checked_int(i, "moe_layers entry", 0, self.num_layers - 1)
+        if any(a >= b for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"moe_layers must be ascending without repeats, got {list(layers)}")
+        object.__setattr__(self, "_moe_layer_set", frozenset(layers))
+        if len(layers) < self.num_layers and self.intermediate_size <= 0:
+            dense_layers = [i for i in range(self.num_layers) if i not in self._moe_layer_set]
             raise ValueError(f"layers {dense_layers} are dense but intermediate_size is {self.intermediate_size}")
 
     def is_moe_layer(self, layer: int) -> bool:
-        return layer in self.moe_layers
+        return layer in self._moe_layer_set
+
+    def parameter_count(self) -> int:
+        """Weights the model holds (norms and biases left out): what the checks above bound."""
+        h = self.hidden_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = h * (2 * q + 2 * kv)
+        moe = self.num_experts * (3 * self.moe_intermediate_size * h + h) + 3 * self.shared_expert_intermediate_size * h
+        dense = 3 * self.intermediate_size * h
+        num_moe = len(self.moe_layers)
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * attention + num_moe * moe + (self.num_layers - num_moe) * dense + embeddings
 
 
 def read_hf_config(model_path: str | Path) -> dict:
@@ -91,10 +190,18 @@ def read_hf_config(model_path: str | Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} is missing: a Hugging Face model directory needs config.json")
+    return read_json_object(cfg_file)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, generation_config.json, ...); errors name it."""
     try:
-        return json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{cfg_file} is not readable JSON: {exc}") from exc
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def hf_field(hf: dict, name: str, default=..., source: str = "config.json"):
@@ -106,13 +213,42 @@ def hf_field(hf: dict, name: str, default=..., source: str = "config.json"):
     return default
 
 
+def hf_int(hf: dict, name: str, default=..., minimum: int = 0, maximum: int | None = None,
+           source: str = "config.json") -> int | None:
+    """An integer field in [minimum, maximum]; a default of None makes it optional (None when absent)."""
+    value = hf_field(hf, name, default, source)
+    return None if value is None else checked_int(value, f"{source}: {name}", minimum, maximum)
+
+
+def hf_float(hf: dict, name: str, default=..., source: str = "config.json") -> float | None:
+    value = hf_field(hf, name, default, source)
+    return None if value is None else checked_float(value, f"{source}: {name}")
+
+
+def hf_bool(hf: dict, name: str, default=..., source: str = "config.json") -> bool:
+    return checked_bool(hf_field(hf, name, default, source), f"{source}: {name}")
+
+
+def hf_token_ids(hf: dict, name: str, source: str = "config.json") -> tuple[int, ...]:
+    """A token id field that may hold one id or a list of them (eos_token_id); () when absent."""
+    value = hf.get(name)
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(checked_int(v, f"{source}: {name}") for v in values)
+
+
 def rope_theta_of(hf: dict, default: float = 10000.0) -> float:
     """rope_theta lives at the top level (transformers 4.x) or in rope_parameters (5.x)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json: rope_parameters / rope_scaling must be an object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", None):
         raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only default RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+    if params.get("rope_theta") is not None:
+        return checked_float(params["rope_theta"], "config.json: rope_parameters.rope_theta")
+    return hf_float(hf, "rope_theta", default)
 
 
 @dataclass(frozen=True)

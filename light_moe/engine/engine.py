@@ -9,7 +9,6 @@ all tensors.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
@@ -284,12 +283,9 @@ class LightMoEEngine:
             pass
 
     def _eos_ids(self, model_path: Path) -> frozenset[int]:
+        # config.json's and generation_config.json's, read and validated before the weights load
+        # (models/loader.load_model_config)
         ids = set(self.model_config.eos_token_ids)
-        gen_file = model_path / "generation_config.json"
-        if gen_file.is_file():
-            eos = json.loads(gen_file.read_text()).get("eos_token_id")
-            if eos is not None:
-                ids.update(eos if isinstance(eos, list) else [eos])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(i for i in ids if 0 <= i < self.model_config.vocab_size)

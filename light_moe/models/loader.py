@@ -14,7 +14,7 @@ MLPs) are dequantized to the model dtype at load time.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import zlib
 from pathlib import Path
@@ -27,7 +27,9 @@ from light_moe.config import ModelConfig, read_hf_config
 from light_moe.layers.moe import QuantizedFusedExperts
 from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.models.base import MoECausalLM
+from light_moe.models.generation_config import read_generation_config
 from light_moe.models.registry import resolve_architecture
+from light_moe.models.validation import index_shards, validate_checkpoint
 from light_moe.ops.backend import MoEOps
 from light_moe.quant.checkpoint import (
     CheckpointFormat,
@@ -42,24 +44,27 @@ logger = logging.getLogger(__name__)
 
 
 def load_model_config(model_path: str | Path) -> tuple[type[MoECausalLM], ModelConfig]:
+    """config.json and generation_config.json, both validated (nothing is allocated yet); the
+    eos_token_ids are the two files' together."""
     hf = read_hf_config(model_path)
     model_cls = resolve_architecture(hf)
-    return model_cls, model_cls.parse_config(hf)
+    cfg = model_cls.parse_config(hf)
+    extra_eos = [i for i in read_generation_config(model_path).eos_token_ids if i not in cfg.eos_token_ids]
+    if extra_eos:
+        cfg = dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + tuple(dict.fromkeys(extra_eos)))
+    return model_cls, cfg
 
 
 class CheckpointIndex:
-    """Which safetensors file holds which tensor, with lazily opened handles."""
+    """Which safetensors file holds which tensor, with lazily opened handles. The shards of an index
+    are confined to the model directory (validation.shard_path)."""
 
     def __init__(self, model_path: Path):
         self.model_path = model_path
         index_file = model_path / "model.safetensors.index.json"
         single = model_path / "model.safetensors"
         if index_file.is_file():
-            try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as exc:
-                raise ValueError(f"{index_file} is not a valid safetensors index: {exc}") from exc
-            self.files = {name: model_path / fname for name, fname in weight_map.items()}
+            self.files = index_shards(model_path, index_file)
         elif single.is_file():
             self.files = {name: single for name in self._keys_of(single)}
         else:
@@ -79,7 +84,7 @@ class CheckpointIndex:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         path = self.files.get(name)
         if path is None:
             raise KeyError(name)
@@ -90,10 +95,22 @@ class CheckpointIndex:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as exc:
                 raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+        return self._handles[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._handle(name)
         try:
-            return self._handles[path].get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as exc:
-            raise ValueError(f"tensor {name} in {path} could not be read: {exc}") from exc
+            raise ValueError(f"tensor {name} in {self.files[name]} could not be read: {exc}") from exc
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype name such as "BF16", shape) of a tensor, from its file's header: no data is read."""
+        tensor_slice = self._handle(name).get_slice(name)
+        return tensor_slice.get_dtype(), tuple(tensor_slice.get_shape())
+
+    def file_of(self, name: str) -> str:
+        return self.files[name].name
 
     def describe(self) -> str:
         files = sorted({p.name for p in self.files.values()})
@@ -223,6 +240,9 @@ def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device:
             raise ValueError(f"{len(expert_dispatchers)} expert dispatchers for {len(blocks)} MoE layers")
         for block, dispatcher in zip(blocks, expert_dispatchers):
             block.use_dispatcher(dispatcher)
+    ckpt = None if load_format == "dummy" else CheckpointIndex(model_path)
+    if ckpt is not None:
+        validate_checkpoint(model, ckpt, quant)  # shapes and dtypes from the headers, before any allocation
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -230,11 +250,9 @@ def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device:
         if isinstance(module, RotaryEmbedding):
             module.build(device)
     model.requires_grad_(False)
-    ckpt = None
-    if load_format == "dummy":
+    if ckpt is None:
         _fill_dummy(model, seed)
     else:
-        ckpt = CheckpointIndex(model_path)
         params = [(n, p) for n, p in model.named_parameters()]  # tied lm_head appears once, as embed
         for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress, leave=False):
             param.data.copy_(_read_param(ckpt, model, name, param.shape, quant, dtype).to(dtype))

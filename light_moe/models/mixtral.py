@@ -1,8 +1,8 @@
 """Mixtral: every layer MoE, softmax over all experts then top-k renormalised (equivalent to
 Mixtral's softmax over the top-k logits), experts named w1 (gate), w3 (up), w2 (down)."""
-from light_moe.config import ModelConfig, hf_field
+from light_moe.config import ModelConfig, hf_int
 from light_moe.models.base import MoECausalLM
-from light_moe.models.common import decoder_fields
+from light_moe.models.common import decoder_fields, intermediate_size_of, num_experts_of, top_k_of
 
 
 class MixtralForCausalLM(MoECausalLM):
@@ -14,10 +14,10 @@ class MixtralForCausalLM(MoECausalLM):
         base = decoder_fields(hf, "MixtralForCausalLM", rms_norm_eps=1e-5, rope_theta=1e6)
         return ModelConfig(
             **base,
-            num_experts=hf_field(hf, "num_local_experts"),
-            top_k=hf_field(hf, "num_experts_per_tok"),
-            moe_intermediate_size=hf_field(hf, "intermediate_size"),
+            num_experts=num_experts_of(hf),
+            top_k=top_k_of(hf),
+            moe_intermediate_size=intermediate_size_of(hf, "intermediate_size"),
             norm_topk_prob=True,
             moe_layers=tuple(range(base["num_layers"])),
-            sliding_window=hf.get("sliding_window"),
+            sliding_window=hf_int(hf, "sliding_window", None, minimum=1),
         )

@@ -1,8 +1,8 @@
 """OLMoE: q/k RMSNorm over the whole projection (all heads), optional clip_qkv, every layer MoE,
 top-k probabilities not renormalised unless norm_topk_prob."""
-from light_moe.config import ModelConfig, hf_field
+from light_moe.config import ModelConfig, hf_bool, hf_float
 from light_moe.models.base import MoECausalLM
-from light_moe.models.common import decoder_fields, num_experts_of
+from light_moe.models.common import decoder_fields, intermediate_size_of, num_experts_of, top_k_of
 
 
 class OlmoeForCausalLM(MoECausalLM):
@@ -12,11 +12,11 @@ class OlmoeForCausalLM(MoECausalLM):
         return ModelConfig(
             **base,
             num_experts=num_experts_of(hf),
-            top_k=hf_field(hf, "num_experts_per_tok"),
-            moe_intermediate_size=hf_field(hf, "intermediate_size"),
-            norm_topk_prob=hf_field(hf, "norm_topk_prob", False),
+            top_k=top_k_of(hf),
+            moe_intermediate_size=intermediate_size_of(hf, "intermediate_size"),
+            norm_topk_prob=hf_bool(hf, "norm_topk_prob", False),
             moe_layers=tuple(range(base["num_layers"])),
-            qkv_bias=hf_field(hf, "attention_bias", False),
+            qkv_bias=hf_bool(hf, "attention_bias", False),
             qk_norm="full",
-            clip_qkv=hf.get("clip_qkv"),
+            clip_qkv=hf_float(hf, "clip_qkv", None),
         )

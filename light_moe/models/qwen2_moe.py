@@ -1,8 +1,8 @@
 """Qwen2-MoE: q/k/v bias, a shared expert scaled by sigmoid(shared_expert_gate), MoE only on
 layers chosen by decoder_sparse_step and mlp_only_layers (the rest are dense SwiGLU)."""
-from light_moe.config import ModelConfig, hf_field
+from light_moe.config import ModelConfig, hf_bool, hf_int
 from light_moe.models.base import MoECausalLM
-from light_moe.models.common import decoder_fields, num_experts_of, sparse_layers
+from light_moe.models.common import decoder_fields, intermediate_size_of, num_experts_of, sparse_layers, top_k_of
 
 
 class Qwen2MoeForCausalLM(MoECausalLM):
@@ -12,13 +12,14 @@ class Qwen2MoeForCausalLM(MoECausalLM):
         return ModelConfig(
             **base,
             num_experts=num_experts_of(hf),
-            top_k=hf_field(hf, "num_experts_per_tok"),
-            moe_intermediate_size=hf_field(hf, "moe_intermediate_size"),
-            norm_topk_prob=hf_field(hf, "norm_topk_prob", False),
-            intermediate_size=hf_field(hf, "intermediate_size", 0),
-            shared_expert_intermediate_size=hf_field(hf, "shared_expert_intermediate_size", 0),
+            top_k=top_k_of(hf),
+            moe_intermediate_size=intermediate_size_of(hf, "moe_intermediate_size"),
+            norm_topk_prob=hf_bool(hf, "norm_topk_prob", False),
+            intermediate_size=intermediate_size_of(hf, "intermediate_size", 0),
+            shared_expert_intermediate_size=intermediate_size_of(hf, "shared_expert_intermediate_size", 0),
             shared_expert_gate=True,
             moe_layers=sparse_layers(hf, base["num_layers"]),
-            qkv_bias=hf_field(hf, "qkv_bias", True),
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+            qkv_bias=hf_bool(hf, "qkv_bias", True),
+            sliding_window=hf_int(hf, "sliding_window", None, minimum=1) if hf_bool(hf, "use_sliding_window", False)
+            else None,
         )

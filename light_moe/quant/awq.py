@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from light_moe.quant.formats import UnpackedLinear, check_bits, check_group_size, expect_shape, fetch
+from light_moe.quant.gptq import SCALE_DTYPES
 from light_moe.quant.w4a16 import unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -45,11 +46,17 @@ class AWQFormat:
             raise ValueError(f"{source}: AWQ zero_point=false is not supported (only AWQ with zero points)")
         return cls(check_group_size("AWQ", cfg.get("group_size", cfg.get("q_group_size")), source))
 
-    def read_linear(self, ckpt, prefix: str, out_features: int, in_features: int) -> UnpackedLinear:
+    def expected_tensors(self, prefix: str, out_features: int, in_features: int) -> list[tuple]:
+        """(name, shape, accepted safetensors dtypes, required) of each tensor read_linear reads, checked
+        from the headers before anything loads (models/validation.py)."""
         n, k, g = out_features, in_features, self.group_size
-        qweight = expect_shape(f"{prefix}.qweight", fetch(ckpt, f"{prefix}.qweight"), (k, n // 8))
-        qzeros = expect_shape(f"{prefix}.qzeros", fetch(ckpt, f"{prefix}.qzeros"), (k // g, n // 8))
-        scales = expect_shape(f"{prefix}.scales", fetch(ckpt, f"{prefix}.scales"), (k // g, n))
+        return [(f"{prefix}.qweight", (k, n // 8), ("I32",), True),
+                (f"{prefix}.qzeros", (k // g, n // 8), ("I32",), True),
+                (f"{prefix}.scales", (k // g, n), SCALE_DTYPES, True)]
+
+    def read_linear(self, ckpt, prefix: str, out_features: int, in_features: int) -> UnpackedLinear:
+        qweight, qzeros, scales = (expect_shape(name, fetch(ckpt, name), shape)
+                                   for name, shape, _, _ in self.expected_tensors(prefix, out_features, in_features))
         q = unpack_awq(qweight).t().contiguous()  # [N, K]
         zeros = unpack_awq(qzeros).t().contiguous()  # [N, G]
-        return UnpackedLinear(q, scales.t().contiguous(), zeros, torch.arange(k) // g)
+        return UnpackedLinear(q, scales.t().contiguous(), zeros, torch.arange(in_features) // self.group_size)

@@ -10,11 +10,11 @@ from the same Hessian); a checkpoint where they differ is refused.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from light_moe.config import read_json_object
 from light_moe.quant.awq import AWQFormat
 from light_moe.quant.formats import UnpackedLinear
 from light_moe.quant.gptq import GPTQFormat
@@ -31,13 +31,15 @@ def read_checkpoint_quantization(model_path: str | Path) -> CheckpointFormat | N
     candidates = []
     config = model_path / "config.json"
     if config.is_file():
-        qc = json.loads(config.read_text()).get("quantization_config")
+        qc = read_json_object(config).get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise ValueError(f"{config}: quantization_config must be an object, got {qc!r}")
         if qc:
             candidates.append((qc, f"{config} quantization_config"))
     for fname, default_method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
         path = model_path / fname
         if not candidates and path.is_file():
-            candidates.append(({"quant_method": default_method, **json.loads(path.read_text())}, str(path)))
+            candidates.append(({"quant_method": default_method, **read_json_object(path)}, str(path)))
     if not candidates:
         return None
     cfg, source = candidates[0]

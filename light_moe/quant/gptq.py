@@ -22,6 +22,7 @@ from light_moe.quant.formats import UnpackedLinear, check_bits, check_group_size
 from light_moe.quant.w4a16 import unpack_int4
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+SCALE_DTYPES = ("F16", "BF16", "F32")  # safetensors dtype names; light-moe quantize writes the model's dtype
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,22 @@ class GPTQFormat:
         return {"quant_method": "gptq", "bits": 4, "group_size": self.group_size, "desc_act": self.desc_act,
                 "sym": self.sym, "checkpoint_format": self.checkpoint_format}
 
+    def expected_tensors(self, prefix: str, out_features: int, in_features: int) -> list[tuple]:
+        """(name, shape, accepted safetensors dtypes, required) of each tensor read_linear reads, checked
+        from the headers before anything loads (models/validation.py): codes and zero points packed in
+        int32, scales float, g_idx int32 (int64 accepted) and optional."""
+        n, k = out_features, in_features
+        groups = -(-k // self.group_size)
+        return [(f"{prefix}.qweight", (k // 8, n), ("I32",), True),
+                (f"{prefix}.qzeros", (groups, n // 8), ("I32",), True),
+                (f"{prefix}.scales", (groups, n), SCALE_DTYPES, True),
+                (f"{prefix}.g_idx", (k,), ("I32", "I64"), False)]
+
     def read_linear(self, ckpt, prefix: str, out_features: int, in_features: int) -> UnpackedLinear:
-        n, k, g = out_features, in_features, self.group_size
-        groups = -(-k // g)
-        qweight = expect_shape(f"{prefix}.qweight", fetch(ckpt, f"{prefix}.qweight"), (k // 8, n))
-        qzeros = expect_shape(f"{prefix}.qzeros", fetch(ckpt, f"{prefix}.qzeros"), (groups, n // 8))
-        scales = expect_shape(f"{prefix}.scales", fetch(ckpt, f"{prefix}.scales"), (groups, n))
-        if f"{prefix}.g_idx" in ckpt:
-            g_idx = expect_shape(f"{prefix}.g_idx", fetch(ckpt, f"{prefix}.g_idx"), (k,)).long()
-        else:
-            g_idx = torch.arange(k) // g
+        qweight, qzeros, scales, g_idx = (
+            expect_shape(name, fetch(ckpt, name), shape) if required or name in ckpt else None
+            for name, shape, _, required in self.expected_tensors(prefix, out_features, in_features))
+        g_idx = torch.arange(in_features) // self.group_size if g_idx is None else g_idx.long()
         q = unpack_int4(qweight.t().contiguous())  # [N, K]
         zeros = unpack_int4(qzeros).t().contiguous()  # [N, G] as stored
         if self.checkpoint_format == "gptq":
