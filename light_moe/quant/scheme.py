@@ -1,6 +1,7 @@
 """The quantization scheme: one frozen object passed explicitly (never a boolean per scheme)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 QUANTIZATION_METHODS = ("w4a16",)
@@ -10,11 +11,15 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 @dataclass(frozen=True)
 class W4A16Config:
     """int4 weights, 16-bit activations, one scale (and, asymmetric, one zero point) per group of
-    `group_size` consecutive input channels. Symmetric uses the fixed zero point 8."""
+    `group_size` consecutive input channels. Symmetric uses the fixed zero point 8.
+
+    The routed experts are always quantized; attention=True quantizes the attention projections
+    (qkv_proj, o_proj) as well, run as one-expert W4A16 GEMMs (layers/linear.py)."""
 
     group_size: int = 128
     symmetric: bool = True
     bits: int = 4
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if self.bits != 4:
@@ -24,14 +29,19 @@ class W4A16Config:
 
     @property
     def name(self) -> str:
-        return f"w4a16-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+        return f"w4a16-g{self.group_size}-{'sym' if self.symmetric else 'asym'}{'-attn' if self.attention else ''}"
 
 
 def parse_quantization(quantization: str | W4A16Config | None, group_size: int = 128,
-                       symmetric: bool = True) -> W4A16Config | None:
-    """Engine / CLI arguments -> scheme object (None: no quantization on load)."""
-    if quantization is None or isinstance(quantization, W4A16Config):
-        return quantization
+                       symmetric: bool = True, quantize_attention: bool = False) -> W4A16Config | None:
+    """Engine / CLI arguments -> scheme object (None: no quantization on load).
+    quantize_attention needs a W4A16 scheme: it adds the attention projections to the experts."""
+    if quantization is None:
+        if quantize_attention:
+            raise ValueError("quant_attention=True (--quant-attention) needs quantization='w4a16'")
+        return None
+    if isinstance(quantization, W4A16Config):
+        return dataclasses.replace(quantization, attention=True) if quantize_attention else quantization
     if quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {quantization!r}")
-    return W4A16Config(group_size=group_size, symmetric=symmetric)
+    return W4A16Config(group_size=group_size, symmetric=symmetric, attention=quantize_attention)
