@@ -3,11 +3,14 @@
     POST /v1/completions, POST /v1/chat/completions  (stream: true -> server-sent events, [DONE])
     GET  /v1/models, GET /health, GET /metrics
 
-A request is read (size-limited), parsed strictly, tokenized and checked against the context
-window here, so every bad input is a 4xx before anything is queued; then it goes to the
-engine thread (engine_loop.py). A client that goes away has its request aborted: streams
-when the ASGI server reports the disconnect (or a send fails), non-streamed requests by
-listening for http.disconnect while the engine works.
+A request is read (size- and time-limited: body.py), parsed strictly (protocol.py; the sampling
+bounds are SamplingParams's), its chat template rendered in a worker process (template_worker.py),
+tokenized with work bounded by the context window, and checked against it here, so every bad input
+is a 4xx before anything is queued; then it goes to the engine thread (engine_loop.py). A request
+that fails inside the engine is a 500 for it alone. A client that goes away has its request
+aborted: streams when the ASGI server reports the disconnect (or a send fails), non-streamed
+requests by listening for http.disconnect while the engine works; one that leaves while still
+uploading its body is counted as 499. docs/server.md lists every bound and its status.
 
 Default max_tokens when the request leaves it out: 16 for /v1/completions (OpenAI's legacy
 default), and the whole remaining context for /v1/chat/completions (as vLLM does).
@@ -17,21 +20,40 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from light_moe.engine.outputs import RequestOutput
-from light_moe.server.engine_loop import EngineDeadError, EngineLoop, QueueFullError, RequestStream
+from light_moe.engine.tokenizer import PromptTooLongError
+from light_moe.server.body import read_json
+from light_moe.server.engine_loop import (
+    EngineDeadError,
+    EngineLoop,
+    QueueFullError,
+    RequestFailedError,
+    RequestStream,
+)
 from light_moe.server.metrics import ServerMetrics
+from light_moe.server.openapi import build_openapi
 from light_moe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
-from light_moe.server.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING
+from light_moe.server.serve import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_TEMPLATE_MEMORY_BYTES,
+    DEFAULT_TEMPLATE_TIME_LIMIT_S,
+    DEFAULT_TEMPLATE_WORKERS,
+)
+from light_moe.server.template_worker import TemplateBusyError, TemplateRenderer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
@@ -41,33 +63,60 @@ class ServerState:
     """What the routes share: the engine loop, the names, the limits."""
 
     def __init__(self, engine, served_model_name: str | None, api_key: str | None, max_waiting: int | None,
-                 max_body_bytes: int, expert_sync_interval_s: float):
+                 max_body_bytes: int, body_timeout_s: float, expert_sync_interval_s: float,
+                 templates: TemplateRenderer | None):
         self.engine = engine
         self.model_name = served_model_name or engine.model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.metrics = ServerMetrics(self.model_name, expert_sync_interval_s)
         self.loop = EngineLoop(engine, self.metrics, max_waiting)
+        self.templates = templates
         self.created = int(time.time())
 
 
 def build_app(engine, *, served_model_name: str | None = None, api_key: str | None = None,
               max_waiting: int | None = DEFAULT_MAX_WAITING, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              expert_sync_interval_s: float = 1.0, engine_shutdown_timeout_s: float = 10.0) -> FastAPI:
-    """An app serving `engine`. Its engine thread starts and stops with the app's lifespan."""
-    state = ServerState(engine, served_model_name, api_key, max_waiting, max_body_bytes, expert_sync_interval_s)
+              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, expert_sync_interval_s: float = 1.0,
+              engine_shutdown_timeout_s: float = 10.0, template_workers: int = DEFAULT_TEMPLATE_WORKERS,
+              template_time_limit_s: float = DEFAULT_TEMPLATE_TIME_LIMIT_S,
+              template_memory_bytes: int = DEFAULT_TEMPLATE_MEMORY_BYTES) -> FastAPI:
+    """An app serving `engine`. Its engine thread and chat template workers start and stop with the app's
+    lifespan."""
+    tokenizer = engine.tokenizer
+    templates = None
+    if tokenizer.chat_template:
+        # a rendered prompt longer than the context window could spell is refused by the worker itself
+        templates = TemplateRenderer(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
+                                     num_workers=template_workers, time_limit_s=template_time_limit_s,
+                                     max_chars=tokenizer.max_chars(engine.max_model_len),
+                                     memory_bytes=template_memory_bytes)
+    state = ServerState(engine, served_model_name, api_key, max_waiting, max_body_bytes, body_timeout_s,
+                        expert_sync_interval_s, templates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loop.start(asyncio.get_running_loop())
+        if templates is not None:
+            await templates.start()
         try:
             yield
         finally:
+            if templates is not None:
+                await templates.close()
             await asyncio.to_thread(state.loop.shutdown, engine_shutdown_timeout_s)
 
     app = FastAPI(title="Light-MoE", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
     app.add_middleware(_CountRequests, metrics=state.metrics)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, engine.max_model_len, api_key is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -77,6 +126,10 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
     async def _http_error(request: Request, exc: StarletteHTTPException):
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        return Response(status_code=499)  # nobody reads it; the request counter records it
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -89,7 +142,7 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
             raise APIError(503, "the engine is not running", type="service_unavailable")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -104,14 +157,15 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
     @v1.post("/completions")
     async def completions(request: Request):
         arrival = time.monotonic()
-        body = parse_request(CompletionRequest, await _read_json(request, state.max_body_bytes))
+        body = parse_request(CompletionRequest, await read_json(request, state.max_body_bytes, state.body_timeout_s))
         _check_model(state, body.model)
         body.check_supported()
         prompt = body.single_prompt()
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         _check_max_tokens(max_tokens, "max_tokens")
         params = body.sampling_params(max_tokens, logprobs=body.logprobs is not None)
-        prompt_ids = await _validate(engine, prompt, params, "prompt")
+        prompt_ids = await _tokenize(engine, prompt, "prompt", add_special_tokens=True)
+        await _validate(engine, prompt_ids, params, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await _submit(state, request_id, prompt_ids, params, arrival, body.stream)
         view = _CompletionView(state, request_id, len(prompt_ids), body.logprobs)
@@ -124,11 +178,12 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         arrival = time.monotonic()
-        body = parse_request(ChatCompletionRequest, await _read_json(request, state.max_body_bytes))
+        body = parse_request(ChatCompletionRequest,
+                             await read_json(request, state.max_body_bytes, state.body_timeout_s))
         _check_model(state, body.model)
         body.check_supported()
-        messages = [m.as_template_input() for m in body.messages]
-        prompt_ids = await asyncio.to_thread(_chat_prompt, engine, messages)
+        text = await _render_chat(state, [m.as_template_input() for m in body.messages])
+        prompt_ids = await _tokenize(engine, text, "messages", add_special_tokens=False)  # the template has any BOS
         max_tokens = body.requested_max_tokens
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         if max_tokens is None:
@@ -161,22 +216,6 @@ async def _authorize(request: Request) -> None:
                        type="authentication_error", code="invalid_api_key")
 
 
-async def _read_json(request: Request, limit: int):
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body has {length} bytes; the limit is {limit}", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-
-
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
@@ -188,15 +227,37 @@ def _check_max_tokens(value: int, field: str) -> None:
         raise APIError(400, f"{field} must be at least 1, got {value}", param=field)
 
 
-def _chat_prompt(engine, messages: list[dict]) -> list[int]:
+async def _render_chat(state: ServerState, messages: list[dict]) -> str:
+    if state.templates is None:
+        raise APIError(400, "this model has no chat template; send a plain prompt to /v1/completions",
+                       param="messages")
     try:
-        return engine.apply_chat_template(messages)
-    except Exception as exc:  # a template may raise anything (jinja errors, raise_exception)
-        raise APIError(400, f"the chat template could not render these messages: {exc}", param="messages") from None
+        return await state.templates.render(messages)
+    except TemplateBusyError as exc:
+        raise APIError(503, str(exc), type="service_unavailable", headers={"Retry-After": "1"}) from None
+    except ValueError as exc:  # the template's raise_exception, its errors, its limits
+        raise APIError(400, f"the chat template could not render these messages: {exc}", param="messages",
+                       code="chat_template_error") from None
+
+
+async def _tokenize(engine, prompt: str | list[int], field: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prompt, with work bounded by the context window however long the text is; off the
+    event loop (tokenizing holds the GIL, but only for as long as a context window's worth takes)."""
+    window = engine.max_model_len
+    if isinstance(prompt, list):
+        if len(prompt) >= window:
+            raise APIError(400, f"{field} has {len(prompt)} tokens; the context window is {window}", param=field)
+        return prompt
+    if not prompt:
+        raise APIError(400, f"{field} is empty", param=field)
+    try:
+        return await asyncio.to_thread(engine.tokenizer.encode_bounded, prompt, window, add_special_tokens)
+    except PromptTooLongError as exc:
+        raise APIError(400, f"{field} {exc}; the context window is {window} tokens", param=field) from None
 
 
 async def _validate(engine, prompt, params, prompt_field: str, max_tokens_field: str = "max_tokens") -> list[int]:
-    """Tokenize and check against the context window and vocabulary (engine.validate only reads the
+    """Check token ids against the context window and the vocabulary (engine.validate only reads the
     tokenizer and the config, so it is safe beside the engine thread)."""
     try:
         _, ids = await asyncio.to_thread(engine.validate, prompt, params)
@@ -244,6 +305,8 @@ async def _final_output(state: ServerState, stream: RequestStream, request: Requ
                 final = result.result()
             except EngineDeadError as exc:
                 raise APIError(503, str(exc), type="service_unavailable") from None
+            except RequestFailedError as exc:
+                raise APIError(500, str(exc), type="server_error") from None
             if final.finish_reason == "abort":  # only the server aborts a request whose client is still here
                 raise APIError(503, "the server is shutting down; the request was aborted before it finished",
                                type="service_unavailable")
@@ -279,6 +342,8 @@ def _sse(state: ServerState, stream: RequestStream, chunks) -> _SSEResponse:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except EngineDeadError as exc:
             yield f"data: {json.dumps(APIError(503, str(exc), type='service_unavailable').body())}\n\n"
+        except RequestFailedError as exc:
+            yield f"data: {json.dumps(APIError(500, str(exc), type='server_error').body())}\n\n"
         yield "data: [DONE]\n\n"
 
     def on_close():
@@ -401,10 +466,21 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.engine_loop = engine_loop
         self.drain_timeout = drain_timeout
+        self._hurried = False
 
     async def shutdown(self, sockets=None) -> None:
         self.engine_loop.drain(self.drain_timeout)
         await super().shutdown(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        """A second SIGINT during the drain aborts the in-flight requests now, and the shutdown goes on as
+        before: streams still end with their last chunk and [DONE], non-streamed requests with a 503
+        (uvicorn's own force-exit would cancel the handlers mid-response). A third one forces uvicorn out."""
+        if self.should_exit and sig == signal.SIGINT and not self._hurried:
+            self._hurried = True
+            self.engine_loop.drain(0.0)
+            return
+        super().handle_exit(sig, frame)
 
 
 class _CountRequests:

@@ -6,6 +6,9 @@
        async for out in stream <-------------- RequestOutputs of each step, one hop per step
     abort()  -> command deque ---------------> engine.abort(): KV blocks freed
 
+A request whose own work fails in the engine (finish_reason "error") gets RequestFailedError; only an
+exception out of engine.step() itself stops the loop (EngineDeadError for everyone).
+
 The engine is not thread-safe, so nothing but this thread calls into it (engine.validate,
 which only reads the tokenizer and the config, is the exception the handlers use to answer
 400s before queueing). Commands go through a deque under a Condition: the thread sleeps on
@@ -35,6 +38,10 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than max_waiting allows."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request failed inside the engine (its own host work raised); the engine goes on (500)."""
 
 
 class RequestStream:
@@ -163,9 +170,10 @@ class EngineLoop:
         Called when the server starts shutting down, so in-flight requests end on their own terms
         (finished, or finish_reason "abort") instead of being cancelled by the ASGI server.
         """
-        with self._cv:
-            if self._drain_deadline is None:
-                self._drain_deadline = time.monotonic() + max(timeout, 0.0)
+        with self._cv:  # a Condition's lock is reentrant: safe from a signal handler on the loop's thread
+            deadline = time.monotonic() + max(timeout, 0.0)
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
             self._cv.notify()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -258,7 +266,10 @@ class EngineLoop:
                 del self._streams[output.request_id]
                 m.finished.labels(finish_reason=output.finish_reason or "length").inc()
                 m.e2e.observe(now - stream.arrival_time)
-            if output.finished or stream.stream_deltas:
+            if output.finish_reason == "error":  # engine.py logged it; this request alone fails
+                error = getattr(output, "error", "") or "unknown error"
+                self._deliveries.append((stream, RequestFailedError(f"the request failed in the engine: {error}")))
+            elif output.finished or stream.stream_deltas:
                 self._deliveries.append((stream, output))
 
     def _publish(self, num_adds: int) -> None:

@@ -5,6 +5,9 @@ and unknown fields are ignored, as OpenAI does. Fields OpenAI defines that the e
 honour (n > 1, presence/frequency penalties, logit_bias, tools, echo, suffix, best_of > 1) are
 refused with a 400 naming the field instead of being silently ignored. Responses are built
 as plain dicts in app.py: they are written once per token and need no validation.
+
+The sampling fields' bounds are SamplingParams's (sampling_params.py, the one place that checks
+them, for the Python API too); here they only annotate the OpenAPI schema (_bounds).
 """
 from __future__ import annotations
 
@@ -12,10 +15,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from light_moe import sampling_params as bounds
 from light_moe.sampling_params import SamplingParams
 
-# torch.Generator.manual_seed accepts [-2**63, 2**64); keep the seed in that range.
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_LOGPROBS = 20
+
+
+def _bounds(low=None, high=None, exclusive_low=None, **extra) -> Any:
+    """A Field whose bounds appear in the OpenAPI schema only: SamplingParams checks them."""
+    schema = {k: v for k, v in (("minimum", low), ("maximum", high), ("exclusiveMinimum", exclusive_low))
+              if v is not None}
+    return Field(None, json_schema_extra={**schema, **extra})
 
 
 class APIError(Exception):
@@ -49,21 +60,21 @@ class _SamplingFields(_Strict):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
+    temperature: float | None = _bounds(0, bounds.MAX_TEMPERATURE)
+    top_p: float | None = _bounds(None, 1, exclusive_low=0)
+    seed: int | None = _bounds(bounds.MIN_SEED, bounds.MAX_SEED)
+    stop: str | list[str] | None = _bounds(maxItems=bounds.MAX_STOP_STRINGS, maxLength=bounds.MAX_STOP_STRING_CHARS)
+    presence_penalty: float | None = _bounds(0, 0)
+    frequency_penalty: float | None = _bounds(0, 0)
+    logit_bias: dict[str, float] | None = _bounds(maxProperties=0)
     user: str | None = None
     # extras beyond OpenAI's API, named as vLLM names them
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = _bounds(-1, bounds.MAX_TOP_K)
+    min_p: float | None = _bounds(0, 1)
+    repetition_penalty: float | None = _bounds(bounds.MIN_REPETITION_PENALTY, bounds.MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = _bounds(maxItems=bounds.MAX_STOP_TOKEN_IDS)
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -94,8 +105,8 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = _bounds(1)  # the app adds the context window as the maximum
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -126,9 +137,11 @@ class TextContent(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
+    # Both reach the chat template verbatim: free text there could spell special tokens (a role of
+    # "user|>\n<|system") and forge turns, so they are restricted.
+    role: Literal[CHAT_ROLES]
     content: str | list[TextContent] | None = None
-    name: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -142,10 +155,10 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _bounds(1)
+    max_completion_tokens: int | None = _bounds(1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
 
     def check_supported(self) -> None:

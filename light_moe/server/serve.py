@@ -1,9 +1,10 @@
 """`light-moe serve --model DIR`: load the engine, serve the OpenAI API with uvicorn.
 
 Shutdown on SIGINT or SIGTERM: uvicorn stops accepting connections and lets in-flight
-requests finish for up to --shutdown-timeout seconds, then cancels them (their engine
-requests are aborted); the app's lifespan then stops the engine thread. A second SIGINT
-skips the wait. The process exits 0 without a traceback.
+requests finish for up to --shutdown-timeout seconds, then aborts them (streams end with their
+last chunk and [DONE], non-streamed requests get a 503); the app's lifespan then stops the chat
+template workers and the engine thread. A second SIGINT aborts at once, with the same endings.
+The process exits 0 without a traceback.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 # subcommand's parser, also on machines without the server extra).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_TEMPLATE_WORKERS = 2
+DEFAULT_TEMPLATE_TIME_LIMIT_S = 5.0
+DEFAULT_TEMPLATE_MEMORY_BYTES = 1 << 30
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,6 +57,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="requests allowed to wait for a batch seat before new ones get 429")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted (larger ones get 413)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a request body may take to arrive (slower ones get 408)")
+    parser.add_argument("--template-workers", type=int, default=DEFAULT_TEMPLATE_WORKERS,
+                        help="processes rendering chat templates")
+    parser.add_argument("--template-timeout", type=float, default=DEFAULT_TEMPLATE_TIME_LIMIT_S,
+                        help="seconds one chat template render may take (longer ones get 400)")
+    parser.add_argument("--template-memory-mb", type=int, default=DEFAULT_TEMPLATE_MEMORY_BYTES >> 20,
+                        help="address-space limit of each chat template worker process")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may run after SIGINT/SIGTERM before they are aborted")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -61,14 +74,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_server(engine, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
                served_model_name: str | None = None, max_waiting: int | None = DEFAULT_MAX_WAITING,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 30.0,
-               log_level: str = "info") -> None:
-    """Serve `engine` until SIGINT/SIGTERM (call from the main thread: uvicorn installs the handlers)."""
+               log_level: str = "info", **app_kwargs) -> None:
+    """Serve `engine` until SIGINT/SIGTERM (call from the main thread: uvicorn installs the handlers).
+    app_kwargs: build_app's other limits (body_timeout_s, template_workers, template_time_limit_s,
+    template_memory_bytes)."""
     import uvicorn
 
     from light_moe.server.app import DrainingServer, build_app
 
     app = build_app(engine, served_model_name=served_model_name, api_key=api_key, max_waiting=max_waiting,
-                    max_body_bytes=max_body_bytes)
+                    max_body_bytes=max_body_bytes, **app_kwargs)
     # uvicorn's own timeout cancels handler tasks, which it logs as tracebacks; it is only a backstop
     # behind the engine loop's drain, which ends the requests first.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
@@ -98,6 +113,9 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.max_body_bytes <= 0:
         raise SystemExit(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    for flag in ("body_timeout", "template_workers", "template_timeout", "template_memory_mb"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     try:
         engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -109,7 +127,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         run_server(engine, args.host, args.port, api_key=args.api_key, served_model_name=args.served_model_name,
                    max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-                   shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                   shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                   body_timeout_s=args.body_timeout, template_workers=args.template_workers,
+                   template_time_limit_s=args.template_timeout, template_memory_bytes=args.template_memory_mb << 20)
     finally:
         engine.shutdown()  # expert-parallel worker processes, if any
     return 0

@@ -1,0 +1,119 @@
+"""The OpenAPI schema at /openapi.json: request bodies, every response and its media type.
+
+The routes read their bodies themselves (size and time limits, strict parsing: body.py, protocol.py), so
+FastAPI cannot infer the schema from their signatures; it is assembled here from the pydantic request
+models (the sampling bounds come from SamplingParams through them) plus the context window of the engine
+being served, so that schema-driven clients and fuzzers (schemathesis, in tests/test_server_schema.py)
+build valid requests and know each status they may get.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from light_moe.server.protocol import ChatCompletionRequest, CompletionRequest
+
+_ERRORS = {
+    "400": "invalid request: malformed or non-standard JSON, a wrong type or value, a prompt too long for the "
+           "context window, an unsupported field, a chat template that refused the messages or passed its limits",
+    "401": "missing or wrong API key (only with --api-key)",
+    "404": "unknown model",
+    "408": "the request body did not arrive in time",
+    "413": "the request body is over --max-body-bytes",
+    "429": "too many requests waiting (--max-waiting); see Retry-After",
+    "500": "the request failed inside the engine (the engine and other requests go on)",
+    "503": "the engine is not running or shutting down, or every chat template worker is busy",
+}
+_ROUTE_ERRORS = {
+    ("/v1/completions", "post"): ("400", "401", "404", "408", "413", "429", "500", "503"),
+    ("/v1/chat/completions", "post"): ("400", "401", "404", "408", "413", "429", "500", "503"),
+    ("/v1/models", "get"): ("401",),
+    ("/health", "get"): ("503",),
+    ("/metrics", "get"): (),
+}
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_FINISH_REASON = {"type": ["string", "null"], "enum": ["stop", "length", "abort", "capacity", None]}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+
+
+def _object(required: list[str], **properties) -> dict:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_SCHEMAS = {
+    "ErrorResponse": _object(["error"], error=_object(
+        ["message", "type", "param", "code"], message={"type": "string"}, type={"type": "string"},
+        param=_NULLABLE_STRING, code=_NULLABLE_STRING)),
+    "CompletionResponse": _object(
+        ["id", "object", "created", "model", "choices"], id={"type": "string"}, object={"const": "text_completion"},
+        created={"type": "integer"}, model={"type": "string"},
+        choices={"type": "array", "items": _object(["index", "text", "finish_reason"], index={"type": "integer"},
+                                                   text={"type": "string"}, logprobs={"type": ["object", "null"]},
+                                                   finish_reason=_FINISH_REASON)},
+        usage={"anyOf": [_USAGE, {"type": "null"}]}),
+    "ChatCompletionResponse": _object(
+        ["id", "object", "created", "model", "choices"], id={"type": "string"}, object={"const": "chat.completion"},
+        created={"type": "integer"}, model={"type": "string"},
+        choices={"type": "array", "items": _object(
+            ["index", "message", "finish_reason"], index={"type": "integer"},
+            message=_object(["role", "content"], role={"const": "assistant"}, content={"type": "string"}),
+            logprobs={"type": ["object", "null"]}, finish_reason=_FINISH_REASON)},
+        usage={"anyOf": [_USAGE, {"type": "null"}]}),
+    "ModelList": _object(["object", "data"], object={"const": "list"}, data={"type": "array", "items": _object(
+        ["id", "object", "created", "owned_by", "max_model_len"], id={"type": "string"}, object={"const": "model"},
+        created={"type": "integer"}, owned_by={"type": "string"}, max_model_len={"type": "integer"})}),
+    "Health": _object(["status"], status={"const": "ok"}),
+}
+_STREAM = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "with stream: true, server-sent events ending with 'data: [DONE]'"}}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str) -> dict:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def _request_schema(model, components: dict, max_tokens: int) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    for field in ("max_tokens", "max_completion_tokens"):
+        if field in schema["properties"]:
+            schema["properties"][field]["maximum"] = max_tokens
+    return schema
+
+
+def build_openapi(app: FastAPI, max_model_len: int, api_key: bool) -> dict:
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(_SCHEMAS)
+    max_tokens = max(max_model_len - 1, 1)  # at least one prompt token
+    components["CompletionRequest"] = _request_schema(CompletionRequest, components, max_tokens)
+    components["ChatCompletionRequest"] = _request_schema(ChatCompletionRequest, components, max_tokens)
+    ok = {
+        ("/v1/completions", "post"): {**_json("CompletionResponse"), **_STREAM},
+        ("/v1/chat/completions", "post"): {**_json("ChatCompletionResponse"), **_STREAM},
+        ("/v1/models", "get"): _json("ModelList"),
+        ("/health", "get"): _json("Health"),
+        ("/metrics", "get"): {"text/plain": {"schema": {"type": "string"}}},
+    }
+    bodies = {("/v1/completions", "post"): "CompletionRequest",
+              ("/v1/chat/completions", "post"): "ChatCompletionRequest"}
+    for (path, method), errors in _ROUTE_ERRORS.items():
+        operation = schema["paths"][path][method]
+        responses = {"200": {"description": "OK", "content": ok[(path, method)]}}
+        for status in errors:
+            if status == "401" and not api_key:
+                continue
+            responses[status] = {"description": _ERRORS[status], "content": _json("ErrorResponse")}
+        operation["responses"] = responses
+        if (path, method) in bodies:
+            operation["requestBody"] = {"required": True, "content": _json(bodies[(path, method)])}
+        if api_key and path.startswith("/v1/"):
+            operation["security"] = [{"bearer": []}]
+    if api_key:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return schema
