@@ -64,7 +64,7 @@ def choose_tiling(n_vec: int) -> RowTiling:
 
 
 def _vec(dtype: torch.dtype) -> int:
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def supports(dtype: torch.dtype, hidden_size: int) -> tuple[bool, str]:

@@ -37,7 +37,7 @@ TABLE_VEC = 4  # fp32 per 16-byte access of the cos/sin tables
 
 
 def _vec(dtype: torch.dtype) -> int:
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
