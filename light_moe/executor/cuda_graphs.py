@@ -58,10 +58,13 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.slots = torch.full((n,), scratch_slot, dtype=torch.long, device=device)
-        self.ctx_lens = torch.ones(n, dtype=torch.long, device=device)
-        self.tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=device)
+        self.ctx_lens = torch.ones(n, dtype=torch.int32, device=device)
+        # one contiguous [max batch, NB] table per context bucket (made on first use): the attention kernels
+        # take a dense table whose width is the bucket, which also bounds their split-KV work
+        self.tables: dict[int, torch.Tensor] = {}
         self.query_pos = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.padded_index = torch.arange(n, dtype=torch.long, device=device)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query row per sequence
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -75,11 +78,17 @@ class DecodeGraphs:
             bucket *= 2
         return min(bucket, self.max_blocks)
 
+    def _table(self, blocks: int) -> torch.Tensor:
+        if blocks not in self.tables:
+            self.tables[blocks] = torch.zeros(self.max_batch, blocks, dtype=torch.int32, device=self.ctx_lens.device)
+        return self.tables[blocks]
+
     def _forward(self, batch: int, blocks: int) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=self.slots[:batch], block_tables=self.tables[:batch, :blocks],
+            slot_mapping=self.slots[:batch], block_tables=self._table(blocks)[:batch],
             ctx_lens=self.ctx_lens[:batch], query_pos=self.query_pos[:batch],
-            padded_index=self.padded_index[:batch], max_query_len=1, max_ctx_len=blocks * self.block_size)
+            padded_index=self.padded_index[:batch], max_query_len=1, max_ctx_len=blocks * self.block_size,
+            query_start=self.query_start[:batch + 1])
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # [B, V]
 
@@ -148,7 +157,7 @@ class DecodeGraphs:
         copy_to(self.ctx_lens[:batch], ctx + [1] * pad)
         # one host tensor for the whole table: a tensor per row cost ~5 us each at batch 64
         table = [t + [0] * (blocks - len(t)) for t in tables] + [[0] * blocks] * pad
-        copy_to(self.tables[:batch, :blocks], table)
+        copy_to(self._table(blocks)[:batch], table)
         key = (batch, blocks, tag)
         if key not in self.graphs:
             self.graphs[key] = self._capture(lambda: self._forward(batch, blocks),

@@ -18,6 +18,7 @@ from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.cuda_graphs import DecodeGraphs
 from light_moe.executor.host_to_device import to_device
 from light_moe.executor.pending_tokens import fill_pending_tokens
+from light_moe.executor.prefill_graphs import PrefillGraphs
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
 
@@ -42,6 +43,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
+        prefill_graphs: bool = False,
         graph_warmup: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         self.model = model
@@ -62,12 +64,16 @@ class ModelRunner:
             self.num_blocks * kv_block_bytes(self.cfg, self.block_size, dtype) / 2**20,
         )
         self.decode_graphs = None
+        self.prefill_graphs = None
         graph_safe = all(b.graph_safe for b in model.moe_blocks())
         if cuda_graphs and device.type == "cuda" and graph_safe:
             max_len = max_model_len or self.cfg.max_position_embeddings
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, self.block_size,
                                               -(-max_len // self.block_size), self.num_blocks * self.block_size,
                                               max_num_seqs, device, graph_warmup)
+            if prefill_graphs:
+                self.prefill_graphs = PrefillGraphs(model, self.kv_caches, self.block_size, self.num_blocks, device,
+                                                    max_num_batched_tokens)
         elif cuda_graphs and device.type == "cuda":
             logger.info("decode runs eagerly: the MoE backend synchronises with the host (not graph-safe)")
 
@@ -110,7 +116,7 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledRequest], prev_tokens: torch.Tensor | None = None):
         input_ids, positions, slots, padded_index, sample_rows = [], [], [], [], []
-        ctx_lens, tables, query_pos = [], [], []
+        ctx_lens, tables, query_pos, query_start = [], [], [], [0]
         max_q = max(s.num_new_tokens for s in scheduled)
         bs = self.block_size
         n = 0
@@ -120,34 +126,39 @@ class ModelRunner:
             tokens = req.tokens(start, start + count)
             table = req.block_table
             input_ids.extend(tokens)
-            pos = list(range(start, start + count))
+            pos = range(start, start + count)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            padded_index.extend(b * max_q + i for i in range(count))
-            query_pos.append(pos + [-1] * (max_q - count))
+            padded_index.extend(range(b * max_q, b * max_q + count))
+            query_pos.extend(pos)
+            query_pos.extend([-1] * (max_q - count))
             ctx_lens.append(start + count)
             tables.append(table)
             n += count
+            query_start.append(n)
             if s.samples:
                 sample_rows.append(n - 1)
-        max_blocks = max(len(t) for t in tables)
-        padded_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
-
-        def as_tensor(values):
-            return to_device(values, torch.long, self.device)
-
+        batch, max_blocks = len(scheduled), max(len(t) for t in tables)
+        flat_tables = [b for t in tables for b in t + [0] * (max_blocks - len(t))]
+        # two uploads per step (int64 and int32 values), each through pinned memory: a step's host time is on
+        # the critical path of small prefills, and every separate upload costs its own copy set-up
+        longs = to_device(input_ids + positions + slots + padded_index + query_pos + sample_rows, torch.long,
+                          self.device)
+        ints = to_device(flat_tables + ctx_lens + query_start, torch.int32, self.device)
+        ids, pos_t, slot_t, padded_t, qpos_t, rows_t = longs.split([n, n, n, n, batch * max_q, len(sample_rows)])
+        tables_t, ctx_t, qstart_t = ints.split([batch * max_blocks, batch, batch + 1])
         meta = AttentionMetadata(
-            slot_mapping=as_tensor(slots),
-            block_tables=as_tensor(padded_tables),
-            ctx_lens=as_tensor(ctx_lens),
-            query_pos=as_tensor(query_pos),
-            padded_index=as_tensor(padded_index),
+            slot_mapping=slot_t,
+            block_tables=tables_t.view(batch, max_blocks),
+            ctx_lens=ctx_t,
+            query_pos=qpos_t.view(batch, max_q),
+            padded_index=padded_t,
             max_query_len=max_q,
             max_ctx_len=max(ctx_lens),
+            query_start=qstart_t,
         )
-        ids = as_tensor(input_ids)
         fill_pending_tokens(ids, input_ids, prev_tokens)
-        return ids, as_tensor(positions), meta, as_tensor(sample_rows)
+        return ids, pos_t, meta, rows_t
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest], graph_tag: Hashable = None,
@@ -159,14 +170,18 @@ class ModelRunner:
         if allow_graph and self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             return self.decode_graphs.run(scheduled, graph_tag, prev_tokens)
         input_ids, positions, meta, sample_rows = self.prepare(scheduled, prev_tokens)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
+        if allow_graph and self.prefill_graphs is not None and self.prefill_graphs.can_run(input_ids.shape[0]):
+            hidden = self.prefill_graphs.run(input_ids, positions, meta)  # [N, H]
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
         return self.model.compute_logits(hidden.index_select(0, sample_rows))
 
     def release(self) -> None:
         """Free the CUDA graphs and the KV cache now (engine shutdown), whoever still holds this runner."""
-        if self.decode_graphs is not None:
-            self.decode_graphs.release()
-            self.decode_graphs = None
+        for graphs in (self.decode_graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.decode_graphs = self.prefill_graphs = None
         self.kv_caches.clear()  # the list DecodeGraphs shares: its tensors go with it
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ position * inv_freq is a single float32 multiply either way, so this matches com
 import torch
 from torch import nn
 
+from light_moe.ops.reference import apply_rope
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, device=None):
@@ -24,15 +26,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [N, h, D], k [N, h_kv, D], positions [N] -> rotated q, k (same dtype)."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [N, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
-        return q, k
+        """q [N, h, D], k [N, h_kv, D], positions [N] -> rotated q, k (same dtype). The paged path rotates
+        inside the backend's rope_write_kv instead (ops/backend.py), reading the same cos / sin tables."""
+        cos = self.cos[positions].to(q.dtype)  # [N, D]
+        sin = self.sin[positions].to(q.dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

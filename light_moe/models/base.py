@@ -22,20 +22,30 @@ from light_moe.ops.backend import MoEOps
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm layer in residual-stream form: it takes the previous sublayer's output and the residual
+    stream, so that each "residual add + RMSNorm" pair is one op of the backend (one kernel on the GPU)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ops: MoEOps, dtype, device):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, rotary, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
+        self.self_attn = Attention(cfg, rotary, ops, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             self.mlp = MoEBlock(cfg, ops, dtype, device)
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
 
-    def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, kv_cache, meta):
+        """x: the previous layer's MLP output (the embeddings for layer 0, whose residual is None) -> (this
+        layer's MLP output, the residual stream before it is added)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)  # residual += x; h = norm(residual)
+        h = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -44,13 +54,15 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, ops, dtype, device) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        x = self.embed_tokens(input_ids)  # [N, H]
+        x, residual = self.embed_tokens(input_ids), None  # [N, H]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if kv_caches is None else kv_caches[i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
 
 class MoECausalLM(nn.Module):
@@ -81,6 +93,17 @@ class MoECausalLM(nn.Module):
             if self.config.is_moe_layer(layer):
                 return param_name.replace(".mlp.", f".{self.moe_module_name}.")
         return param_name
+
+    def stacked_checkpoint_names(self, param_name: str) -> list[tuple[str, int]] | None:
+        """For a parameter fused at load from several checkpoint tensors (attention's qkv_proj weight and
+        bias: q_proj, k_proj, v_proj rows in that order), [(checkpoint name, rows)] of its parts; else None."""
+        module_name, _, kind = param_name.rpartition(".")
+        if not module_name.endswith(".self_attn.qkv_proj"):
+            return None
+        attn = self.get_submodule(module_name.removesuffix(".qkv_proj"))
+        prefix = module_name.removesuffix("qkv_proj")
+        return [(self.checkpoint_name(f"{prefix}{part}.{kind}"), rows)
+                for part, rows in zip(attn.qkv_parts, attn.qkv_sizes)]
 
     def expert_checkpoint_names(self, param_name: str, expert: int) -> list[str]:
         """Per-expert checkpoint tensors stacked into mlp.experts.w13 ([gate; up]) or w2 ([down])."""

@@ -24,6 +24,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from light_moe.config import ModelConfig, read_hf_config
+from light_moe.layers.attention import Attention
+from light_moe.layers.linear import QuantizedLinear
 from light_moe.layers.moe import QuantizedFusedExperts
 from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.models.base import MoECausalLM
@@ -144,7 +146,18 @@ def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: tor
             per_expert.append(_checked(f"{'+'.join(model.expert_checkpoint_names(name, e))}", stacked, shape[1:],
                                        where))
         return torch.stack(per_expert)
-    ckpt_name = model.checkpoint_name(name)
+    parts = model.stacked_checkpoint_names(name)
+    if parts is not None:  # e.g. qkv_proj: the q, k, v rows concatenated
+        if sum(rows for _, rows in parts) != shape[0]:
+            raise ValueError(f"{name}: parts {parts} do not add up to {shape[0]} rows")
+        return torch.cat([_read_linear(ckpt, part, (rows, *shape[1:]), quant, dtype) for part, rows in parts])
+    return _read_linear(ckpt, model.checkpoint_name(name), shape, quant, dtype)
+
+
+def _read_linear(ckpt: CheckpointIndex, ckpt_name: str, shape, quant: CheckpointFormat | None,
+                 dtype: torch.dtype | None) -> torch.Tensor:
+    """One non-expert checkpoint tensor of `shape` (a quantized linear is dequantized)."""
+    where = ckpt.describe()
     prefix = ckpt_name.removesuffix(".weight")
     if quant is not None and ckpt_name not in ckpt and f"{prefix}.qweight" in ckpt:
         return dequantize_linear(quant, ckpt, prefix, shape[0], shape[1], dtype)
@@ -212,6 +225,49 @@ def _load_quantized_experts(model: MoECausalLM, ckpt: CheckpointIndex | None, qu
             module.load(part, weight)
 
 
+def _use_quantized_attention(model: MoECausalLM, requested: W4A16Config | None,
+                             quant: CheckpointFormat | None) -> None:
+    """A scheme with attention=True: every Attention holds qkv_proj / o_proj as W4A16 QuantizedLinear, built
+    on the meta device before allocation; in the requested scheme, or a GPTQ / AWQ checkpoint's own."""
+    if requested is None or not requested.attention:
+        return
+    scheme = requested
+    if quant is not None:
+        if quant.desc_act:
+            raise ValueError(f"W4A16 attention projections (quant_attention) are not supported for act-order "
+                             f"(desc_act) {quant.method.upper()} checkpoints")
+        scheme = W4A16Config(group_size=quant.group_size, symmetric=not quant.has_zeros, attention=True)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.use_quantized_projections(scheme)
+
+
+def _load_quantized_attention(model: MoECausalLM, ckpt: CheckpointIndex | None, quant: CheckpointFormat | None,
+                              dtype: torch.dtype, seed: int) -> None:
+    """Fill every QuantizedLinear, one at a time, then let the backend repack it: repacked (exactly) from a
+    GPTQ / AWQ checkpoint's quantized linears (q, k, v rows stacked for qkv_proj), else the float weight
+    (read as its nn.Linear would be, or drawn as _fill_dummy would draw it for load_format='dummy')
+    quantized with RTN."""
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        weight_name, shape = f"{name}.weight", (module.out_features, module.in_features)
+        device = module.qweight.device
+        parts = model.stacked_checkpoint_names(weight_name) or [(model.checkpoint_name(weight_name), shape[0])]
+        prefixes = [part.removesuffix(".weight") for part, _ in parts]
+        if quant is not None and all(f"{prefix}.qweight" in ckpt for prefix in prefixes):
+            weight = read_quantized_experts(quant, ckpt, [prefixes], [rows for _, rows in parts], shape[1], dtype)
+        else:
+            if ckpt is None:
+                w = torch.empty(shape, dtype=dtype, device=device)
+                w.normal_(0.0, 0.02, generator=_dummy_generator(device, seed, weight_name))
+            else:
+                w = _read_param(ckpt, model, weight_name, torch.Size(shape), quant, dtype)
+            weight = rtn_quantize(w.to(device=device, dtype=dtype).unsqueeze(0), module.scheme)
+        module.load(weight.to(device))
+        module.prepare()
+
+
 def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device: torch.device,
                 load_format: str = "auto", seed: int = 0, progress: bool = True,
                 expert_dispatchers: list | None = None, quantization: W4A16Config | None = None) -> MoECausalLM:
@@ -234,6 +290,7 @@ def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device:
     if scheme is not None:
         for block in model.moe_blocks():
             block.use_quantized_experts(scheme, act_order=quant is not None and quant.desc_act)
+    _use_quantized_attention(model, quantization, quant)
     if expert_dispatchers is not None:
         blocks = model.moe_blocks()
         if len(expert_dispatchers) != len(blocks):
@@ -258,6 +315,7 @@ def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device:
             param.data.copy_(_read_param(ckpt, model, name, param.shape, quant, dtype).to(dtype))
     if scheme is not None:
         _load_quantized_experts(model, ckpt, quant, scheme, dtype, seed)
+    _load_quantized_attention(model, ckpt, quant, dtype, seed)
     for block in model.moe_blocks():
         block.prepare()
     model.eval()

@@ -8,7 +8,8 @@ serves prefill, chunked prefill and decode alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +17,29 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
+    """What every attention implementation of a step needs. The kernels (kernels/decode_attention.py,
+    kernels/prefill_attention.py) read block_tables, ctx_lens and query_start (int32, contiguous); the
+    reference below also uses query_pos, padded_index and the mask derived from them."""
     slot_mapping: torch.Tensor  # [N] int64: cache slot (block * block_size + offset) of each new token
-    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
-    ctx_lens: torch.Tensor  # [B] int64: keys per sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    ctx_lens: torch.Tensor  # [B] int32: keys per sequence after this step
     query_pos: torch.Tensor  # [B, Q] int64: position of each padded query row (-1 for padding)
     padded_index: torch.Tensor  # [N] int64: row of each token in the flattened [B * Q] padding
     max_query_len: int
     max_ctx_len: int
-    # [B, 1, Q, C] bool, derived once per step here rather than in every layer's attention
-    attn_mask: torch.Tensor = field(init=False)
+    query_start: torch.Tensor | None = None  # [B + 1] int32: first token of each sequence in the N rows
 
-    def __post_init__(self) -> None:
+    @cached_property
+    def attn_mask(self) -> torch.Tensor:
+        """[B, 1, Q, C] bool, derived once per step (on first use) rather than in every layer's attention;
+        the attention kernels never build it."""
         batch = self.block_tables.shape[0]
         key_pos = torch.arange(self.max_ctx_len, device=self.query_pos.device)
         qpos = self.query_pos.unsqueeze(-1)  # [B, Q, 1]
         mask = (key_pos <= qpos) & (key_pos < self.ctx_lens.view(batch, 1, 1))  # [B, Q, C]
         # padded query rows (qpos = -1) would mask every key and turn softmax into NaN: let them see key 0
         mask[..., 0] |= qpos[..., 0] < 0
-        self.attn_mask = mask.unsqueeze(1)
+        return mask.unsqueeze(1)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,6 +1,7 @@
-"""MoE op backends and their selection.
+"""Op backends and their selection: the MoE ops, and the decoder layer's attention, norm and rotary ops.
 
-Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
+Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows;
+N tokens of a step, h / g query / KV heads, D head_dim.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import torch
 
 from light_moe.ops import reference
+from light_moe.ops.attention import AttentionMetadata, paged_attention
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,35 @@ class MoEOps:
     def moe_forward(self, x, gate_weight, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
         topk_weights, topk_ids, _, metadata = self.route(x, gate_weight, top_k, renormalize)
         return self.experts(x, topk_weights, topk_ids, w13, w2, metadata=metadata)
+
+    # ---- the rest of a decoder layer: one backend object serves the whole model ----------------------------
+    def rms_norm(self, x, weight, eps: float, residual: torch.Tensor | None = None):
+        """norm(x), or with residual (x + residual -> the new residual stream s): (norm(s), s). A backend may
+        update `residual` in place to hold s; callers use only the returned tensors."""
+        return reference.rms_norm(x, weight, eps, residual)
+
+    def rope_write_kv(self, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+        """q [N, h*D], k, v [N, g*D] (column slices of the qkv projection) -> rotated q [N, h, D]; rotated k and
+        v written into the paged cache at slot_mapping."""
+        return reference.rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of q [N, h, D] over each sequence's cached keys (this step's already written);
+        into `out` [N, h, D] when given."""
+        result = paged_attention(q, k_cache, v_cache, meta, scale)
+        return result if out is None else out.copy_(result)
+
+    # ---- W4A16 linear layers (layers/linear.py QuantizedLinear: the attention projections) ----------------
+    def prepare_linear_weight(self, weight):
+        """A linear's W4A16 weight (a one-expert QuantizedWeight, logical [1, N, K]) in this backend's layout,
+        once after loading. The reference keeps the canonical weight."""
+        return weight
+
+    def linear(self, x, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y [T, N] = x [T, K] W^T (+ bias), W = prepare_linear_weight's result. The reference dequantises W
+        on every call (no host sync: graph-safe, slow)."""
+        return torch.nn.functional.linear(x, reference.expert_weight(weight, 0), bias)
 
 
 class ReferenceOps(MoEOps):

@@ -1,4 +1,6 @@
-"""The CuTe DSL backend: router, routing metadata, grouped expert GEMMs and combine on sm_90a.
+"""The CuTe DSL backend: router, routing metadata, grouped expert GEMMs and combine on sm_90a, and the
+decoder layer's fused residual-add + RMSNorm, rotary + KV-cache write and paged attention (decode and
+prefill kernels that read the cache in place through the block table).
 
 Each op uses its kernel where the kernel's `supports(...)` accepts the shapes and dtypes, and the
 PyTorch reference otherwise; the reason for every fallback is logged once per (op, reason).
@@ -14,10 +16,15 @@ import logging
 import torch
 
 from light_moe.kernels import combine as combine_kernel
-from light_moe.kernels import grouped_gemm, w4a16_gemm
+from light_moe.kernels import decode_attention as decode_kernel
+from light_moe.kernels import grouped_gemm, w4a16_gemm, w4a16_linear
+from light_moe.kernels import prefill_attention as prefill_kernel
+from light_moe.kernels import rms_norm as rms_norm_kernel
+from light_moe.kernels import rope_kv as rope_kernel
 from light_moe.kernels import router as router_kernel
 from light_moe.kernels import routing as routing_kernel
 from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
+from light_moe.ops.attention import AttentionMetadata
 from light_moe.ops.backend import MoEOps
 from light_moe.quant.w4a16 import QuantizedWeight
 
@@ -138,3 +145,59 @@ class CuteOps(MoEOps):
             return combine_kernel.combine(y, reverse_index, topk_weights)
         self._fallback("combine", reason)
         return super().combine(y, reverse_index, topk_weights)
+
+    # ---- the rest of the decoder layer -------------------------------------------------------------------------
+    def rms_norm(self, x, weight, eps: float, residual: torch.Tensor | None = None):
+        ok, reason = rms_norm_kernel.supports(x.dtype, x.shape[-1])
+        if ok and weight.dtype != x.dtype:
+            ok, reason = False, f"weight is {weight.dtype}, activations {x.dtype}"
+        if ok and (x.dim() != 2 or x.stride(-1) != 1 or (residual is not None and not residual.is_contiguous())):
+            ok, reason = False, "x must be 2-D with contiguous rows, residual contiguous"
+        if not ok:
+            self._fallback("RMSNorm", reason)
+            return super().rms_norm(x, weight, eps, residual)
+        out = rms_norm_kernel.rms_norm(x, weight, eps, residual)  # residual updated in place
+        return out if residual is None else (out, residual)
+
+    def rope_write_kv(self, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        ok, reason = rope_kernel.supports(q.dtype, q.shape[1] // head_dim, num_kv_heads, head_dim, k_cache.shape[1])
+        if not ok:
+            self._fallback("rotary + KV write", reason)
+            return super().rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+        return rope_kernel.rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        heads, head_dim = q.shape[1], q.shape[2]
+        kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        decode = meta.max_query_len == 1
+        kernel = decode_kernel if decode else prefill_kernel
+        ok, reason = kernel.supports(q.dtype, heads, kv_heads, head_dim, block_size)
+        if ok and (meta.block_tables.dtype != torch.int32 or meta.ctx_lens.dtype != torch.int32
+                   or (not decode and meta.query_start is None)):
+            ok, reason = False, "metadata without int32 block tables / context lengths / query starts"
+        if not ok:
+            self._fallback("decode attention" if decode else "prefill attention", reason)
+            return super().attention(q, k_cache, v_cache, meta, scale, out)
+        if decode:  # one query row per sequence
+            return decode_kernel.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.ctx_lens, scale,
+                                                  out=out)
+        return prefill_kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start,
+                                                meta.ctx_lens, meta.max_query_len, scale, out=out)
+
+    # ---- W4A16 linear layers (the attention projections): the W4A16 grouped GEMM with one expert ------------
+    def prepare_linear_weight(self, weight):
+        if not isinstance(weight, QuantizedWeight):
+            return weight
+        ok, reason = (False, "act-order (permuted) W4A16 weights") if weight.perm is not None else \
+            w4a16_linear.supports(weight.shape[1], weight.shape[2], weight.group_size, weight.scales.dtype)
+        if not ok:
+            self._fallback("W4A16 linear", reason)
+            return weight
+        return w4a16_linear.prepare_linear(weight.qweight, weight.scales, weight.zeros, weight.group_size)
+
+    def linear(self, x, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(weight, W4A16Weights):
+            return w4a16_linear.w4a16_linear(x, weight, bias)
+        return super().linear(x, weight, bias)

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of every MoE op. Correct on any device and dtype; the yardstick for kernels.
+"""Pure-PyTorch reference of every MoE op, and at the end of the decoder layer's norm and rotary ops.
+Correct on any device and dtype; the yardstick for kernels.
 
 Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows.
 A routed row is one (token, slot) assignment; "sorted" order groups the M rows by expert, stably
@@ -129,3 +130,49 @@ def moe_forward(
     act = expert_up(x, gather_index, offsets, w13)
     y = expert_down(act, offsets, w2)
     return combine(y, reverse_index, topk_weights)
+
+
+# ---- the non-MoE ops of a decoder layer ------------------------------------------------------------------------
+# Shape legend here: N tokens, h query heads, g KV heads, D head_dim, P positions of the rotary tables.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim as the HF checkpoints compute it: normalise in fp32, round to x's dtype, then
+    multiply by weight (one more rounding). With residual: s = x + residual first (rounded to the dtype) and
+    the result is (norm(s), s), s being the new residual stream."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    out = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D]; cos, sin [N, D] already in x's dtype (rotate-half convention of the HF checkpoints)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def rope_write_kv(
+    q: torch.Tensor,  # [N, h * D], rows may be strided (a column slice of the fused qkv output)
+    k: torch.Tensor,  # [N, g * D]
+    v: torch.Tensor,  # [N, g * D]
+    positions: torch.Tensor,  # [N] int64
+    cos: torch.Tensor,  # [P, D] float32
+    sin: torch.Tensor,  # [P, D] float32
+    k_cache: torch.Tensor,  # [blocks, block_size, g, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [N] int64
+) -> torch.Tensor:
+    """Rotate q and k, write k and v into the paged cache at slot_mapping; returns rotated q [N, h, D]."""
+    n, head_dim = q.shape[0], k_cache.shape[-1]
+    c, s = cos[positions].to(q.dtype), sin[positions].to(q.dtype)  # [N, D]
+    q = apply_rope(q.reshape(n, -1, head_dim), c, s)
+    k = apply_rope(k.reshape(n, -1, head_dim), c, s)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.reshape(n, -1, head_dim))
+    return q
