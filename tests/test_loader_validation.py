@@ -18,18 +18,13 @@ from light_moe.models.loader import CheckpointIndex, load_model_config
 from light_moe.models.qwen2_moe import Qwen2MoeForCausalLM
 from light_moe.quant.export import quantize_checkpoint
 from light_moe.quant.scheme import W4A16Config
+from tests.test_loader import copy_of
 from tests.tiny_models import _config, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     return make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
-
-
-def copy_of(good, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(good, dst)
-    return dst
 
 
 def edit_config(path, **changes):

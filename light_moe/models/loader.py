@@ -31,7 +31,7 @@ from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.models.base import MoECausalLM
 from light_moe.models.generation_config import read_generation_config
 from light_moe.models.registry import resolve_architecture
-from light_moe.models.validation import index_shards, validate_checkpoint
+from light_moe.models.validation import expert_prefixes, index_shards, validate_checkpoint
 from light_moe.ops.backend import MoEOps
 from light_moe.quant.checkpoint import (
     CheckpointFormat,
@@ -209,8 +209,7 @@ def _load_quantized_experts(model: MoECausalLM, ckpt: CheckpointIndex | None, qu
         for part in ("w13", "w2"):
             name = f"{layer_name}.{part}"
             num_experts, out_features, in_features = module.weight(part).shape
-            names = [[n.removesuffix(".weight") for n in model.expert_checkpoint_names(name, e)]
-                     for e in block.local_expert_ids]
+            names = expert_prefixes(model, name)
             if quant is not None and f"{names[0][0]}.qweight" in ckpt:
                 part_out = [out_features // len(names[0])] * len(names[0])
                 weight = read_quantized_experts(quant, ckpt, names, part_out, in_features, dtype).to(device)

@@ -96,20 +96,25 @@ def _check_float_experts(model: MoECausalLM, ckpt, name: str, shape: tuple[int, 
             check_tensor(ckpt, part, (shape[1] // len(parts), shape[2]), FLOAT_DTYPES)
 
 
+def expert_prefixes(model: MoECausalLM, name: str) -> list[list[str]]:
+    """Checkpoint prefixes (names without .weight) of the linears stacked into experts.w13 / w2 `name`,
+    for each expert its block holds: [[gate, up], ...] or [[down], ...]."""
+    block = model.get_submodule(name.rsplit(".experts.", 1)[0])
+    return [[n.removesuffix(".weight") for n in model.expert_checkpoint_names(name, e)] for e in block.local_expert_ids]
+
+
 def _check_quantized_experts(model: MoECausalLM, ckpt, quant: CheckpointFormat | None, layer_name: str,
                              module: QuantizedFusedExperts) -> None:
     """W4A16 experts come from GPTQ / AWQ expert linears when the checkpoint has them, else from
     float experts quantized on load (as loader._load_quantized_experts decides)."""
-    block = model.get_submodule(layer_name.rsplit(".", 1)[0])
     for part in ("w13", "w2"):
         name = f"{layer_name}.{part}"
         num_experts, out_features, in_features = module.weight(part).shape
-        prefixes = [[n.removesuffix(".weight") for n in model.expert_checkpoint_names(name, e)]
-                    for e in block.local_expert_ids]
+        prefixes = expert_prefixes(model, name)
         if quant is not None and f"{prefixes[0][0]}.qweight" in ckpt:
-            for expert_prefixes in prefixes:
-                for prefix in expert_prefixes:
-                    check_quantized_linear(ckpt, quant, prefix, out_features // len(expert_prefixes), in_features)
+            for expert in prefixes:
+                for prefix in expert:
+                    check_quantized_linear(ckpt, quant, prefix, out_features // len(expert), in_features)
         else:
             _check_float_experts(model, ckpt, name, (num_experts, out_features, in_features))
 
