@@ -460,16 +460,20 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, but shutdown starts the engine loop's drain before waiting for connections to close:
     in-flight requests may finish for `drain_timeout` seconds, then end with finish_reason "abort"
     (streams) or a 503 (non-streamed), so their connections close without uvicorn cancelling the
-    handlers (which it would log as tracebacks)."""
+    handlers (which it would log as tracebacks). Chat template renders still running get a 503 at once."""
 
-    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop, drain_timeout: float,
+                 templates: TemplateRenderer | None = None):
         super().__init__(config)
         self.engine_loop = engine_loop
         self.drain_timeout = drain_timeout
+        self.templates = templates
         self._hurried = False
 
     async def shutdown(self, sockets=None) -> None:
         self.engine_loop.drain(self.drain_timeout)
+        if self.templates is not None:  # a render has not reached the engine yet: 503 rather than wait for it
+            self.templates.abort()
         await super().shutdown(sockets)
 
     def handle_exit(self, sig, frame) -> None:

@@ -88,7 +88,7 @@ def run_server(engine, host: str = "127.0.0.1", port: int = 8000, *, api_key: st
     # behind the engine loop's drain, which ends the requests first.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 10.0)
-    server = DrainingServer(config, app.state.server.loop, shutdown_timeout)
+    server = DrainingServer(config, app.state.server.loop, shutdown_timeout, app.state.server.templates)
     # uvicorn re-raises the signal it caught once it has shut down, into the handler that was installed
     # before it started. Install silent ones for that moment, so SIGTERM does not kill the process (exit
     # status 143) and SIGINT raises no KeyboardInterrupt after a clean shutdown.

@@ -45,6 +45,7 @@ class TemplateRenderer:
         self.queue_timeout_s = queue_timeout_s
         self._idle: asyncio.Queue | None = None
         self._live: set[asyncio.subprocess.Process] = set()
+        self._closing = False
 
     async def start(self) -> None:
         self._idle = asyncio.Queue()
@@ -52,7 +53,14 @@ class TemplateRenderer:
         for worker in workers:
             self._idle.put_nowait(worker)
 
+    def abort(self) -> None:
+        """The server is shutting down: renders in progress and new ones end with TemplateBusyError (503)."""
+        self._closing = True
+        for worker in list(self._live):
+            self._kill(worker)
+
     async def close(self) -> None:
+        self._closing = True
         for worker in list(self._live):
             if worker.stdin is not None:
                 worker.stdin.close()
@@ -65,12 +73,17 @@ class TemplateRenderer:
 
     async def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text. ValueError: the template refused the messages or passed a limit (the message
-        says which); TemplateBusyError: every worker stayed busy for queue_timeout_s."""
+        says which); TemplateBusyError: every worker stayed busy for queue_timeout_s, or the server is
+        shutting down."""
+        if self._closing:
+            raise TemplateBusyError("the server is shutting down")
         try:
             worker = await asyncio.wait_for(self._idle.get(), self.queue_timeout_s)
         except asyncio.TimeoutError:
             raise TemplateBusyError(f"every chat template worker stayed busy for {self.queue_timeout_s:g} s") from None
         try:
+            if self._closing:
+                raise TemplateBusyError("the server is shutting down")
             if worker is None or worker.returncode is not None:
                 worker = await self._spawn()
             request = {"messages": messages, "add_generation_prompt": add_generation_prompt}
@@ -84,6 +97,8 @@ class TemplateRenderer:
             # its reply, if one still comes, would answer the next request: the worker goes
             self._kill(worker)
             worker = None
+            if self._closing and not isinstance(exc, asyncio.CancelledError):
+                raise TemplateBusyError("the server is shutting down") from None
             if isinstance(exc, asyncio.TimeoutError):
                 raise ValueError(f"the chat template ran longer than {self.time_limit_s:g} s") from None
             if isinstance(exc, OSError):
