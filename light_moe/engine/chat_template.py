@@ -287,7 +287,7 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as exc:  # raise_exception(...) in the template, a sandbox refusal
             raise ValueError(str(exc)) from exc
-        except (ArithmeticError, LookupError, TypeError, ValueError, MemoryError, RecursionError) as exc:
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             budget.deadline = float("inf")

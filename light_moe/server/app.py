@@ -113,7 +113,8 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, engine.max_model_len, api_key is not None)
+            app.openapi_schema = build_openapi(app, state.model_name, engine.max_model_len,
+                                               engine.model_config.vocab_size, api_key is not None)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -65,8 +65,9 @@ _SCHEMAS = {
         created={"type": "integer"}, owned_by={"type": "string"}, max_model_len={"type": "integer"})}),
     "Health": _object(["status"], status={"const": "ok"}),
 }
-_STREAM = {"text/event-stream": {"schema": {"type": "string"},
-                                 "description": "with stream: true, server-sent events ending with 'data: [DONE]'"}}
+# with stream: true, server-sent events: one per chunk (its data a JSON chunk, or an error body), then
+# 'data: [DONE]'; the schema is that of one event
+_STREAM = {"text/event-stream": {"schema": _object(["data"], data={"type": "string"}, event={"type": "string"})}}
 
 
 def _ref(name: str) -> dict:
@@ -77,22 +78,32 @@ def _json(name: str) -> dict:
     return {"application/json": {"schema": _ref(name)}}
 
 
-def _request_schema(model, components: dict, max_tokens: int) -> dict:
+def _request_schema(model, components: dict, model_name: str, max_tokens: int, vocab_size: int) -> dict:
+    """The request model's schema, with what only the served engine knows: its name, context, vocabulary."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(schema.pop("$defs", {}))
+    properties = schema["properties"]
+    properties["model"]["anyOf"] = [{"const": model_name}, {"type": "null"}]
     for field in ("max_tokens", "max_completion_tokens"):
-        if field in schema["properties"]:
-            schema["properties"][field]["maximum"] = max_tokens
+        if field in properties:
+            properties[field]["maximum"] = max_tokens
+    if "prompt" in properties:  # one non-empty prompt: text, token ids, or a batch of exactly one of those
+        token_ids = {"type": "array", "minItems": 1,
+                     "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+        text = {"type": "string", "minLength": 1}
+        properties["prompt"] = {"anyOf": [text, token_ids, {"type": "array", "items": text, "minItems": 1,
+                                                             "maxItems": 1},
+                                          {"type": "array", "items": token_ids, "minItems": 1, "maxItems": 1}]}
     return schema
 
 
-def build_openapi(app: FastAPI, max_model_len: int, api_key: bool) -> dict:
+def build_openapi(app: FastAPI, model_name: str, max_model_len: int, vocab_size: int, api_key: bool) -> dict:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(_SCHEMAS)
     max_tokens = max(max_model_len - 1, 1)  # at least one prompt token
-    components["CompletionRequest"] = _request_schema(CompletionRequest, components, max_tokens)
-    components["ChatCompletionRequest"] = _request_schema(ChatCompletionRequest, components, max_tokens)
+    for name, model in (("CompletionRequest", CompletionRequest), ("ChatCompletionRequest", ChatCompletionRequest)):
+        components[name] = _request_schema(model, components, model_name, max_tokens, vocab_size)
     ok = {
         ("/v1/completions", "post"): {**_json("CompletionResponse"), **_STREAM},
         ("/v1/chat/completions", "post"): {**_json("ChatCompletionResponse"), **_STREAM},

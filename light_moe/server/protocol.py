@@ -11,14 +11,22 @@ them, for the Python API too); here they only annotate the OpenAPI schema (_boun
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from light_moe import sampling_params as bounds
 from light_moe.sampling_params import SamplingParams
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _whole_number(value):
+    """JSON has one number type: 16.0 is the integer 16 (JSON Schema agrees); 16.5 stays a float, and fails."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
 MAX_LOGPROBS = 20
 
 
@@ -60,21 +68,22 @@ class _SamplingFields(_Strict):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
+    n: Int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
     temperature: float | None = _bounds(0, bounds.MAX_TEMPERATURE)
     top_p: float | None = _bounds(None, 1, exclusive_low=0)
-    seed: int | None = _bounds(bounds.MIN_SEED, bounds.MAX_SEED)
+    seed: Int | None = _bounds(bounds.MIN_SEED, bounds.MAX_SEED)
     stop: str | list[str] | None = _bounds(maxItems=bounds.MAX_STOP_STRINGS, maxLength=bounds.MAX_STOP_STRING_CHARS)
     presence_penalty: float | None = _bounds(0, 0)
     frequency_penalty: float | None = _bounds(0, 0)
     logit_bias: dict[str, float] | None = _bounds(maxProperties=0)
     user: str | None = None
     # extras beyond OpenAI's API, named as vLLM names them
-    top_k: int | None = _bounds(-1, bounds.MAX_TOP_K)
+    top_k: Int | None = _bounds(-1, bounds.MAX_TOP_K)
     min_p: float | None = _bounds(0, 1)
     repetition_penalty: float | None = _bounds(bounds.MIN_REPETITION_PENALTY, bounds.MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = _bounds(maxItems=bounds.MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[Int] | None = _bounds(maxItems=bounds.MAX_STOP_TOKEN_IDS,
+                                               items={"type": "integer", "minimum": 0, "maximum": bounds.MAX_INT32})
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -104,12 +113,12 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = _bounds(1)  # the app adds the context window as the maximum
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: str | list[Int] | list[str] | list[list[Int]]
+    max_tokens: Int | None = _bounds(1)  # the app adds the context window as the maximum
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, json_schema_extra={"enum": [False]})  # the schema says what check_supported refuses
+    suffix: str | None = _bounds(maxLength=0)
+    best_of: Int | None = _bounds(1, 1)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -155,11 +164,11 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = _bounds(1)
-    max_completion_tokens: int | None = _bounds(1)
+    max_tokens: Int | None = _bounds(1)
+    max_completion_tokens: Int | None = _bounds(1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = _bounds(maxItems=0)
 
     def check_supported(self) -> None:
         super().check_supported()
