@@ -377,30 +377,40 @@ def test_a_failed_step_is_a_503_and_health_says_so(ckpt):
 
 # ---- the `serve` entry point and signals ----------------------------------------------------------
 
+def _serve(ckpt, *extra) -> tuple[subprocess.Popen, str]:
+    """`python -m light_moe.server.serve` on a free port, once /health answers: (process, base URL)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "light_moe.server.serve", "--model", str(ckpt), "--port", str(port),
+         "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL, "--log-level", "warning", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.1)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.parametrize("signum, shutdown_timeout, max_tokens, finish_reason", [
     (signal.SIGTERM, 30.0, 40, "length"),  # the in-flight request finishes
     (signal.SIGINT, 0.5, 900, "abort"),  # it outlives the shutdown timeout and is aborted
 ], ids=["SIGTERM-finishes", "SIGINT-aborts"])
 def test_signal_shuts_down_cleanly(ckpt, signum, shutdown_timeout, max_tokens, finish_reason):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "light_moe.server.serve", "--model", str(ckpt), "--port", str(port),
-         "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL, "--log-level", "warning",
-         "--shutdown-timeout", str(shutdown_timeout)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc, url = _serve(ckpt, "--shutdown-timeout", str(shutdown_timeout))
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.1)
         body = {**_body(max_tokens=max_tokens, ignore_eos=True), "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -417,9 +427,7 @@ def test_signal_shuts_down_cleanly(ckpt, signum, shutdown_timeout, max_tokens, f
         assert proc.returncode == 0, stderr
         assert "Traceback" not in stderr, stderr
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _kill(proc)
 
 
 def test_expert_parallel_engine_serves_the_same_completions(ckpt, reference):

@@ -3,12 +3,9 @@ others, stalls the server, or leaks internals; each item's regression, item by i
 import asyncio
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,12 +19,12 @@ from light_moe import SamplingParams  # noqa: E402
 from tests.test_server import (  # noqa: E402
     CONTEXT,
     MODEL,
-    REPO,
     _engine,
-    _free_port,
+    _kill,
     _metric,
     _metrics,
     _running_server,
+    _serve,
     _sse_events,
     _wait_idle,
 )
@@ -300,32 +297,6 @@ def test_a_stalled_upload_gets_408(server):
 
 
 # ---- item 9: the second SIGINT --------------------------------------------------------------------------
-
-def _serve(ckpt, *extra):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "light_moe.server.serve", "--model", str(ckpt), "--port", str(port),
-         "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL, "--log-level", "warning", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.communicate()[1]
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.1)
-
-
-def _kill(proc) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-
 
 def test_a_second_sigint_aborts_with_proper_endings(ckpt):
     proc, url = _serve(ckpt, "--shutdown-timeout", "60")
