@@ -4,7 +4,7 @@ same steps finish exactly as they would have alone. A request the KV cache canno
 "capacity", never "length"."""
 import pytest
 
-import light_moe.engine.engine as engine_module
+import light_moe.engine.sampler as sampler_module
 from light_moe import LightMoEEngine, SamplingParams
 from light_moe.engine.request_state import RequestState
 from tests.tiny_models import make_tiny_checkpoint
@@ -43,14 +43,14 @@ SEEDED = SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True)
 def test_a_sampler_error_fails_only_its_request(ckpt, mode, monkeypatch):
     engine = _engine(ckpt, **MODES[mode])
     alone = _run(engine, {"a": GOOD, "c": SEEDED})
-    real = engine_module.sample_on_device
+    real = sampler_module._filter
 
-    def sampler_with_a_bug(logits, rows, generator=None):  # stands for a value the bounds missed
+    def filter_with_a_bug(logits, rows):  # where the issue's overflow was; stands for a value the bounds missed
         if any(row.params.extra.get("poison") for row in rows):
             raise OverflowError("Overflow when unpacking long long")
-        return real(logits, rows, generator)
+        return real(logits, rows)
 
-    monkeypatch.setattr(engine_module, "sample_on_device", sampler_with_a_bug)
+    monkeypatch.setattr(sampler_module, "_filter", filter_with_a_bug)
     poisoned = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, extra={"poison": True})
     got = _run(engine, {"a": GOOD, "b": poisoned, "c": SEEDED})
     assert got["b"].finish_reason == "error" and "Overflow" in got["b"].error

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-import light_moe.engine.engine as engine_module  # noqa: E402
+import light_moe.engine.sampler as sampler_module  # noqa: E402
 from light_moe import SamplingParams  # noqa: E402
 from tests.test_server import (  # noqa: E402
     CONTEXT,
@@ -109,14 +109,14 @@ def test_out_of_bounds_sampling_values_are_400s(server, fields, param):
 def test_a_request_failing_in_the_engine_fails_alone(ckpt, reference, monkeypatch):
     """A sampler error for one request (a value the bounds missed, simulated: top_k 4242 raises) is a 500 for
     that request, plain or streamed; a request sharing its steps completes correctly; the engine serves on."""
-    real = engine_module.sample_on_device
+    real = sampler_module._filter
 
-    def sampler_with_a_bug(logits, rows, generator=None):
+    def filter_with_a_bug(logits, rows):
         if any(row.params.top_k == 4242 for row in rows):
             raise OverflowError("Overflow when unpacking long long")
-        return real(logits, rows, generator)
+        return real(logits, rows)
 
-    monkeypatch.setattr(engine_module, "sample_on_device", sampler_with_a_bug)
+    monkeypatch.setattr(sampler_module, "_filter", filter_with_a_bug)
     good = _body(max_tokens=24, temperature=0, ignore_eos=True)
     expected = reference.generate(good["prompt"], max_tokens=24, temperature=0.0, ignore_eos=True)
     with _running_server(_engine(ckpt)) as url:

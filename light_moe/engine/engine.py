@@ -21,9 +21,9 @@ from light_moe.config import CacheConfig, EngineConfig, ParallelConfig, parse_dt
 from light_moe.engine.inflight import InflightStep
 from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
-from light_moe.engine.request import Request, RequestStatus
+from light_moe.engine.request import Request
 from light_moe.engine.request_state import FailedRequestOutput, RequestState
-from light_moe.engine.sampler import SamplingRow, sample_on_device
+from light_moe.engine.sampler import rows_failing_alone, sample_on_device
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.device_to_host import HostCopy
@@ -463,33 +463,22 @@ class LightMoEEngine:
 
     # ---- one request's failure is that request's alone ---------------------------------------
     def _sample(self, sampling: list, logits: torch.Tensor, outputs: list[RequestOutput]):
-        """Launch the draw of the step's sampled tokens -> (the rows kept, their InflightStep).
-
-        SamplingParams bounds every value, so a sampler error is a bug; if one is raised anyway, each row is
-        tried alone on a scratch generator (a seeded row's own generator is not advanced), the rows that fail
-        alone are failed (finish_reason "error", output appended to `outputs`) and the rest sampled again. An
-        error that no single row causes is the engine's: it propagates."""
-        try:
-            rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
-            return sampling, InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
-        except Exception as batch_error:
-            keep = []
-            for i, s in enumerate(sampling):
-                state = self._states[s.request.request_id]
-                try:
-                    row = state.sampling_row()
-                    scratch = torch.Generator(device=logits.device).manual_seed(0)
-                    sample_on_device(logits[i:i + 1], [SamplingRow(row.params, None, row.seen_token_ids)], scratch)
-                    keep.append(i)
-                except Exception as exc:
-                    outputs.append(self._fail_request(state, exc))
-            if len(keep) == len(sampling):
-                raise batch_error
-        sampling = [sampling[i] for i in keep]
-        if not sampling:
-            return sampling, None
+        """Launch the draw of the step's tokens -> (the rows kept, their InflightStep). SamplingParams bounds
+        every value, so a sampler error is a bug; should one happen, the rows that fail alone fail (outputs
+        get their "error" outputs) and the others are drawn; an error no single row causes propagates."""
         rows = [self._states[s.request.request_id].sampling_row() for s in sampling]
+        try:
+            return sampling, InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
+        except Exception:
+            failures = rows_failing_alone(logits, rows)
+            if not failures:
+                raise
+        outputs += [self._fail_request(self._states[sampling[i].request.request_id], e) for i, e in failures.items()]
+        keep = [i for i in range(len(sampling)) if i not in failures]
+        if not keep:
+            return [], None
         logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+        sampling, rows = [sampling[i] for i in keep], [rows[i] for i in keep]
         return sampling, InflightStep.start(sampling, *sample_on_device(logits, rows, self._generator))
 
     def _guarded(self, state: RequestState, work, *args) -> RequestOutput:
@@ -504,11 +493,9 @@ class LightMoEEngine:
         and it gets a last output with finish_reason "error"; the engine and the other requests go on."""
         request_id = state.request.request_id
         logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
-        if self._states.get(request_id) is state:
-            del self._states[request_id]
+        self._states.pop(request_id, None)
         self._pending = [p for p in self._pending if p[0] is not state]
-        if state.request.status is not RequestStatus.FINISHED:
-            self.scheduler.finish_request(request_id, "error")
+        self.scheduler.finish_request(request_id, "error")  # False (nothing to do) if it had finished already
         return state.failed_output(exc)
 
     # ---- expert load balancing (docs/expert_parallel.md) --------------------------------------

@@ -98,3 +98,16 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow], default_gene
     if raw_logprobs is None:
         return tokens, None
     return tokens, raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def rows_failing_alone(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, Exception]:
+    """After sample_on_device raised for a batch: {row: its error} for the rows that raise on their own. Each
+    row is tried alone on a scratch generator, so a seeded row's own generator does not advance."""
+    failures = {}
+    for i, row in enumerate(rows):
+        scratch = torch.Generator(device=logits.device).manual_seed(0)
+        try:
+            sample_on_device(logits[i:i + 1], [SamplingRow(row.params, None, row.seen_token_ids)], scratch)
+        except Exception as exc:
+            failures[i] = exc
+    return failures
