@@ -19,12 +19,19 @@
 #   scripts/gpu_checks.sh multi-bench-variable OUTDIR   bench ep with variable splits only
 #   scripts/gpu_checks.sh ep-profile OUTDIR     2+ GPUs: where a decode step's time goes on every rank, EP=1 vs EP=N
 #                                               (scripts/profile_ep_step.py; reports per rank in OUTDIR)
+#   scripts/gpu_checks.sh whole-tests OUTDIR    one GPU: the whole-model GPU tests (attention, norm / rope, W4A16
+#                                               linear kernels; engine with decode and piecewise prefill graphs)
+#   scripts/gpu_checks.sh whole-bench-4 OUTDIR  one GPU: bench e2e of the 4-layer Mixtral shape (bf16: B = 1/16/64,
+#                                               TTFT; long context 2048 + 128 at B = 64) and a step profile; with
+#                                               BASELINE=DIR (an older light_moe tree) the same e2e for it first
+#   scripts/gpu_checks.sh whole-bench-32 OUTDIR one GPU: bench e2e of the 32-layer shape, W4A16 experts (and
+#                                               W4A16 attention too), B = 1/16/64 + TTFT; BASELINE as above
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
 #                                               with --exchange p2p (NCCL and p2p exchange times side by side)
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -116,6 +123,35 @@ ep-profile)
     TAIL=${TAIL:-12} step ep_profile_async 200 $py scripts/profile_ep_step.py --ep 1 "$n" --shape mixtral \
         --layers 4 --batch-size 16 --steps 32 --report-dir "$out/async" --print-ranks
     ;;
+whole-tests)
+    step whole_kernel_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_gpu.py \
+        tests/kernels/test_prefill_attention_gpu.py tests/kernels/test_fused_norm_rope_gpu.py \
+        tests/kernels/test_w4a16_linear_gpu.py -ra
+    step whole_engine_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_cute_engine_gpu.py \
+        tests/test_fidelity_gpu.py -ra
+    ;;
+whole-bench-4)
+    m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
+    if [ -n "${BASELINE:-}" ]; then
+        PYTHONPATH=$BASELINE:${PYTHONPATH:-} step e2e4_baseline 150 $py -m light_moe.cli bench e2e $m \
+            --output "$out/e2e4_baseline.json"
+    fi
+    step e2e4 200 $py -m light_moe.cli bench e2e $m --output "$out/e2e4.json"
+    step e2e4_long 150 $py -m light_moe.cli bench e2e $m --batch-sizes 64 --input-len 2048 --output-len 128 \
+        --repeats 1 --ttft-repeats 3 --output "$out/e2e4_long.json"
+    step profile4 120 $py -m light_moe.cli bench profile-step $m --batch-size 16 --steps 8 --prefill \
+        --output "$out/profile4.json"
+    ;;
+whole-bench-32)
+    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
+    if [ -n "${BASELINE:-}" ]; then
+        PYTHONPATH=$BASELINE:${PYTHONPATH:-} step e2e32_baseline 240 $py -m light_moe.cli bench e2e $m \
+            --repeats 1 --output "$out/e2e32_baseline.json"
+    fi
+    step e2e32 240 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e32.json"
+    step e2e32_attn 240 $py -m light_moe.cli bench e2e $m --quant-attention --repeats 1 \
+        --output "$out/e2e32_attn.json"
+    ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     step p2p_tests 360 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_p2p_exchange.py -ra
@@ -123,7 +159,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32 or p2p)" >&2
     exit 2
     ;;
 esac

@@ -24,7 +24,7 @@ import torch
 from light_moe import LightMoEEngine, SamplingParams
 from light_moe.bench import rank_profile
 from light_moe.bench.e2e import bench_model
-from light_moe.engine.engine import _resolve_device
+from light_moe.engine.devices import resolve_device
 
 
 def decode_steps(engine, batch: int, input_len: int, vocab: int, steps: int):
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--report-dir", default=None, help="where the per-rank reports go (default: a temporary folder)")
     p.add_argument("--print-ranks", type=int, nargs="*", default=[0, 1], help="ranks whose full report is printed")
     args = p.parse_args()
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.report_dir is None:
         args.report_dir = tempfile.mkdtemp(prefix="light-moe-ep-profile-")
     model_path, load_format, tmp = bench_model(args)

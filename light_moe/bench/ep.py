@@ -220,14 +220,14 @@ def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, me
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.engine.engine import _resolve_device
+    from light_moe.engine.devices import resolve_device
     from light_moe.executor.workers import ExpertParallelExecutor, free_device_memory
 
     if args.ep < 2:
         raise ValueError(f"--ep must be at least 2 (it is compared with 1), got {args.ep}")
     if args.exchange == "p2p" and args.fixed_capacity <= 0:
         raise ValueError("--exchange p2p replaces the fixed-capacity exchange: it needs --fixed-capacity > 0")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.exchange == "p2p" and device.type != "cuda":
         raise ValueError("--exchange p2p writes into peer GPUs' memory: it needs --device cuda")
     model_path, load_format, tmp = bench_model(args)

@@ -110,11 +110,11 @@ def _run_ep(model_path, n: int, common: dict, device: torch.device, args) -> dic
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.engine.engine import _resolve_device
+    from light_moe.engine.devices import resolve_device
 
     if not args.ep or any(n < 2 for n in args.ep):
         raise ValueError(f"--ep takes expert_parallel_size values of at least 2, got {args.ep}")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model_path, load_format, tmp = bench_model(args)
     common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
                   max_model_len=args.input_len + max(args.output_len, 24) + 16,

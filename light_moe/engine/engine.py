@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from light_moe.config import CacheConfig, EngineConfig, ParallelConfig, parse_dtype
+from light_moe.config import CacheConfig, EngineConfig, ParallelConfig
+from light_moe.engine.devices import check_ep_exchange, resolve_device, resolve_dtype
 from light_moe.engine.inflight import InflightStep
 from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
@@ -47,48 +47,6 @@ Prompt = str | list[int]
 def _is_single_prompt(prompts) -> bool:
     """One prompt (text or token ids) rather than a list of prompts."""
     return isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' requested but no CUDA GPU is available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device}")
-    return device
-
-
-def _check_ep_exchange(parallel: ParallelConfig, device: torch.device, launch) -> None:
-    """ep_exchange='p2p' (parallel/p2p_exchange.py) maps every rank's buffers into every peer's GPU: all ranks
-    must be CUDA GPUs of one host that can access each other (NVLink or PCIe peer-to-peer)."""
-    if parallel.ep_exchange != "p2p":
-        return
-    n = parallel.expert_parallel_size
-    local = os.environ.get("LOCAL_WORLD_SIZE") if launch is not None else None
-    if local is not None and local != str(launch.world_size):
-        raise ValueError(f"ep_exchange='p2p' needs every expert-parallel rank on one host, but torchrun started "
-                         f"{local} of the {launch.world_size} ranks here (LOCAL_WORLD_SIZE); use ep_exchange='nccl' "
-                         "across hosts")
-    if device.type != "cuda":
-        raise ValueError(f"ep_exchange='p2p' needs CUDA GPUs (device is {device.type}); use ep_exchange='nccl'")
-    if torch.cuda.device_count() < n:
-        raise ValueError(f"ep_exchange='p2p' needs {n} GPUs on this host, found {torch.cuda.device_count()}")
-    for i in range(n):
-        for j in range(n):
-            if i != j and not torch.cuda.can_device_access_peer(i, j):
-                raise ValueError(f"ep_exchange='p2p': cuda:{i} cannot access the memory of cuda:{j} (no "
-                                 "peer-to-peer path between them); use ep_exchange='nccl'")
-
-
-def _resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return parse_dtype(dtype)
-    if device.type == "cpu":
-        return torch.float32  # bf16 matmuls on CPU are slow and the CPU path is the reference
-    checkpoint = parse_dtype(config_dtype) if config_dtype in ("bfloat16", "float16") else torch.bfloat16
-    return checkpoint
 
 
 class LightMoEEngine:
@@ -132,6 +90,7 @@ class LightMoEEngine:
         quantization: str | W4A16Config | None = None,
         quant_group_size: int = 128,
         quant_symmetric: bool = True,
+        quant_attention: bool = False,
         async_output_processing: bool = False,
         async_scheduling: bool = True,
     ):
@@ -152,14 +111,15 @@ class LightMoEEngine:
         model_path = Path(model_path)
         model_cls, model_cfg = load_model_config(model_path)
         # quantization="w4a16": routed experts quantized on load (RTN); GPTQ / AWQ checkpoints are W4A16 anyway
-        scheme = parse_quantization(quantization, quant_group_size, quant_symmetric)
+        # quant_attention: the attention projections too (one-expert W4A16 GEMMs); needs quantization="w4a16"
+        scheme = parse_quantization(quantization, quant_group_size, quant_symmetric, quant_attention)
         checkpoint_quant = None if load_format == "dummy" else read_checkpoint_quantization(model_path)
         if (scheme is not None or checkpoint_quant is not None) and parallel.expert_parallel_size > 1:
             raise ValueError("W4A16 experts (quantization='w4a16' or a GPTQ / AWQ checkpoint) are not supported "
                              "with expert_parallel_size > 1 yet")
-        dev = _resolve_device(device)
-        _check_ep_exchange(parallel, dev, launch)  # before any process is spawned
-        torch_dtype = _resolve_dtype(dtype, model_cfg.torch_dtype, dev)
+        dev = resolve_device(device)
+        check_ep_exchange(parallel, dev, launch)  # before any process is spawned
+        torch_dtype = resolve_dtype(dtype, model_cfg.torch_dtype, dev)
         limit = model_cfg.max_position_embeddings
         if model_cfg.sliding_window is not None and model_cfg.sliding_window < limit:
             logger.info(
@@ -219,7 +179,8 @@ class LightMoEEngine:
                                      quantization=scheme)
             self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens,
                                       max_num_seqs, max_model_len=self.config.max_model_len,
-                                      cuda_graphs=self.config.enable_cuda_graphs)
+                                      cuda_graphs=self.config.enable_cuda_graphs,
+                                      prefill_graphs=self.config.enable_cuda_graphs)
         num_moe = len(self.model_config.moe_layers)
         records = max(1, -(-parallel.expert_load_window // LOAD_SYNC_STEPS))  # one record per sync
         self._expert_load = ExpertLoadWindow(num_moe, model_cfg.num_experts, records)  # global tokens per expert
