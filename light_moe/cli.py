@@ -62,12 +62,15 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    choices=[32, 64, 128], help="W4A16 group size along the input dimension")
     p.add_argument("--quant-asymmetric", "--asymmetric", dest="quant_asymmetric", action="store_true",
                    help="W4A16 with per-group zero points (default: symmetric, zero point 8)")
+    p.add_argument("--quant-attention", dest="quant_attention", action="store_true",
+                   help="with --quantization w4a16: quantize the attention projections (qkv, o) as well "
+                        "(docs/quantization.md)")
 
 
 def quant_kwargs(args) -> dict:
     """LightMoEEngine keyword arguments of the quantization flags."""
     return dict(quantization=args.quantization, quant_group_size=args.quant_group_size,
-                quant_symmetric=not args.quant_asymmetric)
+                quant_symmetric=not args.quant_asymmetric, quant_attention=args.quant_attention)
 
 
 def is_rank_zero() -> bool:
