@@ -87,6 +87,85 @@ def checked_bool(value, what: str) -> bool:
 
 
 @dataclass(frozen=True)
+class RouterConfig:
+    """Routing beyond the default softmax -> top-k (-> renormalise) of the first families (ModelConfig.router
+    None). DeepSeek-V2: softmax, optionally group-limited (n_group groups scored by their best expert, the
+    tokens' experts taken from the topk_group best groups), weights times routed_scaling_factor. DeepSeek-V3
+    (noaux_tc): sigmoid scores, e_score_correction_bias added for the choice only, groups scored by the sum
+    of their two best, weights the unbiased scores. gpt-oss: a gate bias, softmax over the top-k logits.
+    Renormalisation stays ModelConfig.norm_topk_prob."""
+
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "softmax_topk" (softmax over the chosen logits only)
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2 group_limited_greedy) | "top2_sum" (DeepSeek-V3 noaux_tc)
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False  # a learned per-expert bias for the choice (gate.e_score_correction_bias)
+    gate_bias: bool = False  # the gate linear has a bias (gpt-oss)
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid", "softmax_topk"):
+            raise ValueError(f"router scoring must be softmax|sigmoid|softmax_topk, got {self.scoring!r}")
+        if self.group_score not in ("max", "top2_sum"):
+            raise ValueError(f"router group_score must be max|top2_sum, got {self.group_score!r}")
+        checked_int(self.n_group, "n_group", 1)
+        checked_int(self.topk_group, "topk_group", 1, self.n_group)
+        checked_float(self.routed_scaling_factor, "routed_scaling_factor", positive=True)
+        for name in ("correction_bias", "gate_bias"):
+            checked_bool(getattr(self, name), name)
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rotary scaling (rope_scaling / rope_parameters with type yarn), as transformers computes it:
+    layers/mla.py YarnRotaryEmbedding. None fields take transformers' defaults."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        checked_float(self.factor, "rope_scaling.factor", positive=True)
+        checked_int(self.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings", 1)
+        for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(self, name) is not None:
+                checked_float(getattr(self, name), f"rope_scaling.{name}")
+        checked_bool(self.truncate, "rope_scaling.truncate")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 / V3): queries through an optional low-rank q_lora_rank,
+    keys and values from one kv_lora_rank latent per token plus a qk_rope_head_dim rotary key shared by the
+    heads, which is all the paged cache holds (layers/mla.py)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True  # rotary pairs (x0, x1), (x2, x3) ... as DeepSeek's weights lay them out
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.q_lora_rank is not None:
+            checked_int(self.q_lora_rank, "q_lora_rank", 1, MODEL_LIMITS["hidden_size"])
+        checked_int(self.kv_lora_rank, "kv_lora_rank", 1, MODEL_LIMITS["hidden_size"])
+        checked_int(self.qk_nope_head_dim, "qk_nope_head_dim", 0, MODEL_LIMITS["head_dim"])
+        checked_int(self.qk_rope_head_dim, "qk_rope_head_dim", 2, MODEL_LIMITS["head_dim"])
+        checked_int(self.v_head_dim, "v_head_dim", 1, MODEL_LIMITS["head_dim"])
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        checked_bool(self.rope_interleave, "rope_interleave")
+        checked_bool(self.attention_bias, "attention_bias")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only MoE transformer, in the engine's own terms. Every field is
     checked once here (types, MODEL_LIMITS, MAX_PARAMETERS); the family parsers check config.json's
@@ -119,6 +198,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # config.json's and generation_config.json's (models/loader.py)
     torch_dtype: str = "float32"
+    router: RouterConfig | None = None  # None: softmax -> top-k (-> renormalise), no bias
+    rope_scaling: YarnScaling | None = None  # None: default RoPE
+    mla: MLAConfig | None = None  # multi-head latent attention instead of q/k/v heads (DeepSeek)
     # moe_layers as a set, so that is_moe_layer and the checks below are O(1) per layer
     _moe_layer_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
@@ -238,14 +320,15 @@ def hf_token_ids(hf: dict, name: str, source: str = "config.json") -> tuple[int,
     return tuple(checked_int(v, f"{source}: {name}") for v in values)
 
 
-def rope_theta_of(hf: dict, default: float = 10000.0) -> float:
-    """rope_theta lives at the top level (transformers 4.x) or in rope_parameters (5.x)."""
+def rope_theta_of(hf: dict, default: float = 10000.0, rope_types: tuple[str, ...] = ("default",)) -> float:
+    """rope_theta lives at the top level (transformers 4.x) or in rope_parameters (5.x). rope_types: the
+    rotary types the family supports (its parser reads any scaling parameters itself)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ValueError(f"config.json: rope_parameters / rope_scaling must be an object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only default RoPE)")
+    if rope_type not in (*rope_types, None):
+        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(rope_types)})")
     if params.get("rope_theta") is not None:
         return checked_float(params["rope_theta"], "config.json: rope_parameters.rope_theta")
     return hf_float(hf, "rope_theta", default)

@@ -84,6 +84,24 @@ def test_same_greedy_tokens_and_logits_as_one_process(executor, checkpoints, sin
     assert rel < 1e-5, f"relative logits error {rel:.2e}"
 
 
+@pytest.mark.parametrize("family,strategy", [("deepseek_v2", "contiguous"), ("deepseek_v3", "round_robin")])
+def test_deepseek_same_greedy_tokens_and_logits_as_one_process(executor, tmp_path_factory, family, strategy):
+    # MLA's latent cache, grouped routing with a correction bias, shared experts and a dense first layer
+    path = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family))
+    single = LightMoEEngine(path, **ENGINE_ARGS)
+    expected_tokens = [o.token_ids for o in single.generate_outputs(PROMPTS, GREEDY)]
+    expected_logits = prefill_logits(single)
+    engine = LightMoEEngine(path, expert_parallel_size=executor.world_size, expert_placement=strategy,
+                            expert_parallel_executor=executor, **ENGINE_ARGS)
+    for block in engine.model.moe_blocks():
+        assert block.experts.w13.shape[0] == engine.model_config.num_experts // executor.world_size
+    assert [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)] == expected_tokens
+    assert engine.stats["max_batch_size"] > executor.world_size
+    logits = prefill_logits(engine)
+    rel = (logits - expected_logits).norm() / expected_logits.norm()
+    assert rel < 1e-5, f"relative logits error {rel:.2e}"
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
 def test_load_aware_placement_gives_the_same_tokens(executor, checkpoints, single_process, family, tmp_path):
     expected_tokens, _, window = single_process[family]

@@ -54,7 +54,36 @@ def _config(family: str, **overrides):
     return classes[family](**{**common, **families[family], **overrides})
 
 
+def _deepseek_config(family: str, **overrides):
+    import transformers
+
+    class_name, specific = DEEPSEEK_FAMILIES[family]
+    return getattr(transformers, class_name)(**{**_DEEPSEEK, **specific, **overrides})
+
+
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+# DeepSeek (multi-head latent attention, YaRN, grouped routing, shared experts, a first dense layer): tested in
+# tests/test_fidelity_deepseek.py. Four heads and four KV heads (MLA has no KV head groups).
+_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, mscale=0.707,
+             mscale_all_dim=0.707, beta_fast=32, beta_slow=1)
+_DEEPSEEK = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4,
+                 first_k_dense_replace=1, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+                 pad_token_id=None, tie_word_embeddings=False)
+DEEPSEEK_FAMILIES = {
+    # V2-Lite: full-rank q_proj, plain softmax top-k, two shared experts, default RoPE
+    "deepseek_v2_lite": ("DeepseekV2Config", dict(q_lora_rank=None, topk_method="greedy", n_shared_experts=2,
+                                                  routed_scaling_factor=1.0)),
+    # V2: q LoRA, group-limited routing, YaRN
+    "deepseek_v2": ("DeepseekV2Config", dict(q_lora_rank=48, topk_method="group_limited_greedy", n_group=4,
+                                             topk_group=2, n_shared_experts=1, routed_scaling_factor=16.0,
+                                             rope_parameters=_YARN)),
+    # V3: noaux_tc (sigmoid, correction bias, groups by their two best), renormalised and scaled, YaRN
+    "deepseek_v3": ("DeepseekV3Config", dict(q_lora_rank=48, n_group=4, topk_group=2, n_shared_experts=1,
+                                             routed_scaling_factor=2.5, norm_topk_prob=True, rope_parameters=_YARN)),
+}
 
 
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
@@ -62,9 +91,13 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = _config(family, **overrides)
+    cfg = _deepseek_config(family, **overrides) if family in DEEPSEEK_FAMILIES else _config(family, **overrides)
     cfg.initializer_range = 0.08
     model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros at init: make the choice depend on it
+                buffer.uniform_(-0.1, 0.1)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_tokenizer(out)

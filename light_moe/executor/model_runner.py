@@ -2,18 +2,20 @@
 
 Shape legend: N tokens in the step, B sequences, S sampling rows (sequences whose chunk ends at
 their last known token), L layers, g KV heads, D head_dim.
-The KV cache is one tensor per layer and kind: [num_blocks, block_size, g, D].
+The KV cache is one tensor per layer and kind: [num_blocks, block_size, g, D] (K and V), or what the model's
+kv_cache_shapes says (MLA: one latent tensor per layer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Hashable
 
 import torch
 
-from light_moe.config import CacheConfig, ModelConfig
+from light_moe.config import CacheConfig
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.cuda_graphs import DecodeGraphs
 from light_moe.executor.host_to_device import to_device
@@ -27,9 +29,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 256 * 1024 * 1024
 
 
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(model: MoECausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block over every layer's cache tensors (MoECausalLM.kv_cache_shapes)."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return sum(math.prod(shape[1:]) * elem for layer in model.kv_cache_shapes(1, block_size) for shape in layer)
 
 
 class ModelRunner:
@@ -52,16 +55,13 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.num_blocks = self._num_blocks(cache, max_num_batched_tokens, max_num_seqs)
         # one block beyond the pool: the scratch slot that padded rows of a CUDA-graph batch write to
-        shape = (self.num_blocks + 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(self.cfg.num_layers)
-        ]
+        self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in layer)
+                          for layer in model.kv_cache_shapes(self.num_blocks + 1, self.block_size)]
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.num_blocks,
             self.block_size,
-            self.num_blocks * kv_block_bytes(self.cfg, self.block_size, dtype) / 2**20,
+            self.num_blocks * kv_block_bytes(self.model, self.block_size, dtype) / 2**20,
         )
         self.decode_graphs = None
         self.prefill_graphs = None
@@ -79,7 +79,7 @@ class ModelRunner:
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def _num_blocks(self, cache: CacheConfig, max_num_batched_tokens: int, max_num_seqs: int) -> int:
-        block_bytes = kv_block_bytes(self.cfg, cache.block_size, self.dtype)
+        block_bytes = kv_block_bytes(self.model, cache.block_size, self.dtype)
         if cache.num_blocks is not None:
             return cache.num_blocks
         if cache.kv_cache_memory_bytes is not None:

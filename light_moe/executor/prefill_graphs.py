@@ -52,7 +52,11 @@ class _AttentionRecorder:
         return getattr(self.backend, name)
 
     def attention(self, q, k_cache, v_cache, meta, scale):
-        self.capture.split((q, k_cache, v_cache, scale, self.out))
+        self.capture.split(("attention", q, (k_cache, v_cache), scale, self.out))
+        return self.out[: q.shape[0]]
+
+    def mla_attention(self, q, latent_cache, kv_b_weight, meta, scale):  # layers/mla.py
+        self.capture.split(("mla_attention", q, (latent_cache, kv_b_weight), scale, self.out))
         return self.out[: q.shape[0]]
 
 
@@ -62,7 +66,8 @@ class _Capture:
     def __init__(self, pool):
         self.pool = pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.holes: list[tuple] = []  # per attention: (q, k_cache, v_cache, scale, out), static tensors
+        # per attention: (the backend op, q, its cache / weight tensors, scale, out), static tensors
+        self.holes: list[tuple] = []
 
     def begin(self) -> None:
         graph = torch.cuda.CUDAGraph()
@@ -171,8 +176,8 @@ class PrefillGraphs:
         backend = self.attention_modules[0].ops
         for graph, hole in zip(bucket.graphs, bucket.holes):
             graph.replay()
-            q, k_cache, v_cache, scale, out = hole
-            backend.attention(q[:n], k_cache, v_cache, meta, scale, out=out[:n])
+            op, q, tensors, scale, out = hole
+            getattr(backend, op)(q[:n], *tensors, meta, scale, out=out[:n])
         bucket.graphs[-1].replay()
         return bucket.hidden[:n]
 

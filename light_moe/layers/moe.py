@@ -1,5 +1,7 @@
 """The MoE block: router -> dispatch -> grouped expert FFN (SwiGLU) -> combine, plus the optional
-shared expert of Qwen2-MoE (scaled by sigmoid(x @ shared_expert_gate)).
+shared expert of Qwen2-MoE (scaled by sigmoid(x @ shared_expert_gate)) or DeepSeek (ungated; n_shared_experts
+of them are one SwiGLU of n_shared_experts x the expert width). The router's variant (DeepSeek's grouped /
+sigmoid routing, gpt-oss's gate bias) is the model config's RouterConfig, passed to the ops.
 
 Shape legend: T tokens, E experts, K top-k, H hidden, I expert intermediate.
 The expert math is delegated to an MoEOps backend (light_moe/ops), chosen once by the engine and
@@ -94,7 +96,14 @@ class MoEBlock(nn.Module):
         self.num_experts = cfg.num_experts
         self.renormalize = cfg.norm_topk_prob
         self.ops = ops
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype, device=device)
+        self.router_spec = cfg.router  # config.RouterConfig of the DeepSeek / gpt-oss variants, or None
+        gate_bias = cfg.router is not None and cfg.router.gate_bias
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=gate_bias, dtype=dtype, device=device)
+        if cfg.router is not None and cfg.router.correction_bias:
+            # kept in float32 whatever the model dtype, as DeepSeek-V3 holds it: the choice compares
+            # sigmoid scores plus this bias, which bf16 would round
+            self.gate.e_score_correction_bias = nn.Parameter(
+                torch.zeros(cfg.num_experts, dtype=torch.float32, device=device), requires_grad=False)
         self.experts = FusedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
         self.shared_expert = None
         self.shared_expert_gate = None
@@ -155,7 +164,9 @@ class MoEBlock(nn.Module):
     def graph_safe(self) -> bool:
         """Whether this layer may be captured in a CUDA graph (no host sync on its path)."""
         w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
-        return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2)
+        if self.router_spec is None:
+            return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2)
+        return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2, spec=self.router_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
         w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
@@ -164,7 +175,8 @@ class MoEBlock(nn.Module):
         # the router writes the counts into the block's one buffer: a CUDA graph captured here updates it in place,
         # so the statistics read after a replay are that replay's
         topk_weights, topk_ids, _, metadata = self.ops.route(
-            x, self.gate.weight, self.top_k, self.renormalize, self.last_tokens_per_expert)  # [T, K] fp32, int32
+            x, self.gate.weight, self.top_k, self.renormalize, self.last_tokens_per_expert,
+            **self._router_variant())  # [T, K] fp32, int32
         if self.overlap is not None:  # two micro-batches; the shared expert runs during the exchange
             out, shared = self.overlap.forward(
                 x, topk_weights, topk_ids, lambda r: self.ops.experts(r.x, r.topk_weights, r.topk_ids, w13, w2,
@@ -180,6 +192,13 @@ class MoEBlock(nn.Module):
         if self.shared_expert is not None:
             out = out + self._shared(x)
         return out
+
+    def _router_variant(self) -> dict:
+        """The ops' routing-variant arguments (none for the default softmax top-k)."""
+        if self.router_spec is None:
+            return {}
+        return dict(spec=self.router_spec, correction_bias=getattr(self.gate, "e_score_correction_bias", None),
+                    gate_bias=self.gate.bias)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_expert(x)

@@ -13,6 +13,7 @@ from torch import nn
 
 from light_moe.config import ModelConfig
 from light_moe.layers.attention import Attention
+from light_moe.layers.mla import MLAttention, YarnRotaryEmbedding
 from light_moe.layers.mlp import SwiGLUMLP
 from light_moe.layers.moe import MoEBlock
 from light_moe.layers.norm import RMSNorm
@@ -28,7 +29,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ops: MoEOps, dtype, device):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
-        self.self_attn = Attention(cfg, rotary, ops, dtype, device)
+        attention = Attention if cfg.mla is None else MLAttention
+        self.self_attn = attention(cfg, rotary, ops, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
@@ -52,7 +54,14 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: MoEOps, dtype, device):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+        if cfg.mla is not None:  # only the rotary dims of MLA's queries and keys rotate
+            rotary = YarnRotaryEmbedding(cfg.mla.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                         cfg.rope_scaling, device=device)
+        elif cfg.rope_scaling is not None:
+            rotary = YarnRotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                         device=device)
+        else:
+            rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, ops, dtype, device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
 
@@ -117,6 +126,16 @@ class MoECausalLM(nn.Module):
         """Name in checkpoints that already store stacked experts (transformers 5 layout)."""
         prefix = param_name.rsplit(".experts.", 1)[0].replace(".mlp", f".{self.moe_module_name}")
         return prefix + (".experts.gate_up_proj" if param_name.endswith("w13") else ".experts.down_proj")
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[tuple[int, ...], ...]]:
+        """Per layer, the shapes of its paged cache tensors (ModelRunner allocates them, in the model dtype, and
+        sizes the cache by them): a K and a V [blocks, block_size, g, D]; MLA one latent [blocks, block_size,
+        kv_lora_rank + qk_rope_head_dim] (layers/mla.py)."""
+        cfg = self.config
+        if cfg.mla is not None:
+            return [((num_blocks, block_size, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim),)] * cfg.num_layers
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return [(shape, shape)] * cfg.num_layers
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]

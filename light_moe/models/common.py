@@ -6,6 +6,7 @@ sizes are bounded by config.MODEL_LIMITS (docs/model_loading.md).
 """
 from light_moe.config import (
     MODEL_LIMITS,
+    YarnScaling,
     checked_int,
     hf_bool,
     hf_field,
@@ -17,7 +18,7 @@ from light_moe.config import (
 
 
 def decoder_fields(hf: dict, architecture: str, rms_norm_eps: float, rope_theta: float = 10000.0,
-                   head_dim_field: bool = True) -> dict:
+                   head_dim_field: bool = True, rope_types: tuple[str, ...] = ("default",)) -> dict:
     """The ModelConfig fields every family reads the same way: sizes, norms, RoPE, special tokens.
     A family passes its own defaults (they differ between the reference implementations) and
     adds its MoE and attention specifics."""
@@ -40,7 +41,7 @@ def decoder_fields(hf: dict, architecture: str, rms_norm_eps: float, rope_theta:
         max_position_embeddings=hf_int(hf, "max_position_embeddings", minimum=1,
                                        maximum=MODEL_LIMITS["max_position_embeddings"]),
         rms_norm_eps=hf_float(hf, "rms_norm_eps", rms_norm_eps),
-        rope_theta=rope_theta_of(hf, rope_theta),
+        rope_theta=rope_theta_of(hf, rope_theta, rope_types),
         tie_word_embeddings=hf_bool(hf, "tie_word_embeddings", False),
         bos_token_id=hf_int(hf, "bos_token_id", None),
         eos_token_ids=hf_token_ids(hf, "eos_token_id"),
@@ -72,3 +73,24 @@ def num_experts_of(hf: dict) -> int:
     """Qwen checkpoints say num_experts; transformers 5 writes num_local_experts for some families."""
     name = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
     return hf_int(hf, name, minimum=1, maximum=MODEL_LIMITS["num_experts"])
+
+
+def yarn_scaling_of(hf: dict) -> YarnScaling | None:
+    """config.YarnScaling of rope_parameters / rope_scaling with type yarn (transformers 5 / 4 names), else None.
+    A missing factor is max_position_embeddings / original_max_position_embeddings, as transformers does."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type", "default")) != "yarn":
+        return None
+    where = "config.json: rope_scaling"
+    original = hf_int(params, "original_max_position_embeddings", minimum=1, source=where)
+    factor = hf_float(params, "factor", None, source=where)
+    if factor is None:
+        factor = hf_int(hf, "max_position_embeddings", minimum=1) / original
+    return YarnScaling(
+        factor=factor, original_max_position_embeddings=original,
+        beta_fast=hf_float(params, "beta_fast", 32.0, source=where),
+        beta_slow=hf_float(params, "beta_slow", 1.0, source=where),
+        mscale=hf_float(params, "mscale", None, source=where),
+        mscale_all_dim=hf_float(params, "mscale_all_dim", None, source=where),
+        attention_factor=hf_float(params, "attention_factor", None, source=where),
+        truncate=hf_bool(params, "truncate", True, source=where))

@@ -311,7 +311,8 @@ def build_model(model_path: str | Path, ops: MoEOps, dtype: torch.dtype, device:
     else:
         params = [(n, p) for n, p in model.named_parameters()]  # tied lm_head appears once, as embed
         for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress, leave=False):
-            param.data.copy_(_read_param(ckpt, model, name, param.shape, quant, dtype).to(dtype))
+            # param.dtype: the model dtype, except parameters a layer keeps in float32 (DeepSeek's router bias)
+            param.data.copy_(_read_param(ckpt, model, name, param.shape, quant, dtype).to(param.dtype))
     if scheme is not None:
         _load_quantized_experts(model, ckpt, quant, scheme, dtype, seed)
     _load_quantized_attention(model, ckpt, quant, dtype, seed)

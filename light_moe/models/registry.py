@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from light_moe.models.base import MoECausalLM
+from light_moe.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from light_moe.models.mixtral import MixtralForCausalLM
 from light_moe.models.olmoe import OlmoeForCausalLM
 from light_moe.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -12,6 +13,8 @@ MODEL_REGISTRY: dict[str, type[MoECausalLM]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "OlmoeForCausalLM": OlmoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 

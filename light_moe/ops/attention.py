@@ -93,3 +93,52 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          is_causal=True, scale=scale)
     return out.transpose(0, 1)
+
+
+# ---- multi-head latent attention (DeepSeek MLA) over a paged latent cache ----------------------------------
+# Shape legend here: L kv_lora_rank, R rotary dims, Dn / Dv per-head no-rope key / value dims.
+
+
+def paged_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, kv_b_weight: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal MLA of q [N, h, Dn + R] (rotary part rotated) over each sequence's cached latents
+    [blocks, block_size, L + R] (normalised latent, rotated shared key); kv_b_weight [h * (Dn + Dv), L] turns a
+    latent into the heads' no-rope keys and values. Returns [N, h, Dv].
+
+    Decode steps (one query per sequence) take the absorbed path: W_UK folded into the query (q_nope W_UK ->
+    [N, h, L]), attention directly over the latents, W_UV applied to the attended latent, so the per-head keys
+    and values of the context are never formed. Other steps decompress the context's latents into per-head
+    keys and values (cheaper when many queries share them). Both compute the same attention."""
+    num_tokens, num_heads, qk_dim = q.shape
+    lora = kv_b_weight.shape[1]
+    rope_dim = latent_cache.shape[-1] - lora
+    nope = qk_dim - rope_dim
+    v_dim = kv_b_weight.shape[0] // num_heads - nope
+    batch, max_q, max_c = meta.block_tables.shape[0], meta.max_query_len, meta.max_ctx_len
+    block_size = latent_cache.shape[1]
+
+    blocks_needed = (max_c + block_size - 1) // block_size
+    tables = meta.block_tables[:, :blocks_needed]
+    ctx = latent_cache[tables].reshape(batch, blocks_needed * block_size, lora + rope_dim)[:, :max_c]  # [B, C, L+R]
+
+    q_pad = q.new_zeros(batch * max_q, num_heads, qk_dim)
+    q_pad.index_copy_(0, meta.padded_index, q)
+    q_pad = q_pad.view(batch, max_q, num_heads, qk_dim).transpose(1, 2)  # [B, h, Q, Dn + R]
+    w = kv_b_weight.view(num_heads, nope + v_dim, lora)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]  # [h, Dn, L], [h, Dv, L]
+    if max_q == 1:
+        q_lat = torch.einsum("bhqd,hdl->bhql", q_pad[..., :nope], w_uk)  # [B, h, 1, L]
+        q_abs = torch.cat((q_lat, q_pad[..., nope:]), dim=-1)  # [B, h, 1, L + R]
+        keys = ctx.unsqueeze(1)  # [B, 1, C, L + R], shared by the heads
+        out_lat = F.scaled_dot_product_attention(q_abs, keys, keys[..., :lora], attn_mask=meta.attn_mask,
+                                                 scale=scale, enable_gqa=True)  # [B, h, 1, L]
+        out = torch.einsum("bhql,hvl->bhqv", out_lat, w_uv)  # [B, h, 1, Dv]
+    else:
+        kv = F.linear(ctx[..., :lora], kv_b_weight).view(batch, max_c, num_heads, nope + v_dim)  # [B, C, h, Dn+Dv]
+        k_nope, v = kv.split([nope, v_dim], dim=-1)
+        k_pe = ctx[..., lora:].unsqueeze(2).expand(batch, max_c, num_heads, rope_dim)
+        k = torch.cat((k_nope, k_pe), dim=-1).transpose(1, 2)  # [B, h, C, Dn + R]
+        out = F.scaled_dot_product_attention(q_pad, k, v.transpose(1, 2), attn_mask=meta.attn_mask,
+                                             scale=scale)  # [B, h, Q, Dv]
+    out = out.transpose(1, 2).reshape(batch * max_q, num_heads, v_dim)
+    return out.index_select(0, meta.padded_index)

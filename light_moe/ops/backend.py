@@ -10,7 +10,7 @@ import logging
 import torch
 
 from light_moe.ops import reference
-from light_moe.ops.attention import AttentionMetadata, paged_attention
+from light_moe.ops.attention import AttentionMetadata, paged_attention, paged_mla_attention
 
 logger = logging.getLogger(__name__)
 
@@ -25,25 +25,34 @@ class MoEOps:
     def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return w13, w2
 
-    def graph_safe(self, gate_weight: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-        """True when every op of this layer (its dtype and shapes, its prepared weights) runs without
-        host synchronisation, so the layer can be captured in a CUDA graph. The reference reads
-        expert row counts on the host."""
+    def graph_safe(self, gate_weight: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
+                   spec=None) -> bool:
+        """True when every op of this layer (its dtype and shapes, its prepared weights, its routing variant
+        spec, a config.RouterConfig or None) runs without host synchronisation, so the layer can be captured in
+        a CUDA graph. The reference reads expert row counts on the host."""
         return False
 
-    def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
+    def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
+               spec=None, correction_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None):
         """(topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32). counts_out: a
         persistent [E] int32 buffer to write tokens_per_expert into (the MoE block's load statistics, which a
-        CUDA graph must update in place), returned as the third value."""
-        weights, ids, counts = reference.router(x, gate_weight, top_k, renormalize)
+        CUDA graph must update in place), returned as the third value. spec: a config.RouterConfig for the
+        DeepSeek / gpt-oss variants (reference.spec_router, with their bias tensors [E]); None: softmax top-k."""
+        if spec is None:
+            weights, ids, counts = reference.router(x, gate_weight, top_k, renormalize)
+        else:
+            weights, ids, counts = reference.spec_router(x, gate_weight, top_k, renormalize, spec, correction_bias,
+                                                         gate_bias)
         if counts_out is None:
             return weights, ids, counts
         return weights, ids, counts_out.copy_(counts)
 
-    def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
+    def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
+              **variant):
         """router() plus the routing metadata of its ids ((expert_offsets, gather_index, reverse_index), as
-        routing_metadata gives them) where the backend computes it in the same launch, else None."""
-        weights, ids, counts = self.router(x, gate_weight, top_k, renormalize, counts_out)
+        routing_metadata gives them) where the backend computes it in the same launch, else None. variant:
+        router()'s spec, correction_bias, gate_bias."""
+        weights, ids, counts = self.router(x, gate_weight, top_k, renormalize, counts_out, **variant)
         return weights, ids, counts, None
 
     def routing_metadata(self, topk_ids, num_experts: int):
@@ -101,6 +110,20 @@ class MoEOps:
         """Causal attention of q [N, h, D] over each sequence's cached keys (this step's already written);
         into `out` [N, h, D] when given."""
         result = paged_attention(q, k_cache, v_cache, meta, scale)
+        return result if out is None else out.copy_(result)
+
+    # ---- multi-head latent attention (layers/mla.py; L kv_lora_rank, R rotary dims, Dn / Dv head dims) ------
+    def mla_rope_write(self, q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping,
+                       interleave: bool) -> torch.Tensor:
+        """q [N, h, Dn + R], latent [N, L], k_pe [N, R] -> q with its rotary part rotated [N, h, Dn + R];
+        [latent, rotated k_pe] written into the paged latent cache [blocks, block_size, L + R] at slot_mapping."""
+        return reference.mla_rope_write(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave)
+
+    def mla_attention(self, q, latent_cache, kv_b_weight, meta: AttentionMetadata, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal MLA of q [N, h, Dn + R] over the cached latents (this step's already written), kv_b_weight
+        [h * (Dn + Dv), L] the latent's up-projection; [N, h, Dv], into `out` when given."""
+        result = paged_mla_attention(q, latent_cache, kv_b_weight, meta, scale)
         return result if out is None else out.copy_(result)
 
     # ---- W4A16 linear layers (layers/linear.py QuantizedLinear: the attention projections) ----------------

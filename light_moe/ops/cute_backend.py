@@ -93,9 +93,10 @@ class CuteOps(MoEOps):
     def _kernel_layout(w) -> bool:
         return isinstance(w, W4A16Weights) or getattr(w, _CUTE_LAYOUT, False)
 
-    def graph_safe(self, gate_weight, top_k: int, w13, w2) -> bool:
+    def graph_safe(self, gate_weight, top_k: int, w13, w2, spec=None) -> bool:
         num_experts, hidden = gate_weight.shape
-        return (self._kernel_layout(w13) and self._kernel_layout(w2)
+        # the routing variants (spec) run on the reference router, whose bincount syncs with the host
+        return (spec is None and self._kernel_layout(w13) and self._kernel_layout(w2)
                 and router_kernel.supports(gate_weight.dtype, hidden, num_experts, top_k)[0]
                 and routing_kernel.supports(num_experts, top_k)[0]
                 and combine_kernel.supports(gate_weight.dtype, hidden, top_k)[0])
@@ -106,16 +107,22 @@ class CuteOps(MoEOps):
             return False, f"gate weight is {gate_weight.dtype}, activations {x.dtype}"
         return router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
 
-    def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
+    def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
+               spec=None, correction_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None):
+        if spec is not None:  # the router kernel does softmax top-k only
+            self._fallback("router", f"routing variant {spec}")
+            return super().router(x, gate_weight, top_k, renormalize, counts_out, spec, correction_bias, gate_bias)
         ok, reason = self._router_supports(x, gate_weight, top_k)
         if ok:
             return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
         self._fallback("router", reason)
         return super().router(x, gate_weight, top_k, renormalize, counts_out)
 
-    def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None):
-        if not (self.fuse_routing_metadata and self._router_supports(x, gate_weight, top_k)[0]):
-            return super().route(x, gate_weight, top_k, renormalize, counts_out)
+    def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
+              **variant):
+        if variant.get("spec") is not None or not (self.fuse_routing_metadata
+                                                   and self._router_supports(x, gate_weight, top_k)[0]):
+            return super().route(x, gate_weight, top_k, renormalize, counts_out, **variant)
         return router_kernel.route(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
 
     def routing_metadata(self, topk_ids, num_experts: int):

@@ -41,6 +41,45 @@ def router(
     return topk_weights, topk_ids.to(torch.int32), tokens_per_expert
 
 
+def spec_router(
+    x: torch.Tensor,  # [T, H]
+    gate_weight: torch.Tensor,  # [E, H]
+    top_k: int,
+    renormalize: bool,
+    spec,  # config.RouterConfig
+    correction_bias: torch.Tensor | None = None,  # [E] (spec.correction_bias)
+    gate_bias: torch.Tensor | None = None,  # [E] (spec.gate_bias)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing variants of config.RouterConfig, in float32 from the logits on (DeepSeek keeps its gate in
+    float32): scores (softmax or sigmoid of the logits) -> choice scores (+ correction bias) -> optional group
+    limit (the topk_group best of n_group groups; the others' experts are never chosen) -> top-k of the
+    choice scores -> weights are the unbiased scores of the chosen experts (softmax_topk: the softmax of their
+    logits), optionally renormalised, times routed_scaling_factor. Same outputs as router()."""
+    num_experts = gate_weight.shape[0]
+    logits = F.linear(x.float(), gate_weight.float(), None if gate_bias is None else gate_bias.float())  # [T, E]
+    if spec.scoring == "softmax_topk":  # gpt-oss: top-k of the logits, softmax over those k
+        top_logits, topk_ids = torch.topk(logits, top_k, dim=-1)  # [T, K]
+        topk_weights = torch.softmax(top_logits, dim=-1)
+    else:
+        scores = torch.sigmoid(logits) if spec.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+        if spec.n_group > 1:
+            groups = choice.view(-1, spec.n_group, num_experts // spec.n_group)  # [T, G, E / G]
+            group_scores = groups.topk(2, dim=-1)[0].sum(dim=-1) if spec.group_score == "top2_sum" \
+                else groups.max(dim=-1).values  # [T, G]
+            group_ids = torch.topk(group_scores, spec.topk_group, dim=-1)[1]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+            # V3 fills with -inf; V2 with 0.0, which is below every softmax probability: the same choice
+            choice = choice.masked_fill(~keep.repeat_interleave(num_experts // spec.n_group, dim=1), float("-inf"))
+        topk_ids = torch.topk(choice, top_k, dim=-1)[1]  # [T, K]
+        topk_weights = scores.gather(1, topk_ids)
+        if renormalize:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    topk_weights = topk_weights * spec.routed_scaling_factor
+    tokens_per_expert = torch.bincount(topk_ids.flatten(), minlength=num_experts).to(torch.int32)
+    return topk_weights, topk_ids.to(torch.int32), tokens_per_expert
+
+
 def routing_metadata(
     topk_ids: torch.Tensor,  # [T, K] int32
     num_experts: int,
@@ -176,3 +215,36 @@ def rope_write_kv(
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.reshape(n, -1, head_dim))
     return q
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, R] whose rotary pairs are interleaved ((x0, x1), (x2, x3), ...: DeepSeek's layout); cos,
+    sin [N, R] as the tables hold them (the R/2 angles twice). Returns the rotated pairs de-interleaved (all
+    first members, then all second members), as transformers' DeepSeek-V3 does: queries and keys get the
+    same permutation, so their dot products are those of the interleaved layout."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def mla_rope_write(
+    q: torch.Tensor,  # [N, h, Dn + R]: the no-rope part, then the rotary part
+    latent: torch.Tensor,  # [N, L] normalised KV latent (may be a strided column slice)
+    k_pe: torch.Tensor,  # [N, R] the shared rotary key, not yet rotated
+    positions: torch.Tensor,  # [N] int64
+    cos: torch.Tensor,  # [P, R] float32
+    sin: torch.Tensor,
+    latent_cache: torch.Tensor,  # [blocks, block_size, L + R]
+    slot_mapping: torch.Tensor,  # [N] int64
+    interleave: bool,
+) -> torch.Tensor:
+    """Multi-head latent attention's rotary + cache write: rotate q's last R dims and k_pe, write
+    [latent, rotated k_pe] into the latent cache at slot_mapping; returns q with its rotary part rotated."""
+    rope_dim = k_pe.shape[-1]
+    c, s = cos[positions].to(q.dtype), sin[positions].to(q.dtype)  # [N, R]
+    rotate = apply_rope_interleaved if interleave else apply_rope
+    q_nope, q_pe = q.split([q.shape[-1] - rope_dim, rope_dim], dim=-1)
+    k_rot = rotate(k_pe.unsqueeze(1), c, s).squeeze(1)  # [N, R]
+    latent_cache.view(-1, latent_cache.shape[-1]).index_copy_(0, slot_mapping, torch.cat((latent, k_rot), dim=-1))
+    return torch.cat((q_nope, rotate(q_pe, c, s)), dim=-1)
