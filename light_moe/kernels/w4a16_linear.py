@@ -30,8 +30,10 @@ from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, _sm_count, w4a16_
 from light_moe.kernels.w4a16_layout import ATOM_M, W4A16Weights, prepare_w4a16_weights
 
 # (max T, tile_w, tile_t, k_split): the first row whose T bound fits and whose config the kernel takes for
-# (N, K, g) wins; past the last row the MoE table's choice for one expert. Measured rows: BENCHMARKS.md
-# "W4A16 attention projections" (python -m light_moe.bench.w4a16_linear).
+# (N, K, g) wins; past the last row the MoE table's choice for one expert. Timed at the Mixtral qkv / o shapes
+# against other tiles and cuBLAS bf16 (BENCHMARKS.md "W4A16 attention projections", python -m
+# light_moe.bench.w4a16_linear): the 64-row split-K rows win at T = 1, 16, 64; past T = 128 the MoE table's
+# 256-row tiles leave most SMs idle for one expert and lose to bf16 (smaller tiles there are untimed).
 LINEAR_TILES: tuple[tuple[int, int, int, int], ...] = (
     (8, 64, 8, 4),
     (16, 64, 16, 4),
