@@ -338,12 +338,14 @@ def rope_theta_of(hf: dict, default: float = 10000.0, rope_types: tuple[str, ...
 class CacheConfig:
     """Paged KV cache. The block count comes from, in order: num_blocks; kv_cache_memory_bytes;
     on CUDA gpu_memory_utilization of the card minus weights and a profiled activation peak;
-    on CPU a default 1 GiB budget."""
+    on CPU a default 1 GiB budget. enable_prefix_caching: full blocks shared between requests with equal
+    prefixes (engine/kv_cache.py); one process only."""
 
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     num_blocks: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -19,7 +19,7 @@ import torch
 from light_moe.config import CacheConfig, EngineConfig, ParallelConfig
 from light_moe.engine.devices import check_ep_exchange, resolve_device, resolve_dtype
 from light_moe.engine.inflight import InflightStep
-from light_moe.engine.kv_cache import BlockManager, PartitionedBlockManager
+from light_moe.engine.kv_cache import PREFIX_CACHING_EP_REASON, BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.request import Request
 from light_moe.engine.request_state import FailedRequestOutput, RequestState
@@ -93,6 +93,7 @@ class LightMoEEngine:
         quant_attention: bool = False,
         async_output_processing: bool = False,
         async_scheduling: bool = True,
+        enable_prefix_caching: bool = True,
     ):
         parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
                                   collective_timeout_s, enable_overlap=enable_overlap,
@@ -134,7 +135,8 @@ class LightMoEEngine:
             dtype=torch_dtype,
             device=dev,
             max_model_len=max_model_len or limit,
-            cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_memory_bytes, num_kv_blocks),
+            cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_memory_bytes, num_kv_blocks,
+                              enable_prefix_caching and parallel.expert_parallel_size == 1),
             parallel=parallel,
             moe_backend=moe_backend,
             load_format=load_format,
@@ -189,8 +191,11 @@ class LightMoEEngine:
         self._load_copy: HostCopy | None = None  # one process: the last sums on their way to the host
         self._rebalance_policy = RebalancePolicy(parallel.rebalance_interval, parallel.rebalance_threshold)
         if self.workers is None:
-            self.block_manager = BlockManager(self.runner.num_blocks, block_size)
+            self.block_manager = BlockManager(self.runner.num_blocks, block_size,
+                                              enable_prefix_caching=self.config.cache.enable_prefix_caching)
         else:  # one partition per rank: each rank's KV cache holds only its own sequences' blocks
+            if enable_prefix_caching:
+                logger.info(PREFIX_CACHING_EP_REASON)
             self.block_manager = PartitionedBlockManager(self.runner.num_blocks, block_size,
                                                          parallel.expert_parallel_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)

@@ -1,7 +1,9 @@
 """One generation request as the scheduler and the engine see it: token ids, progress, KV blocks.
 
-Plain data, no tensors. The scheduler owns `status`, `num_computed_tokens`, `block_table` and
-`num_preemptions`; the engine owns the timing fields and decides when a request finishes.
+Plain data, no tensors. The scheduler owns `status`, `num_computed_tokens`, `block_table`,
+`num_preemptions`, `first_scheduled_time` and `num_cached_tokens`; the block manager owns the prefix-cache
+fields `block_hashes` and `num_cached_blocks`; the engine owns the other timing fields and decides when a
+request finishes.
 """
 from __future__ import annotations
 
@@ -43,6 +45,15 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    # time.monotonic() when the scheduler first admitted it (queue time = this - arrival), kept over preemptions
+    first_scheduled_time: float | None = None
+    # Prompt tokens whose KV came from the prefix cache at its first admission (0 without prefix caching)
+    num_cached_tokens: int = 0
+    # Prefix caching (kv_cache.py): chained hashes of the first full blocks of all_token_ids, extended lazily and
+    # never changed (a block is hashed only once all its tokens are final, no async placeholder among them), so
+    # they survive preemption; and how many blocks of block_table were offered to the cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

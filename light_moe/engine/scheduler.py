@@ -8,7 +8,11 @@ Policy (vLLM v1 / nano-vllm style, one token budget shared by prefill and decode
      the waiting queue) until the allocation fits or the request itself was the victim.
   2. Then, only if nothing was preempted this step, waiting requests in FCFS order while
      seats (max_num_seqs), budget and blocks last. The first one that does not fit stops the
-     scan, so a long prompt is never starved by shorter ones behind it.
+     scan, so a long prompt is never starved by shorter ones behind it. With prefix caching
+     a request admitted (or readmitted after a preemption) first shares the cached blocks of its
+     longest cached prefix of full blocks (kv_cache.py) and computes only the tokens after them.
+  3. After a step's tokens are counted (update_from_output), each request's newly full blocks are
+     registered in the prefix cache; preemption and finishing release blocks by reference count.
 
 Data flow per engine step:
   out = scheduler.schedule()                      # engine runs the model on out.scheduled
@@ -21,6 +25,7 @@ prompt chunk or a decode it receives a sampled token, and the next decode comput
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -185,15 +190,19 @@ class Scheduler:
             while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
                 request = self._waiting[0]
                 remaining = self._num_uncomputed(request)
-                num_new = min(remaining, budget)
-                if self._can_never_fit(request, remaining if not self.config.enable_chunked_prefill else num_new):
+                if self._can_never_fit(request, min(remaining, budget) if self.config.enable_chunked_prefill
+                                       else remaining):
                     self.finish_request(request.request_id, "capacity")
                     out.finished.append(request)
                     continue
+                prefix = self.block_manager.find_cached_prefix(request)
+                remaining -= len(prefix) * self.block_manager.block_size  # >= 1: the last token is never cached
+                num_new = min(remaining, budget)
                 if not self.config.enable_chunked_prefill and num_new < remaining:
                     break
-                if not self.block_manager.allocate_slots(request, num_new):
+                if not self.block_manager.allocate_slots(request, num_new, prefix):
                     break
+                self._admitted(request, len(prefix) * self.block_manager.block_size)
                 self._waiting.popleft()
                 request.status = RequestStatus.RUNNING
                 bisect.insort(self._running, request, key=lambda r: self._arrival_index[r.request_id])
@@ -211,6 +220,8 @@ class Scheduler:
             if request.is_finished:
                 continue  # aborted between schedule() and now; its blocks are gone already
             request.num_computed_tokens += item.num_new_tokens
+            # the step that computed them is launched: its KV writes precede any later step's reads
+            self.block_manager.cache_full_blocks(request)
             if not item.samples:
                 continue
             if request.request_id not in sampled_token_ids:
@@ -238,6 +249,13 @@ class Scheduler:
             return True
         total_needed = len(request.block_table) + self.block_manager.blocks_needed(request, num_new_tokens)
         return total_needed > self.block_manager.max_blocks_per_request
+
+    def _admitted(self, request: Request, num_cached_tokens: int) -> None:
+        """A waiting request got its blocks: its cached prefix counts as computed."""
+        request.num_computed_tokens = num_cached_tokens
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            request.num_cached_tokens = num_cached_tokens
 
     def _scheduled(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
         is_decode = (
