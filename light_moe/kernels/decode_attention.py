@@ -56,7 +56,10 @@ THREADS = 32 * WARPS
 COMBINE_THREADS = 128
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16  # query heads per KV head: the 16 rows of one mma tile
-SPLIT_TARGET_CTAS_PER_SM = 4  # splits are added until B * g * S reaches this many CTAs per SM
+# attention CTAs resident per SM, bounded by the kernel's registers (ptxas: D = 128 about 190 per thread, D = 64
+# about 115): the split count fills one such wave of CTAs and no more (BENCHMARKS.md: a partial second wave or
+# more splits than fill the first one cost time)
+RESIDENT_CTAS_PER_SM = {128: 2, 64: 4}
 SMEM_PAD = 4  # fp32 padding per row of the warp-merge buffer (rows 16 bytes apart in bank terms)
 LOG2_E = 1.4426950408889634
 _DTYPES = {torch.bfloat16: (BFloat16, "bf16"), torch.float16: (Float16, "f16")}
@@ -85,14 +88,13 @@ def keys_per_tile(head_dim: int) -> int:
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, tile_keys: int,
-                  num_sms: int, num_splits: int | None = None) -> tuple[int, int]:
-    """(S, tiles per split) from host-known sizes only. Splits are added until the grid has
-    SPLIT_TARGET_CTAS_PER_SM CTAs per SM, but never so many that a warp of a split has no tile at the
-    longest context the table allows; num_splits overrides the choice (benchmarks)."""
+                  num_sms: int, num_splits: int | None = None, resident_ctas: int = 2) -> tuple[int, int]:
+    """(S, tiles per split) from host-known sizes only: as many splits as fill one wave of resident CTAs
+    (resident_ctas per SM) without starting a second one, but never more than give every warp of a split a
+    tile at the longest context the table allows; num_splits overrides the choice (benchmarks)."""
     n_tiles = max(1, -(-max_blocks * block_size // tile_keys))
     if num_splits is None:
-        want = -(-SPLIT_TARGET_CTAS_PER_SM * num_sms // max(1, batch * num_kv_heads))
-        num_splits = min(want, -(-n_tiles // WARPS))
+        num_splits = min(resident_ctas * num_sms // max(1, batch * num_kv_heads), -(-n_tiles // WARPS))
     num_splits = max(1, min(num_splits, n_tiles))
     tiles_per_split = -(-n_tiles // num_splits)
     return -(-n_tiles // tiles_per_split), tiles_per_split
@@ -308,6 +310,8 @@ class DecodeAttentionSm90:
         sm_m = smem.allocate_tensor(Float32, cute.make_layout((WARPS, r), stride=(r, 1)), byte_alignment=16)
         sm_l = smem.allocate_tensor(Float32, cute.make_layout((WARPS, r), stride=(r, 1)), byte_alignment=16)
 
+        # q first: its loads overlap the ctx_lens load that decides whether this split has keys at all
+        qf = self.load_q(q_ptr.toint(), b, kvh, lane_n, lane_c)
         ctx = Int32(ctx_lens[b])
         n_tiles = (ctx + kt - 1) // kt
         t_begin = split * tiles_per_split
@@ -321,7 +325,6 @@ class DecodeAttentionSm90:
             row_m.fill(_NEG_INF)
             row_l = cute.make_rmem_tensor((rhs,), Float32)
             row_l.fill(0.0)
-            qf = self.load_q(q_ptr.toint(), b, kvh, lane_n, lane_c)
             k_base = k_ptr.toint()
             v_base = v_ptr.toint()
             n_mine = (cutlass.max(t_end - t_begin - warp, 0) + WARPS - 1) // WARPS
@@ -393,17 +396,21 @@ class DecodeAttentionSm90:
             col = item % (d // 4) * 4
             ctx = Int32(ctx_lens[b])
             n_valid = ((ctx + kt - 1) // kt + tiles_per_split - 1) // tiles_per_split
+            # one online pass, unrolled: the loads of several splits are in flight at once (a loop of dependent
+            # L2 round trips per split would dominate small batches with many splits)
             m_all = Float32(_NEG_INF)
-            for s in cutlass.range(n_valid, unroll=1):
-                m_all = cute.arch.fmax(m_all, ws_lse[b, head, s])
             l_all = Float32(0.0)
             o = cute.make_rmem_tensor((4,), Float32)
             o.fill(0.0)
-            for s in cutlass.range(n_valid, unroll=1):
-                weight = cute.math.exp2(ws_lse[b, head, s] - m_all, fastmath=True)
-                l_all = l_all + weight
+            for s in cutlass.range(n_valid, unroll=4):
+                lse = ws_lse[b, head, s]
+                m_new = cute.arch.fmax(m_all, lse)
+                alpha = cute.math.exp2(m_all - m_new, fastmath=True)  # 0 on the first split (m_all = -inf)
+                weight = cute.math.exp2(lse - m_new, fastmath=True)
+                l_all = l_all * alpha + weight
                 for x in cutlass.range_constexpr(4):
-                    o[x] = o[x] + ws_o[b, head, s, col + x] * weight
+                    o[x] = o[x] * alpha + ws_o[b, head, s, col + x] * weight
+                m_all = m_new
             inv = cutlass.select_(n_valid > 0, 1.0 / l_all, Float32(0.0))  # no keys: zeros
             for x in cutlass.range_constexpr(4):
                 out[b, head, col + x] = (o[x] * inv).to(self.dtype)
@@ -487,7 +494,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     tile_keys = tile_keys or keys_per_tile(head_dim)
     n_splits, tiles_per_split = choose_splits(batch, num_kv_heads, block_tables.shape[1], block_size, tile_keys,
-                                              _sm_count(q.device), num_splits)
+                                              _sm_count(q.device), num_splits, RESIDENT_CTAS_PER_SM[head_dim])
     split = n_splits > 1
     key = (q.dtype, block_tables.dtype, ctx_lens.dtype, num_heads, num_kv_heads, head_dim, block_size, split,
            tile_keys)

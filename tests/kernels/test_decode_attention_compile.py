@@ -99,12 +99,19 @@ def test_supports_reasons():
 @pytest.mark.parametrize("block_size,tile_keys", [(16, 16), (64, 16), (8, 16), (16, 32), (256, 16), (1, 16)])
 def test_choose_splits_covers_every_tile(batch, max_blocks, block_size, tile_keys):
     n_tiles = -(-max_blocks * block_size // tile_keys)
-    splits, per_split = da.choose_splits(batch, 8, max_blocks, block_size, tile_keys, 132)
+    splits, per_split = da.choose_splits(batch, 8, max_blocks, block_size, tile_keys, 132, resident_ctas=2)
     assert splits >= 1 and per_split >= 1
     assert splits * per_split >= n_tiles > (splits - 1) * per_split  # every tile owned, no empty last split
     assert splits <= max(1, -(-n_tiles // da.WARPS))  # on average a tile for every warp of a split
     if splits > 1:
-        assert batch * 8 * (splits - 1) < da.SPLIT_TARGET_CTAS_PER_SM * 132  # not more splits than the target
+        assert batch * 8 * splits <= 2 * 132  # never a second wave of CTAs
     forced, forced_per_split = da.choose_splits(batch, 8, max_blocks, block_size, tile_keys, 132, num_splits=3)
-    assert forced == min(3, n_tiles) or forced * forced_per_split >= n_tiles > (forced - 1) * forced_per_split
-    assert forced <= 3 and forced * forced_per_split >= n_tiles
+    assert forced <= 3 and forced * forced_per_split >= n_tiles > (forced - 1) * forced_per_split
+
+
+def test_choose_splits_fills_one_wave():
+    """Mixtral heads (g = 8) on 132 SMs at 2 resident CTAs each: one wave is 264 CTAs."""
+    assert da.choose_splits(1, 8, 128, 16, 16, 132) == (32, 4)  # B = 1, ctx 2048: 32 splits of 4 tiles
+    assert da.choose_splits(16, 8, 128, 16, 16, 132) == (2, 64)  # 128 CTAs per split: two fill the wave
+    assert da.choose_splits(64, 8, 128, 16, 16, 132) == (1, 128)  # 512 CTAs: already two waves
+    assert da.choose_splits(1, 8, 16, 16, 16, 132) == (4, 4)  # short context: one tile per warp at most
