@@ -42,6 +42,10 @@ ROWS_PER_PASS = 16  # rows of a K/V tile one cp.async pass covers: 128 threads x
 HEAD_DIMS = (64, 128)
 MIN_BLOCK_SIZE = ROWS_PER_PASS  # a pass must not straddle two cache blocks
 MAX_BLOCK_SIZE = 256
+# Query rows per CTA. 128 (4 warps of 32 rows) halves the K/V reads per query but holds a 128 x D fp32
+# accumulator in 128 threads: it spills registers and was no faster than 64 on the H100 for any of the
+# benchmark cases (scripts/bench_prefill_attention.py), so 64 is the default and 128 stays selectable.
+DEFAULT_BLOCK_M = 64
 LOG2_E = 1.4426950408889634
 _DTYPES = {torch.bfloat16: BFloat16}
 
@@ -57,15 +61,6 @@ def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: in
     if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         return False, f"block_size={block_size}: need a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
     return True, "ok"
-
-
-def choose_block_m(max_query_len: int, batch: int, num_heads: int, num_sms: int = 132) -> int:
-    """Query rows per CTA: 128 halves the K/V traffic per query, 64 doubles the CTAs; take 128 only where it
-    still gives at least two CTAs per SM (short prompts and small batches would leave SMs idle)."""
-    if max_query_len <= 64:
-        return 64
-    tiles_128 = -(-max_query_len // 128)
-    return 128 if tiles_128 * batch * num_heads >= 2 * num_sms else 64
 
 
 class PrefillAttentionSm90:
@@ -449,11 +444,11 @@ def _check_int32(name: str, t: torch.Tensor, shape: tuple) -> None:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_start: torch.Tensor, ctx_lens: torch.Tensor, max_query_len: int, scale: float,
-                      out: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, block_m: int = DEFAULT_BLOCK_M) -> torch.Tensor:
     """Causal paged attention of q [N, h, D] -> out [N, h, D] on the current stream (see the module docstring).
 
     max_query_len must be >= every q_len (it sizes the grid; rows of longer sequences would stay unwritten).
-    Reads no device value on the host. block_m (64 or 128 query rows per CTA) defaults to choose_block_m."""
+    Reads no device value on the host. block_m: query rows per CTA, 64 or 128."""
     if q.dim() != 3 or not q.is_contiguous():
         raise ValueError(f"q must be a contiguous [N, h, D] tensor, got {list(q.shape)}")
     n_tokens, num_heads, head_dim = q.shape
@@ -483,8 +478,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             raise ValueError(f"{name} must be 16-byte aligned (cp.async / 128-bit stores)")
     if n_tokens == 0 or batch == 0 or max_query_len <= 0:
         return out  # a zero grid dimension is an invalid launch
-    if block_m is None:
-        block_m = choose_block_m(max_query_len, batch, num_heads)
+    if block_m not in (64, 128):
+        raise ValueError(f"block_m={block_m}: 64 or 128")
     fn = compiled_prefill_attention(num_heads, num_kv_heads, head_dim, block_size, block_m)
     gmem = cute.AddressSpace.gmem
     fn(

@@ -69,12 +69,6 @@ def test_supports(dtype, h, g, d, bs, ok):
     assert supported == ok, reason
 
 
-def test_choose_block_m():
-    assert pa.choose_block_m(2048, 1, 32) == 128  # 16 x 32 = 512 CTAs
-    assert pa.choose_block_m(128, 1, 32) == 64  # 32 CTAs at 128 rows: too few for 132 SMs
-    assert pa.choose_block_m(1, 64, 32) == 64
-
-
 def test_rejects_bad_arguments():
     q = torch.zeros(4, 8, 64, dtype=torch.bfloat16)
     cache = torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16)
@@ -89,3 +83,5 @@ def test_rejects_bad_arguments():
         pa.prefill_attention(q, cache[:, :8], cache[:, :8], tables, qs, ctx, 4, 0.125)
     with pytest.raises(ValueError, match="does not match"):
         pa.prefill_attention(q, cache.float(), cache.float(), tables, qs, ctx, 4, 0.125)
+    with pytest.raises(ValueError, match="block_m"):
+        pa.prefill_attention(q, cache, cache, tables, qs, ctx, 4, 0.125, block_m=32)

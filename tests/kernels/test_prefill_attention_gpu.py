@@ -74,7 +74,7 @@ def reference(q, k_cache, v_cache, tables, query_start, ctx_lens, scale):
     return out
 
 
-def check(seqs, heads=MIXTRAL, block_size=16, block_m=None, seed=0):
+def check(seqs, heads=MIXTRAL, block_size=16, block_m=pa.DEFAULT_BLOCK_M, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q, k_cache, v_cache, tables, query_start, ctx_lens, max_q = make_problem(seqs, heads, block_size, gen)
     scale = 1.0 / math.sqrt(heads[2])
