@@ -146,3 +146,23 @@ def test_config_errors_name_their_field(tmp_path):
         DeepseekV3ForCausalLM.parse_config({**base, "n_group": 4, "topk_group": 5})
     cfg = DeepseekV3ForCausalLM.parse_config({**base, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1})
     assert cfg.moe_layers == (1,) and cfg.router.correction_bias and cfg.mla.q_lora_rank == 1536
+
+
+def test_cute_backend_routes_variants_on_the_reference_and_never_graphs_them():
+    pytest.importorskip("cutlass")
+    from light_moe.config import RouterConfig
+    from light_moe.ops.cute_backend import CuteOps
+
+    torch.manual_seed(0)
+    x, gate = torch.randn(8, 64), torch.randn(16, 64)
+    spec = RouterConfig(scoring="sigmoid", n_group=4, topk_group=2, group_score="top2_sum", correction_bias=True,
+                        routed_scaling_factor=2.5)
+    bias = torch.randn(16) * 0.1
+    ops = CuteOps()
+    got = ops.route(x, gate, 4, True, spec=spec, correction_bias=bias)
+    expected = ReferenceOps().route(x, gate, 4, True, spec=spec, correction_bias=bias)
+    for a, b in zip(got[:3], expected[:3]):
+        assert torch.equal(a, b)
+    assert got[3] is None
+    w13, w2 = torch.zeros(16, 64, 64, dtype=torch.bfloat16), torch.zeros(16, 64, 32, dtype=torch.bfloat16)
+    assert not ops.graph_safe(gate.bfloat16(), 4, w13, w2, spec=spec)

@@ -142,3 +142,33 @@ def paged_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, kv_b_weight
                                              scale=scale)  # [B, h, Q, Dv]
     out = out.transpose(1, 2).reshape(batch * max_q, num_heads, v_dim)
     return out.index_select(0, meta.padded_index)
+
+
+def paged_attention_sinks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float, sinks: torch.Tensor | None = None,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """paged_attention with gpt-oss's two additions (transformers' gpt_oss eager attention): sinks [h], a learned
+    per-head logit that joins every row's softmax denominator and attends to nothing; sliding_window W, a query
+    at position p sees keys at positions p - W + 1 ... p only. Returns [N, h, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    batch, max_q, max_c = meta.block_tables.shape[0], meta.max_query_len, meta.max_ctx_len
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    blocks_needed = (max_c + block_size - 1) // block_size
+    tables = meta.block_tables[:, :blocks_needed]
+    k, v = (cache[tables].reshape(batch, blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_c]
+            .repeat_interleave(num_heads // num_kv_heads, dim=2).transpose(1, 2) for cache in (k_cache, v_cache))
+    q_pad = q.new_zeros(batch * max_q, num_heads, head_dim)
+    q_pad.index_copy_(0, meta.padded_index, q)
+    q_pad = q_pad.view(batch, max_q, num_heads, head_dim).transpose(1, 2)  # [B, h, Q, D]
+    mask = meta.attn_mask  # [B, 1, Q, C]
+    if sliding_window is not None:
+        key_pos = torch.arange(max_c, device=q.device)
+        mask = mask & (key_pos > meta.query_pos.unsqueeze(-1) - sliding_window).unsqueeze(1)
+    logits = (q_pad @ k.transpose(2, 3)) * scale  # [B, h, Q, C]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        logits = torch.cat((logits, sinks.to(logits.dtype).view(1, -1, 1, 1).expand(batch, -1, max_q, 1)), dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)[..., :max_c]  # the sink's share is dropped
+    out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch * max_q, num_heads, head_dim)
+    return out.index_select(0, meta.padded_index)

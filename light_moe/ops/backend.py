@@ -10,7 +10,7 @@ import logging
 import torch
 
 from light_moe.ops import reference
-from light_moe.ops.attention import AttentionMetadata, paged_attention, paged_mla_attention
+from light_moe.ops.attention import AttentionMetadata, paged_attention, paged_attention_sinks, paged_mla_attention
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,14 @@ class MoEOps:
         return reference.rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                  sliding_window: int | None = None) -> torch.Tensor:
         """Causal attention of q [N, h, D] over each sequence's cached keys (this step's already written);
-        into `out` [N, h, D] when given."""
+        into `out` [N, h, D] when given. sinks [h]: per-head logits in the softmax denominator; sliding_window:
+        keys within that many positions of the query (gpt-oss; ops/attention.py paged_attention_sinks)."""
+        if sinks is not None or sliding_window is not None:
+            result = paged_attention_sinks(q, k_cache, v_cache, meta, scale, sinks, sliding_window)
+            return result if out is None else out.copy_(result)
         result = paged_attention(q, k_cache, v_cache, meta, scale)
         return result if out is None else out.copy_(result)
 

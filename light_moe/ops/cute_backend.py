@@ -175,7 +175,11 @@ class CuteOps(MoEOps):
         return rope_kernel.rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                  sliding_window: int | None = None) -> torch.Tensor:
+        if sinks is not None or sliding_window is not None:  # the attention kernels have neither
+            self._fallback("attention", "attention sinks / sliding window")
+            return super().attention(q, k_cache, v_cache, meta, scale, out, sinks, sliding_window)
         heads, head_dim = q.shape[1], q.shape[2]
         kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
         decode = meta.max_query_len == 1
@@ -192,6 +196,16 @@ class CuteOps(MoEOps):
                                                   out=out)
         return prefill_kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start,
                                                 meta.ctx_lens, meta.max_query_len, scale, out=out)
+
+    # ---- multi-head latent attention: no kernels yet (docs/models.md) ---------------------------------------
+    def mla_rope_write(self, q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave: bool):
+        self._fallback("MLA rotary + latent write", "no MLA kernel yet")
+        return super().mla_rope_write(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave)
+
+    def mla_attention(self, q, latent_cache, kv_b_weight, meta: AttentionMetadata, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        self._fallback("MLA attention", "no MLA kernel yet")
+        return super().mla_attention(q, latent_cache, kv_b_weight, meta, scale, out)
 
     # ---- W4A16 linear layers (the attention projections): the W4A16 grouped GEMM with one expert ------------
     def prepare_linear_weight(self, weight):
