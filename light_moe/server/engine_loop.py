@@ -57,6 +57,8 @@ class RequestStream:
         # engine-thread bookkeeping for the latency metrics
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.num_tokens = 0
+        self.engine_request = None  # the engine's Request: its first_scheduled_time gives the queue time
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
@@ -228,6 +230,7 @@ class EngineLoop:
             self.engine.abort(stream.request_id)  # it may have reached the scheduler before failing
             return exc
         self._streams[stream.request_id] = stream
+        stream.engine_request = self.engine.scheduler.get_request(stream.request_id)
         self.metrics.prompt_tokens.inc(len(command.prompt_token_ids))
         return None
 
@@ -253,9 +256,11 @@ class EngineLoop:
             n = len(output.delta_token_ids)
             if n:
                 m.generation_tokens.inc(n)
+                stream.num_tokens += n
                 if stream.first_token_time is None:
                     stream.first_token_time = now
                     m.ttft.observe(now - stream.arrival_time)
+                    self._observe_queue_time(stream)
                     n -= 1  # the first token has no predecessor
                 if n:
                     gap = (now - stream.last_token_time) / n
@@ -266,11 +271,20 @@ class EngineLoop:
                 del self._streams[output.request_id]
                 m.finished.labels(finish_reason=output.finish_reason or "length").inc()
                 m.e2e.observe(now - stream.arrival_time)
+                if stream.first_token_time is None:
+                    self._observe_queue_time(stream)  # ended without a token (capacity, error)
+                elif stream.num_tokens > 1:
+                    m.tpot.observe((stream.last_token_time - stream.first_token_time) / (stream.num_tokens - 1))
             if output.finish_reason == "error":  # engine.py logged it; this request alone fails
                 error = getattr(output, "error", "") or "unknown error"
                 self._deliveries.append((stream, RequestFailedError(f"the request failed in the engine: {error}")))
             elif output.finished or stream.stream_deltas:
                 self._deliveries.append((stream, output))
+
+    def _observe_queue_time(self, stream: RequestStream) -> None:
+        request = stream.engine_request
+        if request is not None and request.first_scheduled_time is not None:
+            self.metrics.queue_time.observe(max(0.0, request.first_scheduled_time - stream.arrival_time))
 
     def _publish(self, num_adds: int) -> None:
         waiting = self.engine.scheduler.num_waiting

@@ -3,8 +3,17 @@ so two apps in one process, as in the tests, do not collide).
 
 Who writes what: the HTTP layer counts requests by route and status; the engine thread
 (engine_loop.py) records tokens, latencies, finished requests and, after every step,
-observe_step() reads the scheduler, the KV cache and the experts' load. Only the engine
-thread may touch the engine, so scrapes never do: they read the last published snapshot.
+observe_step() reads the scheduler, the KV cache (usage, prefix-cache lookups) and the experts'
+load. Only the engine thread may touch the engine, so scrapes never do: they read the last
+published snapshot.
+
+Per-request latencies, all from the request's arrival at the server (time.monotonic()) and
+observed on the engine thread when its outputs are handed over (what a client sees, minus the
+transport): queue time (arrival to first scheduled, kv_cache/scheduler stamp it), TTFT (arrival to
+the first token), ITL (between tokens; a step that yields k tokens of one request gives k gaps of
+1/k of its interval), TPOT ((last token - first token) / (tokens - 1), once per finished request with
+at least two tokens) and e2e (arrival to the last output). The prefix-cache counters are in tokens
+(looked up on admission, found cached); their ratio is the hit rate, also published as a gauge.
 
 Expert load comes from the engine's own window (engine.expert_load_stats(): tokens per expert
 over the last expert_load_window steps, summed over expert-parallel ranks, refreshed on the host
@@ -63,6 +72,19 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("light_moe_e2e_request_latency_seconds", "From arrival to the last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("light_moe_time_per_output_token_seconds",
+                              "Per finished request: (last token - first token) / (generated tokens - 1)",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("light_moe_request_queue_time_seconds",
+                                    "From arrival to the request's first scheduled step",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefix_queries = Counter("light_moe_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache on admission", registry=r)
+        self.prefix_hits = Counter("light_moe_prefix_cache_hits",
+                                   "Prompt tokens whose KV came from the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge("light_moe_prefix_cache_hit_rate",
+                                     "Prefix-cache hits over queries since the start (tokens; 0 before any)",
+                                     registry=r)
         self.batch_size = Histogram("light_moe_batch_size", "Requests computed together in one engine step",
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.max_batch_size = Gauge("light_moe_max_batch_size", "Largest batch of one engine step so far",
@@ -83,6 +105,7 @@ class ServerMetrics:
         self._expert_synced_at = 0.0
         self._steps_seen = 0
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # (queries, hits)
 
     # ---- engine thread only --------------------------------------------------------------------
     def observe_step(self, engine, num_queued: int) -> None:
@@ -98,7 +121,14 @@ class ServerMetrics:
             self._preemptions_seen = stats["preemptions"]
         self.running.set(engine.scheduler.num_running)
         self.waiting.set(num_queued)
-        self.kv_usage.set(engine.block_manager.usage)
+        bm = engine.block_manager
+        self.kv_usage.set(bm.usage)
+        queries, hits = bm.prefix_cache_queries, bm.prefix_cache_hits
+        if (queries, hits) != self._prefix_seen:
+            self.prefix_queries.inc(queries - self._prefix_seen[0])
+            self.prefix_hits.inc(hits - self._prefix_seen[1])
+            self._prefix_seen = (queries, hits)
+            self.prefix_hit_rate.set(hits / queries)
         idle = not engine.has_unfinished_requests()
         now = time.monotonic()
         if idle or now - self._expert_synced_at >= self._expert_sync_interval_s:

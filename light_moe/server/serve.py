@@ -52,6 +52,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_quant_args(parser)
     add_parallel_args(parser)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="turn off prefix caching (on by default: requests share the KV blocks of equal prompt "
+                             "prefixes; docs/server.md)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="dummy: random weights, no checkpoint read (a config.json and tokenizer suffice; "
+                             "light-moe bench serve --shape)")
     add_async_args(parser)
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
@@ -120,6 +126,7 @@ def serve(args: argparse.Namespace) -> int:
         engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 moe_backend=args.moe_backend, enforce_eager=args.enforce_eager,
+                                enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format,
                                 **async_kwargs(args),
                                 **quant_kwargs(args), **parallel_kwargs(args))
     except KeyboardInterrupt:
