@@ -1,4 +1,4 @@
-"""`light-moe` command line: generate | serve | bench {e2e, profile-step, moe-layer, ep, ep-scale} | quantize."""
+"""`light-moe` command line: generate | serve | bench {e2e, serve, profile-step, moe-layer, ep, ep-scale} | quantize."""
 from __future__ import annotations
 
 import argparse
@@ -152,6 +152,13 @@ def cmd_bench_profile_step(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from light_moe.bench import serve
+
+    serve.main(args)
+    return 0
+
+
 def cmd_bench_moe_layer(args) -> int:
     from light_moe.bench import moe_layer
 
@@ -219,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "a warm-up (0: skip)")
     e2e.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
     e2e.set_defaults(func=cmd_bench_e2e)
+
+    from light_moe.bench.serve import add_bench_serve_args
+
+    bserve = bsub.add_parser("serve", help="serving benchmark: a request stream against `light-moe serve` (started "
+                                           "here or --base-url); TTFT / TPOT / ITL / e2e percentiles, throughput, "
+                                           "goodput; --sweep-rates plots latency against throughput")
+    add_bench_serve_args(bserve)
+    bserve.set_defaults(func=cmd_bench_serve)
 
     from light_moe.bench.step_profile import add_profile_step_args
 

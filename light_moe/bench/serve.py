@@ -1,0 +1,531 @@
+"""`light-moe bench serve`: the serving benchmark. Drives an OpenAI-compatible server with a request stream
+and reports what its clients see.
+
+    light-moe bench serve [--model DIR | --shape mixtral --layers N] --num-prompts 200 --request-rate 8
+    light-moe bench serve --base-url http://127.0.0.1:8000 --max-concurrency 16 --endpoint chat
+    light-moe bench serve ... --sweep-rates 1 2 4 8 --output result.json      (+ result.png)
+
+The server: started here as a subprocess (`light-moe serve` with the engine flags given, on a free loopback
+port, ready once /health answers 200; stopped with SIGINT at the end), or an existing one at --base-url.
+
+The request stream: --num-prompts requests, arriving as a Poisson process at --request-rate per second (inf:
+all at once), at most --max-concurrency in flight. Prompts are synthetic (random token ids, or random words
+for chat and for a server whose vocabulary is unknown), --input-len +- --range-ratio tokens after an optional
+--shared-prefix-len tokens common to all (a shared system prompt: run with and without --no-prefix-caching to
+see the prefix cache's TTFT gain), or lines of a --dataset JSONL ({"prompt": ...} or {"messages": [...]},
+optional "output_len"). Every request streams with ignore_eos, so it generates exactly its output length.
+Everything random comes from --seed.
+
+Per request (client clock, time.perf_counter): TTFT = first streamed token; ITL = gaps between later chunks
+that carry tokens; TPOT = (e2e - TTFT) / (output tokens - 1); e2e = until the stream ends. Output tokens are
+the server's usage count. Chunks carry text, so a token whose text is held back (an incomplete character)
+arrives with the next one; --token-chunks asks for logprobs so that every step's tokens come in a chunk of
+their own (on by default with --shape, whose random model has a tiny tokenizer).
+Per run: request and output token throughput over the run's wall time, mean / p50 / p90 / p99 of each latency,
+goodput (requests per second meeting every SLO given: --slo-ttft-ms, --slo-tpot-ms, --slo-e2e-ms) and errors.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from light_moe.bench.env import environment, write_result
+
+PERCENTILES = (50, 90, 99)
+_WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had "
+          "not but what all when we there can one more out if so up said about into than them some could time "
+          "model expert token layer batch cache serve kernel memory stream route prefix latency").split()
+
+
+@dataclass
+class RequestSpec:
+    prompt: str | list[int] | list[dict]  # text, token ids, or chat messages
+    output_len: int
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float | None = None  # seconds
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tpot(self) -> float | None:
+        if not self.ok or self.output_tokens < 2 or self.ttft is None:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+# ---- the request stream --------------------------------------------------------------------------
+def _lengths(rng: random.Random, mean: int, ratio: float, n: int) -> list[int]:
+    low, high = max(1, math.floor(mean * (1 - ratio))), max(1, math.ceil(mean * (1 + ratio)))
+    return [rng.randint(low, high) for _ in range(n)]
+
+
+def synthetic_requests(num: int, input_len: int, output_len: int, range_ratio: float = 0.0,
+                       shared_prefix_len: int = 0, vocab_size: int | None = None, chat: bool = False,
+                       seed: int = 0) -> list[RequestSpec]:
+    """Random prompts: token ids below vocab_size (skipping the first 10, where special tokens usually are), or,
+    without a vocabulary or for chat, words (about one token each). The first shared_prefix_len are common."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--range-ratio must be in [0, 1), got {range_ratio}")
+    rng = random.Random(seed)
+    words = chat or vocab_size is None
+
+    def draw(n: int) -> list:
+        if words:
+            return [rng.choice(_WORDS) for _ in range(n)]
+        return [rng.randrange(10, vocab_size) for _ in range(n)]
+
+    prefix = draw(shared_prefix_len)
+    specs = []
+    for n_in, n_out in zip(_lengths(rng, input_len, range_ratio, num), _lengths(rng, output_len, range_ratio, num)):
+        body = prefix + draw(n_in)
+        if chat:
+            system, user = " ".join(body[:shared_prefix_len]), " ".join(body[shared_prefix_len:])
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            specs.append(RequestSpec(messages, n_out))
+        else:
+            specs.append(RequestSpec(" ".join(body) if words else body, n_out))
+    return specs
+
+
+def dataset_requests(path: str, num: int, output_len: int, chat: bool) -> list[RequestSpec]:
+    """The first `num` lines of a JSONL file: {"prompt": text} or {"messages": [...]}, optional "output_len"."""
+    specs = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "messages" in row:
+            prompt = row["messages"] if chat else "\n".join(m["content"] for m in row["messages"])
+        elif "prompt" in row:
+            prompt = [{"role": "user", "content": row["prompt"]}] if chat else row["prompt"]
+        else:
+            raise ValueError(f"{path} line {i + 1}: expected a 'prompt' or 'messages' field")
+        specs.append(RequestSpec(prompt, int(row.get("output_len", output_len))))
+        if len(specs) == num:
+            break
+    if not specs:
+        raise ValueError(f"{path} holds no prompts")
+    return specs
+
+
+def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each request is sent: a Poisson process (exponential gaps) at `rate`
+    per second; all at 0 for rate inf."""
+    if rate <= 0:
+        raise ValueError(f"request rate must be positive (inf: all at once), got {rate}")
+    if math.isinf(rate):
+        return [0.0] * num
+    rng = random.Random(seed + 1)
+    t, out = 0.0, []
+    for _ in range(num):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+# ---- the client ----------------------------------------------------------------------------------
+async def send(client, base_url: str, model: str, spec: RequestSpec, token_chunks: bool,
+               api_key: str | None = None) -> RequestResult:
+    """One streamed request; the result records what the client saw (errors included, never raised)."""
+    chat = isinstance(spec.prompt, list) and bool(spec.prompt) and isinstance(spec.prompt[0], dict)
+    body = {"model": model, "max_tokens": spec.output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if chat:
+        body["messages"] = spec.prompt
+        if token_chunks:
+            body["logprobs"] = True
+    else:
+        body["prompt"] = spec.prompt
+        if token_chunks:
+            body["logprobs"] = 0
+    url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    result = RequestResult()
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                result.error = f"HTTP {response.status_code}: {text[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = f"stream error: {chunk['error'].get('message')}"
+                    return result
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if not _has_tokens(chunk):
+                    continue
+                if last is None:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+    except Exception as exc:  # a benchmark reports a failed request; it does not stop
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.e2e = time.perf_counter() - start
+    if result.ttft is None:
+        result.ttft = result.e2e  # every token's text came with the last chunk
+    result.ok = result.output_tokens > 0
+    if not result.ok:
+        result.error = "no tokens (the stream ended without usage)"
+    return result
+
+
+def _has_tokens(chunk: dict) -> bool:
+    for choice in chunk.get("choices") or ():
+        logprobs = choice.get("logprobs") or {}  # completions: tokens; chat: content
+        if choice.get("text") or logprobs.get("tokens") or logprobs.get("content"):
+            return True
+        delta = choice.get("delta") or {}
+        if delta.get("content"):
+            return True
+    return False
+
+
+async def run_stream(base_url: str, model: str, specs: list[RequestSpec], rate: float, max_concurrency: int | None,
+                     seed: int, token_chunks: bool, api_key: str | None = None,
+                     timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival time (waiting for a seat under max_concurrency); -> results, wall time."""
+    import httpx
+
+    offsets = arrival_offsets(len(specs), rate, seed)
+    seats = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    limits = httpx.Limits(max_connections=(max_concurrency or len(specs)) + 4, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(spec: RequestSpec, offset: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            if seats is None:
+                return await send(client, base_url, model, spec, token_chunks, api_key)
+            async with seats:
+                return await send(client, base_url, model, spec, token_chunks, api_key)
+
+        results = await asyncio.gather(*(one(s, o) for s, o in zip(specs, offsets)))
+        return list(results), time.perf_counter() - start
+
+
+# ---- the numbers ---------------------------------------------------------------------------------
+def _percentiles(values: list[float], prefix: str) -> dict:
+    """mean and p50 / p90 / p99 in milliseconds (linear interpolation); None without values."""
+    out = {f"mean_{prefix}_ms": None, **{f"p{p}_{prefix}_ms": None for p in PERCENTILES}}
+    if not values:
+        return out
+    xs = sorted(values)
+    out[f"mean_{prefix}_ms"] = 1e3 * sum(xs) / len(xs)
+    for p in PERCENTILES:
+        pos = (len(xs) - 1) * p / 100
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out[f"p{p}_{prefix}_ms"] = 1e3 * (xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+def summarize(results: list[RequestResult], duration_s: float, slo_ttft_ms: float | None = None,
+              slo_tpot_ms: float | None = None, slo_e2e_ms: float | None = None) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+
+    def meets(r: RequestResult) -> bool:
+        tpot = r.tpot
+        return ((slo_ttft_ms is None or 1e3 * r.ttft <= slo_ttft_ms)
+                and (slo_tpot_ms is None or tpot is None or 1e3 * tpot <= slo_tpot_ms)
+                and (slo_e2e_ms is None or 1e3 * r.e2e <= slo_e2e_ms))
+
+    good = [r for r in ok if meets(r)]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    row = {
+        "num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "duration_s": duration_s, "input_tokens": in_tokens, "output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration_s, "output_throughput": out_tokens / duration_s,
+        "total_token_throughput": (in_tokens + out_tokens) / duration_s,
+        "goodput": len(good) / duration_s, "good_requests": len(good),
+        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "e2e_ms": slo_e2e_ms},
+    }
+    row.update(_percentiles([r.ttft for r in ok], "ttft"))
+    row.update(_percentiles([r.tpot for r in ok if r.tpot is not None], "tpot"))
+    row.update(_percentiles([g for r in ok for g in r.itl], "itl"))
+    row.update(_percentiles([r.e2e for r in ok], "e2e"))
+    row["errors"] = errors
+    return row
+
+
+# ---- the server ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(args, model_dir: Path, load_format: str, port: int) -> list[str]:
+    """`light-moe serve` with this benchmark's engine flags."""
+    cmd = [sys.executable, "-m", "light_moe.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--load-format", load_format, "--dtype", args.dtype, "--device", args.device,
+           "--moe-backend", args.moe_backend, "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--expert-parallel-size", str(args.expert_parallel_size), "--log-level", "warning",
+           "--max-waiting", str(max(1024, args.num_prompts))]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.quantization:
+        cmd += ["--quantization", args.quantization]
+    if not args.enable_prefix_caching:
+        cmd.append("--no-prefix-caching")
+    if not args.async_scheduling:
+        cmd.append("--no-async-scheduling")
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd
+
+
+class Server:
+    """`light-moe serve` in a subprocess, its output in a log file; a context manager yielding the base URL."""
+
+    def __init__(self, cmd: list[str], port: int, startup_timeout_s: float) -> None:
+        self.cmd, self.port, self.timeout = cmd, port, startup_timeout_s
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="light-moe-bench-serve-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise TimeoutError(f"the server was not ready within {self.timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.25)
+
+    def tail(self, chars: int = 4000) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # the server's graceful shutdown
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def _served_model(base_url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+
+
+def _vocab_size(model_dir: Path | None, args) -> int | None:
+    if args.vocab_size:
+        return args.vocab_size
+    if model_dir is None:
+        return None
+    from light_moe.models.loader import load_model_config
+
+    return load_model_config(model_dir)[1].vocab_size
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -> dict:
+    model = _served_model(base_url, args.api_key)
+    chat = args.endpoint == "chat"
+    if args.dataset:
+        specs = dataset_requests(args.dataset, args.num_prompts, args.output_len, chat)
+    else:
+        specs = synthetic_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                                   args.shared_prefix_len, vocab_size, chat, args.seed)
+    if args.warmup:
+        warm = synthetic_requests(args.warmup, 16, 4, vocab_size=vocab_size, chat=chat, seed=args.seed + 99)
+        asyncio.run(run_stream(base_url, model, warm, math.inf, None, args.seed, token_chunks, args.api_key))
+    rows = []
+    for rate in args.sweep_rates or [args.request_rate]:
+        results, duration = asyncio.run(run_stream(base_url, model, specs, rate, args.max_concurrency, args.seed,
+                                                   token_chunks, args.api_key, args.request_timeout))
+        row = {"request_rate": _rate(rate), "max_concurrency": args.max_concurrency,
+               **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
+        rows.append(row)
+        print(_line(row), file=sys.stderr)
+    return {"model": model, "endpoint": args.endpoint, "num_prompts": len(specs), "rows": rows}
+
+
+def _line(row: dict) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    return (f"rate {row['request_rate']}: {row['completed']}/{row['num_requests']} ok, "
+            f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} out tok/s, "
+            f"TTFT p50 {f(row['p50_ttft_ms'])} p99 {f(row['p99_ttft_ms'])} ms, TPOT p50 {f(row['p50_tpot_ms'])} ms, "
+            f"ITL p50 {f(row['p50_itl_ms'])} ms, goodput {row['goodput']:.2f} req/s")
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Latency against output throughput, one point per rate; None when matplotlib is missing (a note
+    instead)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    rows = result["rows"]
+    x = [r["output_throughput"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for key, label in (("p50_ttft_ms", "TTFT p50"), ("p99_ttft_ms", "TTFT p99")):
+        ax1.plot(x, [r[key] for r in rows], marker="o", label=label)
+    for key, label in (("p50_tpot_ms", "TPOT p50"), ("p99_tpot_ms", "TPOT p99"), ("p50_itl_ms", "ITL p50")):
+        ax2.plot(x, [r[key] for r in rows], marker="o", label=label)
+    for ax, what in ((ax1, "time to first token (ms)"), (ax2, "time per output token (ms)")):
+        ax.set_xlabel("output throughput (tokens/s)")
+        ax.set_ylabel(what)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        for r, xi in zip(rows, x):
+            ax.annotate(f"{r['request_rate']}/s", (xi, r["p50_ttft_ms" if ax is ax1 else "p50_tpot_ms"] or 0),
+                        fontsize=7, textcoords="offset points", xytext=(3, 3))
+    fig.suptitle(f"light-moe bench serve: {result['model']}, {result['env']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(args) -> dict:
+    from light_moe.bench.e2e import bench_model
+
+    token_chunks = args.token_chunks if args.token_chunks is not None else args.shape is not None
+    tmp = None
+    if args.base_url:
+        vocab = _vocab_size(None, args)
+        result = benchmark(args.base_url.rstrip("/"), args, vocab, token_chunks)
+    else:
+        model_dir, load_format, tmp = bench_model(args)
+        try:
+            port = _free_port()
+            with Server(server_command(args, model_dir, load_format, port), port, args.server_timeout) as url:
+                result = benchmark(url, args, _vocab_size(model_dir, args), token_chunks)
+        finally:
+            if tmp is not None:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+    result = {"bench": "serve", "env": environment(), "config": _config(args, token_chunks), **result}
+    if len(result["rows"]) > 1 or args.plot:
+        png = args.plot or (str(Path(args.output).with_suffix(".png")) if args.output else None)
+        if png:
+            note = plot(result, png)
+            result["plot"] = png if note is None else None
+            if note:
+                result["plot_note"] = note
+                print(note, file=sys.stderr)
+    write_result(result, args.output)
+    return result
+
+
+def _config(args, token_chunks: bool) -> dict:
+    keys = ("base_url", "model", "shape", "layers", "endpoint", "dataset", "num_prompts", "input_len", "output_len",
+            "range_ratio", "shared_prefix_len", "request_rate", "sweep_rates", "max_concurrency", "seed",
+            "enable_prefix_caching", "async_scheduling", "max_num_seqs", "max_num_batched_tokens", "dtype", "device",
+            "expert_parallel_size", "quantization")
+    config = {k: getattr(args, k, None) for k in keys}
+    config["token_chunks"] = token_chunks
+    for k in ("request_rate", "sweep_rates"):  # JSON has no infinity
+        v = config[k]
+        config[k] = [_rate(x) for x in v] if isinstance(v, list) else _rate(v)
+    return config
+
+
+def _rate(rate: float | None):
+    return "inf" if rate is not None and math.isinf(rate) else rate
+
+
+def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
+    server = p.add_argument_group("server (started here unless --base-url)")
+    server.add_argument("--base-url", default=None, help="benchmark this running server instead of starting one")
+    server.add_argument("--api-key", default=None)
+    server.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
+    server.add_argument("--shape", choices=["mixtral"], default=None,
+                        help="ignore --model: the Mixtral-8x7B shape with random weights (no checkpoint on disk)")
+    server.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
+    server.add_argument("--dtype", default="auto")
+    server.add_argument("--device", default="auto")
+    server.add_argument("--max-model-len", type=int, default=None)
+    server.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"])
+    server.add_argument("--quantization", default=None, choices=["w4a16"])
+    server.add_argument("--max-num-seqs", type=int, default=256)
+    server.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    server.add_argument("--expert-parallel-size", type=int, default=1)
+    server.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    server.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    server.add_argument("--enforce-eager", action="store_true")
+    server.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    load = p.add_argument_group("load")
+    load.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    load.add_argument("--num-prompts", type=int, default=100)
+    load.add_argument("--dataset", default=None, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
+    load.add_argument("--input-len", type=int, default=128)
+    load.add_argument("--output-len", type=int, default=64)
+    load.add_argument("--range-ratio", type=float, default=0.0,
+                      help="lengths uniform in [len * (1 - r), len * (1 + r)]")
+    load.add_argument("--shared-prefix-len", type=int, default=0,
+                      help="tokens (words for chat) every prompt starts with, before its own --input-len")
+    load.add_argument("--vocab-size", type=int, default=None,
+                      help="draw token-id prompts below this (default: the model's; with --base-url, words)")
+    load.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf)")
+    load.add_argument("--sweep-rates", type=float, nargs="+", default=None,
+                      help="one run per rate on the same server; writes a latency-vs-throughput plot")
+    load.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) before the run")
+    load.add_argument("--request-timeout", type=float, default=600.0)
+    load.add_argument("--token-chunks", action=argparse.BooleanOptionalAction, default=None,
+                      help="ask for logprobs so that every token arrives in a chunk of its own (default: with --shape)")
+    out = p.add_argument_group("results")
+    out.add_argument("--slo-ttft-ms", type=float, default=None)
+    out.add_argument("--slo-tpot-ms", type=float, default=None)
+    out.add_argument("--slo-e2e-ms", type=float, default=None)
+    out.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
+    out.add_argument("--plot", default=None, help="the plot's PNG (default with --sweep-rates: --output's, .png)")

@@ -1,0 +1,129 @@
+"""`light-moe bench serve`: the request stream (Poisson arrivals, synthetic and JSONL prompts, seeds), the
+summary numbers, and whole runs on CPU: the CLI starting `light-moe serve` with the bundled model (the CI
+check), and the client against an in-process server with chat, a shared prefix and a concurrency cap."""
+import asyncio
+import json
+import math
+import statistics
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+from light_moe.bench.serve import (  # noqa: E402
+    RequestResult,
+    arrival_offsets,
+    dataset_requests,
+    run_stream,
+    summarize,
+    synthetic_requests,
+)
+from light_moe.cli import main as cli_main  # noqa: E402
+
+
+# ---- the request stream --------------------------------------------------------------------------
+def test_poisson_arrivals_have_the_rate_and_follow_the_seed():
+    offsets = arrival_offsets(4000, 8.0, seed=3)
+    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert offsets[0] == 0 and all(g >= 0 for g in gaps)
+    assert statistics.mean(gaps) == pytest.approx(1 / 8, rel=0.06)
+    assert statistics.stdev(gaps) == pytest.approx(1 / 8, rel=0.1)  # exponential: sd = mean
+    assert offsets == arrival_offsets(4000, 8.0, seed=3) != arrival_offsets(4000, 8.0, seed=4)
+    assert arrival_offsets(5, math.inf, 0) == [0.0] * 5
+    with pytest.raises(ValueError, match="positive"):
+        arrival_offsets(5, 0, 0)
+
+
+def test_synthetic_prompts_lengths_shared_prefix_and_seed():
+    specs = synthetic_requests(50, input_len=20, output_len=10, range_ratio=0.5, shared_prefix_len=7,
+                               vocab_size=300, seed=1)
+    assert all(isinstance(s.prompt, list) and 7 + 10 <= len(s.prompt) <= 7 + 30 for s in specs)
+    assert all(10 <= t < 300 for s in specs for t in s.prompt)
+    assert len({tuple(s.prompt[:7]) for s in specs}) == 1 and len({tuple(s.prompt[7:]) for s in specs}) == 50
+    assert {s.output_len for s in specs} <= set(range(5, 16)) and len({s.output_len for s in specs}) > 3
+    assert [s.prompt for s in specs] == [s.prompt for s in synthetic_requests(50, 20, 10, 0.5, 7, 300, seed=1)]
+    fixed = synthetic_requests(4, 12, 3, vocab_size=None, seed=0)  # no vocabulary: words
+    assert all(isinstance(s.prompt, str) and len(s.prompt.split()) == 12 and s.output_len == 3 for s in fixed)
+    chat = synthetic_requests(3, 5, 2, shared_prefix_len=4, vocab_size=300, chat=True, seed=0)
+    assert [m["role"] for m in chat[0].prompt] == ["system", "user"]
+    assert len({s.prompt[0]["content"] for s in chat}) == 1 and len(chat[0].prompt[1]["content"].split()) == 5
+
+
+def test_dataset_prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hello there", "output_len": 3}\n\n'
+                    '{"messages": [{"role": "user", "content": "hi"}]}\n{"prompt": "third"}\n')
+    specs = dataset_requests(str(path), 2, output_len=9, chat=False)
+    assert [(s.prompt, s.output_len) for s in specs] == [("hello there", 3), ("hi", 9)]
+    chat = dataset_requests(str(path), 10, output_len=9, chat=True)
+    assert chat[0].prompt == [{"role": "user", "content": "hello there"}] and len(chat) == 3
+    path.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        dataset_requests(str(path), 1, 4, False)
+
+
+def test_summary_percentiles_goodput_and_errors():
+    def done(ttft, e2e, tokens):
+        return RequestResult(ok=True, prompt_tokens=10, output_tokens=tokens, ttft=ttft, e2e=e2e,
+                             itl=[(e2e - ttft) / (tokens - 1)] * (tokens - 1))
+
+    results = [done(0.1, 0.5, 5), done(0.3, 1.1, 5), done(0.2, 0.6, 3), RequestResult(error="HTTP 503: busy")]
+    row = summarize(results, duration_s=2.0, slo_ttft_ms=250, slo_tpot_ms=150)
+    assert (row["completed"], row["failed"], row["errors"]) == (3, 1, {"HTTP 503: busy": 1})
+    assert row["output_tokens"] == 13 and row["input_tokens"] == 30
+    assert row["request_throughput"] == 1.5 and row["output_throughput"] == 6.5
+    assert row["p50_ttft_ms"] == pytest.approx(200) and row["p99_ttft_ms"] == pytest.approx(298)
+    assert row["mean_tpot_ms"] == pytest.approx(1e3 * (0.1 + 0.2 + 0.2) / 3)
+    # TPOTs 100, 200, 200 ms; TTFTs 100, 300, 200 ms: only the first meets both SLOs
+    assert row["good_requests"] == 1 and row["goodput"] == 0.5
+    assert summarize(results, 2.0)["good_requests"] == 3
+    assert summarize([RequestResult(error="x")], 1.0)["p50_ttft_ms"] is None
+
+
+# ---- whole runs ----------------------------------------------------------------------------------
+def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
+    """The CI check: 12 requests, 4 at a time, 8 tokens each, at two rates on one `light-moe serve` process."""
+    out = tmp_path / "serve.json"
+    code = cli_main(["bench", "serve", "--device", "cpu", "--num-prompts", "12", "--max-concurrency", "4",
+                     "--input-len", "24", "--output-len", "8", "--sweep-rates", "40", "inf",
+                     "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["bench"] == "serve" and result["env"]["device"] == "cpu" and result["env"]["commit"]
+    assert result["config"]["enable_prefix_caching"] is True and result["config"]["sweep_rates"] == [40.0, "inf"]
+    assert [row["request_rate"] for row in result["rows"]] == [40.0, "inf"]
+    for row in result["rows"]:
+        assert (row["completed"], row["failed"], row["errors"]) == (12, 0, {})
+        assert row["output_tokens"] == 12 * 8  # ignore_eos: every request generates max_tokens
+        assert row["input_tokens"] == 12 * 24  # token-id prompts: exactly --input-len
+        assert row["request_throughput"] == pytest.approx(12 / row["duration_s"])
+        assert row["output_throughput"] == pytest.approx(96 / row["duration_s"])
+        assert row["good_requests"] == 12 and row["goodput"] == row["request_throughput"]
+        for metric in ("ttft", "tpot", "itl", "e2e"):
+            assert 0 < row[f"p50_{metric}_ms"] <= row[f"p90_{metric}_ms"] <= row[f"p99_{metric}_ms"]
+        assert row["p50_ttft_ms"] <= row["p50_e2e_ms"] and row["p99_ttft_ms"] <= row["p99_e2e_ms"]
+        assert row["mean_tpot_ms"] * 7 <= row["mean_e2e_ms"]
+    png = tmp_path / "serve.png"
+    assert (result["plot"] == str(png) and png.stat().st_size > 0) or "matplotlib" in result["plot_note"]
+
+
+def test_client_chat_shared_prefix_and_concurrency_cap(tmp_path_factory):
+    from tests.test_server import MODEL, _engine, _metric, _metrics, _running_server, _wait_idle
+    from tests.tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("qwen3_moe", tmp_path_factory.mktemp("qwen3"), max_position_embeddings=1024)
+    engine = _engine(ckpt, block_size=8, max_num_seqs=64)
+    specs = synthetic_requests(10, 6, 4, shared_prefix_len=40, vocab_size=320, chat=True, seed=5)
+    with _running_server(engine) as url:
+        results, duration = asyncio.run(run_stream(url, MODEL, specs, rate=50.0, max_concurrency=3, seed=0,
+                                                   token_chunks=True))
+        after = _wait_idle(url)
+        max_batch = _metric(_metrics(url), "light_moe_max_batch_size")
+    assert all(r.ok and r.output_tokens == 4 for r in results), [r.error for r in results]
+    assert all(0 < r.ttft <= r.e2e <= duration and len(r.itl) == 3 for r in results)  # one chunk per token
+    assert max_batch <= 3  # at most 3 requests in flight
+    # the chat system prompt (40 words) is shared: later requests find its blocks cached
+    assert _metric(after, "light_moe_prefix_cache_hits_total") >= 8 * 9
+    assert sum(r.prompt_tokens for r in results) == _metric(after, "light_moe_prefix_cache_queries_total")
