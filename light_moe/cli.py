@@ -170,6 +170,11 @@ def cmd_quantize(args) -> int:
     from light_moe.quant.export import quantize_checkpoint
     from light_moe.quant.scheme import W4A16Config
 
+    if args.quant_attention:  # the writer quantizes routed experts only; say so rather than ignore the flag
+        print("light-moe quantize: --quant-attention is not supported (the checkpoint writer quantizes the routed "
+              "experts only; quantize attention on load with `--quantization w4a16 --quant-attention`)",
+              file=sys.stderr)
+        return 2
     scheme = W4A16Config(group_size=args.quant_group_size, symmetric=not args.quant_asymmetric)
     out = quantize_checkpoint(args.model, args.out, scheme)
     print(f"wrote {scheme.name} checkpoint (GPTQ layout, routed experts quantized) to {out}", file=sys.stderr)

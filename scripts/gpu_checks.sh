@@ -34,6 +34,7 @@ set -u
 stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
 py=${PYTHON:-python3}
 commit=${LIGHT_MOE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export LIGHT_MOE_GIT_COMMIT=$commit PYTHONUNBUFFERED=1
@@ -133,8 +134,8 @@ whole-tests)
 whole-bench-4)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
     if [ -n "${BASELINE:-}" ]; then
-        PYTHONPATH=$BASELINE:${PYTHONPATH:-} step e2e4_baseline 150 $py -m light_moe.cli bench e2e $m \
-            --output "$out/e2e4_baseline.json"
+        # python -m puts the working directory first on sys.path: run from inside the baseline tree
+        (cd "$BASELINE" && step e2e4_baseline 150 $py -m light_moe.cli bench e2e $m --output "$out/e2e4_baseline.json")
     fi
     step e2e4 200 $py -m light_moe.cli bench e2e $m --output "$out/e2e4.json"
     step e2e4_long 150 $py -m light_moe.cli bench e2e $m --batch-sizes 64 --input-len 2048 --output-len 128 \
@@ -145,8 +146,8 @@ whole-bench-4)
 whole-bench-32)
     m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
     if [ -n "${BASELINE:-}" ]; then
-        PYTHONPATH=$BASELINE:${PYTHONPATH:-} step e2e32_baseline 240 $py -m light_moe.cli bench e2e $m \
-            --repeats 1 --output "$out/e2e32_baseline.json"
+        (cd "$BASELINE" && step e2e32_baseline 240 $py -m light_moe.cli bench e2e $m --repeats 1 \
+            --output "$out/e2e32_baseline.json")
     fi
     step e2e32 240 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e32.json"
     step e2e32_attn 240 $py -m light_moe.cli bench e2e $m --quant-attention --repeats 1 \

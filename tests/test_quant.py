@@ -317,6 +317,13 @@ def test_quantize_command_round_trip(mixtral, tmp_path, extra):
             assert (qa.zeros is None and qb.zeros is None) or torch.equal(qa.zeros, qb.zeros)
 
 
+def test_quantize_command_refuses_quant_attention(mixtral, tmp_path, capsys):
+    out = tmp_path / "w4a16"
+    assert cli_main(["quantize", "--model", str(mixtral), "--out", str(out), "--quant-attention"]) == 2
+    assert "--quant-attention is not supported" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_quantized_experts_refused_under_expert_parallelism(mixtral):
     with pytest.raises(ValueError, match="expert_parallel_size > 1"):
         LightMoEEngine(mixtral, device="cpu", expert_parallel_size=2, quantization="w4a16", show_progress=False)
