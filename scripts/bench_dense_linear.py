@@ -16,21 +16,16 @@ import torch.nn.functional as F
 
 
 def graph_time_us(fn, calls: int = 50, replays: int = 7) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
+    """us per call of fn, from replays of one CUDA graph of `calls` calls (median over `replays`)."""
+    from light_moe.bench.timing import graph_replay
+
+    replay = graph_replay(lambda: [fn() for _ in range(calls)])
+    replay()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000 / calls)

@@ -48,7 +48,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
 from light_moe.kernels.router import mma_16bit
 
 WARPS = 4
@@ -69,12 +69,9 @@ _NEG_INF = -math.inf
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
              block_size: int) -> tuple[bool, str]:
-    if dtype not in _DTYPES:
-        return False, f"dtype {dtype} unsupported (bf16, fp16)"
-    if head_dim not in HEAD_DIMS:
-        return False, f"head_dim={head_dim} unsupported ({HEAD_DIMS})"
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-        return False, f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+    problem = head_shape_problem(dtype, _DTYPES, num_heads, num_kv_heads, head_dim, HEAD_DIMS)
+    if problem is not None:
+        return False, problem
     if num_heads // num_kv_heads > MAX_GROUP:
         return False, f"{num_heads // num_kv_heads} query heads per KV head > {MAX_GROUP} (one mma tile of rows)"
     if block_size <= 0 or block_size & (block_size - 1):

@@ -31,3 +31,17 @@ def await_inputs() -> None:
     that never triggers (a torch op, NCCL) makes this an ordinary stream dependency."""
     cute.arch.griddepcontrol_wait()
     cute.arch.griddepcontrol_launch_dependents()
+
+
+def head_shape_problem(dtype: torch.dtype, dtypes, num_heads: int, num_kv_heads: int, head_dim: int,
+                       head_dims) -> str | None:
+    """The checks every attention-side kernel's supports() starts with (dtype, head_dim, GQA grouping): None when
+    they pass, else the reason."""
+    if dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"dtype {dtype} unsupported ({names})"
+    if head_dim not in head_dims:
+        return f"head_dim={head_dim} unsupported ({tuple(head_dims)})"
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        return f"num_heads={num_heads} is not a positive multiple of num_kv_heads={num_kv_heads}"
+    return None

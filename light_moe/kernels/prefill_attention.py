@@ -34,7 +34,7 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 from cutlass.cute.runtime import make_ptr
 
-from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
 
 THREADS = 128  # 4 warps; each warp owns BM / 4 query rows of the tile
 BLOCK_N = 64  # keys per tile
@@ -52,12 +52,9 @@ _DTYPES = {torch.bfloat16: BFloat16}
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
              block_size: int) -> tuple[bool, str]:
-    if dtype not in _DTYPES:
-        return False, f"dtype {dtype} unsupported (bf16 only)"
-    if head_dim not in HEAD_DIMS:
-        return False, f"head_dim={head_dim} unsupported ({HEAD_DIMS})"
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-        return False, f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+    problem = head_shape_problem(dtype, _DTYPES, num_heads, num_kv_heads, head_dim, HEAD_DIMS)
+    if problem is not None:
+        return False, problem
     if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         return False, f"block_size={block_size}: need a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
     return True, "ok"

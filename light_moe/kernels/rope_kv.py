@@ -27,7 +27,7 @@ import torch
 from cutlass import BFloat16, Float16, Float32, Int32, Int64
 from cutlass.cute.runtime import make_ptr
 
-from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
 from light_moe.kernels.rms_norm import mul_rn
 
 _DTYPES = {torch.bfloat16: BFloat16, torch.float16: Float16, torch.float32: Float32}
@@ -42,12 +42,9 @@ def _vec(dtype: torch.dtype) -> int:
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
              block_size: int) -> tuple[bool, str]:
-    if dtype not in _DTYPES:
-        return False, f"dtype {dtype} unsupported (bf16, fp16, fp32)"
-    if head_dim not in HEAD_DIMS:
-        return False, f"head_dim={head_dim} unsupported {HEAD_DIMS}"
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-        return False, f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
+    problem = head_shape_problem(dtype, _DTYPES, num_heads, num_kv_heads, head_dim, HEAD_DIMS)
+    if problem is not None:
+        return False, problem
     if block_size <= 0:
         return False, f"block_size={block_size} must be positive"
     return True, "ok"
