@@ -1,14 +1,18 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install Light-MoE, generate text with the bundled demo model
 #   make test   - create .venv, install Light-MoE with test dependencies, run the test suite
-# TORCH_SPEC picks the PyTorch build to install (default: the CPU wheel of 2.13.0; pass e.g.
-# TORCH_SPEC=torch to let pip choose a CUDA build).
+# TORCH_SPEC and TORCH_INDEX pick the PyTorch build: by default torch 2.13.0 from PyTorch's CPU index (the CPU
+# wheel on every platform); TORCH_INDEX= (empty) installs from PyPI, where pip picks the CUDA build on Linux x86_64;
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 picks that CUDA version.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PROMPT ?= def fibonacci(n):
+# the small demo model loops under greedy decoding ("the string, and the string, ..."): sample instead
+DEMO_SAMPLING ?= --temperature 0.6 --top-p 0.9 --repetition-penalty 1.2 --seed 1
 
 .PHONY: demo test install install-dev lint clean
 
@@ -16,7 +20,7 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(VENV)/bin/activate pyproject.toml
-	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e .
 	touch $@
 
@@ -28,7 +32,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(VENV)/bin/light-moe generate "$(PROMPT)" --max-tokens 96 --stream
+	$(VENV)/bin/light-moe generate "$(PROMPT)" --max-tokens 96 --stream $(DEMO_SAMPLING)
 
 test: install-dev
 	$(PY) -m pytest -q -ra

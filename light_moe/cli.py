@@ -89,6 +89,13 @@ def _default_model(path):
 def cmd_generate(args) -> int:
     from light_moe import LightMoEEngine, SamplingParams
 
+    # every argument is checked before the weights load (a bad flag should not cost the load time)
+    if not args.prompt.strip():
+        print("light-moe generate: the prompt is empty (pass some text, e.g. 'def fibonacci(n):')", file=sys.stderr)
+        return 2
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed if args.temperature > 0 else None)
     model = _default_model(args.model)
     if args.model is None and is_rank_zero():
         print(f"(using the bundled demo model: {model})", file=sys.stderr)
@@ -97,8 +104,6 @@ def cmd_generate(args) -> int:
                             moe_backend=args.moe_backend, seed=args.seed,
                             **async_kwargs(args),
                             **parallel_kwargs(args), **quant_kwargs(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
     prompt = args.prompt
     if args.chat:
         prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -193,20 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="> 1 makes tokens already in the text less likely (make demo uses 1.2: the small demo "
+                          "model loops without it)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    try:
-        from light_moe.server.serve import add_serve_args
-        from light_moe.server.serve import serve as serve_fn
-    except ImportError as exc:  # server extra not installed
-        serve.set_defaults(func=lambda _args, exc=exc: _missing_server(exc))
-    else:
-        add_serve_args(serve)
-        serve.set_defaults(func=serve_fn)
+    from light_moe.server.serve import add_serve_args  # imports without the server extra
+
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON results)")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -282,9 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _missing_server(exc) -> int:
-    print(f"light-moe serve needs the server extra (pip install 'light-moe[server]'): {exc}", file=sys.stderr)
-    return 2
+SERVER_EXTRA = ("fastapi", "uvicorn")
+
+
+def cmd_serve(args) -> int:
+    """Checks for the server extra before anything loads (the model takes minutes; the import error came after)."""
+    import importlib.util
+
+    missing = [name for name in SERVER_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"light-moe serve needs {' and '.join(missing)}: pip install 'light-moe[server]'", file=sys.stderr)
+        return 2
+    from light_moe.server.serve import serve
+
+    return serve(args)
 
 
 def main(argv=None) -> int:
