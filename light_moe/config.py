@@ -12,11 +12,35 @@ from pathlib import Path
 
 import torch
 
-from light_moe.parallel.placement import PLACEMENT_STRATEGIES
-from light_moe.quant.scheme import W4A16Config
-
 EP_EXCHANGES = ("nccl", "p2p")  # ParallelConfig.ep_exchange
+PLACEMENT_STRATEGIES = ("contiguous", "round_robin", "load_aware")  # ParallelConfig.expert_placement
+QUANTIZATION_METHODS = ("w4a16",)  # EngineConfig.quantization (quant/scheme.parse_quantization)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)  # W4A16Config.group_size
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """int4 weights, 16-bit activations, one scale (and, asymmetric, one zero point) per group of
+    `group_size` consecutive input channels. Symmetric uses the fixed zero point 8.
+
+    The routed experts are always quantized; attention=True quantizes the attention projections
+    (qkv_proj, o_proj) as well, run as one-expert W4A16 GEMMs (layers/linear.py)."""
+
+    group_size: int = 128
+    symmetric: bool = True
+    bits: int = 4
+    attention: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise ValueError(f"W4A16 supports bits=4 only, got bits={self.bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"W4A16 group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        return f"w4a16-g{self.group_size}-{'sym' if self.symmetric else 'asym'}{'-attn' if self.attention else ''}"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from light_moe.bench.env import environment, write_result
 from light_moe.engine.request import Request
-from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.executor.batch import ScheduledRequest
 from light_moe.sampling_params import SamplingParams
 
 

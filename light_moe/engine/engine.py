@@ -26,7 +26,6 @@ from light_moe.engine.request_state import FailedRequestOutput, RequestState
 from light_moe.engine.sampler import rows_failing_alone, sample_on_device
 from light_moe.engine.scheduler import Scheduler, SchedulerConfig
 from light_moe.engine.tokenizer import Tokenizer
-from light_moe.executor.device_to_host import HostCopy
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.pending_tokens import placeholder
 from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec, torchrun_worker
@@ -37,6 +36,7 @@ from light_moe.parallel.groups import torchrun_launch
 from light_moe.parallel.placement import place_experts, read_expert_load
 from light_moe.quant.checkpoint import read_checkpoint_quantization
 from light_moe.quant.scheme import W4A16Config, parse_quantization
+from light_moe.runtime.device_to_host import HostCopy
 from light_moe.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A launched step whose sampled tokens the host has not read yet (async scheduling, engine/engine.py).
 
 The tokens stay on the device for the next step's inputs (executor/pending_tokens.py); a copy to pinned
-host memory is queued right behind the sampler (executor/device_to_host.py), so that reading them waits
+host memory is queued right behind the sampler (runtime/device_to_host.py), so that reading them waits
 for this step's kernels only, not for the step launched after it.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from light_moe.engine.scheduler import ScheduledRequest
-from light_moe.executor.device_to_host import HostCopy
+from light_moe.executor.batch import ScheduledRequest
+from light_moe.runtime.device_to_host import HostCopy
 
 
 @dataclass

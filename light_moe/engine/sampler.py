@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from light_moe.executor.host_to_device import to_device
+from light_moe.runtime.host_to_device import to_device
 from light_moe.sampling_params import SamplingParams
 
 

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 
 from light_moe.engine.kv_cache import BlockManager
 from light_moe.engine.request import FINISH_REASONS, Request, RequestStatus
+from light_moe.executor.batch import ScheduledRequest  # re-exported: the scheduler's output type
+
+__all__ = ["ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,6 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    request: Request
-    # Tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) are computed this step;
-    # request.num_computed_tokens still holds the start until update_from_output.
-    num_new_tokens: int
-    # False only for a decode: the single token computed is the request's latest sampled token.
-    # Recomputing prompt + outputs after a preemption is a prefill.
-    is_prefill: bool
-    # True when this step computes the last known token, so its logits give the next token.
-    samples: bool
 
 
 @dataclass

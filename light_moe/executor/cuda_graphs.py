@@ -25,10 +25,10 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from light_moe.executor.host_to_device import copy_to
 from light_moe.executor.pending_tokens import fill_pending_tokens
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
+from light_moe.runtime.host_to_device import copy_to
 
 logger = logging.getLogger(__name__)
 

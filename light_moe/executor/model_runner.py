@@ -16,13 +16,13 @@ from collections.abc import Callable, Hashable
 import torch
 
 from light_moe.config import CacheConfig
-from light_moe.engine.scheduler import ScheduledRequest
+from light_moe.executor.batch import ScheduledRequest
 from light_moe.executor.cuda_graphs import DecodeGraphs
-from light_moe.executor.host_to_device import to_device
 from light_moe.executor.pending_tokens import fill_pending_tokens
 from light_moe.executor.prefill_graphs import PrefillGraphs
 from light_moe.models.base import MoECausalLM
 from light_moe.ops.attention import AttentionMetadata
+from light_moe.runtime.host_to_device import to_device
 
 logger = logging.getLogger(__name__)
 

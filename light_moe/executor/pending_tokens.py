@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from light_moe.executor.host_to_device import to_device
+from light_moe.runtime.host_to_device import to_device
 
 
 def placeholder(row: int) -> int:

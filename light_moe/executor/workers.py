@@ -48,8 +48,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from light_moe.config import CacheConfig
-from light_moe.engine.scheduler import ScheduledRequest
-from light_moe.executor.device_to_host import HostCopy
+from light_moe.executor.batch import ScheduledRequest
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.pending_tokens import has_pending
 from light_moe.executor.step_plan import PlannedSequence, StepPlan, exchange_capacity
@@ -68,6 +67,7 @@ from light_moe.parallel.groups import (
 from light_moe.parallel.overlap import TwoBatchOverlap
 from light_moe.parallel.p2p_exchange import PeerExchange
 from light_moe.parallel.placement import ExpertPlacement
+from light_moe.runtime.device_to_host import HostCopy
 
 logger = logging.getLogger(__name__)
 

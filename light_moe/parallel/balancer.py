@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from light_moe.executor.device_to_host import HostCopy
 from light_moe.parallel.placement import ExpertPlacement, write_expert_load
+from light_moe.runtime.device_to_host import HostCopy
 
 LOAD_SYNC_STEPS = 8  # steps between reductions of the load statistics to rank 0
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PLACEMENT_STRATEGIES = ("contiguous", "round_robin", "load_aware")
+from light_moe.config import PLACEMENT_STRATEGIES
 
 
 @dataclass(frozen=True)

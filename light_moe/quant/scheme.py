@@ -2,34 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-QUANTIZATION_METHODS = ("w4a16",)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# W4A16Config is a config like the others and lives with them (config.py, the bottom layer).
+from light_moe.config import QUANTIZATION_METHODS, SUPPORTED_GROUP_SIZES, W4A16Config
 
-
-@dataclass(frozen=True)
-class W4A16Config:
-    """int4 weights, 16-bit activations, one scale (and, asymmetric, one zero point) per group of
-    `group_size` consecutive input channels. Symmetric uses the fixed zero point 8.
-
-    The routed experts are always quantized; attention=True quantizes the attention projections
-    (qkv_proj, o_proj) as well, run as one-expert W4A16 GEMMs (layers/linear.py)."""
-
-    group_size: int = 128
-    symmetric: bool = True
-    bits: int = 4
-    attention: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits != 4:
-            raise ValueError(f"W4A16 supports bits=4 only, got bits={self.bits}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"W4A16 group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size}")
-
-    @property
-    def name(self) -> str:
-        return f"w4a16-g{self.group_size}-{'sym' if self.symmetric else 'asym'}{'-attn' if self.attention else ''}"
+__all__ = ["QUANTIZATION_METHODS", "SUPPORTED_GROUP_SIZES", "W4A16Config", "parse_quantization"]
 
 
 def parse_quantization(quantization: str | W4A16Config | None, group_size: int = 128,
