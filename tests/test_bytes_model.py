@@ -16,7 +16,7 @@ from light_moe.bench.bytes_model import (
     tensor_bytes,
 )
 from light_moe.models.loader import build_model
-from light_moe.ops.backend import select_backend
+from light_moe.ops.select import select_backend
 from light_moe.quant.scheme import W4A16Config
 
 F32 = 4

@@ -16,8 +16,8 @@ from light_moe.config import MAX_PARAMETERS, MODEL_LIMITS, ModelConfig
 from light_moe.models.base import MoECausalLM
 from light_moe.models.loader import CheckpointIndex, load_model_config
 from light_moe.models.qwen2_moe import Qwen2MoeForCausalLM
-from light_moe.quant.export import quantize_checkpoint
 from light_moe.quant.scheme import W4A16Config
+from light_moe.quantize import quantize_checkpoint
 from tests.test_loader import copy_of
 from tests.tiny_models import _config, make_tiny_checkpoint
 

@@ -246,7 +246,7 @@ def print_table(rows: list[dict], ttft: dict | None) -> None:
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.cli import async_kwargs, parallel_kwargs, quant_kwargs
+    from light_moe.cli_args import async_kwargs, parallel_kwargs, quant_kwargs
 
     model_path, load_format, tmp = bench_model(args)
     try:

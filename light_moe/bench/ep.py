@@ -29,7 +29,7 @@ import torch
 
 from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
-from light_moe.cli import add_async_args, async_kwargs
+from light_moe.cli_args import add_async_args, async_kwargs
 
 
 def add_workload_args(p, layers: int) -> None:

@@ -38,7 +38,7 @@ from light_moe.bench.ep import (
     overlap_saving,
     per_gpu,
 )
-from light_moe.cli import async_kwargs
+from light_moe.cli_args import async_kwargs
 
 
 def add_ep_scale_args(p) -> None:

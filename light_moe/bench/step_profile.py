@@ -268,7 +268,7 @@ def _prefill_trace(trace: str | None) -> str | None:
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.cli import async_kwargs, quant_kwargs
+    from light_moe.cli_args import async_kwargs, quant_kwargs
 
     if args.expert_parallel_size > 1:
         raise ValueError("profile-step profiles one process; for expert parallelism use scripts/profile_ep_step.py")

@@ -30,7 +30,7 @@ from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.pending_tokens import placeholder
 from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec, torchrun_worker
 from light_moe.models.loader import build_model, load_model_config
-from light_moe.ops.backend import select_backend
+from light_moe.ops.select import select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, ExpertLoadWindow, RebalancePolicy
 from light_moe.parallel.groups import torchrun_launch
 from light_moe.parallel.placement import place_experts, read_expert_load

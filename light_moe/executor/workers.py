@@ -54,7 +54,8 @@ from light_moe.executor.pending_tokens import has_pending
 from light_moe.executor.step_plan import PlannedSequence, StepPlan, exchange_capacity
 from light_moe.models.base import MoECausalLM
 from light_moe.models.loader import build_model, load_model_config
-from light_moe.ops.backend import MoEOps, select_backend
+from light_moe.ops.backend import MoEOps
+from light_moe.ops.select import select_backend
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, apply_placements, reduce_load
 from light_moe.parallel.dispatch import AllToAllDispatcher, make_dispatchers
 from light_moe.parallel.groups import (

@@ -6,6 +6,7 @@ which turns the canonical expert weights (w13 [E, 2I, H], w2 [E, H, I]) into wha
 the backend's kernels want, once at load time. `moe_forward` chains them; a backend may
 override any single op or the whole chain.
 """
-from light_moe.ops.backend import MoEOps, ReferenceOps, select_backend
+from light_moe.ops.backend import MoEOps, ReferenceOps
+from light_moe.ops.select import select_backend
 
 __all__ = ["MoEOps", "ReferenceOps", "select_backend"]

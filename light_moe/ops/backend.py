@@ -145,36 +145,3 @@ class MoEOps:
 
 class ReferenceOps(MoEOps):
     name = "reference"
-
-
-def _cute_unavailable_reason(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"device is {device.type}, the CuTe kernels need a CUDA sm_90 GPU"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) != (9, 0):
-        return f"GPU is sm_{major}{minor}, the CuTe kernels are built for sm_90a"
-    try:
-        import cutlass  # noqa: F401
-    except ImportError as exc:
-        return f"nvidia-cutlass-dsl is not importable ({exc}); install the [cuda] extra"
-    try:
-        from light_moe.ops import cute_backend  # noqa: F401
-    except ImportError as exc:
-        return f"light_moe.ops.cute_backend failed to import ({exc})"
-    return None
-
-
-def select_backend(requested: str, device: torch.device) -> tuple[MoEOps, str]:
-    """Pick the backend: 'cute' on sm_90 when importable, else 'reference'. Returns (ops, reason)."""
-    if requested not in BACKEND_NAMES:
-        raise ValueError(f"moe_backend must be one of {BACKEND_NAMES}, got {requested!r}")
-    if requested == "reference":
-        return ReferenceOps(), "reference backend requested"
-    reason = _cute_unavailable_reason(torch.device(device))
-    if reason is None:
-        from light_moe.ops.cute_backend import CuteOps
-
-        return CuteOps(), "CuTe DSL kernels on sm_90a"
-    if requested == "cute":
-        raise RuntimeError(f"moe_backend='cute' requested but unavailable: {reason}")
-    return ReferenceOps(), f"reference backend ({reason})"

@@ -42,10 +42,7 @@ from light_moe.server.engine_loop import (
     RequestFailedError,
     RequestStream,
 )
-from light_moe.server.metrics import ServerMetrics
-from light_moe.server.openapi import build_openapi
-from light_moe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
-from light_moe.server.serve import (
+from light_moe.server.limits import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_WAITING,
@@ -53,6 +50,9 @@ from light_moe.server.serve import (
     DEFAULT_TEMPLATE_TIME_LIMIT_S,
     DEFAULT_TEMPLATE_WORKERS,
 )
+from light_moe.server.metrics import ServerMetrics
+from light_moe.server.openapi import build_openapi
+from light_moe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from light_moe.server.template_worker import TemplateBusyError, TemplateRenderer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 
-from light_moe.cli import (
+from light_moe.cli_args import (
     add_async_args,
     add_parallel_args,
     add_quant_args,
@@ -21,17 +21,16 @@ from light_moe.cli import (
     parallel_kwargs,
     quant_kwargs,
 )
+from light_moe.server.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_TEMPLATE_MEMORY_BYTES,
+    DEFAULT_TEMPLATE_TIME_LIMIT_S,
+    DEFAULT_TEMPLATE_WORKERS,
+)
 
 logger = logging.getLogger(__name__)
-
-# Here rather than in app.py so that add_serve_args imports without fastapi (the CLI builds every
-# subcommand's parser, also on machines without the server extra).
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_WAITING = 1024
-DEFAULT_BODY_TIMEOUT_S = 30.0
-DEFAULT_TEMPLATE_WORKERS = 2
-DEFAULT_TEMPLATE_TIME_LIMIT_S = 5.0
-DEFAULT_TEMPLATE_MEMORY_BYTES = 1 << 30
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
