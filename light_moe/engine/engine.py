@@ -1,9 +1,10 @@
 """LightMoEEngine: requests in, text out, one scheduler step at a time.
 
     add_request -> step() [schedule -> run model -> sample -> stop checks -> detokenize] -> RequestOutput
-generate / stream / chat are loops over step(); the API server drives add_request / step / abort
-directly from its own loop. The scheduler (CPU only) decides what runs; the model runner owns
-all tensors.
+generate / stream / chat are loops over step() (engine/generate.py); expert-load statistics and
+rebalancing are in engine/expert_load.py. The API server drives add_request / step / abort directly
+from its own loop and reads the engine's state through queue_stats() and get_request(). The scheduler
+(CPU only) decides what runs; the model runner owns all tensors.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from light_moe.config import CacheConfig, EngineConfig, ParallelConfig
 from light_moe.engine.devices import check_ep_exchange, resolve_device, resolve_dtype
+from light_moe.engine.expert_load import ExpertLoadBalancing
+from light_moe.engine.generate import GenerateLoops, Prompt
 from light_moe.engine.inflight import InflightStep
 from light_moe.engine.kv_cache import PREFIX_CACHING_EP_REASON, BlockManager, PartitionedBlockManager
 from light_moe.engine.outputs import RequestOutput
@@ -31,25 +33,15 @@ from light_moe.executor.pending_tokens import placeholder
 from light_moe.executor.workers import ExpertParallelExecutor, WorkerSpec, torchrun_worker
 from light_moe.models.loader import build_model, load_model_config
 from light_moe.ops.select import select_backend
-from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadTracker, ExpertLoadWindow, RebalancePolicy
 from light_moe.parallel.groups import torchrun_launch
 from light_moe.parallel.placement import place_experts, read_expert_load
 from light_moe.quant.checkpoint import read_checkpoint_quantization
 from light_moe.quant.scheme import W4A16Config, parse_quantization
-from light_moe.runtime.device_to_host import HostCopy
 from light_moe.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
-
-
-def _is_single_prompt(prompts) -> bool:
-    """One prompt (text or token ids) rather than a list of prompts."""
-    return isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
-
-
-class LightMoEEngine:
+class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
     """Offline and online inference for MoE checkpoints in Hugging Face format.
 
     expert_parallel_size=N > 1 spawns ranks 1..N-1, or, in a job started by torchrun (WORLD_SIZE must be
@@ -183,13 +175,7 @@ class LightMoEEngine:
                                       max_num_seqs, max_model_len=self.config.max_model_len,
                                       cuda_graphs=self.config.enable_cuda_graphs,
                                       prefill_graphs=self.config.enable_cuda_graphs)
-        num_moe = len(self.model_config.moe_layers)
-        records = max(1, -(-parallel.expert_load_window // LOAD_SYNC_STEPS))  # one record per sync
-        self._expert_load = ExpertLoadWindow(num_moe, model_cfg.num_experts, records)  # global tokens per expert
-        self._rank_rows = ExpertLoadWindow(num_moe, parallel.expert_parallel_size, records)  # rows received per rank
-        self._load_tracker = ExpertLoadTracker()  # one process: device-side sums between records
-        self._load_copy: HostCopy | None = None  # one process: the last sums on their way to the host
-        self._rebalance_policy = RebalancePolicy(parallel.rebalance_interval, parallel.rebalance_threshold)
+        self._init_expert_load(len(self.model_config.moe_layers), model_cfg.num_experts, parallel)
         if self.workers is None:
             self.block_manager = BlockManager(self.runner.num_blocks, block_size,
                                               enable_prefix_caching=self.config.cache.enable_prefix_caching)
@@ -321,6 +307,18 @@ class LightMoEEngine:
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs not yet returned by step()."""
         return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight_is_live()
+
+    def queue_stats(self) -> dict:
+        """Scheduler and KV-cache state for monitoring (the API server's metrics): running and waiting
+        requests, the KV cache's used fraction and the prefix cache's query / hit token counts."""
+        bm = self.block_manager
+        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+                "kv_usage": bm.usage, "prefix_cache_queries": bm.prefix_cache_queries,
+                "prefix_cache_hits": bm.prefix_cache_hits}
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The scheduler's record of a request still running or waiting (None once it finished)."""
+        return self.scheduler.get_request(request_id)
 
     def _inflight_is_live(self) -> bool:
         """Whether the step in flight has a request its read-back would still give an output (not all aborted)."""
@@ -463,130 +461,3 @@ class LightMoEEngine:
         self._pending = [p for p in self._pending if p[0] is not state]
         self.scheduler.finish_request(request_id, "error")  # False (nothing to do) if it had finished already
         return state.failed_output(exc)
-
-    # ---- expert load balancing (docs/expert_parallel.md) --------------------------------------
-    def _record_expert_load(self) -> None:
-        num_experts = self.model_config.num_experts
-        if self.workers is not None:
-            load = self.workers.take_load()  # [L, E + N] after every LOAD_SYNC_STEPS-th step
-            if load is not None:
-                self._expert_load.record(load[:, :num_experts])
-                self._rank_rows.record(load[:, num_experts:])
-            if self._rebalance_policy.due(self.stats["steps"], self._expert_load, self.expert_placements):
-                self.rebalance()
-            return
-        self._load_tracker.add(self.runner.expert_load())
-        if self.stats["steps"] % LOAD_SYNC_STEPS == 0:
-            tokens = self._load_tracker.take()
-            if tokens is not None:  # recorded once on the host: no wait for this step's kernels
-                self._load_copy = HostCopy(tokens)
-        if self._load_copy is not None and self._load_copy.ready():
-            self._expert_load.record(self._load_copy.get())
-            self._load_copy = None
-
-    def expert_load_stats(self) -> list[list[float]]:
-        """Tokens routed to each expert over the sliding window, summed over all ranks. [L][E]
-
-        Updated every LOAD_SYNC_STEPS steps (one small reduce to rank 0, no per-step host sync)."""
-        return self._expert_load.load()
-
-    def expert_rank_balance(self) -> list[float]:
-        """Measured per MoE layer: the busiest rank's expert rows over the mean rank's, over the window
-        since the last placement change (1.0 with one process)."""
-        if self.workers is None:
-            return [1.0] * len(self.model_config.moe_layers)
-        return self._rank_rows.max_over_mean()
-
-    @property
-    def expert_placements(self) -> list:
-        """The placement per MoE layer that the last (or, after rebalance(), the next) step uses."""
-        if self.workers is None:
-            return []
-        return list(self.workers.next_placements)
-
-    def rebalance(self, expert_load: list[list[float]] | None = None) -> dict:
-        """Re-place every layer's experts (with copies of hot experts in num_redundant_experts extra slots
-        per rank) from the load window, or from `expert_load` ([L][E], e.g. a recorded file) if given.
-        Decided here on rank 0 and carried in the next step's plan, so every rank switches at that step
-        boundary. Returns the predicted max/mean tokens per rank per layer before and after; {} with one
-        process or no load to go by."""
-        load = expert_load if expert_load is not None else self._expert_load.load()
-        if self.workers is None or (expert_load is None and self._expert_load.num_steps == 0):
-            return {}
-        parallel = self.config.parallel
-        placements = place_experts("load_aware", self.model_config.num_experts, len(self.model_config.moe_layers),
-                                   parallel.expert_parallel_size, load, parallel.num_redundant_experts)
-        before = [p.imbalance(layer) for p, layer in zip(self.expert_placements, load)]
-        after = [p.imbalance(layer) for p, layer in zip(placements, load)]
-        self.workers.set_placements(placements)
-        self._rank_rows.clear()
-        self.stats["rebalances"] += 1
-        logger.info("expert rebalance: predicted max/mean tokens per rank %.2f -> %.2f (worst layer)",
-                    max(before), max(after))
-        return {"before": before, "after": after}
-
-    # ---- convenience loops --------------------------------------------------------------------
-    def _params(self, sampling_params: SamplingParams | None, kwargs: dict) -> SamplingParams:
-        if sampling_params is not None and kwargs:
-            raise TypeError("pass either sampling_params or keyword sampling arguments, not both")
-        return sampling_params or SamplingParams(**kwargs)
-
-    def generate_outputs(
-        self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None, **kwargs
-    ) -> list[RequestOutput]:
-        """Final RequestOutput (token ids, text, finish reason, logprobs) of each prompt, in order."""
-        params = self._params(sampling_params, kwargs)
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
-        if not batch:
-            raise ValueError("no prompts given")
-        for p in batch:  # validate everything before queuing anything
-            self.validate(p, params)
-        ids = [self.add_request(p, params) for p in batch]
-        done: dict[str, RequestOutput] = {}
-        try:
-            while len(done) < len(ids):
-                for output in self.step():
-                    if output.finished and output.request_id in ids:
-                        done[output.request_id] = output
-        except BaseException:
-            for rid in ids:
-                self.abort(rid)
-            raise
-        failed = [done[rid] for rid in ids if done[rid].finish_reason == "error"]
-        if failed:  # the others finished; this one's own work raised (logged with its traceback)
-            raise RuntimeError(f"request {failed[0].request_id!r} failed: {failed[0].error}")
-        return [done[rid] for rid in ids]
-
-    def generate(
-        self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None, **kwargs
-    ) -> str | list[str]:
-        """Generated text: a string for one prompt, a list for a list of prompts."""
-        single = _is_single_prompt(prompts)
-        texts = [o.text for o in self.generate_outputs(prompts, sampling_params, **kwargs)]
-        return texts[0] if single else texts
-
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
-        """Yield text increments of one prompt as they are generated."""
-        params = self._params(sampling_params, kwargs)
-        rid = self.add_request(prompt, params)
-        finished = False
-        try:
-            while not finished:
-                for output in self.step():
-                    if output.request_id == rid:
-                        if output.finish_reason == "error":
-                            raise RuntimeError(f"request {rid!r} failed: {output.error}")
-                        if output.delta_text:
-                            yield output.delta_text
-                        finished = output.finished
-        finally:
-            if not finished:
-                self.abort(rid)
-
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # the template already carries any BOS it wants
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, **kwargs) -> str:
-        return self.generate(self.apply_chat_template(messages), sampling_params, **kwargs)

@@ -230,7 +230,7 @@ class EngineLoop:
             self.engine.abort(stream.request_id)  # it may have reached the scheduler before failing
             return exc
         self._streams[stream.request_id] = stream
-        stream.engine_request = self.engine.scheduler.get_request(stream.request_id)
+        stream.engine_request = self.engine.get_request(stream.request_id)
         self.metrics.prompt_tokens.inc(len(command.prompt_token_ids))
         return None
 
@@ -287,7 +287,7 @@ class EngineLoop:
             self.metrics.queue_time.observe(max(0.0, request.first_scheduled_time - stream.arrival_time))
 
     def _publish(self, num_adds: int) -> None:
-        waiting = self.engine.scheduler.num_waiting
+        waiting = self.engine.queue_stats()["num_waiting"]
         with self._cv:
             self._queued_adds -= num_adds
             self._engine_waiting = waiting

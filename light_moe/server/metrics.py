@@ -119,11 +119,11 @@ class ServerMetrics:
         if stats["preemptions"] != self._preemptions_seen:
             self.preemptions.inc(stats["preemptions"] - self._preemptions_seen)
             self._preemptions_seen = stats["preemptions"]
-        self.running.set(engine.scheduler.num_running)
+        queue = engine.queue_stats()
+        self.running.set(queue["num_running"])
         self.waiting.set(num_queued)
-        bm = engine.block_manager
-        self.kv_usage.set(bm.usage)
-        queries, hits = bm.prefix_cache_queries, bm.prefix_cache_hits
+        self.kv_usage.set(queue["kv_usage"])
+        queries, hits = queue["prefix_cache_queries"], queue["prefix_cache_hits"]
         if (queries, hits) != self._prefix_seen:
             self.prefix_queries.inc(queries - self._prefix_seen[0])
             self.prefix_hits.inc(hits - self._prefix_seen[1])
