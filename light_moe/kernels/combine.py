@@ -20,6 +20,7 @@ import torch
 from cutlass import BFloat16, Float16, Float32, Int32
 from cutlass.cute.runtime import make_ptr
 
+from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
 
 THREADS = 128
@@ -88,7 +89,7 @@ class CombineKernel:
             cute.copy(copy128, res, cute.zipped_divide(out[token, None], (vec,))[None, v])
 
 
-_compiled: dict = {}  # (dtype, H, K) -> compiled function; never keyed on T
+_compiled = CompileCache("combine")  # (dtype, H, K) -> compiled function; never keyed on T
 
 
 
@@ -109,11 +110,7 @@ def make_compile_args(dtype: torch.dtype, hidden: int, top_k: int, stream=None):
 
 def compiled_combine(dtype: torch.dtype, hidden: int, top_k: int):
     key = (dtype, hidden, top_k)
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(dtype, hidden, top_k, current_stream())
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(dtype, hidden, top_k, current_stream()))
 
 
 def combine_into(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:

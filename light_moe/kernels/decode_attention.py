@@ -48,7 +48,8 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
+from light_moe.kernels.compile_cache import CompileCache
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, sm_count
 from light_moe.kernels.router import mma_16bit
 
 WARPS = 4
@@ -413,15 +414,7 @@ class DecodeAttentionSm90:
                 out[b, head, col + x] = (o[x] * inv).to(self.dtype)
 
 
-_compiled: dict = {}  # static config -> compiled function; never keyed on B, MB or S
-_num_sms: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _num_sms:
-        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _num_sms[index]
+_compiled = CompileCache("decode_attention")  # static config -> compiled function; never keyed on B, MB or S
 
 
 def make_compile_args(dtype: torch.dtype, table_dtype: torch.dtype, ctx_dtype: torch.dtype, num_heads: int,
@@ -447,11 +440,7 @@ def make_compile_args(dtype: torch.dtype, table_dtype: torch.dtype, ctx_dtype: t
 
 
 def _compiled_fn(key):
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(*key[:8], current_stream(), key[8])
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(*key[:8], current_stream(), key[8]))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -491,7 +480,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     tile_keys = tile_keys or keys_per_tile(head_dim)
     n_splits, tiles_per_split = choose_splits(batch, num_kv_heads, block_tables.shape[1], block_size, tile_keys,
-                                              _sm_count(q.device), num_splits, RESIDENT_CTAS_PER_SM[head_dim])
+                                              sm_count(q.device), num_splits, RESIDENT_CTAS_PER_SM[head_dim])
     split = n_splits > 1
     key = (q.dtype, block_tables.dtype, ctx_lens.dtype, num_heads, num_kv_heads, head_dim, block_size, split,
            tile_keys)

@@ -38,8 +38,6 @@ Kernel structure (persistent, warp-specialised):
 
 from __future__ import annotations
 
-import time
-
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -51,22 +49,29 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
-from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels import gemm_host
+from light_moe.kernels.compile_cache import CompileCache
+from light_moe.kernels.gemm_host import SMEM_CAPACITY, TILE_K, VEC, WG, epilogue_tokens
+from light_moe.kernels.gemm_pipeline import (
+    build_tile_schedule,
+    copy_token_rows,
+    drain_producer,
+    gather_sources,
+    locate_tile,
+    signal_full,
+    stage_out_chunk,
+    store_out_chunk,
+    wait_full,
+)
+from light_moe.kernels.launch import await_inputs
 from light_moe.kernels.tile_config import TileConfig, choose_tile_config
 
-TILE_K = 64  # bf16 elements per k-tile: one 128-byte swizzle row
-WG = 128  # threads per warpgroup
-VEC = 8  # bf16 per 16-byte access
-SMEM_CAPACITY = 232448  # bytes of shared memory per CTA on sm_90
 MAX_STAGES = 16
 # cp.async writes smem through the generic proxy, wgmma reads it through the async proxy, so a
 # fence.proxy.async must sit between them. "consumer" (default): each consumer thread fences after its
 # full-barrier wait. "producer": each producer thread waits for its copies of stage s (TileConfig.cp_async_lag
-# stages later, 1 by default), fences, then arrives. H200, Mixtral, 128x256 tiles, T=4096 up/down: consumer
-# 3282/1726 us, producer 3803/1847 us, no fence at all (unsafe, "none", kept only to measure) 3352/1685 us;
-# T=1 (64x8): consumer 114/61, producer 138/71. But at 256x128 the producer fence wins (H100 T=4096:
-# 2741/1433 vs 3048/1545), so TileConfig.fence_mode picks one per table row (tile_config.py).
-EPI_BYTES = 64 * 136 * 2  # epilogue staging tile (64 tokens x 128 columns): a 4th stage at 128x256 and 256x128
+# stages later, 1 by default), fences, then arrives. Neither wins at every tile ("none" is racy, kept only to
+# measure), so TileConfig.fence_mode picks one per table row (timings: docs/kernels.md, "Tile tables").
 PRODUCER_REGS = 56  # the gather producer holds tile_t / 16 row indices per thread
 CONSUMER_REGS = {1: 232, 2: 224}  # 128 * 56 + 256 * 224 = 64512 <= 65536 with two consumer warpgroups
 
@@ -105,22 +110,13 @@ class GroupedGemmSm90:
         self.out_cols = self.tile_w // 2 if gated else self.tile_w  # output columns per tile
         self.out_pitch = self.out_cols + VEC  # +16 bytes per row: scalar epilogue stores hit distinct banks
         self.k_tiles = k_dim // TILE_K
-        self.epi_t = self.epilogue_tokens(config, gated)
+        self.epi_t = epilogue_tokens(config, gated)
         self.stages = self.num_stages(config, gated, num_experts)
-
-    @staticmethod
-    def epilogue_tokens(config: TileConfig, gated: bool) -> int:
-        """Tokens per epilogue chunk: the staging tile [chunk, columns + 8] stays within EPI_BYTES."""
-        out_cols = config.tile_w // 2 if gated else config.tile_w
-        chunk = config.tile_t
-        while chunk > 8 and chunk * (out_cols + VEC) * 2 > EPI_BYTES:
-            chunk //= 2
-        return chunk
 
     @staticmethod
     def num_stages(config: TileConfig, gated: bool, num_experts: int) -> int:
         out_cols = config.tile_w // 2 if gated else config.tile_w
-        fixed = 4 * 1024 + 8 * (num_experts + 1) + GroupedGemmSm90.epilogue_tokens(config, gated) * (out_cols + VEC) * 2
+        fixed = 4 * 1024 + 8 * (num_experts + 1) + epilogue_tokens(config, gated) * (out_cols + VEC) * 2
         per_stage = (config.tile_w + config.tile_t) * TILE_K * 2
         return min(MAX_STAGES, (SMEM_CAPACITY - fixed) // per_stage)
 
@@ -399,168 +395,6 @@ class GroupedGemmSm90:
             tile = tile + gdim
 
 
-@cute.jit
-def build_tile_schedule(expert_offsets: cute.Tensor, s_rows: cute.Tensor, s_prefix: cute.Tensor, lane: Int32,
-                        n_exp: cutlass.Constexpr, tile_t: cutlass.Constexpr, w_tiles: cutlass.Constexpr):
-    """Warp 0 of a CTA (shared with the W4A16 kernel): s_rows[e] = first routed row of expert e (s_rows[E]: the
-    total), s_prefix[e] = persistent tiles before expert e, where expert e has ceil(rows_e / tile_t) *
-    w_tiles tiles (s_prefix[E]: all tiles). A warp-wide inclusive scan over per-lane partial sums."""
-    per_lane = (n_exp + 31) // 32
-    counts = cute.make_rmem_tensor((per_lane,), Int32)
-    lane_sum = Int32(0)
-    for j in cutlass.range_constexpr(per_lane):
-        e = lane * per_lane + j
-        c = Int32(0)
-        if e < n_exp:
-            lo = expert_offsets[e]
-            s_rows[e] = lo
-            c = (expert_offsets[e + 1] - lo + (tile_t - 1)) // tile_t * w_tiles
-        counts[j] = c
-        lane_sum = lane_sum + c
-    inclusive = lane_sum
-    for d in cutlass.range_constexpr(5):
-        other = cute.arch.shuffle_sync_up(inclusive, 1 << d, mask_and_clamp=0)
-        if lane >= (1 << d):
-            inclusive = inclusive + other
-    running = inclusive - lane_sum
-    for j in cutlass.range_constexpr(per_lane):
-        e = lane * per_lane + j
-        if e < n_exp:
-            s_prefix[e] = running
-        running = running + counts[j]
-    if lane == 31:
-        s_prefix[n_exp] = inclusive
-        s_rows[n_exp] = expert_offsets[n_exp]
-
-
-@cute.jit
-def locate_tile(tile: Int32, e: Int32, s_rows: cute.Tensor, s_prefix: cute.Tensor, tile_t: cutlass.Constexpr):
-    """Persistent tile index -> (e, rows_lo, rows_hi, w_tile, row_start): its expert, the expert's routed
-    rows [rows_lo, rows_hi), its weight tile and its first token row. Tiles are expert-major, token tiles
-    fastest within a weight tile; e is the expert of the CTA's previous tile (a CTA's tiles only grow)."""
-    while tile >= s_prefix[e + 1]:
-        e = e + 1
-    rows_lo = s_rows[e]
-    rows_hi = s_rows[e + 1]
-    n_t_tiles = (rows_hi - rows_lo + (tile_t - 1)) // tile_t
-    local = tile - s_prefix[e]
-    w_tile = local // n_t_tiles
-    row_start = rows_lo + (local - w_tile * n_t_tiles) * tile_t
-    return e, rows_lo, rows_hi, w_tile, row_start
-
-
-@cute.jit
-def gather_sources(src_rows: cute.Tensor, gather_index: cute.Tensor, row_start: Int32, rows_hi: Int32, row0: Int32,
-                   n_slots: cutlass.Constexpr, gated: cutlass.Constexpr):
-    """A producer thread's token rows of a tile (shared with the W4A16 kernel): routed row r = row_start + row0 +
-    16 j -> its row of `tokens` (gather_index[r] in the gated up-projection, r in the down-projection), or -1
-    past the expert's end. Such rows are not loaded: their smem rows hold stale data, which only reaches
-    output columns (tokens) that the epilogue never stores."""
-    for j in cutlass.range_constexpr(n_slots):
-        r = row_start + row0 + 16 * j
-        src_row = Int32(-1)
-        if r < rows_hi:
-            if cutlass.const_expr(gated):
-                src_row = gather_index[r]
-            else:
-                src_row = r
-        src_rows[j] = src_row
-
-
-@cute.jit
-def copy_token_rows(g2s: cute.CopyAtom, tokens: cute.Tensor, s_t_raw: cute.Tensor, src_rows: cute.Tensor, row0: Int32,
-                    chunk: Int32, chunk_sw: Int32, kt: Int32, stage: Int32, n_slots: cutlass.Constexpr):
-    """cp.async of this thread's 16-byte chunk of k-tile kt of its token rows into `stage` (swizzled chunk)."""
-    for j in cutlass.range_constexpr(n_slots):
-        if src_rows[j] >= 0:
-            src = cute.zipped_divide(tokens[src_rows[j], None], (VEC,))
-            dst = cute.zipped_divide(s_t_raw[row0 + 16 * j, None, stage], (VEC,))
-            cute.copy(g2s, src[None, kt * (TILE_K // VEC) + chunk], dst[None, chunk_sw])
-
-
-@cute.jit
-def signal_full(full, stage: Int32, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr,
-                lag: cutlass.Constexpr = 1):
-    """The producer thread's copies of `stage` are issued: let the full barrier count them. cp.async writes
-    through the generic proxy and wgmma reads through the async proxy, so someone must fence in between: in
-    "producer" mode this thread waits for its copies of stage (issued - lag), fences, then arrives (lag <
-    stages: the stage it refills next was signalled); otherwise the arrival rides on the copies' completion and
-    the consumers fence (wait_full)."""
-    if cutlass.const_expr(fence_mode == "producer"):
-        cute.arch.cp_async_commit_group()
-        if issued >= lag:
-            cute.arch.cp_async_wait_group(lag)
-            cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-            cute.arch.mbarrier_arrive(full + (issued - lag) % stages)
-    else:
-        cute.arch.cp_async_mbarrier_arrive_noinc(full + stage)
-
-
-@cute.jit
-def drain_producer(full, issued: Int32, stages: cutlass.Constexpr, fence_mode: cutlass.Constexpr,
-                   lag: cutlass.Constexpr = 1):
-    """After the producer's last stage: wait for all its copies; in "producer" mode signal the stages that
-    signal_full still owes."""
-    cute.arch.cp_async_commit_group()
-    cute.arch.cp_async_wait_group(0)
-    if cutlass.const_expr(fence_mode == "producer"):
-        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-        for d in cutlass.range_constexpr(lag, 0, -1):
-            if issued >= d:
-                cute.arch.mbarrier_arrive(full + (issued - d) % stages)
-
-
-@cute.jit
-def wait_full(full, stage: Int32, phase: Int32, fence_mode: cutlass.Constexpr):
-    """Consumer: wait until the producer filled `stage`; in "consumer" fence mode also make its cp.async writes
-    visible to the async proxy (wgmma reads the token rows from shared memory)."""
-    cute.arch.mbarrier_wait(full + stage, phase)
-    if cutlass.const_expr(fence_mode == "consumer"):
-        cute.arch.fence_proxy(cute.arch.ProxyKind.async_shared, space=cute.arch.SharedSpace.shared_cta)
-
-
-@cute.jit
-def store_out_chunk(s_out: cute.Tensor, out: cute.Tensor, out_frag: cute.Tensor, copy128: cute.CopyAtom, ctid: Int32,
-                    row0: Int32, valid_rows: Int32, col_chunk0: Int32, chunks_per_row: cutlass.Constexpr,
-                    n_chunks: cutlass.Constexpr, n_threads: cutlass.Constexpr):
-    """Epilogue (shared with the W4A16 kernel): the staged chunk s_out [token, column] -> out rows row0 + token,
-    16-byte stores by n_threads consumer threads, only tokens < valid_rows (the expert's last tile is partial)."""
-    for it in cutlass.range_constexpr((n_chunks + n_threads - 1) // n_threads):
-        q = ctid + it * n_threads
-        tok = q // chunks_per_row
-        ch = q - tok * chunks_per_row
-        if q < n_chunks and tok < valid_rows:
-            src = cute.zipped_divide(s_out[tok, None], (VEC,))
-            cute.autovec_copy(src[None, ch], out_frag)
-            dst = cute.zipped_divide(out[row0 + tok, None], (VEC,))
-            cute.copy(copy128, out_frag, dst[None, col_chunk0 + ch])
-
-
-@cute.jit
-def stage_out_chunk(acc: cute.Tensor, s_out: cute.Tensor, t_cc: cute.Tensor, ec: cutlass.Constexpr,
-                    mma_m: cutlass.Constexpr, tile_t: cutlass.Constexpr, epi_t: cutlass.Constexpr,
-                    gated: cutlass.Constexpr):
-    """Epilogue chunk ec (shared with the W4A16 kernel): this thread's accumulator values of tokens
-    ec * epi_t ... -> s_out [token, column], as SiLU(gate) * up when gated. Fragment value v + m * tile_t / 2
-    (m: the warpgroup's m64 atom, mma_m of them) holds column 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a
-    chunk of tokens is a static set of values."""
-    for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
-        v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
-        coord = t_cc[v]
-        wrow = coord[0]
-        tok = coord[1] - ec * epi_t
-        if cutlass.const_expr(gated):
-            # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the matching
-            # up row 8 below it (prepare_expert_weights interleaves by 8 rows).
-            if cutlass.const_expr(v % 4 < 2):
-                gate = acc[v]
-                up = acc[v + 2]
-                act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
-                s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
-        else:
-            s_out[tok, wrow] = acc[v].to(BFloat16)
-
-
 # ------------------------------------------------------------------------------------------------
 # Host side: weight repacking, compile cache, launch wrappers.
 # ------------------------------------------------------------------------------------------------
@@ -588,71 +422,23 @@ def prepare_expert_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.T
     return w13p.contiguous(), w2.contiguous()
 
 
-_compiled: dict[tuple, object] = {}  # (gated, dtype, n_out, k_dim, E, tile_w, tile_t) -> compiled fn
-compile_seconds: dict[tuple, float] = {}
-_weight_views: dict[tuple, object] = {}  # (data_ptr, shape) -> cute tensor of the (n_out, k, E) weight view
-_num_sms: dict[int, int] = {}
-
-
-
-def _rows(t: torch.Tensor, align: int = 16):
-    """Leading dim dynamic, the rest static: one compile serves every token count."""
-    return from_dlpack(t, assumed_align=align).mark_compact_shape_dynamic(mode=0)
-
-
-def _weights_view(w: torch.Tensor):
-    key = (w.data_ptr(), tuple(w.shape), w.device.index)
-    view = _weight_views.get(key)
-    if view is None:
-        # [E, n_out, k] row-major viewed as (n_out, k, E): a K-major wgmma operand batched over experts
-        view = _weight_views[key] = from_dlpack(w.permute(1, 2, 0), assumed_align=16)
-    return view
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _num_sms:
-        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _num_sms[index]
+_compiled = CompileCache("grouped_gemm")  # (gated, dtype, n_out, k_dim, E, tile config) -> compiled; never M
+_weight_views: dict[tuple, tuple] = {}  # (data_ptr, shape, device) -> cute view of the (n_out, k, E) weights
 
 
 def _launch(gated: bool, weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = weights.shape
-    num_rows = out.shape[0]
     if config is None:
-        config = choose_tile_config(num_rows, num_experts, n_out)
+        config = choose_tile_config(out.shape[0], num_experts, n_out)
     key = (gated, weights.dtype, n_out, k_dim, num_experts, config)
-    args = (
-        _weights_view(weights),
-        _rows(tokens),
-        _rows(gather_index, 4),
-        from_dlpack(expert_offsets, assumed_align=4),
-        _rows(out),
-        _sm_count(out.device),
-        current_stream(),
-    )
-    fn = _compiled.get(key)
-    if fn is None:
-        kernel = GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config)
-        start = time.perf_counter()
-        fn = _compiled[key] = cute.compile(kernel, *args)
-        compile_seconds[key] = time.perf_counter() - start
-    fn(*args)
-    return out
+    # [E, n_out, k] row-major viewed as (n_out, k, E): a K-major wgmma operand batched over experts
+    views = gemm_host.cached_views(_weight_views, (weights.data_ptr(), tuple(weights.shape), weights.device.index),
+                                   lambda: (from_dlpack(weights.permute(1, 2, 0), assumed_align=16),))
 
+    def make_kernel():
+        return GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config)
 
-def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int):
-    if t.dtype != dtype or t.dim() != dim or not t.is_contiguous() or not t.is_cuda:
-        raise ValueError(f"expected {name} as a contiguous {dim}-D CUDA {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name} must be 16-byte aligned (the kernel assumes it)")
-
-
-def check_out(out: torch.Tensor, num_rows: int, cols: int) -> None:
-    """A caller's out buffer: the kernel stores bf16 rows [num_rows, cols] through 16-byte vectors."""
-    _check("out", out, torch.bfloat16, 2)
-    if tuple(out.shape) != (num_rows, cols):
-        raise ValueError(f"expected out of shape {(num_rows, cols)}, got {tuple(out.shape)}")
+    return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out)
 
 
 def expert_up(
@@ -665,19 +451,9 @@ def expert_up(
 ) -> torch.Tensor:
     """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert; no host sync, graph-capturable."""
     num_experts, two_inter, hidden = w13_prepared.shape
-    _check("x", x, torch.bfloat16, 2)
-    _check("w13_prepared", w13_prepared, torch.bfloat16, 3)
-    if x.shape[1] != hidden:
-        raise ValueError(f"x has hidden size {x.shape[1]}, w13 expects {hidden}")
-    if gather_index.dtype != torch.int32 or expert_offsets.dtype != torch.int32:
-        raise ValueError("gather_index and expert_offsets must be int32")
-    if expert_offsets.numel() != num_experts + 1:
-        raise ValueError(f"expected expert_offsets [{num_experts + 1}], got {tuple(expert_offsets.shape)}")
-    num_rows = gather_index.shape[0]
-    if out is None:
-        out = x.new_empty(num_rows, two_inter // 2)
-    check_out(out, num_rows, two_inter // 2)
-    if num_rows == 0:
+    gemm_host.check_tensor("w13_prepared", w13_prepared, torch.bfloat16, 3)
+    out = gemm_host.up_out(x, gather_index, expert_offsets, num_experts, hidden, two_inter // 2, out)
+    if out.shape[0] == 0:
         return out
     return _launch(True, w13_prepared, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
 
@@ -691,17 +467,9 @@ def expert_down(
 ) -> torch.Tensor:
     """y [M, H] = act W2_e^T per expert, expert-sorted rows; no host sync, graph-capturable."""
     num_experts, hidden, inter = w2_prepared.shape
-    _check("act", act, torch.bfloat16, 2)
-    _check("w2_prepared", w2_prepared, torch.bfloat16, 3)
-    if act.shape[1] != inter:
-        raise ValueError(f"act has intermediate size {act.shape[1]}, w2 expects {inter}")
-    if expert_offsets.dtype != torch.int32 or expert_offsets.numel() != num_experts + 1:
-        raise ValueError(f"expected int32 expert_offsets [{num_experts + 1}], got {expert_offsets.dtype}")
-    num_rows = act.shape[0]
-    if out is None:
-        out = act.new_empty(num_rows, hidden)
-    check_out(out, num_rows, hidden)
-    if num_rows == 0:
+    gemm_host.check_tensor("w2_prepared", w2_prepared, torch.bfloat16, 3)
+    out = gemm_host.down_out(act, expert_offsets, num_experts, inter, hidden, out)
+    if out.shape[0] == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
     return _launch(False, w2_prepared, act, expert_offsets, expert_offsets.contiguous(), out, config)

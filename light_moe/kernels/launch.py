@@ -18,6 +18,17 @@ def current_stream() -> cuda.CUstream:
     return stream
 
 
+_num_sms: dict[int, int] = {}  # device index -> SMs: the persistent kernels' grid size
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (its index, else the current device), asked of the driver once."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms:
+        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _num_sms[index]
+
+
 def await_inputs() -> None:
     """First statement of every kernel of ours that reads a predecessor's output (device side, traced inline).
 

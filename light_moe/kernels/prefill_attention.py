@@ -34,6 +34,7 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 from cutlass.cute.runtime import make_ptr
 
+from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
 
 THREADS = 128  # 4 warps; each warp owns BM / 4 query rows of the tile
@@ -403,7 +404,7 @@ def _quad_sum(val: Float32) -> Float32:
     return val + cute.arch.shuffle_sync_bfly(val, offset=1)
 
 
-_compiled: dict = {}  # (h, g, D, bs, BM) -> compiled function; never keyed on N, B or the lengths
+_compiled = CompileCache("prefill_attention")  # (h, g, D, bs, BM); never keyed on N, B or the lengths
 
 
 def make_compile_args(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int,
@@ -426,11 +427,7 @@ def make_compile_args(num_heads: int, num_kv_heads: int, head_dim: int, block_si
 
 def compiled_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int):
     key = (num_heads, num_kv_heads, head_dim, block_size, block_m)
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(*key, current_stream())
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(*key, current_stream()))
 
 
 def _check_int32(name: str, t: torch.Tensor, shape: tuple) -> None:

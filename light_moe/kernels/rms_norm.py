@@ -31,6 +31,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import dsl_user_op
 
+from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
 
 _DTYPES = {torch.bfloat16: BFloat16, torch.float16: Float16, torch.float32: Float32}
@@ -186,7 +187,7 @@ class RMSNormKernel:
                     cute.copy(copy128, vals[None, j], out_vecs[None, v])
 
 
-_compiled: dict = {}  # (dtype, H, residual) -> compiled function; never keyed on N
+_compiled = CompileCache("rms_norm")  # (dtype, H, residual) -> compiled function; never keyed on N
 
 
 def make_compile_args(dtype: torch.dtype, hidden: int, has_residual: bool, stream=None):
@@ -208,11 +209,7 @@ def make_compile_args(dtype: torch.dtype, hidden: int, has_residual: bool, strea
 
 def compiled_rms_norm(dtype: torch.dtype, hidden: int, has_residual: bool):
     key = (dtype, hidden, has_residual)
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(dtype, hidden, has_residual, current_stream())
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(dtype, hidden, has_residual, current_stream()))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> None:

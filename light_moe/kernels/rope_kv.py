@@ -27,6 +27,7 @@ import torch
 from cutlass import BFloat16, Float16, Float32, Int32, Int64
 from cutlass.cute.runtime import make_ptr
 
+from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
 from light_moe.kernels.rms_norm import mul_rn
 
@@ -175,7 +176,7 @@ class RopeKVKernel:
                 cute.copy(copy_x, frag, self._slot_row(v_cache_ptr, slot)[None, v_vec])
 
 
-_compiled: dict = {}  # (dtype, h, g, D, block_size) -> compiled function; never keyed on N
+_compiled = CompileCache("rope_kv")  # (dtype, h, g, D, block_size) -> compiled function; never keyed on N
 
 
 def make_compile_args(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -206,11 +207,7 @@ def make_compile_args(dtype: torch.dtype, num_heads: int, num_kv_heads: int, hea
 
 def compiled_rope_write_kv(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
     key = (dtype, num_heads, num_kv_heads, head_dim, block_size)
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(*key, current_stream())
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(*key, current_stream()))
 
 
 def _check(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out) -> tuple[int, int, int, int]:

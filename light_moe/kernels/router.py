@@ -47,6 +47,7 @@ from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.routing import scan_expert_counts
 
@@ -532,19 +533,15 @@ def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: 
     return fn, args
 
 
-_compiled: dict = {}  # (dtype, H, E, K, renormalize, tile, single_cta, metadata) -> compiled; never keyed on T
+_compiled = CompileCache("router")  # (dtype, H, E, K, renormalize, tile, single_cta, metadata); never keyed on T
 
 
 
 def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
                     tile: RouterTile, single_cta: bool = False, metadata: bool = False):
     key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta, metadata)
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile, current_stream(),
-                                         single_cta, metadata)
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile,
+                                                        current_stream(), single_cta, metadata))
 
 
 def workspace_size(num_tokens: int, num_experts: int, tile: RouterTile) -> int:

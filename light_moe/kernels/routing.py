@@ -31,6 +31,7 @@ from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
 
 MAX_EXPERTS = 256
@@ -257,7 +258,7 @@ class RoutingKernel:
                 gather[pos] = a // k
 
 
-_compiled: dict = {}  # (E, K, single_cta) -> compiled function; never keyed on M
+_compiled = CompileCache("routing")  # (E, K, single_cta) -> compiled function; never keyed on M
 
 
 
@@ -270,11 +271,7 @@ def make_compile_args(num_experts: int, top_k: int, single_cta: bool, stream=Non
 
 def compiled_routing(num_experts: int, top_k: int, single_cta: bool):
     key = (num_experts, top_k, single_cta)
-    fn = _compiled.get(key)
-    if fn is None:
-        jit_fn, args = make_compile_args(num_experts, top_k, single_cta, current_stream())
-        fn = _compiled[key] = cute.compile(jit_fn, *args)
-    return fn
+    return _compiled.get(key, lambda: make_compile_args(num_experts, top_k, single_cta, current_stream()))
 
 
 def workspace_size(num_rows: int, num_experts: int) -> int:

@@ -45,8 +45,6 @@ Status and measurements: docs/kernels.md "W4A16 grouped GEMM", BENCHMARKS.md.
 
 from __future__ import annotations
 
-import time
-
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -58,16 +56,11 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
-from light_moe.kernels.grouped_gemm import (
-    SMEM_CAPACITY,
-    VEC,
-    WG,
-    GroupedGemmSm90,
-    _check,
-    _rows,
-    _sm_count,
+from light_moe.kernels import gemm_host
+from light_moe.kernels.compile_cache import CompileCache
+from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
+from light_moe.kernels.gemm_pipeline import (
     build_tile_schedule,
-    check_out,
     copy_token_rows,
     drain_producer,
     gather_sources,
@@ -77,7 +70,7 @@ from light_moe.kernels.grouped_gemm import (
     store_out_chunk,
     wait_full,
 )
-from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels.launch import await_inputs, sm_count
 from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_dequant import apply_scale, dequant_exact, prmt
 from light_moe.kernels.w4a16_layout import (
@@ -161,7 +154,7 @@ class W4A16GroupedGemmSm90:
         # and with 2 k-tiles per stage (one group per stage).
         self.meta_stages = 1 if self.k_split > 1 or self.kps > 1 else max(1, group_size // TILE_K)
         self.red_words = self.reduce_bytes(config) // 4
-        self.epi_t = GroupedGemmSm90.epilogue_tokens(config, gated)
+        self.epi_t = epilogue_tokens(config, gated)
         self.stages = self.num_stages(config, gated, num_experts, group_size)
 
     @staticmethod
@@ -178,7 +171,7 @@ class W4A16GroupedGemmSm90:
     @staticmethod
     def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: int) -> int:
         out_cols = config.tile_w // 2 if gated else config.tile_w
-        epi = GroupedGemmSm90.epilogue_tokens(config, gated) * (out_cols + VEC) * 2
+        epi = epilogue_tokens(config, gated) * (out_cols + VEC) * 2
         fixed = 4 * 1024 + 8 * (num_experts + 1) + epi + W4A16GroupedGemmSm90.reduce_bytes(config)
         fit = (SMEM_CAPACITY - fixed) // W4A16GroupedGemmSm90.stage_bytes(config, group_size)
         return min(config.stages, fit) if config.stages else min(MAX_STAGES, fit)
@@ -759,55 +752,29 @@ def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tupl
     return True, "ok"
 
 
-_compiled: dict[tuple, object] = {}  # (gated, n_out, k_dim, E, g, tile config incl. k_split) -> compiled fn; never T
-compile_seconds: dict[tuple, float] = {}
-_weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape) -> cute views of the prepared tensors
-
-
-def _prepared_views(prepared: W4A16Weights):
-    key = (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape), prepared.group_size)
-    views = _weight_views.get(key)
-    if views is None:
-        q = prepared.qweight.view(-1, 4)  # 16-byte chunks, see w4a16_layout
-        m = prepared.meta.view(-1, 4)
-        views = _weight_views[key] = (from_dlpack(q, assumed_align=16), from_dlpack(m, assumed_align=16))
-    return views
+_compiled = CompileCache("w4a16_gemm")  # (gated, n_out, k_dim, E, g, tile config incl. k_split); never T
+_weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape, g) -> cute views of the prepared tensors
 
 
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
-        config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, _sm_count(out.device), prepared.group_size,
+        config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, sm_count(out.device), prepared.group_size,
                                    prepared.gated)
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
         tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
-    q_view, meta_view = _prepared_views(prepared)
-    args = (
-        q_view,
-        meta_view,
-        _rows(tokens),
-        _rows(gather_index, 4),
-        from_dlpack(expert_offsets, assumed_align=4),
-        _rows(out),
-        _sm_count(out.device),
-        current_stream(),
-    )
-    fn = _compiled.get(key)
-    if fn is None:
-        kernel = W4A16GroupedGemmSm90(
-            gated=prepared.gated,
-            n_out=n_out,
-            k_dim=k_dim,
-            num_experts=num_experts,
-            group_size=prepared.group_size,
-            config=config,
-        )
-        start = time.perf_counter()
-        fn = _compiled[key] = cute.compile(kernel, *args)
-        compile_seconds[key] = time.perf_counter() - start
-    fn(*args)
-    return out
+    views = gemm_host.cached_views(  # qweight and meta as 16-byte chunks, see w4a16_layout
+        _weight_views, (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape),
+                        prepared.group_size),
+        lambda: (from_dlpack(prepared.qweight.view(-1, 4), assumed_align=16),
+                 from_dlpack(prepared.meta.view(-1, 4), assumed_align=16)))
+
+    def make_kernel():
+        return W4A16GroupedGemmSm90(gated=prepared.gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
+                                    group_size=prepared.group_size, config=config)
+
+    return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out)
 
 
 def _check_prepared(name: str, prepared: W4A16Weights, gated: bool):
@@ -830,18 +797,8 @@ def w4a16_expert_up(
 ) -> torch.Tensor:
     """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights; no host sync, graph-capturable."""
     _check_prepared("w13", w13, gated=True)
-    _check("x", x, torch.bfloat16, 2)
-    if x.shape[1] != w13.k_dim:
-        raise ValueError(f"x has hidden size {x.shape[1]}, w13 expects {w13.k_dim}")
-    if gather_index.dtype != torch.int32 or expert_offsets.dtype != torch.int32:
-        raise ValueError("gather_index and expert_offsets must be int32")
-    if expert_offsets.numel() != w13.num_experts + 1:
-        raise ValueError(f"expected expert_offsets [{w13.num_experts + 1}], got {tuple(expert_offsets.shape)}")
-    num_rows = gather_index.shape[0]
-    if out is None:
-        out = x.new_empty(num_rows, w13.n_out // 2)
-    check_out(out, num_rows, w13.n_out // 2)
-    if num_rows == 0:
+    out = gemm_host.up_out(x, gather_index, expert_offsets, w13.num_experts, w13.k_dim, w13.n_out // 2, out)
+    if out.shape[0] == 0:
         return out
     return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
 
@@ -855,16 +812,8 @@ def w4a16_expert_down(
 ) -> torch.Tensor:
     """y [M, H] = act W2_e^T per expert (expert-sorted rows), int4 weights; no host sync, graph-capturable."""
     _check_prepared("w2", w2, gated=False)
-    _check("act", act, torch.bfloat16, 2)
-    if act.shape[1] != w2.k_dim:
-        raise ValueError(f"act has intermediate size {act.shape[1]}, w2 expects {w2.k_dim}")
-    if expert_offsets.dtype != torch.int32 or expert_offsets.numel() != w2.num_experts + 1:
-        raise ValueError(f"expected int32 expert_offsets [{w2.num_experts + 1}], got {expert_offsets.dtype}")
-    num_rows = act.shape[0]
-    if out is None:
-        out = act.new_empty(num_rows, w2.n_out)
-    check_out(out, num_rows, w2.n_out)
-    if num_rows == 0:
+    out = gemm_host.down_out(act, expert_offsets, w2.num_experts, w2.k_dim, w2.n_out, out)
+    if out.shape[0] == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
     return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config)

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from light_moe.quant.w4a16 import SYMMETRIC_ZERO, unpack_int4
+
 TILE_K = 64  # k per pipeline stage (4 wgmma k16 steps); a multiple of no group size > 64 needed
 ATOM_M = 64  # weight rows per wgmma m64 atom
 GROUP_SIZES = (32, 64, 128)
-SYMMETRIC_ZERO = 8
 MAGIC = 128.0  # bf16 128 + q is exact for q in 0..15 (7 mantissa bits: step 1 in [128, 256))
 
 # nibble position of fragment value v (see module docstring)
@@ -69,16 +70,9 @@ class W4A16Weights:
         return (self.num_experts, self.n_out, self.k_dim)
 
 
-def unpack_canonical(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 [..., K // 8] -> uint8 [..., K] values 0..15, low nibble first."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    q = (qweight.unsqueeze(-1) >> shifts) & 0xF
-    return q.reshape(*qweight.shape[:-1], qweight.shape[-1] * 8).to(torch.uint8)
-
-
 def dequantize_reference(qweight, scales, zeros, group_size: int) -> torch.Tensor:
     """Canonical W4A16 -> fp32 [E, N, K] = (q - z) * s (z = 8 when zeros is None)."""
-    q = unpack_canonical(qweight).float()
+    q = unpack_int4(qweight).float()
     s = scales.float().repeat_interleave(group_size, dim=-1)
     z = SYMMETRIC_ZERO if zeros is None else zeros.float().repeat_interleave(group_size, dim=-1)
     return (q - z) * s
@@ -124,7 +118,7 @@ def prepare_w4a16_weights(qweight, scales, zeros, group_size: int, gated: bool) 
     ok, reason = check_shapes(qweight, scales, zeros, group_size, gated)
     if not ok:
         raise ValueError(reason)
-    q = unpack_canonical(qweight)  # [E, N, K] uint8
+    q = unpack_int4(qweight)  # [E, N, K] uint8
     has_zeros = zeros is not None
     if zeros is None:
         zeros = torch.full(scales.shape, SYMMETRIC_ZERO, dtype=torch.uint8, device=scales.device)

@@ -25,8 +25,9 @@ import functools
 
 import torch
 
+from light_moe.kernels.launch import sm_count
 from light_moe.kernels.tile_config import TileConfig, choose_w4a16_tile
-from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, _sm_count, w4a16_expert_down
+from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, w4a16_expert_down
 from light_moe.kernels.w4a16_layout import ATOM_M, W4A16Weights, prepare_w4a16_weights
 
 # (max T, tile_w, tile_t, k_split): the first row whose T bound fits and whose config the kernel takes for
@@ -116,7 +117,7 @@ def w4a16_linear(x: torch.Tensor, weight: W4A16Weights, bias: torch.Tensor | Non
     if num_tokens == 0:
         return out.view(*lead, weight.n_out)
     if config is None:
-        config = choose_linear_tile(num_tokens, weight.n_out, weight.k_dim, weight.group_size, _sm_count(x.device))
+        config = choose_linear_tile(num_tokens, weight.n_out, weight.k_dim, weight.group_size, sm_count(x.device))
     y = w4a16_expert_down(x2, one_expert_offsets(num_tokens, x2.device), weight, out=out, config=config)
     if bias is not None:
         y.add_(bias)
