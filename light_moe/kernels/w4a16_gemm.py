@@ -56,9 +56,9 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
-from light_moe.kernels import gemm_host
+from light_moe.kernels import gemm_host, w4a16_plan
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
+from light_moe.kernels.gemm_host import VEC, WG, epilogue_tokens
 from light_moe.kernels.gemm_pipeline import (
     build_tile_schedule,
     copy_token_rows,
@@ -71,16 +71,16 @@ from light_moe.kernels.gemm_pipeline import (
     wait_full,
 )
 from light_moe.kernels.launch import await_inputs, sm_count
-from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
+from light_moe.kernels.tile_config import W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_dequant import apply_scale, dequant_exact, prmt
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
-    GROUP_SIZES,
     TILE_K,
     W4A16Weights,
     dequantize_reference,
     prepare_w4a16_weights,
 )
+from light_moe.kernels.w4a16_plan import supports
 
 __all__ = [
     "W4A16_TILE_TABLE",
@@ -95,13 +95,11 @@ __all__ = [
     "w4a16_expert_up",
 ]
 
-MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
 PRODUCER_REGS = 56
 # setmaxnreg per consumer warpgroup count. The CTA is launched at R registers per thread (ptxas: 168 for
 # 384 threads, 96 for 640) and the consumers' increase must come out of what the producer frees:
 # 128 (R - 56) >= 128 n (C - R). n = 4: C <= 104 (the k_split = 4 consumer needs ~60).
 CONSUMER_REGS = {1: 232, 2: 224, 4: 104}
-MAX_TILE_T_W256 = 128  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
 
 
 class W4A16GroupedGemmSm90:
@@ -157,65 +155,11 @@ class W4A16GroupedGemmSm90:
         self.epi_t = epilogue_tokens(config, gated)
         self.stages = self.num_stages(config, gated, num_experts, group_size)
 
-    @staticmethod
-    def reduce_bytes(config: TileConfig) -> int:
-        """fp32 partial sums (tile_w x tile_t each) of K warpgroups 1..k_split-1 under split K."""
-        return (config.k_split - 1) * config.tile_w * config.tile_t * 4
-
-    @staticmethod
-    def stage_bytes(config: TileConfig, group_size: int) -> int:
-        weights = config.tile_w * TILE_K // 2
-        meta = config.tile_w * max(1, TILE_K // group_size) * 4
-        return (weights + config.tile_t * TILE_K * 2) * config.k_tiles_per_stage + meta
-
-    @staticmethod
-    def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: int) -> int:
-        out_cols = config.tile_w // 2 if gated else config.tile_w
-        epi = epilogue_tokens(config, gated) * (out_cols + VEC) * 2
-        fixed = 4 * 1024 + 8 * (num_experts + 1) + epi + W4A16GroupedGemmSm90.reduce_bytes(config)
-        fit = (SMEM_CAPACITY - fixed) // W4A16GroupedGemmSm90.stage_bytes(config, group_size)
-        return min(config.stages, fit) if config.stages else min(MAX_STAGES, fit)
-
-    @staticmethod
-    def supports(
-        *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig
-    ) -> tuple[bool, str]:
-        if group_size not in GROUP_SIZES:
-            return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
-        if config.tile_w not in (64, 128) and not (config.tile_w == 256 and config.tile_t <= MAX_TILE_T_W256):
-            return False, (f"tile_w must be 64 or 128 for W4A16, or 256 with tile_t <= {MAX_TILE_T_W256} (registers: "
-                           f"RS fragments of two atoms per warpgroup), got {config.tile_w} x {config.tile_t}")
-        if n_out % config.tile_w:
-            return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
-        if config.k_split > 1 and config.tile_w not in (ATOM_M, 2 * ATOM_M):
-            return False, f"split K (k_split={config.k_split}) needs tile_w 64 or 128, got {config.tile_w}"
-        if config.k_split == 4 and config.tile_t > MAX_TILE_T_SPLIT4:
-            return False, f"k_split=4 supports tile_t <= {MAX_TILE_T_SPLIT4}, got {config.tile_t}"
-        if (k_dim // TILE_K) % config.k_split:
-            return False, f"k_split={config.k_split} must divide the {k_dim // TILE_K} k-tiles of K={k_dim}"
-        if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
-            return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
-                           f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
-        if config.tma_tokens and config.k_tiles_per_stage != 1:
-            return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
-        if gated and n_out % 16:
-            return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
-        if k_dim % (2 * TILE_K) or k_dim % group_size:
-            return False, f"reduction size {k_dim} must be a multiple of {2 * TILE_K} and of g={group_size}"
-        if not 1 <= num_experts <= 1024:
-            return False, f"num_experts must be in [1, 1024], got {num_experts}"
-        if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
-            return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
-        stages = W4A16GroupedGemmSm90.num_stages(config, gated, num_experts, group_size)
-        if config.stages and stages < config.stages:
-            return False, f"{config.stages} stages of {config} do not fit in shared memory"
-        if config.cp_async_lag > stages - config.k_split - 1:
-            # a consumer warpgroup hands a stage back after waiting for its next one (k_split stages on): a
-            # producer blocked on that stage must already have signalled it
-            return False, f"cp_async_lag={config.cp_async_lag} must be at most the pipeline's stages - k_split - 1"
-        if stages < max(4, 2 * config.k_split):
-            return False, f"tile config {config} leaves fewer than {max(4, 2 * config.k_split)} pipeline stages"
-        return True, "ok"
+    # host-side sizing and checks: w4a16_plan.py
+    reduce_bytes = staticmethod(w4a16_plan.reduce_bytes)
+    stage_bytes = staticmethod(w4a16_plan.stage_bytes)
+    num_stages = staticmethod(w4a16_plan.num_stages)
+    supports = staticmethod(w4a16_plan.supports_config)
 
     @cute.jit
     def __call__(
@@ -730,26 +674,8 @@ class W4A16GroupedGemmSm90:
 
 
 # ------------------------------------------------------------------------------------------------
-# Host side: support check, compile cache, launch wrappers, reference.
+# Host side: compile cache, launch wrappers, reference (support checks: w4a16_plan.py).
 # ------------------------------------------------------------------------------------------------
-
-
-def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tuple[bool, str]:
-    """Whether w4a16_expert_up / _down take this layer (checked once, at weight-preparation time)."""
-    if group_size not in GROUP_SIZES:
-        return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
-    if hidden % (2 * TILE_K) or inter % (2 * TILE_K):
-        return False, f"H={hidden} and I={inter} must be multiples of {2 * TILE_K}"
-    if inter % 32:
-        return False, f"I={inter} must be a multiple of 32 (2I in 64-row atoms)"
-    for gated, n_out, k_dim in ((True, 2 * inter, hidden), (False, hidden, inter)):
-        config = TileConfig(64, 8, k_split=2)
-        ok, reason = W4A16GroupedGemmSm90.supports(
-            gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
-        )
-        if not ok:
-            return False, reason
-    return True, "ok"
 
 
 _compiled = CompileCache("w4a16_gemm")  # (gated, n_out, k_dim, E, g, tile config incl. k_split); never T

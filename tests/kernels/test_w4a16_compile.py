@@ -8,7 +8,7 @@ cute = pytest.importorskip("cutlass.cute")
 from cutlass import BFloat16, Int32  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
-from light_moe.kernels import w4a16_gemm  # noqa: E402
+from light_moe.kernels import w4a16_gemm, w4a16_plan  # noqa: E402
 from light_moe.kernels import w4a16_layout as layout  # noqa: E402
 from light_moe.kernels.tile_config import TileConfig  # noqa: E402
 from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, choose_w4a16_tile, supports  # noqa: E402
@@ -221,8 +221,8 @@ def test_explicit_pipeline_stages():
     auto = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4))
     deep = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4, stages=48))
     shallow = W4A16GroupedGemmSm90(**kw, config=TileConfig(64, 8, k_split=4, stages=8))
-    assert (auto.stages, deep.stages, shallow.stages) == (w4a16_gemm.MAX_STAGES, 48, 8)
-    assert W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 32)).stages <= w4a16_gemm.MAX_STAGES
+    assert (auto.stages, deep.stages, shallow.stages) == (w4a16_plan.MAX_STAGES, 48, 8)
+    assert W4A16GroupedGemmSm90(**kw, config=TileConfig(128, 32)).stages <= w4a16_plan.MAX_STAGES
     ok, reason = W4A16GroupedGemmSm90.supports(**kw, config=TileConfig(128, 256, "producer", stages=40))
     assert not ok and "do not fit" in reason
     ok, reason = GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, num_experts=8,

@@ -1,0 +1,95 @@
+"""What the W4A16 grouped GEMM (w4a16_gemm.py) takes and how its shared memory divides: the config and layer
+checks, the bytes of a pipeline stage and the stage count (host side only).
+
+Shape legend: E experts, N weight rows (n_out), K reduction (k_dim), g group size; a stage holds
+k_tiles_per_stage k-tiles of 64: tile_w x 64 int4 weights, tile_t x 64 bf16 token rows, the group meta words.
+"""
+from __future__ import annotations
+
+from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
+from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, TileConfig
+from light_moe.kernels.w4a16_layout import ATOM_M, GROUP_SIZES, TILE_K
+
+MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
+MAX_TILE_T_W256 = 128  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
+
+
+def reduce_bytes(config: TileConfig) -> int:
+    """fp32 partial sums (tile_w x tile_t each) of K warpgroups 1..k_split-1 under split K."""
+    return (config.k_split - 1) * config.tile_w * config.tile_t * 4
+
+
+def stage_bytes(config: TileConfig, group_size: int) -> int:
+    """Shared memory of one pipeline stage: int4 weights and bf16 token rows of its k-tiles, the group meta."""
+    weights = config.tile_w * TILE_K // 2
+    meta = config.tile_w * max(1, TILE_K // group_size) * 4
+    return (weights + config.tile_t * TILE_K * 2) * config.k_tiles_per_stage + meta
+
+
+def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: int) -> int:
+    """Pipeline stages: config.stages when set, else as many as fit beside the fixed parts (at most MAX_STAGES)."""
+    out_cols = config.tile_w // 2 if gated else config.tile_w
+    epi = epilogue_tokens(config, gated) * (out_cols + VEC) * 2
+    fixed = 4 * 1024 + 8 * (num_experts + 1) + epi + reduce_bytes(config)
+    fit = (SMEM_CAPACITY - fixed) // stage_bytes(config, group_size)
+    return min(config.stages, fit) if config.stages else min(MAX_STAGES, fit)
+
+
+def supports_config(
+    *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig
+) -> tuple[bool, str]:
+    """(ok, reason): whether the kernel compiles for this projection shape and tile config."""
+    if group_size not in GROUP_SIZES:
+        return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
+    if config.tile_w not in (64, 128) and not (config.tile_w == 256 and config.tile_t <= MAX_TILE_T_W256):
+        return False, (f"tile_w must be 64 or 128 for W4A16, or 256 with tile_t <= {MAX_TILE_T_W256} (registers: "
+                       f"RS fragments of two atoms per warpgroup), got {config.tile_w} x {config.tile_t}")
+    if n_out % config.tile_w:
+        return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
+    if config.k_split > 1 and config.tile_w not in (ATOM_M, 2 * ATOM_M):
+        return False, f"split K (k_split={config.k_split}) needs tile_w 64 or 128, got {config.tile_w}"
+    if config.k_split == 4 and config.tile_t > MAX_TILE_T_SPLIT4:
+        return False, f"k_split=4 supports tile_t <= {MAX_TILE_T_SPLIT4}, got {config.tile_t}"
+    if (k_dim // TILE_K) % config.k_split:
+        return False, f"k_split={config.k_split} must divide the {k_dim // TILE_K} k-tiles of K={k_dim}"
+    if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
+        return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
+                       f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
+    if config.tma_tokens and config.k_tiles_per_stage != 1:
+        return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
+    if gated and n_out % 16:
+        return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
+    if k_dim % (2 * TILE_K) or k_dim % group_size:
+        return False, f"reduction size {k_dim} must be a multiple of {2 * TILE_K} and of g={group_size}"
+    if not 1 <= num_experts <= 1024:
+        return False, f"num_experts must be in [1, 1024], got {num_experts}"
+    if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
+        return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
+    stages = num_stages(config, gated, num_experts, group_size)
+    if config.stages and stages < config.stages:
+        return False, f"{config.stages} stages of {config} do not fit in shared memory"
+    if config.cp_async_lag > stages - config.k_split - 1:
+        # a consumer warpgroup hands a stage back after waiting for its next one (k_split stages on): a
+        # producer blocked on that stage must already have signalled it
+        return False, f"cp_async_lag={config.cp_async_lag} must be at most the pipeline's stages - k_split - 1"
+    if stages < max(4, 2 * config.k_split):
+        return False, f"tile config {config} leaves fewer than {max(4, 2 * config.k_split)} pipeline stages"
+    return True, "ok"
+
+
+def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tuple[bool, str]:
+    """Whether w4a16_expert_up / _down take this layer (checked once, at weight-preparation time)."""
+    if group_size not in GROUP_SIZES:
+        return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
+    if hidden % (2 * TILE_K) or inter % (2 * TILE_K):
+        return False, f"H={hidden} and I={inter} must be multiples of {2 * TILE_K}"
+    if inter % 32:
+        return False, f"I={inter} must be a multiple of 32 (2I in 64-row atoms)"
+    for gated, n_out, k_dim in ((True, 2 * inter, hidden), (False, hidden, inter)):
+        config = TileConfig(64, 8, k_split=2)
+        ok, reason = supports_config(
+            gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
+        )
+        if not ok:
+            return False, reason
+    return True, "ok"
