@@ -5,7 +5,7 @@ import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 import torch
 
-_streams: dict[int, cuda.CUstream] = {}  # torch stream handle -> CUstream (building one costs ~8 us)
+_streams: dict[int, cuda.CUstream] = {}  # torch stream handle -> CUstream (built once: costly per launch)
 
 
 def current_stream() -> cuda.CUstream:
@@ -36,7 +36,7 @@ def await_inputs() -> None:
     before it in the stream is still running, once all of that kernel's CTAs have passed their own call of this
     (griddepcontrol.launch_dependents) or exited. griddepcontrol.wait then holds it until that kernel has finished
     and its writes are visible, so nothing is read early; what is gained is the launch and prologue of the next
-    kernel (CTA placement, barrier set-up) overlapping the tail of the current one, ~1-2 us per kernel boundary
+    kernel (CTA placement, barrier set-up) overlapping the tail of the current one (docs/kernels.md), at each boundary
     of a decode step's MoE layer (router, up, down, combine). Triggering at the start cannot starve the running
     kernel: its dependent launches only when every CTA of the running kernel is already resident. A predecessor
     that never triggers (a torch op, NCCL) makes this an ordinary stream dependency."""

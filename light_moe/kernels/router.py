@@ -10,8 +10,7 @@ Two launches in either mode (graph-capturable, no host sync):
          (T <= TM: decode) it stores the counts itself, no memset: one launch.
   split  (E > 16 and T <= SPLIT_MAX_TOKENS) a GEMM kernel on a (token tiles, expert groups,
          H slices) grid writes fp32 partial logits [HS, T, E], then a top-k kernel sums them.
-         One CTA streaming a large gate_weight alone is latency-bound: E=128, H=2048, K=8 on H100
-         takes 5.7-7.0 us split vs 12.6-15.1 us fused for T = 1..256.
+         One CTA streaming a large gate_weight alone is latency-bound (timings: docs/kernels.md, Router).
 Pieces:
   1. Gate GEMM on the tensor cores with warp-level mma.sync, fed straight from global memory.
      The reduction dimension H may be permuted freely as long as x and gate_weight use the same
@@ -57,7 +56,7 @@ MAX_TOP_K = 8
 SM_COUNT = 132  # H100 SXM; only sizes the split grid, any Hopper part works
 # Up to this many tokens, problems with E > 16 split the gate GEMM over CTAs (expert groups x
 # slices of H) and run the top-k in a second launch: one CTA streaming all of a large gate_weight
-# is latency-bound (E=128, H=2048, T=1: 13 us fused, see docs/kernels.md).
+# is latency-bound (docs/kernels.md, Router).
 SPLIT_MAX_TOKENS = 1024
 TOPK_TOKENS_PER_CTA = 8  # second launch of the split mode: one token per warp
 
@@ -93,11 +92,9 @@ class RouterTile:
 def choose_tile(num_experts: int, num_tokens: int, row_bytes: int = 8192) -> RouterTile:
     """Tile from a small table on (E, T, bytes per row). Host-known sizes only (graph-safe).
 
-    Measured on H100 (benchmarks/results/router_kernels_2026-11-27_h100.json): for E <= 16 one
-    512-thread CTA per 16 tokens with H split over 16 warps was best at every T (E=8, H=4096, K=2:
-    4.8-6.0 us for T <= 1024, 9.5 us at 4096, 52-55 us at 16384, vs 16-35 us / 82-104 us for 64- and
-    128-token CTAs, which leave SMs idle and serialise long H loops). For larger E the split grid
-    wins up to T = 1024 (E=128: 11.9 vs 15.5 us at 1024) and loses from 4096 on (29.9 vs 20.8 us).
+    For E <= 16 one 512-thread CTA per 16 tokens with H split over 16 warps won at every T (64- and
+    128-token CTAs leave SMs idle and serialise long H loops); for larger E the split grid wins up to
+    T = SPLIT_MAX_TOKENS. The sweep: docs/kernels.md, Router, "Tile choice".
     """
     n_tiles = -(-num_experts // 8)
     n_chunks = row_bytes // 64
@@ -115,7 +112,7 @@ def choose_tile(num_experts: int, num_tokens: int, row_bytes: int = 8192) -> Rou
         return RouterTile(1, 1, ks, 1, ntw, unroll, eg, hs)
     if n_tiles <= 8:
         return RouterTile(1, 1, 8, 1, n_tiles, 2)
-    if n_tiles <= 16:  # 64 tokens per CTA re-read gate_weight 4x less (E=128, T=16384: 77 vs 85 us)
+    if n_tiles <= 16:  # 64 tokens per CTA re-read gate_weight 4x less (faster at E=128, T=16384; docs/kernels.md)
         ntw = -(-n_tiles // 2)
         return RouterTile(4, 2, 1, 1, ntw, 2) if num_tokens > 8192 else RouterTile(1, 2, 4, 1, ntw, 2)
     return RouterTile(1, 4, 2, 1, -(-n_tiles // 4), 2)
