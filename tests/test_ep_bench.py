@@ -96,7 +96,7 @@ def test_profile_ep_step_reports_every_rank(mixtral, tmp_path):
     assert [reports[f"ep2.rank{r}.txt"]["rank"] for r in (0, 1)] == [0, 1]
     assert all(s["execute_ms"] > 0 for s in reports.values())
     assert reports["ep2.rank1.txt"]["plan_broadcast_ms"] > 0  # rank 1 receives a plan every step
-    assert "workers.py" in (tmp_path / "ep2.rank1.txt").read_text()  # its cProfile tables
+    assert "rank_executor.py" in (tmp_path / "ep2.rank1.txt").read_text()  # its cProfile tables (RankExecutor.run)
     table = proc.stdout[proc.stdout.index(" ep  seqs"):].splitlines()
     assert len(table) == 1 + 3, table
 

@@ -221,7 +221,8 @@ def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, me
 def main(args) -> dict:
     from light_moe import LightMoEEngine
     from light_moe.engine.devices import resolve_device
-    from light_moe.executor.workers import ExpertParallelExecutor, free_device_memory
+    from light_moe.executor.rank_executor import free_device_memory
+    from light_moe.executor.workers import ExpertParallelExecutor
 
     if args.ep < 2:
         raise ValueError(f"--ep must be at least 2 (it is compared with 1), got {args.ep}")

@@ -75,7 +75,7 @@ def rank_memory(rank_executor) -> list[dict]:
 
 def _free(device: torch.device) -> None:
     """The previous engine's memory back to the device; peak memory counts from here."""
-    from light_moe.executor.workers import free_device_memory
+    from light_moe.executor.rank_executor import free_device_memory
 
     free_device_memory()
     if device.type == "cuda":
