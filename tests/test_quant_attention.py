@@ -133,9 +133,9 @@ def test_dummy_weights_are_the_float_dummy_model_quantized(mixtral):
 # ---- accuracy against the float model ------------------------------------------------------------------
 
 def test_close_to_float_model_beside_experts_only():
-    """The bundled (trained) demo model on its held-out text (BENCHMARKS.md's figures): quantizing the projections too adds error on top
-    of experts-only W4A16 but stays within a small multiple of it (logits and perplexity), and greedy
-    generation through the engine works."""
+    """The bundled (trained) demo model on its held-out text (BENCHMARKS.md's figures): quantizing the
+    projections too adds error on top of experts-only W4A16 but stays within a small multiple of it (logits
+    and perplexity), and greedy generation through the engine works."""
     text = (DEMO_MODEL_DIR / "heldout.txt").read_text()
     engines = {name: engine(DEMO_MODEL_DIR, max_model_len=300, **kwargs) for name, kwargs in (
         ("float", {}), ("experts", dict(quantization="w4a16")),
