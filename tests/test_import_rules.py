@@ -32,12 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 # Edges allowed against the rules, each with its reason. The test fails when one is no longer
 # in the code, so the list only shrinks.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("light_moe.kernels.w4a16_gemm", "light_moe.ops.reference"):
-        "reference_expert_up / _down (the fp32 oracle of the W4A16 kernel tests) call the reference "
-        "expert GEMMs lazily; kernels/* belongs to another helper of issue 23: move both functions "
-        "to ops/reference.py (or tests/) and drop this entry",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def module_files() -> dict[str, Path]:

@@ -77,7 +77,6 @@ from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     TILE_K,
     W4A16Weights,
-    dequantize_reference,
     prepare_w4a16_weights,
 )
 from light_moe.kernels.w4a16_plan import supports
@@ -88,8 +87,6 @@ __all__ = [
     "W4A16Weights",
     "choose_w4a16_tile",
     "prepare_w4a16_weights",
-    "reference_expert_down",
-    "reference_expert_up",
     "supports",
     "w4a16_expert_down",
     "w4a16_expert_up",
@@ -743,19 +740,3 @@ def w4a16_expert_down(
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
     return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config)
-
-
-def reference_expert_up(x, gather_index, expert_offsets, qweight, scales, zeros, group_size: int) -> torch.Tensor:
-    """Dequantise the canonical w13 (fp32) then ops.reference.expert_up in fp32 -> act [M, I] fp32."""
-    from light_moe.ops import reference
-
-    w13 = dequantize_reference(qweight, scales, zeros, group_size)
-    return reference.expert_up(x.float(), gather_index, expert_offsets, w13)
-
-
-def reference_expert_down(act, expert_offsets, qweight, scales, zeros, group_size: int) -> torch.Tensor:
-    """Dequantise the canonical w2 (fp32) then ops.reference.expert_down in fp32 -> y [M, H] fp32."""
-    from light_moe.ops import reference
-
-    w2 = dequantize_reference(qweight, scales, zeros, group_size)
-    return reference.expert_down(act.float(), expert_offsets, w2)

@@ -42,3 +42,19 @@ def replay_up_down_on_new_routing(up, down, x, gather_index, offsets, act, y, to
     y.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
+
+
+def w4a16_reference_up(x, gather_index, expert_offsets, qweight, scales, zeros, group_size: int) -> torch.Tensor:
+    """The W4A16 kernels' fp32 oracle: dequantise the canonical w13 then reference.expert_up -> act [M, I] fp32."""
+    from light_moe.kernels.w4a16_layout import dequantize_reference
+
+    w13 = dequantize_reference(qweight, scales, zeros, group_size)
+    return reference.expert_up(x.float(), gather_index, expert_offsets, w13)
+
+
+def w4a16_reference_down(act, expert_offsets, qweight, scales, zeros, group_size: int) -> torch.Tensor:
+    """Dequantise the canonical w2 then reference.expert_down in fp32 -> y [M, H] fp32."""
+    from light_moe.kernels.w4a16_layout import dequantize_reference
+
+    w2 = dequantize_reference(qweight, scales, zeros, group_size)
+    return reference.expert_down(act.float(), expert_offsets, w2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.kernels.gpu_helpers import rel_l2 as _rel_l2
-from tests.kernels.gpu_helpers import replay_up_down_on_new_routing
+from tests.kernels.gpu_helpers import replay_up_down_on_new_routing, w4a16_reference_down, w4a16_reference_up
 from tests.kernels.gpu_helpers import routing as _routing
 
 pytestmark = pytest.mark.gpu
@@ -49,14 +49,14 @@ def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_
 
     act = torch.full((num_rows, inter), float("nan"), device=device, dtype=torch.bfloat16)
     w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
-    ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)
+    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, group_size)
     assert not act.isnan().any(), "w4a16_expert_up left rows unwritten"
     err_up = _rel_l2(act, ref_act)
     assert err_up < 1e-2, f"w4a16_expert_up rel L2 {err_up:.3e}"
 
     y = torch.full((num_rows, hidden), float("nan"), device=device, dtype=torch.bfloat16)
     w4.w4a16_expert_down(act, offsets, w2p, out=y, config=config)
-    ref_y = w4.reference_expert_down(act, offsets, *w2, group_size)
+    ref_y = w4a16_reference_down(act, offsets, *w2, group_size)
     assert not y.isnan().any(), "w4a16_expert_down left rows unwritten"
     err_down = _rel_l2(y, ref_y)
     assert err_down < 1e-2, f"w4a16_expert_down rel L2 {err_down:.3e}"
@@ -113,7 +113,7 @@ def test_w4a16_every_tile_config(num_tokens):
     w13 = _quantized(8, 2 * INTER, HIDDEN, GROUP, True, device, gen)
     offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
     w13p = w4.prepare_w4a16_weights(*w13, GROUP, gated=True)
-    ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, GROUP)
+    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, GROUP)
     for _, tile_w, tile_t, fence, k_split, kblock, bulk, kps_g128, tma_up in w4.W4A16_TILE_TABLE:
         act = torch.full((gather_index.shape[0], INTER), float("nan"), device=device, dtype=torch.bfloat16)
         config = TileConfig(tile_w, tile_t, fence, k_split, k_tiles_per_stage=2 if kps_g128 and GROUP == 128 else 1,
@@ -140,9 +140,9 @@ def test_w4a16_opt_in_tiles(num_tokens):
     offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
     w13p = w4.prepare_w4a16_weights(*w13, 128, gated=True)
     w2p = w4.prepare_w4a16_weights(*w2, 128, gated=False)
-    ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, 128)
+    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, 128)
     act_in = torch.randn(gather_index.shape[0], INTER, device=device, dtype=torch.bfloat16, generator=gen)
-    ref_y = w4.reference_expert_down(act_in, offsets, *w2, 128)
+    ref_y = w4a16_reference_down(act_in, offsets, *w2, 128)
     # the down projection's 12 k-tiles (I = 768) take k_split x k-tiles per stage = 4 at most: the others
     # run the up projection only (16 k-tiles)
     kernel = w4.W4A16GroupedGemmSm90
@@ -216,8 +216,8 @@ def test_w4a16_tma_token_rows(num_tokens, num_experts, top_k, group_size, with_z
     w2 = _quantized(num_experts, HIDDEN, INTER, group_size, with_zeros, device, gen)
     w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
     w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
-    ref_act = w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)
-    ref_y = w4.reference_expert_down(act_in, offsets, *w2, group_size)
+    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, group_size)
+    ref_y = w4a16_reference_down(act_in, offsets, *w2, group_size)
     for config in _tma_configs()[which]:
         act = torch.full_like(ref_act, float("nan"), dtype=torch.bfloat16)
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
@@ -258,7 +258,7 @@ def test_w4a16_large_tiles_down(num_tokens, config):
     y = torch.full((num_tokens * 2, HIDDEN), float("nan"), device=device, dtype=torch.bfloat16)
     w4.w4a16_expert_down(act, offsets, w2p, out=y, config=TileConfig(*config))
     assert not y.isnan().any(), f"tile {config} left rows unwritten"
-    err = _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, GROUP))
+    err = _rel_l2(y, w4a16_reference_down(act, offsets, *w2, GROUP))
     assert err < 1e-2, f"tile {config}: rel L2 {err:.3e}"
 
 
@@ -281,8 +281,8 @@ def test_w4a16_cuda_graph_replay():
     replay_up_down_on_new_routing(lambda x, g, o, out: w4.w4a16_expert_up(x, g, o, w13p, out=out),
                                   lambda a, o, out: w4.w4a16_expert_down(a, o, w2p, out=out),
                                   x, gather_index, offsets, act, y, top_k, gen)
-    assert _rel_l2(act, w4.reference_expert_up(x, gather_index, offsets, *w13, GROUP)) < 1e-2
-    assert _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, GROUP)) < 1e-2
+    assert _rel_l2(act, w4a16_reference_up(x, gather_index, offsets, *w13, GROUP)) < 1e-2
+    assert _rel_l2(y, w4a16_reference_down(act, offsets, *w2, GROUP)) < 1e-2
 
 
 @pytest.mark.parametrize("k_split", (1, 2, 4))
@@ -319,11 +319,11 @@ def test_w4a16_split_k4_mixtral_shape(num_tokens, group_size):
     w4.w4a16_expert_up(x, gather_index, offsets, w4.prepare_w4a16_weights(*w13, group_size, gated=True),
                        out=act, config=config)
     assert not act.isnan().any()
-    assert _rel_l2(act, w4.reference_expert_up(x, gather_index, offsets, *w13, group_size)) < 1e-2
+    assert _rel_l2(act, w4a16_reference_up(x, gather_index, offsets, *w13, group_size)) < 1e-2
     y = torch.full((num_rows, hidden), float("nan"), device=device, dtype=torch.bfloat16)
     w4.w4a16_expert_down(act, offsets, w4.prepare_w4a16_weights(*w2, group_size, gated=False), out=y, config=config)
     assert not y.isnan().any()
-    assert _rel_l2(y, w4.reference_expert_down(act, offsets, *w2, group_size)) < 1e-2
+    assert _rel_l2(y, w4a16_reference_down(act, offsets, *w2, group_size)) < 1e-2
 
 
 @pytest.mark.parametrize("tile", ((64, 16, 4), (64, 32, 4), (64, 32, 2), (128, 32, 1)))
