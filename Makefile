@@ -1,13 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install Light-MoE, generate text with the bundled demo model
 #   make test   - create .venv, install Light-MoE with test dependencies, run the test suite
-# TORCH_SPEC and TORCH_INDEX pick the PyTorch build: by default torch 2.13.0 from PyTorch's CPU index (the CPU
-# wheel on every platform); TORCH_INDEX= (empty) installs from PyPI, where pip picks the CUDA build on Linux x86_64;
-# TORCH_INDEX=https://download.pytorch.org/whl/cu128 picks that CUDA version.
+# TORCH_SPEC and TORCH_INDEX pick the PyTorch build: by default torch 2.13.0 from pip's configured indexes (PyPI:
+# the CUDA build on Linux x86_64, the CPU build elsewhere; a machine whose pip is set up with a local CPU wheel
+# gets that); TORCH_INDEX=https://download.pytorch.org/whl/cpu forces the CPU build, .../whl/cu128 a CUDA one.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PROMPT ?= def fibonacci(n):
