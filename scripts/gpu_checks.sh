@@ -45,6 +45,8 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
     shift 2
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $?"
+    # logs get committed: no machine paths (repository files relative to its root, packages as <site-packages>)
+    sed -i -E -e "s#$PWD/##g" -e "s#[^ :'\"(]*/(site|dist)-packages/#<site-packages>/#g" "$out/$name.log"
     grep -v -i warn "$out/$name.log" | tail -n "${TAIL:-6}"
 }
 

@@ -50,6 +50,16 @@ def environment() -> dict:
     return env
 
 
+def portable_paths(text: str) -> str:
+    """Text of a report to commit, with this machine's paths made portable: installed packages as
+    <site-packages>/..., files of the repository relative to its root (committed logs must not carry a
+    machine's paths)."""
+    import re
+
+    text = re.sub(r"[^\s:'\"(]*/(?:site|dist)-packages/", "<site-packages>/", text)
+    return text.replace(str(Path(__file__).resolve().parents[2]) + "/", "")
+
+
 def write_result(result: dict, output: str | None, echo: bool = True) -> None:
     """A benchmark's JSON result to `output` (parent folders created), or printed when there is none and echo."""
     import json

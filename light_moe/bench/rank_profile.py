@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from light_moe.bench.env import portable_paths
+
 _running: dict[str, object] = {}  # per process: the profilers between start and stop
 
 
@@ -71,6 +73,6 @@ def stop(target, prefix: str, steps: int, top: int = 25) -> dict:
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     with open(f"{prefix}.rank{rank}.txt", "w") as f:
-        f.write(text.getvalue())
+        f.write(portable_paths(text.getvalue()))
     _running.pop("torch")
     return summary
