@@ -107,7 +107,18 @@ class PrefillGraphs:
         self.buckets = tuple(b for b in TOKEN_BUCKETS if b <= max_tokens) or (TOKEN_BUCKETS[0],)
         self.captured: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        # the eager attention's output, outside the pool: ONE buffer of the largest bucket per shape, shared by
+        # every layer and bucket. Safe in stream order: piece i + 1 reads layer i's output (o_proj) before
+        # layer i + 1's attention overwrites it, and buckets are replayed one whole step at a time
+        self.attention_outputs: dict[tuple, torch.Tensor] = {}
         self.attention_modules = [layer.self_attn for layer in model.model.layers]
+
+    def _attention_output(self, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (heads, head_dim, dtype)
+        if key not in self.attention_outputs:
+            self.attention_outputs[key] = torch.zeros(self.buckets[-1], heads, head_dim, dtype=dtype,
+                                                      device=self.device)
+        return self.attention_outputs[key]
 
     def can_run(self, num_tokens: int) -> bool:
         return num_tokens <= self.buckets[-1]
@@ -139,8 +150,7 @@ class PrefillGraphs:
         capture = _Capture(self.pool)
         backends = [attn.ops for attn in self.attention_modules]
         for attn, backend in zip(self.attention_modules, backends):
-            out = torch.zeros(tokens, attn.num_heads, attn.head_dim, dtype=model.lm_head.weight.dtype,
-                              device=self.device)  # outside the pool: written by the eager attention
+            out = self._attention_output(attn.num_heads, attn.head_dim, model.lm_head.weight.dtype)[:tokens]
             attn.ops = _AttentionRecorder(backend, capture, out)
         try:
             with torch.cuda.stream(stream):
