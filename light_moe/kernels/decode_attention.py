@@ -49,7 +49,7 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, sm_count
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, paged_attention_shapes, sm_count
 from light_moe.kernels.router import mma_16bit
 
 WARPS = 4
@@ -450,19 +450,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if None). No host synchronisation: capturable in a CUDA graph and correct on replay with new q, tables and
     ctx_lens in the same buffers (the split count depends on B and MB only). num_splits / tile_keys override
     the tuned choices (benchmarks)."""
-    if q.dim() != 3 or not q.is_contiguous():
-        raise ValueError(f"q must be a contiguous [B, h, D] tensor, got {tuple(q.shape)}")
-    batch, num_heads, head_dim = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or not k_cache.is_contiguous() \
-            or not v_cache.is_contiguous():
-        raise ValueError(f"k_cache and v_cache must be contiguous [NB, bs, g, D] tensors of one shape, got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"cache [.., {cache_dim}] {k_cache.dtype} does not match q [.., {head_dim}] {q.dtype}")
-    ok, reason = supports(q.dtype, num_heads, num_kv_heads, head_dim, block_size)
-    if not ok:
-        raise ValueError(f"decode attention kernel: {reason}")
+    batch, num_heads, head_dim, block_size, num_kv_heads = paged_attention_shapes(
+        "decode attention kernel", supports, q, k_cache, v_cache)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.stride(1) != 1 \
             or block_tables.dtype not in _INDEX_DTYPES:
         raise ValueError(f"block_tables must be [B={batch}, MB] int32/int64 with unit column stride, got "

@@ -56,3 +56,25 @@ def head_shape_problem(dtype: torch.dtype, dtypes, num_heads: int, num_kv_heads:
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         return f"num_heads={num_heads} is not a positive multiple of num_kv_heads={num_kv_heads}"
     return None
+
+
+def paged_attention_shapes(kernel: str, supports, q: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """The argument checks the paged-attention wrappers share: q a contiguous [rows, h, D] tensor, the caches
+    contiguous [blocks, block_size, g, D] of q's dtype, the shapes accepted by `supports`. Returns
+    (rows, h, D, block_size, g); raises ValueError naming `kernel` otherwise."""
+    if q.dim() != 3 or not q.is_contiguous():
+        raise ValueError(f"{kernel}: q must be a contiguous [rows, h, D] tensor, got {list(q.shape)}")
+    rows, num_heads, head_dim = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or not k_cache.is_contiguous() \
+            or not v_cache.is_contiguous():
+        raise ValueError(f"{kernel}: k_cache and v_cache must be contiguous [blocks, block_size, g, D] tensors of "
+                         f"one shape, got {list(k_cache.shape)} and {list(v_cache.shape)}")
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"{kernel}: cache [.., {num_kv_heads}, {cache_dim}] {k_cache.dtype} does not match q "
+                         f"[rows, {num_heads}, {head_dim}] {q.dtype}")
+    ok, reason = supports(q.dtype, num_heads, num_kv_heads, head_dim, block_size)
+    if not ok:
+        raise ValueError(f"{kernel}: {reason}")
+    return rows, num_heads, head_dim, block_size, num_kv_heads

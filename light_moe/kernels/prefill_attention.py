@@ -35,7 +35,7 @@ from cutlass.cute.nvgpu import cpasync, warp
 from cutlass.cute.runtime import make_ptr
 
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, paged_attention_shapes
 
 THREADS = 128  # 4 warps; each warp owns BM / 4 query rows of the tile
 BLOCK_N = 64  # keys per tile
@@ -443,20 +443,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
     max_query_len must be >= every q_len (it sizes the grid; rows of longer sequences would stay unwritten).
     Reads no device value on the host. block_m: query rows per CTA, 64 or 128."""
-    if q.dim() != 3 or not q.is_contiguous():
-        raise ValueError(f"q must be a contiguous [N, h, D] tensor, got {list(q.shape)}")
-    n_tokens, num_heads, head_dim = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or not k_cache.is_contiguous() \
-            or not v_cache.is_contiguous():
-        raise ValueError(f"k_cache and v_cache must be contiguous [blocks, block_size, g, D] tensors of one shape, "
-                         f"got {list(k_cache.shape)} and {list(v_cache.shape)}")
-    num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
-    ok, reason = supports(q.dtype, num_heads, num_kv_heads, head_dim, block_size)
-    if not ok:
-        raise ValueError(f"prefill attention kernel: {reason}")
-    if cache_dim != head_dim or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"cache [.., .., {num_kv_heads}, {cache_dim}] {k_cache.dtype} does not match q "
-                         f"[N, {num_heads}, {head_dim}] {q.dtype}")
+    n_tokens, num_heads, head_dim, block_size, num_kv_heads = paged_attention_shapes(
+        "prefill attention kernel", supports, q, k_cache, v_cache)
     if block_tables.dim() != 2:
         raise ValueError(f"block_tables must be [B, max_blocks], got {list(block_tables.shape)}")
     batch, max_blocks = block_tables.shape
@@ -484,7 +472,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         make_ptr(Int32, query_start.data_ptr(), gmem, assumed_align=4),
         make_ptr(Int32, ctx_lens.data_ptr(), gmem, assumed_align=4),
         make_ptr(BFloat16, out.data_ptr(), gmem, assumed_align=16),
-        Int32(n_tokens), Int32(batch), Int32(num_blocks), Int32(max_blocks),
+        Int32(n_tokens), Int32(batch), Int32(k_cache.shape[0]), Int32(max_blocks),
         Int32(math.ceil(max_query_len / block_m)), Float32(scale * LOG2_E),
         current_stream(),
     )
