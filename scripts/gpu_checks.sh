@@ -130,7 +130,7 @@ whole-tests)
     step whole_kernel_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_gpu.py \
         tests/kernels/test_prefill_attention_gpu.py tests/kernels/test_fused_norm_rope_gpu.py \
         tests/kernels/test_w4a16_linear_gpu.py -ra
-    step whole_engine_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_cute_engine_gpu.py \
+    step whole_engine_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_cute_ops_gpu.py tests/test_cute_engine_gpu.py \
         tests/test_fidelity_gpu.py -ra
     ;;
 whole-bench-4)
