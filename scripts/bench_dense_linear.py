@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +16,9 @@ import torch.nn.functional as F
 
 def graph_time_us(fn, calls: int = 50, replays: int = 7) -> float:
     """us per call of fn, from replays of one CUDA graph of `calls` calls (median over `replays`)."""
-    from light_moe.bench.timing import graph_replay
+    from light_moe.bench.timing import graph_replay, time_us
 
-    replay = graph_replay(lambda: [fn() for _ in range(calls)])
-    replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+    return time_us(graph_replay(lambda: [fn() for _ in range(calls)]), iters=replays, warmup=1) / calls
 
 
 def main() -> None:

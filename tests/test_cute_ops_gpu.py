@@ -79,23 +79,16 @@ def test_rope_and_attention_ops(cute, heads, kv_heads, head_dim, ctx):
         n = sum(new_per_seq)
         qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device=dev, dtype=dt, generator=gen)
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        positions, slots, query_pos, padded_index, starts = [], [], [], [], [0]
-        max_q = max(new_per_seq)
+        positions, slots = [], []
         for b, (c, m) in enumerate(zip(ctx, new_per_seq)):
-            pos = list(range(c - m, c))
-            positions += pos
-            slots += [tables[b][p // bs] * bs + p % bs for p in pos]
-            query_pos.append(pos + [-1] * (max_q - m))
-            padded_index += [b * max_q + i for i in range(m)]
-            starts.append(starts[-1] + m)
+            positions += range(c - m, c)
+            slots += [tables[b][p // bs] * bs + p % bs for p in range(c - m, c)]
 
         def t(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        meta = AttentionMetadata(
-            slot_mapping=t(slots), block_tables=t([tb + [0] * (width - len(tb)) for tb in tables], torch.int32),
-            ctx_lens=t(ctx, torch.int32), query_pos=t(query_pos), padded_index=t(padded_index), max_query_len=max_q,
-            max_ctx_len=max(ctx), query_start=t(starts, torch.int32))
+        meta = AttentionMetadata.for_lengths(ctx, new_per_seq, t([tb + [0] * (width - len(tb)) for tb in tables],
+                                                                 torch.int32), t(slots))
         k_ref, v_ref = k_cache.clone(), v_cache.clone()
         q_ref = ref.rope_write_kv(q, k, v, t(positions), rotary.cos, rotary.sin, k_ref, v_ref, meta.slot_mapping)
         q_got = cute.rope_write_kv(q, k, v, t(positions), rotary.cos, rotary.sin, k_cache, v_cache,

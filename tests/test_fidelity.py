@@ -32,17 +32,22 @@ def hf_greedy(path, prompts, device="cpu", dtype=torch.float32):
     return model, outs
 
 
-def test_greedy_tokens_match_transformers(checkpoint):
+def assert_greedy_matches_transformers(path) -> LightMoEEngine:
+    """Greedy tokens of the engine (float32, CPU) equal transformers' generate; returns the engine."""
     # a small token budget forces chunked prefill and mixes prefill chunks with decodes
-    engine = LightMoEEngine(checkpoint, dtype="float32", device="cpu", max_num_batched_tokens=16,
-                            show_progress=False)
+    engine = LightMoEEngine(path, dtype="float32", device="cpu", max_num_batched_tokens=16, show_progress=False)
     outputs = engine.generate_outputs(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
-    _, expected = hf_greedy(checkpoint, PROMPTS)
+    _, expected = hf_greedy(path, PROMPTS)
     for out, exp in zip(outputs, expected):
         assert out.token_ids == exp
         assert out.finish_reason == "length"
     assert engine.stats["max_batch_size"] > 1  # requests really shared steps
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    return engine
+
+
+def test_greedy_tokens_match_transformers(checkpoint):
+    assert_greedy_matches_transformers(checkpoint)
 
 
 def engine_prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
@@ -58,12 +63,17 @@ def engine_prefill_logits(engine, prompt: list[int]) -> torch.Tensor:
         engine.block_manager.free(request)
 
 
-def test_prefill_logits_match_transformers(checkpoint):
-    engine = LightMoEEngine(checkpoint, dtype="float32", device="cpu", show_progress=False)
-    hf_model, _ = hf_greedy(checkpoint, [])
+def assert_prefill_logits_match_transformers(path) -> None:
+    """The engine's prefill logits of one prompt within 1e-4 (relative L2) of transformers' (float32, CPU)."""
+    engine = LightMoEEngine(path, dtype="float32", device="cpu", show_progress=False)
+    hf_model, _ = hf_greedy(path, [])
     prompt = PROMPTS[3]
     with torch.no_grad():
         expected = hf_model(torch.tensor([prompt])).logits[0].float()
     logits = engine_prefill_logits(engine, prompt)
     rel = (logits - expected).norm() / expected.norm()
     assert rel < 1e-4, f"relative error {rel:.2e}"
+
+
+def test_prefill_logits_match_transformers(checkpoint):
+    assert_prefill_logits_match_transformers(checkpoint)

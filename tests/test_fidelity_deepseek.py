@@ -5,12 +5,12 @@ with correction bias), the absorbed decode path of MLA against the decompressing
 import pytest
 import torch
 
-from light_moe import LightMoEEngine, SamplingParams
+from light_moe import LightMoEEngine
 from light_moe.executor.model_runner import kv_block_bytes
 from light_moe.layers.mla import MLAttention
 from light_moe.ops.attention import AttentionMetadata, paged_mla_attention
 from light_moe.ops.backend import ReferenceOps
-from tests.test_fidelity import NEW_TOKENS, PROMPTS, engine_prefill_logits, hf_greedy
+from tests.test_fidelity import assert_greedy_matches_transformers, assert_prefill_logits_match_transformers, hf_greedy
 from tests.tiny_models import DEEPSEEK_FAMILIES, make_tiny_checkpoint
 
 
@@ -19,21 +19,8 @@ def checkpoint(request, tmp_path_factory):
     return make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def _greedy_matches(path):
-    # a small token budget forces chunked prefill and mixes prefill chunks with decodes
-    engine = LightMoEEngine(path, dtype="float32", device="cpu", max_num_batched_tokens=16, show_progress=False)
-    outputs = engine.generate_outputs(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
-    _, expected = hf_greedy(path, PROMPTS)
-    for out, exp in zip(outputs, expected):
-        assert out.token_ids == exp
-        assert out.finish_reason == "length"
-    assert engine.stats["max_batch_size"] > 1  # requests really shared steps
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
-    return engine
-
-
 def test_greedy_tokens_match_transformers(checkpoint):
-    engine = _greedy_matches(checkpoint)
+    engine = assert_greedy_matches_transformers(checkpoint)
     cfg = engine.model_config
     # the cache holds the latent and the rotary key only: one [blocks, block_size, L + R] tensor per layer
     assert all(len(layer) == 1 and layer[0].shape[-1] == cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
@@ -43,18 +30,11 @@ def test_greedy_tokens_match_transformers(checkpoint):
 
 
 def test_prefill_logits_match_transformers(checkpoint):
-    engine = LightMoEEngine(checkpoint, dtype="float32", device="cpu", show_progress=False)
-    hf_model, _ = hf_greedy(checkpoint, [])
-    prompt = PROMPTS[3]
-    with torch.no_grad():
-        expected = hf_model(torch.tensor([prompt])).logits[0].float()
-    logits = engine_prefill_logits(engine, prompt)
-    rel = (logits - expected).norm() / expected.norm()
-    assert rel < 1e-4, f"relative error {rel:.2e}"
+    assert_prefill_logits_match_transformers(checkpoint)
 
 
 def test_v3_without_rope_interleave_matches_transformers(tmp_path):
-    _greedy_matches(make_tiny_checkpoint("deepseek_v3", tmp_path, rope_interleave=False))
+    assert_greedy_matches_transformers(make_tiny_checkpoint("deepseek_v3", tmp_path, rope_interleave=False))
 
 
 def test_yarn_tables_and_softmax_scale_match_transformers(tmp_path):
@@ -110,15 +90,7 @@ def test_absorbed_decode_equals_decompressed_attention():
     q = torch.randn(3, heads, nope + rope)
 
     def meta(query_lens):
-        batch, max_q = len(ctx_lens), max(query_lens)
-        query_pos = torch.full((batch, max_q), -1)
-        padded = []
-        for b, (c, n) in enumerate(zip(ctx_lens, query_lens)):
-            query_pos[b, :n] = torch.arange(c - n, c)
-            padded += range(b * max_q, b * max_q + n)
-        return AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), block_tables=tables,
-                                 ctx_lens=torch.tensor(ctx_lens, dtype=torch.int32), query_pos=query_pos,
-                                 padded_index=torch.tensor(padded), max_query_len=max_q, max_ctx_len=max(ctx_lens))
+        return AttentionMetadata.for_lengths(ctx_lens, query_lens, tables)
 
     decode = paged_mla_attention(q, cache, kv_b, meta([1, 1, 1]), 0.3)  # absorbed
     # the same last rows through the decompressing path: a step with two query rows for the middle sequence

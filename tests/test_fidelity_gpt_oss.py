@@ -20,15 +20,7 @@ def test_sinks_and_sliding_window_match_transformers(window):
     sinks = torch.randn(heads)
     k_cache, v_cache = torch.randn(12, block_size, kv_heads, dim), torch.randn(12, block_size, kv_heads, dim)
     tables = torch.tensor([[4, 9, 0], [1, 2, 7], [11, 0, 0]], dtype=torch.int32)
-    batch, max_q = len(ctx_lens), max(q_lens)
-    query_pos = torch.full((batch, max_q), -1)
-    padded = []
-    for b, (c, n) in enumerate(zip(ctx_lens, q_lens)):
-        query_pos[b, :n] = torch.arange(c - n, c)
-        padded += range(b * max_q, b * max_q + n)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), block_tables=tables,
-                             ctx_lens=torch.tensor(ctx_lens, dtype=torch.int32), query_pos=query_pos,
-                             padded_index=torch.tensor(padded), max_query_len=max_q, max_ctx_len=max(ctx_lens))
+    meta = AttentionMetadata.for_lengths(ctx_lens, q_lens, tables)
     q = torch.randn(sum(q_lens), heads, dim)
     got = ReferenceOps().attention(q, k_cache, v_cache, meta, scale, sinks=sinks, sliding_window=window)
 

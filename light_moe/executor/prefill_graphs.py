@@ -126,16 +126,9 @@ class PrefillGraphs:
     # ---- capture -------------------------------------------------------------------------------------------
     def _padding_meta(self, bucket: _Bucket) -> AttentionMetadata:
         """One sequence of Tb tokens living in the scratch block: the metadata of the warm-up step."""
-        tokens, device = bucket.tokens, self.device
-        blocks = -(-tokens // self.block_size)
-        return AttentionMetadata(
-            slot_mapping=bucket.slots,
-            block_tables=torch.full((1, blocks), self.scratch_block, dtype=torch.int32, device=device),
-            ctx_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
-            query_pos=torch.arange(tokens, device=device).view(1, tokens),
-            padded_index=torch.arange(tokens, device=device),
-            max_query_len=tokens, max_ctx_len=tokens,
-            query_start=torch.tensor([0, tokens], dtype=torch.int32, device=device))
+        tokens, blocks = bucket.tokens, -(-bucket.tokens // self.block_size)
+        tables = torch.full((1, blocks), self.scratch_block, dtype=torch.int32, device=self.device)
+        return AttentionMetadata.for_lengths([tokens], [tokens], tables, bucket.slots)
 
     def _capture(self, tokens: int) -> _Bucket:
         bucket = _Bucket(tokens, self.scratch_block * self.block_size, self.device)

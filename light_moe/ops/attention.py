@@ -29,6 +29,27 @@ class AttentionMetadata:
     max_ctx_len: int
     query_start: torch.Tensor | None = None  # [B + 1] int32: first token of each sequence in the N rows
 
+    @classmethod
+    def for_lengths(cls, ctx_lens: list[int], query_lens: list[int], block_tables: torch.Tensor,
+                    slot_mapping: torch.Tensor | None = None) -> AttentionMetadata:
+        """The metadata of sequences with these context and query lengths (each sequence's queries are its last
+        query_lens[b] positions) over `block_tables` [B, max_blocks] int32: for tests and warm-up steps; the
+        runner builds a step's metadata itself (executor/model_runner.py prepare)."""
+        device = block_tables.device
+        batch, max_q = len(ctx_lens), max(query_lens)
+        query_pos, padded, starts = [], [], [0]
+        for b, (c, n) in enumerate(zip(ctx_lens, query_lens)):
+            query_pos += list(range(c - n, c)) + [-1] * (max_q - n)
+            padded += range(b * max_q, b * max_q + n)
+            starts.append(starts[-1] + n)
+        if slot_mapping is None:
+            slot_mapping = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(slot_mapping=slot_mapping, block_tables=block_tables,
+                   ctx_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+                   query_pos=torch.tensor(query_pos, device=device).view(batch, max_q),
+                   padded_index=torch.tensor(padded, dtype=torch.long, device=device), max_query_len=max_q,
+                   max_ctx_len=max(ctx_lens), query_start=torch.tensor(starts, dtype=torch.int32, device=device))
+
     @cached_property
     def attn_mask(self) -> torch.Tensor:
         """[B, 1, Q, C] bool, derived once per step (on first use) rather than in every layer's attention;
