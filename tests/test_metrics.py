@@ -83,6 +83,9 @@ def test_latency_histograms_and_prefix_cache_counters(ckpt):
     assert hits > 0 and hits % 8 == 0 and hits >= 4 * 8 * 3
     assert _metric(after, "light_moe_prefix_cache_hit_rate") == pytest.approx(hits / queries)
     assert _metric(after, "light_moe_preemptions_total") == 0
+    # usage.prompt_tokens_details.cached_tokens (streamed and not): each request's share of those hits
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert cached[0] == 0 and all(c > 0 and c % 8 == 0 for c in cached[1:]) and sum(cached) == hits
 
 
 def test_preemptions_are_counted_and_prefix_caching_can_be_off(ckpt):

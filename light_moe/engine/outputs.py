@@ -17,3 +17,4 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: list[float] | None = None  # of each generated token, when asked for
     metrics: dict = field(default_factory=dict)  # arrival / first_token / finish times (monotonic s)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details)

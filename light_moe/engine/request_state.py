@@ -112,7 +112,8 @@ class RequestState:
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids), text=text,
             token_ids=token_ids, delta_text=delta_text, delta_token_ids=delta_ids,
             finished=finish_reason is not None, finish_reason=finish_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs), metrics=metrics)
+            logprobs=None if self.logprobs is None else list(self.logprobs), metrics=metrics,
+            num_cached_tokens=req.num_cached_tokens)
 
     def final_output(self, reason: str) -> RequestOutput:
         self._detokenize()
@@ -130,4 +131,4 @@ class RequestState:
             logprobs=None if self.logprobs is None else self.logprobs[:self.emitted_tokens],
             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                      "finish_time": time.monotonic()},
-            error=f"{type(exc).__name__}: {exc}")
+            num_cached_tokens=req.num_cached_tokens, error=f"{type(exc).__name__}: {exc}")

@@ -355,9 +355,11 @@ def _sse(state: ServerState, stream: RequestStream, chunks) -> _SSEResponse:
 
 
 # ---- response bodies ----------------------------------------------------------------------------
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    # cached_tokens: prompt tokens served from the prefix cache, where OpenAI reports them
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _token_strings(state: ServerState, token_ids: list[int]) -> list[str]:
@@ -392,12 +394,13 @@ class _CompletionView:
     def response(self, final: RequestOutput) -> dict:
         choice = {"index": 0, "text": final.text, "logprobs": self._logprobs(final.token_ids, final.logprobs),
                   "finish_reason": final.finish_reason}
-        return self._body([choice], _usage(self.prompt_tokens, len(final.token_ids)))
+        return self._body([choice], _usage(self.prompt_tokens, len(final.token_ids), final.num_cached_tokens))
 
     async def chunks(self, stream: RequestStream, include_usage: bool):
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         async for output in stream:
             completion_tokens = len(output.token_ids) or completion_tokens + len(output.delta_token_ids)
+            cached_tokens = output.num_cached_tokens
             wants_logprobs = self.logprobs is not None and output.delta_token_ids
             if output.delta_text or output.finished or wants_logprobs:
                 choice = {"index": 0, "text": output.delta_text,
@@ -405,7 +408,7 @@ class _CompletionView:
                           "finish_reason": output.finish_reason}
                 yield self._body([choice], None)
         if include_usage:
-            yield self._body([], _usage(self.prompt_tokens, completion_tokens))
+            yield self._body([], _usage(self.prompt_tokens, completion_tokens, cached_tokens))
 
 
 class _ChatView:
@@ -438,13 +441,15 @@ class _ChatView:
         choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
                   "logprobs": self._logprobs(final.token_ids, final.logprobs), "finish_reason": final.finish_reason}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.state.model_name,
-                "choices": [choice], "usage": _usage(self.prompt_tokens, len(final.token_ids))}
+                "choices": [choice],
+                "usage": _usage(self.prompt_tokens, len(final.token_ids), final.num_cached_tokens)}
 
     async def chunks(self, stream: RequestStream, include_usage: bool):
         yield self._chunk({"role": "assistant", "content": ""})
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         async for output in stream:
             completion_tokens = len(output.token_ids) or completion_tokens + len(output.delta_token_ids)
+            cached_tokens = output.num_cached_tokens
             wants_logprobs = self.logprobs and output.delta_token_ids
             if output.delta_text or output.finished or wants_logprobs:
                 delta = {"content": output.delta_text} if output.delta_text or not output.finished else {}
@@ -453,7 +458,7 @@ class _ChatView:
         if include_usage:
             usage_chunk = self._chunk({})
             usage_chunk["choices"] = []
-            usage_chunk["usage"] = _usage(self.prompt_tokens, completion_tokens)
+            usage_chunk["usage"] = _usage(self.prompt_tokens, completion_tokens, cached_tokens)
             yield usage_chunk
 
 

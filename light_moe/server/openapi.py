@@ -34,7 +34,9 @@ _ROUTE_ERRORS = {
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _FINISH_REASON = {"type": ["string", "null"], "enum": ["stop", "length", "abort", "capacity", None]}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-          "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+          "properties": {**{k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+                         "prompt_tokens_details": {"type": "object", "required": ["cached_tokens"],
+                                                   "properties": {"cached_tokens": {"type": "integer"}}}}}
 
 
 def _object(required: list[str], **properties) -> dict:
