@@ -140,6 +140,30 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class ExpertConfig:
+    """The routed experts' FFN beyond the default (ModelConfig.experts None: act = SiLU(gate) * up, no biases),
+    passed explicitly to the ops (MoEOps.experts spec=). gpt-oss: biases on the gate/up and the down projection
+    (bias), and a clamped SwiGLU (activation "clamped_swiglu"): gate clamped above at `limit`, up clamped to
+    [-limit, limit], act = gate * sigmoid(alpha * gate) * (up + 1). w13 keeps the canonical [gate rows; up rows]
+    order for every family (gpt-oss's interleaved gate/up columns are split at load)."""
+
+    activation: str = "silu"  # "silu" | "clamped_swiglu"
+    alpha: float = 1.0
+    limit: float | None = None
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activation not in ("silu", "clamped_swiglu"):
+            raise ValueError(f"expert activation must be silu|clamped_swiglu, got {self.activation!r}")
+        checked_float(self.alpha, "swiglu_alpha", positive=True)
+        if self.limit is not None:
+            checked_float(self.limit, "swiglu_limit", positive=True)
+        if self.activation == "clamped_swiglu" and self.limit is None:
+            raise ValueError("the clamped SwiGLU needs swiglu_limit")
+        checked_bool(self.bias, "expert bias")
+
+
+@dataclass(frozen=True)
 class YarnScaling:
     """YaRN rotary scaling (rope_scaling / rope_parameters with type yarn), as transformers computes it:
     layers/mla.py YarnRotaryEmbedding. None fields take transformers' defaults."""
@@ -225,6 +249,13 @@ class ModelConfig:
     router: RouterConfig | None = None  # None: softmax -> top-k (-> renormalise), no bias
     rope_scaling: YarnScaling | None = None  # None: default RoPE
     mla: MLAConfig | None = None  # multi-head latent attention instead of q/k/v heads (DeepSeek)
+    experts: ExpertConfig | None = None  # None: SiLU(gate) * up experts without biases
+    o_proj_bias: bool = False
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax denominator
+    # gpt-oss: these layers attend over the last layer_window positions only; the others over the whole context
+    # (unlike sliding_window above, which bounds the context of the whole model)
+    sliding_window_layers: tuple[int, ...] = ()
+    layer_window: int | None = None
     # moe_layers as a set, so that is_moe_layer and the checks below are O(1) per layer
     _moe_layer_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
@@ -237,7 +268,8 @@ class ModelConfig:
         checked_float(self.rope_theta, "rope_theta", positive=True)
         if self.clip_qkv is not None:
             checked_float(self.clip_qkv, "clip_qkv", positive=True)
-        for name in ("norm_topk_prob", "shared_expert_gate", "qkv_bias", "tie_word_embeddings"):
+        for name in ("norm_topk_prob", "shared_expert_gate", "qkv_bias", "tie_word_embeddings", "o_proj_bias",
+                     "attention_sinks"):
             checked_bool(getattr(self, name), name)
         if self.sliding_window is not None:
             checked_int(self.sliding_window, "sliding_window", minimum=1)
@@ -255,6 +287,7 @@ class ModelConfig:
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ValueError(f"qk_norm must be none|per_head|full, got {self.qk_norm!r}")
         self._check_moe_layers()
+        self._check_sliding_window_layers()
         params = self.parameter_count()
         if params > MAX_PARAMETERS:
             raise ValueError(f"config.json describes a model of about {params:.3g} parameters, above the supported "
@@ -273,6 +306,23 @@ class ModelConfig:
         if len(layers) < self.num_layers and self.intermediate_size <= 0:
             dense_layers = [i for i in range(self.num_layers) if i not in self._moe_layer_set]
             raise ValueError(f"layers {dense_layers} are dense but intermediate_size is {self.intermediate_size}")
+
+    def _check_sliding_window_layers(self) -> None:
+        layers = self.sliding_window_layers
+        if not isinstance(layers, tuple):
+            raise ValueError(f"sliding_window_layers must be a tuple of layer indices, got {type(layers).__name__}")
+        for i in layers:
+            checked_int(i, "sliding_window_layers entry", 0, self.num_layers - 1)
+        if any(a >= b for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"sliding_window_layers must be ascending without repeats, got {list(layers)}")
+        if layers and self.layer_window is None:
+            raise ValueError(f"layers {list(layers)} use sliding-window attention but layer_window is not set")
+        if self.layer_window is not None:
+            checked_int(self.layer_window, "sliding_window (per-layer window)", minimum=1)
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`'s attention, None for attention over the whole context."""
+        return self.layer_window if layer in self.sliding_window_layers else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self._moe_layer_set

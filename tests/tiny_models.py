@@ -86,18 +86,43 @@ DEEPSEEK_FAMILIES = {
 }
 
 
+# gpt-oss (sinks, alternating sliding-window / full layers, biased router and experts, clamped SwiGLU, YaRN):
+# tested in tests/test_fidelity_gpt_oss.py. A window of 8 that every test prompt but the shortest crosses;
+# swiglu_limit 1.0 so the clamp binds on these small activations (7.0, the released value, never would);
+# expert widths multiples of 32, as MXFP4 groups them.
+GPT_OSS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+               swiglu_limit=1.0, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+               tie_word_embeddings=False,
+               rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                    truncate=False, original_max_position_embeddings=64))
+
+
+def _gpt_oss_config(**overrides):
+    from transformers import GptOssConfig
+
+    return GptOssConfig(**{**GPT_OSS, **overrides})
+
+
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     """Random weights (scaled up so routing and logits are not all near-ties)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = _deepseek_config(family, **overrides) if family in DEEPSEEK_FAMILIES else _config(family, **overrides)
+    if family == "gpt_oss":
+        cfg = _gpt_oss_config(**overrides)
+    else:
+        cfg = _deepseek_config(family, **overrides) if family in DEEPSEEK_FAMILIES else _config(family, **overrides)
     cfg.initializer_range = 0.08
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros at init: make the choice depend on it
                 buffer.uniform_(-0.1, 0.1)
+        if family == "gpt_oss":  # expert and projection biases are zeros at init: make them matter
+            for name, param in model.named_parameters():
+                if name.endswith(("bias", "sinks")):
+                    param.uniform_(-0.5, 0.5)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_tokenizer(out)

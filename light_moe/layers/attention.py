@@ -1,8 +1,9 @@
 """Self-attention of the supported families: one fused q/k/v projection (optional bias; the loader
 stacks the checkpoints' q_proj / k_proj / v_proj rows into qkv_proj), optional q/k RMSNorm (per head
 for Qwen3-MoE, over all heads for OLMoE), optional clipping (OLMoE clip_qkv), RoPE fused with the
-paged KV-cache write, attention over the paged cache, output projection. The rotary, cache write and
-attention run on the ops backend (ops/backend.py: the reference, or the CuTe kernels on sm_90a).
+paged KV-cache write, attention over the paged cache, output projection (optional bias). gpt-oss adds a learned
+per-head sink logit to every softmax denominator (sinks) and, on some layers, a sliding window. The rotary,
+cache write and attention run on the ops backend (ops/backend.py: the reference, or the CuTe kernels on sm_90a).
 
 Shape legend: N tokens in the step, h heads, g KV heads, D head_dim, H hidden.
 """
@@ -16,15 +17,18 @@ from light_moe.layers.linear import QuantizedLinear
 from light_moe.layers.norm import RMSNorm
 from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.ops.attention import AttentionMetadata, causal_attention
+from light_moe.ops.reference import causal_attention_sinks
 
 
 class Attention(nn.Module):
     # checkpoint tensors whose rows stack into qkv_proj, in this order (models/base.py stacked_params)
     qkv_parts = ("q_proj", "k_proj", "v_proj")
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, ops, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, ops, dtype=None, device=None,
+                 sliding_window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = sliding_window  # this layer's window (cfg.attention_window), None: the whole context
         self.scale = cfg.head_dim ** -0.5
         self.clip_qkv = cfg.clip_qkv
         self.qk_norm = cfg.qk_norm
@@ -34,7 +38,9 @@ class Attention(nn.Module):
         kw = dict(dtype=dtype, device=device)
         # one GEMM instead of three: at decode each is a weight-streaming GEMV with its own split-K reduction
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias, **kw)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False, **kw)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias, **kw)
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads, **kw), requires_grad=False) if cfg.attention_sinks \
+            else None
         if cfg.qk_norm == "per_head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops=ops, **kw)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops=ops, **kw)
@@ -60,11 +66,24 @@ class Attention(nn.Module):
         if self.qk_norm == "per_head":
             q = self.q_norm(q.reshape(n * heads, dim)).view(n, heads * dim)
             k = self.k_norm(k.reshape(n * kv_heads, dim)).view(n, kv_heads * dim)
+        variant = self._attention_variant()
         if kv_cache is None:  # memory profiling: one sequence, no cache
             q, k = self.rotary(positions, q.reshape(n, heads, dim), k.reshape(n, kv_heads, dim))
-            out = causal_attention(q, k, v.reshape(n, kv_heads, dim), self.scale)
+            if variant:
+                out = causal_attention_sinks(q, k, v.reshape(n, kv_heads, dim), self.scale, **variant)
+            else:
+                out = causal_attention(q, k, v.reshape(n, kv_heads, dim), self.scale)
         else:
             q = self.ops.rope_write_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin, kv_cache[0],
                                        kv_cache[1], meta.slot_mapping)  # [N, h, D]
-            out = self.ops.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [N, h, D]
+            out = self.ops.attention(q, kv_cache[0], kv_cache[1], meta, self.scale, **variant)  # [N, h, D]
         return self.o_proj(out.reshape(n, heads * dim))
+
+    def _attention_variant(self) -> dict:
+        """The ops' attention-variant arguments (gpt-oss's sinks and window; none for plain causal attention)."""
+        variant = {}
+        if self.sinks is not None:
+            variant["sinks"] = self.sinks
+        if self.sliding_window is not None:
+            variant["sliding_window"] = self.sliding_window
+        return variant

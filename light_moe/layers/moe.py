@@ -1,7 +1,8 @@
 """The MoE block: router -> dispatch -> grouped expert FFN (SwiGLU) -> combine, plus the optional
 shared expert of Qwen2-MoE (scaled by sigmoid(x @ shared_expert_gate)) or DeepSeek (ungated; n_shared_experts
 of them are one SwiGLU of n_shared_experts x the expert width). The router's variant (DeepSeek's grouped /
-sigmoid routing, gpt-oss's gate bias) is the model config's RouterConfig, passed to the ops.
+sigmoid routing, gpt-oss's gate bias) is the model config's RouterConfig, the experts' variant (gpt-oss's biases
+and clamped SwiGLU) its ExpertConfig, both passed to the ops.
 
 Shape legend: T tokens, E experts, K top-k, H hidden, I expert intermediate.
 The expert math is delegated to an MoEOps backend (light_moe/ops), chosen once by the engine and
@@ -37,6 +38,25 @@ class FusedExperts(nn.Module):
         """Free the canonical copy once a backend holds its own layout (see MoEBlock.prepare)."""
         self.w13.data = self.w13.data.new_empty(0)
         self.w2.data = self.w2.data.new_empty(0)
+
+
+class ExpertBiases(nn.Module):
+    """Per-expert biases of the two expert GEMMs (gpt-oss): b13 [E, 2I] in w13's row order (gate, then up), b2
+    [E, H]. Every rank holds all E experts' biases (they are small), so expert parallelism and rebalancing
+    move only w13 / w2; MoEBlock.prepare picks the rows of the experts the block holds."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, **kw), requires_grad=False)
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **kw), requires_grad=False)
+
+    def of(self, expert_ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b13, b2) rows of `expert_ids` (global ids, in the order a block holds their weights)."""
+        if expert_ids == tuple(range(self.b13.shape[0])):
+            return self.b13.data, self.b2.data
+        index = torch.tensor(expert_ids, dtype=torch.long, device=self.b13.device)
+        return self.b13.data.index_select(0, index), self.b2.data.index_select(0, index)
 
 
 class QuantizedFusedExperts(nn.Module):
@@ -105,6 +125,12 @@ class MoEBlock(nn.Module):
             self.gate.e_score_correction_bias = nn.Parameter(
                 torch.zeros(cfg.num_experts, dtype=torch.float32, device=device), requires_grad=False)
         self.experts = FusedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
+        self.expert_spec = cfg.experts  # config.ExpertConfig of gpt-oss's experts, or None
+        self.expert_biases = None
+        if cfg.experts is not None and cfg.experts.bias:
+            self.expert_biases = ExpertBiases(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype,
+                                              device)
+        self.local_biases: tuple[torch.Tensor, torch.Tensor] | None = None  # prepare(): the held experts' rows
         self.shared_expert = None
         self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size > 0:
@@ -155,7 +181,10 @@ class MoEBlock(nn.Module):
         which would otherwise double the expert memory. Under expert parallelism it is kept:
         rebalancing moves canonical weights between ranks and prepares them again."""
         weights = self.experts.weights()
-        self.prepared = self.ops.prepare_expert_weights(*weights)
+        spec = {} if self.expert_spec is None else dict(spec=self.expert_spec)
+        self.prepared = self.ops.prepare_expert_weights(*weights, **spec)
+        if self.expert_biases is not None:
+            self.local_biases = self.expert_biases.of(self.local_expert_ids)
         self.canonical_released = isinstance(self.dispatcher, LocalDispatcher) and self.prepared[0] is not weights[0]
         if self.canonical_released:
             self.experts.release()
@@ -164,9 +193,10 @@ class MoEBlock(nn.Module):
     def graph_safe(self) -> bool:
         """Whether this layer may be captured in a CUDA graph (no host sync on its path)."""
         w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
-        if self.router_spec is None:
-            return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2)
-        return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2, spec=self.router_spec)
+        variants = {} if self.router_spec is None else dict(spec=self.router_spec)
+        if self.expert_spec is not None:
+            variants["expert_spec"] = self.expert_spec
+        return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2, **variants)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
         w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
@@ -177,17 +207,18 @@ class MoEBlock(nn.Module):
         topk_weights, topk_ids, _, metadata = self.ops.route(
             x, self.gate.weight, self.top_k, self.renormalize, self.last_tokens_per_expert,
             **self._router_variant())  # [T, K] fp32, int32
+        variant = self._expert_variant()
         if self.overlap is not None:  # two micro-batches; the shared expert runs during the exchange
             out, shared = self.overlap.forward(
                 x, topk_weights, topk_ids, lambda r: self.ops.experts(r.x, r.topk_weights, r.topk_ids, w13, w2,
-                                                                   padded=r.padded),
+                                                                   padded=r.padded, **variant),
                 self._shared if self.shared_expert is not None else None)
             return out if shared is None else out + shared
         routed = self.dispatcher.dispatch(x, topk_weights, topk_ids)  # rows for the local experts
         # the router's metadata (if any) describes these rows only when dispatch kept them as they were
         kept = routed.topk_ids is topk_ids and not routed.padded
         y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded,
-                             metadata=metadata if kept else None)
+                             metadata=metadata if kept else None, **variant)
         out = self.dispatcher.combine(y, routed)  # [T, H]
         if self.shared_expert is not None:
             out = out + self._shared(x)
@@ -199,6 +230,15 @@ class MoEBlock(nn.Module):
             return {}
         return dict(spec=self.router_spec, correction_bias=getattr(self.gate, "e_score_correction_bias", None),
                     gate_bias=self.gate.bias)
+
+    def _expert_variant(self) -> dict:
+        """The ops' expert-variant arguments (none for SiLU * up experts without biases)."""
+        if self.expert_spec is None and self.expert_biases is None:
+            return {}
+        biases = self.local_biases
+        if biases is None and self.expert_biases is not None:  # not prepared yet
+            biases = self.expert_biases.of(self.local_expert_ids)
+        return dict(spec=self.expert_spec, biases=biases)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_expert(x)

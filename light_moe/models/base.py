@@ -29,8 +29,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ops: MoEOps, dtype, device):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
-        attention = Attention if cfg.mla is None else MLAttention
-        self.self_attn = attention(cfg, rotary, ops, dtype, device)
+        if cfg.mla is None:
+            self.self_attn = Attention(cfg, rotary, ops, dtype, device, sliding_window=cfg.attention_window(layer))
+        else:
+            self.self_attn = MLAttention(cfg, rotary, ops, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
@@ -126,6 +128,16 @@ class MoECausalLM(nn.Module):
         """Name in checkpoints that already store stacked experts (transformers 5 layout)."""
         prefix = param_name.rsplit(".experts.", 1)[0].replace(".mlp", f".{self.moe_module_name}")
         return prefix + (".experts.gate_up_proj" if param_name.endswith("w13") else ".experts.down_proj")
+
+    def checkpoint_shape(self, param_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the checkpoint tensor that parameter `param_name` (of `shape`; stacked experts: all of them) is
+        read from: the same unless the family stores it in another layout (from_checkpoint converts it)."""
+        return tuple(shape)
+
+    def from_checkpoint(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor (stacked experts: the rows of the experts this rank holds) in the layout of
+        parameter `param_name`; the identity unless the family stores it differently."""
+        return tensor
 
     def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[tuple[int, ...], ...]]:
         """Per layer, the shapes of its paged cache tensors (ModelRunner allocates them, in the model dtype, and

@@ -3,7 +3,9 @@
 Only safetensors are read (never pickle): model.safetensors, or the shards listed in
 model.safetensors.index.json. Per-expert checkpoint tensors are stacked into the fused
 mlp.experts.w13 [E, 2I, H] / w2 [E, H, I] parameters; checkpoints that already store stacked
-experts (gate_up_proj / down_proj) load directly. Every missing or misshapen tensor is reported
+experts (gate_up_proj / down_proj) load directly, in the family's layout (MoECausalLM.from_checkpoint:
+gpt-oss's [E, K, N] with interleaved gate/up), and MXFP4 ones (<name>_blocks / _scales, OpenAI's gpt-oss
+release) are dequantised to the model dtype (quant/mxfp4.py). Every missing or misshapen tensor is reported
 by name together with the file it was looked for in.
 
 W4A16 (docs/quantization.md): with a scheme, or a GPTQ / AWQ checkpoint, the routed experts of
@@ -33,6 +35,7 @@ from light_moe.models.generation_config import read_generation_config
 from light_moe.models.registry import resolve_architecture
 from light_moe.models.validation import expert_prefixes, index_shards, validate_checkpoint
 from light_moe.ops.backend import MoEOps
+from light_moe.quant import mxfp4
 from light_moe.quant.checkpoint import (
     CheckpointFormat,
     dequantize_linear,
@@ -132,9 +135,17 @@ def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: tor
         # with expert parallelism the block holds only its rank's experts (global ids, ascending)
         expert_ids = model.get_submodule(name.rsplit(".experts.", 1)[0]).local_expert_ids
         fused = model.fused_expert_checkpoint_name(name)
+        full_shape = model.checkpoint_shape(name, (model.config.num_experts, *shape[1:]))
         if fused in ckpt:
-            stacked = _checked(fused, ckpt.get(fused), (model.config.num_experts, *shape[1:]), where)
-            return stacked if len(expert_ids) == stacked.shape[0] else stacked[list(expert_ids)]
+            stacked = _checked(fused, ckpt.get(fused), full_shape, where)
+            stacked = stacked if len(expert_ids) == stacked.shape[0] else stacked[list(expert_ids)]
+            return model.from_checkpoint(name, stacked)
+        if fused + mxfp4.BLOCKS_SUFFIX in ckpt:  # dequantised at load (quant/mxfp4.py)
+            blocks_shape, scales_shape = mxfp4.checkpoint_shapes(full_shape)
+            rows = list(expert_ids)
+            blocks = _checked(fused + mxfp4.BLOCKS_SUFFIX, ckpt.get(fused + mxfp4.BLOCKS_SUFFIX), blocks_shape, where)
+            scales = _checked(fused + mxfp4.SCALES_SUFFIX, ckpt.get(fused + mxfp4.SCALES_SUFFIX), scales_shape, where)
+            return model.from_checkpoint(name, mxfp4.dequantize(blocks[rows], scales[rows], dtype or torch.float32))
         per_expert = []
         for e in expert_ids:
             parts = []
@@ -151,7 +162,8 @@ def _read_param(ckpt: CheckpointIndex, model: MoECausalLM, name: str, shape: tor
         if sum(rows for _, rows in parts) != shape[0]:
             raise ValueError(f"{name}: parts {parts} do not add up to {shape[0]} rows")
         return torch.cat([_read_linear(ckpt, part, (rows, *shape[1:]), quant, dtype) for part, rows in parts])
-    return _read_linear(ckpt, model.checkpoint_name(name), shape, quant, dtype)
+    tensor = _read_linear(ckpt, model.checkpoint_name(name), model.checkpoint_shape(name, shape), quant, dtype)
+    return model.from_checkpoint(name, tensor)
 
 
 def _read_linear(ckpt: CheckpointIndex, ckpt_name: str, shape, quant: CheckpointFormat | None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from light_moe.models.base import MoECausalLM
 from light_moe.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from light_moe.models.gpt_oss import GptOssForCausalLM
 from light_moe.models.mixtral import MixtralForCausalLM
 from light_moe.models.olmoe import OlmoeForCausalLM
 from light_moe.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -15,6 +16,7 @@ MODEL_REGISTRY: dict[str, type[MoECausalLM]] = {
     "OlmoeForCausalLM": OlmoeForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 

@@ -10,8 +10,9 @@ model.safetensors.index.json to the model directory.
 
 The tensor names and shapes mirror the loader's read path (loader._read_param,
 _load_quantized_experts, _load_quantized_attention): a parameter, a stacked one (qkv_proj from
-q/k/v_proj rows), float experts per expert or already stacked, GPTQ / AWQ linears and experts
-(their readers list their tensors), W4A16 layers (buffers, not parameters) by their sources.
+q/k/v_proj rows), float experts per expert or already stacked (or stacked MXFP4 blocks and scales),
+GPTQ / AWQ linears and experts (their readers list their tensors), W4A16 layers (buffers, not
+parameters) by their sources.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from light_moe.config import read_json_object
 from light_moe.layers.linear import QuantizedLinear
 from light_moe.layers.moe import QuantizedFusedExperts
 from light_moe.models.base import MoECausalLM
+from light_moe.quant import mxfp4
 from light_moe.quant.checkpoint import CheckpointFormat
 
 # float parameters (the loader casts them to the model dtype); safetensors' dtype names
@@ -84,13 +86,24 @@ def check_quantized_linear(ckpt, quant: CheckpointFormat, prefix: str, out_featu
 
 
 def _check_float_experts(model: MoECausalLM, ckpt, name: str, shape: tuple[int, int, int]) -> None:
-    """experts.w13 [E, 2I, H] / w2 [E, H, I]: stacked (gate_up_proj / down_proj over all experts)
-    or per expert, each part ([I, H] gate and up, [H, I] down) of this rank's experts."""
+    """experts.w13 [E, 2I, H] / w2 [E, H, I]: stacked (gate_up_proj / down_proj over all experts, in the family's
+    layout: model.checkpoint_shape), its MXFP4 blocks and scales (uint8, quant/mxfp4.py), or per expert, each
+    part ([I, H] gate and up, [H, I] down) of this rank's experts."""
     fused = model.fused_expert_checkpoint_name(name)
+    full_shape = model.checkpoint_shape(name, (model.config.num_experts, *shape[1:]))
     if fused in ckpt:
-        check_tensor(ckpt, fused, (model.config.num_experts, *shape[1:]), FLOAT_DTYPES)
+        check_tensor(ckpt, fused, full_shape, FLOAT_DTYPES)
         return
-    for expert in model.get_submodule(name.rsplit(".experts.", 1)[0]).local_expert_ids:
+    if fused + mxfp4.BLOCKS_SUFFIX in ckpt or fused + mxfp4.SCALES_SUFFIX in ckpt:
+        for suffix, mx_shape in zip((mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX), mxfp4.checkpoint_shapes(full_shape)):
+            check_tensor(ckpt, fused + suffix, mx_shape, ("U8",), role=f"MXFP4 {suffix.lstrip('_')}")
+        return
+    experts = model.get_submodule(name.rsplit(".experts.", 1)[0]).local_expert_ids
+    first = model.expert_checkpoint_names(name, experts[0])[0]
+    if first not in ckpt:  # name every layout the loader would take
+        raise ValueError(f"checkpoint tensor {fused} is missing, and so are its MXFP4 {fused}{mxfp4.BLOCKS_SUFFIX} / "
+                         f"{mxfp4.SCALES_SUFFIX} and per-expert tensors such as {first} (looked in {ckpt.describe()})")
+    for expert in experts:
         parts = model.expert_checkpoint_names(name, expert)
         for part in parts:
             check_tensor(ckpt, part, (shape[1] // len(parts), shape[2]), FLOAT_DTYPES)
@@ -123,13 +136,15 @@ def _check_linear(model: MoECausalLM, ckpt, quant: CheckpointFormat | None, name
                   shape: tuple[int, ...]) -> None:
     """A non-expert weight or bias: its checkpoint tensor, or the parts stacked into it (qkv_proj), each
     float or, where only its .qweight is there, a GPTQ / AWQ linear (as loader._read_param reads them)."""
-    parts = model.stacked_checkpoint_names(name) or [(model.checkpoint_name(name), shape[0])]
+    stacked = model.stacked_checkpoint_names(name)
+    parts = stacked or [(model.checkpoint_name(name), model.checkpoint_shape(name, shape)[0])]
     for ckpt_name, rows in parts:
         prefix = ckpt_name.removesuffix(".weight")
         if quant is not None and ckpt_name not in ckpt and f"{prefix}.qweight" in ckpt:
             check_quantized_linear(ckpt, quant, prefix, rows, shape[1])
         else:
-            check_tensor(ckpt, ckpt_name, (rows, *shape[1:]), FLOAT_DTYPES)
+            expected = (rows, *shape[1:]) if stacked else model.checkpoint_shape(name, shape)
+            check_tensor(ckpt, ckpt_name, expected, FLOAT_DTYPES)
 
 
 def validate_checkpoint(model: MoECausalLM, ckpt, quant: CheckpointFormat | None) -> None:

@@ -22,14 +22,19 @@ class MoEOps:
 
     name = "reference"
 
-    def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor,
+                               spec=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' weights in this backend's layout, once after loading. spec: the layer's
+        config.ExpertConfig (None: the default experts); a backend keeps the canonical layout where its
+        kernels cannot run that spec."""
         return w13, w2
 
     def graph_safe(self, gate_weight: torch.Tensor, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
-                   spec=None) -> bool:
+                   spec=None, expert_spec=None) -> bool:
         """True when every op of this layer (its dtype and shapes, its prepared weights, its routing variant
-        spec, a config.RouterConfig or None) runs without host synchronisation, so the layer can be captured in
-        a CUDA graph. The reference reads expert row counts on the host."""
+        spec, a config.RouterConfig or None, its expert variant expert_spec, a config.ExpertConfig or None) runs
+        without host synchronisation, so the layer can be captured in a CUDA graph. The reference reads expert
+        row counts on the host."""
         return False
 
     def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
@@ -58,18 +63,23 @@ class MoEOps:
     def routing_metadata(self, topk_ids, num_experts: int):
         return reference.routing_metadata(topk_ids, num_experts)
 
-    def expert_up(self, x, gather_index, expert_offsets, w13):
-        return reference.expert_up(x, gather_index, expert_offsets, w13)
+    def expert_up(self, x, gather_index, expert_offsets, w13, spec=None, bias=None):
+        """Gathered rows -> gate/up GEMM (+ bias [E, 2I]) -> activation (SiLU * up, or spec's) [M, I]."""
+        return reference.expert_up(x, gather_index, expert_offsets, w13, spec, bias)
 
-    def expert_down(self, act, expert_offsets, w2):
-        return reference.expert_down(act, expert_offsets, w2)
+    def expert_down(self, act, expert_offsets, w2, bias=None):
+        """[M, I] -> down GEMM (+ bias [E, H]) [M, H], rows in sorted order."""
+        return reference.expert_down(act, expert_offsets, w2, bias)
 
     def combine(self, y, reverse_index, topk_weights):
         return reference.combine(y, reverse_index, topk_weights)
 
-    def experts(self, x, topk_weights, topk_ids, w13, w2, padded: bool = False, metadata=None) -> torch.Tensor:
+    def experts(self, x, topk_weights, topk_ids, w13, w2, padded: bool = False, metadata=None, spec=None,
+                biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Routed experts for already-routed tokens: metadata -> up -> down -> combine. [T, H]
         metadata: route()'s metadata of exactly these ids and experts (skips routing_metadata).
+        spec: the model's config.ExpertConfig (gpt-oss's clamped SwiGLU), None for SiLU * up; biases: (b13
+        [E, 2I], b2 [E, H]) of the experts w13 / w2 hold (rows in the same order), None for none.
 
         padded (the fixed-capacity expert-parallel exchange, parallel/dispatch.py): ids may also be
         E = w13.shape[0], marking padding rows. They sort after every real row and lie past
@@ -86,8 +96,13 @@ class MoEOps:
             offsets, gather_index, reverse_index = self.routing_metadata(topk_ids, num_experts + int(padded))
         if padded:
             offsets = offsets[: num_experts + 1]
-        act = self.expert_up(x, gather_index, offsets, w13)  # [M, I]
-        y = self.expert_down(act, offsets, w2)  # [M, H]
+        if spec is None and biases is None:  # the default experts: backends may override the plain signatures
+            act = self.expert_up(x, gather_index, offsets, w13)  # [M, I]
+            y = self.expert_down(act, offsets, w2)  # [M, H]
+        else:
+            b13, b2 = biases if biases is not None else (None, None)
+            act = self.expert_up(x, gather_index, offsets, w13, spec=spec, bias=b13)  # [M, I]
+            y = self.expert_down(act, offsets, w2, bias=b2)  # [M, H]
         return self.combine(y, reverse_index, topk_weights)
 
     def moe_forward(self, x, gate_weight, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:

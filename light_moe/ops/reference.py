@@ -12,6 +12,8 @@ dequantises one expert at a time, so W4A16 runs (slowly) on any device.
 
 Op chain of the MoE layer:
     router -> routing_metadata -> expert_up (gather + gate/up GEMM + SiLU*up) -> expert_down -> combine
+A config.ExpertConfig spec (gpt-oss) adds per-expert biases b13 [E, 2I] / b2 [E, H] to the two GEMMs and
+swaps SiLU*up for its clamped SwiGLU (expert_activation).
 """
 from __future__ import annotations
 
@@ -115,19 +117,34 @@ def expert_weight(w, expert: int) -> torch.Tensor:
     return w[expert] if isinstance(w, torch.Tensor) else w.dequantize_expert(expert)
 
 
+def expert_activation(gate: torch.Tensor, up: torch.Tensor, spec=None) -> torch.Tensor:
+    """SiLU(gate) * up, or spec's (a config.ExpertConfig) clamped SwiGLU as gpt-oss computes it: gate clamped
+    above at limit, up to [-limit, limit], gate * sigmoid(alpha * gate) * (up + 1). [m, I]"""
+    if spec is None or spec.activation == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=spec.limit)
+    up = up.clamp(min=-spec.limit, max=spec.limit)
+    return gate * torch.sigmoid(gate * spec.alpha) * (up + 1)
+
+
 def expert_up(
     x: torch.Tensor,  # [T, H]
     gather_index: torch.Tensor,  # [M]
     expert_offsets: torch.Tensor,  # [E + 1]
     w13: torch.Tensor,  # [E, 2I, H]: gate rows 0:I, up rows I:2I (or a QuantizedWeight)
+    spec=None,  # config.ExpertConfig: the activation (None: SiLU * up)
+    bias: torch.Tensor | None = None,  # [E, 2I] b13, in w13's row order
 ) -> torch.Tensor:
-    """act = SiLU(x_g @ W1^T) * (x_g @ W3^T) per expert over its gathered rows -> [M, I]."""
+    """act = SiLU(x_g @ W1^T) * (x_g @ W3^T) per expert over its gathered rows (spec's activation, the bias
+    added to the GEMM) -> [M, I]."""
     inter = w13.shape[1] // 2
     rows = x.index_select(0, gather_index.long())  # [M, H]
     act = x.new_empty(rows.shape[0], inter)
     for e, start, end in _expert_ranges(expert_offsets):
         gate_up = rows[start:end] @ expert_weight(w13, e).t()  # [m, 2I]
-        act[start:end] = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        if bias is not None:
+            gate_up = gate_up + bias[e]
+        act[start:end] = expert_activation(gate_up[:, :inter], gate_up[:, inter:], spec)
     return act
 
 
@@ -135,11 +152,13 @@ def expert_down(
     act: torch.Tensor,  # [M, I]
     expert_offsets: torch.Tensor,  # [E + 1]
     w2: torch.Tensor,  # [E, H, I]
+    bias: torch.Tensor | None = None,  # [E, H] b2
 ) -> torch.Tensor:
-    """y = act @ W2^T per expert -> [M, H] in sorted order."""
+    """y = act @ W2^T (+ b2) per expert -> [M, H] in sorted order."""
     out = act.new_empty(act.shape[0], w2.shape[1])
     for e, start, end in _expert_ranges(expert_offsets):
-        out[start:end] = act[start:end] @ expert_weight(w2, e).t()
+        y = act[start:end] @ expert_weight(w2, e).t()
+        out[start:end] = y if bias is None else y + bias[e]
     return out
 
 
@@ -215,6 +234,33 @@ def rope_write_kv(
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.reshape(n, -1, head_dim))
     return q
+
+
+def causal_attention_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           sinks: torch.Tensor | None = None, sliding_window: int | None = None,
+                           chunk: int = 1024) -> torch.Tensor:
+    """Causal attention of one sequence without a cache (the runner's memory profile) with gpt-oss's sinks [h]
+    and sliding window, as ops/attention.py paged_attention_sinks computes it: q [N, h, D], k, v [N, g, D] ->
+    [N, h, D]. Query rows go `chunk` at a time, so the logits are [h, chunk, N] whatever the profiled N."""
+    n, heads, dim = q.shape
+    group = heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [h, N, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    out = q.new_empty(n, heads, dim)
+    positions = torch.arange(n, device=q.device)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        qpos, kpos = positions[start:end, None], positions[None, :end]  # later keys are masked for every row
+        allowed = kpos <= qpos  # [c, C]
+        if sliding_window is not None:
+            allowed = allowed & (kpos > qpos - sliding_window)
+        logits = (q[start:end].transpose(0, 1) @ k[:, :end].transpose(1, 2)) * scale  # [h, c, C]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:
+            logits = torch.cat((logits, sinks.to(logits.dtype).view(-1, 1, 1).expand(-1, end - start, 1)), dim=-1)
+        probs = torch.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1)[..., :end]
+        out[start:end] = (probs.to(v.dtype) @ v[:, :end]).transpose(0, 1)
+    return out
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

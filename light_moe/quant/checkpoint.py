@@ -26,7 +26,8 @@ _READERS = {"gptq": GPTQFormat, "awq": AWQFormat}
 
 def read_checkpoint_quantization(model_path: str | Path) -> CheckpointFormat | None:
     """The quantization a checkpoint was saved with: config.json "quantization_config", else
-    quantize_config.json (AutoGPTQ) or quant_config.json (AutoAWQ); None for a float checkpoint."""
+    quantize_config.json (AutoGPTQ) or quant_config.json (AutoAWQ); None for a float checkpoint or an MXFP4 one
+    (dequantised at load)."""
     model_path = Path(model_path)
     candidates = []
     config = model_path / "config.json"
@@ -44,6 +45,8 @@ def read_checkpoint_quantization(model_path: str | Path) -> CheckpointFormat | N
         return None
     cfg, source = candidates[0]
     method = str(cfg.get("quant_method", "gptq")).lower()
+    if method == "mxfp4":  # gpt-oss's MXFP4 experts: the loader dequantises them, the model is float (quant/mxfp4.py)
+        return None
     if method not in _READERS:
         raise ValueError(f"{source}: quant_method={method!r} is not supported (supported: {sorted(_READERS)})")
     return _READERS[method].from_config(cfg, source)
