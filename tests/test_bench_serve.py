@@ -84,23 +84,28 @@ def test_summary_percentiles_goodput_and_errors():
 
 # ---- whole runs ----------------------------------------------------------------------------------
 def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
-    """The CI check: 12 requests, 4 at a time, 8 tokens each, at two rates on one `light-moe serve` process."""
+    """The CI check: 12 requests, 8 tokens each, at two rates and two concurrency caps (3 x cap requests at
+    cap 1, all 12 at cap 4) on one `light-moe serve` process."""
     out = tmp_path / "serve.json"
-    code = cli_main(["bench", "serve", "--device", "cpu", "--num-prompts", "12", "--max-concurrency", "4",
-                     "--input-len", "24", "--output-len", "8", "--sweep-rates", "40", "inf",
-                     "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--output", str(out)])
+    code = cli_main(["bench", "serve", "--device", "cpu", "--num-prompts", "12", "--sweep-concurrency", "1", "4",
+                     "--prompts-per-concurrency", "3", "--input-len", "24", "--output-len", "8",
+                     "--sweep-rates", "40", "inf", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000",
+                     "--output", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["bench"] == "serve" and result["env"]["device"] == "cpu" and result["env"]["commit"]
     assert result["config"]["enable_prefix_caching"] is True and result["config"]["sweep_rates"] == [40.0, "inf"]
-    assert [row["request_rate"] for row in result["rows"]] == [40.0, "inf"]
+    assert result["config"]["sweep_concurrency"] == [1, 4]
+    assert [(row["request_rate"], row["max_concurrency"]) for row in result["rows"]] == \
+        [(40.0, 1), ("inf", 1), (40.0, 4), ("inf", 4)]
     for row in result["rows"]:
-        assert (row["completed"], row["failed"], row["errors"]) == (12, 0, {})
-        assert row["output_tokens"] == 12 * 8  # ignore_eos: every request generates max_tokens
-        assert row["input_tokens"] == 12 * 24  # token-id prompts: exactly --input-len
-        assert row["request_throughput"] == pytest.approx(12 / row["duration_s"])
-        assert row["output_throughput"] == pytest.approx(96 / row["duration_s"])
-        assert row["good_requests"] == 12 and row["goodput"] == row["request_throughput"]
+        n = 3 * row["max_concurrency"]
+        assert (row["num_requests"], row["completed"], row["failed"], row["errors"]) == (n, n, 0, {})
+        assert row["output_tokens"] == n * 8  # ignore_eos: every request generates max_tokens
+        assert row["input_tokens"] == n * 24  # token-id prompts: exactly --input-len
+        assert row["request_throughput"] == pytest.approx(n / row["duration_s"])
+        assert row["output_throughput"] == pytest.approx(n * 8 / row["duration_s"])
+        assert row["good_requests"] == n and row["goodput"] == row["request_throughput"]
         for metric in ("ttft", "tpot", "itl", "e2e"):
             assert 0 < row[f"p50_{metric}_ms"] <= row[f"p90_{metric}_ms"] <= row[f"p99_{metric}_ms"]
         assert row["p50_ttft_ms"] <= row["p50_e2e_ms"] and row["p99_ttft_ms"] <= row["p99_e2e_ms"]

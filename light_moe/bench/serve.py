@@ -381,13 +381,18 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
         warm = synthetic_requests(args.warmup, 16, 4, vocab_size=vocab_size, chat=chat, seed=args.seed + 99)
         asyncio.run(run_stream(base_url, model, warm, math.inf, None, args.seed, token_chunks, args.api_key))
     rows = []
-    for rate in args.sweep_rates or [args.request_rate]:
-        results, duration = asyncio.run(run_stream(base_url, model, specs, rate, args.max_concurrency, args.seed,
-                                                   token_chunks, args.api_key, args.request_timeout))
-        row = {"request_rate": _rate(rate), "max_concurrency": args.max_concurrency,
-               **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
-        rows.append(row)
-        print(_line(row), file=sys.stderr)
+    for concurrency in args.sweep_concurrency or [args.max_concurrency]:
+        # --prompts-per-concurrency: N x concurrency prompts (the first of the same list), so that a row at
+        # concurrency 1 does not take as long as one at 256
+        n = len(specs) if args.prompts_per_concurrency is None or concurrency is None else \
+            min(len(specs), args.prompts_per_concurrency * concurrency)
+        for rate in args.sweep_rates or [args.request_rate]:
+            results, duration = asyncio.run(run_stream(base_url, model, specs[:n], rate, concurrency, args.seed,
+                                                       token_chunks, args.api_key, args.request_timeout))
+            row = {"request_rate": _rate(rate), "max_concurrency": concurrency,
+                   **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
+            rows.append(row)
+            print(_line(row), file=sys.stderr)
     return {"model": model, "endpoint": args.endpoint, "num_prompts": len(specs), "rows": rows}
 
 
@@ -395,7 +400,8 @@ def _line(row: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.1f}"
 
-    return (f"rate {row['request_rate']}: {row['completed']}/{row['num_requests']} ok, "
+    return (f"rate {row['request_rate']} concurrency {row['max_concurrency']}: "
+            f"{row['completed']}/{row['num_requests']} ok, "
             f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} out tok/s, "
             f"TTFT p50 {f(row['p50_ttft_ms'])} p99 {f(row['p99_ttft_ms'])} ms, TPOT p50 {f(row['p50_tpot_ms'])} ms, "
             f"ITL p50 {f(row['p50_itl_ms'])} ms, goodput {row['goodput']:.2f} req/s")
@@ -424,7 +430,8 @@ def plot(result: dict, path: str) -> str | None:
         ax.grid(True, alpha=0.3)
         ax.legend()
         for r, xi in zip(rows, x):
-            ax.annotate(f"{r['request_rate']}/s", (xi, r["p50_ttft_ms" if ax is ax1 else "p50_tpot_ms"] or 0),
+            label = f"{r['request_rate']}/s" + ("" if r["max_concurrency"] is None else f" c{r['max_concurrency']}")
+            ax.annotate(label, (xi, r["p50_ttft_ms" if ax is ax1 else "p50_tpot_ms"] or 0),
                         fontsize=7, textcoords="offset points", xytext=(3, 3))
     fig.suptitle(f"light-moe bench serve: {result['model']}, {result['env']['device']}")
     fig.tight_layout()
@@ -467,7 +474,8 @@ def main(args) -> dict:
 
 def _config(args, token_chunks: bool) -> dict:
     keys = ("base_url", "model", "shape", "layers", "endpoint", "dataset", "num_prompts", "input_len", "output_len",
-            "range_ratio", "shared_prefix_len", "request_rate", "sweep_rates", "max_concurrency", "seed",
+            "range_ratio", "shared_prefix_len", "request_rate", "sweep_rates", "max_concurrency", "sweep_concurrency",
+            "prompts_per_concurrency", "seed",
             "enable_prefix_caching", "async_scheduling", "max_num_seqs", "max_num_batched_tokens", "dtype", "device",
             "expert_parallel_size", "quantization")
     config = {k: getattr(args, k, None) for k in keys}
@@ -518,6 +526,10 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     load.add_argument("--sweep-rates", type=float, nargs="+", default=None,
                       help="one run per rate on the same server; writes a latency-vs-throughput plot")
     load.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    load.add_argument("--sweep-concurrency", type=int, nargs="+", default=None,
+                      help="one row per most-in-flight value (times each --sweep-rates rate), one server for all")
+    load.add_argument("--prompts-per-concurrency", type=int, default=None,
+                      help="with --sweep-concurrency: N x concurrency prompts per row (at most --num-prompts)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) before the run")
     load.add_argument("--request-timeout", type=float, default=600.0)
