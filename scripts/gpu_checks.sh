@@ -26,12 +26,15 @@
 #                                               BASELINE=DIR (an older light_moe tree) the same e2e for it first
 #   scripts/gpu_checks.sh whole-bench-32 OUTDIR one GPU: bench e2e of the 32-layer shape, W4A16 experts (and
 #                                               W4A16 attention too), B = 1/16/64 + TTFT; BASELINE as above
+#   scripts/gpu_checks.sh serve-4 OUTDIR        one GPU: the server (bench serve: concurrency 1/16/64/256, a rate
+#                                               sweep and its plot) against bench e2e, 4-layer shape, bf16
+#   scripts/gpu_checks.sh serve-32 OUTDIR       the same on the 32-layer shape with W4A16 experts
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
 #                                               with --exchange p2p (NCCL and p2p exchange times side by side)
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile or p2p}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32 or p2p}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -155,6 +158,25 @@ whole-bench-32)
     step e2e32_attn 240 $py -m light_moe.cli bench e2e $m --quant-attention --repeats 1 \
         --output "$out/e2e32_attn.json"
     ;;
+serve-4|serve-32)
+    # the server on the GPU against the offline engine on the same shape in the same call (issue 20): bench e2e
+    # decode at B = 1 / 16 / 64 with 256 new tokens, then bench serve on one server: concurrency 1 / 16 / 64 /
+    # 256 (4 x concurrency requests each, rate inf), then a Poisson rate sweep (the latency-throughput plot)
+    if [ "$stage" = serve-4 ]; then
+        m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"; tag=4; conc="1 16 64 256"; rates="8 32 128 inf"
+    else
+        m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"; tag=32; conc="1 16 64"
+        rates="4 16 inf"
+    fi
+    step "e2e${tag}_offline" 200 $py -m light_moe.cli bench e2e $m --batch-sizes 1 16 64 --input-len 128 \
+        --output-len 256 --repeats 1 --ttft-repeats 3 --output "$out/e2e${tag}_offline.json"
+    TAIL=12 step "serve${tag}" "${SERVE_LIMIT:-300}" $py -m light_moe.cli bench serve $m --num-prompts 1024 \
+        --input-len 128 --output-len 256 --sweep-concurrency $conc --prompts-per-concurrency 4 \
+        --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_concurrency.json"
+    [ -n "${SKIP_RATES:-}" ] || TAIL=8 step "serve${tag}_rates" 240 $py -m light_moe.cli bench serve $m \
+        --num-prompts 128 --input-len 128 --output-len 128 --range-ratio 0.5 --sweep-rates $rates \
+        --max-concurrency 256 --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_rates.json"
+    ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     step p2p_tests 360 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_p2p_exchange.py -ra
@@ -162,7 +184,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32 or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32 or p2p)" >&2
     exit 2
     ;;
 esac
