@@ -102,6 +102,29 @@ def test_deepseek_same_greedy_tokens_and_logits_as_one_process(executor, tmp_pat
     assert rel < 1e-5, f"relative logits error {rel:.2e}"
 
 
+def test_gpt_oss_same_tokens_and_logits_as_one_process_through_a_rebalance(executor, tmp_path_factory):
+    # sinks, sliding-window layers, biased router and experts: every rank holds all experts' biases and picks its
+    # experts' rows, so the copies a rebalance makes compute with the right biases
+    path = make_tiny_checkpoint("gpt_oss", tmp_path_factory.mktemp("gpt_oss"))
+    single = LightMoEEngine(path, **ENGINE_ARGS)
+    expected_tokens = [o.token_ids for o in single.generate_outputs(PROMPTS, GREEDY)]
+    expected_logits = prefill_logits(single)
+    engine = LightMoEEngine(path, expert_parallel_size=executor.world_size, expert_placement="round_robin",
+                            num_redundant_experts=1, expert_parallel_executor=executor, **ENGINE_ARGS)
+    got = generate_with_rebalance(engine, rebalance_at=5,
+                                  expert_load=[SKEWED_LOAD] * len(engine.model_config.moe_layers))
+    assert got == expected_tokens
+    assert engine.stats["rebalances"] == 1 and engine.stats["max_batch_size"] > executor.world_size
+    for block, full in zip(engine.model.moe_blocks(), single.model.moe_blocks()):
+        ids = list(block.local_expert_ids)
+        assert len(ids) < engine.model_config.num_experts
+        assert torch.equal(block.local_biases[0], full.expert_biases.b13[ids])
+        assert torch.equal(block.local_biases[1], full.expert_biases.b2[ids])
+    logits = prefill_logits(engine)
+    rel = (logits - expected_logits).norm() / expected_logits.norm()
+    assert rel < 1e-5, f"relative logits error {rel:.2e}"
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
 def test_load_aware_placement_gives_the_same_tokens(executor, checkpoints, single_process, family, tmp_path):
     expected_tokens, _, window = single_process[family]
