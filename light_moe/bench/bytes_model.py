@@ -7,11 +7,15 @@ A decode step of B sequences reads, at the least:
   - every non-expert weight once (attention projections, norms, router gates, shared experts, dense
     MLP layers, lm_head): `dense`;
   - one row per token of the tables indexed by token or position (embedding, rotary cos / sin): `rows`;
-  - the routed experts that receive at least one token, each expert's w13 + w2 whole: `experts`. Under
-    uniform random routing (each token picks k distinct experts of E, independently of the other
-    tokens) the expected number of distinct experts hit per MoE layer is E * (1 - (1 - k / E) ** B);
+  - the routed experts that receive at least one token, each expert's w13 + w2 whole (and its biases):
+    `experts`. Under uniform random routing (each token picks k distinct experts of E, independently of the
+    other tokens) the expected number of distinct experts hit per MoE layer is E * (1 - (1 - k / E) ** B);
     measured counts can replace it;
-  - the KV cache of the batch: B * c * 2 * L * g * D * element bytes read, B * 2 * L * g * D written.
+  - the KV cache of the batch: B * c * 2 * L * g * D * element bytes read, B * 2 * L * g * D written; per token
+    the cache holds what the model declares (MoECausalLM.kv_cache_shapes): MLA (DeepSeek) one latent of
+    kv_lora_rank + rope dims per layer, not K and V (kv_token_bytes against kv_token_bytes_full_kv, the K/V cache
+    the same attention would need); a sliding-window layer (gpt-oss) reads at most its window's tokens per
+    sequence (kv_token_bytes_windowed of each token's bytes, window sliding_window).
 Activations, logits and routing metadata are left out (small against weights at decode sizes).
 The weight bytes come from the loaded tensors themselves (parameters, buffers, and the backend's
 prepared expert layout), so any quantization (int4 weights, group scales, zero points, kernel-layout
@@ -20,6 +24,7 @@ metadata) is counted exactly as stored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +42,12 @@ class ModelBytes:
     expert_bytes: tuple[int, ...]  # per MoE layer: one routed expert's w13 + w2, every tensor it is stored as
     num_experts: int
     top_k: int
-    kv_token_bytes: int  # K and V of one token over all layers: 2 * L * g * D * element bytes
+    kv_token_bytes: int  # the cache of one token over all layers: 2 * L * g * D * element bytes (MLA: L * (L_kv + R))
+    # a K and a V per KV head of one token over all layers: kv_token_bytes, except under MLA, where it is the
+    # per-head keys (Dn + R) and values (Dv) the latent expands to: the K/V cache MLA's latent cache replaces
+    kv_token_bytes_full_kv: int = 0
+    kv_token_bytes_windowed: int = 0  # the part of kv_token_bytes in sliding-window layers
+    sliding_window: int | None = None  # their window (gpt-oss)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,10 +134,14 @@ def model_bytes(model, kv_element_size: int) -> ModelBytes:
     for block in blocks:
         weights = block.prepared if block.prepared is not None else block.experts.weights()
         held = list(block.experts.parameters()) + list(block.experts.buffers()) + tensors_of(weights)
-        expert_keys.update(_key(t) for t in held)
+        # gpt-oss's expert biases: every rank holds all experts' (layers/moe.py ExpertBiases); a hit expert reads its
+        # own rows
+        biases = [] if block.expert_biases is None else list(block.expert_biases.parameters())
+        expert_keys.update(_key(t) for t in held + biases)
         experts_held = weights[0].shape[0]
         unique = {_key(t): t for t in tensors_of(weights)}
-        expert_bytes.append(tensor_bytes(list(unique.values())) // experts_held)
+        expert_bytes.append(tensor_bytes(list(unique.values())) // experts_held
+                            + tensor_bytes(biases) // block.num_experts)
     dense, rows = 0, 0
     counted = set(expert_keys)
     for module in model.modules():
@@ -142,9 +156,25 @@ def model_bytes(model, kv_element_size: int) -> ModelBytes:
             if _key(t) not in counted:
                 counted.add(_key(t))
                 dense += tensor_bytes(t)
-    kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_element_size
+    per_layer = [sum(math.prod(shape[2:]) for shape in layer) * kv_element_size
+                 for layer in model.kv_cache_shapes(1, 1)]  # one token's cache per layer
+    windowed = sum(b for i, b in enumerate(per_layer) if cfg.attention_window(i) is not None)
+    if cfg.mla is not None:
+        full_kv = cfg.num_layers * cfg.num_heads * (cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
+                                                    + cfg.mla.v_head_dim) * kv_element_size
+    else:
+        full_kv = sum(per_layer)
     return ModelBytes(dense=dense, row_bytes=rows, expert_bytes=tuple(expert_bytes), num_experts=cfg.num_experts,
-                      top_k=cfg.top_k, kv_token_bytes=kv_token)
+                      top_k=cfg.top_k, kv_token_bytes=sum(per_layer), kv_token_bytes_full_kv=full_kv,
+                      kv_token_bytes_windowed=windowed, sliding_window=cfg.layer_window if windowed else None)
+
+
+def kv_read_bytes(mb: ModelBytes, batch: int, context: float) -> int:
+    """KV bytes a decode step of `batch` sequences with `context` cached tokens each reads: every token of the
+    full-attention layers, at most sliding_window tokens of the windowed ones."""
+    windowed = mb.kv_token_bytes_windowed
+    seen = context if mb.sliding_window is None else min(context, mb.sliding_window)
+    return round(batch * (context * (mb.kv_token_bytes - windowed) + seen * windowed))
 
 
 def _hits(mb: ModelBytes, tokens: int, experts_hit) -> tuple[float, ...]:
@@ -164,7 +194,7 @@ def decode_step_bytes(mb: ModelBytes, batch: int, context: float, experts_hit=No
     hits = _hits(mb, batch, experts_hit)
     return StepBytes(dense=mb.dense, rows=batch * mb.row_bytes,
                      experts=sum(h * b for h, b in zip(hits, mb.expert_bytes)),
-                     kv_read=round(batch * context * mb.kv_token_bytes), kv_write=batch * mb.kv_token_bytes,
+                     kv_read=kv_read_bytes(mb, batch, context), kv_write=batch * mb.kv_token_bytes,
                      experts_hit=hits)
 
 

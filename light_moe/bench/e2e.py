@@ -2,8 +2,8 @@
 
 Prefill time runs from submitting the batch until every request has its first token; decode time
 from then until the last token. Prompts are random token ids; EOS is ignored so every request
-generates exactly output_len tokens. With --shape mixtral the model is Mixtral-8x7B's layer shape
-(E=8, H=4096, I=14336, top-2, 32 heads, 8 KV heads) cut to --layers layers, with random weights.
+generates exactly output_len tokens. With --shape (mixtral, deepseek-v2-lite, gpt-oss-20b: bench/shapes.py)
+the model is that release's shape cut to --layers layers, with random weights.
 
 Each row also has the bytes a decode step must move (light_moe/bench/bytes_model.py) and the decode
 tokens/s they allow at --bandwidth-tbps, and the run ends with the time to first token of one prompt
@@ -11,7 +11,6 @@ alone (docs/performance.md).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import tempfile
@@ -29,35 +28,16 @@ from light_moe.bench.bytes_model import (
     prefill_bytes,
 )
 from light_moe.bench.env import environment, write_result
-
-MIXTRAL_8X7B = dict(
-    architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
-    intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-    rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
-    torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
-
-
-def write_shaped_model(out: Path, layers: int) -> Path:
-    """config.json of the Mixtral-8x7B shape with `layers` layers, plus a small tokenizer (ids only)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**MIXTRAL_8X7B, "num_hidden_layers": layers}))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["benchmark text"], trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(out / "tokenizer.json"))
-    return out
+from light_moe.bench.shapes import shape_label, write_shaped_model
 
 
 def bench_model(args) -> tuple[Path, str, Path | None]:
     """(model directory, load_format, temporary directory to remove or None) for a benchmark's
-    --model / --shape / --layers: the Mixtral shape with random weights, a given checkpoint, or the
-    bundled demo model."""
-    if args.shape == "mixtral":
+    --model / --shape / --layers: a release's shape with random weights (bench/shapes.py), a given checkpoint,
+    or the bundled demo model."""
+    if args.shape is not None:
         tmp = Path(tempfile.mkdtemp(prefix="light-moe-bench-"))
-        return write_shaped_model(tmp, args.layers), "dummy", tmp
+        return write_shaped_model(tmp, args.shape, args.layers), "dummy", tmp
     if args.model is not None:
         return Path(args.model), "auto", None
     from light_moe.assets import DEMO_MODEL_DIR
@@ -266,7 +246,7 @@ def main(args) -> dict:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result = dict(benchmark="e2e", env=environment(), model=str(model_path) if tmp is None else
-                  f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
+                  shape_label(args.shape, args.layers), dtype=str(engine.config.dtype),
                   moe_backend=engine.ops.name, expert_parallel_size=engine.config.parallel.expert_parallel_size,
                   quantization=None if engine.config.quantization is None
                   else engine.config.quantization.name, rows=rows, ttft=ttft,
