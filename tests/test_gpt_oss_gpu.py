@@ -1,0 +1,65 @@
+"""gpt-oss on the GPU (H100 / H200): the CuTe backend's fallback path (sinks / sliding-window attention, the biased
+router, the biased clamped-SwiGLU experts on the reference; norms, rotary + KV write and combine on the kernels)
+against the reference backend in bf16, no CUDA graphs over the host-synchronising path, the MXFP4 checkpoint
+loaded on the device, and float32 greedy tokens on CUDA identical to transformers. A divergence in bf16 is
+accepted only where it is a near-tie (tests/test_cute_engine_gpu.assert_agree)."""
+import logging
+
+import pytest
+import torch
+
+from light_moe import LightMoEEngine, SamplingParams
+from tests.test_cute_engine_gpu import PROMPTS, assert_agree
+from tests.test_fidelity import NEW_TOKENS, engine_prefill_logits, hf_greedy
+from tests.test_fidelity_gpt_oss import write_mxfp4_checkpoint
+from tests.tiny_models import make_tiny_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # kernel-friendly sizes (H and I multiples of 64, head_dim 64), a window the prompts cross, the released clamp
+    return make_tiny_checkpoint("gpt_oss", tmp_path_factory.mktemp("gpt_oss"), hidden_size=256, intermediate_size=128,
+                                head_dim=64, swiglu_limit=7.0)
+
+
+COMMON = dict(device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20)
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_cute_fallback_path_matches_the_reference(checkpoint, caplog):
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    ref = LightMoEEngine(checkpoint, dtype="bfloat16", moe_backend="reference", **COMMON)
+    with caplog.at_level(logging.WARNING):
+        cute = LightMoEEngine(checkpoint, dtype="bfloat16", moe_backend="cute", **COMMON)
+        outputs = cute.generate_outputs(PROMPTS, params)
+    assert cute.ops.name == "cute"
+    # graph_safe is False for gpt-oss's layers: no decode or prefill graphs over the reference experts' host syncs
+    assert cute.runner.decode_graphs is None and cute.runner.prefill_graphs is None
+    assert not any(block.graph_safe for block in cute.model.moe_blocks())
+    for reason in ("expert biases / clamped SwiGLU", "attention sinks / sliding window", "routing variant"):
+        assert reason in caplog.text
+    assert all(block.prepared[0] is block.experts.w13 for block in cute.model.moe_blocks())  # canonical layout
+    for prompt, a, b in zip(PROMPTS, ref.generate_outputs(PROMPTS, params), outputs):
+        assert_agree(ref, cute, prompt, a.token_ids, b.token_ids)
+    want, got = (engine_prefill_logits(e, PROMPTS[2]).float() for e in (ref, cute))
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-2, f"CuTe path's bf16 prefill logits differ from the reference's by {rel:.2e}"
+
+
+def test_float32_tokens_identical_to_transformers_on_cuda(checkpoint, tmp_path):
+    engine = LightMoEEngine(checkpoint, dtype="float32", max_num_batched_tokens=16, **COMMON)
+    outputs = engine.generate_outputs(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    _, expected = hf_greedy(checkpoint, PROMPTS, device="cuda")
+    assert [o.token_ids for o in outputs] == expected
+    # the MXFP4 checkpoint, dequantised on load, against transformers on its own dequantisation
+    packed, dequantised = write_mxfp4_checkpoint(checkpoint, tmp_path)
+    engine = LightMoEEngine(packed, dtype="float32", max_num_batched_tokens=16, **COMMON)
+    outputs = engine.generate_outputs(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    _, expected = hf_greedy(dequantised, PROMPTS, device="cuda")
+    assert [o.token_ids for o in outputs] == expected
