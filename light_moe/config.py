@@ -15,6 +15,7 @@ import torch
 EP_EXCHANGES = ("nccl", "p2p")  # ParallelConfig.ep_exchange
 PLACEMENT_STRATEGIES = ("contiguous", "round_robin", "load_aware")  # ParallelConfig.expert_placement
 QUANTIZATION_METHODS = ("w4a16",)  # EngineConfig.quantization (quant/scheme.parse_quantization)
+LOAD_FORMATS = ("auto", "dummy")  # EngineConfig.load_format: safetensors, or random weights (benchmarks)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)  # W4A16Config.group_size
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -497,13 +498,33 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching (engine/scheduler.py): at most max_num_seqs requests per step, and a per-step token
+    budget shared by prefill chunks and decodes; without chunked prefill a prompt must fit the budget whole."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
+    """The whole engine's configuration, built by engine/args.EngineArgs (one field per option there, by name);
+    the expert-parallel workers receive it whole (executor/rank_executor.WorkerSpec)."""
+
     model_path: str
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     moe_backend: str = "auto"
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)
     seed: int = 0
@@ -519,7 +540,7 @@ class EngineConfig:
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from light_moe.config import CacheConfig, EngineConfig, ParallelConfig
-from light_moe.engine.devices import check_ep_exchange, resolve_device, resolve_dtype
+from light_moe.engine.args import EngineArgs, options_signature
+from light_moe.engine.devices import check_ep_exchange, resolve_device
 from light_moe.engine.expert_load import ExpertLoadBalancing
 from light_moe.engine.generate import GenerateLoops, Prompt
 from light_moe.engine.inflight import InflightStep
@@ -26,7 +26,7 @@ from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.request import Request
 from light_moe.engine.request_state import FailedRequestOutput, RequestState
 from light_moe.engine.sampler import rows_failing_alone, sample_on_device
-from light_moe.engine.scheduler import Scheduler, SchedulerConfig
+from light_moe.engine.scheduler import Scheduler
 from light_moe.engine.tokenizer import Tokenizer
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.pending_tokens import placeholder
@@ -36,7 +36,6 @@ from light_moe.ops.select import select_backend
 from light_moe.parallel.groups import torchrun_launch
 from light_moe.parallel.placement import place_experts, read_expert_load
 from light_moe.quant.checkpoint import read_checkpoint_quantization
-from light_moe.quant.scheme import W4A16Config, parse_quantization
 from light_moe.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,50 +47,20 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
     N), the constructor returns on rank 0 only: on the other ranks it serves rank 0 until it shuts down,
     then raises SystemExit(0) (docs/expert_parallel.md, "Launching with torchrun")."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        tensor_parallel_size: int = 1,
-        expert_parallel_size: int = 1,
-        dtype: str | torch.dtype = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        gpu_memory_utilization: float = 0.9,
-        kv_cache_memory_bytes: int | None = None,
-        num_kv_blocks: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        enable_chunked_prefill: bool = True,
-        moe_backend: str = "auto",
-        load_format: str = "auto",
-        seed: int = 0,
-        show_progress: bool = True,
-        enforce_eager: bool = False,
-        expert_placement: str = "contiguous",
-        expert_load_file: str | None = None,
-        collective_timeout_s: float = 300.0,
-        expert_parallel_executor: ExpertParallelExecutor | None = None,
-        enable_overlap: bool = False,
-        num_redundant_experts: int = 0,
-        expert_load_window: int = 1024,
-        rebalance_interval: int = 0,
-        rebalance_threshold: float = 1.2,
-        fixed_capacity_tokens: int = 256,
-        ep_exchange: str = "nccl",
-        quantization: str | W4A16Config | None = None,
-        quant_group_size: int = 128,
-        quant_symmetric: bool = True,
-        quant_attention: bool = False,
-        async_output_processing: bool = False,
-        async_scheduling: bool = True,
-        enable_prefix_caching: bool = True,
-    ):
-        parallel = ParallelConfig(tensor_parallel_size, expert_parallel_size, expert_placement, expert_load_file,
-                                  collective_timeout_s, enable_overlap=enable_overlap,
-                                  num_redundant_experts=num_redundant_experts, expert_load_window=expert_load_window,
-                                  rebalance_interval=rebalance_interval, rebalance_threshold=rebalance_threshold,
-                                  fixed_capacity_tokens=fixed_capacity_tokens, ep_exchange=ep_exchange)
+    def __init__(self, model_path: str | Path | EngineArgs, *,
+                 expert_parallel_executor: ExpertParallelExecutor | None = None, **options):
+        """model_path: a Hugging Face model directory, with `options`: the keyword arguments of EngineArgs
+        (engine/args.py: each option's default and help; `help(LightMoEEngine)` lists them), all checked before
+        anything is read; or an EngineArgs, alone. expert_parallel_executor: expert-parallel worker processes to
+        use (benchmarks reuse them across engines); shutdown() leaves them running."""
+        if isinstance(model_path, EngineArgs):
+            if options:
+                raise TypeError(f"options {sorted(options)} given with an EngineArgs: put them in it")
+            args = model_path
+        else:
+            args = EngineArgs(model_path, **options)
+        self.args = args
+        parallel = args.parallel_config()
         # launched by torchrun: every rank constructs the engine; rank 0 is the engine, the others become
         # workers below (this constructor never returns on them)
         launch = torchrun_launch() if expert_parallel_executor is None else None
@@ -101,44 +70,15 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
                              "so they must be equal (torchrun --nproc-per-node x --nnodes = expert_parallel_size)")
         if launch is not None and launch.world_size == 1:
             launch = None  # a one-process job: the engine runs as if torchrun had not started it
-        model_path = Path(model_path)
-        model_cls, model_cfg = load_model_config(model_path)
-        # quantization="w4a16": routed experts quantized on load (RTN); GPTQ / AWQ checkpoints are W4A16 anyway
-        # quant_attention: the attention projections too (one-expert W4A16 GEMMs); needs quantization="w4a16"
-        scheme = parse_quantization(quantization, quant_group_size, quant_symmetric, quant_attention)
-        checkpoint_quant = None if load_format == "dummy" else read_checkpoint_quantization(model_path)
-        if (scheme is not None or checkpoint_quant is not None) and parallel.expert_parallel_size > 1:
-            raise ValueError("W4A16 experts (quantization='w4a16' or a GPTQ / AWQ checkpoint) are not supported "
-                             "with expert_parallel_size > 1 yet")
-        dev = resolve_device(device)
+        model_path = Path(args.model)
+        _, model_cfg = load_model_config(model_path)
+        checkpoint_quant = None if args.load_format == "dummy" else read_checkpoint_quantization(model_path)
+        if checkpoint_quant is not None and parallel.expert_parallel_size > 1:
+            raise ValueError("W4A16 experts (a GPTQ / AWQ checkpoint) are not supported with expert_parallel_size > 1 "
+                             "yet")
+        dev = resolve_device(args.device)
         check_ep_exchange(parallel, dev, launch)  # before any process is spawned
-        torch_dtype = resolve_dtype(dtype, model_cfg.torch_dtype, dev)
-        limit = model_cfg.max_position_embeddings
-        if model_cfg.sliding_window is not None and model_cfg.sliding_window < limit:
-            logger.info(
-                "capping the context at the sliding window (%d): windowed attention is not implemented",
-                model_cfg.sliding_window,
-            )
-            limit = model_cfg.sliding_window
-        if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context window {limit}")
-        self.config = EngineConfig(
-            model_path=str(model_path),
-            dtype=torch_dtype,
-            device=dev,
-            max_model_len=max_model_len or limit,
-            cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_memory_bytes, num_kv_blocks,
-                              enable_prefix_caching and parallel.expert_parallel_size == 1),
-            parallel=parallel,
-            moe_backend=moe_backend,
-            load_format=load_format,
-            seed=seed,
-            enable_cuda_graphs=not enforce_eager,
-            quantization=scheme,
-            async_output_processing=async_output_processing,
-            async_scheduling=async_scheduling,
-        )
-        self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.config = args.create_engine_config(model_cfg, dev)
         if launch is not None and launch.is_worker:
             # ranks 1..N-1 of a torchrun job: serve rank 0's steps until it shuts down, then end the process
             # ("only rank 0 returns"); an error (rank 0 died, a collective timed out) propagates: exit code 1
@@ -146,7 +86,7 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
             raise SystemExit(0)
         self.tokenizer = Tokenizer(model_path)
         self.model_config = model_cfg
-        self.ops, reason = select_backend(moe_backend, dev)
+        self.ops, reason = select_backend(args.moe_backend, dev)
         logger.info("MoE backend: %s", reason)
         self.moe_backend_reason = reason
         # expert parallelism: this process is rank 0; the executor's worker processes (spawned, or started by
@@ -157,8 +97,9 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
         self._shut_down = False
         self.workers: ExpertParallelExecutor | None = expert_parallel_executor
         self._owns_workers = False
+        cfg = self.config
         if parallel.expert_parallel_size > 1:
-            spec = self._worker_spec(max_num_batched_tokens, max_num_seqs)  # validates the placement first
+            spec = self._worker_spec()  # validates the placement first
             if self.workers is None:
                 self.workers = ExpertParallelExecutor(parallel.expert_parallel_size, dev, parallel.collective_timeout_s,
                                                       torchrun=launch)
@@ -169,29 +110,28 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
                 self.shutdown()
                 raise
         else:
-            self.model = build_model(model_path, self.ops, torch_dtype, dev, load_format, seed, progress=show_progress,
-                                     quantization=scheme)
-            self.runner = ModelRunner(self.model, self.config.cache, torch_dtype, dev, max_num_batched_tokens,
-                                      max_num_seqs, max_model_len=self.config.max_model_len,
-                                      cuda_graphs=self.config.enable_cuda_graphs,
-                                      prefill_graphs=self.config.enable_cuda_graphs)
+            self.model = build_model(model_path, self.ops, cfg.dtype, dev, cfg.load_format, cfg.seed,
+                                     progress=args.show_progress, quantization=cfg.quantization)
+            self.runner = ModelRunner(self.model, cfg.cache, cfg.dtype, dev, cfg.scheduler.max_num_batched_tokens,
+                                      cfg.scheduler.max_num_seqs, max_model_len=cfg.max_model_len,
+                                      cuda_graphs=cfg.enable_cuda_graphs, prefill_graphs=cfg.enable_cuda_graphs)
         self._init_expert_load(len(self.model_config.moe_layers), model_cfg.num_experts, parallel)
         if self.workers is None:
-            self.block_manager = BlockManager(self.runner.num_blocks, block_size,
-                                              enable_prefix_caching=self.config.cache.enable_prefix_caching)
+            self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
+                                              enable_prefix_caching=cfg.cache.enable_prefix_caching)
         else:  # one partition per rank: each rank's KV cache holds only its own sequences' blocks
-            if enable_prefix_caching:
+            if args.enable_prefix_caching:
                 logger.info(PREFIX_CACHING_EP_REASON)
-            self.block_manager = PartitionedBlockManager(self.runner.num_blocks, block_size,
+            self.block_manager = PartitionedBlockManager(self.runner.num_blocks, cfg.cache.block_size,
                                                          parallel.expert_parallel_size)
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager)
         self.eos_token_ids = self._eos_ids(model_path)
         self._states: dict[str, RequestState] = {}
         # async_output_processing: (state, finish reason, time) of the last step's tokens, emitted by the next step
         self._pending: list[tuple[RequestState, str | None, float]] = []
         self._inflight: InflightStep | None = None  # async_scheduling: the launched step not yet read back
         self._ids = itertools.count()
-        self._generator = torch.Generator(device=dev).manual_seed(seed)
+        self._generator = torch.Generator(device=dev).manual_seed(cfg.seed)
         self.stats = {
             "steps": 0,
             "prompt_tokens": 0,
@@ -203,17 +143,20 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
             "steps_ahead": 0,  # async_scheduling: steps launched before the previous one was read back
         }
 
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, *,
+                         expert_parallel_executor: ExpertParallelExecutor | None = None) -> LightMoEEngine:
+        return cls(args, expert_parallel_executor=expert_parallel_executor)
+
     # ---- set-up helpers -----------------------------------------------------------------------
-    def _worker_spec(self, max_num_batched_tokens: int, max_num_seqs: int) -> WorkerSpec:
-        cfg, parallel = self.config, self.config.parallel
+    def _worker_spec(self) -> WorkerSpec:
+        """The engine's config and each MoE layer's expert placement, for every rank."""
+        parallel = self.config.parallel
         load = read_expert_load(parallel.expert_load_file) if parallel.expert_load_file else None
         placements = place_experts(parallel.expert_placement, self.model_config.num_experts,
                                    len(self.model_config.moe_layers), parallel.expert_parallel_size, load,
                                    parallel.num_redundant_experts)
-        return WorkerSpec(cfg.model_path, cfg.dtype, cfg.device, cfg.load_format, cfg.seed, cfg.moe_backend, cfg.cache,
-                          max_num_batched_tokens, max_num_seqs, tuple(placements), parallel.enable_overlap,
-                          parallel.fixed_capacity_tokens, cfg.enable_cuda_graphs, cfg.max_model_len,
-                          parallel.ep_exchange)
+        return WorkerSpec(self.config, tuple(placements))
 
     def shutdown(self) -> None:
         """Free this engine's device memory (CUDA graphs, KV cache) and stop the expert-parallel worker
@@ -461,3 +404,6 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
         self._pending = [p for p in self._pending if p[0] is not state]
         self.scheduler.finish_request(request_id, "error")  # False (nothing to do) if it had finished already
         return state.failed_output(exc)
+
+
+LightMoEEngine.__init__.__signature__ = options_signature(LightMoEEngine.__init__)  # help() lists every option

@@ -29,25 +29,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from light_moe.config import SchedulerConfig  # re-exported: lives with the other configs (EngineConfig holds it)
 from light_moe.engine.kv_cache import BlockManager
 from light_moe.engine.request import FINISH_REASONS, Request, RequestStatus
 from light_moe.executor.batch import ScheduledRequest  # re-exported: the scheduler's output type
 
 __all__ = ["ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    # Per-step token budget shared by prefill chunks and decodes.
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from light_moe.config import CacheConfig
+from light_moe.config import CacheConfig, EngineConfig
 from light_moe.executor.batch import ScheduledRequest
 from light_moe.executor.model_runner import ModelRunner
 from light_moe.executor.step_plan import PlannedSequence, StepPlan
@@ -38,29 +38,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a rank needs to build its share of the model (pickled to spawned workers)."""
+    """Everything a rank needs to build its share of the model (pickled to spawned workers): the engine's config
+    whole (engine/args.EngineArgs fills it, so every engine option reaches the ranks; device cpu, or cuda: rank r
+    uses cuda:r) and the expert placement of each MoE layer."""
 
-    model_path: str
-    dtype: torch.dtype
-    device: torch.device  # cpu, or cuda: rank r uses cuda:r
-    load_format: str
-    seed: int
-    moe_backend: str
-    cache: CacheConfig
-    max_num_batched_tokens: int
-    max_num_seqs: int
+    config: EngineConfig
     placements: tuple[ExpertPlacement, ...]  # one per MoE layer
-    enable_overlap: bool = False  # two-batch overlap of the expert exchange (parallel/overlap.py)
-    fixed_capacity_tokens: int = 0  # upper limit of the fixed-capacity exchange (exchange_capacity)
-    # decode steps with a fixed-capacity exchange (no host sync) replay CUDA graphs on every rank
-    cuda_graphs: bool = False
-    max_model_len: int | None = None
-    # "p2p": the fixed-capacity exchange writes into the peers' memory over NVLink (parallel/p2p_exchange.py)
-    ep_exchange: str = "nccl"
 
     @property
     def world_size(self) -> int:
         return self.placements[0].world_size
+
+    def with_model_path(self, model_path: str) -> WorkerSpec:
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, model_path=model_path))
 
 
 @dataclass(frozen=True)
@@ -115,41 +105,42 @@ class RankExecutor:
 
     def __init__(self, spec: WorkerSpec, group: ExpertParallelGroup, ops: MoEOps | None = None):
         self.group = group
-        device = group.device
+        device, cfg = group.device, spec.config
         if ops is None:
-            ops, reason = select_backend(spec.moe_backend, device)
+            ops, reason = select_backend(cfg.moe_backend, device)
             logger.info("rank %d MoE backend: %s", group.rank, reason)
         self.peer_exchange = self._peer_exchange(spec)
         self.dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device,
                                             peer=self.peer_exchange)
-        self.model = build_model(spec.model_path, ops, spec.dtype, device, spec.load_format, spec.seed,
+        self.model = build_model(cfg.model_path, ops, cfg.dtype, device, cfg.load_format, cfg.seed,
                                  progress=False, expert_dispatchers=self.dispatchers)
-        if spec.enable_overlap:
+        if cfg.parallel.enable_overlap:
             for block, dispatcher in zip(self.model.moe_blocks(), self.dispatchers):
                 block.overlap = TwoBatchOverlap(dispatcher)
-        self._empty_batch = torch.empty(0, self.model.config.hidden_size, dtype=spec.dtype, device=group.device)
+        self._empty_batch = torch.empty(0, self.model.config.hidden_size, dtype=cfg.dtype, device=group.device)
         self.tracker = ExpertLoadTracker()
         self.last_load: HostCopy | None = None  # rank 0: [L, E + N] from the last collect_load step
-        self.runner = self._runner(spec, spec.cache)
+        self.runner = self._runner(cfg, cfg.cache)
         self._agree_on_kv_blocks(spec)
 
     def _peer_exchange(self, spec: WorkerSpec) -> PeerExchange | None:
         """ep_exchange="p2p": this rank's symmetric-memory inboxes, shared by every MoE layer, sized for the largest
         fixed-capacity step (fixed_capacity_tokens packed rows per rank pair). A collective: every rank builds its
         executor from the same spec at the same time."""
-        if spec.ep_exchange != "p2p":
+        cfg = spec.config
+        if cfg.parallel.ep_exchange != "p2p":
             return None
-        hidden = load_model_config(spec.model_path)[1].hidden_size
-        row_bytes = AllToAllDispatcher.packed_layout(hidden, spec.dtype.itemsize)[1]
-        return PeerExchange.symmetric(self.group.device_group, self.group.device, spec.fixed_capacity_tokens,
+        hidden = load_model_config(cfg.model_path)[1].hidden_size
+        row_bytes = AllToAllDispatcher.packed_layout(hidden, cfg.dtype.itemsize)[1]
+        return PeerExchange.symmetric(self.group.device_group, self.group.device, cfg.parallel.fixed_capacity_tokens,
                                       row_bytes)
 
-    def _runner(self, spec: WorkerSpec, cache: CacheConfig) -> ModelRunner:
+    def _runner(self, cfg: EngineConfig, cache: CacheConfig) -> ModelRunner:
         # CUDA graphs only where the exchange is the fixed-capacity one (decode-sized steps): the variable
         # exchange reads its split sizes on the host
-        graphs = spec.cuda_graphs and spec.fixed_capacity_tokens > 0
-        return ModelRunner(self.model, cache, spec.dtype, self.group.device, spec.max_num_batched_tokens,
-                           spec.max_num_seqs, max_model_len=spec.max_model_len, cuda_graphs=graphs,
+        graphs = cfg.enable_cuda_graphs and cfg.parallel.fixed_capacity_tokens > 0
+        return ModelRunner(self.model, cache, cfg.dtype, self.group.device, cfg.scheduler.max_num_batched_tokens,
+                           cfg.scheduler.max_num_seqs, max_model_len=cfg.max_model_len, cuda_graphs=graphs,
                            graph_warmup=self._dry_exchange)
 
     @contextlib.contextmanager
@@ -174,7 +165,7 @@ class RankExecutor:
             self.runner = None
             if self.group.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.runner = self._runner(spec, dataclasses.replace(spec.cache, num_blocks=fewest))
+            self.runner = self._runner(spec.config, dataclasses.replace(spec.config.cache, num_blocks=fewest))
 
     def release_graphs(self) -> None:
         """Drop the captured graphs: before this rank leaves the process group (captured collectives must go

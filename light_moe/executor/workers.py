@@ -28,7 +28,6 @@ executor then stays failed (every later step raises at once) until shutdown().
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import faulthandler
 import logging
 import os
@@ -85,7 +84,7 @@ def follow_rank0(group: ExpertParallelGroup, model_path: str | None = None) -> N
             executor = None
             free_device_memory()
             if model_path is not None:
-                message = dataclasses.replace(message, model_path=model_path)
+                message = message.with_model_path(model_path)
             executor = RankExecutor(message, group)
         elif isinstance(message, RankCall):
             message.fn(executor, *message.args)
@@ -219,8 +218,8 @@ class ExpertParallelExecutor:
 
     def load(self, spec: WorkerSpec, ops: MoEOps) -> tuple[MoECausalLM, ModelRunner]:
         """Build spec's model on every rank (replacing any earlier one); returns rank 0's share."""
-        if spec.world_size != self.world_size or spec.device.type != self.device.type:
-            raise ValueError(f"model wants {spec.world_size} ranks on {spec.device.type}, the executor has "
+        if spec.world_size != self.world_size or spec.config.device.type != self.device.type:
+            raise ValueError(f"model wants {spec.world_size} ranks on {spec.config.device.type}, the executor has "
                              f"{self.world_size} on {self.device.type}")
         self._check_workers(need_model=False)
         if self.rank is not None:
@@ -228,7 +227,7 @@ class ExpertParallelExecutor:
             self.rank = None
             free_device_memory()
         self.placements, self._pending_placements, self._steps = tuple(spec.placements), None, 0
-        self.fixed_capacity_tokens = spec.fixed_capacity_tokens
+        self.fixed_capacity_tokens = spec.config.parallel.fixed_capacity_tokens
         try:
             broadcast_message(spec, self.group)
             self.rank = RankExecutor(spec, self.group, ops)
