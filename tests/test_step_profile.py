@@ -25,6 +25,7 @@ KERNELS = [
     ("kernel_cutlass_count_kernel_light_moekernelsroutingRoutingKernel_object_at__tensorptri32_g", "moe", "routing"),
     ("kernel_cutlass_kernel_light_moekernelscombineCombineKernel_object_at__tensorptrbf16_gmem_a", "moe", "combine"),
     ("kernel_cutlass_kernel_light_moekernelsdecode_attentionDecodeAttention_object_at_", "attention", None),
+    ("kernel_cutlass_combine_kernel_light_moekernelsdecode_attentionDecodeAttentionSm90_objec", "attention", None),
     ("kernel_cutlass_kernel_light_moekernelsprefill_attentionPrefillAttention_object_at_", "attention", None),
     ("kernel_cutlass_kernel_light_moekernelsrms_normRMSNormKernel_object_at__tensorptrbf16", "elementwise", None),
     ("nvjet_sm90_tst_64x16_64x16_2x1_v_bz_splitK_TNT", "gemm", None),

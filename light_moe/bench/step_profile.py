@@ -55,11 +55,11 @@ def classify_kernel(name: str) -> tuple[str, str | None]:
     if "nccl" in n:
         return "communication", None
     if n.startswith(_CUTE_PREFIX):
+        if any(key in n for key in _ATTENTION):  # first: the decode attention's split merge is a "combine_kernel"
+            return "attention", None
         for key, part in _CUTE_MOE_PARTS:
             if key in n:
                 return "moe", part
-        if any(key in n for key in _ATTENTION):
-            return "attention", None
         return "elementwise", None  # our other kernels: fused norms, rotary, ...
     if any(key in n for key in _ATTENTION):
         return "attention", None
