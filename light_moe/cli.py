@@ -7,32 +7,10 @@ import os
 import sys
 import time
 
-from light_moe.cli_args import (  # re-exported: tests and scripts import them from here
-    add_async_args,
-    add_parallel_args,
-    add_quant_args,
-    async_kwargs,
-    parallel_kwargs,
-    quant_kwargs,
-)
+from light_moe.cli_args import add_bench_engine_args
+from light_moe.engine.args import EngineArgs
 
-__all__ = ["add_async_args", "add_parallel_args", "add_quant_args", "async_kwargs", "build_parser", "main",
-           "parallel_kwargs", "quant_kwargs"]
-
-
-def _engine_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
-    p.add_argument("--model", required=model_required, default=None,
-                   help="Hugging Face model directory (default: the bundled demo model)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"],
-                   help="MoE kernels: auto picks CuTe on sm_90 GPUs, else the PyTorch reference")
-    p.add_argument("--quantization", default=None, choices=["w4a16"],
-                   help="quantize the routed experts on load (int4 RTN; docs/quantization.md)")
-    add_parallel_args(p)
-    add_quant_args(p)
-    add_async_args(p)
+__all__ = ["build_parser", "main"]
 
 
 def is_rank_zero() -> bool:
@@ -58,14 +36,11 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                             seed=args.seed if args.temperature > 0 else None)
-    model = _default_model(args.model)
+    engine_args = EngineArgs.from_cli_args(args, model=_default_model(args.model))
     if args.model is None and is_rank_zero():
-        print(f"(using the bundled demo model: {model})", file=sys.stderr)
+        print(f"(using the bundled demo model: {engine_args.model})", file=sys.stderr)
     # under torchrun only rank 0 returns from the constructor: the other ranks serve it, then exit
-    engine = LightMoEEngine(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                            moe_backend=args.moe_backend, seed=args.seed,
-                            **async_kwargs(args),
-                            **parallel_kwargs(args), **quant_kwargs(args))
+    engine = LightMoEEngine.from_engine_args(engine_args)
     prompt = args.prompt
     if args.chat:
         prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -142,7 +117,7 @@ def cmd_quantize(args) -> int:
               "experts only; quantize attention on load with `--quantization w4a16 --quant-attention`)",
               file=sys.stderr)
         return 2
-    scheme = W4A16Config(group_size=args.quant_group_size, symmetric=not args.quant_asymmetric)
+    scheme = W4A16Config(group_size=args.quant_group_size, symmetric=args.quant_symmetric)
     out = quantize_checkpoint(args.model, args.out, scheme)
     print(f"wrote {scheme.name} checkpoint (GPTQ layout, routed experts quantized) to {out}", file=sys.stderr)
     return 0
@@ -153,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt")
-    _engine_args(gen)
+    gen = sub.add_parser("generate", help="generate text from a prompt",
+                         description="Generate text from a prompt; without --model, with the bundled demo model.")
+    EngineArgs.add_cli_args(gen, defaults={"model": None})
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -163,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0,
                      help="> 1 makes tokens already in the text less likely (make demo uses 1.2: the small demo "
                           "model loops without it)")
-    gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.set_defaults(func=cmd_generate)
@@ -177,14 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON results)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     e2e = bsub.add_parser("e2e", help="prefill and decode tokens/s of the whole engine")
-    _engine_args(e2e)
+    add_bench_engine_args(e2e)
     e2e.add_argument("--shape", choices=["mixtral"], default=None,
                      help="ignore --model and use the Mixtral-8x7B shape with random weights")
     e2e.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
     e2e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     e2e.add_argument("--input-len", type=int, default=128)
     e2e.add_argument("--output-len", type=int, default=64)
-    e2e.add_argument("--max-num-batched-tokens", type=int, default=8192)
     e2e.add_argument("--repeats", type=int, default=3,
                      help="measured batches per batch size after the warm-up; tokens/s are their median")
     from light_moe.bench.bytes_model import DEFAULT_BANDWIDTH_TBPS
@@ -210,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = bsub.add_parser("profile-step", help="kernels of a decode step (and a prefill) by group: MoE, "
                                                    "attention, GEMM, elementwise; GPU time vs wall time")
-    _engine_args(profile)
+    add_bench_engine_args(profile, aliases={"enforce_eager": ("--eager",)})
     add_profile_step_args(profile)
     profile.set_defaults(func=cmd_bench_profile_step)
 
@@ -230,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write a W4A16 checkpoint (RTN, GPTQ layout) that loads back")
     quant.add_argument("--model", required=True, help="float Hugging Face model directory")
     quant.add_argument("--out", required=True, help="output directory")
-    add_quant_args(quant)
+    EngineArgs.add_cli_args(quant, only=("quant_group_size", "quant_symmetric", "quant_attention"))
     quant.set_defaults(func=cmd_quantize)
 
     from light_moe.bench.ep import add_ep_args

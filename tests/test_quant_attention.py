@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from light_moe import LightMoEEngine, SamplingParams
 from light_moe.assets import DEMO_MODEL_DIR
 from light_moe.bench.perplexity import _window_logits, engine_perplexity
-from light_moe.cli import build_parser, quant_kwargs
+from light_moe.cli import build_parser
 from light_moe.cli import main as cli_main
 from light_moe.layers.attention import Attention
 from light_moe.layers.linear import QuantizedLinear
@@ -77,11 +77,11 @@ def test_option_without_quantization_errors(mixtral, capsys):
     with pytest.raises(ValueError, match="needs quantization='w4a16'"):
         engine(mixtral, quant_attention=True)
     args = build_parser().parse_args(["generate", "hi", "--model", str(mixtral), "--quant-attention"])
-    assert quant_kwargs(args)["quant_attention"] is True and quant_kwargs(args)["quantization"] is None
+    assert args.quant_attention is True and args.quantization is None
     assert cli_main(["generate", "hi", "--model", str(mixtral), "--device", "cpu", "--quant-attention"]) == 2
     assert "needs quantization='w4a16'" in capsys.readouterr().err
     default = build_parser().parse_args(["generate", "hi"])
-    assert quant_kwargs(default)["quant_attention"] is False
+    assert default.quant_attention is False
 
 
 def test_group_size_must_divide_in_features(tmp_path):

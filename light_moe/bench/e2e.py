@@ -226,16 +226,14 @@ def print_table(rows: list[dict], ttft: dict | None) -> None:
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.cli_args import async_kwargs, parallel_kwargs, quant_kwargs
+    from light_moe.cli_args import async_kwargs
+    from light_moe.engine.args import EngineArgs
 
     model_path, load_format, tmp = bench_model(args)
     try:
-        engine = LightMoEEngine(model_path, dtype=args.dtype, device=args.device, load_format=load_format,
-                                max_model_len=args.input_len + args.output_len + 16,
-                                max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend,
-                                max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                                **async_kwargs(args),
-                                **parallel_kwargs(args), **quant_kwargs(args))
+        engine = LightMoEEngine.from_engine_args(EngineArgs.from_cli_args(
+            args, model=model_path, load_format=load_format, max_num_seqs=max(args.batch_sizes),
+            max_model_len=args.max_model_len or args.input_len + args.output_len + 16))
         rows = run_e2e(engine, args.batch_sizes, args.input_len, args.output_len, repeats=args.repeats,
                        bandwidth_tbps=args.bandwidth_tbps)
         ttft = (measure_ttft(engine, args.input_len, args.ttft_repeats, args.bandwidth_tbps)

@@ -29,25 +29,26 @@ import torch
 
 from light_moe.bench.e2e import bench_model, run_e2e
 from light_moe.bench.env import environment, write_result
-from light_moe.cli_args import add_async_args, async_kwargs
+from light_moe.cli_args import add_bench_engine_args, async_kwargs
+
+# What `bench ep` and `bench ep-scale` set per engine (EP=1 against EP=N, overlap off and on, the balance run):
+# no flags of their own for these. Both leave W4A16 to the EP=1 engine (ep-scale's --baseline-quant).
+EP_BENCH_DECIDES = ("expert_parallel_size", "enable_overlap", "fixed_capacity_tokens", "ep_exchange",
+                    "num_redundant_experts", "quantization")
 
 
-def add_workload_args(p, layers: int) -> None:
-    """Model and workload options shared by `bench ep` and `bench ep-scale`."""
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the bundled demo model)")
+def add_workload_args(p, layers: int, exclude: tuple[str, ...] = ()) -> None:
+    """Model and workload options shared by `bench ep` and `bench ep-scale`, and the engine flags (but those the
+    benchmark decides: EP_BENCH_DECIDES, exclude)."""
     p.add_argument("--shape", choices=["mixtral"], default=None,
                    help="ignore --model and use the Mixtral-8x7B shape with random weights")
     p.add_argument("--layers", type=int, default=layers, help="layers of the --shape model (32: the whole model)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"])
     p.add_argument("--batch-size", type=int, default=16, help="sequences per GPU")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3,
                    help="measured batches per engine after the warm-up; tokens/s are their median")
-    add_async_args(p)
+    add_bench_engine_args(p, exclude=EP_BENCH_DECIDES + exclude)
 
 
 def add_balance_args(p) -> None:
@@ -59,14 +60,13 @@ def add_balance_args(p) -> None:
 
 
 def add_ep_args(p) -> None:
-    add_workload_args(p, layers=4)
+    add_workload_args(p, layers=4, exclude=("quant_group_size", "quant_symmetric", "quant_attention"))
     p.add_argument("--ep", type=int, default=2, help="expert_parallel_size N compared with 1")
     p.add_argument("--fixed-capacity", type=int, default=256,
                    help="fixed_capacity_tokens of the EP=N engines (0: variable splits only); compare 256 with 0")
     p.add_argument("--exchange", default="nccl", choices=["nccl", "p2p"],
                    help="ep_exchange of the EP=N engines' fixed-capacity exchange; p2p: time NCCL's too, per layer")
     p.add_argument("--time-exchange", action="store_true", help="also time dispatch/combine per MoE layer")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for EP=1 nor EP=N")
     add_balance_args(p)
 
 
@@ -199,15 +199,17 @@ def overlap_saving(off: dict, on: dict) -> dict:
                 prefill=1 - on["prefill_s"] / off["prefill_s"] if off["prefill_s"] else 0.0)
 
 
-def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, measure=None) -> tuple[list, object]:
-    """EP=n engines on `executor` with two-batch overlap off, then on, each running n x --batch-size sequences:
-    their rows, and measure(engine) taken on the overlap-off engine before it shuts down."""
+def overlap_off_and_on(engine_args, executor, args, measure=None) -> tuple[list, object]:
+    """engine_args (EngineArgs of EP=n) on `executor` with two-batch overlap off, then on, each running
+    n x --batch-size sequences: their rows, and measure(engine) taken on the overlap-off engine before it shuts
+    down."""
     from light_moe import LightMoEEngine
 
+    n = engine_args.expert_parallel_size
     rows, measured = [], None
     for overlap in (False, True):
-        engine = LightMoEEngine(model_path, expert_parallel_size=n, enable_overlap=overlap,
-                                expert_parallel_executor=executor, **engine_args)
+        engine = LightMoEEngine.from_engine_args(engine_args.replace(enable_overlap=overlap),
+                                                 expert_parallel_executor=executor)
         row = run_e2e(engine, [n * args.batch_size], args.input_len, args.output_len, repeats=args.repeats)[0]
         rows.append(dict(per_gpu(row, n), ep=n, overlap=overlap, cuda_graphs=engine.runner.decode_graphs is not None))
         if not overlap and measure is not None:
@@ -220,6 +222,7 @@ def overlap_off_and_on(model_path, n: int, executor, engine_args: dict, args, me
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
+    from light_moe.engine.args import EngineArgs
     from light_moe.engine.devices import resolve_device
     from light_moe.executor.rank_executor import free_device_memory
     from light_moe.executor.workers import ExpertParallelExecutor
@@ -232,14 +235,14 @@ def main(args) -> dict:
     if args.exchange == "p2p" and device.type != "cuda":
         raise ValueError("--exchange p2p writes into peer GPUs' memory: it needs --device cuda")
     model_path, load_format, tmp = bench_model(args)
-    common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
-                  max_model_len=args.input_len + max(args.output_len, 24) + 16,
-                  max_num_seqs=args.ep * args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                  show_progress=False, enforce_eager=args.enforce_eager,
-                  **async_kwargs(args))
     rows, executor = [], None
     try:
-        one = LightMoEEngine(model_path, **common)
+        max_len = args.max_model_len or args.input_len + max(args.output_len, 24) + 16  # the balance run's length
+        common = EngineArgs.from_cli_args(args, model=model_path, device=str(device), load_format=load_format,
+                                          max_model_len=max_len, max_num_seqs=args.ep * args.batch_size)
+        ep = common.replace(expert_parallel_size=args.ep, fixed_capacity_tokens=args.fixed_capacity,
+                            ep_exchange=args.exchange)  # checked before any engine loads
+        one = LightMoEEngine.from_engine_args(common)
         graphs = one.runner.decode_graphs is not None
         dtype = str(one.config.dtype)
         rows.append(dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len,
@@ -251,21 +254,19 @@ def main(args) -> dict:
         executor = ExpertParallelExecutor(args.ep, device, timeout_s=300.0)
         exchange = None
         ep_rows, fixed_exchange = overlap_off_and_on(
-            model_path, args.ep, executor, dict(common, fixed_capacity_tokens=args.fixed_capacity,
-                                                ep_exchange=args.exchange), args,
+            ep, executor, args,
             # nccl, and p2p on a p2p engine: {exchange: {layers per replay: {tokens per rank: us per layer}}}
             measure=lambda engine: {ex: fixed_exchange_tables(engine, args.batch_size, ex)
                                     for ex in dict.fromkeys(("nccl", args.exchange))})
         rows += ep_rows
         if args.time_exchange:
-            engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, fixed_capacity_tokens=args.fixed_capacity,
-                                    ep_exchange=args.exchange, expert_parallel_executor=executor,
-                                    **dict(common, enforce_eager=True))
+            engine = LightMoEEngine.from_engine_args(ep.replace(enforce_eager=True), expert_parallel_executor=executor)
             exchange = _exchange_times(engine, args)
             engine.shutdown()
             del engine
-        engine = LightMoEEngine(model_path, expert_parallel_size=args.ep, num_redundant_experts=args.redundant,
-                                expert_parallel_executor=executor, **common)
+        engine = LightMoEEngine.from_engine_args(
+            common.replace(expert_parallel_size=args.ep, num_redundant_experts=args.redundant),
+            expert_parallel_executor=executor)
         balance = balance_run(engine, args)
         engine.shutdown()
         del engine

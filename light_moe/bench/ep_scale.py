@@ -42,15 +42,14 @@ from light_moe.cli_args import async_kwargs
 
 
 def add_ep_scale_args(p) -> None:
-    add_workload_args(p, layers=32)
+    # --kv-cache-gib instead of the byte count; --quant-group-size / --quant-asymmetric: the baseline's W4A16
+    add_workload_args(p, layers=32, exclude=("kv_cache_memory_bytes", "quant_attention"))
     p.add_argument("--ep", type=int, nargs="+", default=[8, 4], help="expert_parallel_size values to run")
     p.add_argument("--baseline-quant", choices=["none", "w4a16"], default="w4a16",
                    help="quantization of the one-GPU baseline (w4a16: bf16 Mixtral-8x7B does not fit one card)")
-    p.add_argument("--quant-group-size", type=int, default=128, help="W4A16 group size of the baseline")
     p.add_argument("--fixed-capacity", type=int, default=256, help="fixed_capacity_tokens of the EP engines")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache per GPU in GiB (default: what gpu_memory_utilization leaves)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-balance", action="store_true", help="skip the skewed-routing rebalance measurement")
     add_balance_args(p)
 
@@ -82,23 +81,23 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _run_ep(model_path, n: int, common: dict, device: torch.device, args) -> dict:
+def _run_ep(common, n: int, device: torch.device, args) -> dict:
     """EP=n: overlap off and on, the fixed exchange per layer, memory per rank and the balance run."""
     from light_moe import LightMoEEngine
     from light_moe.executor.workers import ExpertParallelExecutor
 
     executor = ExpertParallelExecutor(n, device, timeout_s=300.0)
-    engine_args = dict(common, max_num_seqs=n * args.batch_size)
+    engine_args = common.replace(expert_parallel_size=n, max_num_seqs=n * args.batch_size)
     try:
         rows, (memory, fixed) = overlap_off_and_on(
-            model_path, n, executor, dict(engine_args, fixed_capacity_tokens=args.fixed_capacity), args,
+            engine_args.replace(fixed_capacity_tokens=args.fixed_capacity), executor, args,
             measure=lambda engine: (engine.workers.call(rank_memory), fixed_exchange_tables(engine, args.batch_size)))
         out = dict(ep=n, rows=rows, memory_per_rank=memory, fixed_exchange_us_per_layer=fixed["1"],
                    fixed_exchange_us_per_layer_stacked={"layers": STACKED_LAYERS, "us": fixed[str(STACKED_LAYERS)]},
                    overlap_saving=overlap_saving(*rows))
         if not args.no_balance:
-            engine = LightMoEEngine(model_path, expert_parallel_size=n, num_redundant_experts=args.redundant,
-                                    expert_parallel_executor=executor, **engine_args)
+            engine = LightMoEEngine.from_engine_args(engine_args.replace(num_redundant_experts=args.redundant),
+                                                     expert_parallel_executor=executor)
             out["balance"] = balance_run(engine, args)
             engine.shutdown()
             del engine
@@ -110,22 +109,21 @@ def _run_ep(model_path, n: int, common: dict, device: torch.device, args) -> dic
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
+    from light_moe.engine.args import EngineArgs
     from light_moe.engine.devices import resolve_device
 
     if not args.ep or any(n < 2 for n in args.ep):
         raise ValueError(f"--ep takes expert_parallel_size values of at least 2, got {args.ep}")
     device = resolve_device(args.device)
     model_path, load_format, tmp = bench_model(args)
-    common = dict(dtype=args.dtype, device=str(device), load_format=load_format, moe_backend=args.moe_backend,
-                  max_model_len=args.input_len + max(args.output_len, 24) + 16,
-                  max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                  enforce_eager=args.enforce_eager, **async_kwargs(args),
-                  kv_cache_memory_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30))
     quant = None if args.baseline_quant == "none" else args.baseline_quant
     try:
+        common = EngineArgs.from_cli_args(
+            args, model=model_path, device=str(device), load_format=load_format,
+            max_model_len=args.max_model_len or args.input_len + max(args.output_len, 24) + 16,
+            kv_cache_memory_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30))
         _free(device)
-        one = LightMoEEngine(model_path, quantization=quant, quant_group_size=args.quant_group_size,
-                             **dict(common, max_num_seqs=args.batch_size))
+        one = LightMoEEngine.from_engine_args(common.replace(quantization=quant, max_num_seqs=args.batch_size))
         baseline = dict(per_gpu(run_e2e(one, [args.batch_size], args.input_len, args.output_len,
                                         repeats=args.repeats)[0], 1), ep=1,
                         quantization=quant, cuda_graphs=one.runner.decode_graphs is not None,
@@ -136,7 +134,7 @@ def main(args) -> dict:
         one.shutdown()
         del one
         _free(device)
-        by_ep = [_run_ep(model_path, n, common, device, args) for n in args.ep]
+        by_ep = [_run_ep(common, n, device, args) for n in args.ep]
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from light_moe.bench.env import environment, write_result
+from light_moe.engine.args import EngineArgs
 
 PERCENTILES = (50, 90, 99)
 _WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had "
@@ -288,24 +289,10 @@ def _free_port() -> int:
 
 
 def server_command(args, model_dir: Path, load_format: str, port: int) -> list[str]:
-    """`light-moe serve` with this benchmark's engine flags."""
-    cmd = [sys.executable, "-m", "light_moe.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--load-format", load_format, "--dtype", args.dtype, "--device", args.device,
-           "--moe-backend", args.moe_backend, "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--expert-parallel-size", str(args.expert_parallel_size), "--log-level", "warning",
-           "--max-waiting", str(max(1024, args.num_prompts))]
-    if args.max_model_len:
-        cmd += ["--max-model-len", str(args.max_model_len)]
-    if args.quantization:
-        cmd += ["--quantization", args.quantization]
-    if not args.enable_prefix_caching:
-        cmd.append("--no-prefix-caching")
-    if not args.async_scheduling:
-        cmd.append("--no-async-scheduling")
-    if args.enforce_eager:
-        cmd.append("--enforce-eager")
-    return cmd
+    """`light-moe serve` with this benchmark's engine flags (checked here, before the server starts)."""
+    engine_args = EngineArgs.from_cli_args(args, model=model_dir, load_format=load_format)
+    return [sys.executable, "-m", "light_moe.cli", "serve", *engine_args.to_cli_args(), "--port", str(port),
+            "--log-level", "warning", "--max-waiting", str(max(1024, args.num_prompts))]
 
 
 class Server:
@@ -498,18 +485,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--shape", choices=["mixtral"], default=None,
                         help="ignore --model: the Mixtral-8x7B shape with random weights (no checkpoint on disk)")
     server.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
-    server.add_argument("--dtype", default="auto")
-    server.add_argument("--device", default="auto")
-    server.add_argument("--max-model-len", type=int, default=None)
-    server.add_argument("--moe-backend", default="auto", choices=["auto", "reference", "cute"])
-    server.add_argument("--quantization", default=None, choices=["w4a16"])
-    server.add_argument("--max-num-seqs", type=int, default=256)
-    server.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    server.add_argument("--expert-parallel-size", type=int, default=1)
-    server.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    server.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
-    server.add_argument("--enforce-eager", action="store_true")
     server.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    # the server's engine flags (--shape decides the load format; --seed is the request stream's)
+    EngineArgs.add_cli_args(p, exclude=("model", "load_format", "seed"))
     load = p.add_argument_group("load")
     load.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     load.add_argument("--num-prompts", type=int, default=100)

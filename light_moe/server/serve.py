@@ -13,14 +13,7 @@ import logging
 import signal
 import sys
 
-from light_moe.cli_args import (
-    add_async_args,
-    add_parallel_args,
-    add_quant_args,
-    async_kwargs,
-    parallel_kwargs,
-    quant_kwargs,
-)
+from light_moe.engine.args import EngineArgs
 from light_moe.server.limits import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -34,30 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    EngineArgs.add_cli_args(parser)  # --model (required) and every engine option
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the checkpoint directory's name)")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    parser.add_argument("--moe-backend", default="auto", help="MoE kernel backend (auto picks by capability)")
-    parser.add_argument("--quantization", default=None, choices=["w4a16"],
-                        help="quantize the routed experts to int4 on load (GPTQ / AWQ checkpoints are detected)")
-    add_quant_args(parser)
-    add_parallel_args(parser)
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode")
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                        help="turn off prefix caching (on by default: requests share the KV blocks of equal prompt "
-                             "prefixes; docs/server.md)")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                        help="dummy: random weights, no checkpoint read (a config.json and tokenizer suffice; "
-                             "light-moe bench serve --shape)")
-    add_async_args(parser)
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests allowed to wait for a batch seat before new ones get 429")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -121,13 +96,9 @@ def serve(args: argparse.Namespace) -> int:
     for flag in ("body_timeout", "template_workers", "template_timeout", "template_memory_mb"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    engine_args = EngineArgs.from_cli_args(args)  # every engine flag checked before anything loads
     try:
-        engine = LightMoEEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                moe_backend=args.moe_backend, enforce_eager=args.enforce_eager,
-                                enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format,
-                                **async_kwargs(args),
-                                **quant_kwargs(args), **parallel_kwargs(args))
+        engine = LightMoEEngine.from_engine_args(engine_args)
     except KeyboardInterrupt:
         return 130
     try:
