@@ -242,7 +242,7 @@ def profile_prefill(engine, input_len: int, sync, on_gpu: bool, trace: str | Non
 
 
 def add_profile_step_args(p: argparse.ArgumentParser) -> None:
-    """The flags after the engine's (cli._engine_args)."""
+    """The flags after the engine's (cli_args.add_bench_engine_args; --eager is --enforce-eager)."""
     p.add_argument("--shape", choices=["mixtral"], default=None,
                    help="ignore --model and use the Mixtral-8x7B shape with random weights")
     p.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
@@ -251,8 +251,6 @@ def add_profile_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=8, help="decode steps timed, then as many profiled")
     p.add_argument("--warmup-steps", type=int, default=4, help="decode steps before the timed ones")
     p.add_argument("--prefill", action="store_true", help="also profile one prompt of --input-len alone")
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs (enforce_eager)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--top", type=int, default=15, help="kernels listed by time")
     p.add_argument("--trace", default=None,
                    help="write the decode profile as a chrome trace here (the prefill's beside it, .prefill added)")
@@ -268,7 +266,8 @@ def _prefill_trace(trace: str | None) -> str | None:
 
 def main(args) -> dict:
     from light_moe import LightMoEEngine
-    from light_moe.cli_args import async_kwargs, quant_kwargs
+    from light_moe.cli_args import async_kwargs
+    from light_moe.engine.args import EngineArgs
 
     if args.expert_parallel_size > 1:
         raise ValueError("profile-step profiles one process; for expert parallelism use scripts/profile_ep_step.py")
@@ -277,10 +276,8 @@ def main(args) -> dict:
     model_path, load_format, tmp = bench_model(args)
     max_len = args.max_model_len or args.input_len + args.warmup_steps + 2 * args.steps + 16
     try:
-        engine = LightMoEEngine(model_path, dtype=args.dtype, device=args.device, load_format=load_format,
-                                max_model_len=max_len, max_num_seqs=args.batch_size, moe_backend=args.moe_backend,
-                                max_num_batched_tokens=args.max_num_batched_tokens, show_progress=False,
-                                enforce_eager=args.eager, **async_kwargs(args), **quant_kwargs(args))
+        engine = LightMoEEngine.from_engine_args(EngineArgs.from_cli_args(
+            args, model=model_path, load_format=load_format, max_model_len=max_len, max_num_seqs=args.batch_size))
         on_gpu = engine.config.device.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(engine.config.device)) if on_gpu else (lambda: None)
         graphs = getattr(engine.runner, "decode_graphs", None) is not None
@@ -292,12 +289,12 @@ def main(args) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    notes = _notes(on_gpu, graphs, args.eager, decode, prefill)
+    notes = _notes(on_gpu, graphs, args.enforce_eager, decode, prefill)
     result = dict(benchmark="profile-step", env=environment(), model=str(model_path) if tmp is None else
                   f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
                   moe_backend=engine.ops.name, quantization=None if engine.config.quantization is None
                   else engine.config.quantization.name, activity="cuda" if on_gpu else "cpu",
-                  cuda_graphs=graphs, eager=args.eager, decode=decode, prefill=prefill, notes=notes,
+                  cuda_graphs=graphs, eager=args.enforce_eager, decode=decode, prefill=prefill, notes=notes,
                   **async_kwargs(args))
     print_report(result)
     if args.output:
