@@ -47,6 +47,11 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
     N), the constructor returns on rank 0 only: on the other ranks it serves rank 0 until it shuts down,
     then raises SystemExit(0) (docs/expert_parallel.md, "Launching with torchrun")."""
 
+    # False: step() returns TokenDeltas (new token ids, no text; stop strings are not looked for) instead of
+    # RequestOutputs, for the API server's engine-core process, whose API process detokenizes
+    # (server/engine_core.py). Set before the first add_request.
+    detokenize = True
+
     def __init__(self, model_path: str | Path | EngineArgs, *,
                  expert_parallel_executor: ExpertParallelExecutor | None = None, **options):
         """model_path: a Hugging Face model directory, with `options`: the keyword arguments of EngineArgs
@@ -236,7 +241,8 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
-        self._states[request_id] = RequestState(request, self.tokenizer, generator, self.eos_token_ids)
+        self._states[request_id] = RequestState(request, self.tokenizer, generator, self.eos_token_ids,
+                                                   self.detokenize)
         self.stats["prompt_tokens"] += len(ids)
         return request_id
 
