@@ -6,7 +6,8 @@
 A request is read (size- and time-limited: body.py), parsed strictly (protocol.py; the sampling
 bounds are SamplingParams's), its chat template rendered in a worker process (template_worker.py),
 tokenized with work bounded by the context window, and checked against it here, so every bad input
-is a 4xx before anything is queued; then it goes to the engine thread (engine_loop.py). A request
+is a 4xx before anything is queued; then it goes to the engine thread (engine_loop.py), or to the
+engine-core process of a split server (engine_client.py, engine_core.py; docs/server.md). A request
 that fails inside the engine is a 500 for it alone. A client that goes away has its request
 aborted: streams when the ASGI server reports the disconnect (or a send fails), non-streamed
 requests by listening for http.disconnect while the engine works; one that leaves while still
@@ -35,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.tokenizer import PromptTooLongError
 from light_moe.server.body import read_json
+from light_moe.server.engine_client import EngineProcess, EngineProcessLoop
 from light_moe.server.engine_loop import (
     EngineDeadError,
     EngineLoop,
@@ -71,7 +73,10 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.metrics = ServerMetrics(self.model_name, expert_sync_interval_s)
-        self.loop = EngineLoop(engine, self.metrics, max_waiting)
+        if isinstance(engine, EngineProcess):  # the engine in a process of its own (engine_client.py)
+            self.loop = EngineProcessLoop(engine, self.metrics, max_waiting, expert_sync_interval_s)
+        else:  # the engine in this process, driven by a thread (engine_loop.py)
+            self.loop = EngineLoop(engine, self.metrics, max_waiting)
         self.templates = templates
         self.created = int(time.time())
 
@@ -82,8 +87,9 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
               engine_shutdown_timeout_s: float = 10.0, template_workers: int = DEFAULT_TEMPLATE_WORKERS,
               template_time_limit_s: float = DEFAULT_TEMPLATE_TIME_LIMIT_S,
               template_memory_bytes: int = DEFAULT_TEMPLATE_MEMORY_BYTES) -> FastAPI:
-    """An app serving `engine`. Its engine thread and chat template workers start and stop with the app's
-    lifespan."""
+    """An app serving `engine`: a LightMoEEngine, driven by a thread of this process, or an EngineProcess (the
+    engine in an engine-core process, engine_client.py). Its engine loop and chat template workers start and stop
+    with the app's lifespan; the engine itself (or its process) is the caller's to shut down."""
     tokenizer = engine.tokenizer
     templates = None
     if tokenizer.chat_template:

@@ -19,6 +19,7 @@ Outputs of one step travel to the event loop in a single call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -54,11 +55,14 @@ class RequestStream:
         self.accepted: asyncio.Future = loop.create_future()
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._held: BaseException | None = None  # an error queued behind outputs that were joined
         # engine-thread bookkeeping for the latency metrics
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_tokens = 0
-        self.engine_request = None  # the engine's Request: its first_scheduled_time gives the queue time
+        self.engine_request = None  # in-process: the engine's Request, whose first_scheduled_time gives the queue time
+        self.scheduled_time: float | None = None  # split: that time, as the engine-core process reported it
+        self.frontend = None  # split: the request's FrontendState (engine/request_state.py: text, stop strings)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
@@ -72,7 +76,21 @@ class RequestStream:
             self.accepted.set_exception(error)
 
     async def next(self) -> RequestOutput:
-        item = await self._queue.get()
+        """The next output; a handler that fell behind the engine gets every output queued since in one (their
+        deltas joined), so the engine never waits for it and one SSE event then carries several tokens."""
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            following = self._queue.get_nowait()
+            if isinstance(following, BaseException):
+                self._held = following  # the outputs before it go out first
+                break
+            # outputs are this handler's alone: join into the later one in place (dataclasses.replace is slow)
+            following.delta_text = item.delta_text + following.delta_text
+            following.delta_token_ids = item.delta_token_ids + following.delta_token_ids
+            item = following
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -86,6 +104,85 @@ class RequestStream:
     async def _iterate(self):
         while not self.finished:
             yield await self.next()
+
+
+class StreamRouter:
+    """The live requests' streams and their latency metrics: a step's outputs in, deliveries to the handlers
+    out. Owned by one thread: the engine thread (EngineLoop), or the event loop (engine_client.py's loop of a
+    split server, where the outputs arrive)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.streams: dict[str, RequestStream] = {}
+        self.deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
+
+    def add(self, stream: RequestStream, num_prompt_tokens: int) -> None:
+        self.streams[stream.request_id] = stream
+        self.metrics.prompt_tokens.inc(num_prompt_tokens)
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a live request (its client went away): counted as an abort, nothing delivered."""
+        if self.streams.pop(request_id, None) is None:
+            return False
+        self.metrics.finished.labels(finish_reason="abort").inc()
+        return True
+
+    def abort_all(self) -> list[str]:
+        """End every live request with finish_reason "abort" (shutdown); their ids."""
+        for request_id, stream in self.streams.items():
+            self.metrics.finished.labels(finish_reason="abort").inc()
+            self.deliveries.append((stream, _aborted_output(request_id)))
+        ids = list(self.streams)
+        self.streams.clear()
+        return ids
+
+    def fail_all(self, error: BaseException) -> None:
+        self.deliveries.extend((stream, error) for stream in self.streams.values())
+        self.streams.clear()
+
+    def take(self) -> list[tuple[RequestStream, RequestOutput | BaseException]]:
+        deliveries, self.deliveries = self.deliveries, []
+        return deliveries
+
+    def route(self, outputs: list[RequestOutput], now: float) -> None:
+        m = self.metrics
+        for output in outputs:
+            stream = self.streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted while the step ran
+            n = len(output.delta_token_ids)
+            if n:
+                m.generation_tokens.inc(n)
+                stream.num_tokens += n
+                if stream.first_token_time is None:
+                    stream.first_token_time = now
+                    m.ttft.observe(now - stream.arrival_time)
+                    self._observe_queue_time(stream)
+                    n -= 1  # the first token has no predecessor
+                if n:
+                    gap = (now - stream.last_token_time) / n
+                    for _ in range(n):
+                        m.itl.observe(gap)
+                stream.last_token_time = now
+            if output.finished:
+                del self.streams[output.request_id]
+                m.finished.labels(finish_reason=output.finish_reason or "length").inc()
+                m.e2e.observe(now - stream.arrival_time)
+                if stream.first_token_time is None:
+                    self._observe_queue_time(stream)  # ended without a token (capacity, error)
+                elif stream.num_tokens > 1:
+                    m.tpot.observe((stream.last_token_time - stream.first_token_time) / (stream.num_tokens - 1))
+            if output.finish_reason == "error":  # the engine logged it; this request alone fails
+                error = getattr(output, "error", "") or "unknown error"
+                self.deliveries.append((stream, RequestFailedError(f"the request failed in the engine: {error}")))
+            elif output.finished or stream.stream_deltas:
+                self.deliveries.append((stream, output))
+
+    def _observe_queue_time(self, stream: RequestStream) -> None:
+        request = stream.engine_request
+        scheduled = request.first_scheduled_time if request is not None else stream.scheduled_time
+        if scheduled is not None:
+            self.metrics.queue_time.observe(max(0.0, scheduled - stream.arrival_time))
 
 
 @dataclass
@@ -115,9 +212,8 @@ class EngineLoop:
         self._drain_deadline: float | None = None  # set by drain(): refuse new requests, abort old ones then
         self._error: BaseException | None = None
         # engine thread only: live requests, and what the next hand-over to the event loop carries
-        self._streams: dict[str, RequestStream] = {}
+        self._router = StreamRouter(metrics)
         self._accepted: list[tuple[RequestStream, BaseException | None]] = []
-        self._deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -205,15 +301,16 @@ class EngineLoop:
                     if isinstance(command, _Add):
                         num_adds += 1
                         self._accepted.append((command.stream, self._add(command)))
-                    else:
-                        self._abort(command.request_id)
+                    elif self._router.abort(command.request_id):
+                        engine.abort(command.request_id)
                 if stopping or drained:
-                    self._abort_all()
+                    for request_id in self._router.abort_all():
+                        engine.abort(request_id)
                 self._publish(num_adds)
                 if stopping:
                     return
                 if engine.has_unfinished_requests():
-                    self._route(engine.step())
+                    self._router.route(engine.step(), time.monotonic())
                     self._publish(0)
         except BaseException as exc:  # a failed step leaves the engine in an unknown state: stop serving
             logger.exception("the engine loop stopped on an error")
@@ -229,62 +326,9 @@ class EngineLoop:
             logger.exception("add_request failed for %s", stream.request_id)
             self.engine.abort(stream.request_id)  # it may have reached the scheduler before failing
             return exc
-        self._streams[stream.request_id] = stream
+        self._router.add(stream, len(command.prompt_token_ids))
         stream.engine_request = self.engine.get_request(stream.request_id)
-        self.metrics.prompt_tokens.inc(len(command.prompt_token_ids))
         return None
-
-    def _abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self.engine.abort(request_id)
-            self.metrics.finished.labels(finish_reason="abort").inc()
-
-    def _abort_all(self) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
-            self.metrics.finished.labels(finish_reason="abort").inc()
-            self._deliveries.append((stream, _aborted_output(request_id)))
-        self._streams.clear()
-
-    def _route(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        m = self.metrics
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # aborted while the step ran
-            n = len(output.delta_token_ids)
-            if n:
-                m.generation_tokens.inc(n)
-                stream.num_tokens += n
-                if stream.first_token_time is None:
-                    stream.first_token_time = now
-                    m.ttft.observe(now - stream.arrival_time)
-                    self._observe_queue_time(stream)
-                    n -= 1  # the first token has no predecessor
-                if n:
-                    gap = (now - stream.last_token_time) / n
-                    for _ in range(n):
-                        m.itl.observe(gap)
-                stream.last_token_time = now
-            if output.finished:
-                del self._streams[output.request_id]
-                m.finished.labels(finish_reason=output.finish_reason or "length").inc()
-                m.e2e.observe(now - stream.arrival_time)
-                if stream.first_token_time is None:
-                    self._observe_queue_time(stream)  # ended without a token (capacity, error)
-                elif stream.num_tokens > 1:
-                    m.tpot.observe((stream.last_token_time - stream.first_token_time) / (stream.num_tokens - 1))
-            if output.finish_reason == "error":  # engine.py logged it; this request alone fails
-                error = getattr(output, "error", "") or "unknown error"
-                self._deliveries.append((stream, RequestFailedError(f"the request failed in the engine: {error}")))
-            elif output.finished or stream.stream_deltas:
-                self._deliveries.append((stream, output))
-
-    def _observe_queue_time(self, stream: RequestStream) -> None:
-        request = stream.engine_request
-        if request is not None and request.first_scheduled_time is not None:
-            self.metrics.queue_time.observe(max(0.0, request.first_scheduled_time - stream.arrival_time))
 
     def _publish(self, num_adds: int) -> None:
         waiting = self.engine.queue_stats()["num_waiting"]
@@ -297,17 +341,11 @@ class EngineLoop:
 
     def _send(self) -> None:
         """Hand this iteration's acceptances and outputs to the event loop in one call."""
-        if not self._accepted and not self._deliveries:
+        accepted, deliveries = self._accepted, self._router.take()
+        if not accepted and not deliveries:
             return
-        accepted, deliveries = self._accepted, self._deliveries
-        self._accepted, self._deliveries = [], []
-
-        def hand_over():
-            for stream, error in accepted:
-                stream._resolve(error)
-            for stream, item in deliveries:
-                stream._put(item)
-
+        self._accepted = []
+        hand_over = functools.partial(deliver, accepted, deliveries)
         try:
             self._loop.call_soon_threadsafe(hand_over)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -322,9 +360,17 @@ class EngineLoop:
         error = EngineDeadError(f"the engine stopped: {exc}")
         # Requests accepted before the failure get the error as their next output; the rest are refused.
         self._accepted.extend((stream, error) for stream in pending)
-        self._deliveries.extend((stream, error) for stream in self._streams.values())
-        self._streams.clear()
+        self._router.fail_all(error)
         self._send()
+
+
+def deliver(accepted: list[tuple[RequestStream, BaseException | None]],
+            deliveries: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    """On the event loop: resolve acceptances, then queue outputs for their handlers."""
+    for stream, error in accepted:
+        stream._resolve(error)
+    for stream, item in deliveries:
+        stream._put(item)
 
 
 def _aborted_output(request_id: str) -> RequestOutput:

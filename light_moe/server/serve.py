@@ -48,6 +48,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may run after SIGINT/SIGTERM before they are aborted")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the engine (scheduler, model, sampling) in a process of its own, apart from HTTP, "
+                             "tokenisation and detokenisation (default: on for CUDA devices, off on the CPU; "
+                             "docs/server.md)")
     return parser
 
 
@@ -86,7 +90,7 @@ def _ignore_signal(signum, frame) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from light_moe import LightMoEEngine
+    from light_moe.server.engine_client import start_engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.max_waiting < 0:
@@ -97,8 +101,8 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     engine_args = EngineArgs.from_cli_args(args)  # every engine flag checked before anything loads
-    try:
-        engine = LightMoEEngine.from_engine_args(engine_args)
+    try:  # in an engine-core process, or in this one (server/engine_client.py)
+        engine = start_engine(engine_args, args.engine_process, log_level=getattr(logging, args.log_level.upper()))
     except KeyboardInterrupt:
         return 130
     try:
@@ -108,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
                    body_timeout_s=args.body_timeout, template_workers=args.template_workers,
                    template_time_limit_s=args.template_timeout, template_memory_bytes=args.template_memory_mb << 20)
     finally:
-        engine.shutdown()  # expert-parallel worker processes, if any
+        engine.shutdown()  # the engine-core process, expert-parallel worker processes, if any
     return 0
 
 
