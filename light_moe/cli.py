@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from light_moe.bench.shapes import SHAPES
 from light_moe.cli_args import add_bench_engine_args
 from light_moe.engine.args import EngineArgs
 
@@ -153,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True)
     e2e = bsub.add_parser("e2e", help="prefill and decode tokens/s of the whole engine")
     add_bench_engine_args(e2e)
-    e2e.add_argument("--shape", choices=["mixtral"], default=None,
-                     help="ignore --model and use the Mixtral-8x7B shape with random weights")
+    e2e.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                     help="ignore --model: a released model's shape with random weights (bench/shapes.py)")
     e2e.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
     e2e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     e2e.add_argument("--input-len", type=int, default=128)

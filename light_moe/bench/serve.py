@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from light_moe.bench.env import environment, write_result
+from light_moe.bench.shapes import SHAPES
 from light_moe.engine.args import EngineArgs
 
 PERCENTILES = (50, 90, 99)
@@ -482,8 +483,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--base-url", default=None, help="benchmark this running server instead of starting one")
     server.add_argument("--api-key", default=None)
     server.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
-    server.add_argument("--shape", choices=["mixtral"], default=None,
-                        help="ignore --model: the Mixtral-8x7B shape with random weights (no checkpoint on disk)")
+    server.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="ignore --model: a released model's shape with random weights (bench/shapes.py)")
     server.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
     server.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for /health")
     # the server's engine flags (--shape decides the load format; --seed is the request stream's)

@@ -30,6 +30,7 @@ import torch
 
 from light_moe.bench.e2e import bench_model, first_token_seconds
 from light_moe.bench.env import environment, write_result
+from light_moe.bench.shapes import SHAPES, shape_label
 
 GROUPS = ("moe", "attention", "gemm", "elementwise", "communication")
 MOE_PARTS = ("router", "routing", "grouped_gemm", "w4a16", "combine", "other")
@@ -243,8 +244,8 @@ def profile_prefill(engine, input_len: int, sync, on_gpu: bool, trace: str | Non
 
 def add_profile_step_args(p: argparse.ArgumentParser) -> None:
     """The flags after the engine's (cli_args.add_bench_engine_args; --eager is --enforce-eager)."""
-    p.add_argument("--shape", choices=["mixtral"], default=None,
-                   help="ignore --model and use the Mixtral-8x7B shape with random weights")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="ignore --model: a released model's shape with random weights (bench/shapes.py)")
     p.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
     p.add_argument("--batch-size", type=int, default=16, help="sequences in each profiled decode step")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (decode context; the prefill)")
@@ -291,7 +292,7 @@ def main(args) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
     notes = _notes(on_gpu, graphs, args.enforce_eager, decode, prefill)
     result = dict(benchmark="profile-step", env=environment(), model=str(model_path) if tmp is None else
-                  f"mixtral-8x7b-shape-{args.layers}-layers (random weights)", dtype=str(engine.config.dtype),
+                  shape_label(args.shape, args.layers), dtype=str(engine.config.dtype),
                   moe_backend=engine.ops.name, quantization=None if engine.config.quantization is None
                   else engine.config.quantization.name, activity="cuda" if on_gpu else "cpu",
                   cuda_graphs=graphs, eager=args.enforce_eager, decode=decode, prefill=prefill, notes=notes,
