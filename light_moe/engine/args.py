@@ -160,7 +160,7 @@ class EngineArgs:
             raise ValueError(f"model must be a model directory, got {self.model!r}")
         for f in fields(self):
             value, flag = getattr(self, f.name), f.metadata["flag"]
-            if f.type == "bool" and not isinstance(value, bool):
+            if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
             if flag.choices is not None and isinstance(value, str | int) and value not in flag.choices:
                 raise ValueError(f"{f.name} must be one of {flag.choices}, got {value!r}")
