@@ -22,7 +22,7 @@ import light_moe.engine.sampler as sampler_module  # noqa: E402
 from light_moe import LightMoEEngine, SamplingParams  # noqa: E402
 from light_moe.engine.args import EngineArgs  # noqa: E402
 from light_moe.engine.outputs import RequestOutput  # noqa: E402
-from light_moe.server.engine_client import EngineProcess  # noqa: E402
+from light_moe.server.engine_client import EngineProcess, _child_pids  # noqa: E402
 from light_moe.server.engine_loop import RequestFailedError, RequestStream  # noqa: E402
 from tests.test_server import (  # noqa: E402
     CONTEXT,
@@ -66,6 +66,14 @@ def build_with_sampler_bug(args):
         return real(logits, rows)
 
     sampler_module._filter = filter_with_a_bug
+    return LightMoEEngine.from_engine_args(args)
+
+
+def build_with_a_child_process(args):
+    """An engine whose core has a child process of its own (as expert-parallel workers are)."""
+    import subprocess
+
+    subprocess.Popen(["sleep", "600"])
     return LightMoEEngine.from_engine_args(args)
 
 
@@ -121,6 +129,24 @@ def _stream(url: str, route: str, body: dict) -> dict:
             summary["logprobs"] += logprobs.get("content") or []  # chat
     summary["finish_reasons"] = [r for r in summary["finish_reasons"] if r is not None]
     return summary
+
+
+def _children(pid: int) -> set[int]:
+    return set(_child_pids(pid))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is gone too
+    except OSError:
+        return True
+
+
+def _is_engine_core(pid: int) -> bool:
+    try:
+        return b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 # ---- the same answers in both modes ------------------------------------------------------------------------
@@ -189,14 +215,15 @@ def test_concurrent_streams_match_the_engine(servers, reference):
 
 
 def test_a_handler_that_fell_behind_gets_the_queued_outputs_joined():
-    """Both modes: outputs queued for a handler since it last ran come out as one (deltas joined, the latest
-    text and counts), so it never lags the engine by more than one event; an error behind them comes next."""
+    """Split mode: outputs queued for a handler since it last ran come out as one (deltas joined, the latest
+    text and counts), so it never lags the engine by more than one event; an error behind them comes next.
+    In-process, one output per token (clients timing each token rely on it)."""
     def output(ids, text, finished=False):
         return RequestOutput("r", None, [1], text, ids, text[-1:], ids[-1:], finished, "length" if finished else None,
                              logprobs=[-0.5] * len(ids))
 
     async def main():
-        stream = RequestStream("r", asyncio.get_running_loop(), 0.0, True)
+        stream = RequestStream("r", asyncio.get_running_loop(), 0.0, True, join_outputs=True)
         for out in (output([7], "a"), output([7, 8], "ab"), output([7, 8, 9], "abc")):
             stream._put(out)
         stream._put(RequestFailedError("boom"))
@@ -208,11 +235,16 @@ def test_a_handler_that_fell_behind_gets_the_queued_outputs_joined():
             await stream.next()
         assert stream.finished
 
-        stream = RequestStream("r", asyncio.get_running_loop(), 0.0, True)
+        stream = RequestStream("r", asyncio.get_running_loop(), 0.0, True, join_outputs=True)
         for out in (output([7], "a"), output([7, 8], "ab", finished=True)):
             stream._put(out)
         last = await stream.next()
         assert last.finished and last.delta_text == "ab" and stream.finished
+
+        stream = RequestStream("r", asyncio.get_running_loop(), 0.0, True)  # in-process: token by token
+        for out in (output([7], "a"), output([7, 8], "ab", finished=True)):
+            stream._put(out)
+        assert [(await stream.next()).delta_text for _ in range(2)] == ["a", "b"] and stream.finished
 
     asyncio.run(main())
 
@@ -367,22 +399,36 @@ def test_an_engine_process_serves_a_second_app(ckpt):
     assert process.process.exitcode == 0
 
 
-# ---- `serve --engine-process`: signals stop both processes -------------------------------------------------
-
-def _children(pid: int) -> set[int]:
-    children = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        children.update(int(c) for c in text)
-    return children
-
-
-def _is_engine_core(pid: int) -> bool:
+def test_an_expert_parallel_engine_core_serves_and_stops_with_its_workers(ckpt, reference):
+    """The core starts the expert-parallel ranks itself (it is no daemon); greedy answers equal one process's,
+    and shutdown stops the ranks too."""
+    process = EngineProcess(_args(ckpt, expert_parallel_size=2, collective_timeout_s=60.0))
     try:
-        return b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+        workers = _children(process.process.pid)
+        assert workers
+        with _running_server(process) as url:
+            for prompt in ("def fibonacci(n):", "Hello"):
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+                got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+                assert got == reference.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+    finally:
+        process.shutdown()
+    assert process.process.exitcode == 0 and all(_gone(pid) for pid in workers)
 
+
+def test_a_core_that_does_not_stop_is_killed_with_its_children(ckpt):
+    process = EngineProcess(_args(ckpt), build=build_with_a_child_process)
+    children = _children(process.process.pid)
+    assert children
+    process.shutdown(timeout=0.0)  # no time to stop on its own
+    assert process.process.exitcode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in children):
+        assert time.monotonic() < deadline, children
+        time.sleep(0.1)
+
+
+# ---- `serve --engine-process`: signals stop both processes -------------------------------------------------
 
 @pytest.mark.parametrize("signum, shutdown_timeout, max_tokens, finish_reason", [
     (signal.SIGTERM, 30.0, 40, "length"),  # the in-flight request finishes
@@ -423,3 +469,38 @@ def test_serve_on_the_cpu_keeps_the_engine_in_process_by_default(ckpt):
         assert proc.returncode == 0, stderr
     finally:
         _kill(proc)
+
+
+# ---- on a GPU: the default there --------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_the_split_on_a_gpu_answers_as_the_in_process_server(tmp_path):
+    """CUDA in a spawned engine-core process (the default of `serve` on a GPU), CUDA graphs and all: requests
+    one at a time (the same batches, so the same kernels) get the in-process server's greedy answers."""
+    import torch
+
+    ckpt = make_tiny_checkpoint("qwen3_moe", tmp_path / "qwen3", hidden_size=128, moe_intermediate_size=128,
+                                head_dim=64, max_position_embeddings=CONTEXT)
+    args = EngineArgs(ckpt, dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=256 << 20)
+    process = EngineProcess(args)
+    engine = LightMoEEngine.from_engine_args(args)
+    try:
+        assert process.device.startswith("cuda")
+        answers = {}
+        for mode, served in (("thread", engine), ("process", process)):
+            with _running_server(served) as url:
+                got = []
+                for prompt in ("def fibonacci(n):", "The quick brown fox", "import os\nimport sys"):
+                    body = {"model": MODEL, "prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+                    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+                    assert response.status_code == 200, response.text
+                    got.append(response.json()["choices"][0]["text"])
+                    got.append(_stream(url, "/v1/completions", body)["text"])
+                answers[mode] = got
+                _wait_idle(url)
+        assert answers["process"] == answers["thread"]
+    finally:
+        process.shutdown()
+        engine.shutdown()
+        torch.cuda.empty_cache()
+    assert process.process.exitcode == 0

@@ -86,7 +86,43 @@ class TextState:
         return delta_text, delta_ids
 
 
-class RequestState:
+class _Outputs:
+    """What RequestState and FrontendState share: a request's RequestOutputs from its text and tokens (they
+    set text, logprobs, arrival_time and first_token_time)."""
+
+    text: TextState
+    logprobs: list[float] | None
+    arrival_time: float
+    first_token_time: float | None
+
+    def _metrics(self, now: float, finished: bool) -> dict:
+        metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time}
+        if finished:
+            metrics["finish_time"] = now
+        return metrics
+
+    def _build(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], token_ids: list[int],
+               text: str, finish_reason: str | None, now: float, num_cached_tokens: int) -> RequestOutput:
+        delta_text, delta_ids = self.text.advance(text, token_ids)
+        return RequestOutput(
+            request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, text=text, token_ids=token_ids,
+            delta_text=delta_text, delta_token_ids=delta_ids, finished=finish_reason is not None,
+            finish_reason=finish_reason, logprobs=None if self.logprobs is None else list(self.logprobs),
+            metrics=self._metrics(now, finish_reason is not None), num_cached_tokens=num_cached_tokens)
+
+    def _failed(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], output_ids: list[int],
+                error: str, now: float, num_cached_tokens: int) -> FailedRequestOutput:
+        """The text and tokens already emitted (the detokenizer or the stop logic may be what failed, so
+        nothing more is decoded), finish_reason "error"."""
+        emitted = self.text.emitted_tokens
+        return FailedRequestOutput(
+            request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, text=self.text.emitted_text,
+            token_ids=list(output_ids[:emitted]), delta_text="", delta_token_ids=[], finished=True,
+            finish_reason="error", logprobs=None if self.logprobs is None else self.logprobs[:emitted],
+            metrics=self._metrics(now, True), num_cached_tokens=num_cached_tokens, error=error)
+
+
+class RequestState(_Outputs):
     def __init__(self, request: Request, tokenizer: Tokenizer, generator: torch.Generator | None,
                  eos_token_ids: frozenset[int], detokenize: bool = True):
         self.request = request
@@ -136,17 +172,8 @@ class RequestState:
 
     def _output(self, text: str, finish_reason: str | None, now: float) -> RequestOutput:
         req = self.request
-        token_ids = list(req.output_token_ids)
-        delta_text, delta_ids = self.text.advance(text, token_ids)
-        metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time}
-        if finish_reason is not None:
-            metrics["finish_time"] = now
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids), text=text,
-            token_ids=token_ids, delta_text=delta_text, delta_token_ids=delta_ids,
-            finished=finish_reason is not None, finish_reason=finish_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs), metrics=metrics,
-            num_cached_tokens=req.num_cached_tokens)
+        return self._build(req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids), text,
+                           finish_reason, now, req.num_cached_tokens)
 
     def _delta(self, finish_reason: str | None, error: str | None = None) -> TokenDelta:
         req = self.request
@@ -171,18 +198,11 @@ class RequestState:
         if not self.detokenize:
             return self._delta("error", error)
         req = self.request
-        emitted = self.text.emitted_tokens
-        return FailedRequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
-            text=self.text.emitted_text, token_ids=list(req.output_token_ids[:emitted]), delta_text="",
-            delta_token_ids=[], finished=True, finish_reason="error",
-            logprobs=None if self.logprobs is None else self.logprobs[:emitted],
-            metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
-                     "finish_time": time.monotonic()},
-            num_cached_tokens=req.num_cached_tokens, error=error)
+        return self._failed(req.request_id, req.prompt, list(req.prompt_token_ids), req.output_token_ids, error,
+                            time.monotonic(), req.num_cached_tokens)
 
 
-class FrontendState:
+class FrontendState(_Outputs):
     """A request's text side in the API process of a split server: the engine-core process sends TokenDeltas
     (new ids; a "stop" there is a stop token), this turns them into the RequestOutputs the engine itself would
     have built, stop strings included (the tokens after the one completing a stop string are dropped; the
@@ -221,25 +241,10 @@ class FrontendState:
             self.logprobs.extend(logprobs)
         self.text.update(self.token_ids)
         text, _ = self.text.visible_text(finish_reason is not None)
-        token_ids = list(self.token_ids)
-        delta_text, delta_ids = self.text.advance(text, token_ids)
-        metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time}
-        if finish_reason is not None:
-            metrics["finish_time"] = now
-        return RequestOutput(
-            request_id=self.request_id, prompt=None, prompt_token_ids=self.prompt_token_ids, text=text,
-            token_ids=token_ids, delta_text=delta_text, delta_token_ids=delta_ids,
-            finished=finish_reason is not None, finish_reason=finish_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs), metrics=metrics,
-            num_cached_tokens=delta.num_cached_tokens)
+        # the prompt ids are shared, not copied: nothing changes them
+        return self._build(self.request_id, None, self.prompt_token_ids, list(self.token_ids), text, finish_reason,
+                           now, delta.num_cached_tokens)
 
     def failed(self, error: str, now: float, num_cached_tokens: int = 0) -> FailedRequestOutput:
-        emitted = self.text.emitted_tokens
-        return FailedRequestOutput(
-            request_id=self.request_id, prompt=None, prompt_token_ids=self.prompt_token_ids,
-            text=self.text.emitted_text, token_ids=self.token_ids[:emitted], delta_text="", delta_token_ids=[],
-            finished=True, finish_reason="error",
-            logprobs=None if self.logprobs is None else self.logprobs[:emitted],
-            metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
-                     "finish_time": now},
-            num_cached_tokens=num_cached_tokens, error=error)
+        return self._failed(self.request_id, None, self.prompt_token_ids, self.token_ids, error, now,
+                            num_cached_tokens)

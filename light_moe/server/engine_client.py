@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -37,7 +40,7 @@ from light_moe.engine.tokenizer import Tokenizer
 from light_moe.models.loader import load_model_config
 from light_moe.parallel.groups import torchrun_launch
 from light_moe.sampling_params import SamplingParams
-from light_moe.server.engine_core import EngineCoreSpec, run_engine_core
+from light_moe.server.engine_core import EngineCoreSpec, build_engine, run_engine_core
 from light_moe.server.engine_loop import EngineDeadError, QueueFullError, RequestStream, StreamRouter, deliver
 from light_moe.server.metrics import ServerMetrics
 
@@ -57,16 +60,11 @@ def start_engine(engine_args, engine_process: bool | None = None, *, log_level: 
         raise ValueError("an engine-core process is not supported under torchrun (each rank constructs the engine "
                          "in its own process): serve with --no-engine-process")
     if engine_process:
-        return EngineProcess(engine_args, log_level=log_level)
+        engine = EngineProcess(engine_args, log_level=log_level)
+        logger.info("the engine runs in an engine-core process (pid %d, %s)", engine.process.pid, engine.device)
+        return engine
+    logger.info("the engine runs in the server's process")
     return build_engine(engine_args)
-
-
-def build_engine(engine_args) -> LightMoEEngine:
-    """A LightMoEEngine from an EngineArgs, or from a dict of LightMoEEngine's keywords with "model"."""
-    if isinstance(engine_args, dict):
-        options = dict(engine_args)
-        return LightMoEEngine(options.pop("model"), **options)
-    return LightMoEEngine.from_engine_args(engine_args)
 
 
 def _option(engine_args, name: str):
@@ -78,7 +76,7 @@ def _option(engine_args, name: str):
 class EngineProcess:
     """The engine in an engine-core process of its own, as the API process sees it. engine_args: an EngineArgs
     (or a dict of LightMoEEngine's keywords with "model"); build: a module-level callable engine_args ->
-    LightMoEEngine, run in the child (default: build_engine)."""
+    LightMoEEngine, run in the child (default: engine_core.build_engine)."""
 
     # The engine's own request checks, which read only tokenizer, model_config and max_model_len: the API
     # process answers 400s with the engine's words without asking the core.
@@ -144,9 +142,10 @@ class EngineProcess:
     def outputs(self):
         return self._outputs
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine-core process (it frees the device and stops its expert-parallel workers): asked,
-        then, after `timeout` seconds, killed. Idempotent; blocking."""
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the engine-core process (it frees the device and stops its expert-parallel workers, which can
+        take a while): asked, then, after `timeout` seconds, killed with its own child processes. Idempotent;
+        blocking."""
         self.send(("shutdown",))
         with self._send_lock:
             self._stopped = True
@@ -162,8 +161,19 @@ class EngineProcess:
                 self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
             logger.warning("the engine-core process did not stop within %.1f s: killing it", timeout)
-            self.process.kill()  # it ignores SIGTERM (engine_core.py)
+            for pid in (*_child_pids(self.process.pid), self.process.pid):  # expert-parallel workers first
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # the core ignores SIGTERM (engine_core.py)
         self.process.join(5.0)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (Linux /proc; none where it is missing)."""
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
 
 
 class EngineStats:
@@ -290,18 +300,13 @@ class EngineProcessLoop:
         if self.max_waiting is not None and waiting >= self.max_waiting:
             raise QueueFullError(f"{waiting} requests are already waiting (max_waiting={self.max_waiting}); "
                                  "retry later")
-        stream = RequestStream(request_id, self._loop, arrival_time, stream_deltas)
+        stream = RequestStream(request_id, self._loop, arrival_time, stream_deltas, join_outputs=True)
         stream.frontend = FrontendState(request_id, prompt_token_ids, params, self.engine.tokenizer, arrival_time)
         self._pending[request_id] = (stream, len(prompt_token_ids))
         if not self.engine.send(("add", request_id, prompt_token_ids, params)):
             del self._pending[request_id]
             raise EngineDeadError("the engine is not running: the engine-core process is gone")
-        try:
-            await stream.accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
-        return stream
+        return await stream.wait_accepted(self.abort)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self._pending:

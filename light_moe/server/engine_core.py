@@ -40,8 +40,7 @@ logger = logging.getLogger(__name__)
 class EngineCoreSpec:
     """What the engine-core process is started from (pickled to it: spawn). engine_args: an EngineArgs
     (engine/args.py), or a dict of LightMoEEngine's keywords with "model". build: a module-level callable
-    engine_args -> LightMoEEngine (None: engine_client.build_engine; tests and scripts/serve_overhead.py pass
-    their own)."""
+    engine_args -> LightMoEEngine (None: build_engine; tests and scripts/serve_overhead.py pass their own)."""
 
     engine_args: object
     build: Callable | None = None
@@ -71,9 +70,17 @@ def run_engine_core(spec: EngineCoreSpec, requests: Connection, outputs: Connect
     raise SystemExit(code)
 
 
-def _build(spec: EngineCoreSpec):
-    from light_moe.server.engine_client import build_engine
+def build_engine(engine_args):
+    """A LightMoEEngine from an EngineArgs, or from a dict of LightMoEEngine's keywords with "model"."""
+    from light_moe.engine.engine import LightMoEEngine
 
+    if isinstance(engine_args, dict):
+        options = dict(engine_args)
+        return LightMoEEngine(options.pop("model"), **options)
+    return LightMoEEngine.from_engine_args(engine_args)
+
+
+def _build(spec: EngineCoreSpec):
     engine = (spec.build or build_engine)(spec.engine_args)
     engine.detokenize = False
     return engine

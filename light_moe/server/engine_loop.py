@@ -48,10 +48,12 @@ class RequestFailedError(RuntimeError):
 class RequestStream:
     """The handler's end of one request: acceptance, then its outputs until one is finished."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, arrival_time: float, stream_deltas: bool):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, arrival_time: float, stream_deltas: bool,
+                 join_outputs: bool = False):
         self.request_id = request_id
         self.arrival_time = arrival_time
         self.stream_deltas = stream_deltas  # False: only the final output is delivered
+        self.join_outputs = join_outputs  # see next()
         self.accepted: asyncio.Future = loop.create_future()
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -67,6 +69,16 @@ class RequestStream:
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
 
+    async def wait_accepted(self, abort) -> RequestStream:
+        """Wait until the engine has taken the request (its error raised here); cancelled meanwhile (the client
+        left), abort(request_id) it."""
+        try:
+            await self.accepted
+        except asyncio.CancelledError:
+            abort(self.request_id)
+            raise
+        return self
+
     def _resolve(self, error: BaseException | None) -> None:
         if self.accepted.done():
             return
@@ -76,13 +88,16 @@ class RequestStream:
             self.accepted.set_exception(error)
 
     async def next(self) -> RequestOutput:
-        """The next output; a handler that fell behind the engine gets every output queued since in one (their
-        deltas joined), so the engine never waits for it and one SSE event then carries several tokens."""
+        """The next output. With join_outputs (a split server: engine_client.py), a handler that fell behind
+        gets every output queued since in one (their deltas joined), so one SSE event carries several tokens and
+        the API process catches up instead of holding the engine core back; otherwise one output per token,
+        which clients timing each token (bench serve --token-chunks) rely on."""
         if self._held is not None:
             item, self._held = self._held, None
         else:
             item = await self._queue.get()
-        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+        while (self.join_outputs and isinstance(item, RequestOutput) and not item.finished
+               and not self._queue.empty()):
             following = self._queue.get_nowait()
             if isinstance(following, BaseException):
                 self._held = following  # the outputs before it go out first
@@ -255,12 +270,7 @@ class EngineLoop:
             self._commands.append(_Add(stream, prompt_token_ids, params))
             self._queued_adds += 1
             self._cv.notify()
-        try:
-            await stream.accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
-        return stream
+        return await stream.wait_accepted(self.abort)
 
     def drain(self, timeout: float) -> None:
         """Refuse new requests from now on (503); abort those still running `timeout` seconds later.
