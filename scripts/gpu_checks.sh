@@ -173,6 +173,11 @@ serve-4|serve-32)
     TAIL=12 step "serve${tag}" "${SERVE_LIMIT:-300}" $py -m light_moe.cli bench serve $m --num-prompts 1024 \
         --input-len 128 --output-len 256 --sweep-concurrency $conc --prompts-per-concurrency 4 \
         --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_concurrency.json"
+    # the same concurrency sweep with the engine in the server's process (the split's gain, same call)
+    [ -n "${SKIP_INPROCESS:-}" ] || TAIL=8 step "serve${tag}_inprocess" "${SERVE_LIMIT:-300}" $py -m light_moe.cli \
+        bench serve $m --no-engine-process --num-prompts 1024 --input-len 128 --output-len 256 \
+        --sweep-concurrency $conc --prompts-per-concurrency 4 --slo-ttft-ms 200 --slo-tpot-ms 50 \
+        --output "$out/serve${tag}_concurrency_inprocess.json"
     [ -n "${SKIP_RATES:-}" ] || TAIL=8 step "serve${tag}_rates" 240 $py -m light_moe.cli bench serve $m \
         --num-prompts 128 --input-len 128 --output-len 128 --range-ratio 0.5 --sweep-rates $rates \
         --max-concurrency 256 --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_rates.json"

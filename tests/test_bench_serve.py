@@ -132,3 +132,16 @@ def test_client_chat_shared_prefix_and_concurrency_cap(tmp_path_factory):
     # the chat system prompt (40 words) is shared: later requests find its blocks cached
     assert _metric(after, "light_moe_prefix_cache_hits_total") >= 8 * 9
     assert sum(r.prompt_tokens for r in results) == _metric(after, "light_moe_prefix_cache_queries_total")
+
+
+@pytest.mark.parametrize("flag,expected", [([], None), (["--engine-process"], "--engine-process"),
+                                           (["--no-engine-process"], "--no-engine-process")])
+def test_server_command_passes_the_engine_process_choice(flag, expected, tmp_path):
+    from light_moe.bench.serve import server_command
+    from light_moe.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--device", "cpu", *flag])
+    cmd = server_command(args, tmp_path, "auto", 8123)
+    modes = [a for a in cmd if a.endswith("engine-process")]
+    assert modes == ([] if expected is None else [expected])
+    assert cmd[cmd.index("--port") + 1] == "8123"

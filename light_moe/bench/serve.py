@@ -292,7 +292,8 @@ def _free_port() -> int:
 def server_command(args, model_dir: Path, load_format: str, port: int) -> list[str]:
     """`light-moe serve` with this benchmark's engine flags (checked here, before the server starts)."""
     engine_args = EngineArgs.from_cli_args(args, model=model_dir, load_format=load_format)
-    return [sys.executable, "-m", "light_moe.cli", "serve", *engine_args.to_cli_args(), "--port", str(port),
+    mode = [] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"]
+    return [sys.executable, "-m", "light_moe.cli", "serve", *engine_args.to_cli_args(), *mode, "--port", str(port),
             "--log-level", "warning", "--max-waiting", str(max(1024, args.num_prompts))]
 
 
@@ -464,7 +465,8 @@ def _config(args, token_chunks: bool) -> dict:
     keys = ("base_url", "model", "shape", "layers", "endpoint", "dataset", "num_prompts", "input_len", "output_len",
             "range_ratio", "shared_prefix_len", "request_rate", "sweep_rates", "max_concurrency", "sweep_concurrency",
             "prompts_per_concurrency", "seed",
-            "enable_prefix_caching", "async_scheduling", "max_num_seqs", "max_num_batched_tokens", "dtype", "device",
+            "enable_prefix_caching", "engine_process", "async_scheduling", "max_num_seqs", "max_num_batched_tokens",
+            "dtype", "device",
             "expert_parallel_size", "quantization")
     config = {k: getattr(args, k, None) for k in keys}
     config["token_chunks"] = token_chunks
@@ -487,6 +489,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
                         help="ignore --model: a released model's shape with random weights (bench/shapes.py)")
     server.add_argument("--layers", type=int, default=4, help="layers of the --shape model")
     server.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="the server's engine-core process on or off (default: the server's choice, on with CUDA)")
     # the server's engine flags (--shape decides the load format; --seed is the request stream's)
     EngineArgs.add_cli_args(p, exclude=("model", "load_format", "seed"))
     load = p.add_argument_group("load")
