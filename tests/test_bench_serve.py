@@ -145,3 +145,12 @@ def test_server_command_passes_the_engine_process_choice(flag, expected, tmp_pat
     modes = [a for a in cmd if a.endswith("engine-process")]
     assert modes == ([] if expected is None else [expected])
     assert cmd[cmd.index("--port") + 1] == "8123"
+
+
+def test_a_chunk_of_several_tokens_gives_one_itl_value_per_token():
+    from light_moe.bench.serve import _logprob_tokens
+
+    completion = {"choices": [{"text": "abc", "logprobs": {"tokens": ["a", "b", "c"], "token_logprobs": [0, 0, 0]}}]}
+    chat = {"choices": [{"delta": {"content": "ab"}, "logprobs": {"content": [{"token": "a"}, {"token": "b"}]}}]}
+    plain = {"choices": [{"text": "abc", "logprobs": None}]}
+    assert [_logprob_tokens(c) for c in (completion, chat, plain)] == [3, 2, 1]

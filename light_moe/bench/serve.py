@@ -183,10 +183,14 @@ async def send(client, base_url: str, model: str, spec: RequestSpec, token_chunk
                     result.output_tokens = chunk["usage"]["completion_tokens"]
                 if not _has_tokens(chunk):
                     continue
+                # a chunk may carry k tokens (a split server joins a lagging stream's outputs): with logprobs the
+                # count is known, and the k tokens share the gap (the first chunk's extra tokens came at once)
+                k = _logprob_tokens(chunk)
                 if last is None:
                     result.ttft = now - start
+                    result.itl.extend([0.0] * (k - 1))
                 else:
-                    result.itl.append(now - last)
+                    result.itl.extend([(now - last) / k] * k)
                 last = now
     except Exception as exc:  # a benchmark reports a failed request; it does not stop
         result.error = f"{type(exc).__name__}: {exc}"
@@ -209,6 +213,15 @@ def _has_tokens(chunk: dict) -> bool:
         if delta.get("content"):
             return True
     return False
+
+
+def _logprob_tokens(chunk: dict) -> int:
+    """Tokens a chunk carries by its logprobs (completions: tokens; chat: content), at least 1."""
+    n = 0
+    for choice in chunk.get("choices") or ():
+        logprobs = choice.get("logprobs") or {}
+        n += len(logprobs.get("tokens") or logprobs.get("content") or ())
+    return max(1, n)
 
 
 async def run_stream(base_url: str, model: str, specs: list[RequestSpec], rate: float, max_concurrency: int | None,
