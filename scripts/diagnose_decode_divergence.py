@@ -25,6 +25,7 @@ import torch
 
 from light_moe import LightMoEEngine, SamplingParams
 from light_moe.ops.backend import MoEOps
+from tests.test_cute_engine_gpu import RouteTrace
 from tests.test_fidelity import engine_prefill_logits
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -34,33 +35,27 @@ SWAPS = {"attention": ("attention",), "router": ("router", "route", "routing_met
          "norm_rope": ("rms_norm", "rope_write_kv"), "linear": ("linear",)}
 
 
-class Recorder:
-    """Wraps an engine's ops.route and model.compute_logits to keep each call's top-k ids / logits."""
+class LogitsRecorder:
+    """Wraps model.compute_logits to keep each call's logits while `on` (the generate loop's, not the probes')."""
 
     def __init__(self, engine):
-        self.routes: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
-        self.gaps: list[torch.Tensor] = []
         self.on = False
-        ops, model = engine.ops, engine.model
-        route, logits = ops.route, model.compute_logits
-
-        def rec_route(x, gate_weight, top_k, renormalize, counts_out=None, **variant):
-            out = route(x, gate_weight, top_k, renormalize, counts_out, **variant)
-            if self.on:
-                self.routes.append(out[1].detach().to("cpu", torch.int64).sort(-1).values)
-                g = (x.float() @ gate_weight.float().t()).sort(-1, descending=True).values
-                self.gaps.append(((g[:, top_k - 1] - g[:, top_k]) / g[:, 0].abs().clamp_min(1e-6)).cpu())
-            return out
+        compute = engine.model.compute_logits
 
         def rec_logits(hidden):
-            out = logits(hidden)
+            out = compute(hidden)
             if self.on:
                 self.logits.append(out.detach().float().cpu())
             return out
 
-        ops.route = rec_route
-        model.compute_logits = rec_logits
+        engine.model.compute_logits = rec_logits
+
+
+def _gap(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row: the k-th minus the (k+1)-th router logit, relative to the largest magnitude."""
+    g = logits.sort(-1, descending=True).values
+    return (g[:, k - 1] - g[:, k]) / g[:, 0].abs().clamp_min(1e-6)
 
 
 def make_engine(ckpt, backend: str, swap: str | None, quantization: str | None, device: str = "cuda"):
@@ -76,15 +71,19 @@ def make_engine(ckpt, backend: str, swap: str | None, quantization: str | None, 
 
 
 def run_prompt(eng, prompt, max_tokens):
-    """(tokens, per-decode-step routes [L x [K]], decode logits per step) of one prompt alone."""
+    """(tokens, per-forward routes [L x [T, K]], their k-th / (k+1)-th router-logit gaps, decode logits per
+    step) of one prompt alone."""
     rec = eng._diag
-    rec.routes.clear(), rec.logits.clear(), rec.gaps.clear()
+    rec.logits.clear()
+    trace = RouteTrace(eng)  # tests/test_cute_engine_gpu.py: logits and sorted top-k ids per route call
     rec.on = True
     out = eng.generate_outputs([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]
     rec.on = False
+    del eng.ops.route  # back to the class's method (the probes below are not recorded)
     layers = len(eng.model.moe_blocks())
-    steps = [rec.routes[i:i + layers] for i in range(0, len(rec.routes), layers)]
-    gaps = [rec.gaps[i:i + layers] for i in range(0, len(rec.gaps), layers)]
+    calls = trace.calls
+    steps = [[ids for _, ids in calls[i:i + layers]] for i in range(0, len(calls), layers)]
+    gaps = [[_gap(lg, ids.shape[1]) for lg, ids in calls[i:i + layers]] for i in range(0, len(calls), layers)]
     return list(out.token_ids), steps, gaps, [lg[-1] for lg in rec.logits]
 
 
@@ -103,12 +102,12 @@ def main() -> None:
         extra.update(hidden_size=128, moe_intermediate_size=128, head_dim=64)
     ckpt = make_tiny_checkpoint(args.family, Path(tempfile.mkdtemp()) / args.family, **extra)
     ref = make_engine(ckpt, "reference", None, args.quantization, args.device)
-    ref._diag = Recorder(ref)
+    ref._diag = LogitsRecorder(ref)
     ref_runs = [run_prompt(ref, pr, args.max_tokens) for pr in PROMPTS]
     report = {"family": args.family, "quantization": args.quantization, "variants": {}}
     for variant in args.variants:
         eng = make_engine(ckpt, args.backend, None if variant == "cute" else variant, args.quantization, args.device)
-        eng._diag = Recorder(eng)
+        eng._diag = LogitsRecorder(eng)
         rows = []
         for pr, (rt, rsteps, rgaps, _) in zip(PROMPTS, ref_runs):
             ct, csteps, _, clogits = run_prompt(eng, pr, args.max_tokens)

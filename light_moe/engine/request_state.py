@@ -172,7 +172,8 @@ class RequestState(_Outputs):
 
     def _output(self, text: str, finish_reason: str | None, now: float) -> RequestOutput:
         req = self.request
-        return self._build(req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids), text,
+        # the prompt ids are shared, not copied per token (Request copied them once; nothing changes them)
+        return self._build(req.request_id, req.prompt, req.prompt_token_ids, list(req.output_token_ids), text,
                            finish_reason, now, req.num_cached_tokens)
 
     def _delta(self, finish_reason: str | None, error: str | None = None) -> TokenDelta:
@@ -198,7 +199,7 @@ class RequestState(_Outputs):
         if not self.detokenize:
             return self._delta("error", error)
         req = self.request
-        return self._failed(req.request_id, req.prompt, list(req.prompt_token_ids), req.output_token_ids, error,
+        return self._failed(req.request_id, req.prompt, req.prompt_token_ids, req.output_token_ids, error,
                             time.monotonic(), req.num_cached_tokens)
 
 
