@@ -14,6 +14,11 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+# query rows of paged_attention_sinks go in chunks whose logits stay within this many bytes (a 2048-token prompt of
+# gpt-oss-20b's 64 heads would otherwise hold 64 * 2048 * 2048 logits at once per layer and sequence: 0.5 GB in bf16,
+# 1 GB in fp32; softmax and its inputs hold about three such tensors at a time)
+SINK_LOGITS_BUDGET_BYTES = 256 << 20
+
 
 @dataclass
 class AttentionMetadata:
@@ -166,30 +171,47 @@ def paged_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, kv_b_weight
 
 
 def paged_attention_sinks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          scale: float, sinks: torch.Tensor | None = None,
-                          sliding_window: int | None = None) -> torch.Tensor:
+                          scale: float, sinks: torch.Tensor | None = None, sliding_window: int | None = None,
+                          logits_budget_bytes: int = SINK_LOGITS_BUDGET_BYTES) -> torch.Tensor:
     """paged_attention with gpt-oss's two additions (transformers' gpt_oss eager attention): sinks [h], a learned
     per-head logit that joins every row's softmax denominator and attends to nothing; sliding_window W, a query
-    at position p sees keys at positions p - W + 1 ... p only. Returns [N, h, D]."""
+    at position p sees keys at positions p - W + 1 ... p only (key_pos > p - W). Returns [N, h, D].
+
+    Query rows go in chunks of as many as keep the [B, g, r, rows, C] logits within logits_budget_bytes (at least
+    one row per chunk); every row's softmax is its own, so the result does not depend on the chunking."""
     num_tokens, num_heads, head_dim = q.shape
     batch, max_q, max_c = meta.block_tables.shape[0], meta.max_query_len, meta.max_ctx_len
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
     blocks_needed = (max_c + block_size - 1) // block_size
     tables = meta.block_tables[:, :blocks_needed]
     k, v = (cache[tables].reshape(batch, blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_c]
-            .repeat_interleave(num_heads // num_kv_heads, dim=2).transpose(1, 2) for cache in (k_cache, v_cache))
+            .transpose(1, 2) for cache in (k_cache, v_cache))  # [B, g, C, D]
     q_pad = q.new_zeros(batch * max_q, num_heads, head_dim)
     q_pad.index_copy_(0, meta.padded_index, q)
-    q_pad = q_pad.view(batch, max_q, num_heads, head_dim).transpose(1, 2)  # [B, h, Q, D]
-    mask = meta.attn_mask  # [B, 1, Q, C]
+    q_pad = q_pad.view(batch, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, g, r, Q, D]
+    mask = meta.attn_mask.unsqueeze(1)  # [B, 1, 1, Q, C]
     if sliding_window is not None:
         key_pos = torch.arange(max_c, device=q.device)
-        mask = mask & (key_pos > meta.query_pos.unsqueeze(-1) - sliding_window).unsqueeze(1)
-    logits = (q_pad @ k.transpose(2, 3)) * scale  # [B, h, Q, C]
-    logits = logits.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        logits = torch.cat((logits, sinks.to(logits.dtype).view(1, -1, 1, 1).expand(batch, -1, max_q, 1)), dim=-1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(logits, dim=-1)[..., :max_c]  # the sink's share is dropped
-    out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch * max_q, num_heads, head_dim)
+        in_window = key_pos > meta.query_pos.unsqueeze(-1) - sliding_window  # [B, Q, C]
+        mask = mask & in_window.view(batch, 1, 1, max_q, max_c)
+    sink_logits = None if sinks is None else sinks.view(1, num_kv_heads, group, 1, 1)
+    row_bytes = batch * num_heads * (max_c + 1) * q.element_size()  # one query row's logits, sink included
+    rows = max(1, min(max_q, logits_budget_bytes // row_bytes))
+    out = q.new_empty(batch, num_kv_heads, group, max_q, head_dim)
+    for start in range(0, max_q, rows):
+        end = min(start + rows, max_q)
+        # the r query heads of KV head j (j * r ... j * r + r - 1, as repeat_interleave pairs them) as r * n rows
+        # of one product with its keys, so K and V are never copied per query head
+        q_rows = q_pad[:, :, :, start:end].reshape(batch, num_kv_heads, group * (end - start), head_dim)
+        logits = (q_rows @ k.transpose(-1, -2)).view(batch, num_kv_heads, group, end - start, max_c) * scale
+        logits.masked_fill_(~mask[..., start:end, :], float("-inf"))
+        if sink_logits is not None:
+            sink = sink_logits.to(logits.dtype).expand(batch, -1, -1, end - start, 1)
+            logits = torch.cat((logits, sink), dim=-1)
+        logits -= logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1)[..., :max_c]  # the sink's share is dropped
+        probs = probs.to(v.dtype).reshape(batch, num_kv_heads, group * (end - start), max_c)
+        out[:, :, :, start:end] = (probs @ v).view(batch, num_kv_heads, group, end - start, head_dim)
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch * max_q, num_heads, head_dim)  # [B * Q, h, D]
     return out.index_select(0, meta.padded_index)
