@@ -48,6 +48,8 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
+from light_moe.kernels.router_select import Selection, TokenSelect
+from light_moe.kernels.router_select import supports as selection_supports
 from light_moe.kernels.routing import scan_expert_counts
 
 _TORCH_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -209,10 +211,11 @@ _KEY_REMOVED = -(2 ** 31)
 
 
 class RouterKernel:
-    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta, metadata)."""
+    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta, metadata, selection)."""
 
     def __init__(self, dtype_name: str, hidden: int, num_experts: int, top_k: int,
-                 renormalize: bool, tile: RouterTile, single_cta: bool = False, metadata: bool = False):
+                 renormalize: bool, tile: RouterTile, single_cta: bool = False, metadata: bool = False,
+                 selection: Selection | None = None):
         self.dtype_name = dtype_name
         self.words = hidden * (4 if dtype_name == "fp32" else 2) // 4  # 32-bit words per row
         self.num_experts = num_experts
@@ -227,15 +230,24 @@ class RouterKernel:
         if metadata and not self.single_cta:
             raise ValueError("routing metadata from the router needs one fused CTA (single_cta, no split tile)")
         self.metadata = metadata
+        # a routing variant (router_select.py) replaces the softmax top-k of the top-k stage; None: softmax top-k
+        self.selection = selection
+        if selection is not None:
+            ok, reason = selection_supports(selection, num_experts, top_k)
+            if not ok:
+                raise ValueError(f"router selection {selection}: {reason}")
+            self.selector = TokenSelect(selection, num_experts, top_k, renormalize)
         self.e_pad = 8 * tile.ng * tile.ntw
         self.threads = 32 * tile.warps
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, weights_ptr: cute.Pointer,
                  ids_ptr: cute.Pointer, counts_ptr: cute.Pointer, logits_ptr: cute.Pointer, offsets_ptr: cute.Pointer,
-                 gather_ptr: cute.Pointer, reverse_ptr: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
+                 gather_ptr: cute.Pointer, reverse_ptr: cute.Pointer, gate_bias_ptr: cute.Pointer,
+                 correction_ptr: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
         """logits_ptr: fp32 scratch [HS, T, E] for the split mode (unused when fused). offsets / gather /
-        reverse: int32 [E + 1], [T K], [T K] routing metadata (written only by a metadata kernel)."""
+        reverse: int32 [E + 1], [T K], [T K] routing metadata (written only by a metadata kernel). gate_bias /
+        correction: the selection's bias vectors [E] (read only where the selection has them)."""
         words, n_exp, k, tile = self.words, self.num_experts, self.top_k, self.tile
         x = cute.make_tensor(x_ptr, cute.make_layout((n_tokens, words), stride=(words, 1)))
         w = cute.make_tensor(w_ptr, cute.make_layout((n_exp, words), stride=(words, 1)))
@@ -248,11 +260,14 @@ class RouterKernel:
         offsets = cute.make_tensor(offsets_ptr, cute.make_layout((n_exp + 1,)))
         gather = cute.make_tensor(gather_ptr, cute.make_layout((n_tokens * k,)))
         reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_tokens * k,)))
-        self.kernel(x, w, weights, ids, counts, logits, offsets, gather, reverse, n_tokens).launch(
+        gate_bias = cute.make_tensor(gate_bias_ptr, cute.make_layout((n_exp,)))
+        correction = cute.make_tensor(correction_ptr, cute.make_layout((n_exp,)))
+        self.kernel(x, w, weights, ids, counts, logits, offsets, gather, reverse, gate_bias, correction,
+                    n_tokens).launch(
             grid=(cute.ceil_div(n_tokens, tile.tokens), tile.eg, tile.hs),
             block=(self.threads, 1, 1), stream=stream, use_pdl=True)
         if cutlass.const_expr(tile.split):
-            self.topk_kernel(logits, weights, ids, counts, n_tokens).launch(
+            self.topk_kernel(logits, weights, ids, counts, gate_bias, correction, n_tokens).launch(
                 grid=(cute.ceil_div(n_tokens, TOPK_TOKENS_PER_CTA), 1, 1), block=(256, 1, 1), stream=stream,
                 use_pdl=True)
 
@@ -305,7 +320,7 @@ class RouterKernel:
     @cute.kernel
     def kernel(self, x: cute.Tensor, w: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor,
                counts: cute.Tensor, logits: cute.Tensor, offsets: cute.Tensor, gather: cute.Tensor,
-               reverse: cute.Tensor, n_tokens: Int32):
+               reverse: cute.Tensor, gate_bias: cute.Tensor, correction: cute.Tensor, n_tokens: Int32):
         await_inputs()  # x: the previous layer's output
         tile = self.tile
         n_exp, e_pad, threads = self.num_experts, self.e_pad, self.threads
@@ -390,7 +405,7 @@ class RouterKernel:
                 for e in range(tidx, n_exp, threads):
                     counts[e] = Int32(0)
         else:
-            self.topk_tokens(partial, ks_n, bidx * tm, tm, n_tokens, weights, ids, hist)
+            self.topk_tokens(partial, ks_n, bidx * tm, tm, n_tokens, weights, ids, hist, gate_bias, correction)
             cute.arch.sync_threads()
             for e in range(tidx, n_exp, threads):
                 c = hist[e]
@@ -429,7 +444,7 @@ class RouterKernel:
 
     @cute.kernel
     def topk_kernel(self, logits: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor, counts: cute.Tensor,
-                    n_tokens: Int32):
+                    gate_bias: cute.Tensor, correction: cute.Tensor, n_tokens: Int32):
         """Split mode, second launch: sum the H-slice partial logits, then softmax + top-k + counts."""
         await_inputs()
         n_exp = self.num_experts
@@ -440,7 +455,8 @@ class RouterKernel:
             hist[e] = Int32(0)
         cute.arch.sync_threads()
         first = bidx * TOPK_TOKENS_PER_CTA
-        self.topk_tokens(logits, self.tile.hs, first, TOPK_TOKENS_PER_CTA, n_tokens, weights, ids, hist)
+        self.topk_tokens(logits, self.tile.hs, first, TOPK_TOKENS_PER_CTA, n_tokens, weights, ids, hist, gate_bias,
+                         correction)
         cute.arch.sync_threads()
         for e in range(tidx, n_exp, 256):
             c = hist[e]
@@ -449,10 +465,11 @@ class RouterKernel:
 
     @cute.jit
     def topk_tokens(self, src: cute.Tensor, n_parts: cutlass.Constexpr, first: Int32, n_local: cutlass.Constexpr,
-                    n_tokens: Int32, weights: cute.Tensor, ids: cute.Tensor, hist: cute.Tensor):
-        """Softmax + top-k for tokens first + [0, n_local), one warp per token; lane owns experts
-        lane + 32 j. Logit of (token, e) = sum over p < n_parts of src[e, row, p] (row = local index
-        for shared memory, the token for global scratch), in a fixed order."""
+                    n_tokens: Int32, weights: cute.Tensor, ids: cute.Tensor, hist: cute.Tensor,
+                    gate_bias: cute.Tensor, correction: cute.Tensor):
+        """Softmax + top-k (or the selection's variant) for tokens first + [0, n_local), one warp per token; lane
+        owns experts lane + 32 j. Logit of (token, e) = sum over p < n_parts of src[e, row, p] (row = local index
+        for shared memory, the token for global scratch), in a fixed order, plus the selection's gate bias."""
         n_exp, k = self.num_experts, self.top_k
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = cute.arch.lane_idx()
@@ -475,70 +492,94 @@ class RouterKernel:
                         v = src[e, row, 0]
                         for part in cutlass.range_constexpr(1, n_parts):
                             v = v + src[e, row, part]
+                        if cutlass.const_expr(self.selection is not None and self.selection.gate_bias is not None):
+                            v = v + gate_bias[e].to(Float32)
                     vals[j] = v
                     row_max = cute.arch.fmax(row_max, v)
-                row_max = cute.arch.warp_reduction_max(row_max)
-                denom = Float32(0.0)
-                for j in cutlass.range_constexpr(per_lane):
-                    denom += cute.math.exp(vals[j] - row_max, fastmath=True)
-                denom = cute.arch.warp_reduction_sum(denom)
-                keys = cute.make_rmem_tensor((per_lane,), Int32)
-                for j in cutlass.range_constexpr(per_lane):
-                    keys[j] = selection_key(vals[j], lane + 32 * j)
-                picked = Float32(0.0)
-                for kk in cutlass.range_constexpr(k):
-                    key = Int32(_KEY_REMOVED)
-                    v = -Float32.inf
-                    for j in cutlass.range_constexpr(per_lane):
-                        better = keys[j] > key
-                        v = vals[j] if better else v
-                        key = keys[j] if better else key
-                    for s in cutlass.range_constexpr(5):
-                        other = cute.arch.shuffle_sync_bfly(key, offset=16 >> s)
-                        key = other if other > key else key
-                    i = 255 - (key & 0xFF)
-                    v = cute.arch.shuffle_sync(v, i % 32)  # the winner's exact logit from its lane
-                    for j in cutlass.range_constexpr(per_lane):
-                        if i == lane + 32 * j:
-                            keys[j] = Int32(_KEY_REMOVED)
-                    p = cute.math.exp(v - row_max, fastmath=True)
-                    best_p[kk] = p
-                    best_id[kk] = i
-                    picked += p
-                scale = 1.0 / denom
-                if cutlass.const_expr(self.renormalize):
-                    scale = 1.0 / picked
+                if cutlass.const_expr(self.selection is not None):
+                    self.selector.select(vals, lane, correction, best_p, best_id)  # final weights
+                else:
+                    self.softmax_topk(vals, row_max, lane, best_p, best_id)
                 for kk in cutlass.range_constexpr(k):
                     if lane == kk:
-                        weights[token, kk] = best_p[kk] * scale
+                        weights[token, kk] = best_p[kk]
                         ids[token, kk] = best_id[kk]
                         if best_id[kk] < n_exp:  # only NaN logits pick a padding column
                             atomic_add(hist.iterator + best_id[kk], Int32(1), MemScopeKind.CTA)
 
+    @cute.jit
+    def softmax_topk(self, vals: cute.Tensor, row_max: Float32, lane: Int32, best_p: cute.Tensor,
+                     best_id: cute.Tensor):
+        """The default selection: softmax statistics by warp reductions, K rounds of a warp arg-max on 24-bit
+        selection keys; best_p gets the chosen probabilities (renormalised when asked)."""
+        k, per_lane = self.top_k, (self.num_experts + 31) // 32
+        row_max = cute.arch.warp_reduction_max(row_max)
+        denom = Float32(0.0)
+        for j in cutlass.range_constexpr(per_lane):
+            denom += cute.math.exp(vals[j] - row_max, fastmath=True)
+        denom = cute.arch.warp_reduction_sum(denom)
+        keys = cute.make_rmem_tensor((per_lane,), Int32)
+        for j in cutlass.range_constexpr(per_lane):
+            keys[j] = selection_key(vals[j], lane + 32 * j)
+        picked = Float32(0.0)
+        for kk in cutlass.range_constexpr(k):
+            key = Int32(_KEY_REMOVED)
+            v = -Float32.inf
+            for j in cutlass.range_constexpr(per_lane):
+                better = keys[j] > key
+                v = vals[j] if better else v
+                key = keys[j] if better else key
+            for s in cutlass.range_constexpr(5):
+                other = cute.arch.shuffle_sync_bfly(key, offset=16 >> s)
+                key = other if other > key else key
+            i = 255 - (key & 0xFF)
+            v = cute.arch.shuffle_sync(v, i % 32)  # the winner's exact logit from its lane
+            for j in cutlass.range_constexpr(per_lane):
+                if i == lane + 32 * j:
+                    keys[j] = Int32(_KEY_REMOVED)
+            p = cute.math.exp(v - row_max, fastmath=True)
+            best_p[kk] = p
+            best_id[kk] = i
+            picked += p
+        scale = 1.0 / denom
+        if cutlass.const_expr(self.renormalize):
+            scale = 1.0 / picked
+        for kk in cutlass.range_constexpr(k):
+            best_p[kk] = best_p[kk] * scale
+
+def _bias_types(selection: Selection | None):
+    """CuTe element types of the gate-bias and correction-bias pointers (fp32 placeholders where absent)."""
+    if selection is None:
+        return Float32, Float32
+    return selection.bias_type("gate_bias"), selection.bias_type("correction_bias")
+
 
 def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
-                      tile: RouterTile, stream=None, single_cta: bool = False, metadata: bool = False):
+                      tile: RouterTile, stream=None, single_cta: bool = False, metadata: bool = False,
+                      selection: Selection | None = None):
     """(jit function, arguments) for cute.compile; placeholder pointers, T dynamic. Used by the
     cache below and by the CPU compile tests (pass cute.runtime.make_fake_stream() there)."""
     name = _TORCH_TO_NAME[dtype]
     gmem = cute.AddressSpace.gmem
-    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata)
+    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata, selection)
     args = (make_ptr(Int32, 16, gmem, assumed_align=16), make_ptr(Int32, 16, gmem, assumed_align=16),
             make_ptr(Float32, 16, gmem, assumed_align=4), make_ptr(Int32, 16, gmem, assumed_align=4),
             make_ptr(Int32, 16, gmem, assumed_align=4), make_ptr(Float32, 16, gmem, assumed_align=4),
-            *(make_ptr(Int32, 16, gmem, assumed_align=4) for _ in range(3)), Int32(1), stream)
+            *(make_ptr(Int32, 16, gmem, assumed_align=4) for _ in range(3)),
+            *(make_ptr(t, 16, gmem, assumed_align=t.width // 8) for t in _bias_types(selection)), Int32(1), stream)
     return fn, args
 
 
-_compiled = CompileCache("router")  # (dtype, H, E, K, renormalize, tile, single_cta, metadata); never keyed on T
-
+# (dtype, H, E, K, renormalize, tile, single_cta, metadata, selection); never keyed on T
+_compiled = CompileCache("router")
 
 
 def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
-                    tile: RouterTile, single_cta: bool = False, metadata: bool = False):
-    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta, metadata)
+                    tile: RouterTile, single_cta: bool = False, metadata: bool = False,
+                    selection: Selection | None = None):
+    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta, metadata, selection)
     return _compiled.get(key, lambda: make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile,
-                                                        current_stream(), single_cta, metadata))
+                                                        current_stream(), single_cta, metadata, selection))
 
 
 def workspace_size(num_tokens: int, num_experts: int, tile: RouterTile) -> int:
@@ -561,6 +602,36 @@ def _check(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> None:
         raise ValueError("x and gate_weight must be 16-byte aligned (128-bit loads)")
 
 
+def _check_selection(selection: Selection | None, gate_bias: torch.Tensor | None,
+                     correction_bias: torch.Tensor | None, num_experts: int, top_k: int, device) -> None:
+    """The bias vectors must be exactly those the selection was built for (router_select.selection_for)."""
+    if selection is not None:
+        ok, reason = selection_supports(selection, num_experts, top_k)
+        if not ok:
+            raise ValueError(f"router selection: {reason}")
+    for name, bias in (("gate_bias", gate_bias), ("correction_bias", correction_bias)):
+        want = None if selection is None else getattr(selection, name)
+        if (bias is None) != (want is None):
+            raise ValueError(f"{name}: the selection {'expects a ' + want + ' vector' if want else 'has none'}, "
+                             f"got {'none' if bias is None else 'a tensor'}")
+        if bias is None:
+            continue
+        if _TORCH_TO_NAME.get(bias.dtype) != want:
+            raise TypeError(f"{name} must be {want} as the selection says, got {bias.dtype}")
+        if bias.shape != (num_experts,) or not bias.is_contiguous() or bias.device != device:
+            raise ValueError(f"{name} must be a contiguous [{num_experts}] tensor on {device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
+
+
+def common_dtype(x: torch.Tensor, gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and gate_weight in one dtype for the kernel: both fp32 where they differ (e.g. bf16 activations with an
+    fp32 gate). Exact: bf16 / fp16 values are fp32 values, and the variants' reference computes the logits in fp32
+    from both; the cost is the fp32 copy (and the 3xTF32 GEMM, which keeps ~1e-6 relative accuracy)."""
+    if x.dtype == gate_weight.dtype:
+        return x, gate_weight
+    return x.float(), gate_weight.float()
+
+
 def metadata_fusable(num_experts: int, num_tokens: int, row_bytes: int, tile: RouterTile | None = None) -> bool:
     """Whether router_into can also write the routing metadata: one fused CTA covers the T tokens."""
     tile = tile or choose_tile(num_experts, num_tokens, row_bytes)
@@ -570,14 +641,19 @@ def metadata_fusable(num_experts: int, num_tokens: int, row_bytes: int, tile: Ro
 def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, tokens_per_expert: torch.Tensor,
                 tile: RouterTile | None = None, workspace: torch.Tensor | None = None,
-                metadata: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                metadata: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                selection: Selection | None = None, gate_bias: torch.Tensor | None = None,
+                correction_bias: torch.Tensor | None = None) -> None:
     """Writes topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32 on the current
     stream; graph-capturable. One launch when a single fused CTA covers T, else two: memset + fused kernel, or
     (split tiles, E > 16 and
     T <= SPLIT_MAX_TOKENS) GEMM + top-k kernels with fp32 scratch of workspace_size(...) elements,
     allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks).
     metadata = (expert_offsets [E + 1], gather_index [T K], reverse_index [T K]) int32: also written, as
-    routing.routing_metadata_into would, in the same launch; only where metadata_fusable (decode)."""
+    routing.routing_metadata_into would, in the same launch; only where metadata_fusable (decode).
+    selection: a routing variant (router_select.selection_for of a config.RouterConfig) with its bias vectors
+    gate_bias / correction_bias [E], given exactly where the selection has them; None: softmax top-k."""
+    _check_selection(selection, gate_bias, correction_bias, gate_weight.shape[0], top_k, x.device)
     _check(x, gate_weight, top_k)
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
@@ -606,7 +682,8 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
             if t.shape != (n,) or t.dtype != torch.int32 or not t.is_contiguous() or t.device != x.device:
                 raise ValueError(f"{name} must be a contiguous [{n}] int32 tensor on {x.device}, got "
                                  f"{tuple(t.shape)} {t.dtype}")
-    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata is not None)
+    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata is not None,
+                         selection)
     if need == 0:
         if not single_cta:
             tokens_per_expert.zero_()  # the split mode zeroes it inside its first kernel
@@ -623,20 +700,24 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
        make_ptr(Int32, tokens_per_expert.data_ptr(), gmem, assumed_align=4),
        make_ptr(Float32, workspace.data_ptr(), gmem, assumed_align=4),
        *(make_ptr(Int32, t.data_ptr(), gmem, assumed_align=4) for t in (metadata or (topk_ids,) * 3)),
+       *(make_ptr(t, (topk_weights if b is None else b).data_ptr(), gmem, assumed_align=t.width // 8)
+         for t, b in zip(_bias_types(selection), (gate_bias, correction_bias))),
        Int32(num_tokens), current_stream())
 
 
 def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
-           tokens_per_expert: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as light_moe.ops.reference.router: (topk_weights fp32 [T, K], topk_ids int32 [T, K],
-    tokens_per_expert int32 [E]); the counts go into `tokens_per_expert` when given (a persistent buffer)."""
+           tokens_per_expert: torch.Tensor | None = None,
+           **selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as light_moe.ops.reference.router (with a selection: reference.spec_router): (topk_weights
+    fp32 [T, K], topk_ids int32 [T, K], tokens_per_expert int32 [E]); the counts go into `tokens_per_expert` when
+    given (a persistent buffer). selection: router_into's selection, gate_bias, correction_bias."""
     outputs = _outputs(x, gate_weight.shape[0], top_k, tokens_per_expert)
-    router_into(x, gate_weight, top_k, renormalize, *outputs)
+    router_into(x, gate_weight, top_k, renormalize, *outputs, **selection)
     return outputs
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
-          tokens_per_expert: torch.Tensor | None = None):
+          tokens_per_expert: torch.Tensor | None = None, **selection):
     """router() plus (expert_offsets [E + 1], gather_index [T K], reverse_index [T K]) int32 written by the
     same launch where one fused CTA covers T (metadata_fusable: decode with E <= 16), else None for them."""
     num_tokens, hidden = x.shape
@@ -648,7 +729,7 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: b
         metadata = (torch.empty(num_experts + 1, dtype=torch.int32, device=x.device),
                     torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device),
                     torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device))
-    router_into(x, gate_weight, top_k, renormalize, *outputs, tile=tile, metadata=metadata)
+    router_into(x, gate_weight, top_k, renormalize, *outputs, tile=tile, metadata=metadata, **selection)
     return (*outputs, metadata)
 
 
