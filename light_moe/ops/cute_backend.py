@@ -22,6 +22,7 @@ from light_moe.kernels import prefill_attention as prefill_kernel
 from light_moe.kernels import rms_norm as rms_norm_kernel
 from light_moe.kernels import rope_kv as rope_kernel
 from light_moe.kernels import router as router_kernel
+from light_moe.kernels import router_select as select_kernel
 from light_moe.kernels import routing as routing_kernel
 from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
 from light_moe.ops.attention import AttentionMetadata
@@ -98,9 +99,11 @@ class CuteOps(MoEOps):
 
     def graph_safe(self, gate_weight, top_k: int, w13, w2, spec=None, expert_spec=None) -> bool:
         num_experts, hidden = gate_weight.shape
-        # the routing variants (spec) run on the reference router, whose bincount syncs with the host; the expert
-        # variants (expert_spec) on the reference experts, which read the row counts on the host
-        return (spec is None and expert_spec is None and self._kernel_layout(w13) and self._kernel_layout(w2)
+        # the routing variants (spec) the router kernel's selection step does not take run on the reference router,
+        # whose bincount syncs with the host; the expert variants (expert_spec) on the reference experts, which read
+        # the row counts on the host
+        return (self._variant_supports(spec, num_experts, top_k)[0] and expert_spec is None
+                and self._kernel_layout(w13) and self._kernel_layout(w2)
                 and router_kernel.supports(gate_weight.dtype, hidden, num_experts, top_k)[0]
                 and routing_kernel.supports(num_experts, top_k)[0]
                 and combine_kernel.supports(gate_weight.dtype, hidden, top_k)[0])
@@ -111,11 +114,40 @@ class CuteOps(MoEOps):
             return False, f"gate weight is {gate_weight.dtype}, activations {x.dtype}"
         return router_kernel.supports(x.dtype, x.shape[1], gate_weight.shape[0], top_k)
 
+    @staticmethod
+    def _variant_supports(spec, num_experts: int, top_k: int) -> tuple[bool, str]:
+        """Whether the router kernel's selection step (kernels/router_select.py) takes this routing variant."""
+        if spec is None:
+            return True, "ok"
+        return select_kernel.supports(select_kernel.selection_for(spec), num_experts, top_k)
+
+    def _variant_args(self, x, gate_weight, top_k: int, spec, correction_bias=None, gate_bias=None):
+        """(x, gate_weight, the selection's keyword arguments) for the router kernel with a routing variant, or None
+        (the reason logged) where it cannot run. x and an fp32 gate of another dtype both go to fp32, as the
+        reference computes them (router_kernel.common_dtype)."""
+        num_experts = gate_weight.shape[0]
+        selection = select_kernel.selection_for(spec, gate_bias, correction_bias)
+        dtype = x.dtype if x.dtype == gate_weight.dtype else torch.float32
+        ok, reason = router_kernel.supports(dtype, x.shape[1], num_experts, top_k)
+        if ok and not x.is_cuda:
+            ok, reason = False, f"x on {x.device}, not a CUDA device"
+        if ok:
+            ok, reason = select_kernel.supports(selection, num_experts, top_k)
+        if not ok:
+            self._fallback("router", f"routing variant {spec}: {reason}")
+            return None
+        x, gate_weight = router_kernel.common_dtype(x.contiguous(), gate_weight.contiguous())
+        return x, gate_weight, dict(selection=selection, gate_bias=gate_bias,
+                                    correction_bias=correction_bias if selection.correction_bias else None)
+
     def router(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
                spec=None, correction_bias: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None):
-        if spec is not None:  # the router kernel does softmax top-k only
-            self._fallback("router", f"routing variant {spec}")
-            return super().router(x, gate_weight, top_k, renormalize, counts_out, spec, correction_bias, gate_bias)
+        if spec is not None:
+            args = self._variant_args(x, gate_weight, top_k, spec, correction_bias, gate_bias)
+            if args is None:
+                return super().router(x, gate_weight, top_k, renormalize, counts_out, spec, correction_bias,
+                                      gate_bias)
+            return router_kernel.router(args[0], args[1], top_k, renormalize, counts_out, **args[2])
         ok, reason = self._router_supports(x, gate_weight, top_k)
         if ok:
             return router_kernel.router(x.contiguous(), gate_weight, top_k, renormalize, counts_out)
@@ -124,6 +156,10 @@ class CuteOps(MoEOps):
 
     def route(self, x, gate_weight, top_k: int, renormalize: bool, counts_out: torch.Tensor | None = None,
               **variant):
+        if variant.get("spec") is not None and self.fuse_routing_metadata:
+            args = self._variant_args(x, gate_weight, top_k, **variant)
+            if args is not None:
+                return router_kernel.route(args[0], args[1], top_k, renormalize, counts_out, **args[2])
         if variant.get("spec") is not None or not (self.fuse_routing_metadata
                                                    and self._router_supports(x, gate_weight, top_k)[0]):
             return super().route(x, gate_weight, top_k, renormalize, counts_out, **variant)

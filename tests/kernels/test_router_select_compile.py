@@ -187,3 +187,38 @@ def test_expert_kernels_take_many_experts(name, experts, top_k, hidden, inter):
             ok, reason = w4a16_gemm.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim,
                                                                   num_experts=experts, group_size=128, config=config)
             assert ok, (tokens, gated, config, reason)
+
+
+def test_cute_backend_graphs_the_variants_it_routes(caplog):
+    """CuteOps.graph_safe: a routing variant the selection step takes no longer keeps a layer out of CUDA graphs
+    (the experts in the kernel layout); one it refuses, or expert variants, still do. On CPU tensors route() falls
+    back to the reference with the reason logged."""
+    import logging
+
+    from light_moe.ops.backend import ReferenceOps
+    from light_moe.ops.cute_backend import CuteOps
+
+    ops = CuteOps()
+    experts, hidden, inter = 256, 128, 64
+    w13, w2 = ops.prepare_expert_weights(torch.zeros(experts, 2 * inter, hidden, dtype=BF16),
+                                         torch.zeros(experts, hidden, inter, dtype=BF16))
+    gate = torch.zeros(experts, hidden, dtype=BF16)
+    assert ops.graph_safe(gate, 8, w13, w2)
+    assert ops.graph_safe(gate, 8, w13, w2, spec=V3)
+    assert ops.graph_safe(gate.float(), 8, w13, w2, spec=V3)  # an fp32 gate: the 3xTF32 GEMM
+    assert ops.graph_safe(gate, 8, w13, w2, spec=V2) and ops.graph_safe(gate, 8, w13, w2, spec=GPT_OSS)
+    assert not ops.graph_safe(gate, 8, w13, w2, spec=RouterConfig(scoring="sigmoid", n_group=32, topk_group=4))
+    assert not ops.graph_safe(gate, 8, w13, w2, spec=V3, expert_spec=object())
+    assert not ops.graph_safe(gate, 8, torch.zeros(1), w2, spec=V3)  # experts not in the kernel layout
+
+    torch.manual_seed(0)
+    x, gate = torch.randn(8, 64), torch.randn(16, 64)
+    spec = RouterConfig(scoring="sigmoid", n_group=4, topk_group=2, group_score="top2_sum", correction_bias=True,
+                        routed_scaling_factor=2.5)
+    bias = torch.randn(16) * 0.1
+    with caplog.at_level(logging.WARNING):
+        got = ops.route(x, gate, 4, True, spec=spec, correction_bias=bias)
+    expected = ReferenceOps().route(x, gate, 4, True, spec=spec, correction_bias=bias)
+    for a, b in zip(got[:3], expected[:3]):
+        assert torch.equal(a, b)
+    assert "not a CUDA device" in caplog.text
