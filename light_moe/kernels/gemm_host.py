@@ -98,9 +98,11 @@ def cached_views(cache: dict, key: Hashable, make: Callable[[], object]):
 
 def launch(cache: CompileCache, key: Hashable, make_kernel: Callable[[], object], weight_views: tuple,
            tokens: torch.Tensor, gather_index: torch.Tensor, expert_offsets: torch.Tensor,
-           out: torch.Tensor) -> torch.Tensor:
+           out: torch.Tensor, bias_view=None) -> torch.Tensor:
     """Runs the kernel compiled for `key` (make_kernel() builds it on a miss) on the current stream, one CTA per
-    SM (persistent); the down projection passes expert_offsets as the gather_index it does not read."""
+    SM (persistent); the down projection passes expert_offsets as the gather_index it does not read. bias_view:
+    the epilogue's bias (expert_epilogue.bias_view), the kernel's last argument; without it the default kernels
+    get exactly the arguments they always had."""
     args = (
         *weight_views,
         rows_view(tokens),
@@ -110,5 +112,7 @@ def launch(cache: CompileCache, key: Hashable, make_kernel: Callable[[], object]
         sm_count(out.device),
         current_stream(),
     )
+    if bias_view is not None:
+        args = (*args, bias_view)
     cache.get(key, lambda: (make_kernel(), args))(*args)
     return out

@@ -12,6 +12,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Int32
 
+from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, gated_activation
 from light_moe.kernels.gemm_host import TILE_K, VEC
 
 
@@ -155,23 +156,33 @@ def store_out_chunk(s_out: cute.Tensor, out: cute.Tensor, out_frag: cute.Tensor,
 @cute.jit
 def stage_out_chunk(acc: cute.Tensor, s_out: cute.Tensor, t_cc: cute.Tensor, ec: cutlass.Constexpr,
                     mma_m: cutlass.Constexpr, tile_t: cutlass.Constexpr, epi_t: cutlass.Constexpr,
-                    gated: cutlass.Constexpr):
+                    gated: cutlass.Constexpr, epilogue: cutlass.Constexpr = DEFAULT_EPILOGUE,
+                    bias_frag: cute.Tensor | None = None):
     """Epilogue chunk ec (shared with the W4A16 kernel): this thread's accumulator values of tokens
-    ec * epi_t ... -> s_out [token, column], as SiLU(gate) * up when gated. Fragment value v + m * tile_t / 2
-    (m: the warpgroup's m64 atom, mma_m of them) holds column 8 * (v // 4) + (lane % 4) * 2 + v % 2, so a
-    chunk of tokens is a static set of values."""
+    ec * epi_t ... -> s_out [token, column], as the activation of gate and up (SiLU(gate) * up or the epilogue's
+    clamped SwiGLU) when gated. Fragment value v + m * tile_t / 2 (m: the warpgroup's m64 atom, mma_m of them)
+    holds column 8 * (v // 4) + (lane % 4) * 2 + v % 2 and row r + 8 * ((v % 4) // 2), so a chunk of tokens is a
+    static set of values. bias_frag (expert_epilogue.load_bias, when epilogue.bias): the fp32 bias of this thread's
+    rows r and r + 8 of each atom, added to the accumulator first."""
     for vi in cutlass.range_constexpr(mma_m * epi_t // 2):
         v = (vi % (epi_t // 2)) + ec * epi_t // 2 + (vi // (epi_t // 2)) * (tile_t // 2)
         coord = t_cc[v]
         wrow = coord[0]
         tok = coord[1] - ec * epi_t
+        m = v // (tile_t // 2)
         if cutlass.const_expr(gated):
             # values come as (col, col+1) x (row, row+8): v % 4 < 2 is a gate row, v + 2 the matching
             # up row 8 below it (prepare_expert_weights interleaves by 8 rows).
             if cutlass.const_expr(v % 4 < 2):
                 gate = acc[v]
                 up = acc[v + 2]
-                act = gate / (1.0 + cute.math.exp(-gate, fastmath=True)) * up
+                if cutlass.const_expr(epilogue.bias):
+                    gate = gate + bias_frag[2 * m]
+                    up = up + bias_frag[2 * m + 1]
+                act = gated_activation(gate, up, epilogue)
                 s_out[tok, (wrow // 16) * 8 + wrow % 8] = act.to(BFloat16)
         else:
-            s_out[tok, wrow] = acc[v].to(BFloat16)
+            if cutlass.const_expr(epilogue.bias):
+                s_out[tok, wrow] = (acc[v] + bias_frag[2 * m + (v % 4) // 2]).to(BFloat16)
+            else:
+                s_out[tok, wrow] = acc[v].to(BFloat16)

@@ -6,6 +6,7 @@ expert: rows of expert e are expert_offsets[e]:expert_offsets[e + 1] (offsets li
     expert_up(x [T, H], gather_index [M], expert_offsets [E+1], w13p)  -> act [M, I]
         act = SiLU(x[g] W1_e^T) * (x[g] W3_e^T), the token rows gathered inside the kernel
     expert_down(act [M, I], expert_offsets [E+1], w2 [E, H, I])       -> y [M, H] (sorted rows)
+    (optional, expert_epilogue.py: biases b13 [E, 2I] / b2 [E, H] and gpt-oss's clamped SwiGLU)
 
 One kernel serves both projections, "swap AB": per expert it computes C^T = W X^T, so the expert's
 weight rows are wgmma's M (operand A: `tile_w` = 64, 128 or 256 rows, streamed by TMA) and the routed
@@ -33,7 +34,9 @@ Kernel structure (persistent, warp-specialised):
     the valid rows only, so every output row is written exactly once and no row of another expert is.
     The up-projection's weights are repacked by `prepare_expert_weights` so that every 16 rows are
     8 gate rows followed by the 8 matching up rows: wgmma puts rows r and r + 8 in the same thread,
-    so SiLU(gate) * up happens in registers and the [M, 2I] pre-activation never reaches memory.
+    so SiLU(gate) * up happens in registers and the [M, 2I] pre-activation never reaches memory. The
+    epilogue variants (ExpertEpilogue, a static option of the compile key) add per-expert biases first and
+    swap the activation for gpt-oss's clamped SwiGLU.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
-from light_moe.kernels import gemm_host
+from light_moe.kernels import expert_epilogue, gemm_host
 from light_moe.kernels.compile_cache import CompileCache
+from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, ExpertEpilogue, load_bias
 from light_moe.kernels.gemm_host import SMEM_CAPACITY, TILE_K, VEC, WG, epilogue_tokens
 from light_moe.kernels.gemm_pipeline import (
     build_tile_schedule,
@@ -82,6 +86,8 @@ class GroupedGemmSm90:
     gated=True: up-projection; tokens = x [T, H] gathered through gather_index, W = w13p [E, 2I, H]
     (gate/up interleaved by 8 rows), out = act [M, I] = SiLU(gate) * up.
     gated=False: down-projection; tokens = act [M, I] read in place, W = w2 [E, H, I], out = y [M, H].
+    epilogue (expert_epilogue.ExpertEpilogue): with bias, the kernel takes bias [E, N] (canonical row order) as
+    its last argument and adds it before the activation; the activation may be the clamped SwiGLU.
     """
 
     def __init__(
@@ -92,10 +98,14 @@ class GroupedGemmSm90:
         k_dim: int,
         num_experts: int,
         config: TileConfig,
+        epilogue: ExpertEpilogue = DEFAULT_EPILOGUE,
     ):
         ok, reason = self.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config)
+        if ok:
+            ok, reason = expert_epilogue.supports(epilogue, gated)
         if not ok:
             raise ValueError(reason)
+        self.epilogue = epilogue
         self.fence_mode = config.fence_mode
         self.cp_async_lag = config.cp_async_lag
         self.gated = gated
@@ -154,6 +164,7 @@ class GroupedGemmSm90:
         out: cute.Tensor,  # (M, n_out / 2) gated, (M, n_out) otherwise
         num_ctas: Int32,
         stream: cuda.CUstream,
+        bias: cute.Tensor = None,  # (E, n_out) bf16 in canonical row order, epilogue.bias only (None: compile-time)
     ):
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16,
@@ -188,7 +199,7 @@ class GroupedGemmSm90:
 
         self.shared_storage = SharedStorage
         self.kernel(
-            tma_atom_w, tma_w, tokens, gather_index, expert_offsets, out, self.tiled_mma, w_layout, t_layout
+            tma_atom_w, tma_w, tokens, gather_index, expert_offsets, out, self.tiled_mma, w_layout, t_layout, bias
         ).launch(
             grid=(num_ctas, 1, 1),
             block=(self.threads, 1, 1),
@@ -209,6 +220,7 @@ class GroupedGemmSm90:
         tiled_mma: cute.TiledMma,
         w_layout: cute.ComposedLayout,
         t_layout: cute.ComposedLayout,
+        bias: cute.Tensor | None,
     ):
         n_exp = self.num_experts
         tile_t = self.tile_t
@@ -242,7 +254,7 @@ class GroupedGemmSm90:
         if wg == 0:
             self.produce(tma_atom_w, mW, tokens, gather_index, storage, w_layout, s_rows, s_prefix, total_tiles)
         else:
-            self.consume(out, tiled_mma, storage, w_layout, t_layout, s_rows, s_prefix, total_tiles)
+            self.consume(out, tiled_mma, storage, w_layout, t_layout, s_rows, s_prefix, total_tiles, bias)
 
     @cute.jit
     def produce(
@@ -328,6 +340,7 @@ class GroupedGemmSm90:
         s_rows: cute.Tensor,
         s_prefix: cute.Tensor,
         total_tiles: Int32,
+        bias: cute.Tensor | None,
     ):
         """Consumer warpgroups: wgmma over the k-tiles, then the fused epilogue."""
         tile_t = self.tile_t
@@ -357,6 +370,9 @@ class GroupedGemmSm90:
         mma_m = self.tile_w // (64 * self.n_consumer_wg)  # m64 atoms per warpgroup (fragment mode 1)
         chunks_per_row = self.out_cols // VEC
         n_chunks = epi_t * chunks_per_row
+        bias_frag = None
+        if cutlass.const_expr(self.epilogue.bias):
+            bias_frag = cute.make_rmem_tensor((2 * mma_m,), Float32)  # this thread's rows r, r + 8 per m64 atom
         read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         tile = bidx
@@ -364,6 +380,8 @@ class GroupedGemmSm90:
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             col_chunk0 = w_tile * chunks_per_row
+            if cutlass.const_expr(self.epilogue.bias):  # loads in flight during the main loop
+                load_bias(bias, bias_frag, t_cc, e, w_tile * self.tile_w, mma_m, tile_t, self.n_out // 2, self.gated)
 
             acc.fill(0.0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -387,7 +405,7 @@ class GroupedGemmSm90:
             # -> 16-byte stores of the valid rows.
             for ec in cutlass.range_constexpr(tile_t // epi_t):
                 epi_barrier.arrive_and_wait()  # the previous s_out readers are done
-                stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
+                stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated, self.epilogue, bias_frag)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
                 store_out_chunk(s_out, out, out_frag, copy128, ctid, chunk_row0, rows_hi - chunk_row0, col_chunk0,
@@ -422,23 +440,28 @@ def prepare_expert_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.T
     return w13p.contiguous(), w2.contiguous()
 
 
-_compiled = CompileCache("grouped_gemm")  # (gated, dtype, n_out, k_dim, E, tile config) -> compiled; never M
+_compiled = CompileCache("grouped_gemm")  # (gated, dtype, n_out, k_dim, E, tile config[, epilogue]); never M
 _weight_views: dict[tuple, tuple] = {}  # (data_ptr, shape, device) -> cute view of the (n_out, k, E) weights
 
 
-def _launch(gated: bool, weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
+def _launch(gated: bool, weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None,
+            epilogue: ExpertEpilogue, bias: torch.Tensor | None):
     num_experts, n_out, k_dim = weights.shape
     if config is None:
         config = choose_tile_config(out.shape[0], num_experts, n_out)
     key = (gated, weights.dtype, n_out, k_dim, num_experts, config)
+    if epilogue != DEFAULT_EPILOGUE:
+        key = (*key, epilogue)
     # [E, n_out, k] row-major viewed as (n_out, k, E): a K-major wgmma operand batched over experts
     views = gemm_host.cached_views(_weight_views, (weights.data_ptr(), tuple(weights.shape), weights.device.index),
                                    lambda: (from_dlpack(weights.permute(1, 2, 0), assumed_align=16),))
 
     def make_kernel():
-        return GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config)
+        return GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, config=config,
+                               epilogue=epilogue)
 
-    return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out)
+    return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out,
+                            None if bias is None else expert_epilogue.bias_view(bias))
 
 
 def expert_up(
@@ -448,14 +471,19 @@ def expert_up(
     w13_prepared: torch.Tensor,  # [E, 2I, H] from prepare_expert_weights
     out: torch.Tensor | None = None,  # [M, I]
     config: TileConfig | None = None,
+    epilogue: ExpertEpilogue = DEFAULT_EPILOGUE,
+    bias: torch.Tensor | None = None,  # [E, 2I] b13 in the canonical order (gate, then up), when epilogue.bias
 ) -> torch.Tensor:
-    """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert; no host sync, graph-capturable."""
+    """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert (epilogue: + b13 first, or the clamped SwiGLU);
+    no host sync, graph-capturable."""
     num_experts, two_inter, hidden = w13_prepared.shape
     gemm_host.check_tensor("w13_prepared", w13_prepared, torch.bfloat16, 3)
+    expert_epilogue.check_bias(epilogue, bias, num_experts, two_inter, "b13")
     out = gemm_host.up_out(x, gather_index, expert_offsets, num_experts, hidden, two_inter // 2, out)
     if out.shape[0] == 0:
         return out
-    return _launch(True, w13_prepared, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
+    return _launch(True, w13_prepared, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config,
+                   epilogue, bias)
 
 
 def expert_down(
@@ -464,12 +492,15 @@ def expert_down(
     w2_prepared: torch.Tensor,  # [E, H, I]
     out: torch.Tensor | None = None,  # [M, H]
     config: TileConfig | None = None,
+    bias: torch.Tensor | None = None,  # [E, H] b2
 ) -> torch.Tensor:
-    """y [M, H] = act W2_e^T per expert, expert-sorted rows; no host sync, graph-capturable."""
+    """y [M, H] = act W2_e^T (+ b2_e) per expert, expert-sorted rows; no host sync, graph-capturable."""
     num_experts, hidden, inter = w2_prepared.shape
     gemm_host.check_tensor("w2_prepared", w2_prepared, torch.bfloat16, 3)
+    epilogue = ExpertEpilogue(bias=bias is not None)
+    expert_epilogue.check_bias(epilogue, bias, num_experts, hidden, "b2")
     out = gemm_host.down_out(act, expert_offsets, num_experts, inter, hidden, out)
     if out.shape[0] == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
-    return _launch(False, w2_prepared, act, expert_offsets, expert_offsets.contiguous(), out, config)
+    return _launch(False, w2_prepared, act, expert_offsets, expert_offsets.contiguous(), out, config, epilogue, bias)

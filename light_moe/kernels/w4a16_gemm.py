@@ -5,6 +5,7 @@ expert (rows of expert e are expert_offsets[e]:expert_offsets[e + 1], on the dev
 
     w4a16_expert_up(x [T, H], gather_index [M], expert_offsets [E+1], w13 prepared) -> act [M, I]
     w4a16_expert_down(act [M, I], expert_offsets [E+1], w2 prepared)                -> y [M, H]
+    (optional, expert_epilogue.py: biases b13 [E, 2I] / b2 [E, H] and gpt-oss's clamped SwiGLU)
 
 The same kernel as grouped_gemm.py (swap AB: C^T = W X^T per expert, weight rows = wgmma M, routed token
 rows = wgmma N = tile_t, persistent over the tiles found from expert_offsets, warp-specialised, fused
@@ -56,8 +57,9 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import from_dlpack
 
-from light_moe.kernels import gemm_host, w4a16_plan
+from light_moe.kernels import expert_epilogue, gemm_host, w4a16_plan
 from light_moe.kernels.compile_cache import CompileCache
+from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, ExpertEpilogue, load_bias
 from light_moe.kernels.gemm_host import VEC, WG, epilogue_tokens
 from light_moe.kernels.gemm_pipeline import (
     build_tile_schedule,
@@ -107,14 +109,19 @@ class W4A16GroupedGemmSm90:
     gated=False: down-projection, tokens = act [M, I] read in place, weights = prepared w2, out = y [M, H].
     config.tma_tokens: tokens are read in place by TMA in both projections (the up projection's caller passes
     the gathered rows x[gather_index] [M, H]).
+    epilogue: as grouped_gemm.GroupedGemmSm90's (bias [E, N] the last argument when epilogue.bias).
     """
 
-    def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig):
+    def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig,
+                 epilogue: ExpertEpilogue = DEFAULT_EPILOGUE):
         ok, reason = self.supports(
             gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
         )
+        if ok:
+            ok, reason = expert_epilogue.supports(epilogue, gated)
         if not ok:
             raise ValueError(reason)
+        self.epilogue = epilogue
         self.gated = gated
         self.n_out = n_out
         self.k_dim = k_dim
@@ -169,6 +176,7 @@ class W4A16GroupedGemmSm90:
         out: cute.Tensor,  # (M, n_out / 2) gated, (M, n_out) otherwise
         num_ctas: Int32,
         stream: cuda.CUstream,
+        bias: cute.Tensor = None,  # (E, n_out) bf16 in canonical row order, epilogue.bias only (None: compile-time)
     ):
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16,
@@ -208,7 +216,7 @@ class W4A16GroupedGemmSm90:
                 cpasync.CopyBulkTensorTileG2SOp(), tokens, cute.slice_(t_layout, (None, None, 0)), (self.tile_t, TILE_K)
             )
         self.kernel(
-            qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, t_layout, tma_atom_t
+            qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, t_layout, tma_atom_t, bias
         ).launch(
             grid=(num_ctas, 1, 1),
             block=(self.threads, 1, 1),
@@ -229,6 +237,7 @@ class W4A16GroupedGemmSm90:
         tiled_mma: cute.TiledMma,
         t_layout: cute.ComposedLayout,
         tma_atom_t: cute.CopyAtom | None,
+        bias: cute.Tensor | None,
     ):
         n_exp = self.num_experts
         tile_t = self.tile_t
@@ -262,7 +271,7 @@ class W4A16GroupedGemmSm90:
             self.produce(qweight, meta, tokens, gather_index, storage, t_layout, tma_atom_t, s_rows, s_prefix,
                          total_tiles)
         else:
-            self.consume(out, tiled_mma, storage, t_layout, s_rows, s_prefix, total_tiles)
+            self.consume(out, tiled_mma, storage, t_layout, s_rows, s_prefix, total_tiles, bias)
 
     @cute.jit
     def produce(
@@ -532,6 +541,7 @@ class W4A16GroupedGemmSm90:
         s_rows: cute.Tensor,
         s_prefix: cute.Tensor,
         total_tiles: Int32,
+        bias: cute.Tensor | None,
     ):
         """Consumer warpgroups: dequant + wgmma (A from registers) over the k-tiles, then the epilogue.
         m_wg warpgroups along M (one m64 atom each) x k_split along K (split K: k-tiles kt = kwg mod k_split)."""
@@ -585,6 +595,9 @@ class W4A16GroupedGemmSm90:
         n_acc = cute.size(acc)
         n_red = max(1, self.k_split - 1)  # split K only: one 64 x tile_t fp32 slot per K warpgroup 1..k_split-1
         s_red = storage.s_red.get_tensor(cute.make_layout((n_acc, WG, n_red), stride=(WG, 1, n_acc * WG)))
+        bias_frag = None
+        if cutlass.const_expr(self.epilogue.bias):
+            bias_frag = cute.make_rmem_tensor((2 * mma_m,), Float32)  # this thread's rows r, r + 8 per m64 atom
         steps = self.k_tiles // (self.k_split * self.kps)  # stages per tile of this warpgroup
         # The producer fills the stages in k-tile order; warpgroup kwg reads the stages kwg, kwg + k_split, ...
         # of each tile: stage / phase of its next one, and prev, the stage it read before (to release). One
@@ -598,6 +611,9 @@ class W4A16GroupedGemmSm90:
         while tile < total_tiles:
             e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
             col_chunk0 = w_tile * chunks_per_row
+            if cutlass.const_expr(self.epilogue.bias):  # loads in flight during the main loop
+                load_bias(bias, bias_frag, t_cc, e, w_tile * self.tile_w, self.n_atoms // self.m_wg, tile_t,
+                          self.n_out // 2, self.gated)
 
             acc.fill(0.0)  # no wgmma in flight: the previous tile ended with wait_group(0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -660,9 +676,10 @@ class W4A16GroupedGemmSm90:
                 epi_barrier.arrive_and_wait()  # the previous s_out readers are done
                 if cutlass.const_expr(self.k_split > 1):
                     if kwg == 0:
-                        stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
+                        stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated, self.epilogue,
+                                        bias_frag)
                 else:
-                    stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated)
+                    stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated, self.epilogue, bias_frag)
                 epi_barrier.arrive_and_wait()
                 chunk_row0 = row_start + ec * epi_t
                 store_out_chunk(s_out, out, out_frag, copy128, ctid, chunk_row0, rows_hi - chunk_row0, col_chunk0,
@@ -679,7 +696,8 @@ _compiled = CompileCache("w4a16_gemm")  # (gated, n_out, k_dim, E, g, tile confi
 _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape, g) -> cute views of the prepared tensors
 
 
-def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None):
+def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None,
+            epilogue: ExpertEpilogue, bias: torch.Tensor | None):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, sm_count(out.device), prepared.group_size,
@@ -687,6 +705,8 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
         tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
+    if epilogue != DEFAULT_EPILOGUE:
+        key = (*key, epilogue)
     views = gemm_host.cached_views(  # qweight and meta as 16-byte chunks, see w4a16_layout
         _weight_views, (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape),
                         prepared.group_size),
@@ -695,9 +715,10 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
 
     def make_kernel():
         return W4A16GroupedGemmSm90(gated=prepared.gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
-                                    group_size=prepared.group_size, config=config)
+                                    group_size=prepared.group_size, config=config, epilogue=epilogue)
 
-    return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out)
+    return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out,
+                            None if bias is None else expert_epilogue.bias_view(bias))
 
 
 def _check_prepared(name: str, prepared: W4A16Weights, gated: bool):
@@ -717,13 +738,17 @@ def w4a16_expert_up(
     w13: W4A16Weights,  # prepare_w4a16_weights(..., gated=True) of w13 [E, 2I, H]
     out: torch.Tensor | None = None,  # [M, I]
     config: TileConfig | None = None,
+    epilogue: ExpertEpilogue = DEFAULT_EPILOGUE,
+    bias: torch.Tensor | None = None,  # [E, 2I] b13 in the canonical order (gate, then up), when epilogue.bias
 ) -> torch.Tensor:
-    """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights; no host sync, graph-capturable."""
+    """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights (epilogue: + b13 first, or the clamped
+    SwiGLU); no host sync, graph-capturable."""
     _check_prepared("w13", w13, gated=True)
+    expert_epilogue.check_bias(epilogue, bias, w13.num_experts, w13.n_out, "b13")
     out = gemm_host.up_out(x, gather_index, expert_offsets, w13.num_experts, w13.k_dim, w13.n_out // 2, out)
     if out.shape[0] == 0:
         return out
-    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config)
+    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config, epilogue, bias)
 
 
 def w4a16_expert_down(
@@ -732,11 +757,15 @@ def w4a16_expert_down(
     w2: W4A16Weights,  # prepare_w4a16_weights(..., gated=False) of w2 [E, H, I]
     out: torch.Tensor | None = None,  # [M, H]
     config: TileConfig | None = None,
+    bias: torch.Tensor | None = None,  # [E, H] b2
 ) -> torch.Tensor:
-    """y [M, H] = act W2_e^T per expert (expert-sorted rows), int4 weights; no host sync, graph-capturable."""
+    """y [M, H] = act W2_e^T (+ b2_e) per expert (expert-sorted rows), int4 weights; no host sync,
+    graph-capturable."""
     _check_prepared("w2", w2, gated=False)
+    epilogue = ExpertEpilogue(bias=bias is not None)
+    expert_epilogue.check_bias(epilogue, bias, w2.num_experts, w2.n_out, "b2")
     out = gemm_host.down_out(act, expert_offsets, w2.num_experts, w2.k_dim, w2.n_out, out)
     if out.shape[0] == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
-    return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config)
+    return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config, epilogue, bias)
