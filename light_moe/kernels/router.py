@@ -499,7 +499,7 @@ class RouterKernel:
                 if cutlass.const_expr(self.selection is not None):
                     self.selector.select(vals, lane, correction, best_p, best_id)  # final weights
                 else:
-                    self.softmax_topk(vals, row_max, lane, best_p, best_id)
+                    self.select_default(vals, row_max, lane, best_p, best_id)
                 for kk in cutlass.range_constexpr(k):
                     if lane == kk:
                         weights[token, kk] = best_p[kk]
@@ -508,7 +508,7 @@ class RouterKernel:
                             atomic_add(hist.iterator + best_id[kk], Int32(1), MemScopeKind.CTA)
 
     @cute.jit
-    def softmax_topk(self, vals: cute.Tensor, row_max: Float32, lane: Int32, best_p: cute.Tensor,
+    def select_default(self, vals: cute.Tensor, row_max: Float32, lane: Int32, best_p: cute.Tensor,
                      best_id: cute.Tensor):
         """The default selection: softmax statistics by warp reductions, K rounds of a warp arg-max on 24-bit
         selection keys; best_p gets the chosen probabilities (renormalised when asked)."""
