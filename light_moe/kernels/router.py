@@ -26,6 +26,8 @@ Pieces:
      K rounds of a warp arg-max on int32 keys (order-preserving image of the logit with 255 - id
      in its low 8 bits: one shuffle + one integer max per step, lower id first on ties); the
      winner's exact logit gives its weight.
+     With a Selection (router_select.py: DeepSeek-V2 / V3, gpt-oss) TokenSelect replaces this step's softmax
+     top-k; the GEMM and the counts are the same.
   4. Counts: shared-memory histogram per CTA, then one global atomic per non-empty expert (one CTA:
      plain stores of every expert's count, which also clears the buffer).
 
@@ -48,7 +50,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
-from light_moe.kernels.router_select import Selection, TokenSelect
+from light_moe.kernels.router_select import Selection, TokenSelect, take_best
 from light_moe.kernels.router_select import supports as selection_supports
 from light_moe.kernels.routing import scan_expert_counts
 
@@ -208,6 +210,10 @@ def selection_key(value, expert, *, loc=None, ip=None):
 
 
 _KEY_REMOVED = -(2 ** 31)
+
+
+def _key_expert(key):
+    return 255 - (key & 0xFF)
 
 
 class RouterKernel:
@@ -523,20 +529,7 @@ class RouterKernel:
             keys[j] = selection_key(vals[j], lane + 32 * j)
         picked = Float32(0.0)
         for kk in cutlass.range_constexpr(k):
-            key = Int32(_KEY_REMOVED)
-            v = -Float32.inf
-            for j in cutlass.range_constexpr(per_lane):
-                better = keys[j] > key
-                v = vals[j] if better else v
-                key = keys[j] if better else key
-            for s in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_bfly(key, offset=16 >> s)
-                key = other if other > key else key
-            i = 255 - (key & 0xFF)
-            v = cute.arch.shuffle_sync(v, i % 32)  # the winner's exact logit from its lane
-            for j in cutlass.range_constexpr(per_lane):
-                if i == lane + 32 * j:
-                    keys[j] = Int32(_KEY_REMOVED)
+            i, v = take_best(keys, vals, lane, _key_expert, _KEY_REMOVED)  # the winner's exact logit
             p = cute.math.exp(v - row_max, fastmath=True)
             best_p[kk] = p
             best_id[kk] = i

@@ -124,6 +124,29 @@ def key_expert(key, *, loc=None, ip=None):
     return 255 - (Int32(low) & 0xFF)
 
 
+@cute.jit
+def take_best(keys: cute.Tensor, values: cute.Tensor, lane: Int32, expert_of: cutlass.Constexpr,
+              removed: cutlass.Constexpr):
+    """One round of a warp arg-max over integer keys (lane l holds experts l + 32 j in keys[j]; expert_of(key) gives
+    a key's expert): returns the winner's id and values[j] from the winner's lane, and removes the winner's key."""
+    per_lane = cute.size(keys)
+    key = keys.element_type(removed)
+    v = -Float32.inf
+    for j in cutlass.range_constexpr(per_lane):
+        better = keys[j] > key
+        v = values[j] if better else v
+        key = keys[j] if better else key
+    for step in cutlass.range_constexpr(5):
+        other = cute.arch.shuffle_sync_bfly(key, offset=16 >> step)
+        key = other if other > key else key
+    i = expert_of(key)
+    v = cute.arch.shuffle_sync(v, i % 32)  # the winner's value from its lane
+    for j in cutlass.range_constexpr(per_lane):
+        if i == lane + 32 * j:
+            keys[j] = keys.element_type(removed)
+    return i, v
+
+
 def _fmin(a, b):
     return -cute.arch.fmax(-a, -b)  # 4.3.5 has fmax only
 
@@ -182,21 +205,9 @@ class TokenSelect:
         for j in cutlass.range_constexpr(per_lane):
             keys[j] = exact_key(choice[j], lane + 32 * j)
         for kk in cutlass.range_constexpr(k):
-            key = Int64(_KEY_REMOVED)
-            s = Float32(0.0)
-            for j in cutlass.range_constexpr(per_lane):
-                better = keys[j] > key
-                s = scores[j] if better else s
-                key = keys[j] if better else key
-            for step in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_bfly(key, offset=16 >> step)
-                key = other if other > key else key
-            i = key_expert(key)
-            best_w[kk] = cute.arch.shuffle_sync(s, i % 32)  # the winner's score from its lane
+            i, s = take_best(keys, scores, lane, key_expert, _KEY_REMOVED)  # the winner and its unbiased score
             best_id[kk] = i
-            for j in cutlass.range_constexpr(per_lane):
-                if i == lane + 32 * j:
-                    keys[j] = Int64(_KEY_REMOVED)
+            best_w[kk] = s
 
         scale = Float32(sel.scale)
         if cutlass.const_expr(sel.scoring == "softmax_topk"):
