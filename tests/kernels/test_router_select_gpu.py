@@ -151,10 +151,11 @@ def _check(weights, ids, counts, x, w, spec, top_k, renorm, correction, gate_bia
     # where the kept groups are clear, every chosen expert lies in one of them and its exact choice is within a
     # near-tie of the exact k-th best
     kept = _groups_clear(choice, group_scores, spec)
-    chosen = choice.gather(1, ids.long())[kept]
-    assert torch.isfinite(chosen).all(), "an expert of a dropped group was chosen"
-    exact_top = choice.topk(top_k, dim=-1).values[kept]
-    assert (exact_top - chosen).abs().max().item() <= 1e-4 * max(1.0, exact_top.abs().max().item())
+    if kept.any():
+        chosen = choice.gather(1, ids.long())[kept]
+        assert torch.isfinite(chosen).all(), "an expert of a dropped group was chosen"
+        exact_top = choice.topk(top_k, dim=-1).values[kept]
+        assert (exact_top - chosen).abs().max().item() <= 1e-4 * max(1.0, exact_top.abs().max().item())
     rel = _rel_l2(weights, _exact_weights(scores, ids, spec, renorm))
     assert rel < WEIGHT_TOL, f"weights vs fp64 of the kernel's own ids: relative L2 {rel:.2e}"
     if clear.any():
