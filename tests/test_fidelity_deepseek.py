@@ -120,7 +120,7 @@ def test_config_errors_name_their_field(tmp_path):
     assert cfg.moe_layers == (1,) and cfg.router.correction_bias and cfg.mla.q_lora_rank == 1536
 
 
-def test_cute_backend_routes_variants_on_the_reference_and_never_graphs_them():
+def test_cute_backend_routes_cpu_tensors_on_the_reference_and_unprepared_weights_stay_out_of_graphs():
     pytest.importorskip("cutlass")
     from light_moe.config import RouterConfig
     from light_moe.ops.cute_backend import CuteOps
