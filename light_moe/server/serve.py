@@ -12,6 +12,7 @@ import argparse
 import logging
 import signal
 import sys
+from importlib.util import find_spec
 
 from light_moe.engine.args import EngineArgs
 from light_moe.server.limits import (
@@ -73,6 +74,9 @@ def run_server(engine, host: str = "127.0.0.1", port: int = 8000, *, api_key: st
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 10.0)
     server = DrainingServer(config, app.state.server.loop, shutdown_timeout, app.state.server.templates)
+    # uvicorn's "auto" choices take uvloop / httptools when installed (the server extra): say which ran
+    logger.info("event loop: %s, HTTP parser: %s", "uvloop" if find_spec("uvloop") else "asyncio",
+                "httptools" if find_spec("httptools") else "h11")
     # uvicorn re-raises the signal it caught once it has shut down, into the handler that was installed
     # before it started. Install silent ones for that moment, so SIGTERM does not kill the process (exit
     # status 143) and SIGINT raises no KeyboardInterrupt after a clean shutdown.
