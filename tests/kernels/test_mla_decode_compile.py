@@ -230,3 +230,26 @@ def test_wrapper_rejects_bad_inputs(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         mk.mla_decode_attention(args["q"], args["cache"], args["tables"], args["ctx"], 0.1, out=args["out"])
+
+
+def test_cute_ops_keeps_cpu_tensors_and_prefill_on_the_reference():
+    """CuteOps.mla_attention: CPU tensors (decode) and prefill steps give the reference backend's result exactly,
+    each fallback logged under its own op with its reason."""
+    from light_moe.ops.attention import AttentionMetadata
+    from light_moe.ops.backend import ReferenceOps
+    from light_moe.ops.cute_backend import CuteOps
+
+    torch.manual_seed(0)
+    heads, nope, v_dim, bs = 16, 16, 8, 4
+    lengths = [5, 11, 1]
+    cache = torch.randn(16, bs, 576).to(BF16)
+    tables = torch.tensor([[3, 7, 0], [1, 2, 9], [5, 0, 0]], dtype=torch.int32)
+    kv_b = (torch.randn(heads * (nope + v_dim), 512) * 0.05).to(BF16)
+    ops = CuteOps()
+    for query_lens in ([1, 1, 1], [2, 3, 1]):
+        meta = AttentionMetadata.for_lengths(lengths, query_lens, tables)
+        q = torch.randn(sum(query_lens), heads, nope + 64).to(BF16)
+        got = ops.mla_attention(q, cache, kv_b, meta, 0.1)
+        assert torch.equal(got, ReferenceOps().mla_attention(q, cache, kv_b, meta, 0.1))
+    logged = dict(ops._logged)
+    assert "cpu" in logged["MLA decode attention"] and "decode-only" in logged["MLA prefill attention"], logged
