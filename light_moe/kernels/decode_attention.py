@@ -33,6 +33,16 @@ of a K/V row is inside one warp):
     d = 64u + 16c + e (c0) and 64u + 16c + 8 + e (c1): two contiguous runs of 8 per lane.
 Keys past ctx_lens[b] (only in a sequence's last tile) are read at key ctx_lens[b] - 1 instead (the
 cache may hold NaN there, and 0 * NaN would reach the output through PV) and get score -inf.
+
+gpt-oss (kernels/attention_variant.py; compile-time options, absent from the plain kernel's code):
+  * sinks [h]: counted once, in the final normalisation only: by the combine kernel with S > 1 (it starts its
+    merge from the sink as if it were a split with log2-sum-exp sink * log2 e and no values), by the CTA's warp
+    merge with S = 1. The split CTAs' partials never include it, so no split can count it twice.
+  * sliding window W: the query (position ctx - 1) sees keys ctx - W ... ctx - 1. Split s owns the tiles from
+    the window's first tile, floor(max(ctx - W, 0) / KT), on, so the keys before the window's first tile are
+    never read and the split count is sized for the window (W + KT - 1 keys at most), not the table width;
+    inside the first tile the keys before the window are read at the window's first key instead (they may be
+    gone from the cache) and get score -inf.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from light_moe.kernels import attention_variant
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, paged_attention_shapes, sm_count
 from light_moe.kernels.router import mma_16bit
@@ -68,8 +79,9 @@ _INDEX_DTYPES = {torch.int32: Int32, torch.int64: Int64}
 _NEG_INF = -math.inf
 
 
-def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-             block_size: int) -> tuple[bool, str]:
+def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+             sinks: torch.Tensor | None = None, sliding_window: int | None = None) -> tuple[bool, str]:
+    """Whether the kernel takes these shapes, and gpt-oss's sinks [h] / sliding window where given."""
     problem = head_shape_problem(dtype, _DTYPES, num_heads, num_kv_heads, head_dim, HEAD_DIMS)
     if problem is not None:
         return False, problem
@@ -77,7 +89,7 @@ def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: in
         return False, f"{num_heads // num_kv_heads} query heads per KV head > {MAX_GROUP} (one mma tile of rows)"
     if block_size <= 0 or block_size & (block_size - 1):
         return False, f"block_size={block_size} is not a power of two"
-    return True, "ok"
+    return attention_variant.supports(sinks, sliding_window, num_heads)
 
 
 def keys_per_tile(head_dim: int) -> int:
@@ -86,11 +98,16 @@ def keys_per_tile(head_dim: int) -> int:
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, tile_keys: int,
-                  num_sms: int, num_splits: int | None = None, resident_ctas: int = 2) -> tuple[int, int]:
+                  num_sms: int, num_splits: int | None = None, resident_ctas: int = 2,
+                  window: int | None = None) -> tuple[int, int]:
     """(S, tiles per split) from host-known sizes only: as many splits as fill one wave of resident CTAs
     (resident_ctas per SM) without starting a second one, but never more than give every warp of a split a
-    tile at the longest context the table allows; num_splits overrides the choice (benchmarks)."""
-    n_tiles = max(1, -(-max_blocks * block_size // tile_keys))
+    tile at the longest context the table allows (with a sliding window: the tiles W keys can touch);
+    num_splits overrides the choice (benchmarks)."""
+    max_keys = max_blocks * block_size
+    if window is not None:  # W keys starting anywhere in a tile touch at most ceil((W + KT - 1) / KT) tiles
+        max_keys = min(max_keys, window + tile_keys - 1)
+    n_tiles = max(1, -(-max_keys // tile_keys))
     if num_splits is None:
         num_splits = min(resident_ctas * num_sms // max(1, batch * num_kv_heads), -(-n_tiles // WARPS))
     num_splits = max(1, min(num_splits, n_tiles))
@@ -134,11 +151,11 @@ def pack2(lo: Float32, hi: Float32, instr: str, *, loc=None, ip=None) -> Int32:
 
 
 class DecodeAttentionSm90:
-    """Compiled once per (dtype, index dtypes, h, g, D, bs, split, KT); B, MB, S, TPS and the scale are run-time
-    arguments."""
+    """Compiled once per (dtype, index dtypes, h, g, D, bs, split, KT, sink type, window); B, MB, S, TPS, the
+    scale and the window's width are run-time arguments. sink_type: the CuTe type of the sinks, None without."""
 
     def __init__(self, dtype_name: str, table_dtype, ctx_dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, split: bool, tile_keys: int):
+                 block_size: int, split: bool, tile_keys: int, sink_type=None, window: bool = False):
         assert head_dim in HEAD_DIMS and num_heads % num_kv_heads == 0
         assert num_heads // num_kv_heads <= MAX_GROUP and block_size & (block_size - 1) == 0
         assert tile_keys % 16 == 0 and tile_keys & (tile_keys - 1) == 0
@@ -157,14 +174,16 @@ class DecodeAttentionSm90:
         self.chunks = tile_keys // 16  # PV k-chunks of 16 keys per tile
         self.row_halves = 2 if self.group > 8 else 1  # mma rows 8..15 carry heads only when r > 8
         self.n_tiles = head_dim // 8  # PV n-tiles (8 columns of D each)
+        self.sinks = sink_type is not None
+        self.window = window
 
     @cute.jit
     def __call__(self, q_ptr: cute.Pointer, k_ptr: cute.Pointer, v_ptr: cute.Pointer, table_ptr: cute.Pointer,
                  ctx_ptr: cute.Pointer, out_ptr: cute.Pointer, ws_ptr: cute.Pointer, batch: Int32,
                  table_stride: Int32, n_splits: Int32, tiles_per_split: Int32, scale_log2: Float32,
-                 stream: cuda.CUstream):
+                 sinks_ptr: cute.Pointer, window: Int32, stream: cuda.CUstream):
         """ws_ptr: fp32 workspace, B * h * S * (D + 1) floats (o / l, then the log2-sum-exp); unused when
-        not split."""
+        not split. sinks_ptr: [h] sink logits, read only with sinks; window: W, read only with the window."""
         h, d = self.num_heads, self.head_dim
         table = cute.make_tensor(table_ptr, cute.make_layout((batch, table_stride), stride=(table_stride, 1)))
         ctx_lens = cute.make_tensor(ctx_ptr, cute.make_layout((batch,)))
@@ -173,12 +192,13 @@ class DecodeAttentionSm90:
                                                          stride=(h * n_splits * d, n_splits * d, d, 1)))
         ws_lse = cute.make_tensor(ws_ptr + batch * h * n_splits * d,
                                   cute.make_layout((batch, h, n_splits), stride=(h * n_splits, n_splits, 1)))
+        sinks = cute.make_tensor(sinks_ptr, cute.make_layout((h,)))
         self.attention_kernel(q_ptr, k_ptr, v_ptr, table, ctx_lens, out, ws_o, ws_lse, tiles_per_split,
-                              scale_log2).launch(grid=(n_splits, self.num_kv_heads, batch), block=(THREADS, 1, 1),
-                                                 stream=stream, use_pdl=True)
+                              scale_log2, sinks, window).launch(grid=(n_splits, self.num_kv_heads, batch),
+                                                                block=(THREADS, 1, 1), stream=stream, use_pdl=True)
         if cutlass.const_expr(self.split):
             items = h * d // 4
-            self.combine_kernel(ws_o, ws_lse, ctx_lens, out, tiles_per_split).launch(
+            self.combine_kernel(ws_o, ws_lse, ctx_lens, out, tiles_per_split, sinks, window).launch(
                 grid=((items + COMBINE_THREADS - 1) // COMBINE_THREADS, batch, 1), block=(COMBINE_THREADS, 1, 1),
                 stream=stream, use_pdl=True)
 
@@ -199,19 +219,24 @@ class DecodeAttentionSm90:
             rows.append(vecs)
         return rows
 
-    def key_rows(self, table, b, kvh, t0, last, key_offsets):
+    def key_rows(self, table, b, kvh, t0, last, key_offsets, first=None):
         """Byte offsets (Int64) in the cache of the rows of keys t0 + key_offsets[i] (KV head kvh); keys past
-        `last` read key `last` instead. Cache blocks are looked up once per block the tile touches."""
+        `last` read key `last` instead, keys before `first` (the window's first key; None: no window) key
+        `first`. Cache blocks are looked up once per block the tile touches."""
         bs, lbs = self.block_size, self.log_block
         row_bytes = self.num_kv_heads * self.head_dim * 2
         blocks = {}
         res = []
         for ko in key_offsets:
             key = cutlass.min(t0 + ko, last)
+            if first is not None:  # first <= last: the clamped key stays in the sequence
+                key = cutlass.max(key, first)
             lookup = ko // bs if bs >= 8 else None  # bs >= 8: an 8-key group never straddles two blocks
             if lookup is None or lookup not in blocks:
-                first = key if lookup is None else cutlass.min(t0 + (ko // bs) * bs, last)
-                blk = Int64(table[b, first >> lbs])
+                group_key = key if lookup is None else cutlass.min(t0 + (ko // bs) * bs, last)
+                if first is not None and lookup is not None:
+                    group_key = cutlass.max(group_key, first)
+                blk = Int64(table[b, group_key >> lbs])
                 if lookup is not None:
                     blocks[lookup] = blk
             else:
@@ -221,15 +246,16 @@ class DecodeAttentionSm90:
         return res
 
     def tile_step(self, k_base, v_base, table, b, kvh, ctx, tile, lane_n, lane_c, scale_log2, qf, acc, row_m,
-                  row_l):
-        """One warp tile of KT keys: loads, S = Q K^T, online softmax, O += P V."""
+                  row_l, win_start=None):
+        """One warp tile of KT keys: loads, S = Q K^T, online softmax, O += P V. win_start: the window's first
+        key (None: no window)."""
         kt, d, nch, rhs, instr = self.tile_keys, self.head_dim, self.chunks, self.row_halves, self.dtype_name
         t0 = tile * kt
         last = ctx - 1
         k_keys = [8 * j + lane_n for j in range(2 * nch)]  # B columns of S, n-tile j
         v_keys = [16 * q + 8 * hh + 2 * lane_c + e for q in range(nch) for hh in range(2) for e in range(2)]
-        k_rows = self.key_rows(table, b, kvh, t0, last, k_keys)
-        v_rows = self.key_rows(table, b, kvh, t0, last, v_keys)
+        k_rows = self.key_rows(table, b, kvh, t0, last, k_keys, win_start)
+        v_rows = self.key_rows(table, b, kvh, t0, last, v_keys, win_start)
         kw = [[load_v4(k_base + k_rows[j] + 16 * (4 * i + lane_c)) for i in range(d // 32)] for j in range(2 * nch)]
         # vw[q][hh][e][u]: key 16q + 8hh + 2c + e, d = 64u + 8n ... + 7
         vw = [[[[load_v4(v_base + v_rows[(q * 2 + hh) * 2 + e] + 16 * (8 * u + lane_n)) for u in range(d // 64)]
@@ -254,6 +280,8 @@ class DecodeAttentionSm90:
             for j in range(2 * nch):
                 for e in range(2):
                     valid = t0 + (8 * j + 2 * lane_c + e) < ctx
+                    if win_start is not None:
+                        valid = valid & (t0 + (8 * j + 2 * lane_c + e) >= win_start)
                     vals.append(cutlass.select_(valid, scores[j][2 * rh + e] * scale_log2, Float32(_NEG_INF)))
             tile_max = vals[0]
             for x in vals[1:]:
@@ -261,7 +289,7 @@ class DecodeAttentionSm90:
             for offset in (1, 2):  # the 4 lanes of a row (mma threadID_in_group)
                 tile_max = cute.arch.fmax(tile_max, cute.arch.shuffle_sync_bfly(tile_max, offset=offset))
             m_old = row_m[rh]
-            m_new = cute.arch.fmax(m_old, tile_max)  # finite: every tile has a valid key
+            m_new = cute.arch.fmax(m_old, tile_max)  # finite: every tile has a valid key (window: from its first)
             alpha = cute.math.exp2(m_old - m_new, fastmath=True)
             row_m[rh] = m_new
             p_sum = zero_f
@@ -291,7 +319,7 @@ class DecodeAttentionSm90:
     @cute.kernel
     def attention_kernel(self, q_ptr: cute.Pointer, k_ptr: cute.Pointer, v_ptr: cute.Pointer, table: cute.Tensor,
                          ctx_lens: cute.Tensor, out: cute.Tensor, ws_o: cute.Tensor, ws_lse: cute.Tensor,
-                         tiles_per_split: Int32, scale_log2: Float32):
+                         tiles_per_split: Int32, scale_log2: Float32, sinks: cute.Tensor, window: Int32):
         await_inputs()  # q and the new token's K/V: written by the kernels before this one
         r, d, kt, rhs = self.group, self.head_dim, self.tile_keys, self.row_halves
         split, kvh, b = cute.arch.block_idx()
@@ -313,6 +341,10 @@ class DecodeAttentionSm90:
         ctx = Int32(ctx_lens[b])
         n_tiles = (ctx + kt - 1) // kt
         t_begin = split * tiles_per_split
+        win_start = None
+        if cutlass.const_expr(self.window):  # the splits start at the window's first tile
+            win_start = cutlass.max(ctx - window, 0)
+            t_begin = t_begin + win_start // kt
         t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
         n_items = r * d // 4  # (row, 4 columns) items of the merge
         item_rounds = (n_items + THREADS - 1) // THREADS
@@ -328,7 +360,7 @@ class DecodeAttentionSm90:
             n_mine = (cutlass.max(t_end - t_begin - warp, 0) + WARPS - 1) // WARPS
             for it in cutlass.range(n_mine, unroll=1):
                 self.tile_step(k_base, v_base, table, b, kvh, ctx, t_begin + warp + it * WARPS, lane_n, lane_c,
-                               scale_log2, qf, acc, row_m, row_l)
+                               scale_log2, qf, acc, row_m, row_l, win_start)
 
             for rh in cutlass.range_constexpr(rhs):
                 total = row_l[rh]
@@ -354,6 +386,10 @@ class DecodeAttentionSm90:
                     for w in cutlass.range_constexpr(1, WARPS):
                         m_all = cute.arch.fmax(m_all, sm_m[w, row])
                     l_all = Float32(0.0)
+                    if cutlass.const_expr(self.sinks and not self.split):  # split partials leave it to the combine
+                        sink = sinks[kvh * r + row].to(Float32) * LOG2_E
+                        m_all = cute.arch.fmax(m_all, sink)
+                        l_all = cute.math.exp2(sink - m_all, fastmath=True)
                     o = cute.make_rmem_tensor((4,), Float32)
                     o.fill(0.0)
                     for w in cutlass.range_constexpr(WARPS):
@@ -382,8 +418,9 @@ class DecodeAttentionSm90:
 
     @cute.kernel
     def combine_kernel(self, ws_o: cute.Tensor, ws_lse: cute.Tensor, ctx_lens: cute.Tensor, out: cute.Tensor,
-                       tiles_per_split: Int32):
-        """One thread per (sequence, head, 4 columns): merges the splits that hold keys of the sequence."""
+                       tiles_per_split: Int32, sinks: cute.Tensor, window: Int32):
+        """One thread per (sequence, head, 4 columns): merges the splits that hold keys of the sequence (and the
+        head's sink, counted here only)."""
         await_inputs()  # the attention kernel's partials
         d, kt = self.head_dim, self.tile_keys
         chunk, b, _ = cute.arch.block_idx()
@@ -393,17 +430,23 @@ class DecodeAttentionSm90:
             head = item // (d // 4)
             col = item % (d // 4) * 4
             ctx = Int32(ctx_lens[b])
-            n_valid = ((ctx + kt - 1) // kt + tiles_per_split - 1) // tiles_per_split
+            n_split_tiles = (ctx + kt - 1) // kt
+            if cutlass.const_expr(self.window):
+                n_split_tiles = n_split_tiles - cutlass.max(ctx - window, 0) // kt
+            n_valid = (n_split_tiles + tiles_per_split - 1) // tiles_per_split
             # one online pass, unrolled: the loads of several splits are in flight at once (a loop of dependent
             # L2 round trips per split would dominate small batches with many splits)
             m_all = Float32(_NEG_INF)
             l_all = Float32(0.0)
+            if cutlass.const_expr(self.sinks):  # the sink as a split of log2-sum-exp sink * log2 e and no values
+                m_all = sinks[head].to(Float32) * LOG2_E
+                l_all = Float32(1.0)
             o = cute.make_rmem_tensor((4,), Float32)
             o.fill(0.0)
             for s in cutlass.range(n_valid, unroll=4):
                 lse = ws_lse[b, head, s]
                 m_new = cute.arch.fmax(m_all, lse)
-                alpha = cute.math.exp2(m_all - m_new, fastmath=True)  # 0 on the first split (m_all = -inf)
+                alpha = cute.math.exp2(m_all - m_new, fastmath=True)  # 0 on the first split (m_all = -inf, no sink)
                 weight = cute.math.exp2(lse - m_new, fastmath=True)
                 l_all = l_all * alpha + weight
                 for x in cutlass.range_constexpr(4):
@@ -414,17 +457,19 @@ class DecodeAttentionSm90:
                 out[b, head, col + x] = (o[x] * inv).to(self.dtype)
 
 
-_compiled = CompileCache("decode_attention")  # static config -> compiled function; never keyed on B, MB or S
+_compiled = CompileCache("decode_attention")  # static config -> compiled function; never keyed on B, MB, S or W
 
 
 def make_compile_args(dtype: torch.dtype, table_dtype: torch.dtype, ctx_dtype: torch.dtype, num_heads: int,
                       num_kv_heads: int, head_dim: int, block_size: int, split: bool, stream=None,
-                      tile_keys: int | None = None):
-    """(jit function, arguments) for cute.compile with placeholder pointers; B, MB and S are dynamic."""
+                      tile_keys: int | None = None, sinks_dtype: torch.dtype | None = None, window: bool = False):
+    """(jit function, arguments) for cute.compile with placeholder pointers; B, MB, S and W are dynamic.
+    sinks_dtype: the sinks' dtype (None: no sinks); window: a sliding window."""
     gmem = cute.AddressSpace.gmem
     cdt, name = _DTYPES[dtype]
     kernel = DecodeAttentionSm90(name, _INDEX_DTYPES[table_dtype], _INDEX_DTYPES[ctx_dtype], num_heads, num_kv_heads,
-                                 head_dim, block_size, split, tile_keys or keys_per_tile(head_dim))
+                                 head_dim, block_size, split, tile_keys or keys_per_tile(head_dim),
+                                 attention_variant.sink_type(sinks_dtype), window)
     args = (
         make_ptr(cdt, 16, gmem, assumed_align=16),
         make_ptr(cdt, 16, gmem, assumed_align=16),
@@ -434,22 +479,26 @@ def make_compile_args(dtype: torch.dtype, table_dtype: torch.dtype, ctx_dtype: t
         make_ptr(cdt, 16, gmem, assumed_align=16),
         make_ptr(Float32, 16, gmem, assumed_align=16),
         Int32(1), Int32(1), Int32(1), Int32(1), Float32(1.0),
+        attention_variant.placeholder_sinks_pointer(sinks_dtype), Int32(1),
         stream,
     )
     return kernel, args
 
 
 def _compiled_fn(key):
-    return _compiled.get(key, lambda: make_compile_args(*key[:8], current_stream(), key[8]))
+    return _compiled.get(key, lambda: make_compile_args(*key[:8], current_stream(), *key[8:]))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      ctx_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, *,
-                     num_splits: int | None = None, tile_keys: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, tile_keys: int | None = None, sinks: torch.Tensor | None = None,
+                     sliding_window: int | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V of one query token per sequence over its paged keys -> out [B, h, D] (allocated
     if None). No host synchronisation: capturable in a CUDA graph and correct on replay with new q, tables and
-    ctx_lens in the same buffers (the split count depends on B and MB only). num_splits / tile_keys override
-    the tuned choices (benchmarks)."""
+    ctx_lens in the same buffers (the split count depends on B, MB and the window only). num_splits / tile_keys
+    override the tuned choices (benchmarks). gpt-oss: sinks [h] (fp32 / bf16 / fp16) join every softmax
+    denominator; sliding_window W limits the query to the keys ctx - W ... ctx - 1 (ops.attention
+    paged_attention_sinks)."""
     batch, num_heads, head_dim, block_size, num_kv_heads = paged_attention_shapes(
         "decode attention kernel", supports, q, k_cache, v_cache)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.stride(1) != 1 \
@@ -465,14 +514,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
     if any(t.data_ptr() % 16 for t in (q, k_cache, v_cache, out)):
         raise ValueError("q, k_cache, v_cache and out must be 16-byte aligned (128-bit accesses)")
+    attention_variant.check(sinks, sliding_window, num_heads, q.device)
     if batch == 0:
         return out
     tile_keys = tile_keys or keys_per_tile(head_dim)
     n_splits, tiles_per_split = choose_splits(batch, num_kv_heads, block_tables.shape[1], block_size, tile_keys,
-                                              sm_count(q.device), num_splits, RESIDENT_CTAS_PER_SM[head_dim])
+                                              sm_count(q.device), num_splits, RESIDENT_CTAS_PER_SM[head_dim],
+                                              sliding_window)
     split = n_splits > 1
     key = (q.dtype, block_tables.dtype, ctx_lens.dtype, num_heads, num_kv_heads, head_dim, block_size, split,
-           tile_keys)
+           tile_keys, None if sinks is None else sinks.dtype, sliding_window is not None)
     fn = _compiled_fn(key)
     ws = out  # unused placeholder when not split
     if split:
@@ -488,7 +539,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         make_ptr(cdt, out.data_ptr(), gmem, assumed_align=16),
         make_ptr(Float32, ws.data_ptr(), gmem, assumed_align=16),
         Int32(batch), Int32(block_tables.stride(0)), Int32(n_splits), Int32(tiles_per_split),
-        Float32(scale * LOG2_E),
+        Float32(scale * LOG2_E), attention_variant.sinks_pointer(sinks, out), Int32(sliding_window or 1),
         current_stream(),
     )
     return out

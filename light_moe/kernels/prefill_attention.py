@@ -22,6 +22,15 @@ Masking is needed only on the tiles that reach past the tile's first query posit
 BM / BN + 1 of them); every other tile runs unmasked. Only the last key tile can hold slots >= ctx_len:
 its rows there are zero-filled (the cache may hold NaN garbage past a sequence's end, and 0 * NaN would
 reach the output through PV) and never read through the table, which may be narrower than that tile.
+
+gpt-oss (kernels/attention_variant.py; compile-time options, absent from the plain kernel's code):
+  * sinks [h]: the CTA's head's sink is read once and joins each row's denominator in the final normalisation:
+    l = sum_j exp2((s_j - m) * scale log2 e) + exp2(sink log2 e - m * scale log2 e), m the row's running max.
+  * sliding window W: row i (position p) sees keys p - W + 1 ... p. The CTA walks only the key tiles from the
+    one holding its first row's first key (first_pos - W + 1) up; besides the causal tiles at the top, the tiles
+    at the bottom that hold a key some row of the tile must not see (keys < last_pos - W + 1) are masked per
+    row, the tiles between run unmasked. Every load zero-fills the rows below the first row's first key and
+    never reads the table there (those blocks may be gone from the cache).
 """
 # no `from __future__ import annotations`: the DSL reads the Constexpr annotations as objects, not strings
 import math
@@ -34,6 +43,7 @@ from cutlass import BFloat16, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 from cutlass.cute.runtime import make_ptr
 
+from light_moe.kernels import attention_variant
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, paged_attention_shapes
 
@@ -51,20 +61,23 @@ LOG2_E = 1.4426950408889634
 _DTYPES = {torch.bfloat16: BFloat16}
 
 
-def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-             block_size: int) -> tuple[bool, str]:
+def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+             sinks: torch.Tensor | None = None, sliding_window: int | None = None) -> tuple[bool, str]:
+    """Whether the kernel takes these shapes, and gpt-oss's sinks [h] / sliding window where given."""
     problem = head_shape_problem(dtype, _DTYPES, num_heads, num_kv_heads, head_dim, HEAD_DIMS)
     if problem is not None:
         return False, problem
     if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         return False, f"block_size={block_size}: need a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
-    return True, "ok"
+    return attention_variant.supports(sinks, sliding_window, num_heads)
 
 
 class PrefillAttentionSm90:
-    """Compiled once per (h, g, D, bs, BM); N, B, NB, MB, the grid and the scale are run-time arguments."""
+    """Compiled once per (h, g, D, bs, BM, sink type, window); N, B, NB, MB, the grid, the scale and the window's
+    width are run-time arguments. sink_type: the CuTe type of the sinks, None without."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int,
+                 sink_type=None, window: bool = False):
         assert head_dim in HEAD_DIMS and block_m in (64, 128) and num_heads % num_kv_heads == 0
         assert MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0
         self.num_heads = num_heads
@@ -74,6 +87,8 @@ class PrefillAttentionSm90:
         self.block_size = block_size
         self.block_m = block_m
         self.max_masked = block_m // BLOCK_N + 1  # key tiles that can reach past a query tile's first position
+        self.sinks = sink_type is not None
+        self.window = window
 
     @cute.jit
     def __call__(
@@ -91,6 +106,8 @@ class PrefillAttentionSm90:
         max_blocks: Int32,
         m_tiles: Int32,
         scale_log2: Float32,
+        sinks_ptr: cute.Pointer,
+        window: Int32,
         stream: cuda.CUstream,
     ):
         h, g, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
@@ -103,6 +120,7 @@ class PrefillAttentionSm90:
         tables = cute.make_tensor(table_ptr, cute.make_layout((batch, max_blocks), stride=(max_blocks, 1)))
         query_start = cute.make_tensor(query_start_ptr, cute.make_layout((batch + 1,)))
         ctx_lens = cute.make_tensor(ctx_ptr, cute.make_layout((batch,)))
+        sinks = cute.make_tensor(sinks_ptr, cute.make_layout((h,)))  # read only with sinks
 
         # Shared memory: 8-row x 64-column atoms, 16-byte chunks XOR-swizzled by row so that ldmatrix of
         # eight rows hits eight different bank groups.
@@ -130,7 +148,7 @@ class PrefillAttentionSm90:
                                         permutation_mnk=(THREADS // 32 * 16, 16, 16))
 
         self.kernel(q, k_cache, v_cache, tables, query_start, ctx_lens, out, scale_log2, sq_layout, skv_layout,
-                    gmem_load, gmem_store, tiled_mma, SharedStorage).launch(
+                    gmem_load, gmem_store, tiled_mma, SharedStorage, sinks, window).launch(
             grid=(m_tiles, batch, h), block=(THREADS, 1, 1), stream=stream, use_pdl=True)
 
     @cute.kernel
@@ -150,6 +168,8 @@ class PrefillAttentionSm90:
         gmem_store: cute.TiledCopy,
         tiled_mma: cute.TiledMma,
         SharedStorage: cutlass.Constexpr,
+        sinks: cute.Tensor,
+        window: Int32,
     ):
         await_inputs()
         bm, d = self.block_m, self.head_dim
@@ -171,6 +191,16 @@ class PrefillAttentionSm90:
             # the last tile is always taken as masked, also where it needs no mask (one query row at the end of
             # a key tile): then n_tiles == n_unmasked, and the unmasked loop must not take it a second time
             n_masked = cutlass.max(n_tiles - n_unmasked, 1)  # <= self.max_masked
+            bounds = ()  # the window's: (W, first key, first key tile)
+            if cutlass.const_expr(self.window):
+                lo_key = cutlass.max(first_pos - window + 1, 0)  # the first row's first key: no row sees below
+                lo_tile = lo_key // BLOCK_N
+                n_walk = n_tiles - lo_tile  # key tiles walked, from n_tiles - 1 down to lo_tile
+                n_masked = cutlass.min(n_masked, n_walk)
+                # keys below last_pos - W + 1 are outside the last row's window: the tiles that hold any are masked
+                n_low = (cutlass.max(last_pos - window + 1, 0) + BLOCK_N - 1) // BLOCK_N - lo_tile
+                n_low = cutlass.max(cutlass.min(n_low, n_walk - n_masked), 0)
+                bounds = (window, lo_key, lo_tile)
 
             smem = cutlass.utils.SmemAllocator()
             storage = smem.allocate(SharedStorage)
@@ -216,7 +246,7 @@ class PrefillAttentionSm90:
                     cute.copy(gmem_load, tq_g[None, m, None], tq_s[None, m, None])
                 else:
                     tq_s[None, m, None].fill(0)
-            kv = (k_cache, v_cache, tables, seq, kv_head, ctx_len, thr_load, tkv_c)
+            kv = (k_cache, v_cache, tables, seq, kv_head, ctx_len, thr_load, tkv_c) + bounds[1:2]
             self.load_kv_tile(gmem_load, kv, 0, tk_s, n_tiles - 1, True)
             cute.arch.cp_async_commit_group()
 
@@ -225,7 +255,7 @@ class PrefillAttentionSm90:
             row_sum = cute.make_rmem_tensor((n_rows,), Float32)
             row_max.fill(-Float32.inf)
             row_sum.fill(0.0)
-            state = (thr_mma, tiled_mma, ts_rq, ts_rk, to_rvt, acc_o, row_max, row_sum, scale_log2, first_pos)
+            state = (thr_mma, tiled_mma, ts_rq, ts_rk, to_rvt, acc_o, row_max, row_sum, scale_log2, first_pos) + bounds
             loads = (gmem_load, kv, tk_s, tv_s)
 
             # masked tiles first (the highest one holds the diagonal and, alone, slots >= ctx_len)
@@ -235,19 +265,29 @@ class PrefillAttentionSm90:
                 else:
                     if t < n_masked:
                         self.one_key_tile(state, loads, smem_views, n_tiles - 1 - t, False, True)
-            for t in cutlass.range(n_masked, n_tiles, 1, unroll=1):
-                self.one_key_tile(state, loads, smem_views, n_tiles - 1 - t, False, False)
+            if cutlass.const_expr(self.window):  # unmasked tiles, then the window's masked ones at the bottom
+                for t in cutlass.range(n_masked, n_walk - n_low, 1, unroll=1):
+                    self.one_key_tile(state, loads, smem_views, n_tiles - 1 - t, False, False)
+                for t in cutlass.range(n_walk - n_low, n_walk, 1, unroll=1):
+                    self.one_key_tile(state, loads, smem_views, n_tiles - 1 - t, False, True)
+            else:
+                for t in cutlass.range(n_masked, n_tiles, 1, unroll=1):
+                    self.one_key_tile(state, loads, smem_views, n_tiles - 1 - t, False, False)
 
+            sink = ()
+            if cutlass.const_expr(self.sinks):
+                sink = (sinks[head].to(Float32) * LOG2_E, row_max, scale_log2)
             self.store_output(acc_o, row_sum, sq, sq_layout, out, q_start + row0, head, rows_valid,
-                              gmem_store, tiled_mma, tidx)
+                              gmem_store, tiled_mma, tidx, sink)
 
     @cute.jit
     def load_kv_tile(self, gmem_load: cute.TiledCopy, kv, which: cutlass.Constexpr, dst: cute.Tensor,
                      n_block: Int32, check_bounds: cutlass.Constexpr):
         """cp.async key tile n_block of K (which=0) or V (which=1) into dst, one 16-row pass per cache run.
         check_bounds: the tile may hold slots >= ctx_len (only the last one can); they are zero-filled and the
-        table is read at most at the sequence's last block."""
-        k_cache, v_cache, tables, seq, kv_head, ctx_len, thr_load, tkv_c = kv
+        table is read at most at the sequence's last block. With the window, slots below its first key (kv[8])
+        are zero-filled too and the table is read from that key's block on."""
+        k_cache, v_cache, tables, seq, kv_head, ctx_len, thr_load, tkv_c = kv[:8]
         cache = k_cache if cutlass.const_expr(which == 0) else v_cache
         bs = self.block_size
         for n in cutlass.range_constexpr(BLOCK_N // ROWS_PER_PASS):
@@ -255,11 +295,22 @@ class PrefillAttentionSm90:
             table_col = slot0 // bs
             if cutlass.const_expr(check_bounds):
                 table_col = cutlass.min(table_col, (ctx_len - 1) // bs)
+            if cutlass.const_expr(self.window):
+                table_col = cutlass.max(table_col, kv[8] // bs)
             block = Int64(tables[seq, table_col])  # block * bs * g * D may pass 2^31 elements in a large cache
             run = cute.local_tile(cache[block, None, kv_head, None], (ROWS_PER_PASS, self.head_dim),
                                   ((slot0 % bs) // ROWS_PER_PASS, 0))
             src = thr_load.partition_S(run)
-            if cutlass.const_expr(check_bounds):
+            if cutlass.const_expr(self.window):
+                slot = n_block * BLOCK_N + tkv_c[0, n, 0][0]
+                in_range = slot >= kv[8]
+                if cutlass.const_expr(check_bounds):
+                    in_range = in_range & (slot < ctx_len)
+                if in_range:
+                    cute.copy(gmem_load, src[None, 0, None], dst[None, n, None])
+                else:
+                    dst[None, n, None].fill(0)
+            elif cutlass.const_expr(check_bounds):
                 if n_block * BLOCK_N + tkv_c[0, n, 0][0] < ctx_len:
                     cute.copy(gmem_load, src[None, 0, None], dst[None, n, None])
                 else:
@@ -270,8 +321,9 @@ class PrefillAttentionSm90:
     @cute.jit
     def one_key_tile(self, state, loads, smem_views, n_block: Int32, is_first: cutlass.Constexpr,
                      masked: cutlass.Constexpr):
-        """S = Q K^T for key tile n_block, online softmax, O += P V; prefetches K of tile n_block - 1."""
-        thr_mma, tiled_mma, ts_rq, ts_rk, to_rvt, acc_o, row_max, row_sum, scale_log2, first_pos = state
+        """S = Q K^T for key tile n_block, online softmax, O += P V; prefetches K of tile n_block - 1 (with the
+        window: unless n_block is the first key tile, state[12])."""
+        thr_mma, tiled_mma, ts_rq, ts_rk, to_rvt, acc_o, row_max, row_sum, scale_log2, first_pos = state[:10]
         gmem_load, kv, tk_s, tv_s = loads
         lds_q, ts_sq, ts_rq_view, lds_k, ts_sk, ts_rk_view, lds_v, to_svt, to_rvt_view = smem_views
 
@@ -293,12 +345,17 @@ class PrefillAttentionSm90:
 
         cute.arch.cp_async_wait_group(0)  # V landed
         cute.arch.barrier()  # and every warp is done reading this K tile
-        if n_block > 0:
-            self.load_kv_tile(gmem_load, kv, 0, tk_s, n_block - 1, False)
-            cute.arch.cp_async_commit_group()
+        if cutlass.const_expr(self.window):
+            if n_block > state[12]:
+                self.load_kv_tile(gmem_load, kv, 0, tk_s, n_block - 1, False)
+                cute.arch.cp_async_commit_group()
+        else:
+            if n_block > 0:
+                self.load_kv_tile(gmem_load, kv, 0, tk_s, n_block - 1, False)
+                cute.arch.cp_async_commit_group()
 
         self.online_softmax(thr_mma, acc_s, acc_o, row_max, row_sum, scale_log2, first_pos, n_block, is_first,
-                            masked)
+                            masked, state[10:11])
 
         # P (bf16) as the A operand: the m16n8 accumulator pairs of two n8 blocks form one m16k16 A fragment
         r_p = cute.make_fragment_like(acc_s, BFloat16)
@@ -319,10 +376,11 @@ class PrefillAttentionSm90:
     @cute.jit
     def online_softmax(self, thr_mma, acc_s: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
                        row_sum: cute.Tensor, scale_log2: Float32, first_pos: Int32, n_block: Int32,
-                       is_first: cutlass.Constexpr, masked: cutlass.Constexpr):
+                       is_first: cutlass.Constexpr, masked: cutlass.Constexpr, window):
         """acc_s <- exp2((S - max) * scale * log2 e) with the running max; rescales acc_o and the (per-thread
         partial) row sums. A row may see no key in a masked tile: its max stays -inf and 0 stands in for it
-        in the exponent, so nothing becomes NaN."""
+        in the exponent, so nothing becomes NaN. window: (W,) with the window (masked tiles then also hide the
+        keys <= position - W), else ()."""
         s_mn = _mn_view(acc_s)
         o_mn = _mn_view(acc_o)
         coords = None
@@ -335,6 +393,9 @@ class PrefillAttentionSm90:
                 for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
                     if coords[0, c][1] > limit:
                         s_mn[r, c] = -Float32.inf
+                    if cutlass.const_expr(self.window):
+                        if coords[0, c][1] <= limit - window[0]:
+                            s_mn[r, c] = -Float32.inf
             row = s_mn[r, None].load()
             new_max = _quad_max(row.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
             if cutlass.const_expr(not is_first):
@@ -353,12 +414,18 @@ class PrefillAttentionSm90:
     @cute.jit
     def store_output(self, acc_o: cute.Tensor, row_sum: cute.Tensor, sq: cute.Tensor, sq_layout, out: cute.Tensor,
                      first_row: Int32, head: Int32, rows_valid: Int32, gmem_store: cute.TiledCopy,
-                     tiled_mma: cute.TiledMma, tidx: Int32):
-        """O / row sum -> bf16 -> shared memory (over Q) -> 16-byte stores of the tile's valid rows."""
+                     tiled_mma: cute.TiledMma, tidx: Int32, sink):
+        """O / row sum -> bf16 -> shared memory (over Q) -> 16-byte stores of the tile's valid rows. sink:
+        (sink * log2 e, row maxima, scale * log2 e) with sinks (the sink joins each row's sum), else ()."""
         bm, d = self.block_m, self.head_dim
         o_mn = _mn_view(acc_o)
         for r in cutlass.range_constexpr(cute.size(row_sum)):
             total = _quad_sum(row_sum[r])
+            if cutlass.const_expr(self.sinks):
+                # relative to the row's max of the logits: a sink far above them overflows the sum to inf, and
+                # the row to 0, its limit
+                sink_log2, row_max, scale_log2 = sink
+                total = total + cute.math.exp2(sink_log2 - row_max[r] * scale_log2, fastmath=True)
             inv = 1.0 if total == 0.0 or total != total else cute.arch.rcp_approx(total)
             o_mn[r, None] = o_mn[r, None].load() * inv
         r_o = cute.make_fragment_like(acc_o, BFloat16)
@@ -404,12 +471,13 @@ def _quad_sum(val: Float32) -> Float32:
     return val + cute.arch.shuffle_sync_bfly(val, offset=1)
 
 
-_compiled = CompileCache("prefill_attention")  # (h, g, D, bs, BM); never keyed on N, B or the lengths
+_compiled = CompileCache("prefill_attention")  # (h, g, D, bs, BM, sinks, window); never keyed on N, B, lengths, W
 
 
 def make_compile_args(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int,
-                      stream=None):
-    """(jit function, arguments) for cute.compile with placeholder pointers; every size is dynamic."""
+                      stream=None, sinks_dtype: torch.dtype | None = None, window: bool = False):
+    """(jit function, arguments) for cute.compile with placeholder pointers; every size is dynamic.
+    sinks_dtype: the sinks' dtype (None: no sinks); window: a sliding window (its width is dynamic)."""
     gmem = cute.AddressSpace.gmem
     args = (
         make_ptr(BFloat16, 16, gmem, assumed_align=16),
@@ -420,14 +488,18 @@ def make_compile_args(num_heads: int, num_kv_heads: int, head_dim: int, block_si
         make_ptr(Int32, 16, gmem, assumed_align=4),
         make_ptr(BFloat16, 16, gmem, assumed_align=16),
         Int32(1), Int32(1), Int32(1), Int32(1), Int32(1), Float32(1.0),
+        attention_variant.placeholder_sinks_pointer(sinks_dtype), Int32(1),
         stream,
     )
-    return PrefillAttentionSm90(num_heads, num_kv_heads, head_dim, block_size, block_m), args
+    kernel = PrefillAttentionSm90(num_heads, num_kv_heads, head_dim, block_size, block_m,
+                                  attention_variant.sink_type(sinks_dtype), window)
+    return kernel, args
 
 
-def compiled_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int):
-    key = (num_heads, num_kv_heads, head_dim, block_size, block_m)
-    return _compiled.get(key, lambda: make_compile_args(*key, current_stream()))
+def compiled_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, block_m: int,
+                               sinks_dtype: torch.dtype | None = None, window: bool = False):
+    key = (num_heads, num_kv_heads, head_dim, block_size, block_m, sinks_dtype, window)
+    return _compiled.get(key, lambda: make_compile_args(*key[:5], current_stream(), *key[5:]))
 
 
 def _check_int32(name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -438,11 +510,14 @@ def _check_int32(name: str, t: torch.Tensor, shape: tuple) -> None:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_start: torch.Tensor, ctx_lens: torch.Tensor, max_query_len: int, scale: float,
-                      out: torch.Tensor | None = None, block_m: int = DEFAULT_BLOCK_M) -> torch.Tensor:
+                      out: torch.Tensor | None = None, block_m: int = DEFAULT_BLOCK_M, *,
+                      sinks: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
     """Causal paged attention of q [N, h, D] -> out [N, h, D] on the current stream (see the module docstring).
 
     max_query_len must be >= every q_len (it sizes the grid; rows of longer sequences would stay unwritten).
-    Reads no device value on the host. block_m: query rows per CTA, 64 or 128."""
+    Reads no device value on the host. block_m: query rows per CTA, 64 or 128. gpt-oss: sinks [h] (fp32 / bf16
+    / fp16) join every softmax denominator; sliding_window W limits position p to the keys p - W + 1 ... p
+    (ops.attention paged_attention_sinks)."""
     n_tokens, num_heads, head_dim, block_size, num_kv_heads = paged_attention_shapes(
         "prefill attention kernel", supports, q, k_cache, v_cache)
     if block_tables.dim() != 2:
@@ -458,11 +533,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
         if t.data_ptr() % 16:
             raise ValueError(f"{name} must be 16-byte aligned (cp.async / 128-bit stores)")
+    attention_variant.check(sinks, sliding_window, num_heads, q.device)
     if n_tokens == 0 or batch == 0 or max_query_len <= 0:
         return out  # a zero grid dimension is an invalid launch
     if block_m not in (64, 128):
         raise ValueError(f"block_m={block_m}: 64 or 128")
-    fn = compiled_prefill_attention(num_heads, num_kv_heads, head_dim, block_size, block_m)
+    fn = compiled_prefill_attention(num_heads, num_kv_heads, head_dim, block_size, block_m,
+                                    None if sinks is None else sinks.dtype, sliding_window is not None)
     gmem = cute.AddressSpace.gmem
     fn(
         make_ptr(BFloat16, q.data_ptr(), gmem, assumed_align=16),
@@ -474,6 +551,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         make_ptr(BFloat16, out.data_ptr(), gmem, assumed_align=16),
         Int32(n_tokens), Int32(batch), Int32(k_cache.shape[0]), Int32(max_blocks),
         Int32(math.ceil(max_query_len / block_m)), Float32(scale * LOG2_E),
+        attention_variant.sinks_pointer(sinks, out), Int32(sliding_window or 1),
         current_stream(),
     )
     return out

@@ -1,5 +1,6 @@
 """CPU-only compile tests of the paged decode-attention kernel (kernels/decode_attention.py) for sm_90a, plus its
-host-side split choice and its PTX (PDL wait first, the tensor-core and load instructions it is designed around).
+host-side split choice and its PTX (PDL wait first, the tensor-core and load instructions it is designed around),
+and of its gpt-oss variants (sinks, sliding window; kernels/attention_variant.py).
 
 Each case traces, lowers and assembles one static configuration (B, MB and the split count stay dynamic) and
 checks that a non-empty sm_90a cubin was written. Run with -s to see the compile time of each case.
@@ -39,9 +40,53 @@ CASES = {
 }
 
 
+# name -> (dtype, index dtype, h, g, D, bs, split, sinks dtype or None, window)
+VARIANT_CASES = {
+    "gpt_oss_D64_r8_bs16_split_sinks_bf16_window": (BF16, I32, 64, 8, 64, 16, True, BF16, True),
+    "gpt_oss_D64_r8_bs16_single_sinks_bf16_window": (BF16, I32, 64, 8, 64, 16, False, BF16, True),
+    "gpt_oss_D64_r8_bs16_split_sinks_fp32": (BF16, I64, 64, 8, 64, 16, True, torch.float32, False),
+    "gpt_oss_D64_r8_bs16_single_window": (BF16, I32, 64, 8, 64, 16, False, None, True),
+    "mha_D128_bs4_split_window": (BF16, I32, 16, 16, 128, 4, True, None, True),  # one table lookup per key
+    "mha_D128_bs64_single_sinks_fp16": (FP16, I32, 16, 16, 128, 64, False, FP16, False),
+}
+
+
 def _args(name):
+    if name in VARIANT_CASES:
+        dtype, index, h, g, d, bs, split, sinks, window = VARIANT_CASES[name]
+        return da.make_compile_args(dtype, index, index, h, g, d, bs, split, make_fake_stream(), sinks_dtype=sinks,
+                                    window=window)
     dtype, index, h, g, d, bs, split = CASES[name]
     return da.make_compile_args(dtype, index, index, h, g, d, bs, split, make_fake_stream())
+
+
+@pytest.mark.parametrize("name", list(VARIANT_CASES))
+def test_gpt_oss_variants_compile(name, tmp_path):
+    dtype, index, h, g, d, bs, split, sinks, window = VARIANT_CASES[name]
+    assert da.supports(dtype, h, g, d, bs) == (True, "ok")
+    jit_fn, args = _args(name)
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    print(f"\ndecode_attention {name}: compiled in {seconds:.2f} s -> {cubin.rsplit('/', 1)[-1][:60]}...")
+
+
+def _body(entry_text: str) -> str:
+    """A kernel's PTX body without its name and parameter declarations (which name the kernel)."""
+    return re.sub(r"\S*_param_\d+", "PARAM", entry_text.split("{", 1)[1])
+
+
+def test_split_sinks_only_in_the_combine(tmp_path):
+    """With S > 1 the sink is the combine kernel's alone: the attention kernel of the sinks variant is the same
+    code as without sinks, the combine kernel is not (it starts its merge from the sink)."""
+    dtype, index, h, g, d, bs, split, sinks, window = VARIANT_CASES["gpt_oss_D64_r8_bs16_split_sinks_fp32"]
+    bodies = []
+    for sinks_dtype in (None, sinks):
+        jit_fn, args = da.make_compile_args(dtype, index, index, h, g, d, bs, split, make_fake_stream(),
+                                            sinks_dtype=sinks_dtype, window=window)
+        entries = _entries(compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path)))
+        bodies.append({kind: next(_body(b) for n, b in entries.items() if kind in n)
+                       for kind in ("attention_kernel", "combine_kernel")})
+    assert bodies[0]["attention_kernel"] == bodies[1]["attention_kernel"]
+    assert bodies[0]["combine_kernel"] != bodies[1]["combine_kernel"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -59,12 +104,12 @@ def _entries(ptx: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", ["mixtral_bf16_D128_r4_bs16_split", "bf16_D64_r8_bs16_split",
-                                  "bf16_D128_r16_bs16_split"])
+                                  "bf16_D128_r16_bs16_split", "gpt_oss_D64_r8_bs16_split_sinks_bf16_window"])
 def test_ptx_structure(name, tmp_path):
     """Both kernels wait for their predecessor (PDL) before any global load; the attention kernel reads K/V with
     16-byte loads (16 per lane per tile) and multiplies on the tensor cores: KT / 8 * D / 16 QK^T plus
-    KT / 16 * D / 8 PV mma per tile, none of them duplicated."""
-    dtype, index, h, g, d, bs, split = CASES[name]
+    KT / 16 * D / 8 PV mma per tile, none of them duplicated (the window adds no load or product)."""
+    dtype, index, h, g, d, bs, split = (CASES.get(name) or VARIANT_CASES[name])[:7]
     jit_fn, args = _args(name)
     ptx = compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))
     entries = _entries(ptx)
@@ -115,3 +160,12 @@ def test_choose_splits_fills_one_wave():
     assert da.choose_splits(16, 8, 128, 16, 16, 132) == (2, 64)  # 128 CTAs per split: two fill the wave
     assert da.choose_splits(64, 8, 128, 16, 16, 132) == (1, 128)  # 512 CTAs: already two waves
     assert da.choose_splits(1, 8, 16, 16, 16, 132) == (4, 4)  # short context: one tile per warp at most
+
+
+def test_window_splits_sized_by_the_window():
+    """A 128-key window over a 4k-token table needs at most ceil((128 + KT - 1) / KT) tiles: the split count is
+    sized for them, not for the table."""
+    kt = da.keys_per_tile(64)
+    plain = da.choose_splits(1, 8, 256, 16, kt, 132, resident_ctas=4)
+    windowed = da.choose_splits(1, 8, 256, 16, kt, 132, resident_ctas=4, window=128)
+    assert windowed[0] * windowed[1] >= -(-(128 + kt - 1) // kt) and windowed[0] * windowed[1] < plain[0] * plain[1]

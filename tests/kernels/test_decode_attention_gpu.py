@@ -3,7 +3,8 @@
 Every case has fresh random inputs, a NaN-poisoned output, random non-contiguous block tables and a cache
 that holds NaN in every slot no sequence owns (slots past a sequence's length in its last block included), so
 a kernel that reads a key it should not, or leaves an output unwritten, fails. Context lengths mix 1, lengths
-that are not multiples of the block size and long contexts (4096+).
+that are not multiples of the block size and long contexts (4096+). gpt-oss's sinks and sliding window (at the
+end) are checked against ops.attention.paged_attention_sinks with NaN in every slot before a window too.
 """
 import math
 
@@ -14,7 +15,7 @@ pytest.importorskip("cutlass")
 
 from light_moe.bench.timing import graph_replay  # noqa: E402
 from light_moe.kernels import decode_attention as da  # noqa: E402
-from light_moe.ops.attention import AttentionMetadata, paged_attention  # noqa: E402
+from light_moe.ops.attention import AttentionMetadata, paged_attention, paged_attention_sinks  # noqa: E402
 from tests.kernels.gpu_helpers import rel_l2  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -220,3 +221,100 @@ def test_cuda_graph_replay_reads_new_inputs(num_splits):
     out.fill_(float("nan"))
     replay()
     _check(problem, out, 0.09, BF16)
+
+
+# ---- gpt-oss: sinks and the sliding window (kernels/attention_variant.py) ------------------------------------------
+# against ops.attention.paged_attention_sinks in fp32; every slot before a sequence's window holds NaN in the
+# kernel's cache (the kernel must neither read those keys nor let them reach PV) and 0 in the reference's
+
+# (h, g, D, bs)
+VARIANT_HEADS = {"gpt_oss": (64, 8, 64, 16), "mha_D128": (16, 16, 128, 16)}
+# contexts around a window of 128: shorter, equal, one past, far longer (whole tiles and blocks skipped)
+WINDOW_LENGTHS = [1, 100, 128, 129, 4500, 1000]
+
+
+def _poison_before_window(problem: Problem, window: int | None) -> None:
+    if window is None:
+        return
+    flat_k = problem.k_cache.view(-1, *problem.k_cache.shape[2:])
+    flat_v = problem.v_cache.view(-1, *problem.v_cache.shape[2:])
+    for b, n in enumerate(problem.lengths):
+        if n > window:
+            slots = problem.slots(b, n - window)  # keys 0 .. n - window - 1: outside the window of position n - 1
+            flat_k[slots] = float("nan")
+            flat_v[slots] = float("nan")
+
+
+def _check_variant(problem: Problem, out: torch.Tensor, scale: float, sinks, window) -> float:
+    batch = len(problem.lengths)
+    meta = AttentionMetadata.for_lengths(problem.lengths, [1] * batch, problem.tables)
+    k_ref, v_ref = (c.nan_to_num(0.0).float() for c in (problem.k_cache, problem.v_cache))
+    ref = paged_attention_sinks(problem.q.float(), k_ref, v_ref, meta, scale,
+                                None if sinks is None else sinks.float(), window)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), "NaN in the output: a key outside the window or the sequence reached it"
+    err = rel_l2(out, ref)
+    worst = max(range(batch), key=lambda b: rel_l2(out[b], ref[b]))
+    assert err < TOL[out.dtype], f"rel L2 {err:.2e}; worst sequence {worst} (ctx {problem.lengths[worst]}): " \
+                                 f"{rel_l2(out[worst], ref[worst]):.2e}"
+    return err
+
+
+def _variant_case(heads, lengths, sinks_dtype, window, seed, num_splits=None, dtype=BF16):
+    h, g, d, bs = VARIANT_HEADS[heads]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    problem = Problem(len(lengths), h, g, d, bs, dtype, lengths, gen)
+    _poison_before_window(problem, window)
+    sinks = None
+    if sinks_dtype is not None:  # around the logits' scale, some far above: a sink can take most of a row's mass
+        sinks = (torch.randn(h, generator=gen, device="cuda") * 2 + 1).to(sinks_dtype)
+        sinks[::7] += 6
+    out = torch.full_like(problem.q, float("nan"))
+    scale = 1.0 / math.sqrt(d)
+    da.decode_attention(problem.q, problem.k_cache, problem.v_cache, problem.tables, problem.ctx_lens, scale,
+                        out=out, num_splits=num_splits, sinks=sinks, sliding_window=window)
+    return _check_variant(problem, out, scale, sinks, window)
+
+
+@pytest.mark.parametrize("sinks_dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("heads", list(VARIANT_HEADS))
+def test_sinks_only(heads, sinks_dtype):
+    err = _variant_case(heads, WINDOW_LENGTHS, sinks_dtype, None, seed=31)
+    print(f"\nsinks {heads} {sinks_dtype}: rel L2 {err:.2e}")
+
+
+@pytest.mark.parametrize("window", [1, 100, 128, 4500, 10 ** 6])  # 100: not a multiple of bs or KT
+@pytest.mark.parametrize("heads", list(VARIANT_HEADS))
+def test_window_only(heads, window):
+    """Windows smaller than, equal to and larger than the contexts of WINDOW_LENGTHS."""
+    err = _variant_case(heads, WINDOW_LENGTHS, None, window, seed=window % 1000)
+    print(f"\nwindow {window} {heads}: rel L2 {err:.2e}")
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 1000])
+@pytest.mark.parametrize("heads", list(VARIANT_HEADS))
+def test_sinks_and_window_with_forced_splits(heads, num_splits):
+    """Both at once, on the single-CTA path (the sink in the warp merge) and split (the sink in the combine only:
+    a sink counted by every split would fail)."""
+    _variant_case(heads, WINDOW_LENGTHS, torch.float32, 128, seed=7, num_splits=num_splits)
+    _variant_case(heads, [3000, 77, 5000], BF16, 300, seed=8, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 64, 256])
+def test_window_block_sizes(block_size):
+    """The window's first key inside a block of any size (bs < 8: one table lookup per key; bs > KT: several
+    tiles per block, the window starting mid-block)."""
+    gen = torch.Generator(device="cuda").manual_seed(block_size)
+    lengths = [1, 300, 2 * block_size + 5, 1100]
+    problem = Problem(4, 64, 8, 64, block_size, BF16, lengths, gen)
+    _poison_before_window(problem, 200)
+    sinks = torch.randn(64, generator=gen, device="cuda")
+    out = torch.full_like(problem.q, float("nan"))
+    da.decode_attention(problem.q, problem.k_cache, problem.v_cache, problem.tables, problem.ctx_lens, 0.125,
+                        out=out, sinks=sinks, sliding_window=200)
+    _check_variant(problem, out, 0.125, sinks, 200)
+
+
+def test_fp16_sinks_and_window():
+    _variant_case("mha_D128", WINDOW_LENGTHS, FP16, 128, seed=5, dtype=FP16)
+

@@ -3,7 +3,8 @@
 Each case traces, lowers and assembles one static configuration (h, g, D, block size, query tile); N, B, the
 lengths and the cache size stay dynamic. Also checked in the PTX: the kernel waits for its predecessor before its
 first global load (programmatic dependent launch), reads K/V with 16-byte cp.async and multiplies with bf16
-mma.sync. Run with -s to see compile times.
+mma.sync. Run with -s to see compile times. The gpt-oss variants (sinks, sliding window; kernels/attention_variant.py)
+compile too, and keep the plain kernel's loads and products.
 """
 import re
 
@@ -28,6 +29,30 @@ CASES = {
 }
 
 
+# (h, g, D, block_size, block_m, sinks dtype or None, window)
+VARIANT_CASES = {
+    "gpt_oss_h64_g8_D64_bs16_bm64_sinks_bf16_window": (64, 8, 64, 16, 64, torch.bfloat16, True),
+    "gpt_oss_h64_g8_D64_bs16_bm128_sinks_fp32_window": (64, 8, 64, 16, 128, torch.float32, True),
+    "gpt_oss_h64_g8_D64_bs64_bm64_window": (64, 8, 64, 64, 64, None, True),
+    "gpt_oss_h64_g8_D64_bs16_bm64_sinks_fp32": (64, 8, 64, 16, 64, torch.float32, False),
+    "mha_h16_g16_D128_bs128_bm64_sinks_bf16_window": (16, 16, 128, 128, 64, torch.bfloat16, True),
+}
+
+
+def _variant_args(name):
+    h, g, d, bs, bm, sinks, window = VARIANT_CASES[name]
+    return pa.make_compile_args(h, g, d, bs, bm, make_fake_stream(), sinks_dtype=sinks, window=window)
+
+
+@pytest.mark.parametrize("name", list(VARIANT_CASES))
+def test_gpt_oss_variants_compile(name, tmp_path):
+    h, g, d, bs, bm, _, _ = VARIANT_CASES[name]
+    assert pa.supports(torch.bfloat16, h, g, d, bs)[0]
+    jit_fn, args = _variant_args(name)
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    print(f"\n{name}: compiled in {seconds:.2f} s -> {cubin.rsplit('/', 1)[-1][:60]}...")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_prefill_attention_compiles(name, tmp_path):
     h, g, d, bs, bm = CASES[name]
@@ -37,8 +62,12 @@ def test_prefill_attention_compiles(name, tmp_path):
     print(f"\n{name}: compiled in {seconds:.2f} s -> {cubin.rsplit('/', 1)[-1][:60]}...")
 
 
-def test_prefill_attention_ptx(tmp_path):
-    jit_fn, args = pa.make_compile_args(32, 8, 128, 16, 128, make_fake_stream())
+@pytest.mark.parametrize("variant", [None, "gpt_oss_h64_g8_D64_bs16_bm64_sinks_bf16_window"])
+def test_prefill_attention_ptx(variant, tmp_path):
+    if variant is None:
+        jit_fn, args = pa.make_compile_args(32, 8, 128, 16, 128, make_fake_stream())
+    else:
+        jit_fn, args = _variant_args(variant)
     ptx = compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))
     entries = re.split(r"\.entry\s+\S+?\s*\(", ptx)[1:]
     assert len(entries) == 1

@@ -5,7 +5,9 @@ Every input is fresh random data; the output is poisoned with NaN; every cache s
 (unused blocks, the tail of each sequence's last block) and every unused block-table entry (pointing at a
 block of NaN) is poisoned too, so a read past a sequence's keys or a row left unwritten shows up as NaN.
 Block tables are random permutations (no two neighbouring slots in neighbouring blocks). Errors are
-checked per sequence, so a wrong single-token query cannot hide in the norm of a long prompt.
+checked per sequence, so a wrong single-token query cannot hide in the norm of a long prompt. gpt-oss's sinks and
+sliding window (at the end) are checked against ops.attention.paged_attention_sinks, with NaN in every slot before
+the window of a sequence's first query too.
 """
 import itertools
 import math
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 pytest.importorskip("cutlass")
 
 from light_moe.kernels import prefill_attention as pa  # noqa: E402
+from light_moe.ops.attention import AttentionMetadata, paged_attention_sinks  # noqa: E402
 from tests.kernels.gpu_helpers import rel_l2  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -207,3 +210,81 @@ def test_cuda_graph_replay_reads_device_lengths():
     ref = reference(q_buf[:n_b], k_buf, v_buf, t_buf, qs_buf, ctx_buf, scale)
     assert torch.isfinite(out[:n_b]).all()
     assert rel_l2(out[:n_b], ref) < TOL
+
+
+# ---- gpt-oss: sinks and the sliding window (kernels/attention_variant.py) ------------------------------------------
+# against ops.attention.paged_attention_sinks in fp32; every slot before the window of a sequence's first query holds
+# NaN in the kernel's cache (no row of the step may see it) and 0 in the reference's
+
+GPT_OSS = (64, 8, 64)  # h, g, D
+MHA_D128 = (16, 16, 128)
+
+
+def check_variant(seqs, heads=GPT_OSS, block_size=16, block_m=pa.DEFAULT_BLOCK_M, sinks_dtype=None, window=None,
+                  seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k_cache, v_cache, tables, query_start, ctx_lens, max_q = make_problem(seqs, heads, block_size, gen)
+    ref_k, ref_v = k_cache.nan_to_num(0.0).float(), v_cache.nan_to_num(0.0).float()
+    if window is not None:
+        for b, (q_len, ctx) in enumerate(seqs):
+            first_key = ctx - q_len - window + 1  # the window of the sequence's first query starts here
+            if first_key > 0:
+                slots = torch.arange(first_key, device="cuda")
+                blk = tables[b, slots // block_size].long()
+                k_cache[blk, slots % block_size] = float("nan")
+                v_cache[blk, slots % block_size] = float("nan")
+    h = heads[0]
+    sinks = None
+    if sinks_dtype is not None:  # around the logits' scale, some far above: a sink can take most of a row's mass
+        sinks = (torch.randn(h, generator=gen, device="cuda") * 2 + 1).to(sinks_dtype)
+        sinks[::7] += 6
+    scale = 1.0 / math.sqrt(heads[2])
+    out = torch.full_like(q, float("nan"))
+    pa.prefill_attention(q, k_cache, v_cache, tables, query_start, ctx_lens, max_q, scale, out=out, block_m=block_m,
+                         sinks=sinks, sliding_window=window)
+    meta = AttentionMetadata.for_lengths([ctx for _, ctx in seqs], [q_len for q_len, _ in seqs], tables)
+    ref = paged_attention_sinks(q.float(), ref_k, ref_v, meta, scale, None if sinks is None else sinks.float(), window)
+    torch.cuda.synchronize()
+    problems = []
+    for b, (q_len, ctx) in enumerate(seqs):
+        start = int(query_start[b])
+        seq_out, seq_ref = out[start:start + q_len], ref[start:start + q_len]
+        bad_rows = (~torch.isfinite(seq_out)).any(-1).any(-1).nonzero().flatten().tolist()
+        if bad_rows:
+            problems.append(f"sequence {b} (q_len={q_len}, ctx={ctx}): {len(bad_rows)} non-finite rows {bad_rows[:10]}")
+            seq_out = seq_out.nan_to_num(0.0, 0.0, 0.0)
+        err = rel_l2(seq_out, seq_ref)
+        if err >= TOL:
+            problems.append(f"sequence {b} (q_len={q_len}, ctx={ctx}): rel L2 {err:.3e}; {_where(seq_out, seq_ref)}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("sinks_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,block_m", [(GPT_OSS, 64), (GPT_OSS, 128), (MHA_D128, 64)])
+def test_sinks_only(heads, block_m, sinks_dtype):
+    check_variant(MIXED, heads, 16, block_m, sinks_dtype=sinks_dtype, seed=block_m)
+
+
+# one 300-token prompt against windows smaller than (including one key, and 100: not a multiple of the 64-key
+# tile or the block), equal to and larger than it
+@pytest.mark.parametrize("window", [1, 100, 128, 299, 300, 301, 5000])
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_window_only_fresh_prompt(window, block_m):
+    check_variant([(300, 300)], GPT_OSS, 16, block_m, window=window, seed=window)
+
+
+@pytest.mark.parametrize("window", [1, 100, 128, 1000])
+@pytest.mark.parametrize("heads,block_size,block_m", [(GPT_OSS, 16, 64), (GPT_OSS, 64, 128), (GPT_OSS, 128, 64),
+                                                      (MHA_D128, 16, 128)])
+def test_window_mixed_batch(heads, block_size, block_m, window):
+    """MIXED: fresh prompts, chunks on cached prefixes (whole key tiles below the window skipped), single queries."""
+    check_variant(MIXED, heads, block_size, block_m, window=window, seed=window + block_size)
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("window", [128, 700])
+def test_sinks_and_window_chunked_prefill(window, block_m):
+    """Both at once; chunks far into a long cached context (most of it outside every row's window)."""
+    check_variant([(512, 2048), (333, 1500), (1, 2048), (64, 4000), (130, 130)], GPT_OSS, 16, block_m,
+                  sinks_dtype=torch.bfloat16, window=window, seed=window + block_m)
+    check_variant(MIXED, MHA_D128, 64, block_m, sinks_dtype=torch.float32, window=window, seed=window)
