@@ -84,6 +84,11 @@ def check(seqs, heads=MIXTRAL, block_size=16, block_m=pa.DEFAULT_BLOCK_M, seed=0
     out = torch.full_like(q, float("nan"))
     pa.prefill_attention(q, k_cache, v_cache, tables, query_start, ctx_lens, max_q, scale, out=out, block_m=block_m)
     ref = reference(q, k_cache, v_cache, tables, query_start, ctx_lens, scale)
+    _compare_per_sequence(out, ref, seqs, query_start)
+    return out
+
+
+def _compare_per_sequence(out, ref, seqs, query_start) -> None:
     torch.cuda.synchronize()
     problems = []  # every sequence is checked before failing: one GPU run shows the whole pattern
     for b, (q_len, ctx) in enumerate(seqs):
@@ -97,7 +102,6 @@ def check(seqs, heads=MIXTRAL, block_size=16, block_m=pa.DEFAULT_BLOCK_M, seed=0
         if err >= TOL:
             problems.append(f"sequence {b} (q_len={q_len}, ctx={ctx}): rel L2 {err:.3e}; {_where(seq_out, seq_ref)}")
     assert not problems, "\n".join(problems)
-    return out
 
 
 def _where(out, ref):
@@ -244,19 +248,7 @@ def check_variant(seqs, heads=GPT_OSS, block_size=16, block_m=pa.DEFAULT_BLOCK_M
                          sinks=sinks, sliding_window=window)
     meta = AttentionMetadata.for_lengths([ctx for _, ctx in seqs], [q_len for q_len, _ in seqs], tables)
     ref = paged_attention_sinks(q.float(), ref_k, ref_v, meta, scale, None if sinks is None else sinks.float(), window)
-    torch.cuda.synchronize()
-    problems = []
-    for b, (q_len, ctx) in enumerate(seqs):
-        start = int(query_start[b])
-        seq_out, seq_ref = out[start:start + q_len], ref[start:start + q_len]
-        bad_rows = (~torch.isfinite(seq_out)).any(-1).any(-1).nonzero().flatten().tolist()
-        if bad_rows:
-            problems.append(f"sequence {b} (q_len={q_len}, ctx={ctx}): {len(bad_rows)} non-finite rows {bad_rows[:10]}")
-            seq_out = seq_out.nan_to_num(0.0, 0.0, 0.0)
-        err = rel_l2(seq_out, seq_ref)
-        if err >= TOL:
-            problems.append(f"sequence {b} (q_len={q_len}, ctx={ctx}): rel L2 {err:.3e}; {_where(seq_out, seq_ref)}")
-    assert not problems, "\n".join(problems)
+    _compare_per_sequence(out, ref, seqs, query_start)
 
 
 @pytest.mark.parametrize("sinks_dtype", [torch.float32, torch.bfloat16])
