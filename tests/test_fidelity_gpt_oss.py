@@ -4,7 +4,7 @@ with sinks, alternating sliding-window (8, crossed by the prompts) / full layers
 clamped SwiGLU (limit 1.0, so it binds), each shown to matter; an MXFP4 checkpoint written by the test (the tiny
 model's experts quantized with quant/mxfp4.py) loads and matches transformers on transformers' own dequantisation
 of it; the pieces on their own (YaRN tables, the expert block, the MXFP4 codec, the reference attention with sinks
-and a window, the uncached profile attention); the CuTe backend keeps gpt-oss's experts on the reference."""
+and a window, the uncached profile attention); the CuTe backend hands gpt-oss's experts to the grouped GEMMs."""
 import json
 import logging
 import math
@@ -247,10 +247,16 @@ def test_mxfp4_errors_name_the_tensor(checkpoint, tmp_path):
         load()
 
 
-# ---- the CuTe backend: gpt-oss's experts stay on the reference ---------------------------------------------
-def test_cute_backend_keeps_gpt_oss_experts_on_the_reference(caplog):
+# ---- the CuTe backend: gpt-oss's experts on the grouped GEMMs' epilogue variants ---------------------------
+def test_cute_backend_runs_gpt_oss_experts_on_the_grouped_gemms(monkeypatch, caplog):
+    """prepare_expert_weights(spec=) repacks gpt-oss's experts for the grouped GEMM like any others; expert_up /
+    expert_down hand the spec and the biases to it as its epilogue variant (kernels/expert_epilogue.py, checked
+    on the GPU by tests/kernels/test_expert_epilogue_gpu.py), so the layer may be captured in a CUDA graph;
+    weights the kernels cannot take stay canonical and on the reference."""
     pytest.importorskip("cutlass")
     from light_moe.config import RouterConfig
+    from light_moe.kernels import grouped_gemm
+    from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, ExpertEpilogue
     from light_moe.ops import cute_backend
 
     torch.manual_seed(0)
@@ -258,21 +264,31 @@ def test_cute_backend_keeps_gpt_oss_experts_on_the_reference(caplog):
     w13, w2 = torch.randn(4, 128, 64, dtype=torch.bfloat16), torch.randn(4, 64, 64, dtype=torch.bfloat16)
     b13, b2 = torch.randn(4, 128, dtype=torch.bfloat16), torch.randn(4, 64, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING):
-        prepared = ops.prepare_expert_weights(w13, w2, spec=SPEC)
-    assert prepared[0] is w13 and prepared[1] is w2  # canonical: no kernel layout for biases / the clamp
-    assert "expert biases / clamped SwiGLU" in caplog.text
-    gate = torch.randn(4, 64, dtype=torch.bfloat16)
-    assert not ops.graph_safe(gate, 2, w13, w2, expert_spec=SPEC)
-    assert not ops.graph_safe(gate, 2, w13, w2, spec=RouterConfig(scoring="softmax_topk", gate_bias=True),
-                              expert_spec=SPEC)
+        w13p, w2p = ops.prepare_expert_weights(w13, w2, spec=SPEC)
+    assert "grouped GEMM" not in caplog.text
+    assert torch.equal(w13p, grouped_gemm.prepare_expert_weights(w13, w2)[0]) and torch.equal(w2p, w2)
+    gate, router_spec = torch.randn(4, 64, dtype=torch.bfloat16), RouterConfig(scoring="softmax_topk", gate_bias=True)
+    assert ops.graph_safe(gate, 2, w13p, w2p, expert_spec=SPEC)
+    assert not ops.graph_safe(gate, 2, w13, w2, spec=router_spec, expert_spec=SPEC)  # canonical: reference experts
+
+    calls = []
+    monkeypatch.setattr(grouped_gemm, "expert_up", lambda *args, **kw: calls.append(kw) or args[0])
+    monkeypatch.setattr(grouped_gemm, "expert_down", lambda *args, **kw: calls.append(kw) or args[0])
     x, offsets = torch.randn(6, 64, dtype=torch.bfloat16), torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)
     gather = torch.tensor([0, 3, 1, 2, 5, 4], dtype=torch.int32)
+    ops.expert_up(x, gather, offsets, w13p, spec=SPEC, bias=b13)
+    ops.expert_down(x, offsets, w2p, bias=b2)
+    ops.expert_up(x, gather, offsets, w13p)
+    assert calls[0]["epilogue"] == ExpertEpilogue("clamped_swiglu", 1.702, 1.0, bias=True) and calls[0]["bias"] is b13
+    assert calls[1]["bias"] is b2
+    assert calls[2] == dict(epilogue=DEFAULT_EPILOGUE, bias=None)
+
+    # canonical weights run the reference (w2 itself was marked: its prepared form is the same tensor)
+    w2 = w2.clone()
     act = ops.expert_up(x, gather, offsets, w13, spec=SPEC, bias=b13)
     assert torch.equal(act, reference.expert_up(x, gather, offsets, w13, SPEC, b13))
     assert torch.equal(ops.expert_down(act, offsets, w2, bias=b2), reference.expert_down(act, offsets, w2, b2))
-    setattr(w13, cute_backend._CUTE_LAYOUT, True)  # weights repacked for the grouped GEMM cannot take the spec
-    with pytest.raises(ValueError, match="repacked for a CuTe GEMM"):
-        ops.expert_up(x, gather, offsets, w13, spec=SPEC, bias=b13)
+    assert len(calls) == 3
 
 
 # ---- reference attention with sinks and a sliding window ----------------------------------------------------

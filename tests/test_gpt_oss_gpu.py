@@ -1,8 +1,8 @@
-"""gpt-oss on the GPU (H100 / H200): the CuTe backend's fallback path (sinks / sliding-window attention, the biased
-router, the biased clamped-SwiGLU experts on the reference; norms, rotary + KV write and combine on the kernels)
-against the reference backend in bf16, no CUDA graphs over the host-synchronising path, the MXFP4 checkpoint
-loaded on the device, and float32 greedy tokens on CUDA identical to transformers. A divergence in bf16 is
-accepted only where it is a near-tie (tests/test_cute_engine_gpu.assert_agree)."""
+"""gpt-oss on the GPU (H100 / H200): the CuTe backend (sinks / sliding-window attention on the reference; the biased
+router on the router kernel, the biased clamped-SwiGLU experts on the grouped GEMM's epilogue variant, norms, rotary +
+KV write and combine on the kernels) against the reference backend in bf16, decode in CUDA graphs (the MoE layers are
+graph-safe), the MXFP4 checkpoint loaded on the device, and float32 greedy tokens on CUDA identical to transformers.
+A divergence in bf16 is accepted only where it is a near-tie (tests/test_cute_engine_gpu.assert_agree)."""
 import logging
 
 import pytest
@@ -39,12 +39,14 @@ def test_cute_fallback_path_matches_the_reference(checkpoint, caplog):
         cute = LightMoEEngine(checkpoint, dtype="bfloat16", moe_backend="cute", **COMMON)
         outputs = cute.generate_outputs(PROMPTS, params)
     assert cute.ops.name == "cute"
-    # graph_safe is False for gpt-oss's layers: no decode or prefill graphs over the reference experts' host syncs
-    assert cute.runner.decode_graphs is None and cute.runner.prefill_graphs is None
-    assert not any(block.graph_safe for block in cute.model.moe_blocks())
-    for reason in ("expert biases / clamped SwiGLU", "attention sinks / sliding window", "routing variant"):
+    # the router's variant runs on the router kernel and the experts on the grouped GEMM's epilogue variant
+    # (biases, clamped SwiGLU): the MoE layers are graph-safe, so decode runs in CUDA graphs
+    assert all(block.graph_safe for block in cute.model.moe_blocks())
+    assert cute.runner.decode_graphs is not None and len(cute.runner.decode_graphs.graphs) > 0
+    for reason in ("attention sinks / sliding window",):
         assert reason in caplog.text
-    assert all(block.prepared[0] is block.experts.w13 for block in cute.model.moe_blocks())  # canonical layout
+    assert "grouped GEMM" not in caplog.text
+    assert all(getattr(block.prepared[0], "_light_moe_cute_layout", False) for block in cute.model.moe_blocks())
     for prompt, a, b in zip(PROMPTS, ref.generate_outputs(PROMPTS, params), outputs):
         assert_agree(ref, cute, prompt, a.token_ids, b.token_ids)
     want, got = (engine_prefill_logits(e, PROMPTS[2]).float() for e in (ref, cute))

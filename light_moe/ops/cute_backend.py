@@ -24,6 +24,7 @@ from light_moe.kernels import rope_kv as rope_kernel
 from light_moe.kernels import router as router_kernel
 from light_moe.kernels import router_select as select_kernel
 from light_moe.kernels import routing as routing_kernel
+from light_moe.kernels.expert_epilogue import ExpertEpilogue
 from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
 from light_moe.ops.attention import AttentionMetadata
 from light_moe.ops.backend import MoEOps
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 # expert weights repacked for the grouped GEMM carry this attribute, so a layer whose weights the
 # kernel cannot take keeps the canonical layout and the reference path
 _CUTE_LAYOUT = "_light_moe_cute_layout"
-_EXPERT_SPEC_REASON = "expert biases / clamped SwiGLU (gpt-oss): the grouped GEMMs' epilogues have neither"
 
 
 class CuteOps(MoEOps):
@@ -74,9 +74,7 @@ class CuteOps(MoEOps):
         return w4a16_gemm.supports(num_experts, hidden, two_inter // 2, w13.group_size)
 
     def prepare_expert_weights(self, w13, w2, spec=None):
-        if spec is not None:  # gpt-oss's experts: the reference runs them on the canonical layout
-            self._fallback("grouped GEMM", _EXPERT_SPEC_REASON)
-            return w13, w2
+        # spec (gpt-oss's biases and clamped SwiGLU) needs no other layout: both GEMMs take it as an epilogue variant
         if isinstance(w13, QuantizedWeight):
             ok, reason = self._w4a16_supports(w13, w2)
             if not ok:
@@ -100,9 +98,9 @@ class CuteOps(MoEOps):
     def graph_safe(self, gate_weight, top_k: int, w13, w2, spec=None, expert_spec=None) -> bool:
         num_experts, hidden = gate_weight.shape
         # the routing variants (spec) the router kernel's selection step does not take run on the reference router,
-        # whose bincount syncs with the host; the expert variants (expert_spec) on the reference experts, which read
-        # the row counts on the host
-        return (self._variant_supports(spec, num_experts, top_k)[0] and expert_spec is None
+        # whose bincount syncs with the host; the expert variants (expert_spec) are epilogue variants of the grouped
+        # GEMMs, so weights in a kernel layout run them without the host
+        return (self._variant_supports(spec, num_experts, top_k)[0]
                 and self._kernel_layout(w13) and self._kernel_layout(w2)
                 and router_kernel.supports(gate_weight.dtype, hidden, num_experts, top_k)[0]
                 and routing_kernel.supports(num_experts, top_k)[0]
@@ -173,32 +171,19 @@ class CuteOps(MoEOps):
         return super().routing_metadata(topk_ids, num_experts)
 
     def expert_up(self, x, gather_index, expert_offsets, w13, spec=None, bias=None):
-        if spec is not None or bias is not None:
-            self._expert_spec_fallback(w13)
+        if not self._kernel_layout(w13):
             return super().expert_up(x, gather_index, expert_offsets, w13, spec, bias)
-        if isinstance(w13, W4A16Weights):
-            return w4a16_gemm.w4a16_expert_up(x.contiguous(), gather_index, expert_offsets, w13)
-        if getattr(w13, _CUTE_LAYOUT, False):
-            return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13)
-        return super().expert_up(x, gather_index, expert_offsets, w13)
+        # the spec (gpt-oss's clamped SwiGLU) and b13 (canonical row order) become the kernel's epilogue variant;
+        # (None, None) is the default kernel
+        variant = dict(epilogue=ExpertEpilogue.of(spec, bias is not None), bias=bias)
+        gemm = w4a16_gemm.w4a16_expert_up if isinstance(w13, W4A16Weights) else grouped_gemm.expert_up
+        return gemm(x.contiguous(), gather_index, expert_offsets, w13, **variant)
 
     def expert_down(self, act, expert_offsets, w2, bias=None):
-        if bias is not None:
-            self._expert_spec_fallback(w2)
+        if not self._kernel_layout(w2):
             return super().expert_down(act, expert_offsets, w2, bias)
-        if isinstance(w2, W4A16Weights):
-            return w4a16_gemm.w4a16_expert_down(act, expert_offsets, w2)
-        if getattr(w2, _CUTE_LAYOUT, False):
-            return grouped_gemm.expert_down(act, expert_offsets, w2)
-        return super().expert_down(act, expert_offsets, w2)
-
-    def _expert_spec_fallback(self, w) -> None:
-        """gpt-oss's experts run on the reference, which needs the canonical weights prepare_expert_weights(spec=)
-        keeps; weights repacked for a kernel (prepared without the spec) cannot take biases or the clamp."""
-        if self._kernel_layout(w):
-            raise ValueError(f"{_EXPERT_SPEC_REASON}; these expert weights were repacked for a CuTe GEMM: prepare "
-                             "them with prepare_expert_weights(w13, w2, spec=...) to keep the reference layout")
-        self._fallback("grouped GEMM", _EXPERT_SPEC_REASON)
+        gemm = w4a16_gemm.w4a16_expert_down if isinstance(w2, W4A16Weights) else grouped_gemm.expert_down
+        return gemm(act, expert_offsets, w2, bias=bias)  # + b2 in the epilogue, before the combine's weights
 
     def combine(self, y, reverse_index, topk_weights):
         ok, reason = combine_kernel.supports(y.dtype, y.shape[1], topk_weights.shape[1])
