@@ -216,25 +216,25 @@ class CuteOps(MoEOps):
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                   out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
                   sliding_window: int | None = None) -> torch.Tensor:
-        if sinks is not None or sliding_window is not None:  # the attention kernels have neither
-            self._fallback("attention", "attention sinks / sliding window")
-            return super().attention(q, k_cache, v_cache, meta, scale, out, sinks, sliding_window)
         heads, head_dim = q.shape[1], q.shape[2]
         kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
         decode = meta.max_query_len == 1
         kernel = decode_kernel if decode else prefill_kernel
-        ok, reason = kernel.supports(q.dtype, heads, kv_heads, head_dim, block_size)
+        # gpt-oss's sinks and sliding window are compile-time variants of both kernels (kernels/attention_variant.py)
+        ok, reason = kernel.supports(q.dtype, heads, kv_heads, head_dim, block_size, sinks, sliding_window)
         if ok and (meta.block_tables.dtype != torch.int32 or meta.ctx_lens.dtype != torch.int32
                    or (not decode and meta.query_start is None)):
             ok, reason = False, "metadata without int32 block tables / context lengths / query starts"
         if not ok:
-            self._fallback("decode attention" if decode else "prefill attention", reason)
-            return super().attention(q, k_cache, v_cache, meta, scale, out)
+            variant = "" if sinks is None and sliding_window is None else " with sinks / sliding window"
+            self._fallback(("decode attention" if decode else "prefill attention") + variant, reason)
+            return super().attention(q, k_cache, v_cache, meta, scale, out, sinks, sliding_window)
         if decode:  # one query row per sequence
             return decode_kernel.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.ctx_lens, scale,
-                                                  out=out)
+                                                  out=out, sinks=sinks, sliding_window=sliding_window)
         return prefill_kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start,
-                                                meta.ctx_lens, meta.max_query_len, scale, out=out)
+                                                meta.ctx_lens, meta.max_query_len, scale, out=out, sinks=sinks,
+                                                sliding_window=sliding_window)
 
     # ---- multi-head latent attention: no kernels yet (docs/models.md) ---------------------------------------
     def mla_rope_write(self, q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave: bool):
@@ -243,8 +243,36 @@ class CuteOps(MoEOps):
 
     def mla_attention(self, q, latent_cache, kv_b_weight, meta: AttentionMetadata, scale: float,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-        self._fallback("MLA attention", "no MLA kernel yet")
-        return super().mla_attention(q, latent_cache, kv_b_weight, meta, scale, out)
+        """Decode steps: the absorbed path of the reference (ops/attention.py paged_mla_attention) with its attention
+        over the latents on kernels/mla_decode_attention.py; W_UK and W_UV stay batched matmuls, as there."""
+        from light_moe.kernels import mla_decode_attention as mla_kernel
+
+        decode = meta.max_query_len == 1
+        num_tokens, heads, qk_dim = q.shape
+        lora = kv_b_weight.shape[-1]
+        rope = latent_cache.shape[-1] - lora
+        if not decode:
+            ok, reason = False, "prefill / mixed steps decompress the latents on the reference (decode-only kernel)"
+        else:
+            ok, reason = mla_kernel.supports(q.dtype, heads, lora, rope, latent_cache.shape[1])
+        if ok and not (q.is_cuda and isinstance(kv_b_weight, torch.Tensor) and kv_b_weight.dtype == q.dtype):
+            ok, reason = False, f"q on {q.device}, kv_b_proj weight {type(kv_b_weight).__name__}: not both CUDA"
+        if ok and (meta.block_tables.dtype != torch.int32 or meta.ctx_lens.dtype != torch.int32
+                   or meta.block_tables.shape[0] != num_tokens):
+            ok, reason = False, "metadata without int32 block tables / context lengths, or not one query per sequence"
+        if ok and (not latent_cache.is_contiguous() or latent_cache.data_ptr() % 16):
+            ok, reason = False, "latent cache not contiguous and 16-byte aligned"
+        if not ok:
+            self._fallback("MLA decode attention" if decode else "MLA prefill attention", reason)
+            return super().mla_attention(q, latent_cache, kv_b_weight, meta, scale, out)
+        nope = qk_dim - rope
+        w = kv_b_weight.view(heads, -1, lora)
+        w_uk, w_uv = w[:, :nope], w[:, nope:]  # [h, Dn, L], [h, Dv, L]
+        q_abs = torch.cat((torch.einsum("bhd,hdl->bhl", q[..., :nope], w_uk), q[..., nope:]), dim=-1)  # [B, h, L + R]
+        out_lat = mla_kernel.mla_decode_attention(q_abs, latent_cache, meta.block_tables, meta.ctx_lens, scale,
+                                                  lora)  # [B, h, L]
+        result = torch.einsum("bhl,hvl->bhv", out_lat, w_uv)  # [B, h, Dv]
+        return result if out is None else out.copy_(result)
 
     # ---- W4A16 linear layers (the attention projections): the W4A16 grouped GEMM with one expert ------------
     def prepare_linear_weight(self, weight):
