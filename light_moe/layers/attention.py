@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from light_moe.config import ModelConfig
-from light_moe.layers.linear import QuantizedLinear
+from light_moe.layers.linear import DenseLinear, QuantizedLinear
 from light_moe.layers.norm import RMSNorm
 from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.ops.attention import AttentionMetadata, causal_attention
@@ -37,8 +37,9 @@ class Attention(nn.Module):
         self.qkv_sizes = (q_dim, kv_dim, kv_dim)  # rows of q_proj, k_proj, v_proj inside qkv_proj
         kw = dict(dtype=dtype, device=device)
         # one GEMM instead of three: at decode each is a weight-streaming GEMV with its own split-K reduction
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias, **kw)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias, **kw)
+        # on the ops backend (DenseLinear): the CuTe backend runs decode rows on its skinny weight-streaming GEMM
+        self.qkv_proj = DenseLinear(cfg.hidden_size, q_dim + 2 * kv_dim, cfg.qkv_bias, ops, **kw)
+        self.o_proj = DenseLinear(q_dim, cfg.hidden_size, cfg.o_proj_bias, ops, **kw)
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads, **kw), requires_grad=False) if cfg.attention_sinks \
             else None
         if cfg.qk_norm == "per_head":

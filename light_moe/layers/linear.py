@@ -8,6 +8,9 @@ one, stays a float parameter (loaded like any other). The matmul runs on the ops
 MoEOps.prepare_linear_weight repacks the weight once after loading, MoEOps.linear runs it (the reference
 dequantises; CuteOps runs the W4A16 grouped GEMM with one expert). Called like the nn.Linear it
 replaces: the attention projections (layers/attention.py Attention.use_quantized_projections).
+
+DenseLinear is the unquantized counterpart: an nn.Linear (same parameters, names and loading) whose matmul runs
+on the ops backend's dense_linear (the reference: F.linear; CuteOps: the skinny GEMM at decode, M <= 16 rows).
 """
 from __future__ import annotations
 
@@ -85,3 +88,14 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"bias={self.bias is not None}, {self.scheme.name}"
+
+
+class DenseLinear(nn.Linear):
+    """nn.Linear whose forward is ops.dense_linear(x, weight, bias): the attention's q/k/v and o projections."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+        return self.ops.dense_linear(x, self.weight, self.bias)

@@ -157,6 +157,11 @@ class MoEOps:
         on every call (no host sync: graph-safe, slow)."""
         return torch.nn.functional.linear(x, reference.expert_weight(weight, 0), bias)
 
+    # ---- dense (unquantized) linear layers (layers/linear.py DenseLinear: the attention projections) ----------
+    def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y [..., N] = x [..., K] W^T (+ bias) for a float weight [N, K] as loaded (torch.nn.functional.linear)."""
+        return torch.nn.functional.linear(x, weight, bias)
+
 
 class ReferenceOps(MoEOps):
     name = "reference"

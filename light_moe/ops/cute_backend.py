@@ -289,3 +289,35 @@ class CuteOps(MoEOps):
         if isinstance(weight, W4A16Weights):
             return w4a16_linear.w4a16_linear(x, weight, bias)
         return super().linear(x, weight, bias)
+
+    # ---- dense bf16 linear layers at decode (the attention projections): the skinny GEMM ----------------------
+    def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py; prefill rows, CPU tensors and what the
+        kernel does not take on torch's F.linear (cuBLAS). A captured decode graph has a fixed M, so a fixed choice."""
+        from light_moe.kernels import skinny_gemm
+
+        ok, reason = self._skinny_supports(x, weight, bias)
+        if not ok:
+            if reason is not None:
+                self._fallback("skinny linear", reason)
+            return super().dense_linear(x, weight, bias)
+        if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel's TMA reads 16-byte aligned rows
+            x = x.clone(memory_format=torch.contiguous_format)
+        return skinny_gemm.skinny_linear(x, weight, bias)
+
+    @staticmethod
+    def _skinny_supports(x, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, str | None]:
+        """(ok, reason) for the skinny GEMM; reason None where F.linear is the intended path (more than 16 or no
+        rows, CPU tensors) rather than a fallback worth logging."""
+        from light_moe.kernels import skinny_gemm
+
+        num_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not x.is_cuda or not 1 <= num_rows <= skinny_gemm.MAX_M:
+            return False, None
+        ok, reason = skinny_gemm.supports(x.dtype, num_rows, weight.shape[0], weight.shape[-1], bias is not None)
+        if ok and (weight.dim() != 2 or weight.dtype != x.dtype or not weight.is_contiguous()
+                   or weight.data_ptr() % 16):
+            ok, reason = False, f"weight {list(weight.shape)} {weight.dtype}: not a contiguous, 16-byte aligned [N, K]"
+        if ok and bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+            ok, reason = False, f"bias {bias.dtype}: not contiguous in the activations' dtype {x.dtype}"
+        return ok, reason
