@@ -28,6 +28,8 @@ KERNELS = [
     ("kernel_cutlass_combine_kernel_light_moekernelsdecode_attentionDecodeAttentionSm90_objec", "attention", None),
     ("kernel_cutlass_kernel_light_moekernelsprefill_attentionPrefillAttention_object_at_", "attention", None),
     ("kernel_cutlass_kernel_light_moekernelsrms_normRMSNormKernel_object_at__tensorptrbf16", "elementwise", None),
+    ("kernel_cutlass_kernel_light_moekernelsskinny_gemmSkinnyGemmSm90_object_at__tensorptrbf16", "gemm", None),
+    ("kernel_cutlass_kernel_light_moekernelsmla_decode_attentionMlaDecodeAttention_object_at_", "attention", None),
     ("nvjet_sm90_tst_64x16_64x16_2x1_v_bz_splitK_TNT", "gemm", None),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16>", "gemm", None),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "gemm", None),

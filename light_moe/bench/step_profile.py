@@ -56,6 +56,8 @@ def classify_kernel(name: str) -> tuple[str, str | None]:
     if "nccl" in n:
         return "communication", None
     if n.startswith(_CUTE_PREFIX):
+        if "skinny" in n:  # kernels/skinny_gemm.py: the decode projections (dense GEMMs, not MoE)
+            return "gemm", None
         if any(key in n for key in _ATTENTION):  # first: the decode attention's split merge is a "combine_kernel"
             return "attention", None
         for key, part in _CUTE_MOE_PARTS:
