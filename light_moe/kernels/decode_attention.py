@@ -150,6 +150,32 @@ def pack2(lo: Float32, hi: Float32, instr: str, *, loc=None, ip=None) -> Int32:
     return _asm_b32(f"cvt.rn.{instr}x2.f32 $0, $1, $2;", "=r,f,f", values, loc, ip)
 
 
+def online_softmax_rows(vals: list, rh: int, row_m, row_l, probs: list, acc, n_acc_tiles: int, zero_f: Float32):
+    """Online-softmax update of row half rh (mma rows g or g + 8) from a tile's scaled scores `vals` (this lane's
+    two columns per 8-key n-tile, -inf where masked; the tile must hold a valid key so the max stays finite):
+    the row max over its 4 lanes (mma threadID_in_group), running max row_m / sum row_l, the probabilities into
+    probs[n-tile][2 rh + e], and the accumulator rows 2 rh, 2 rh + 1 rescaled over n_acc_tiles. Traced inline;
+    shared with kernels/mla_decode_attention.py."""
+    tile_max = vals[0]
+    for x in vals[1:]:
+        tile_max = cute.arch.fmax(tile_max, x)
+    for offset in (1, 2):
+        tile_max = cute.arch.fmax(tile_max, cute.arch.shuffle_sync_bfly(tile_max, offset=offset))
+    m_old = row_m[rh]
+    m_new = cute.arch.fmax(m_old, tile_max)
+    alpha = cute.math.exp2(m_old - m_new, fastmath=True)
+    row_m[rh] = m_new
+    p_sum = zero_f
+    for idx in range(len(vals)):
+        p = cute.math.exp2(vals[idx] - m_new, fastmath=True)
+        probs[idx // 2][2 * rh + idx % 2] = p
+        p_sum = p_sum + p
+    row_l[rh] = row_l[rh] * alpha + p_sum
+    for t in range(n_acc_tiles):
+        acc[2 * rh, t] = acc[2 * rh, t] * alpha
+        acc[2 * rh + 1, t] = acc[2 * rh + 1, t] * alpha
+
+
 class DecodeAttentionSm90:
     """Compiled once per (dtype, index dtypes, h, g, D, bs, split, KT, sink type, window); B, MB, S, TPS, the
     scale and the window's width are run-time arguments. sink_type: the CuTe type of the sinks, None without."""
@@ -283,24 +309,8 @@ class DecodeAttentionSm90:
                     if win_start is not None:
                         valid = valid & (t0 + (8 * j + 2 * lane_c + e) >= win_start)
                     vals.append(cutlass.select_(valid, scores[j][2 * rh + e] * scale_log2, Float32(_NEG_INF)))
-            tile_max = vals[0]
-            for x in vals[1:]:
-                tile_max = cute.arch.fmax(tile_max, x)
-            for offset in (1, 2):  # the 4 lanes of a row (mma threadID_in_group)
-                tile_max = cute.arch.fmax(tile_max, cute.arch.shuffle_sync_bfly(tile_max, offset=offset))
-            m_old = row_m[rh]
-            m_new = cute.arch.fmax(m_old, tile_max)  # finite: every tile has a valid key (window: from its first)
-            alpha = cute.math.exp2(m_old - m_new, fastmath=True)
-            row_m[rh] = m_new
-            p_sum = zero_f
-            for idx in range(len(vals)):
-                p = cute.math.exp2(vals[idx] - m_new, fastmath=True)
-                probs[idx // 2][2 * rh + idx % 2] = p
-                p_sum = p_sum + p
-            row_l[rh] = row_l[rh] * alpha + p_sum
-            for t in range(self.n_tiles):
-                acc[2 * rh, t] = acc[2 * rh, t] * alpha
-                acc[2 * rh + 1, t] = acc[2 * rh + 1, t] * alpha
+            # finite row max: every tile has a valid key (window: from its first)
+            online_softmax_rows(vals, rh, row_m, row_l, probs, acc, self.n_tiles, zero_f)
 
         for q in range(nch):
             p0, p1 = probs[2 * q], probs[2 * q + 1]

@@ -59,7 +59,7 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.decode_attention import LOG2_E, pack2, pair_halves
+from light_moe.kernels.decode_attention import LOG2_E, online_softmax_rows, pack2, pair_halves
 from light_moe.kernels.launch import await_inputs, current_stream, sm_count
 from light_moe.kernels.router import mma_16bit
 
@@ -290,24 +290,8 @@ class MLADecodeSm90:
                 for e in range(2):
                     valid = t0 + 8 * j + sig[e] < ctx
                     vals.append(cutlass.select_(valid, scores[j][2 * rh + e] * scale_log2, Float32(_NEG_INF)))
-            tile_max = vals[0]
-            for x in vals[1:]:
-                tile_max = cute.arch.fmax(tile_max, x)
-            for offset in (1, 2):  # the 4 lanes of a row
-                tile_max = cute.arch.fmax(tile_max, cute.arch.shuffle_sync_bfly(tile_max, offset=offset))
-            m_old = row_m[rh]
-            m_new = cute.arch.fmax(m_old, tile_max)  # finite: every tile holds a key of the context
-            alpha = cute.math.exp2(m_old - m_new, fastmath=True)
-            row_m[rh] = m_new
-            p_sum = zero_f
-            for idx in range(len(vals)):
-                p = cute.math.exp2(vals[idx] - m_new, fastmath=True)
-                probs[idx // 2][2 * rh + idx % 2] = p
-                p_sum = p_sum + p
-            row_l[rh] = row_l[rh] * alpha + p_sum
-            for t in range(QUARTER_COLS // 8):
-                acc[2 * rh, t] = acc[2 * rh, t] * alpha
-                acc[2 * rh + 1, t] = acc[2 * rh + 1, t] * alpha
+            # finite row max: every tile holds a key of the context
+            online_softmax_rows(vals, rh, row_m, row_l, probs, acc, QUARTER_COLS // 8, zero_f)
 
         for q in range(TILE_KEYS // 16):
             p0, p1 = probs[2 * q], probs[2 * q + 1]

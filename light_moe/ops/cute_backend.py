@@ -18,6 +18,7 @@ import torch
 from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
 from light_moe.kernels import grouped_gemm, w4a16_gemm, w4a16_linear
+from light_moe.kernels import mla_decode_attention as mla_kernel
 from light_moe.kernels import prefill_attention as prefill_kernel
 from light_moe.kernels import rms_norm as rms_norm_kernel
 from light_moe.kernels import rope_kv as rope_kernel
@@ -236,7 +237,7 @@ class CuteOps(MoEOps):
                                                 meta.ctx_lens, meta.max_query_len, scale, out=out, sinks=sinks,
                                                 sliding_window=sliding_window)
 
-    # ---- multi-head latent attention: no kernels yet (docs/models.md) ---------------------------------------
+    # ---- multi-head latent attention: decode on kernels/mla_decode_attention.py, the rest on the reference --
     def mla_rope_write(self, q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave: bool):
         self._fallback("MLA rotary + latent write", "no MLA kernel yet")
         return super().mla_rope_write(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave)
@@ -245,8 +246,6 @@ class CuteOps(MoEOps):
                       out: torch.Tensor | None = None) -> torch.Tensor:
         """Decode steps: the absorbed path of the reference (ops/attention.py paged_mla_attention) with its attention
         over the latents on kernels/mla_decode_attention.py; W_UK and W_UV stay batched matmuls, as there."""
-        from light_moe.kernels import mla_decode_attention as mla_kernel
-
         decode = meta.max_query_len == 1
         num_tokens, heads, qk_dim = q.shape
         lora = kv_b_weight.shape[-1]

@@ -10,6 +10,7 @@ Both count as success only if a fresh, non-empty cubin was written.
 """
 import glob
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -61,3 +62,19 @@ def compile_sm90a_ptx(jit_fn, *args, dump_root: str) -> str:
     _one(dump_dir, "*.sm_90a.cubin")
     with open(_one(dump_dir, "*.ptx")) as f:
         return f.read()
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """Kernel name -> body of each .entry in the PTX."""
+    parts = re.split(r"\.entry\s+(\S+?)\s*\(", ptx)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def assert_waits_before_loads(entries: dict[str, str], loads: tuple[str, ...] = ("ld.global", "cp.async")) -> None:
+    """Programmatic dependent launch: every kernel waits for its predecessor (griddepcontrol.wait) before its first
+    global load of the kinds in `loads`."""
+    for name, body in entries.items():
+        wait = body.find("griddepcontrol.wait")
+        assert wait >= 0, f"{name}: no griddepcontrol.wait"
+        first_load = min((i for i in (body.find(kind) for kind in loads) if i >= 0), default=len(body))
+        assert wait < first_load, f"{name}: a global load ({' / '.join(loads)}) comes before griddepcontrol.wait"

@@ -15,7 +15,7 @@ pytest.importorskip("cutlass")
 from cutlass.cute.runtime import make_fake_stream  # noqa: E402
 
 from light_moe.kernels import decode_attention as da  # noqa: E402
-from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
+from tests.kernels.compile_check import assert_waits_before_loads, compile_sm90a, compile_sm90a_ptx, ptx_entries  # noqa: E402
 
 BF16, FP16, I32, I64 = torch.bfloat16, torch.float16, torch.int32, torch.int64
 
@@ -82,7 +82,7 @@ def test_split_sinks_only_in_the_combine(tmp_path):
     for sinks_dtype in (None, sinks):
         jit_fn, args = da.make_compile_args(dtype, index, index, h, g, d, bs, split, make_fake_stream(),
                                             sinks_dtype=sinks_dtype, window=window)
-        entries = _entries(compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path)))
+        entries = ptx_entries(compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path)))
         bodies.append({kind: next(_body(b) for n, b in entries.items() if kind in n)
                        for kind in ("attention_kernel", "combine_kernel")})
     assert bodies[0]["attention_kernel"] == bodies[1]["attention_kernel"]
@@ -98,11 +98,6 @@ def test_decode_attention_compiles(name, tmp_path):
     print(f"\ndecode_attention {name}: compiled in {seconds:.2f} s -> {cubin.rsplit('/', 1)[-1][:60]}...")
 
 
-def _entries(ptx: str) -> dict[str, str]:
-    parts = re.split(r"\.entry\s+(\S+?)\s*\(", ptx)
-    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-
-
 @pytest.mark.parametrize("name", ["mixtral_bf16_D128_r4_bs16_split", "bf16_D64_r8_bs16_split",
                                   "bf16_D128_r16_bs16_split", "gpt_oss_D64_r8_bs16_split_sinks_bf16_window"])
 def test_ptx_structure(name, tmp_path):
@@ -112,13 +107,9 @@ def test_ptx_structure(name, tmp_path):
     dtype, index, h, g, d, bs, split = (CASES.get(name) or VARIANT_CASES[name])[:7]
     jit_fn, args = _args(name)
     ptx = compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))
-    entries = _entries(ptx)
+    entries = ptx_entries(ptx)
     assert len(entries) == 2, list(entries)
-    for kernel_name, body in entries.items():
-        wait = body.find("griddepcontrol.wait")
-        assert 0 <= wait, f"{kernel_name}: no griddepcontrol.wait"
-        first_load = min((i for i in (body.find("ld.global"),) if i >= 0), default=len(body))
-        assert wait < first_load, f"{kernel_name}: a global load comes before griddepcontrol.wait"
+    assert_waits_before_loads(entries, ("ld.global",))
     attn = next(body for kernel_name, body in entries.items() if "attention_kernel" in kernel_name)
     kt = da.keys_per_tile(d)
     assert attn.count("mma.sync.aligned.m16n8k16") == kt // 8 * (d // 16) + kt // 16 * (d // 8)

@@ -5,7 +5,6 @@ mma / shared-memory / cp.async counts per tile), the bank-conflict claims of its
 choice, and the launch wrapper's input checks (all raised before anything touches a GPU).
 Run with -s to see the compile time and registers of each case.
 """
-import re
 import struct
 
 import pytest
@@ -16,7 +15,7 @@ pytest.importorskip("cutlass")
 from cutlass.cute.runtime import make_fake_stream  # noqa: E402
 
 from light_moe.kernels import mla_decode_attention as mk  # noqa: E402
-from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
+from tests.kernels.compile_check import assert_waits_before_loads, compile_sm90a, compile_sm90a_ptx, ptx_entries  # noqa: E402
 
 BF16 = torch.bfloat16
 SMEM_PER_SM = 232448  # bytes an H100 SM has for its CTAs, 1 KB of it reserved per CTA
@@ -100,11 +99,6 @@ def test_mla_decode_compiles_without_spills(name, tmp_path):
     assert (mk.smem_bytes(group, mk.STAGES[group]) + 1024) * resident <= SMEM_PER_SM
 
 
-def _entries(ptx: str) -> dict[str, str]:
-    parts = re.split(r"\.entry\s+(\S+?)\s*\(", ptx)
-    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-
-
 @pytest.mark.parametrize("name", ["v2lite_h16_bs16_split", "v3_h128_bs16_hg32_split"])
 def test_ptx_structure(name, tmp_path):
     """Both kernels wait for their predecessor (PDL) before any global load. Per tile the attention kernel does
@@ -115,13 +109,9 @@ def test_ptx_structure(name, tmp_path):
     h, bs, group, split = CASES[name]
     jit_fn, args = _args(name)
     ptx = compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))
-    entries = _entries(ptx)
+    entries = ptx_entries(ptx)
     assert len(entries) == 2, list(entries)
-    for kernel_name, body in entries.items():
-        wait = body.find("griddepcontrol.wait")
-        assert 0 <= wait, f"{kernel_name}: no griddepcontrol.wait"
-        first_load = min((i for i in (body.find("ld.global"), body.find("cp.async")) if i >= 0), default=len(body))
-        assert wait < first_load, f"{kernel_name}: a global load comes before griddepcontrol.wait"
+    assert_waits_before_loads(entries)
     attn = next(body for kernel_name, body in entries.items() if "attention_kernel" in kernel_name)
     assert attn.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 36 + 32
     assert attn.count("ld.shared.v2.b32") == 36 and attn.count("ld.shared.v4.b32") == 16

@@ -2,7 +2,6 @@
 CPU: every kernel entry waits for its predecessor (griddepcontrol.wait) before its first global load and lets its
 dependents launch (griddepcontrol.launch_dependents). A kernel launched with use_pdl that read a predecessor's
 output before the wait would race with it; the GPU tests would catch that only by chance."""
-import re
 
 import pytest
 import torch
@@ -15,26 +14,17 @@ from light_moe.kernels import combine, router, routing  # noqa: E402
 from light_moe.kernels.grouped_gemm import GroupedGemmSm90  # noqa: E402
 from light_moe.kernels.tile_config import TileConfig  # noqa: E402
 from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90  # noqa: E402
-from tests.kernels.compile_check import compile_sm90a_ptx  # noqa: E402
+from tests.kernels.compile_check import assert_waits_before_loads, compile_sm90a_ptx, ptx_entries  # noqa: E402
 from tests.kernels.test_grouped_gemm_compile import _args as gemm_args  # noqa: E402
 from tests.kernels.test_w4a16_compile import _args as w4a16_args  # noqa: E402
 
 
-def _entries(ptx: str) -> dict[str, str]:
-    """Kernel name -> body of each .entry in the PTX."""
-    parts = re.split(r"\.entry\s+(\S+?)\s*\(", ptx)
-    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-
-
 def _check(ptx: str, kernels: int) -> None:
-    entries = _entries(ptx)
+    entries = ptx_entries(ptx)
     assert len(entries) == kernels, list(entries)
     for name, body in entries.items():
-        wait = body.find("griddepcontrol.wait")
-        assert wait >= 0, f"{name}: no griddepcontrol.wait"
         assert "griddepcontrol.launch_dependents" in body, f"{name}: no launch_dependents"
-        first_load = min((i for i in (body.find("ld.global"), body.find("cp.async")) if i >= 0), default=len(body))
-        assert wait < first_load, f"{name}: a global load or cp.async comes before griddepcontrol.wait"
+    assert_waits_before_loads(entries)
 
 
 def test_routing_side_kernels_wait_first(tmp_path):
