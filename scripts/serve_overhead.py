@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def client_main(port: int, streams: int, max_tokens: int, seconds: float, logpro
 
 # ---- the server in this process -------------------------------------------------------------------------------
 class Server:
-    def __init__(self, engine, profile: bool):
+    def __init__(self, engine, profile: bool, loop: str = "auto", http: str = "auto"):
         import uvicorn
 
         from light_moe.server.app import DrainingServer, build_app
@@ -190,7 +191,8 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", loop=loop,
+                                http=http)
         self.server = DrainingServer(config, self.app.state.server.loop, drain_timeout=1.0)
         self.profiles: dict = {}
         self.thread = threading.Thread(target=self._run, args=(profile,), daemon=True)
@@ -239,7 +241,7 @@ def measure(args, split: bool, profile: bool) -> dict:
     build = functools.partial(build_stub_engine, step_s=args.step_ms / 1e3, profile_path=core_profile)
     engine = EngineProcess(engine_args(args.streams), build=build) if split else build(engine_args(args.streams))
     try:
-        server = Server(engine, profile)
+        server = Server(engine, profile, args.loop, args.http)
         loop = server.app.state.server.loop
         registry = server.app.state.server.metrics.registry
         if profile and not split:
@@ -285,7 +287,8 @@ def measure(args, split: bool, profile: bool) -> dict:
     cpu = {name: after["cpu"][name] - before["cpu"][name] for name in after["cpu"]}
     cpu["client process"] = (c1 - c0) * wall / max(t1 - t0, 1e-9)
     events_per_s = (n1 - n0) / max(t1 - t0, 1e-9)
-    result = {"mode": "engine-core process (split)" if split else "in-process (engine thread)",
+    result = {"loop": args.loop, "http": args.http,
+              "mode": "engine-core process (split)" if split else "in-process (engine thread)",
               "tokens_per_s": tokens / wall, "events_per_s": events_per_s,
               "tokens_per_event": tokens / wall / max(events_per_s, 1e-9), "tokens_per_step": tokens / max(steps, 1),
               "window_s": wall, "cpu_s": cpu, "cpu_us_per_token": {k: 1e6 * v / max(tokens, 1) for k, v in cpu.items()}}
@@ -359,8 +362,16 @@ def main(argv=None) -> dict:
                    help="the engine core in a process of its own (default: both modes, one after the other)")
     p.add_argument("--profile", nargs="?", const="", default=None,
                    help="measure again under cProfile (PATH: also dump the stats to PATH.<mode>.<party>)")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="uvicorn's event loop (auto: uvloop when installed, as `light-moe serve` runs)")
+    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
+                   help="uvicorn's HTTP parser (auto: httptools when installed)")
     p.add_argument("--output", default=None, help="JSON result")
     args = p.parse_args(argv)
+    if args.loop == "auto":  # record what auto resolves to
+        args.loop = "uvloop" if find_spec("uvloop") else "asyncio"
+    if args.http == "auto":
+        args.http = "httptools" if find_spec("httptools") else "h11"
     logging.getLogger("asyncio").setLevel(logging.ERROR)  # writes to clients that left at the end of a run
     result = {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
               "python": platform.python_version(), "args": vars(args)}
