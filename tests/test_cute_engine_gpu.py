@@ -123,6 +123,37 @@ def test_cute_backend_matches_reference(checkpoint):
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_skinny_gemm_engine_matches_reference(checkpoint, monkeypatch):
+    """--skinny-gemm: the attention projections' decode rows on kernels/skinny_gemm.py; eager, the tokens as the
+    reference's under forced routing; then CUDA-graph decode against eager. The kernel must actually run."""
+    from light_moe.kernels import skinny_gemm
+
+    calls = []
+    real = skinny_gemm.skinny_linear
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", counted)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  async_scheduling=False)
+    ref = LightMoEEngine(checkpoint, moe_backend="reference", enforce_eager=True, **common)
+    eager = LightMoEEngine(checkpoint, moe_backend="cute", skinny_gemm=True, enforce_eager=True, **common)
+    assert eager.ops.skinny_gemm
+    for prompt in PROMPTS:
+        assert_agree_with_forced_routing(ref, eager, prompt, 16)
+    assert calls and max(calls) <= skinny_gemm.MAX_M  # decode rows only
+    graphs = LightMoEEngine(checkpoint, moe_backend="cute", skinny_gemm=True, **common)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    out_e = eager.generate_outputs(PROMPTS, params)
+    out_g = graphs.generate_outputs(PROMPTS, params)
+    assert graphs.runner.decode_graphs is not None and len(graphs.runner.decode_graphs.graphs) > 0
+    for prompt, a, b in zip(PROMPTS, out_e, out_g):
+        assert_agree(eager, graphs, prompt, a.token_ids, b.token_ids)
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_cuda_graph_decode_matches_eager(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=0.0)
     common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,

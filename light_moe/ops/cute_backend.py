@@ -41,8 +41,10 @@ _CUTE_LAYOUT = "_light_moe_cute_layout"
 class CuteOps(MoEOps):
     name = "cute"
 
-    def __init__(self, fuse_routing_metadata: bool = True):
+    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = False):
         self._logged: set[tuple[str, str]] = set()
+        # dense_linear: decode rows on kernels/skinny_gemm.py, else torch's F.linear (EngineConfig.skinny_gemm)
+        self.skinny_gemm = skinny_gemm
         # route(): the router kernel's single CTA also writes the routing metadata where one CTA covers T (decode,
         # E <= 16): one launch fewer per MoE layer, outputs bit-equal (timings: docs/kernels.md, Router, "fused");
         # False keeps the separate metadata launch (the bench's *_two_launch_routing cases).
@@ -291,10 +293,13 @@ class CuteOps(MoEOps):
 
     # ---- dense bf16 linear layers at decode (the attention projections): the skinny GEMM ----------------------
     def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py; prefill rows, CPU tensors and what the
-        kernel does not take on torch's F.linear (cuBLAS). A captured decode graph has a fixed M, so a fixed choice."""
+        """With skinny_gemm (opt-in), decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py; prefill rows,
+        CPU tensors and what the kernel does not take on torch's F.linear (cuBLAS). A captured decode graph has a
+        fixed M, so a fixed choice."""
         from light_moe.kernels import skinny_gemm
 
+        if not self.skinny_gemm:
+            return super().dense_linear(x, weight, bias)
         ok, reason = self._skinny_supports(x, weight, bias)
         if not ok:
             if reason is not None:

@@ -65,7 +65,7 @@ def test_reference_is_f_linear(bias):
 def test_cpu_tensors_stay_on_f_linear_silently(kernel_calls, caplog):
     x, w, b = _problem(1)
     with caplog.at_level(logging.WARNING):
-        got = CuteOps().dense_linear(x, w, b)
+        got = CuteOps(skinny_gemm=True).dense_linear(x, w, b)
     assert torch.equal(got, F.linear(x, w, b)) and not kernel_calls and not caplog.text
 
 
@@ -74,15 +74,40 @@ def test_cpu_tensors_stay_on_f_linear_silently(kernel_calls, caplog):
 def test_decode_rows_go_to_the_kernel(m, bias, kernel_calls):
     x, w, b = _problem(m, bias=bias)
     x, w = _cuda_like(x), _cuda_like(w)
-    got = CuteOps().dense_linear(x, w, b)
+    got = CuteOps(skinny_gemm=True).dense_linear(x, w, b)
     assert len(kernel_calls) == 1 and kernel_calls[0][1] is w and kernel_calls[0][2] is b
     assert torch.equal(kernel_calls[0][0], x) and (got == 7.0).all()
+
+
+def test_the_kernel_is_opt_in(kernel_calls, caplog):
+    """Until its GPU tests pass on an H100, only EngineConfig.skinny_gemm puts decode rows on the kernel: the default
+    CuteOps (and so the default engine) keeps them on F.linear, silently; the option reaches the backend."""
+    from light_moe.engine.args import EngineArgs
+    from light_moe.ops.select import select_backend
+
+    x, w, b = _problem(1)
+    with caplog.at_level(logging.WARNING):
+        got = CuteOps().dense_linear(_cuda_like(x), _cuda_like(w), b)
+    assert not kernel_calls and not caplog.text and torch.equal(got, F.linear(x, w, b))
+    assert EngineArgs(model="m").skinny_gemm is False
+    assert EngineArgs.from_cli_args(_parsed(["--skinny-gemm"])).skinny_gemm is True
+    assert select_backend("reference", torch.device("cpu"), skinny_gemm=True)[0].name == "reference"
+
+
+def _parsed(flags):
+    import argparse
+
+    from light_moe.engine.args import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    return parser.parse_args(["--model", "m", *flags])
 
 
 def test_a_strided_x_is_made_contiguous_first(kernel_calls):
     x, w, b = _problem(4)
     wide = _cuda_like(torch.cat([x, x], dim=1))[:, :K]  # rows 2K apart
-    CuteOps().dense_linear(wide, _cuda_like(w), b)
+    CuteOps(skinny_gemm=True).dense_linear(wide, _cuda_like(w), b)
     sent = kernel_calls[0][0]
     assert sent.is_contiguous() and torch.equal(sent, x)
 
@@ -90,7 +115,7 @@ def test_a_strided_x_is_made_contiguous_first(kernel_calls):
 def test_prefill_rows_stay_on_f_linear_silently(kernel_calls, caplog):
     x, w, b = _problem(17)
     with caplog.at_level(logging.WARNING):
-        got = CuteOps().dense_linear(_cuda_like(x), _cuda_like(w), b)
+        got = CuteOps(skinny_gemm=True).dense_linear(_cuda_like(x), _cuda_like(w), b)
     assert not kernel_calls and not caplog.text
     assert torch.equal(got, F.linear(x, w, b))
 
@@ -110,7 +135,7 @@ def test_what_the_kernel_cannot_take_falls_back_with_a_reason(case, reason, kern
     elif case == "strided_bias":
         b = torch.stack([b, b], dim=1)[:, 0]
     with caplog.at_level(logging.WARNING):
-        got = CuteOps().dense_linear(_cuda_like(x), _cuda_like(w), b)
+        got = CuteOps(skinny_gemm=True).dense_linear(_cuda_like(x), _cuda_like(w), b)
     assert not kernel_calls
     assert "skinny linear unavailable" in caplog.text and reason in caplog.text
     assert torch.equal(got, F.linear(x, w, b))
