@@ -31,10 +31,16 @@
 #   scripts/gpu_checks.sh serve-32 OUTDIR       the same on the 32-layer shape with W4A16 experts
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
 #                                               with --exchange p2p (NCCL and p2p exchange times side by side)
+#   scripts/gpu_checks.sh new-kernels OUTDIR    one GPU: the GPU tests of the kernels written in session 12 without a GPU
+#                                               (default router after its refactor first; skinny GEMM; router variants;
+#                                               expert epilogues; attention sinks / window; MLA decode; engine tests)
+#   scripts/gpu_checks.sh skinny-ab OUTDIR      one GPU: bench_skinny_gemm (with --sweep), then bench e2e of the 4- and
+#                                               32-layer (W4A16) Mixtral shapes without and with --skinny-gemm
+#   scripts/gpu_checks.sh families OUTDIR       one GPU: bench e2e of the full gpt-oss-20b and deepseek-v2-lite shapes
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32 or p2p}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, new-kernels, skinny-ab or families}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -182,6 +188,32 @@ serve-4|serve-32)
         --num-prompts 128 --input-len 128 --output-len 128 --range-ratio 0.5 --sweep-rates $rates \
         --max-concurrency 256 --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_rates.json"
     ;;
+new-kernels)
+    # the default (Mixtral) router's selection was refactored for the routing variants: its tests first
+    step router_tests 90 $py -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels/test_routing_kernels_gpu.py -k router -ra
+    step skinny_tests 150 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_skinny_gemm_gpu.py -ra
+    step family_kernel_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_router_select_gpu.py \
+        tests/kernels/test_expert_epilogue_gpu.py tests/kernels/test_decode_attention_gpu.py \
+        tests/kernels/test_prefill_attention_gpu.py tests/kernels/test_mla_decode_gpu.py -ra
+    step engine_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_cute_engine_gpu.py tests/test_gpt_oss_gpu.py \
+        tests/test_deepseek_cute_gpu.py tests/test_server_split.py -ra
+    ;;
+skinny-ab)
+    step skinny_bench 200 $py scripts/bench_skinny_gemm.py --rounds 3 --sweep --out "$out/skinny_gemm.json"
+    for tag in 4 32; do
+        m="--shape mixtral --layers $tag --dtype bfloat16 --device cuda"
+        [ "$tag" = 32 ] && m="$m --quantization w4a16"
+        step "e2e${tag}_cublas" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e${tag}_cublas.json"
+        step "e2e${tag}_skinny" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --skinny-gemm \
+            --output "$out/e2e${tag}_skinny.json"
+    done
+    ;;
+families)
+    step e2e_gpt_oss_20b 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --dtype bfloat16 --device cuda \
+        --repeats 1 --output "$out/e2e_gpt_oss_20b.json"
+    step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --dtype bfloat16 \
+        --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
+    ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     step p2p_tests 360 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_p2p_exchange.py -ra
@@ -189,7 +221,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32 or p2p)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, new-kernels, skinny-ab or families)" >&2
     exit 2
     ;;
 esac
