@@ -36,7 +36,9 @@
 #                                               expert epilogues; attention sinks / window; MLA decode; engine tests)
 #   scripts/gpu_checks.sh skinny-ab OUTDIR      one GPU: bench_skinny_gemm (with --sweep), then bench e2e of the 4- and
 #                                               32-layer (W4A16) Mixtral shapes without and with --skinny-gemm
-#   scripts/gpu_checks.sh families OUTDIR       one GPU: bench e2e of the full gpt-oss-20b and deepseek-v2-lite shapes
+#   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
+#                                               (scripts/bench_mla_decode.py), bench e2e of the full gpt-oss-20b and
+#                                               deepseek-v2-lite shapes
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
@@ -209,6 +211,7 @@ skinny-ab)
     done
     ;;
 families)
+    step mla_decode_bench 150 $py scripts/bench_mla_decode.py --out "$out/mla_decode.json"
     step e2e_gpt_oss_20b 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --dtype bfloat16 --device cuda \
         --repeats 1 --output "$out/e2e_gpt_oss_20b.json"
     step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --dtype bfloat16 \
