@@ -17,7 +17,7 @@ import torch
 
 from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
-from light_moe.kernels import grouped_gemm, w4a16_gemm, w4a16_linear
+from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_gemm, w4a16_linear
 from light_moe.kernels import mla_decode_attention as mla_kernel
 from light_moe.kernels import prefill_attention as prefill_kernel
 from light_moe.kernels import rms_norm as rms_norm_kernel
@@ -296,8 +296,6 @@ class CuteOps(MoEOps):
         """With skinny_gemm (opt-in), decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py; prefill rows,
         CPU tensors and what the kernel does not take on torch's F.linear (cuBLAS). A captured decode graph has a
         fixed M, so a fixed choice."""
-        from light_moe.kernels import skinny_gemm
-
         if not self.skinny_gemm:
             return super().dense_linear(x, weight, bias)
         ok, reason = self._skinny_supports(x, weight, bias)
@@ -313,8 +311,6 @@ class CuteOps(MoEOps):
     def _skinny_supports(x, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, str | None]:
         """(ok, reason) for the skinny GEMM; reason None where F.linear is the intended path (more than 16 or no
         rows, CPU tensors) rather than a fallback worth logging."""
-        from light_moe.kernels import skinny_gemm
-
         num_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not x.is_cuda or not 1 <= num_rows <= skinny_gemm.MAX_M:
             return False, None
