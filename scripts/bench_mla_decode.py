@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from light_moe.bench.env import environment, write_result
-from light_moe.bench.timing import graph_replay, round_robin, time_us
+from light_moe.bench.timing import graph_replay, round_robin, time_us, timing_entry
 from light_moe.kernels import mla_decode_attention as mla
 
 LATENT, ROPE = 512, 64
@@ -53,8 +53,7 @@ def _case(heads: int, batch: int, context: int, bs: int, scale: float, rounds: i
     latent_bytes = batch * context * (LATENT + ROPE) * 2
     row = dict(heads=heads, batch=batch, context=context, block_size=bs, latent_bytes=latent_bytes, rel_l2=err)
     for name, st in stats.items():
-        row[name] = dict(us=round(st["median"], 3), min_us=round(st["min"], 3), max_us=round(st["max"], 3),
-                         gbps=round(latent_bytes / st["median"] / 1e3, 1))
+        row[name] = timing_entry(st, latent_bytes)
     return row
 
 

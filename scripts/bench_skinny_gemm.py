@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from light_moe.bench.env import environment, write_result
-from light_moe.bench.timing import graph_replay, round_robin, time_us
+from light_moe.bench.timing import graph_replay, round_robin, time_us, timing_entry
 from light_moe.kernels import skinny_gemm as sk
 from light_moe.kernels.launch import sm_count
 
@@ -88,8 +88,7 @@ def main() -> None:
             row = dict(shape=shape, n=n_out, k=k_dim, m=m, weight_bytes=weight_bytes, copies=copies, rel_l2=err,
                        plan=plans["skinny"]._asdict())
             for name, s in stats.items():
-                row[name] = dict(us=round(s["median"], 3), min_us=round(s["min"], 3), max_us=round(s["max"], 3),
-                                 tbps=round(weight_bytes / s["median"] / 1e6, 3))
+                row[name] = timing_entry(s, weight_bytes)
                 if name in plans and name != "skinny":
                     row[name]["plan"] = plans[name]._asdict()
             rows.append(row)

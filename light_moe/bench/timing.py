@@ -44,3 +44,11 @@ def round_robin(variants: dict, rounds: int, timer) -> dict[str, dict[str, float
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
             samples[name].append(timer(variants[name]))
     return {name: dict(median=statistics.median(v), min=min(v), max=max(v)) for name, v in samples.items()}
+
+
+def timing_entry(stats: dict[str, float], nbytes: int) -> dict:
+    """One variant's round_robin stats as a result entry: us (median), min_us, max_us and the rate at which the
+    median time moves `nbytes`, in GB/s and TB/s."""
+    us = stats["median"]
+    return dict(us=round(us, 3), min_us=round(stats["min"], 3), max_us=round(stats["max"], 3),
+                gbps=round(nbytes / us / 1e3, 1), tbps=round(nbytes / us / 1e6, 3))
