@@ -172,7 +172,7 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
                 k_split //= 2
             # the k-block pipeline, bulk weights, two k-tiles per stage and TMA token rows were measured (and won)
             # only with two atoms per warpgroup
-            # (the k-tiles are even: the W4A16 kernel takes K in multiples of 128)
+            # (g = 128 divides K, so the k-tiles are even)
             two_atoms = tile_w == 256
             kps = 2 if row.two_k_tiles_at_g128 and two_atoms and group_size == 2 * TILE_K else 1
             return TileConfig(tile_w, tile_t, row.fence_mode, k_split, k_tiles_per_stage=kps,

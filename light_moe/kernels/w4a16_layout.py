@@ -98,8 +98,8 @@ def check_shapes(qweight, scales, zeros, group_size: int, gated: bool) -> tuple[
         return False, f"expected qweight int32 [E, N, K // 8], got {qweight.dtype} {list(qweight.shape)}"
     e, n, k8 = qweight.shape
     k = 8 * k8
-    if n % ATOM_M or k % (2 * TILE_K) or k % group_size:
-        return False, f"N={n} must be a multiple of {ATOM_M} and K={k} of {2 * TILE_K} and of g={group_size}"
+    if n % ATOM_M or k % TILE_K or k % group_size:
+        return False, f"N={n} must be a multiple of {ATOM_M} and K={k} of {TILE_K} and of g={group_size}"
     groups = (e, n, k // group_size)
     if scales.dtype != torch.bfloat16 or tuple(scales.shape) != groups:
         return False, f"expected scales bf16 {list(groups)}, got {scales.dtype} {list(scales.shape)}"

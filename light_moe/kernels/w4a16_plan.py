@@ -7,7 +7,7 @@ k_tiles_per_stage k-tiles of 64: tile_w x 64 int4 weights, tile_t x 64 bf16 toke
 from __future__ import annotations
 
 from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
-from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, TileConfig
+from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
 from light_moe.kernels.w4a16_layout import ATOM_M, GROUP_SIZES, TILE_K
 
 MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
@@ -59,8 +59,8 @@ def supports_config(
         return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
     if gated and n_out % 16:
         return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
-    if k_dim % (2 * TILE_K) or k_dim % group_size:
-        return False, f"reduction size {k_dim} must be a multiple of {2 * TILE_K} and of g={group_size}"
+    if k_dim % TILE_K or k_dim % group_size:
+        return False, f"reduction size {k_dim} must be a multiple of {TILE_K} and of g={group_size}"
     if not 1 <= num_experts <= 1024:
         return False, f"num_experts must be in [1, 1024], got {num_experts}"
     if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
@@ -78,18 +78,25 @@ def supports_config(
 
 
 def supports(num_experts: int, hidden: int, inter: int, group_size: int) -> tuple[bool, str]:
-    """Whether w4a16_expert_up / _down take this layer (checked once, at weight-preparation time)."""
+    """Whether w4a16_expert_up / _down take this layer (checked once, at weight-preparation time): the tiles
+    choose_w4a16_tile picks for it, from decode (one row) to prefill, all compile."""
     if group_size not in GROUP_SIZES:
         return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
-    if hidden % (2 * TILE_K) or inter % (2 * TILE_K):
-        return False, f"H={hidden} and I={inter} must be multiples of {2 * TILE_K}"
-    if inter % 32:
-        return False, f"I={inter} must be a multiple of 32 (2I in 64-row atoms)"
+    if hidden % TILE_K or inter % TILE_K:
+        return False, f"H={hidden} and I={inter} must be multiples of {TILE_K}"
+    if hidden % group_size or inter % group_size:
+        return False, (f"H={hidden} and I={inter} must be multiples of the group size {group_size} "
+                       f"(quantize with a group size that divides both)")
+    # routed-row counts that reach every row of the tile table, with few and with all experts active (the
+    # decode rows' wave-fill rule looks at the active experts)
+    limits = [int(row.max_rows_per_expert) for row in W4A16_TILE_TABLE[:-1]]
+    probes = sorted({1, 2, 4, 8, 16, *(lim * num_experts for lim in limits), 4 * limits[-1] * num_experts})
     for gated, n_out, k_dim in ((True, 2 * inter, hidden), (False, hidden, inter)):
-        config = TileConfig(64, 8, k_split=2)
-        ok, reason = supports_config(
-            gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
-        )
-        if not ok:
-            return False, reason
+        for num_rows in probes:
+            config = choose_w4a16_tile(num_rows, num_experts, n_out, k_dim, group_size=group_size, gated=gated)
+            ok, reason = supports_config(
+                gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size, config=config
+            )
+            if not ok:
+                return False, reason
     return True, "ok"

@@ -45,9 +45,12 @@ BF16_CASES = {
 }
 
 W4A16_CASES = {
-    # name: (gated, E, H, I, g, tile config, epilogue); the W4A16 kernel needs H and I multiples of 128, so
-    # gpt-oss-20b's 2880 is refused (test_w4a16_refuses_gpt_oss_20b): 2816 is the nearest it takes
+    # name: (gated, E, H, I, g, tile config, epilogue); gpt-oss-20b (H = I = 2880: 45 k-tiles, an odd count) takes
+    # g = 32 or 64 (g = 128 does not divide 2880) and no split K; 2816 (44 k-tiles) the split-K decode tiles
     "up_decode_64x8_k4_swiglu": (True, 32, 2816, 2816, 128, TileConfig(64, 8, k_split=4), SWIGLU),
+    "gpt_oss_up_decode_128x8_swiglu": (True, 32, 2880, 2880, 32, TileConfig(128, 8), SWIGLU),
+    "gpt_oss_up_128x64_swiglu": (True, 32, 2880, 2880, 64, TileConfig(128, 64), SWIGLU),
+    "gpt_oss_down_decode_64x8_bias": (False, 32, 2880, 2880, 32, TileConfig(64, 8), BIAS),
     "up_decode_128x16_k2_swiglu": (True, 32, 2816, 2816, 32, TileConfig(128, 16, k_split=2), SWIGLU),
     "up_prefill_256x128_tma_swiglu": (True, 8, 4096, 14336, 128,
                                       TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True),
@@ -96,12 +99,21 @@ def test_default_kernel_has_no_epilogue_instructions(tmp_path):
     _check_ptx(compile_sm90a_ptx(kernel, *args, dump_root=str(tmp_path)), DEFAULT_EPILOGUE, 1)
 
 
-def test_w4a16_refuses_gpt_oss_20b():
-    """gpt-oss-20b (H = I = 2880 = 22.5 x 128) is not a W4A16 shape; the bf16 grouped GEMM takes it."""
+def test_w4a16_takes_gpt_oss_20b_at_group_32_and_64():
+    """gpt-oss-20b (H = I = 2880 = 45 k-tiles of 64 = 22.5 groups of 128): W4A16 at g = 32 / 64, every tile the
+    chooser picks from decode to prefill (odd k-tiles: no split K, one k-tile per stage); g = 128 is refused with
+    the reason; the bf16 grouped GEMM takes the shape as well."""
     from light_moe.kernels import w4a16_gemm
+    from light_moe.kernels.tile_config import choose_w4a16_tile
 
+    for g in (32, 64):
+        assert w4a16_gemm.supports(32, 2880, 2880, g) == (True, "ok")
+        for rows in (1, 4, 32, 128, 4096, 65536):
+            for gated, n_out in ((True, 5760), (False, 2880)):
+                config = choose_w4a16_tile(rows, 32, n_out, 2880, group_size=g, gated=gated)
+                assert config.k_split == 1 and config.k_tiles_per_stage == 1, (rows, gated, config)
     ok, reason = w4a16_gemm.supports(32, 2880, 2880, 128)
-    assert not ok and "multiples of 128" in reason
+    assert not ok and "multiples of the group size 128" in reason
     assert gg.supports(torch.bfloat16, 32, 2880, 2880) == (True, "ok")
 
 

@@ -1,10 +1,11 @@
 """GPU tests of the grouped GEMMs' epilogue variants (light_moe/kernels/expert_epilogue.py: per-expert biases, gpt-oss's
 clamped SwiGLU) against ops/reference.py in fp32 with gpt-oss's spec, on fresh random inputs with NaN-poisoned
 outputs: the bf16 grouped GEMM at gpt-oss-20b's shape (E = 32, top-4, H = I = 2880) and a small one; the W4A16
-grouped GEMM at the nearest shape it takes (H = I = 2816: it needs multiples of 128, 2880 is refused) and a small
-one; T = 1, 16, 256, 2048; the CuTe backend's whole expert chain (routing metadata, up, down, combine); a CUDA
-graph replayed on new routing. Inputs are scaled so that the clamp binds for a part of the values, and every
-comparison also checks that the output is far from what a missing clamp or bias would give (the test can fail).
+grouped GEMM at gpt-oss-20b's shape with g = 32 (45 k-tiles: odd, no split K; g = 128 does not divide 2880), at
+2816 with g = 128 (split-K decode tiles) and a small one; T = 1, 16, 256, 2048; the CuTe backend's whole expert
+chain (routing metadata, up, down, combine); a CUDA graph replayed on new routing. Inputs are scaled so that the
+clamp binds for a part of the values, and every comparison also checks that the output is far from what a missing
+clamp or bias would give (the test can fail).
 
 Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows, g group size.
 Run on the H100: pytest -m gpu tests/kernels/test_expert_epilogue_gpu.py -v
@@ -26,7 +27,8 @@ GPT_OSS = ExpertConfig(activation="clamped_swiglu", alpha=1.702, limit=7.0, bias
 UNCLAMPED = ExpertConfig(activation="clamped_swiglu", alpha=1.702, limit=1e6, bias=True)
 TOKENS = (1, 16, 256, 2048)
 BF16_SHAPES = {"gpt_oss_20b": (32, 4, 2880, 2880), "small": (8, 2, 256, 128)}  # (E, K, H, I)
-W4A16_SHAPES = {"gpt_oss_like": (32, 4, 2816, 2816), "small": (8, 2, 256, 128)}
+W4A16_SHAPES = {"gpt_oss_20b_g32": (32, 4, 2880, 2880, 32), "k2816_g128": (32, 4, 2816, 2816, 128),
+                "small": (8, 2, 256, 128, 128)}  # (E, K, H, I, g)
 X_SCALE = 4.0  # gate and up ~ N(0, 4): the limit of 7 binds for about 8% of them
 B2_SCALE = 4.0  # b2 about as large as act W2^T
 TOL = 1e-2
@@ -109,8 +111,7 @@ def test_w4a16_epilogue_matches_reference(shape, num_tokens):
     from light_moe.kernels.expert_epilogue import ExpertEpilogue
     from light_moe.kernels.w4a16_layout import dequantize_reference
 
-    num_experts, top_k, hidden, inter = W4A16_SHAPES[shape]
-    group_size = 128
+    num_experts, top_k, hidden, inter, group_size = W4A16_SHAPES[shape]
     assert w4.supports(num_experts, hidden, inter, group_size) == (True, "ok")
     gen, x, b13, b2, offsets, gather_index, _ = _inputs(num_tokens, num_experts, top_k, hidden, inter,
                                                         seed=num_tokens * 11 + num_experts)
@@ -127,11 +128,11 @@ def test_w4a16_epilogue_matches_reference(shape, num_tokens):
     )
 
 
-def test_w4a16_refuses_gpt_oss_20b():
+def test_w4a16_refuses_gpt_oss_20b_at_group_128():
     from light_moe.kernels import w4a16_gemm as w4
 
     ok, reason = w4.supports(32, 2880, 2880, 128)
-    assert not ok and "128" in reason
+    assert not ok and "group size 128" in reason
 
 
 @pytest.mark.parametrize("num_tokens", (1, 256))

@@ -164,8 +164,8 @@ EXPERT_SHAPES = [("deepseek-v2-lite", 64, 6, 2048, 1408), ("qwen3-30b-a3b", 128,
 @pytest.mark.parametrize("name,experts,top_k,hidden,inter", EXPERT_SHAPES)
 def test_expert_kernels_take_many_experts(name, experts, top_k, hidden, inter):
     """The routing metadata and the bf16 grouped GEMM take 64-256 experts with top-8, down to the tile configs the
-    launch picks for M = T K rows (T = 1..4096); the W4A16 GEMM too where I is a multiple of 128 (gpt-oss's
-    I = 2880 is not: its experts stay on the reference for their biases and clamp anyway)."""
+    launch picks for M = T K rows (T = 1..4096); the W4A16 GEMM too, at g = 128 where it divides H and I, else at
+    g = 64 (gpt-oss's H = I = 2880), which refuses g = 128 with the reason."""
     assert routing.supports(experts, top_k) == (True, "ok")
     assert routing.supports(experts, 8) == (True, "ok")
     assert grouped_gemm.supports(BF16, experts, hidden, inter) == (True, "ok")
@@ -177,15 +177,18 @@ def test_expert_kernels_take_many_experts(name, experts, top_k, hidden, inter):
                                                                num_experts=experts, config=config)
             assert ok, (tokens, gated, reason)
     ok, reason = w4a16_gemm.supports(experts, hidden, inter, 128)
-    if inter % 128:
-        assert not ok and "multiples of 128" in reason
-        return
+    group_size = 128
+    if hidden % 128 or inter % 128:
+        assert not ok and "group size 128" in reason
+        group_size = 64
+        ok, reason = w4a16_gemm.supports(experts, hidden, inter, group_size)
     assert ok, reason
     for tokens in (1, 16, 256, 4096):
         for gated, n_out, k_dim in ((True, 2 * inter, hidden), (False, hidden, inter)):
-            config = choose_w4a16_tile(tokens * top_k, experts, n_out, k_dim, 132, 128, gated)
+            config = choose_w4a16_tile(tokens * top_k, experts, n_out, k_dim, 132, group_size, gated)
             ok, reason = w4a16_gemm.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim,
-                                                                  num_experts=experts, group_size=128, config=config)
+                                                                  num_experts=experts, group_size=group_size,
+                                                                  config=config)
             assert ok, (tokens, gated, config, reason)
 
 

@@ -289,6 +289,8 @@ def test_supports_and_tiles():
     assert supports(8, 4096, 14336, 128) == (True, "ok")
     assert not supports(8, 4096, 14336, 100)[0]
     assert not supports(8, 4096, 14300, 128)[0]
+    assert supports(8, 4096, 14336 + 64, 64) == (True, "ok")  # 225 k-tiles: odd, split K falls back to 1
+    assert not supports(8, 4096, 14336 + 64, 128)[0]  # g = 128 does not divide I
     # split K over 128 rows only where its tiles fill the last wave of 132 SMs to >= 90%
     assert choose_w4a16_tile(2, 8, 28672, 4096) == TileConfig(64, 8, k_split=4)  # T=1 up: 448 tiles, 85%
     assert choose_w4a16_tile(2, 8, 4096, 14336) == TileConfig(64, 8, k_split=4)  # T=1 down: 64 tiles

@@ -96,6 +96,45 @@ def test_w4a16_other_group_sizes(num_tokens, group_size):
     _check_case(num_tokens, 8, 2, HIDDEN, INTER, group_size, True, seed=group_size + num_tokens)
 
 
+# (H, I): an odd number of k-tiles of 64 in the up projection's K (576 = 9, with 256-row tiles over 2I = 768), then
+# in the down projection's (320 = 5, with 256-row tiles over H = 512); K only has to be a multiple of 64 and of g
+ODD_K_SHAPES = ((576, 384), (512, 320))
+
+
+@pytest.mark.parametrize("group_size", (32, 64))
+@pytest.mark.parametrize("num_tokens", (1, 7, 333, 4096))
+@pytest.mark.parametrize("hidden,inter", ODD_K_SHAPES)
+def test_w4a16_odd_k_tiles(hidden, inter, num_tokens, group_size):
+    """The table's tile at each T (split K falls back to 1: it must divide the k-tiles), then every table tile forced
+    on the up projection with the odd K (gpt-oss-20b's H = I = 2880 is 45 k-tiles)."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    assert w4.supports(8, hidden, inter, group_size) == (True, "ok")
+    _check_case(num_tokens, 8, 2, hidden, inter, group_size, True, seed=hidden + inter + num_tokens + group_size)
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(3 + num_tokens)
+    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+    w13 = _quantized(8, 2 * inter, hidden, group_size, True, device, gen)
+    offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
+    w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
+    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, group_size)
+    for _, tile_w, tile_t, fence, k_split, kblock, bulk, _kps_g128, tma_up in w4.W4A16_TILE_TABLE:
+        while (2 * inter) % tile_w:
+            tile_w //= 2
+        while (hidden // 64) % k_split:
+            k_split //= 2
+        wide = tile_w == 256  # the 256-row tiles' options, as choose_w4a16_tile sets them
+        config = TileConfig(tile_w, tile_t, fence, k_split, kblock_pipeline=kblock and wide, bulk_weights=bulk and wide,
+                            tma_tokens=tma_up and wide)
+        assert w4.W4A16GroupedGemmSm90.supports(gated=True, n_out=2 * inter, k_dim=hidden, num_experts=8,
+                                                group_size=group_size, config=config)[0], config
+        act = torch.full((gather_index.shape[0], inter), float("nan"), device=device, dtype=torch.bfloat16)
+        w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
+        assert not act.isnan().any(), f"tile {config} left rows unwritten"
+        assert _rel_l2(act, ref_act) < 1e-2, f"tile {config}: rel L2 {_rel_l2(act, ref_act):.3e}"
+
+
 @pytest.mark.parametrize("num_tokens", (1, 64, 4096))
 def test_w4a16_mixtral_shape(num_tokens):
     _check_case(num_tokens, 8, 2, 4096, 14336, GROUP, False, seed=11 + num_tokens)
