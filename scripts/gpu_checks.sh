@@ -38,7 +38,7 @@
 #                                               32-layer (W4A16) Mixtral shapes without and with --skinny-gemm
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the full gpt-oss-20b and
-#                                               deepseek-v2-lite shapes
+#                                               deepseek-v2-lite shapes (gpt-oss also with W4A16 experts, g = 32)
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
@@ -214,6 +214,9 @@ families)
     step mla_decode_bench 150 $py scripts/bench_mla_decode.py --out "$out/mla_decode.json"
     step e2e_gpt_oss_20b 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --dtype bfloat16 --device cuda \
         --repeats 1 --output "$out/e2e_gpt_oss_20b.json"
+    # W4A16 experts at g = 32 (128 does not divide gpt-oss's 2880)
+    step e2e_gpt_oss_20b_w4a16 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --dtype bfloat16 --device cuda \
+        --quantization w4a16 --quant-group-size 32 --repeats 1 --output "$out/e2e_gpt_oss_20b_w4a16.json"
     step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     ;;
