@@ -168,7 +168,7 @@ def test_epilogue_cuda_graph_replay(kind):
     from light_moe.kernels.expert_epilogue import ExpertEpilogue
     from light_moe.kernels.w4a16_layout import dequantize_reference
 
-    num_experts, top_k, hidden, inter = (BF16_SHAPES if kind == "bf16" else W4A16_SHAPES)["small"]
+    num_experts, top_k, hidden, inter = (BF16_SHAPES if kind == "bf16" else W4A16_SHAPES)["small"][:4]
     num_tokens = 16
     gen, x, b13, b2, offsets, gather_index, _ = _inputs(num_tokens, num_experts, top_k, hidden, inter, seed=3)
     if kind == "bf16":

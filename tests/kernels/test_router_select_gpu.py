@@ -214,7 +214,9 @@ def test_both_tile_modes_agree():
     scores, choice, groups = _exact(x, w, spec, correction, gate_bias)
     clear = _clear_tokens(choice, groups, spec, top_k)
     assert torch.equal(outs[0][1][clear], outs[1][1][clear])
-    assert _rel_l2(outs[0][0], outs[1][0]) < WEIGHT_TOL
+    # the weights where the ids agree: a near-tie token may pick another expert under the other order of the sums
+    assert clear.float().mean() > 0.9
+    assert _rel_l2(outs[0][0][clear], outs[1][0][clear]) < WEIGHT_TOL
 
 
 def test_selection_replays_in_a_cuda_graph():
