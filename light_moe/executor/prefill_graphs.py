@@ -51,12 +51,13 @@ class _AttentionRecorder:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def attention(self, q, k_cache, v_cache, meta, scale):
-        self.capture.split(("attention", q, (k_cache, v_cache), scale, self.out))
+    def attention(self, q, k_cache, v_cache, meta, scale, **variant):
+        # variant: gpt-oss's sinks (a parameter, static) and sliding window, replayed as given
+        self.capture.split(("attention", q, (k_cache, v_cache), scale, self.out, variant))
         return self.out[: q.shape[0]]
 
     def mla_attention(self, q, latent_cache, kv_b_weight, meta, scale):  # layers/mla.py
-        self.capture.split(("mla_attention", q, (latent_cache, kv_b_weight), scale, self.out))
+        self.capture.split(("mla_attention", q, (latent_cache, kv_b_weight), scale, self.out, {}))
         return self.out[: q.shape[0]]
 
 
@@ -66,7 +67,7 @@ class _Capture:
     def __init__(self, pool):
         self.pool = pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        # per attention: (the backend op, q, its cache / weight tensors, scale, out), static tensors
+        # per attention: (the backend op, q, its cache / weight tensors, scale, out, variant kwargs), static tensors
         self.holes: list[tuple] = []
 
     def begin(self) -> None:
@@ -179,8 +180,8 @@ class PrefillGraphs:
         backend = self.attention_modules[0].ops
         for graph, hole in zip(bucket.graphs, bucket.holes):
             graph.replay()
-            op, q, tensors, scale, out = hole
-            getattr(backend, op)(q[:n], *tensors, meta, scale, out=out[:n])
+            op, q, tensors, scale, out, variant = hole
+            getattr(backend, op)(q[:n], *tensors, meta, scale, out=out[:n], **variant)
         bucket.graphs[-1].replay()
         return bucket.hidden[:n]
 
