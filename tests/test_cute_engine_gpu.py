@@ -53,7 +53,8 @@ class RouteTrace:
     """Wraps engine.ops.route (eager engines only: a CUDA graph replays without Python). Keeps, per call, the
     router logits (fp32, from the router input and the gate weight) and the sorted top-k expert ids; with
     `forced` (another trace's calls, in the same order) the engine then uses those ids instead of its own,
-    weighted by its own router probabilities, so both engines route alike and stay in lockstep."""
+    weighted by its own router probabilities, so both engines route alike and stay in lockstep. Softmax routers:
+    Mixtral's (softmax, then the top-k) and gpt-oss's (gate bias, softmax over the top-k logits)."""
 
     def __init__(self, engine, forced: list | None = None):
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -62,15 +63,23 @@ class RouteTrace:
 
         def traced(x, gate_weight, top_k, renormalize, counts_out=None, **variant):
             weights, ids, counts, metadata = route(x, gate_weight, top_k, renormalize, counts_out, **variant)
+            spec = variant.get("spec")
+            if spec is not None and spec.scoring != "softmax_topk":
+                raise NotImplementedError(f"forced routing for the {spec.scoring} router")
             logits = x.float() @ gate_weight.float().t()
+            if variant.get("gate_bias") is not None:  # gpt-oss: logits + bias, softmax over the top-k
+                logits = logits + variant["gate_bias"].float()
             self.own_ids.append(ids.detach().to("cpu", torch.int64).sort(-1).values)
             if forced is None:
                 self.calls.append((logits.cpu(), self.own_ids[-1]))
                 return weights, ids, counts, metadata
             fids = forced[len(self.calls)][1].to(ids.device)
             self.calls.append((logits.cpu(), forced[len(self.calls)][1]))
-            probs = torch.softmax(logits, -1).gather(1, fids)
-            if renormalize:
+            if spec is not None:  # softmax_topk: the weights are the softmax of the chosen logits
+                probs = torch.softmax(logits.gather(1, fids), -1)
+            else:
+                probs = torch.softmax(logits, -1).gather(1, fids)
+            if renormalize and spec is None:
                 probs = probs / probs.sum(-1, keepdim=True)
             counts = torch.bincount(fids.flatten(), minlength=gate_weight.shape[0]).to(counts.dtype)
             if counts_out is not None:
