@@ -527,7 +527,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     moe_backend: str = "auto"
     # the CuTe backend runs decode rows of the dense projections on kernels/skinny_gemm.py (ops.select_backend)
-    skinny_gemm: bool = False
+    skinny_gemm: bool = True
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)
     seed: int = 0
     enable_cuda_graphs: bool = True

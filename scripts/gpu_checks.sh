@@ -35,7 +35,7 @@
 #                                               (default router after its refactor first; skinny GEMM; router variants;
 #                                               expert epilogues; attention sinks / window; MLA decode; engine tests)
 #   scripts/gpu_checks.sh skinny-ab OUTDIR      one GPU: bench_skinny_gemm (with --sweep), then bench e2e of the 4- and
-#                                               32-layer (W4A16) Mixtral shapes without and with --skinny-gemm
+#                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the full gpt-oss-20b and
 #                                               deepseek-v2-lite shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -205,9 +205,9 @@ skinny-ab)
     for tag in 4 32; do
         m="--shape mixtral --layers $tag --dtype bfloat16 --device cuda"
         [ "$tag" = 32 ] && m="$m --quantization w4a16"
-        step "e2e${tag}_cublas" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e${tag}_cublas.json"
-        step "e2e${tag}_skinny" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --skinny-gemm \
-            --output "$out/e2e${tag}_skinny.json"
+        step "e2e${tag}_cublas" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --no-skinny-gemm \
+            --output "$out/e2e${tag}_cublas.json"
+        step "e2e${tag}_skinny" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e${tag}_skinny.json"
     done
     ;;
 families)

@@ -35,7 +35,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "show_progress": (False, {}),
     "moe_backend": ("reference", {}),
     "enforce_eager": (True, {}),
-    "skinny_gemm": (True, {}),
+    "skinny_gemm": (False, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),
     "block_size": (32, {}),

@@ -88,8 +88,8 @@ class EngineArgs:
         choices=BACKEND_NAMES)
     enforce_eager: bool = option(False, "no CUDA graphs (decode and piecewise prefill)", group="execution")
     skinny_gemm: bool = option(
-        False, "decode rows (<= 16) of the attention projections on the CuTe skinny GEMM instead of cuBLAS "
-        "(opt-in until its GPU tests have passed on an H100; docs/kernels.md, Skinny GEMM)", group="execution")
+        True, "decode rows (<= 16) of the attention projections on the CuTe skinny GEMM instead of cuBLAS "
+        "(docs/kernels.md, Skinny GEMM)", group="execution")
     async_scheduling: bool = option(
         True, "schedule and launch each step before reading the previous step's tokens back (outputs come one "
         "step later; the same tokens and text)", group="execution")

@@ -41,7 +41,7 @@ _CUTE_LAYOUT = "_light_moe_cute_layout"
 class CuteOps(MoEOps):
     name = "cute"
 
-    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = False):
+    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True):
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: decode rows on kernels/skinny_gemm.py, else torch's F.linear (EngineConfig.skinny_gemm)
         self.skinny_gemm = skinny_gemm
@@ -293,9 +293,9 @@ class CuteOps(MoEOps):
 
     # ---- dense bf16 linear layers at decode (the attention projections): the skinny GEMM ----------------------
     def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """With skinny_gemm (opt-in), decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py; prefill rows,
-        CPU tensors and what the kernel does not take on torch's F.linear (cuBLAS). A captured decode graph has a
-        fixed M, so a fixed choice."""
+        """With skinny_gemm (the default), decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py;
+        prefill rows, CPU tensors and what the kernel does not take on torch's F.linear (cuBLAS). A captured decode
+        graph has a fixed M, so a fixed choice."""
         if not self.skinny_gemm:
             return super().dense_linear(x, weight, bias)
         ok, reason = self._skinny_supports(x, weight, bias)

@@ -26,7 +26,7 @@ def cute_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def select_backend(requested: str, device: torch.device, skinny_gemm: bool = False) -> tuple[MoEOps, str]:
+def select_backend(requested: str, device: torch.device, skinny_gemm: bool = True) -> tuple[MoEOps, str]:
     """Pick the backend: 'cute' on sm_90 when importable, else 'reference'. Returns (ops, reason).
     skinny_gemm: the CuTe backend's dense_linear runs decode rows on its skinny GEMM (EngineConfig.skinny_gemm)."""
     if requested not in BACKEND_NAMES:

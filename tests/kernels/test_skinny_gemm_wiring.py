@@ -79,18 +79,23 @@ def test_decode_rows_go_to_the_kernel(m, bias, kernel_calls):
     assert torch.equal(kernel_calls[0][0], x) and (got == 7.0).all()
 
 
-def test_the_kernel_is_opt_in(kernel_calls, caplog):
-    """Until its GPU tests pass on an H100, only EngineConfig.skinny_gemm puts decode rows on the kernel: the default
-    CuteOps (and so the default engine) keeps them on F.linear, silently; the option reaches the backend."""
+def test_the_kernel_is_on_by_default(kernel_calls, caplog):
+    """On by default since its GPU tests passed on an H100 (session 13; BENCHMARKS.md): EngineArgs, EngineConfig,
+    select_backend and CuteOps all default to the kernel; --no-skinny-gemm (CuteOps(skinny_gemm=False)) keeps
+    decode rows on F.linear, silently; the option reaches the backend."""
+    from light_moe.config import EngineConfig
     from light_moe.engine.args import EngineArgs
     from light_moe.ops.select import select_backend
 
     x, w, b = _problem(1)
     with caplog.at_level(logging.WARNING):
-        got = CuteOps().dense_linear(_cuda_like(x), _cuda_like(w), b)
+        got = CuteOps(skinny_gemm=False).dense_linear(_cuda_like(x), _cuda_like(w), b)
     assert not kernel_calls and not caplog.text and torch.equal(got, F.linear(x, w, b))
-    assert EngineArgs(model="m").skinny_gemm is False
-    assert EngineArgs.from_cli_args(_parsed(["--skinny-gemm"])).skinny_gemm is True
+    CuteOps().dense_linear(_cuda_like(x), _cuda_like(w), b)
+    assert len(kernel_calls) == 1
+    assert EngineArgs(model="m").skinny_gemm is True and EngineConfig.skinny_gemm is True
+    assert EngineArgs.from_cli_args(_parsed(["--no-skinny-gemm"])).skinny_gemm is False
+    assert EngineArgs.from_cli_args(_parsed([])).skinny_gemm is True
     assert select_backend("reference", torch.device("cpu"), skinny_gemm=True)[0].name == "reference"
 
 
