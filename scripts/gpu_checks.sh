@@ -170,6 +170,9 @@ serve-4|serve-32)
     # the server on the GPU against the offline engine on the same shape in the same call (issue 20): bench e2e
     # decode at B = 1 / 16 / 64 with 256 new tokens, then bench serve on one server: concurrency 1 / 16 / 64 /
     # 256 (4 x concurrency requests each, rate inf), then a Poisson rate sweep (the latency-throughput plot)
+    # the server captures its graphs at start (--warmup-graphs; WARMUP= for the old first-use capture): the first
+    # H100 run (session 13) showed first-use compiles and captures dominating TTFT p99
+    warm=${WARMUP---warmup-graphs}
     if [ "$stage" = serve-4 ]; then
         m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"; tag=4; conc="1 16 64 256"; rates="8 32 128 inf"
     else
@@ -178,15 +181,15 @@ serve-4|serve-32)
     fi
     step "e2e${tag}_offline" 200 $py -m light_moe.cli bench e2e $m --batch-sizes 1 16 64 --input-len 128 \
         --output-len 256 --repeats 1 --ttft-repeats 3 --output "$out/e2e${tag}_offline.json"
-    TAIL=12 step "serve${tag}" "${SERVE_LIMIT:-300}" $py -m light_moe.cli bench serve $m --num-prompts 1024 \
+    TAIL=12 step "serve${tag}" "${SERVE_LIMIT:-300}" $py -m light_moe.cli bench serve $m $warm --num-prompts 1024 \
         --input-len 128 --output-len 256 --sweep-concurrency $conc --prompts-per-concurrency 4 \
         --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_concurrency.json"
     # the same concurrency sweep with the engine in the server's process (the split's gain, same call)
     [ -n "${SKIP_INPROCESS:-}" ] || TAIL=8 step "serve${tag}_inprocess" "${SERVE_LIMIT:-300}" $py -m light_moe.cli \
-        bench serve $m --no-engine-process --num-prompts 1024 --input-len 128 --output-len 256 \
+        bench serve $m $warm --no-engine-process --num-prompts 1024 --input-len 128 --output-len 256 \
         --sweep-concurrency $conc --prompts-per-concurrency 4 --slo-ttft-ms 200 --slo-tpot-ms 50 \
         --output "$out/serve${tag}_concurrency_inprocess.json"
-    [ -n "${SKIP_RATES:-}" ] || TAIL=8 step "serve${tag}_rates" 240 $py -m light_moe.cli bench serve $m \
+    [ -n "${SKIP_RATES:-}" ] || TAIL=8 step "serve${tag}_rates" 240 $py -m light_moe.cli bench serve $m $warm \
         --num-prompts 128 --input-len 128 --output-len 128 --range-ratio 0.5 --sweep-rates $rates \
         --max-concurrency 256 --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_rates.json"
     ;;

@@ -244,3 +244,24 @@ def test_piecewise_prefill_graphs_match_eager(checkpoint):
                                 graphs.generate_outputs(shorter, params)):
             assert_agree(eager, graphs, prompt, a.token_ids, b.token_ids)
         graphs.shutdown()
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_warmup_graphs_capture_at_start(checkpoint):
+    """warmup_graphs: every prefill token bucket and every decode batch bucket (at the context bucket of a full
+    token budget) captured before the first request; generating afterwards captures no prefill bucket again and
+    gives the tokens of an engine that captures on first use."""
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  moe_backend="cute", async_scheduling=False, max_num_batched_tokens=256)
+    warm = LightMoEEngine(checkpoint, warmup_graphs=True, **common)
+    prefill, decode = warm.runner.prefill_graphs, warm.runner.decode_graphs
+    assert sorted(prefill.captured) == list(prefill.buckets)
+    assert {(b, 16, None) for b in decode.batch_buckets} <= set(decode.graphs)  # 256 tokens = 16 blocks
+    captured = dict(prefill.captured)
+    cold = LightMoEEngine(checkpoint, **common)
+    out_w = warm.generate_outputs(PROMPTS, params)
+    out_c = cold.generate_outputs(PROMPTS, params)
+    assert all(prefill.captured[t] is captured[t] for t in captured)  # replayed, not captured again
+    for prompt, a, b in zip(PROMPTS, out_c, out_w):
+        assert_agree(cold, warm, prompt, a.token_ids, b.token_ids)

@@ -90,6 +90,10 @@ class EngineArgs:
     skinny_gemm: bool = option(
         True, "decode rows (<= 16) of the attention projections on the CuTe skinny GEMM instead of cuBLAS "
         "(docs/kernels.md, Skinny GEMM)", group="execution")
+    warmup_graphs: bool = option(
+        False, "at start, capture the CUDA graphs first requests would capture (every prefill token bucket, every "
+        "decode batch bucket) and compile their kernels, so that no request waits for them (docs/server.md)",
+        group="execution")
     async_scheduling: bool = option(
         True, "schedule and launch each step before reading the previous step's tokens back (outputs come one "
         "step later; the same tokens and text)", group="execution")

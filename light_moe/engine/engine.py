@@ -121,6 +121,8 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
                                       cfg.scheduler.max_num_seqs, max_model_len=cfg.max_model_len,
                                       cuda_graphs=cfg.enable_cuda_graphs, prefill_graphs=cfg.enable_cuda_graphs)
         self._init_expert_load(len(self.model_config.moe_layers), model_cfg.num_experts, parallel)
+        if cfg.warmup_graphs:
+            self._warm_up()
         if self.workers is None:
             self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
                                               enable_prefix_caching=cfg.cache.enable_prefix_caching)
@@ -181,6 +183,17 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
                 self.workers.shutdown()
         except Exception:  # interpreter teardown: multiprocessing ends daemonic workers anyway
             pass
+
+    def _warm_up(self) -> None:
+        """EngineConfig.warmup_graphs: the runner's graphs captured (and kernels compiled) now, not by the first
+        requests."""
+        if self.workers is not None:
+            logger.info("warmup: not under expert parallelism yet (the ranks capture their graphs on first use)")
+            return
+        start = time.perf_counter()
+        prefill, decode = self.runner.warm_up()
+        logger.info("warmup: captured %d prefill buckets and %d decode graphs in %.1f s", prefill, decode,
+                    time.perf_counter() - start)
 
     def _eos_ids(self, model_path: Path) -> frozenset[int]:
         # config.json's and generation_config.json's, read and validated before the weights load

@@ -106,6 +106,27 @@ class DecodeGraphs:
         return graph, out
 
     @torch.inference_mode()
+    def warm_up(self, blocks: int = 1) -> int:
+        """Capture the decode graph of every batch bucket at the context bucket of `blocks` blocks (tag None) now,
+        before any request: the kernels compile and the graphs capture outside the serving path. Only before the
+        first step: the static inputs are reset to padding (context 1, the scratch slot). Returns the number of
+        graphs captured."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.query_pos.zero_()
+        self.slots.fill_(self.scratch_slot)
+        self.ctx_lens.fill_(1)
+        bucket, captured = self._blocks_bucket(blocks), 0
+        self._table(bucket).zero_()
+        for batch in self.batch_buckets:
+            key = (batch, bucket, None)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(lambda b=batch: self._forward(b, bucket),
+                                                 f"decode batch {batch}, {bucket} blocks per sequence (warm-up)")
+                captured += 1
+        return captured
+
+    @torch.inference_mode()
     def replay(self, key: Hashable, fn: Callable[[], None]) -> None:
         """Run fn() from a graph captured on first use of `key`, like a decode step (same warm-up and pool):
         for captured work outside the model forward, e.g. an expert-parallel rank with no sequences that must

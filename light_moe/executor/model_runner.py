@@ -53,6 +53,7 @@ class ModelRunner:
         self.cfg = model.config
         self.dtype, self.device = dtype, device
         self.block_size = cache.block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.num_blocks = self._num_blocks(cache, max_num_batched_tokens, max_num_seqs)
         # one block beyond the pool: the scratch slot that padded rows of a CUDA-graph batch write to
         self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in layer)
@@ -175,6 +176,17 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [N, H]
         return self.model.compute_logits(hidden.index_select(0, sample_rows))
+
+    def warm_up(self) -> tuple[int, int]:
+        """Capture the CUDA graphs first requests would otherwise capture (and compile their kernels for) on the
+        serving path: every prefill token bucket, and every decode batch bucket at the context bucket of a
+        max_num_batched_tokens prompt. Before the first step only. Returns (prefill buckets, decode graphs)
+        captured; (0, 0) without graphs (CPU, enforce_eager, a backend that is not graph-safe)."""
+        prefill = self.prefill_graphs.warm_up() if self.prefill_graphs is not None else 0
+        decode = 0
+        if self.decode_graphs is not None:
+            decode = self.decode_graphs.warm_up(-(-self.max_num_batched_tokens // self.block_size))
+        return prefill, decode
 
     def release(self) -> None:
         """Free the CUDA graphs and the KV cache now (engine shutdown), whoever still holds this runner."""

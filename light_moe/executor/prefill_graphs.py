@@ -161,6 +161,14 @@ class PrefillGraphs:
         logger.info("captured piecewise prefill graphs: %d tokens, %d pieces", tokens, len(bucket.graphs))
         return bucket
 
+    def warm_up(self) -> int:
+        """Capture every token bucket's pieces now, before any request (see DecodeGraphs.warm_up). Returns the
+        number of buckets captured."""
+        missing = [tokens for tokens in self.buckets if tokens not in self.captured]
+        for tokens in missing:
+            self.captured[tokens] = self._capture(tokens)
+        return len(missing)
+
     # ---- replay --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
