@@ -31,6 +31,8 @@
 #   scripts/gpu_checks.sh serve-32 OUTDIR       the same on the 32-layer shape with W4A16 experts
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
 #                                               with --exchange p2p (NCCL and p2p exchange times side by side)
+#   scripts/gpu_checks.sh backlog OUTDIR        one GPU: what session 13 left unrun (gpt-oss engine, warm-up and split
+#                                               server GPU tests; bench serve at 64 streams with and without the warm-up)
 #   scripts/gpu_checks.sh new-kernels OUTDIR    one GPU: the GPU tests of the kernels written in session 12 without a GPU
 #                                               (default router after its refactor first; skinny GEMM; router variants;
 #                                               expert epilogues; attention sinks / window; MLA decode; engine tests)
@@ -42,7 +44,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, new-kernels, skinny-ab or families}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, new-kernels, skinny-ab or families}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -193,6 +195,20 @@ serve-4|serve-32)
         --num-prompts 128 --input-len 128 --output-len 128 --range-ratio 0.5 --sweep-rates $rates \
         --max-concurrency 256 --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_rates.json"
     ;;
+backlog)
+    # what session 13 left unrun (about 6 min): the gpt-oss engine test after its prefill-graph fix, the warm-up
+    # test, the split server on CUDA (needs the openai wheel in .device), then the server with and without the
+    # warm-up at 64 streams (4 layers), same call
+    step backlog_tests 200 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_gpt_oss_gpu.py \
+        tests/test_server_split.py "tests/test_cute_engine_gpu.py::test_warmup_graphs_capture_at_start" -ra
+    m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
+    for w in cold warm; do
+        flag=""; [ "$w" = warm ] && flag="--warmup-graphs"
+        TAIL=4 step "serve4_c64_$w" 150 $py -m light_moe.cli bench serve $m $flag --num-prompts 1024 --input-len 128 \
+            --output-len 256 --sweep-concurrency 64 64 --prompts-per-concurrency 8 --slo-ttft-ms 200 \
+            --slo-tpot-ms 50 --output "$out/serve4_c64_$w.json"
+    done
+    ;;
 new-kernels)
     # the default (Mixtral) router's selection was refactored for the routing variants: its tests first
     step router_tests 90 $py -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels/test_routing_kernels_gpu.py -k router -ra
@@ -230,7 +246,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, new-kernels, skinny-ab or families)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, new-kernels, skinny-ab or families)" >&2
     exit 2
     ;;
 esac
