@@ -150,6 +150,30 @@ def pack2(lo: Float32, hi: Float32, instr: str, *, loc=None, ip=None) -> Int32:
     return _asm_b32(f"cvt.rn.{instr}x2.f32 $0, $1, $2;", "=r,f,f", values, loc, ip)
 
 
+@cute.jit
+def merge_splits(ws_o: cute.Tensor, ws_lse: cute.Tensor, out: cute.Tensor, b: Int32, head: Int32, col: Int32,
+                 n_valid: Int32, m_all: Float32, l_all: Float32, dtype: cutlass.Constexpr):
+    """The split-KV merge of one (sequence b, head, 4 columns from col): the n_valid splits' partial outputs
+    ws_o [B, h, S, D] weighted by their log2-sum-exp ws_lse [B, h, S] into out (zeros without keys), starting from
+    the running max m_all / sum l_all (-inf / 0; a sink starts them at its logit / 1). One online pass, unrolled: the
+    loads of several splits are in flight at once (a loop of dependent L2 round trips per split would dominate
+    small batches with many splits). Shared with kernels/mla_decode_attention.py."""
+    o = cute.make_rmem_tensor((4,), Float32)
+    o.fill(0.0)
+    for s in cutlass.range(n_valid, unroll=4):
+        lse = ws_lse[b, head, s]
+        m_new = cute.arch.fmax(m_all, lse)
+        alpha = cute.math.exp2(m_all - m_new, fastmath=True)  # 0 on the first split (m_all = -inf, no sink)
+        weight = cute.math.exp2(lse - m_new, fastmath=True)
+        l_all = l_all * alpha + weight
+        for x in cutlass.range_constexpr(4):
+            o[x] = o[x] * alpha + ws_o[b, head, s, col + x] * weight
+        m_all = m_new
+    inv = cutlass.select_(n_valid > 0, 1.0 / l_all, Float32(0.0))  # no keys: zeros
+    for x in cutlass.range_constexpr(4):
+        out[b, head, col + x] = (o[x] * inv).to(dtype)
+
+
 def online_softmax_rows(vals: list, rh: int, row_m, row_l, probs: list, acc, n_acc_tiles: int, zero_f: Float32):
     """Online-softmax update of row half rh (mma rows g or g + 8) from a tile's scaled scores `vals` (this lane's
     two columns per 8-key n-tile, -inf where masked; the tile must hold a valid key so the max stays finite):
@@ -444,27 +468,12 @@ class DecodeAttentionSm90:
             if cutlass.const_expr(self.window):
                 n_split_tiles = n_split_tiles - cutlass.max(ctx - window, 0) // kt
             n_valid = (n_split_tiles + tiles_per_split - 1) // tiles_per_split
-            # one online pass, unrolled: the loads of several splits are in flight at once (a loop of dependent
-            # L2 round trips per split would dominate small batches with many splits)
             m_all = Float32(_NEG_INF)
             l_all = Float32(0.0)
             if cutlass.const_expr(self.sinks):  # the sink as a split of log2-sum-exp sink * log2 e and no values
                 m_all = sinks[head].to(Float32) * LOG2_E
                 l_all = Float32(1.0)
-            o = cute.make_rmem_tensor((4,), Float32)
-            o.fill(0.0)
-            for s in cutlass.range(n_valid, unroll=4):
-                lse = ws_lse[b, head, s]
-                m_new = cute.arch.fmax(m_all, lse)
-                alpha = cute.math.exp2(m_all - m_new, fastmath=True)  # 0 on the first split (m_all = -inf, no sink)
-                weight = cute.math.exp2(lse - m_new, fastmath=True)
-                l_all = l_all * alpha + weight
-                for x in cutlass.range_constexpr(4):
-                    o[x] = o[x] * alpha + ws_o[b, head, s, col + x] * weight
-                m_all = m_new
-            inv = cutlass.select_(n_valid > 0, 1.0 / l_all, Float32(0.0))  # no keys: zeros
-            for x in cutlass.range_constexpr(4):
-                out[b, head, col + x] = (o[x] * inv).to(self.dtype)
+            merge_splits(ws_o, ws_lse, out, b, head, col, n_valid, m_all, l_all, self.dtype)
 
 
 _compiled = CompileCache("decode_attention")  # static config -> compiled function; never keyed on B, MB, S or W

@@ -59,7 +59,7 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.decode_attention import LOG2_E, online_softmax_rows, pack2, pair_halves
+from light_moe.kernels.decode_attention import LOG2_E, merge_splits, online_softmax_rows, pack2, pair_halves
 from light_moe.kernels.launch import await_inputs, current_stream, sm_count
 from light_moe.kernels.router import mma_16bit
 
@@ -428,22 +428,7 @@ class MLADecodeSm90:
             col = item % (LATENT_DIM // 4) * 4
             ctx = Int32(ctx_lens[b])
             n_valid = ((ctx + TILE_KEYS - 1) // TILE_KEYS + tiles_per_split - 1) // tiles_per_split
-            m_all = Float32(_NEG_INF)
-            l_all = Float32(0.0)
-            o = cute.make_rmem_tensor((4,), Float32)
-            o.fill(0.0)
-            for s in cutlass.range(n_valid, unroll=4):  # unrolled: several splits' loads in flight at once
-                lse = ws_lse[b, head, s]
-                m_new = cute.arch.fmax(m_all, lse)
-                alpha = cute.math.exp2(m_all - m_new, fastmath=True)  # 0 on the first split (m_all = -inf)
-                weight = cute.math.exp2(lse - m_new, fastmath=True)
-                l_all = l_all * alpha + weight
-                for x in cutlass.range_constexpr(4):
-                    o[x] = o[x] * alpha + ws_o[b, head, s, col + x] * weight
-                m_all = m_new
-            inv = cutlass.select_(n_valid > 0, 1.0 / l_all, Float32(0.0))  # no keys: zeros
-            for x in cutlass.range_constexpr(4):
-                out[b, head, col + x] = (o[x] * inv).to(BFloat16)
+            merge_splits(ws_o, ws_lse, out, b, head, col, n_valid, Float32(_NEG_INF), Float32(0.0), BFloat16)
 
 
 _compiled = CompileCache("mla_decode_attention")  # static config -> compiled function; never keyed on B, MB or S
