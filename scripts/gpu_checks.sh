@@ -197,8 +197,8 @@ serve-4|serve-32)
     ;;
 backlog)
     # what session 13 left unrun (about 6 min): the gpt-oss engine test after its prefill-graph fix, the warm-up
-    # test, the split server on CUDA (needs the openai wheel in .device), then the server with and without the
-    # warm-up at 64 streams (4 layers), same call
+    # test, the split server on CUDA (needs the openai, distro and jiter wheels: add them to prepare.sh), then the
+    # server with and without the warm-up at 64 streams (4 layers), same call
     step backlog_tests 200 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_gpt_oss_gpu.py \
         tests/test_server_split.py "tests/test_cute_engine_gpu.py::test_warmup_graphs_capture_at_start" -ra
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
