@@ -63,6 +63,19 @@ def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_
     return err_up, err_down
 
 
+def _up_problem(num_tokens, hidden, inter, group_size, seed):
+    """(x, gather_index, offsets, prepared w13 (with zeros), reference act) of an up projection, E = 8, top-2."""
+    from light_moe.kernels import w4a16_gemm as w4
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+    w13 = _quantized(8, 2 * inter, hidden, group_size, True, device, gen)
+    offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
+    w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
+    return x, gather_index, offsets, w13p, w4a16_reference_up(x, gather_index, offsets, *w13, group_size)
+
+
 def test_prepared_layout_on_gpu():
     """prepare_w4a16_weights on CUDA tensors gives the same bytes as on the CPU (CPU tests pin the layout)."""
     from light_moe.kernels import w4a16_gemm as w4
@@ -112,13 +125,8 @@ def test_w4a16_odd_k_tiles(hidden, inter, num_tokens, group_size):
 
     assert w4.supports(8, hidden, inter, group_size) == (True, "ok")
     _check_case(num_tokens, 8, 2, hidden, inter, group_size, True, seed=hidden + inter + num_tokens + group_size)
-    device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(3 + num_tokens)
-    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
-    w13 = _quantized(8, 2 * inter, hidden, group_size, True, device, gen)
-    offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
-    w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
-    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, group_size)
+    x, gather_index, offsets, w13p, ref_act = _up_problem(num_tokens, hidden, inter, group_size, seed=3 + num_tokens)
+    device = x.device
     for _, tile_w, tile_t, fence, k_split, kblock, bulk, _kps_g128, tma_up in w4.W4A16_TILE_TABLE:
         while (2 * inter) % tile_w:
             tile_w //= 2
@@ -146,13 +154,8 @@ def test_w4a16_every_tile_config(num_tokens):
     from light_moe.kernels import w4a16_gemm as w4
     from light_moe.kernels.tile_config import TileConfig
 
-    device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(5 + num_tokens)
-    x = torch.randn(num_tokens, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen)
-    w13 = _quantized(8, 2 * INTER, HIDDEN, GROUP, True, device, gen)
-    offsets, gather_index, _ = _routing(num_tokens, 8, 2, device, gen)
-    w13p = w4.prepare_w4a16_weights(*w13, GROUP, gated=True)
-    ref_act = w4a16_reference_up(x, gather_index, offsets, *w13, GROUP)
+    x, gather_index, offsets, w13p, ref_act = _up_problem(num_tokens, HIDDEN, INTER, GROUP, seed=5 + num_tokens)
+    device = x.device
     for _, tile_w, tile_t, fence, k_split, kblock, bulk, kps_g128, tma_up in w4.W4A16_TILE_TABLE:
         act = torch.full((gather_index.shape[0], INTER), float("nan"), device=device, dtype=torch.bfloat16)
         config = TileConfig(tile_w, tile_t, fence, k_split, k_tiles_per_stage=2 if kps_g128 and GROUP == 128 else 1,
