@@ -332,6 +332,11 @@ class W4A16GroupedGemmSm90:
         n_blocks = self.n_out // ATOM_M  # 64-row atoms per expert
         src_rows = cute.make_rmem_tensor((n_slots,), Int32)
         issued = Int32(0)  # k-tile stages this producer has filled so far (all tiles)
+        # the ring position of `issued` and the phase its empty barrier is awaited in, advanced by one add and a
+        # wrap per stage: issued % stages and issued // stages cost ~10 uniform instructions per stage and
+        # producer warp (stages is rarely a power of two) in a kernel bound by issue slots at decode
+        stage = Int32(0)
+        phase = Int32(1)  # the first pass over the ring: every stage is free
         tile = bidx
         e = Int32(0)
         while tile < total_tiles:
@@ -345,8 +350,7 @@ class W4A16GroupedGemmSm90:
             else:
                 gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
             for ks in range(self.k_tiles // kps):  # stage ks holds k-tiles kps * ks .. kps * ks + kps - 1
-                stage = issued % self.stages
-                cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
+                cute.arch.mbarrier_wait(empty + stage, phase)
                 # int4 atoms: chunk ((e * KT + kt) * NB + atom) * 128 + thread, 2 KB contiguous per atom, and the
                 # n_atoms atoms of a tile's k-tile are adjacent (n_atoms x 2 KB)
                 # thread 0 expects the bytes of the bulk int4 (which it copies) and of the TMA token rows, which
@@ -381,6 +385,10 @@ class W4A16GroupedGemmSm90:
                                             stage * kps + h, n_slots)
                 signal_full(full, stage, issued, self.stages, self.fence_mode, self.cp_async_lag)
                 issued = issued + 1
+                stage = stage + 1
+                if stage >= self.stages:
+                    stage = stage - self.stages
+                    phase = phase ^ 1
             tile = tile + gdim
         drain_producer(full, issued, self.stages, self.fence_mode, self.cp_async_lag)
 
