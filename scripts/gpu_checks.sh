@@ -196,11 +196,21 @@ serve-4|serve-32)
         --max-concurrency 256 --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_rates.json"
     ;;
 backlog)
-    # what session 13 left unrun (about 6 min): the gpt-oss engine test after its prefill-graph fix, the warm-up
-    # test, the split server on CUDA (needs the openai, distro and jiter wheels: add them to prepare.sh), then the
-    # server with and without the warm-up at 64 streams (4 layers), same call
+    # what session 13 left unrun (about 10 min: split it over two calls): the gpt-oss engine test after its
+    # prefill-graph fix, the warm-up test, the split server on CUDA (needs the openai, distro and jiter wheels:
+    # add them to prepare.sh); the W4A16 tests and decode timing; the server with and without the warm-up at 64
+    # streams (4 layers), same call
     step backlog_tests 200 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_gpt_oss_gpu.py \
         tests/test_server_split.py "tests/test_cute_engine_gpu.py::test_warmup_graphs_capture_at_start" -ra
+    # the W4A16 producer's running ring counters (f1bdbbd) changed the default kernel: its tests, then the
+    # decode experts against BASELINE (a light_moe tree of 4cad8b4 or older) in the same call
+    step w4a16_tests 200 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_w4a16_gpu.py -ra
+    if [ -n "${BASELINE:-}" ]; then
+        (cd "$BASELINE" && step w4a16_decode_baseline 90 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 \
+            --rounds 3 --split --output "$out/w4a16_decode_baseline.json")
+    fi
+    step w4a16_decode 90 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
+        --output "$out/w4a16_decode.json"
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
     for w in cold warm; do
         flag=""; [ "$w" = warm ] && flag="--warmup-graphs"
