@@ -154,3 +154,21 @@ def test_a_chunk_of_several_tokens_gives_one_itl_value_per_token():
     chat = {"choices": [{"delta": {"content": "ab"}, "logprobs": {"content": [{"token": "a"}, {"token": "b"}]}}]}
     plain = {"choices": [{"text": "abc", "logprobs": None}]}
     assert [_logprob_tokens(c) for c in (completion, chat, plain)] == [3, 2, 1]
+
+
+def test_warmup_requests_take_the_run_length_and_other_prompts():
+    """The warm-up is as long as the run's prompts (its prefill size is compiled and captured before the clock
+    starts) but shares no prompt or prefix with the run (the prefix cache gives the run nothing)."""
+    import argparse
+
+    from light_moe.bench.serve import warmup_requests
+
+    args = argparse.Namespace(warmup=3, dataset=None, input_len=40, output_len=256, range_ratio=0.0,
+                              shared_prefix_len=16, seed=5)
+    run = synthetic_requests(10, 40, 256, 0.0, 16, vocab_size=300, seed=5)
+    warm = warmup_requests(args, 300, chat=False)
+    assert len(warm) == 3 and all(len(w.prompt) == 40 and w.output_len == 16 for w in warm)
+    run_prompts = {tuple(r.prompt) for r in run}
+    assert all(tuple(w.prompt) not in run_prompts and w.prompt[:16] != run[0].prompt[:16] for w in warm)
+    args.dataset = "prompts.jsonl"
+    assert all(len(w.prompt) == 16 and w.output_len == 4 for w in warmup_requests(args, 300, chat=False))

@@ -370,6 +370,17 @@ def _vocab_size(model_dir: Path | None, args) -> int | None:
     return load_model_config(model_dir)[1].vocab_size
 
 
+def warmup_requests(args, vocab_size: int | None, chat: bool) -> list[RequestSpec]:
+    """The untimed requests sent before the run: the run's prompt length (as the peers' benchmark warms up on a
+    prompt of the run), so that its prefill size is no first use inside the timed window, but other prompts (a
+    seed of their own, no shared prefix) that leave the prefix cache nothing to give the run. A dataset run
+    warms up on a short synthetic prompt."""
+    if args.dataset:
+        return synthetic_requests(args.warmup, 16, 4, vocab_size=vocab_size, chat=chat, seed=args.seed + 99)
+    return synthetic_requests(args.warmup, args.input_len, min(args.output_len, 16), args.range_ratio, 0,
+                              vocab_size, chat, args.seed + 99)
+
+
 # ---- the run -------------------------------------------------------------------------------------
 def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -> dict:
     model = _served_model(base_url, args.api_key)
@@ -380,7 +391,7 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
         specs = synthetic_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                                    args.shared_prefix_len, vocab_size, chat, args.seed)
     if args.warmup:
-        warm = synthetic_requests(args.warmup, 16, 4, vocab_size=vocab_size, chat=chat, seed=args.seed + 99)
+        warm = warmup_requests(args, vocab_size, chat)
         asyncio.run(run_stream(base_url, model, warm, math.inf, None, args.seed, token_chunks, args.api_key))
     rows = []
     for concurrency in args.sweep_concurrency or [args.max_concurrency]:
@@ -527,7 +538,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     load.add_argument("--prompts-per-concurrency", type=int, default=None,
                       help="with --sweep-concurrency: N x concurrency prompts per row (at most --num-prompts)")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) before the run")
+    load.add_argument("--warmup", type=int, default=1,
+                      help="requests sent (and not counted) before the run, of the run's prompt length")
     load.add_argument("--request-timeout", type=float, default=600.0)
     load.add_argument("--token-chunks", action=argparse.BooleanOptionalAction, default=None,
                       help="ask for logprobs so that every token arrives in a chunk of its own (default: with --shape)")
