@@ -32,7 +32,9 @@
 #   scripts/gpu_checks.sh p2p OUTDIR            2+ GPUs: the NVLink peer-to-peer exchange's GPU tests, then bench ep
 #                                               with --exchange p2p (NCCL and p2p exchange times side by side)
 #   scripts/gpu_checks.sh backlog OUTDIR        one GPU: what session 13 left unrun (gpt-oss engine, warm-up and split
-#                                               server GPU tests; W4A16 tests and decode timing against BASELINE)
+#                                               server GPU tests; the W4A16 GPU tests)
+#   scripts/gpu_checks.sh w4a16-ab OUTDIR       one GPU: W4A16 decode experts against BASELINE=DIR (an older tree),
+#                                               with the deferred group scale (opt-in tiles) beside the table's
 #   scripts/gpu_checks.sh warmup-ab OUTDIR      one GPU: bench serve at 64 streams with and without --warmup-graphs
 #   scripts/gpu_checks.sh new-kernels OUTDIR    one GPU: the GPU tests of the kernels written in session 12 without a GPU
 #                                               (default router after its refactor first; skinny GEMM; router variants;
@@ -45,7 +47,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, warmup-ab, new-kernels, skinny-ab or families}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, warmup-ab, new-kernels, skinny-ab or families}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -199,18 +201,21 @@ serve-4|serve-32)
 backlog)
     # what session 13 left unrun: the gpt-oss engine test after its prefill-graph fix, the warm-up test, the
     # split server on CUDA (needs the openai, distro and jiter wheels: add them to prepare.sh); the W4A16 tests
-    # and decode timing
+    # (the producer's running ring counters, f1bdbbd, changed the default kernel)
     step backlog_tests 200 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_gpt_oss_gpu.py \
         tests/test_server_split.py "tests/test_cute_engine_gpu.py::test_warmup_graphs_capture_at_start" -ra
-    # the W4A16 producer's running ring counters (f1bdbbd) changed the default kernel: its tests, then the
-    # decode experts against BASELINE (a light_moe tree of 4cad8b4 or older) in the same call
-    step w4a16_tests 200 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_w4a16_gpu.py -ra
+    # (with the deferred group scale's tests: TileConfig.deferred_scale, opt-in)
+    step w4a16_tests 360 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_w4a16_gpu.py -ra
+    ;;
+w4a16-ab)
+    # the decode experts against BASELINE (a light_moe tree of 4cad8b4 or older: before the producer's running
+    # ring counters) in the same call, and the deferred group scale (suffix d) on the decode and mid tiles
     if [ -n "${BASELINE:-}" ]; then
         (cd "$BASELINE" && step w4a16_decode_baseline 90 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 \
             --rounds 3 --split --output "$out/w4a16_decode_baseline.json")
     fi
-    step w4a16_decode 90 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
-        --output "$out/w4a16_decode.json"
+    TAIL=12 step w4a16_decode 240 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
+        --configs 64x8x4d 128x8x4d 128x8x4x2d 256x32x1wd --output "$out/w4a16_decode.json"
     ;;
 warmup-ab)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
@@ -259,7 +264,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, warmup-ab, new-kernels, skinny-ab or families)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, warmup-ab, new-kernels, skinny-ab or families)" >&2
     exit 2
     ;;
 esac

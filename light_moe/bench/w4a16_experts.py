@@ -7,7 +7,8 @@
 optional fence suffix p = producer / c = consumer / n = none (racy: only to measure the fence), else the
 fence of the W4A16_TILE_TABLE row with that tile, else consumer; then sN for N pipeline stages and lN for
 the producer fence's cp.async lag, b for the k-block pipelined wgmma, w for int4 weights by cp.async.bulk,
-t for token rows by TMA (up: x gathered first), e.g. 64x8x4s40, 64x8x4x2, 128x256x1pl3, 256x128x1cbw, 256x128x1cbwt)
+t for token rows by TMA (up: x gathered first), d for the deferred group scale, e.g. 64x8x4s40, 64x8x4x2, 64x8x4d,
+128x256x1pl3, 256x128x1cbw, 256x128x1cbwt)
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
 int4 TB/s; "unsupported" where the kernel refuses the config for the shape. --rounds N times every variant
 (bf16, the table's W4A16, each config) N times in alternating order and reports medians (spread_us: min, max).
@@ -91,20 +92,21 @@ def _parse_config(spec: str, table):
     tile_t [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
     consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence, b: k-block pipelined wgmma,
     w: int4 weights by cp.async.bulk, t: token rows by TMA (the up projection gathers x into [M, H] first, in the
-    timed graph)."""
+    timed graph), d: deferred group scale."""
     from light_moe.kernels.tile_config import TileConfig
 
-    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?(w)?(t)?", spec)
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?(w)?(t)?(d)?", spec)
     if m is None:
         raise ValueError(f"tile spec {spec!r}: tile_w x tile_t [x k_split [x k-tiles per stage]] [p|c|n] [sN] [lN] [b] "
-                         "[w] [t]")
-    tile_w, tile_t, k_split, per_stage, fence, stages, lag, kblock, bulk, tma = m.groups()
+                         "[w] [t] [d]")
+    tile_w, tile_t, k_split, per_stage, fence, stages, lag, kblock, bulk, tma, deferred = m.groups()
     tile_w, tile_t = int(tile_w), int(tile_t)
     fence = {"p": "producer", "c": "consumer", "n": "none", None: None}[fence]  # n: racy, to measure the fence
     if fence is None:
         fence = next((row[3] for row in table if row[1:3] == (tile_w, tile_t)), "consumer")
     return TileConfig(tile_w, tile_t, fence, int(k_split or 1), int(stages or 0), int(per_stage or 1), int(lag or 1),
-                      kblock_pipeline=kblock is not None, bulk_weights=bulk is not None, tma_tokens=tma is not None)
+                      kblock_pipeline=kblock is not None, bulk_weights=bulk is not None, tma_tokens=tma is not None,
+                      deferred_scale=deferred is not None)
 
 
 def main() -> None:

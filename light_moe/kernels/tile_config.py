@@ -74,6 +74,11 @@ class TileConfig:
     # no proxy fence either. TMA needs contiguous rows: the down projection reads act [M, I] in place, the up
     # projection gathers x into [M, H] first. One k-tile per stage. The bf16 GEMM refuses it.
     tma_tokens: bool = False
+    # W4A16 only: the A registers take the exact q - z and each group's wgmma sum its own fp32 accumulator, added
+    # to the total times the group scale once per group (w4a16_dequant.py): one fp32 fma per accumulator value
+    # and group instead of one bf16x2 fma per A register and k-tile, a saving where tiles have few token columns
+    # (decode). Needs g >= 64 (one group per k-tile at most) and whole-k-tile wgmma (no k-block pipeline).
+    deferred_scale: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):

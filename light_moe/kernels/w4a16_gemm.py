@@ -74,7 +74,15 @@ from light_moe.kernels.gemm_pipeline import (
 )
 from light_moe.kernels.launch import await_inputs, sm_count
 from light_moe.kernels.tile_config import W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
-from light_moe.kernels.w4a16_dequant import apply_scale, dequant_exact, prmt
+from light_moe.kernels.w4a16_dequant import (
+    apply_scale,
+    bf16_lo_to_f32,
+    dequant_exact,
+    fold_scaled,
+    nibble_bits,
+    prmt,
+    remove_zero,
+)
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     TILE_K,
@@ -148,6 +156,9 @@ class W4A16GroupedGemmSm90:
         self.bulk_weights = config.bulk_weights  # int4 atoms of a k-tile by one cp.async.bulk
         # the token rows of a k-tile by one TMA: contiguous rows, so the up projection's caller gathers x first
         self.tma_tokens = config.tma_tokens
+        # exact q - z in A, one fp32 accumulator per group folded with its scale (w4a16_dequant.py); g >= 64, so
+        # a k-tile that loads meta is exactly one that starts a group
+        self.deferred_scale = config.deferred_scale
         # TMA tokens: wgmma reads nothing written through the generic proxy (the int4 and meta that cp.async
         # writes are read by ld.shared), so there is nothing to fence
         self.fence_mode = "none" if config.tma_tokens else config.fence_mode
@@ -178,16 +189,13 @@ class W4A16GroupedGemmSm90:
         stream: cuda.CUstream,
         bias: cute.Tensor = None,  # (E, n_out) bf16 in canonical row order, epilogue.bias only (None: compile-time)
     ):
-        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            BFloat16,
-            BFloat16,
-            warpgroup.OperandMajorMode.K,
-            warpgroup.OperandMajorMode.K,
-            Float32,
-            (self.m_wg, 1, 1),
-            tiler_mn=(64, self.tile_t),
-            a_source=warpgroup.OperandSource.RMEM,
-        )
+        self.tiled_mma = self.make_tiled_mma()
+        # deferred scale: the first wgmma of a group overwrites its accumulator (ACCUMULATE off, set once here:
+        # a field set inside the k loop would become loop state)
+        tiled_mma_first = None
+        if cutlass.const_expr(self.deferred_scale):
+            tiled_mma_first = self.make_tiled_mma()
+            tiled_mma_first.set(warpgroup.Field.ACCUMULATE, False)
         atom = warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, BFloat16, TILE_K), BFloat16
         )
@@ -216,13 +224,27 @@ class W4A16GroupedGemmSm90:
                 cpasync.CopyBulkTensorTileG2SOp(), tokens, cute.slice_(t_layout, (None, None, 0)), (self.tile_t, TILE_K)
             )
         self.kernel(
-            qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, t_layout, tma_atom_t, bias
+            qweight, meta, tokens, gather_index, expert_offsets, out, self.tiled_mma, tiled_mma_first, t_layout,
+            tma_atom_t, bias,
         ).launch(
             grid=(num_ctas, 1, 1),
             block=(self.threads, 1, 1),
             min_blocks_per_mp=1,
             stream=stream,
             use_pdl=True,
+        )
+
+    def make_tiled_mma(self) -> cute.TiledMma:
+        """wgmma bf16 x bf16 -> fp32, A (weights) from registers, m_wg m64 atoms along M, tile_t columns."""
+        return sm90_utils.make_trivial_tiled_mma(
+            BFloat16,
+            BFloat16,
+            warpgroup.OperandMajorMode.K,
+            warpgroup.OperandMajorMode.K,
+            Float32,
+            (self.m_wg, 1, 1),
+            tiler_mn=(64, self.tile_t),
+            a_source=warpgroup.OperandSource.RMEM,
         )
 
     @cute.kernel
@@ -235,6 +257,7 @@ class W4A16GroupedGemmSm90:
         expert_offsets: cute.Tensor,
         out: cute.Tensor,
         tiled_mma: cute.TiledMma,
+        tiled_mma_first: cute.TiledMma | None,
         t_layout: cute.ComposedLayout,
         tma_atom_t: cute.CopyAtom | None,
         bias: cute.Tensor | None,
@@ -271,7 +294,7 @@ class W4A16GroupedGemmSm90:
             self.produce(qweight, meta, tokens, gather_index, storage, t_layout, tma_atom_t, s_rows, s_prefix,
                          total_tiles)
         else:
-            self.consume(out, tiled_mma, storage, t_layout, s_rows, s_prefix, total_tiles, bias)
+            self.consume(out, tiled_mma, tiled_mma_first, storage, t_layout, s_rows, s_prefix, total_tiles, bias)
 
     @cute.jit
     def produce(
@@ -430,6 +453,8 @@ class W4A16GroupedGemmSm90:
         ld.shared.v4 per atom, and the exact part of the dequant into tmp (tmp[v] = bf16x2 q - z of A
         register v). Writes no wgmma operand, so it runs while the previous k-tile's wgmma is in flight;
         scale2 / neg_zero2 are free to rewrite because the previous scale_and_mma has already read them.
+        Deferred scale: the meta words go to scale2 as they are (decoded after the wait, when the previous
+        group's scale has been folded) and tmp[v] = bf16x2 128 + q (the zero point is removed into A).
         """
         tidx, _, _ = cute.arch.thread_idx()
         ctid_wg = (tidx - WG) % WG
@@ -440,8 +465,11 @@ class W4A16GroupedGemmSm90:
                 for j in cutlass.range_constexpr(gpk):
                     for h in cutlass.range_constexpr(2):
                         word = s_meta[j * self.tile_w + meta_row[m] + 8 * h, stage]
-                        scale2[(m * gpk + j) * 2 + h] = prmt(word, 0x1010)
-                        neg_zero2[(m * gpk + j) * 2 + h] = prmt(word, 0x3232)
+                        if cutlass.const_expr(self.deferred_scale):
+                            scale2[(m * gpk + j) * 2 + h] = word
+                        else:
+                            scale2[(m * gpk + j) * 2 + h] = prmt(word, 0x1010)
+                            neg_zero2[(m * gpk + j) * 2 + h] = prmt(word, 0x3232)
         q_reg = cute.make_rmem_tensor((4,), Int32)
         for m in cutlass.range_constexpr(mma_m):
             cute.autovec_copy(s_q[None, ctid_wg, atom_idx[m] + self.n_atoms * half, stage], q_reg)
@@ -450,7 +478,10 @@ class W4A16GroupedGemmSm90:
                 word = q_reg[kb]
                 for i in cutlass.range_constexpr(4):
                     reg = (m * gpk + j) * 2 + i % 2  # registers 0, 2: row r; 1, 3: row r + 8
-                    tmp[i + 4 * (m + mma_m * kb)] = dequant_exact(word, i, neg_zero2[reg])
+                    if cutlass.const_expr(self.deferred_scale):
+                        tmp[i + 4 * (m + mma_m * kb)] = nibble_bits(word, i)
+                    else:
+                        tmp[i + 4 * (m + mma_m * kb)] = dequant_exact(word, i, neg_zero2[reg])
 
     def scale_kblocks(self, a_i32: cute.Tensor, tmp: cute.Tensor, scale2: cute.Tensor, mma_m: int, kbs):
         """A registers of the k16 blocks kbs (every atom, atom-major) = tmp * group scale (traced inline)."""
@@ -461,6 +492,13 @@ class W4A16GroupedGemmSm90:
                 for i in range(4):
                     v = i + 4 * (m + mma_m * kb)
                     a_i32[v] = apply_scale(tmp[v], scale2[(m * gpk + j) * 2 + i % 2])
+
+    def fold_group(self, acc: cute.Tensor, deferred):
+        """Deferred scale: acc += group sum x group scale, per accumulator value (its row: atom v // (tile_t / 2),
+        half (v % 4) // 2, as stage_out_chunk reads the fragment); after wait_group(0) (traced inline)."""
+        acc_g, scale_f = deferred
+        for v in range(cute.size(acc)):
+            acc[v] = fold_scaled(acc[v], acc_g[v], scale_f[(v // (self.tile_t // 2)) * 2 + (v % 4) // 2])
 
     @cute.jit
     def scale_and_mma(
@@ -477,6 +515,11 @@ class W4A16GroupedGemmSm90:
         prev_stage: Int32,
         wait: cutlass.Constexpr,
         release: cutlass.Constexpr,
+        neg_zero2: cute.Tensor,
+        new_group: cutlass.Constexpr,
+        fold: cutlass.Constexpr,
+        tiled_mma_first: cute.TiledMma | None,
+        deferred,
     ):
         """Second half of a k-tile (k-tile `half` of the stage): A = fma(tmp, s, -0), fence, wgmma, commit, with
         no wgmma in flight that reads A. Whole k-tile: wait_group(0) first (when `wait`), then scale all four
@@ -484,7 +527,11 @@ class W4A16GroupedGemmSm90:
         a time, after waiting until at most 3 groups are in flight (so the group that read block kb's registers
         a k-tile ago is done; groups complete in commit order), each block its own group: the tensor cores keep
         the other blocks' wgmma queued while this warpgroup rescales. release: once the previous stage's wgmma
-        are done (after the wait, or the last block's wait), hand prev_stage back."""
+        are done (after the wait, or the last block's wait), hand prev_stage back.
+        Deferred scale (deferred = (group accumulator, fp32 group scales), scale2 holding the meta words): after
+        the wait, at a new group (fold: not the tile's first) fold the previous group into acc and decode the new
+        meta words, then A = tmp - (128 + z) (exact) and the wgmma sum into the group accumulator, overwritten by
+        the group's first wgmma (tiled_mma_first: ACCUMULATE off)."""
         a_i32 = cute.recast_tensor(a_frag, Int32)
         mma_m = cute.size(acc, mode=[1])
         n_kb = TILE_K // 16
@@ -497,6 +544,31 @@ class W4A16GroupedGemmSm90:
                 warpgroup.fence()
                 cute.gemm(tiled_mma, acc, a_frag[(None, None, kb)], t_cr_t[(None, None, kb + n_kb * half, stage)], acc)
                 warpgroup.commit_group()
+        elif cutlass.const_expr(self.deferred_scale):
+            if cutlass.const_expr(wait):
+                warpgroup.wait_group(0)  # the previous wgmma is done: the group sum is final, A may be rewritten
+            if cutlass.const_expr(release):
+                self.release_stage(empty, prev_stage)
+            acc_g, scale_f = deferred
+            if cutlass.const_expr(fold):
+                self.fold_group(acc, deferred)
+            if cutlass.const_expr(new_group):
+                for r in cutlass.range_constexpr(2 * mma_m):
+                    scale_f[r] = bf16_lo_to_f32(scale2[r])
+                    neg_zero2[r] = prmt(scale2[r], 0x3232)
+            for m in cutlass.range_constexpr(mma_m):
+                for kb in cutlass.range_constexpr(n_kb):
+                    for i in cutlass.range_constexpr(4):
+                        v = i + 4 * (m + mma_m * kb)
+                        a_i32[v] = remove_zero(tmp[v], neg_zero2[m * 2 + i % 2])
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(n_kb):
+                b = t_cr_t[(None, None, kb + n_kb * half, stage)]
+                if cutlass.const_expr(new_group and kb == 0):
+                    cute.gemm(tiled_mma_first, acc_g, a_frag[(None, None, kb)], b, acc_g)
+                else:
+                    cute.gemm(tiled_mma, acc_g, a_frag[(None, None, kb)], b, acc_g)
+            warpgroup.commit_group()
         else:
             if cutlass.const_expr(wait):
                 warpgroup.wait_group(0)  # the previous wgmma is done: its stage is free and A may be rewritten
@@ -529,6 +601,8 @@ class W4A16GroupedGemmSm90:
         phase: Int32,
         prev_stage: Int32,
         load_meta: cutlass.Constexpr,
+        tiled_mma_first: cute.TiledMma | None,
+        deferred,
     ):
         """A stage after this warpgroup's first of the tile, per k-tile of it: dequant_exact while the previous
         k-tile's wgmma runs, wait_group(0), (first k-tile: release the previous stage, prev_stage),
@@ -537,13 +611,16 @@ class W4A16GroupedGemmSm90:
         wait_full(full, stage, phase, self.fence_mode)
         for h in cutlass.range_constexpr(self.kps):
             self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, load_meta and h == 0, h)
-            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev_stage, True, h == 0)
+            new_group = load_meta and h == 0  # g >= 64 under deferred scale: a meta load starts a group
+            self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev_stage, True, h == 0,
+                               neg_zero2, new_group, new_group, tiled_mma_first, deferred)
 
     @cute.jit
     def consume(
         self,
         out: cute.Tensor,
         tiled_mma: cute.TiledMma,
+        tiled_mma_first: cute.TiledMma | None,
         storage,
         t_layout: cute.ComposedLayout,
         s_rows: cute.Tensor,
@@ -594,6 +671,9 @@ class W4A16GroupedGemmSm90:
             atom_idx[m] = row // ATOM_M
         scale2 = cute.make_rmem_tensor((mma_m * gpk * 2,), Int32)
         neg_zero2 = cute.make_rmem_tensor((mma_m * gpk * 2,), Int32)
+        deferred = None  # deferred scale: (the group's accumulator, this thread's rows' fp32 group scales)
+        if cutlass.const_expr(self.deferred_scale):
+            deferred = (cute.make_rmem_tensor(acc_shape, Float32), cute.make_rmem_tensor((mma_m * 2,), Float32))
         epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.n_consumer_threads)
         copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
         out_frag = cute.make_rmem_tensor((VEC,), BFloat16)
@@ -635,7 +715,8 @@ class W4A16GroupedGemmSm90:
             for h in cutlass.range_constexpr(self.kps):
                 self.dequant_exact(tmp, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row, stage, h == 0, h)
                 # the tile's first stage: nothing to release, no wgmma in flight before its first k-tile
-                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev, h > 0, False)
+                self.scale_and_mma(tiled_mma, acc, a_frag, tmp, t_cr_t, scale2, stage, h, empty, prev, h > 0, False,
+                                   neg_zero2, h == 0, False, tiled_mma_first, deferred)
             prev = stage
             stage = stage + self.k_split
             if stage >= self.stages:
@@ -645,7 +726,7 @@ class W4A16GroupedGemmSm90:
                 for p in cutlass.range_constexpr(self.meta_stages):
                     self.k_step(
                         tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
-                        full, empty, stage, phase, prev, p == self.meta_stages - 1,
+                        full, empty, stage, phase, prev, p == self.meta_stages - 1, tiled_mma_first, deferred,
                     )  # fmt: skip
                     prev = stage
                     stage = stage + self.k_split
@@ -655,7 +736,7 @@ class W4A16GroupedGemmSm90:
             if cutlass.const_expr(self.meta_stages == 2):  # steps is even: the last (odd) stage
                 self.k_step(
                     tiled_mma, acc, a_frag, tmp, t_cr_t, s_q, s_meta, scale2, neg_zero2, atom_idx, meta_row,
-                    full, empty, stage, phase, prev, False,
+                    full, empty, stage, phase, prev, False, tiled_mma_first, deferred,
                 )  # fmt: skip
                 prev = stage
                 stage = stage + self.k_split
@@ -664,6 +745,8 @@ class W4A16GroupedGemmSm90:
                     phase = phase ^ 1
             warpgroup.wait_group(0)  # this warpgroup's sum is final; its last stage is free
             self.release_stage(empty, prev)
+            if cutlass.const_expr(self.deferred_scale):
+                self.fold_group(acc, deferred)
             if cutlass.const_expr(self.k_split > 1):
                 # Split K: the partial sums of warpgroups 1..k_split-1 go through s_red (slot kwg - 1) into
                 # warpgroup 0's accumulator, added in slot order; warpgroup 0 then stages the epilogue alone

@@ -55,6 +55,9 @@ def supports_config(
     if config.k_tiles_per_stage > 1 and (group_size != 2 * TILE_K or (k_dim // TILE_K) % (2 * config.k_split)):
         return False, (f"k_tiles_per_stage=2 needs g = {2 * TILE_K} (one group per stage) and 2 x k_split dividing "
                        f"the {k_dim // TILE_K} k-tiles, got g = {group_size}, k_split = {config.k_split}")
+    if config.deferred_scale and (group_size < TILE_K or config.kblock_pipeline):
+        return False, (f"deferred_scale needs g >= {TILE_K} (at most one group per k-tile) and no k-block pipeline, "
+                       f"got g = {group_size}, kblock_pipeline = {config.kblock_pipeline}")
     if config.tma_tokens and config.k_tiles_per_stage != 1:
         return False, f"TMA token rows need one k-tile per stage, got k_tiles_per_stage={config.k_tiles_per_stage}"
     if gated and n_out % 16:

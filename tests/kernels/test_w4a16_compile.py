@@ -100,6 +100,17 @@ CASES = {
                                       TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True, tma_tokens=True)),
     "down_prefill_128x256_g32_E64_tma": (False, 64, 1024, 768, 32, TileConfig(128, 256, tma_tokens=True)),
     "down_decode_64x8_g128_k4_tma": (False, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, tma_tokens=True)),
+    # deferred group scale (opt-in): split-K decode (a group per k-tile of a warpgroup), one warpgroup over
+    # two-k-tile groups (fold every other k-tile), two k-tiles per stage, two atoms, g = 64, 32 token columns
+    "up_decode_64x8_g128_k4_deferred": (True, 8, 4096, 14336, 128, TileConfig(64, 8, k_split=4, deferred_scale=True)),
+    "down_decode_64x8_g128_k1_deferred": (False, 8, 4096, 14336, 128,
+                                          TileConfig(64, 8, k_split=1, deferred_scale=True)),
+    "down_decode_128x8_g128_k4_2kps_deferred": (False, 8, 4096, 14336, 128,
+                                                TileConfig(128, 8, k_split=4, k_tiles_per_stage=2,
+                                                           deferred_scale=True)),
+    "up_mid_128x32_g64_E64_deferred": (True, 64, 1024, 768, 64, TileConfig(128, 32, deferred_scale=True)),
+    "down_decode_64x16_g128_k2_tma_deferred": (False, 8, 4096, 14336, 128,
+                                               TileConfig(64, 16, k_split=2, tma_tokens=True, deferred_scale=True)),
 }
 
 
@@ -208,6 +219,24 @@ def test_two_k_tiles_per_stage_config_checks():
     ok, reason = GroupedGemmSm90.supports(gated=False, n_out=4096, k_dim=14336, num_experts=8,
                                           config=TileConfig(64, 8, k_tiles_per_stage=2))
     assert not ok and "k_tiles_per_stage" in reason
+
+
+def test_deferred_scale_config_checks():
+    """deferred_scale needs at most one group per k-tile (g >= 64) and whole-k-tile wgmma; its kernel keeps the
+    thread and stage counts of the same tile without it."""
+    kw = dict(gated=False, n_out=4096, k_dim=14336, num_experts=8)
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, group_size=32, config=TileConfig(64, 8, k_split=4,
+                                                                                       deferred_scale=True))
+    assert not ok and "deferred_scale" in reason
+    ok, reason = W4A16GroupedGemmSm90.supports(**kw, group_size=128, config=TileConfig(
+        64, 8, k_split=4, kblock_pipeline=True, deferred_scale=True))
+    assert not ok and "k-block" in reason
+    for g in (64, 128):
+        config = TileConfig(64, 8, k_split=4, deferred_scale=True)
+        assert W4A16GroupedGemmSm90.supports(**kw, group_size=g, config=config) == (True, "ok")
+        on = W4A16GroupedGemmSm90(**kw, group_size=g, config=config)
+        off = W4A16GroupedGemmSm90(**kw, group_size=g, config=TileConfig(64, 8, k_split=4))
+        assert (on.threads, on.stages, on.deferred_scale) == (off.threads, off.stages, True)
 
 
 def test_explicit_pipeline_stages():
@@ -371,6 +400,9 @@ def test_bench_tile_specs():
     assert _parse_config("64x8x4w", table) == TileConfig(64, 8, "consumer", 4, bulk_weights=True)
     assert _parse_config("64x8x4x2b", table) == TileConfig(64, 8, "consumer", 4, k_tiles_per_stage=2,
                                                           kblock_pipeline=True)
+    assert _parse_config("64x8x4d", table) == TileConfig(64, 8, "consumer", 4, deferred_scale=True)
+    assert _parse_config("64x8x4x2td", table) == TileConfig(64, 8, "consumer", 4, k_tiles_per_stage=2, tma_tokens=True,
+                                                           deferred_scale=True)
     with pytest.raises(ValueError, match="tile spec"):
         _parse_config("64x8x4q", table)
     with pytest.raises(ValueError, match="cp_async_lag"):

@@ -385,3 +385,42 @@ def test_w4a16_decode_tiles(num_experts, top_k, num_tokens, tile):
             pytest.skip(f"{config}: {why}")
     _check_case(num_tokens, num_experts, top_k, HIDDEN, INTER, GROUP, True,
                 seed=53 + num_tokens + num_experts + tile[1] + tile[2], config=config)
+
+
+DEFERRED_TILES = ((64, 8, 4, 1), (64, 8, 2, 1), (64, 8, 1, 1), (128, 8, 4, 2), (64, 16, 4, 1), (128, 32, 1, 1),
+                  (256, 32, 1, 2))
+
+
+@pytest.mark.parametrize("group_size", (64, 128))
+@pytest.mark.parametrize("num_tokens", (1, 7, 64, 333))
+@pytest.mark.parametrize("num_experts,top_k", EXPERTS_TOPK)
+def test_w4a16_deferred_scale(num_experts, top_k, num_tokens, group_size):
+    """TileConfig.deferred_scale (exact q - z in A, one fp32 accumulator per group folded with its scale): split K
+    1 / 2 / 4 (a fold per k-tile, or per two), two k-tiles per stage, 16 and 32 token columns, two atoms per
+    warpgroup; g = 64 and 128 with zero points; up and down against the dequantising reference, NaN-poisoned.
+    T = 64 and 333 give each CTA several tiles (the group accumulator must restart with every tile)."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    ran = 0
+    for tile_w, tile_t, k_split, kps in DEFERRED_TILES:
+        config = TileConfig(tile_w, tile_t, "consumer", k_split, k_tiles_per_stage=kps, deferred_scale=True)
+        if not all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
+                                                    group_size=group_size, config=config)[0]
+                   for gated, n_out, k_dim in ((True, 2 * INTER, HIDDEN), (False, HIDDEN, INTER))):
+            continue
+        _check_case(num_tokens, num_experts, top_k, HIDDEN, INTER, group_size, True,
+                    seed=71 + num_tokens + num_experts + tile_t + k_split, config=config)
+        ran += 1
+    assert ran >= 4, f"only {ran} deferred-scale tiles accepted"
+
+
+@pytest.mark.parametrize("num_tokens", (1, 16, 64))
+def test_w4a16_deferred_scale_mixtral_shape(num_tokens):
+    """The decode tiles with the deferred scale on the Mixtral shape (64 and 224 k-tiles per tile, g = 128,
+    symmetric): 64 x 8 and 128 x 8 with split K 4, up and down against the reference."""
+    from light_moe.kernels.tile_config import TileConfig
+
+    for config in (TileConfig(64, 8, "consumer", 4, deferred_scale=True),
+                   TileConfig(128, 8, "consumer", 4, k_tiles_per_stage=2, deferred_scale=True)):
+        _check_case(num_tokens, 8, 2, 4096, 14336, 128, False, seed=83 + num_tokens, config=config)
