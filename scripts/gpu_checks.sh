@@ -209,13 +209,14 @@ backlog)
     ;;
 w4a16-ab)
     # the decode experts against BASELINE (a light_moe tree of 4cad8b4 or older: before the producer's running
-    # ring counters) in the same call, and the deferred group scale (suffix d) on the decode and mid tiles
+    # ring counters) in the same call, and the deferred group scale (suffix d) on the decode and mid tiles, and
+    # TMA token rows at decode (t: no consumer proxy fence left; the up projection gathers x first, timed)
     if [ -n "${BASELINE:-}" ]; then
         (cd "$BASELINE" && step w4a16_decode_baseline 90 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 \
             --rounds 3 --split --output "$out/w4a16_decode_baseline.json")
     fi
-    TAIL=12 step w4a16_decode 240 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
-        --configs 64x8x4d 128x8x4d 128x8x4x2d 256x32x1wd --output "$out/w4a16_decode.json"
+    TAIL=12 step w4a16_decode 300 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
+        --configs 64x8x4d 64x8x4t 64x8x4td 128x8x4d 128x8x4x2d 256x32x1wd --output "$out/w4a16_decode.json"
     ;;
 warmup-ab)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
