@@ -113,17 +113,19 @@ class SkinnyPlan(NamedTuple):
 @functools.lru_cache(maxsize=1024)  # a pure function of sizes, asked on every eager call
 def choose_plan(n_out: int, k_dim: int, num_sms: int, m_tile: int = MAX_M, block_n: int | None = None,
                 splits: int | None = None) -> SkinnyPlan:
-    """The launch plan from host-known sizes only (graph-safe). S: the smallest power of two <= 8 for which the
-    N / BN * S CTAs give every SM one (one wave, every SM streaming; fewer splits mean fewer partials to reduce),
-    halved while a split would be left without k-tiles. block_n / splits override the choice (tests,
-    benchmarks). stages: as deep as MAX_STAGES, the split's k-tiles and two CTAs per SM allow."""
+    """The launch plan from host-known sizes only (graph-safe). S: 1 when the N / BN tiles fill half the SMs or
+    more (each CTA then streams its K alone: measured faster than splitting, the partials' reduction costs more
+    than the idle SMs lose; BENCHMARKS.md, skinny GEMM sweep); else the smallest power of two <= 8 for which the
+    N / BN * S CTAs give every SM one, halved while a split would be left without k-tiles. block_n / splits
+    override the choice (tests, benchmarks). stages: as deep as MAX_STAGES, the split's k-tiles and two CTAs per
+    SM allow."""
     block_n = block_n or DEFAULT_BLOCK_N
     if block_n not in BLOCK_N_CHOICES or n_out % block_n:
         raise ValueError(f"block_n={block_n} must be one of {BLOCK_N_CHOICES} and divide N={n_out}")
     n_tiles, k_tiles = n_out // block_n, k_dim // BLOCK_K
     if splits is None:
         splits = 1
-        while n_tiles * splits < num_sms and splits < MAX_SPLITS:
+        while 2 * n_tiles < num_sms and n_tiles * splits < num_sms and splits < MAX_SPLITS:
             splits *= 2
     elif splits not in (1, 2, 4, 8):
         raise ValueError(f"splits={splits} must be 1, 2, 4 or 8 (a power-of-two cluster of at most {MAX_SPLITS})")

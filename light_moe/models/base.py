@@ -90,6 +90,7 @@ class MoECausalLM(nn.Module):
         self.config = cfg
         self.model = DecoderModel(cfg, ops, dtype, device)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
+        self.ops = ops  # compute_logits runs the lm_head on the backend's dense_linear (decode: the skinny GEMM)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -157,4 +158,4 @@ class MoECausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [rows, V]
+        return self.ops.dense_linear(hidden, self.lm_head.weight).float()  # [rows, V]

@@ -227,11 +227,11 @@ def test_supports_reasons():
 
 
 @pytest.mark.parametrize("n,k,splits", [
-    (6144, 4096, 2),  # q/k/v: 96 tiles -> 192 CTAs
+    (6144, 4096, 1),  # q/k/v: 96 tiles fill half the SMs or more: no split
     (4096, 4096, 4),  # o: 64 tiles -> 256 CTAs
     (32000, 4096, 1),  # lm_head: 500 tiles
     (2880, 2880, 4),  # 45 tiles -> 180 CTAs; 45 k-tiles as 12, 12, 12, 9
-    (5120, 7168, 2),  # 80 tiles -> 160 CTAs
+    (5120, 7168, 1),  # 80 tiles
     (64, 128, 2),  # 1 tile, 2 k-tiles: S = 8 would leave splits empty
 ])
 def test_plan_for_known_shapes(n, k, splits):
@@ -244,15 +244,16 @@ def test_plan_for_known_shapes(n, k, splits):
 @pytest.mark.parametrize("mt", [8, 16])
 def test_plan_properties(n, k, mt):
     """S is a power of two <= 8 (the cluster), every split has k-tiles and together they cover K exactly once, the
-    grid gives every SM a CTA unless S is at its cap or twice S would leave a split empty, and the ring fits two
-    CTAs per SM."""
+    grid gives every SM a CTA (no split at all when the tiles fill half the SMs) unless S is at its cap or twice S
+    would leave a split empty, and the ring fits two CTAs per SM."""
     plan = sk.choose_plan(n, k, SMS, mt)
     k_tiles = k // sk.BLOCK_K
     assert plan.splits in (1, 2, 4, 8)
     assert (plan.splits - 1) * plan.k_tiles_per_split < k_tiles <= plan.splits * plan.k_tiles_per_split
     tiles = n // plan.block_n
     doubled = 2 * plan.splits
-    assert tiles * plan.splits >= SMS or plan.splits == 8 or -(-k_tiles // doubled) * (doubled - 1) >= k_tiles
+    assert (2 * tiles >= SMS and plan.splits == 1 or tiles * plan.splits >= SMS or plan.splits == 8
+            or -(-k_tiles // doubled) * (doubled - 1) >= k_tiles)
     assert tiles * plan.splits < 2 * SMS or plan.splits == 1  # never more splits than needed
     assert sk.MIN_STAGES <= plan.stages <= min(sk.MAX_STAGES, max(sk.MIN_STAGES, plan.k_tiles_per_split))
     assert (sk.smem_bytes(plan.block_n, mt, plan.stages) + sk.SMEM_RESERVED_PER_CTA) * sk.CTAS_PER_SM \
