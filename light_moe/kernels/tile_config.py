@@ -138,11 +138,12 @@ class W4A16TileRow(NamedTuple):
     bulk_weights: bool = False  # TileConfig.bulk_weights, on 256-row tiles only
     two_k_tiles_at_g128: bool = False  # TileConfig.k_tiles_per_stage = 2 when the weights have g = 128
     tma_tokens_up: bool = False  # TileConfig.tma_tokens in the up projection (gated)
+    deferred_scale_at: tuple[int, ...] = ()  # TileConfig.deferred_scale on tiles of these widths, g >= 64 known
 
 
 W4A16_TILE_TABLE: tuple[W4A16TileRow, ...] = (
-    W4A16TileRow(4, 128, 8, "consumer", k_split=4),
-    W4A16TileRow(16, 256, 32, "consumer", bulk_weights=True),
+    W4A16TileRow(4, 128, 8, "consumer", k_split=4, deferred_scale_at=(64,)),
+    W4A16TileRow(16, 256, 32, "consumer", bulk_weights=True, deferred_scale_at=(256,)),
     W4A16TileRow(32, 256, 64, "consumer", bulk_weights=True, two_k_tiles_at_g128=True),
     W4A16TileRow(float("inf"), 256, 128, "consumer", kblock_pipeline=True, bulk_weights=True, tma_tokens_up=True),
 )
@@ -180,8 +181,10 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
             # (g = 128 divides K, so the k-tiles are even)
             two_atoms = tile_w == 256
             kps = 2 if row.two_k_tiles_at_g128 and two_atoms and group_size == 2 * TILE_K else 1
+            # the deferred group scale needs at most one group per k-tile (w4a16_plan.supports_config)
+            deferred = tile_w in row.deferred_scale_at and group_size >= TILE_K
             return TileConfig(tile_w, tile_t, row.fence_mode, k_split, k_tiles_per_stage=kps,
                               kblock_pipeline=row.kblock_pipeline and two_atoms,
                               bulk_weights=row.bulk_weights and two_atoms,
-                              tma_tokens=row.tma_tokens_up and gated and two_atoms)
+                              tma_tokens=row.tma_tokens_up and gated and two_atoms, deferred_scale=deferred)
     raise AssertionError("W4A16_TILE_TABLE ends with an unbounded row")

@@ -335,6 +335,16 @@ def test_supports_and_tiles():
                                                                                     bulk_weights=True)
     assert choose_w4a16_tile(2 * 128, 8, 28672, 4096, group_size=32) == TileConfig(256, 64, bulk_weights=True)
     assert choose_w4a16_tile(2 * 256, 8, 28672, 4096, group_size=128).k_tiles_per_stage == 1
+    # the deferred group scale where it was measured to win (64-row decode tiles, the 256 x 32 tile), g >= 64 known
+    for g in (64, 128):
+        assert choose_w4a16_tile(2, 8, 28672, 4096, group_size=g) == TileConfig(64, 8, k_split=4, deferred_scale=True)
+        assert choose_w4a16_tile(2, 8, 4096, 14336, group_size=g) == TileConfig(64, 8, k_split=4, deferred_scale=True)
+        assert choose_w4a16_tile(2 * 4, 8, 28672, 4096, group_size=g) == TileConfig(128, 8, k_split=4)
+        assert choose_w4a16_tile(2 * 64, 8, 28672, 4096, group_size=g) == TileConfig(256, 32, bulk_weights=True,
+                                                                                      deferred_scale=True)
+        assert not choose_w4a16_tile(2 * 128, 8, 28672, 4096, group_size=g).deferred_scale
+    assert choose_w4a16_tile(2, 8, 28672, 4096, group_size=32) == TileConfig(64, 8, k_split=4)  # two groups a k-tile
+    assert choose_w4a16_tile(2 * 64, 8, 28672, 4096, group_size=32) == TileConfig(256, 32, bulk_weights=True)
     # 64 per expert: the k-block pipeline and int4 by cp.async.bulk
     assert choose_w4a16_tile(2 * 256, 8, 28672, 4096) == TileConfig(256, 128, kblock_pipeline=True, bulk_weights=True)
     assert choose_w4a16_tile(2 * 256, 8, 384, 4096) == TileConfig(128, 128)  # no k-block pipeline at 128 rows
