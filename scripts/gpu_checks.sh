@@ -35,6 +35,8 @@
 #                                               server GPU tests; the W4A16 GPU tests)
 #   scripts/gpu_checks.sh w4a16-ab OUTDIR       one GPU: W4A16 decode experts against BASELINE=DIR (an older tree),
 #                                               with the deferred group scale (opt-in tiles) beside the table's
+#   scripts/gpu_checks.sh w4a16-confirm OUTDIR  one GPU: W4A16 GPU tests, decode experts, 32-layer W4A16 bench e2e
+#                                               against BASELINE=DIR (the deferred group scale in the tile table)
 #   scripts/gpu_checks.sh warmup-ab OUTDIR      one GPU: bench serve at 64 streams with and without --warmup-graphs
 #   scripts/gpu_checks.sh new-kernels OUTDIR    one GPU: the GPU tests of the kernels written in session 12 without a GPU
 #                                               (default router after its refactor first; skinny GEMM; router variants;
@@ -47,7 +49,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, warmup-ab, new-kernels, skinny-ab or families}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, warmup-ab, new-kernels, skinny-ab or families}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -219,6 +221,21 @@ w4a16-ab)
     TAIL=12 step w4a16_decode 300 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
         --configs 64x8x4d 64x8x4t 64x8x4td 128x8x4d 128x8x4x2d 256x32x1wd --output "$out/w4a16_decode.json"
     ;;
+w4a16-confirm)
+    # the deferred group scale in the tile table (decode 64-row and 256 x 32 tiles): the W4A16 GPU tests (two
+    # workers: the Mixtral-shape cases take ~25 GB each), the W4A16 linear, the decode experts timed, then the
+    # 32-layer W4A16 model against BASELINE in the same call
+    step w4a16_tests 300 $py -m pytest -q -m gpu -n 2 -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
+        tests/kernels/test_w4a16_linear_gpu.py "tests/test_cute_engine_gpu.py::test_skinny_gemm_engine_matches_reference" -ra
+    step w4a16_decode 90 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 64 --rounds 3 --split \
+        --output "$out/w4a16_decode.json"
+    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
+    if [ -n "${BASELINE:-}" ]; then
+        (cd "$BASELINE" && step e2e32_baseline 200 $py -m light_moe.cli bench e2e $m --repeats 1 \
+            --output "$out/e2e32_baseline.json")
+    fi
+    step e2e32 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e32.json"
+    ;;
 warmup-ab)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
     # the server with and without the start-up graph capture at 64 streams (4 layers), same call
@@ -266,7 +283,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, warmup-ab, new-kernels, skinny-ab or families)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, warmup-ab, new-kernels, skinny-ab or families)" >&2
     exit 2
     ;;
 esac
