@@ -127,14 +127,16 @@ def test_w4a16_odd_k_tiles(hidden, inter, num_tokens, group_size):
     _check_case(num_tokens, 8, 2, hidden, inter, group_size, True, seed=hidden + inter + num_tokens + group_size)
     x, gather_index, offsets, w13p, ref_act = _up_problem(num_tokens, hidden, inter, group_size, seed=3 + num_tokens)
     device = x.device
-    for _, tile_w, tile_t, fence, k_split, kblock, bulk, _kps_g128, tma_up in w4.W4A16_TILE_TABLE:
+    for row in w4.W4A16_TILE_TABLE:
+        tile_w, k_split = row.tile_w, row.k_split
         while (2 * inter) % tile_w:
             tile_w //= 2
         while (hidden // 64) % k_split:
             k_split //= 2
         wide = tile_w == 256  # the 256-row tiles' options, as choose_w4a16_tile sets them
-        config = TileConfig(tile_w, tile_t, fence, k_split, kblock_pipeline=kblock and wide, bulk_weights=bulk and wide,
-                            tma_tokens=tma_up and wide)
+        config = TileConfig(tile_w, row.tile_t, row.fence_mode, k_split, kblock_pipeline=row.kblock_pipeline and wide,
+                            bulk_weights=row.bulk_weights and wide, tma_tokens=row.tma_tokens_up and wide,
+                            deferred_scale=tile_w in row.deferred_scale_at and group_size >= 64)
         assert w4.W4A16GroupedGemmSm90.supports(gated=True, n_out=2 * inter, k_dim=hidden, num_experts=8,
                                                 group_size=group_size, config=config)[0], config
         act = torch.full((gather_index.shape[0], inter), float("nan"), device=device, dtype=torch.bfloat16)
@@ -156,10 +158,13 @@ def test_w4a16_every_tile_config(num_tokens):
 
     x, gather_index, offsets, w13p, ref_act = _up_problem(num_tokens, HIDDEN, INTER, GROUP, seed=5 + num_tokens)
     device = x.device
-    for _, tile_w, tile_t, fence, k_split, kblock, bulk, kps_g128, tma_up in w4.W4A16_TILE_TABLE:
+    for row in w4.W4A16_TILE_TABLE:
+        tile_w, tile_t = row.tile_w, row.tile_t
         act = torch.full((gather_index.shape[0], INTER), float("nan"), device=device, dtype=torch.bfloat16)
-        config = TileConfig(tile_w, tile_t, fence, k_split, k_tiles_per_stage=2 if kps_g128 and GROUP == 128 else 1,
-                            kblock_pipeline=kblock, bulk_weights=bulk, tma_tokens=tma_up)
+        config = TileConfig(tile_w, tile_t, row.fence_mode, row.k_split,
+                            k_tiles_per_stage=2 if row.two_k_tiles_at_g128 and GROUP == 128 else 1,
+                            kblock_pipeline=row.kblock_pipeline, bulk_weights=row.bulk_weights,
+                            tma_tokens=row.tma_tokens_up, deferred_scale=tile_w in row.deferred_scale_at)
         w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
         assert not act.isnan().any(), f"tile {tile_w}x{tile_t} left rows unwritten"
         assert _rel_l2(act, ref_act) < 1e-2, f"tile {tile_w}x{tile_t}: rel L2 {_rel_l2(act, ref_act):.3e}"
