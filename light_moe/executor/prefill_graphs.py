@@ -161,6 +161,7 @@ class PrefillGraphs:
         logger.info("captured piecewise prefill graphs: %d tokens, %d pieces", tokens, len(bucket.graphs))
         return bucket
 
+    @torch.inference_mode()  # as run(): buffers the first forward made in inference mode are updated in place
     def warm_up(self) -> int:
         """Capture every token bucket's pieces now, before any request (see DecodeGraphs.warm_up). Returns the
         number of buckets captured."""
