@@ -177,7 +177,8 @@ serve-4|serve-32)
     # the server on the GPU against the offline engine on the same shape in the same call (issue 20): bench e2e
     # decode at B = 1 / 16 / 64 with 256 new tokens, then bench serve on one server: concurrency 1 / 16 / 64 /
     # 256 (4 x concurrency requests each, rate inf), then a Poisson rate sweep (the latency-throughput plot)
-    # the server captures its graphs at start (--warmup-graphs; WARMUP= for the old first-use capture): the first
+    # the server captures its graphs at start (--warmup-graphs, its default; WARMUP=--no-warmup-graphs for first-use
+    # capture): the first
     # H100 run (session 13) showed first-use compiles and captures dominating TTFT p99
     warm=${WARMUP---warmup-graphs}
     if [ "$stage" = serve-4 ]; then
@@ -240,7 +241,7 @@ warmup-ab)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
     # the server with and without the start-up graph capture at 64 streams (4 layers), same call
     for w in cold warm; do
-        flag=""; [ "$w" = warm ] && flag="--warmup-graphs"
+        flag="--no-warmup-graphs"; [ "$w" = warm ] && flag="--warmup-graphs"
         TAIL=4 step "serve4_c64_$w" 150 $py -m light_moe.cli bench serve $m $flag --num-prompts 1024 --input-len 128 \
             --output-len 256 --sweep-concurrency 64 64 --prompts-per-concurrency 8 --slo-ttft-ms 200 \
             --slo-tpot-ms 50 --output "$out/serve4_c64_$w.json"

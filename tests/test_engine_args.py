@@ -15,7 +15,7 @@ from light_moe import LightMoEEngine, SamplingParams
 from light_moe.assets import DEMO_MODEL_DIR
 from light_moe.cli import build_parser, main
 from light_moe.cli_args import BENCH_DECIDES
-from light_moe.engine.args import EngineArgs, option
+from light_moe.engine.args import SERVER_DEFAULTS, EngineArgs, option
 from light_moe.executor.rank_executor import WorkerSpec
 from light_moe.models.loader import load_model_config
 from tests.tiny_models import make_tiny_checkpoint
@@ -104,7 +104,10 @@ def test_every_option_is_a_flag(command, decided):
 
 def test_flag_defaults_are_the_option_defaults():
     parser = build_parser()
-    assert EngineArgs.from_cli_args(parser.parse_args(["serve", "--model", "m"])) == EngineArgs("m")
+    # the server's own default: graphs captured at start (SERVER_DEFAULTS)
+    assert EngineArgs.from_cli_args(parser.parse_args(["serve", "--model", "m"])) == EngineArgs("m", warmup_graphs=True)
+    assert EngineArgs.from_cli_args(parser.parse_args(["serve", "--model", "m", "--no-warmup-graphs"])) \
+        == EngineArgs("m")
     assert EngineArgs.from_cli_args(parser.parse_args(["generate", "hi"]), model="m") == EngineArgs("m")
     e2e = EngineArgs.from_cli_args(parser.parse_args(["bench", "e2e"]), model="m")
     assert e2e == EngineArgs("m", max_num_batched_tokens=8192, show_progress=False)  # a benchmark's defaults
@@ -115,8 +118,17 @@ def test_each_flag_round_trips(name):
     """EngineArgs -> flags (to_cli_args) -> `light-moe serve`'s parser -> the same EngineArgs."""
     value, needs = CHANGED[name]
     args = make(**needs, **{name: value})
-    parsed = build_parser().parse_args(["serve", *args.to_cli_args()])
+    parsed = build_parser().parse_args(["serve", *args.to_cli_args(SERVER_DEFAULTS)])
     assert EngineArgs.from_cli_args(parsed) == args
+
+
+def test_server_defaults_round_trip():
+    """An option at the engine's default but away from the server's (warmup_graphs off) still reaches the server."""
+    for value in (False, True):
+        args = make(warmup_graphs=value)
+        flags = args.to_cli_args(SERVER_DEFAULTS)
+        assert ("--no-warmup-graphs" in flags) == (not value) and "--warmup-graphs" not in flags
+        assert EngineArgs.from_cli_args(build_parser().parse_args(["serve", *flags])) == args
 
 
 def test_existing_flag_spellings_still_parse():
@@ -125,7 +137,8 @@ def test_existing_flag_spellings_still_parse():
                               "--quantization", "w4a16", "--no-async-scheduling", "--enforce-eager"])
     assert EngineArgs.from_cli_args(args) == EngineArgs("m", enable_prefix_caching=False, quant_symmetric=False,
                                                         quant_group_size=32, quantization="w4a16",
-                                                        async_scheduling=False, enforce_eager=True)
+                                                        async_scheduling=False, enforce_eager=True,
+                                                        warmup_graphs=True)
     profile = parser.parse_args(["bench", "profile-step", "--eager"])
     assert profile.enforce_eager is True
     quantize = parser.parse_args(["quantize", "--model", "a", "--out", "b", "--quant-asymmetric"])
@@ -136,7 +149,7 @@ def test_from_cli_args_reads_only_the_options_it_added():
     """bench serve's --seed seeds its request stream, not the server's engine."""
     args = build_parser().parse_args(["bench", "serve", "--seed", "5", "--max-num-seqs", "3"])
     assert args.seed == 5
-    assert EngineArgs.from_cli_args(args, model="m") == EngineArgs("m", max_num_seqs=3)
+    assert EngineArgs.from_cli_args(args, model="m") == EngineArgs("m", max_num_seqs=3, warmup_graphs=True)
 
 
 # ---- the configs and the worker spec -----------------------------------------------------------------------

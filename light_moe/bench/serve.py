@@ -43,7 +43,7 @@ from pathlib import Path
 
 from light_moe.bench.env import environment, write_result
 from light_moe.bench.shapes import SHAPES
-from light_moe.engine.args import EngineArgs
+from light_moe.engine.args import SERVER_DEFAULTS, EngineArgs
 
 PERCENTILES = (50, 90, 99)
 _WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had "
@@ -306,8 +306,8 @@ def server_command(args, model_dir: Path, load_format: str, port: int) -> list[s
     """`light-moe serve` with this benchmark's engine flags (checked here, before the server starts)."""
     engine_args = EngineArgs.from_cli_args(args, model=model_dir, load_format=load_format)
     mode = [] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"]
-    return [sys.executable, "-m", "light_moe.cli", "serve", *engine_args.to_cli_args(), *mode, "--port", str(port),
-            "--log-level", "warning", "--max-waiting", str(max(1024, args.num_prompts))]
+    return [sys.executable, "-m", "light_moe.cli", "serve", *engine_args.to_cli_args(SERVER_DEFAULTS), *mode,
+            "--port", str(port), "--log-level", "warning", "--max-waiting", str(max(1024, args.num_prompts))]
 
 
 class Server:
@@ -516,7 +516,7 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                         help="the server's engine-core process on or off (default: the server's choice, on with CUDA)")
     # the server's engine flags (--shape decides the load format; --seed is the request stream's)
-    EngineArgs.add_cli_args(p, exclude=("model", "load_format", "seed"))
+    EngineArgs.add_cli_args(p, exclude=("model", "load_format", "seed"), defaults=SERVER_DEFAULTS)
     load = p.add_argument_group("load")
     load.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     load.add_argument("--num-prompts", type=int, default=100)

@@ -305,13 +305,15 @@ class EngineArgs:
         found = re.search(r"(?<![\w-])(" + "|".join(sorted(flags, key=len, reverse=True)) + r")(?![\w-])", message)
         return message if found is None else f"argument {flags[found.group(1)]}: {message}"
 
-    def to_cli_args(self) -> list[str]:
+    def to_cli_args(self, defaults: dict | None = None) -> list[str]:
         """The flags that give these options (those away from their defaults, and --model), for a subprocess:
-        `light-moe serve` started by `light-moe bench serve`."""
+        `light-moe serve` started by `light-moe bench serve`. defaults: the receiving command's own defaults
+        (add_cli_args' defaults; SERVER_DEFAULTS for `light-moe serve`)."""
+        defaults = defaults or {}
         out = ["--model", str(self.model)]
         for f in fields(self)[1:]:
             value, flag = getattr(self, f.name), f.metadata["flag"]
-            if value == f.default:
+            if value == defaults.get(f.name, f.default):
                 continue
             name = _flags(f)[0]
             if isinstance(value, bool):
@@ -325,6 +327,11 @@ class EngineArgs:
     def replace(self, **changes) -> EngineArgs:
         """A copy with `changes`, checked again."""
         return dataclasses.replace(self, **changes)
+
+
+# `light-moe serve`'s own defaults (and `bench serve`'s, which starts it): a server captures its CUDA graphs at
+# start, as the peers' servers do, so that no early request waits for a capture (BENCHMARKS.md, serving)
+SERVER_DEFAULTS: dict[str, Any] = {"warmup_graphs": True}
 
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import signal
 import sys
 from importlib.util import find_spec
 
-from light_moe.engine.args import EngineArgs
+from light_moe.engine.args import SERVER_DEFAULTS, EngineArgs
 from light_moe.server.limits import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    EngineArgs.add_cli_args(parser)  # --model (required) and every engine option
+    EngineArgs.add_cli_args(parser, defaults=SERVER_DEFAULTS)  # --model (required) and every engine option
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
