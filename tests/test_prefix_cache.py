@@ -128,6 +128,40 @@ def test_a_block_listed_twice_or_freed_twice_still_raises():
         bm.free(a)
 
 
+def test_reset_forgets_cached_blocks_only_when_none_is_held():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = req("a", list(range(10)))
+    admit(bm, a)
+    assert bm.num_cached_blocks == 2
+    assert not bm.reset_prefix_cache()  # a holds its blocks: nothing changes
+    assert bm.num_cached_blocks == 2
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and bm.find_cached_prefix(req("b", list(range(10))))
+    assert bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 8
+    b = req("b", list(range(10)))
+    assert admit(bm, b) == 0  # computed again
+    assert sorted(b.block_table) == sorted(set(b.block_table)) and len(b.block_table) == 3
+    bm.free(b)
+    assert bm.num_free_blocks == 8
+
+
+def test_engine_reset_prefix_cache(ckpt):
+    engine = LightMoEEngine(ckpt, dtype="float32", device="cpu", show_progress=False)
+    prompt = list(range(3, 40))
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    first = engine.generate_outputs([prompt], params)[0].token_ids
+    assert engine.block_manager.num_cached_blocks > 0
+    engine.add_request(prompt, params)
+    assert not engine.reset_prefix_cache()  # a request is unfinished
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.reset_prefix_cache() and engine.block_manager.num_cached_blocks == 0
+    hits = engine.block_manager.prefix_cache_hits
+    assert engine.generate_outputs([prompt], params)[0].token_ids == first
+    assert engine.block_manager.prefix_cache_hits == hits  # nothing found: the prompt was computed again
+
+
 def test_partitions_refuse_prefix_caching_with_the_reason():
     with pytest.raises(ValueError, match="expert parallelism"):
         BlockManager(4, 2, num_partitions=2, enable_prefix_caching=True)

@@ -266,6 +266,13 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
         found = self.scheduler.abort_request(request_id)
         return found or state is not None
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's blocks (as vLLM's LLM.reset_prefix_cache: after changing what the model
+        computes, or to time prefills without hits). Only with no request unfinished: False otherwise."""
+        if self.has_unfinished_requests():
+            return False
+        return self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         """Requests still running or waiting, or outputs not yet returned by step()."""
         return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight_is_live()

@@ -219,6 +219,18 @@ class BlockManager:
             request.block_table.append(block_id)
         return True
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (their KV is no longer found by later requests; the blocks return to the
+        free lists). Only while no request holds a block: False, and nothing changed, otherwise."""
+        if self._num_used:
+            return False
+        for block_id in self._evictable:  # least recently freed first, as eviction would have taken them
+            self._free[block_id // self.partition_blocks].append(block_id)
+        self._evictable.clear()
+        self._cached.clear()
+        self._block_hash.clear()
+        return True
+
     def _hold(self, block_id: int) -> None:
         if self._refs[block_id] == 0:
             self._num_used += 1
