@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 import statistics
+import types
 
 import pytest
 
@@ -14,6 +15,7 @@ pytest.importorskip("httpx")
 
 from light_moe.bench.serve import (  # noqa: E402
     RequestResult,
+    RequestSpec,
     arrival_offsets,
     dataset_requests,
     run_stream,
@@ -132,6 +134,31 @@ def test_client_chat_shared_prefix_and_concurrency_cap(tmp_path_factory):
     # the chat system prompt (40 words) is shared: later requests find its blocks cached
     assert _metric(after, "light_moe_prefix_cache_hits_total") >= 8 * 9
     assert sum(r.prompt_tokens for r in results) == _metric(after, "light_moe_prefix_cache_queries_total")
+
+
+def test_client_workers_split_the_stream_and_keep_its_order(tmp_path_factory):
+    """Two client processes: every request sent once (its own output length comes back at its own index), at
+    most the concurrency cap in flight together, the wall time from the first start to the last end; failed
+    requests come back as such."""
+    from light_moe.bench.serve_workers import client_workers, run_clients
+    from tests.test_server import MODEL, _engine, _metric, _metrics, _running_server
+    from tests.tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("qwen3_moe", tmp_path_factory.mktemp("qwen3"))
+    engine = _engine(ckpt, block_size=8, max_num_seqs=64)
+    specs = [RequestSpec(list(range(10, 30)), n) for n in (3, 5, 4, 6, 2, 7, 3)]
+    with _running_server(engine) as url:
+        results, duration = run_clients(url, MODEL, specs, 100.0, 4, 0, True, None, 60.0, workers=2)
+        max_batch = _metric(_metrics(url), "light_moe_max_batch_size")
+    # a server that is not there: every request reported failed, by the worker that sent it
+    failed, _ = run_clients("http://127.0.0.1:1", MODEL, specs, math.inf, 4, 0, True, None, 5.0, workers=2)
+    assert len(failed) == len(specs) and all(not r.ok and r.error for r in failed)
+    assert [r.output_tokens for r in results] == [s.output_len for s in specs]
+    assert all(r.ok and 0 < r.ttft <= r.e2e <= duration for r in results)
+    assert max_batch <= 4
+    args = types.SimpleNamespace(client_workers=None, num_prompts=1000)
+    assert client_workers(args, 1) == 1 and client_workers(args, 8) == 1  # small runs stay in this process
+    assert client_workers(types.SimpleNamespace(client_workers=3, num_prompts=1), 1) == 3
 
 
 @pytest.mark.parametrize("flag,expected", [([], None), (["--engine-process"], "--engine-process"),

@@ -225,16 +225,23 @@ def _logprob_tokens(chunk: dict) -> int:
 
 
 async def run_stream(base_url: str, model: str, specs: list[RequestSpec], rate: float, max_concurrency: int | None,
-                     seed: int, token_chunks: bool, api_key: str | None = None,
-                     timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
-    """Send every request at its arrival time (waiting for a seat under max_concurrency); -> results, wall time."""
+                     seed: int, token_chunks: bool, api_key: str | None = None, timeout_s: float = 600.0,
+                     offsets: list[float] | None = None, ready=None,
+                     epochs: list[float] | None = None) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival time (waiting for a seat under max_concurrency); -> results, wall time.
+    offsets: the arrival times (default: arrival_offsets(rate, seed)); ready: called just before the clock starts
+    (a client worker's start barrier, bench/serve_workers.py); epochs: gets the start and end in time.time()."""
     import httpx
 
-    offsets = arrival_offsets(len(specs), rate, seed)
+    offsets = arrival_offsets(len(specs), rate, seed) if offsets is None else offsets
     seats = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     limits = httpx.Limits(max_connections=(max_concurrency or len(specs)) + 4, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        if ready is not None:
+            ready()
         start = time.perf_counter()
+        if epochs is not None:
+            epochs.append(time.time())
 
         async def one(spec: RequestSpec, offset: float) -> RequestResult:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
@@ -244,6 +251,8 @@ async def run_stream(base_url: str, model: str, specs: list[RequestSpec], rate: 
                 return await send(client, base_url, model, spec, token_chunks, api_key)
 
         results = await asyncio.gather(*(one(s, o) for s, o in zip(specs, offsets)))
+        if epochs is not None:
+            epochs.append(time.time())
         return list(results), time.perf_counter() - start
 
 
@@ -390,6 +399,8 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
     else:
         specs = synthetic_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                                    args.shared_prefix_len, vocab_size, chat, args.seed)
+    from light_moe.bench.serve_workers import client_workers, run_clients
+
     if args.warmup:
         warm = warmup_requests(args, vocab_size, chat)
         asyncio.run(run_stream(base_url, model, warm, math.inf, None, args.seed, token_chunks, args.api_key))
@@ -400,8 +411,8 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
         n = len(specs) if args.prompts_per_concurrency is None or concurrency is None else \
             min(len(specs), args.prompts_per_concurrency * concurrency)
         for rate in args.sweep_rates or [args.request_rate]:
-            results, duration = asyncio.run(run_stream(base_url, model, specs[:n], rate, concurrency, args.seed,
-                                                       token_chunks, args.api_key, args.request_timeout))
+            results, duration = run_clients(base_url, model, specs[:n], rate, concurrency, args.seed, token_chunks,
+                                            args.api_key, args.request_timeout, client_workers(args, concurrency))
             row = {"request_rate": _rate(rate), "max_concurrency": concurrency,
                    **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
             rows.append(row)
@@ -541,6 +552,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     load.add_argument("--warmup", type=int, default=1,
                       help="requests sent (and not counted) before the run, of the run's prompt length")
     load.add_argument("--request-timeout", type=float, default=600.0)
+    load.add_argument("--client-workers", type=int, default=None,
+                      help="client processes sending the requests (default: up to 4, one per 4 cores and 16 "
+                      "concurrent requests; one process parsing every event can be the bottleneck)")
     load.add_argument("--token-chunks", action=argparse.BooleanOptionalAction, default=None,
                       help="ask for logprobs so that every token arrives in a chunk of its own (default: with --shape)")
     out = p.add_argument_group("results")
