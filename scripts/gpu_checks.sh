@@ -37,6 +37,8 @@
 #                                               with the deferred group scale (opt-in tiles) beside the table's
 #   scripts/gpu_checks.sh w4a16-confirm OUTDIR  one GPU: W4A16 GPU tests, decode experts, 32-layer W4A16 bench e2e
 #                                               against BASELINE=DIR (the deferred group scale in the tile table)
+#   scripts/gpu_checks.sh followup OUTDIR       one GPU: engine GPU tests (gpt-oss included), the W4A16 MoE layer at
+#                                               every T (3 rounds), the 32-layer W4A16 step profile at B = 64
 #   scripts/gpu_checks.sh warmup-ab OUTDIR      one GPU: bench serve at 64 streams with and without --warmup-graphs
 #   scripts/gpu_checks.sh new-kernels OUTDIR    one GPU: the GPU tests of the kernels written in session 12 without a GPU
 #                                               (default router after its refactor first; skinny GEMM; router variants;
@@ -49,7 +51,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, warmup-ab, new-kernels, skinny-ab or families}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab or families}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -237,6 +239,17 @@ w4a16-confirm)
     fi
     step e2e32 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e32.json"
     ;;
+followup)
+    # what session 14 left to verify: the engine tests after the prefix-cache reset in the forced-routing helper
+    # (gpt-oss graph vs eager), the W4A16 layer with the deferred scale (issue 21: T=1 <= 85 us, never slower
+    # than bf16), the 32-layer W4A16 decode step profiled at B = 64 (issue 24: the 2 ms of non-MoE time at B = 64)
+    step followup_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_gpt_oss_gpu.py \
+        tests/test_cute_engine_gpu.py -ra
+    step moe_layer 300 $py -m light_moe.cli bench moe-layer --quant w4a16 --rounds 3 --output "$out/moe_layer.json"
+    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
+    TAIL=24 step profile32_b64 120 $py -m light_moe.cli bench profile-step $m --batch-size 64 --steps 8 \
+        --output "$out/profile32_b64.json"
+    ;;
 warmup-ab)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
     # the server with and without the start-up graph capture at 64 streams (4 layers), same call
@@ -284,7 +297,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, warmup-ab, new-kernels, skinny-ab or families)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab or families)" >&2
     exit 2
     ;;
 esac
