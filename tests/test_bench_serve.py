@@ -13,15 +13,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-from light_moe.bench.serve import (  # noqa: E402
-    RequestResult,
-    RequestSpec,
-    arrival_offsets,
-    dataset_requests,
-    run_stream,
-    summarize,
-    synthetic_requests,
-)
+from light_moe.bench.serve import dataset_requests, summarize, synthetic_requests  # noqa: E402
+from light_moe.bench.serve_client import RequestResult, RequestSpec, arrival_offsets, run_stream  # noqa: E402
 from light_moe.cli import main as cli_main  # noqa: E402
 
 
@@ -140,7 +133,7 @@ def test_client_workers_split_the_stream_and_keep_its_order(tmp_path_factory):
     """Two client processes: every request sent once (its own output length comes back at its own index), at
     most the concurrency cap in flight together, the wall time from the first start to the last end; failed
     requests come back as such."""
-    from light_moe.bench.serve_workers import client_workers, run_clients
+    from light_moe.bench.serve_client import client_workers, run_clients
     from tests.test_server import MODEL, _engine, _metric, _metrics, _running_server
     from tests.tiny_models import make_tiny_checkpoint
 
@@ -175,7 +168,7 @@ def test_server_command_passes_the_engine_process_choice(flag, expected, tmp_pat
 
 
 def test_a_chunk_of_several_tokens_gives_one_itl_value_per_token():
-    from light_moe.bench.serve import _logprob_tokens
+    from light_moe.bench.serve_client import _logprob_tokens
 
     completion = {"choices": [{"text": "abc", "logprobs": {"tokens": ["a", "b", "c"], "token_logprobs": [0, 0, 0]}}]}
     chat = {"choices": [{"delta": {"content": "ab"}, "logprobs": {"content": [{"token": "a"}, {"token": "b"}]}}]}

@@ -38,10 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from light_moe.bench.env import environment, write_result
+from light_moe.bench.serve_client import RequestResult, RequestSpec, client_workers, run_clients, run_stream
 from light_moe.bench.shapes import SHAPES
 from light_moe.engine.args import SERVER_DEFAULTS, EngineArgs
 
@@ -49,29 +49,6 @@ PERCENTILES = (50, 90, 99)
 _WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had "
           "not but what all when we there can one more out if so up said about into than them some could time "
           "model expert token layer batch cache serve kernel memory stream route prefix latency").split()
-
-
-@dataclass
-class RequestSpec:
-    prompt: str | list[int] | list[dict]  # text, token ids, or chat messages
-    output_len: int
-
-
-@dataclass
-class RequestResult:
-    ok: bool = False
-    error: str | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    ttft: float | None = None  # seconds
-    e2e: float | None = None
-    itl: list[float] = field(default_factory=list)
-
-    @property
-    def tpot(self) -> float | None:
-        if not self.ok or self.output_tokens < 2 or self.ttft is None:
-            return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
 # ---- the request stream --------------------------------------------------------------------------
@@ -127,133 +104,6 @@ def dataset_requests(path: str, num: int, output_len: int, chat: bool) -> list[R
     if not specs:
         raise ValueError(f"{path} holds no prompts")
     return specs
-
-
-def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
-    """Seconds from the start at which each request is sent: a Poisson process (exponential gaps) at `rate`
-    per second; all at 0 for rate inf."""
-    if rate <= 0:
-        raise ValueError(f"request rate must be positive (inf: all at once), got {rate}")
-    if math.isinf(rate):
-        return [0.0] * num
-    rng = random.Random(seed + 1)
-    t, out = 0.0, []
-    for _ in range(num):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
-# ---- the client ----------------------------------------------------------------------------------
-async def send(client, base_url: str, model: str, spec: RequestSpec, token_chunks: bool,
-               api_key: str | None = None) -> RequestResult:
-    """One streamed request; the result records what the client saw (errors included, never raised)."""
-    chat = isinstance(spec.prompt, list) and bool(spec.prompt) and isinstance(spec.prompt[0], dict)
-    body = {"model": model, "max_tokens": spec.output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    if chat:
-        body["messages"] = spec.prompt
-        if token_chunks:
-            body["logprobs"] = True
-    else:
-        body["prompt"] = spec.prompt
-        if token_chunks:
-            body["logprobs"] = 0
-    url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    result = RequestResult()
-    start = time.perf_counter()
-    last = None
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = f"stream error: {chunk['error'].get('message')}"
-                    return result
-                now = time.perf_counter()
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not _has_tokens(chunk):
-                    continue
-                # a chunk may carry k tokens (a split server joins a lagging stream's outputs): with logprobs the
-                # count is known, and the k tokens share the gap (the first chunk's extra tokens came at once)
-                k = _logprob_tokens(chunk)
-                if last is None:
-                    result.ttft = now - start
-                    result.itl.extend([0.0] * (k - 1))
-                else:
-                    result.itl.extend([(now - last) / k] * k)
-                last = now
-    except Exception as exc:  # a benchmark reports a failed request; it does not stop
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    result.e2e = time.perf_counter() - start
-    if result.ttft is None:
-        result.ttft = result.e2e  # every token's text came with the last chunk
-    result.ok = result.output_tokens > 0
-    if not result.ok:
-        result.error = "no tokens (the stream ended without usage)"
-    return result
-
-
-def _has_tokens(chunk: dict) -> bool:
-    for choice in chunk.get("choices") or ():
-        logprobs = choice.get("logprobs") or {}  # completions: tokens; chat: content
-        if choice.get("text") or logprobs.get("tokens") or logprobs.get("content"):
-            return True
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            return True
-    return False
-
-
-def _logprob_tokens(chunk: dict) -> int:
-    """Tokens a chunk carries by its logprobs (completions: tokens; chat: content), at least 1."""
-    n = 0
-    for choice in chunk.get("choices") or ():
-        logprobs = choice.get("logprobs") or {}
-        n += len(logprobs.get("tokens") or logprobs.get("content") or ())
-    return max(1, n)
-
-
-async def run_stream(base_url: str, model: str, specs: list[RequestSpec], rate: float, max_concurrency: int | None,
-                     seed: int, token_chunks: bool, api_key: str | None = None, timeout_s: float = 600.0,
-                     offsets: list[float] | None = None, ready=None,
-                     epochs: list[float] | None = None) -> tuple[list[RequestResult], float]:
-    """Send every request at its arrival time (waiting for a seat under max_concurrency); -> results, wall time.
-    offsets: the arrival times (default: arrival_offsets(rate, seed)); ready: called just before the clock starts
-    (a client worker's start barrier, bench/serve_workers.py); epochs: gets the start and end in time.time()."""
-    import httpx
-
-    offsets = arrival_offsets(len(specs), rate, seed) if offsets is None else offsets
-    seats = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    limits = httpx.Limits(max_connections=(max_concurrency or len(specs)) + 4, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        if ready is not None:
-            ready()
-        start = time.perf_counter()
-        if epochs is not None:
-            epochs.append(time.time())
-
-        async def one(spec: RequestSpec, offset: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            if seats is None:
-                return await send(client, base_url, model, spec, token_chunks, api_key)
-            async with seats:
-                return await send(client, base_url, model, spec, token_chunks, api_key)
-
-        results = await asyncio.gather(*(one(s, o) for s, o in zip(specs, offsets)))
-        if epochs is not None:
-            epochs.append(time.time())
-        return list(results), time.perf_counter() - start
 
 
 # ---- the numbers ---------------------------------------------------------------------------------
@@ -399,8 +249,6 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
     else:
         specs = synthetic_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                                    args.shared_prefix_len, vocab_size, chat, args.seed)
-    from light_moe.bench.serve_workers import client_workers, run_clients
-
     if args.warmup:
         warm = warmup_requests(args, vocab_size, chat)
         asyncio.run(run_stream(base_url, model, warm, math.inf, None, args.seed, token_chunks, args.api_key))
