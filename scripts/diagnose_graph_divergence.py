@@ -44,6 +44,8 @@ def run(checkpoint: Path, backend: str, dtype: str, max_tokens: int) -> dict:
                                 kv_cache_memory_bytes=64 << 20, **path)
         tokens[name] = [o.token_ids for o in engine.generate_outputs(PROMPTS, params)]
         if name in ("eager", "graphs"):
+            # computed again, not served from the batched run's prefix cache (a cached prefix would hide the path)
+            assert engine.reset_prefix_cache()
             tokens[f"{name}_alone"] = [engine.generate_outputs([p], params)[0].token_ids for p in PROMPTS]
         engine.shutdown()
     base = tokens["eager"]
