@@ -48,6 +48,7 @@
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the full gpt-oss-20b and
 #                                               deepseek-v2-lite shapes (gpt-oss also with W4A16 experts, g = 32)
+# ONLY="step names" runs just those steps of a stage (to split a stage over calls).
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
@@ -60,11 +61,13 @@ commit=${LIGHT_MOE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 
 export LIGHT_MOE_GIT_COMMIT=$commit PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 
-step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its tail
-    local name=$1 limit=$2
+step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its tail; ONLY="a b" runs just those
+    local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    echo "== $name: exit $?"
+    rc=$?
+    echo "== $name: exit $rc ($((SECONDS - start)) s)"
     # logs get committed: no machine paths (repository files relative to its root, packages as <site-packages>)
     sed -i -E -e "s#$PWD/##g" -e "s#[^ :'\"(]*/(site|dist)-packages/#<site-packages>/#g" "$out/$name.log"
     grep -v -i warn "$out/$name.log" | tail -n "${TAIL:-6}"
