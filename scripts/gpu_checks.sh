@@ -192,11 +192,12 @@ serve-4|serve-32)
         m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"; tag=32; conc="1 16 64"
         rates="4 16 inf"
     fi
+    conc=${CONC:-$conc}; rates=${RATES:-$rates}  # CONC="16 64", RATES="8 inf": a shorter sweep
     step "e2e${tag}_offline" 200 $py -m light_moe.cli bench e2e $m --batch-sizes 1 16 64 --input-len 128 \
         --output-len 256 --repeats 1 --ttft-repeats 3 --output "$out/e2e${tag}_offline.json"
     TAIL=12 step "serve${tag}" "${SERVE_LIMIT:-300}" $py -m light_moe.cli bench serve $m $warm --num-prompts 1024 \
         --input-len 128 --output-len 256 --sweep-concurrency $conc --prompts-per-concurrency 4 \
-        --slo-ttft-ms 200 --slo-tpot-ms 50 --output "$out/serve${tag}_concurrency.json"
+        --slo-ttft-ms 200 --slo-tpot-ms 50 --save-detailed --output "$out/serve${tag}_concurrency.json"
     # the same concurrency sweep with the engine in the server's process (the split's gain, same call)
     [ -n "${SKIP_INPROCESS:-}" ] || TAIL=8 step "serve${tag}_inprocess" "${SERVE_LIMIT:-300}" $py -m light_moe.cli \
         bench serve $m $warm --no-engine-process --num-prompts 1024 --input-len 128 --output-len 256 \

@@ -85,7 +85,7 @@ def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
     code = cli_main(["bench", "serve", "--device", "cpu", "--num-prompts", "12", "--sweep-concurrency", "1", "4",
                      "--prompts-per-concurrency", "3", "--input-len", "24", "--output-len", "8",
                      "--sweep-rates", "40", "inf", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000",
-                     "--output", str(out)])
+                     "--save-detailed", "--output", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["bench"] == "serve" and result["env"]["device"] == "cpu" and result["env"]["commit"]
@@ -105,6 +105,14 @@ def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
             assert 0 < row[f"p50_{metric}_ms"] <= row[f"p90_{metric}_ms"] <= row[f"p99_{metric}_ms"]
         assert row["p50_ttft_ms"] <= row["p50_e2e_ms"] and row["p99_ttft_ms"] <= row["p99_e2e_ms"]
         assert row["mean_tpot_ms"] * 7 <= row["mean_e2e_ms"]
+        # --save-detailed: one record per request, the summary's numbers come from them
+        records = row["requests"]
+        assert len(records) == n and all(r["error"] is None and r["output_tokens"] == 8 for r in records)
+        assert min(r["sent_s"] for r in records) == 0 and all(0 <= r["sent_s"] < row["duration_s"] for r in records)
+        assert all(0 < r["ttft_ms"] <= r["e2e_ms"] for r in records)
+        ttfts = sorted(r["ttft_ms"] for r in records)
+        assert ttfts[0] <= row["p50_ttft_ms"] <= row["p99_ttft_ms"] <= ttfts[-1]
+        assert row["mean_ttft_ms"] == pytest.approx(sum(ttfts) / n)
     png = tmp_path / "serve.png"
     assert (result["plot"] == str(png) and png.stat().st_size > 0) or "matplotlib" in result["plot_note"]
 
@@ -148,6 +156,8 @@ def test_client_workers_split_the_stream_and_keep_its_order(tmp_path_factory):
     assert len(failed) == len(specs) and all(not r.ok and r.error for r in failed)
     assert [r.output_tokens for r in results] == [s.output_len for s in specs]
     assert all(r.ok and 0 < r.ttft <= r.e2e <= duration for r in results)
+    sent = [r.sent for r in results]  # one clock across the workers: all sent within the run
+    assert max(sent) - min(sent) <= duration
     assert max_batch <= 4
     args = types.SimpleNamespace(client_workers=None, num_prompts=1000)
     assert client_workers(args, 1) == 1 and client_workers(args, 8) == 1  # small runs stay in this process

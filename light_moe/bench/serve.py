@@ -154,6 +154,19 @@ def summarize(results: list[RequestResult], duration_s: float, slo_ttft_ms: floa
     return row
 
 
+def detailed(results: list[RequestResult]) -> list[dict]:
+    """One record per request, in send order of the spec list: when it was sent (seconds after the first send),
+    TTFT and end-to-end (ms), output tokens, the error if any: to see *which* requests make a tail."""
+    sent = [r.sent for r in results if r.sent is not None]
+    t0 = min(sent) if sent else 0.0
+
+    def ms(v):
+        return None if v is None else 1e3 * v
+
+    return [{"sent_s": None if r.sent is None else r.sent - t0, "ttft_ms": ms(r.ttft), "e2e_ms": ms(r.e2e),
+             "output_tokens": r.output_tokens, "error": r.error} for r in results]
+
+
 # ---- the server ----------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -263,6 +276,8 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
                                             args.api_key, args.request_timeout, client_workers(args, concurrency))
             row = {"request_rate": _rate(rate), "max_concurrency": concurrency,
                    **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
+            if args.save_detailed:
+                row["requests"] = detailed(results)
             rows.append(row)
             print(_line(row), file=sys.stderr)
     return {"model": model, "endpoint": args.endpoint, "num_prompts": len(specs), "rows": rows}
@@ -410,4 +425,6 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--slo-tpot-ms", type=float, default=None)
     out.add_argument("--slo-e2e-ms", type=float, default=None)
     out.add_argument("--output", default=None, help="write the JSON result here (default: print it)")
+    out.add_argument("--save-detailed", action="store_true",
+                     help="keep every request's send time, TTFT, end-to-end and tokens in each row (\"requests\")")
     out.add_argument("--plot", default=None, help="the plot's PNG (default with --sweep-rates: --output's, .png)")

@@ -36,6 +36,7 @@ class RequestResult:
     ttft: float | None = None  # seconds
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
+    sent: float | None = None  # time.time() when it was sent (a common clock across client workers)
 
     @property
     def tpot(self) -> float | None:
@@ -76,7 +77,7 @@ async def send(client, base_url: str, model: str, spec: RequestSpec, token_chunk
             body["logprobs"] = 0
     url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    result = RequestResult()
+    result = RequestResult(sent=time.time())
     start = time.perf_counter()
     last = None
     try:
