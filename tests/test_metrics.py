@@ -99,3 +99,40 @@ def test_preemptions_are_counted_and_prefix_caching_can_be_off(ckpt):
     assert _metric(after, "light_moe_prefix_cache_queries_total") == 0
     assert _metric(after, "light_moe_prefix_cache_hits_total") == 0
     assert _metric(after, "light_moe_request_queue_time_seconds_count") == 6
+
+
+def test_the_latency_histogram_writes_what_prometheus_clients_histogram_writes():
+    """The router's cheap histogram (one thread, plain integers, k equal gaps in one call) against
+    prometheus_client's own Histogram given the same observations one by one: identical exposition."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from light_moe.server.metrics import _LATENCY_BUCKETS, _LatencyHistogram
+
+    ours = _LatencyHistogram("t_seconds", "doc", _LATENCY_BUCKETS)
+    registry = CollectorRegistry()
+    theirs = Histogram("t_seconds", "doc", buckets=_LATENCY_BUCKETS, registry=registry)
+    rng = random.Random(0)
+    values = [*_LATENCY_BUCKETS, 0.0, 1e-6, 1e3, *(rng.lognormvariate(-4, 2) for _ in range(500))]
+    for v in values:
+        k = rng.choice((1, 1, 3))
+        ours.observe(v, k)
+        for _ in range(k):
+            theirs.observe(v)
+    mine = CollectorRegistry()
+    mine.register(ours)
+
+    def lines(text: bytes) -> dict:
+        out = {}
+        for line in text.decode().splitlines():
+            if line.startswith("t_seconds_") and "_created" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    expected = lines(generate_latest(registry))
+    got = lines(generate_latest(mine))
+    assert set(got) == set(expected) and len(got) == len(_LATENCY_BUCKETS) + 3  # buckets, +Inf, count, sum
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name

@@ -161,13 +161,14 @@ class StreamRouter:
 
     def route(self, outputs: list[RequestOutput], now: float) -> None:
         m = self.metrics
+        generated = 0
         for output in outputs:
             stream = self.streams.get(output.request_id)
             if stream is None:
                 continue  # aborted while the step ran
             n = len(output.delta_token_ids)
             if n:
-                m.generation_tokens.inc(n)
+                generated += n
                 stream.num_tokens += n
                 if stream.first_token_time is None:
                     stream.first_token_time = now
@@ -175,9 +176,7 @@ class StreamRouter:
                     self._observe_queue_time(stream)
                     n -= 1  # the first token has no predecessor
                 if n:
-                    gap = (now - stream.last_token_time) / n
-                    for _ in range(n):
-                        m.itl.observe(gap)
+                    m.itl.observe((now - stream.last_token_time) / n, n)  # n gaps of 1/n of the interval
                 stream.last_token_time = now
             if output.finished:
                 del self.streams[output.request_id]
@@ -192,6 +191,8 @@ class StreamRouter:
                 self.deliveries.append((stream, RequestFailedError(f"the request failed in the engine: {error}")))
             elif output.finished or stream.stream_deltas:
                 self.deliveries.append((stream, output))
+        if generated:
+            m.generation_tokens.inc(generated)  # once per step, not per request: the counter takes a lock
 
     def _observe_queue_time(self, stream: RequestStream) -> None:
         request = stream.engine_request

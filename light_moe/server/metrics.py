@@ -22,10 +22,13 @@ every few steps without a per-step sync); it is copied into the metrics at most 
 """
 from __future__ import annotations
 
+import bisect
+import math
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -55,6 +58,35 @@ class _ExpertLoadCollector:
         return [tokens, balance]
 
 
+class _LatencyHistogram:
+    """A histogram written by one thread with plain integers, read at scrape time (a custom collector).
+
+    prometheus_client's Histogram takes a lock and walks its buckets in Python on every observe: per streamed
+    token (ITL) that was the largest part of the router's metrics cost in the API process (docs/server.md,
+    "Metrics cost"). Here an observation is a bisect and two additions, and k tokens sharing one gap are one
+    call. A scrape from another thread reads the counts while they may grow: the cumulative buckets and the
+    count come from one copy of the list, so they stay consistent with each other (the sum may be one
+    observation ahead)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]):
+        self.name, self.documentation = name, documentation
+        self.bounds = list(buckets)  # upper bounds, ascending; +Inf is the last count
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += count  # le: a value on a bound counts in it
+        self.sum += value * count
+
+    def collect(self):
+        counts = list(self.counts)
+        cumulative, running = [], 0
+        for bound, c in zip([*self.bounds, math.inf], counts):
+            running += c
+            cumulative.append((floatToGoString(bound), running))  # the le labels prometheus_client's Histogram writes
+        return [HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)]
+
+
 class ServerMetrics:
     def __init__(self, model_name: str, expert_sync_interval_s: float = 1.0) -> None:
         self.registry = CollectorRegistry()
@@ -65,19 +97,15 @@ class ServerMetrics:
                                 ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("light_moe_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("light_moe_generation_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("light_moe_time_to_first_token_seconds",
-                              "From arrival at the server to the first generated token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("light_moe_inter_token_latency_seconds", "Between consecutive generated tokens",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("light_moe_e2e_request_latency_seconds", "From arrival to the last token",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("light_moe_time_per_output_token_seconds",
-                              "Per finished request: (last token - first token) / (generated tokens - 1)",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("light_moe_request_queue_time_seconds",
-                                    "From arrival to the request's first scheduled step",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
+        # the per-request latencies are observed per token or per request on the router's thread: the cheap kind
+        self.ttft = self._latency("light_moe_time_to_first_token_seconds",
+                                  "From arrival at the server to the first generated token")
+        self.itl = self._latency("light_moe_inter_token_latency_seconds", "Between consecutive generated tokens")
+        self.e2e = self._latency("light_moe_e2e_request_latency_seconds", "From arrival to the last token")
+        self.tpot = self._latency("light_moe_time_per_output_token_seconds",
+                                  "Per finished request: (last token - first token) / (generated tokens - 1)")
+        self.queue_time = self._latency("light_moe_request_queue_time_seconds",
+                                        "From arrival to the request's first scheduled step")
         self.prefix_queries = Counter("light_moe_prefix_cache_queries",
                                       "Prompt tokens looked up in the prefix cache on admission", registry=r)
         self.prefix_hits = Counter("light_moe_prefix_cache_hits",
@@ -106,6 +134,11 @@ class ServerMetrics:
         self._steps_seen = 0
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)  # (queries, hits)
+
+    def _latency(self, name: str, documentation: str) -> _LatencyHistogram:
+        histogram = _LatencyHistogram(name, documentation, _LATENCY_BUCKETS)
+        self.registry.register(histogram)
+        return histogram
 
     # ---- engine thread only --------------------------------------------------------------------
     def observe_step(self, engine, num_queued: int) -> None:
