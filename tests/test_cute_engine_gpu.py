@@ -107,10 +107,18 @@ def assert_agree_with_forced_routing(ref, cute, prompt, max_tokens):
     # cache: the gpt-oss graph-vs-eager check tripped on exactly that (scripts/diagnose_graph_divergence.py)
     assert ref.reset_prefix_cache() and cute.reset_prefix_cache()
     first = next((i for i, (a, b) in enumerate(zip(ta, tb)) if a != b), len(ta))
-    layers = len(ref.model.moe_blocks())
+    # forward f produces token f: forwards 0..first saw the same tokens
+    check_forced_routes(ref_trace, cute_trace, len(ref.model.moe_blocks()), first)
+    assert_agree(ref, cute, prompt, ta, tb)
+
+
+def check_forced_routes(ref_trace: RouteTrace, cute_trace: RouteTrace, layers: int, last_forward: int) -> None:
+    """Forwards 0..last_forward of a forced run: every router call's logits within ROUTER_LOGIT_TOL of the
+    reference's; where the CuTe router's own choice differs, the reference's k-th / (k+1)-th gap lies within the
+    two paths' logit difference (a near-tie)."""
     for n, ((ga, ia), (gb, _), own) in enumerate(zip(ref_trace.calls, cute_trace.calls, cute_trace.own_ids)):
-        if n // layers > first:
-            break  # forward f produces token f: forwards 0..first saw the same tokens
+        if n // layers > last_forward:
+            break
         diff = (ga - gb).abs().max().item()
         scale = ga.abs().max().item()
         where = f"forward {n // layers} layer {n % layers}"
@@ -120,7 +128,22 @@ def assert_agree_with_forced_routing(ref, cute, prompt, max_tokens):
             k = ia.shape[1]
             row_diff = (ga[row] - gb[row]).abs().max().item()
             assert top[k - 1] - top[k] <= 2 * row_diff + 1e-6, f"{where} row {row}: a routing flip without a near-tie"
-    assert_agree(ref, cute, prompt, ta, tb)
+
+
+def prefill_logits_with_forced_routing(ref, cute, prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position's logits of one prompt's prefill (eager forwards, tests/test_fidelity.engine_prefill_logits)
+    on the reference engine and on the CuTe engine routed with the reference's expert choices, router logits
+    checked (check_forced_routes): the two paths' logit difference without the routing near-ties of a tiny
+    random model (one flipped expert of one position moves its logits, and later positions', by O(1)).
+    -> (reference, CuTe) float32 [N, V]."""
+    ref_trace = RouteTrace(ref)
+    want = engine_prefill_logits(ref, prompt).float()
+    del ref.ops.route
+    cute_trace = RouteTrace(cute, forced=ref_trace.calls)
+    got = engine_prefill_logits(cute, prompt).float()
+    del cute.ops.route
+    check_forced_routes(ref_trace, cute_trace, len(ref.model.moe_blocks()), 0)
+    return want, got
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
@@ -229,10 +252,13 @@ def test_piecewise_prefill_graphs_match_eager(checkpoint):
     (a small token budget), and decodes sharing steps with prefill chunks; a second round reuses the graphs
     with other token counts in the same buckets."""
     params = SamplingParams(max_tokens=24, temperature=0.0)
+    # no prefix cache: a second round would otherwise reuse KV one engine computed in the first under another
+    # batch (and the eager engine its own, the graph engine fresh ones), a path difference that is not the
+    # graphs'; both engines chunk alike (one budget), so what differs is the graphs alone
     common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
-                  moe_backend="cute", async_scheduling=False)
-    eager = LightMoEEngine(checkpoint, enforce_eager=True, **common)
+                  moe_backend="cute", async_scheduling=False, enable_prefix_caching=False)
     for budget in (2048, 48):  # 48: the 57-token prompt is chunked, other requests decode beside it
+        eager = LightMoEEngine(checkpoint, enforce_eager=True, max_num_batched_tokens=budget, **common)
         graphs = LightMoEEngine(checkpoint, max_num_batched_tokens=budget, **common)
         assert graphs.runner.prefill_graphs is not None and eager.runner.prefill_graphs is None
         out_e = eager.generate_outputs(PROMPTS, params)
@@ -247,6 +273,7 @@ def test_piecewise_prefill_graphs_match_eager(checkpoint):
                                 graphs.generate_outputs(shorter, params)):
             assert_agree(eager, graphs, prompt, a.token_ids, b.token_ids)
         graphs.shutdown()
+        eager.shutdown()
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")

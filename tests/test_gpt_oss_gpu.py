@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from light_moe import LightMoEEngine, SamplingParams
-from tests.test_cute_engine_gpu import PROMPTS, assert_agree, assert_agree_with_forced_routing
-from tests.test_fidelity import NEW_TOKENS, engine_prefill_logits, hf_greedy
+from tests.test_cute_engine_gpu import (
+    PROMPTS,
+    assert_agree,
+    assert_agree_with_forced_routing,
+    prefill_logits_with_forced_routing,
+)
+from tests.test_fidelity import NEW_TOKENS, hf_greedy
 from tests.test_fidelity_gpt_oss import write_mxfp4_checkpoint
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -58,7 +63,9 @@ def test_cute_fallback_path_matches_the_reference(checkpoint, caplog):
         assert_agree_with_forced_routing(ref_eager, cute_eager, prompt, 32)
     for prompt, a, b in zip(PROMPTS, cute_eager.generate_outputs(PROMPTS, params), outputs):
         assert_agree(cute_eager, cute, prompt, a.token_ids, b.token_ids)
-    want, got = (engine_prefill_logits(e, PROMPTS[2]).float() for e in (ref, cute))
+    # the prefill logits under the reference's expert choices (on the H100, unforced, a near-tie flip gave 6.6e-2
+    # where the forced tokens above all agreed: BENCHMARKS.md, session 15)
+    want, got = prefill_logits_with_forced_routing(ref, cute, PROMPTS[2])
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 2e-2, f"CuTe path's bf16 prefill logits differ from the reference's by {rel:.2e}"
 
