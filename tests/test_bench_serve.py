@@ -113,6 +113,12 @@ def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
         ttfts = sorted(r["ttft_ms"] for r in records)
         assert ttfts[0] <= row["p50_ttft_ms"] <= row["p99_ttft_ms"] <= ttfts[-1]
         assert row["mean_ttft_ms"] == pytest.approx(sum(ttfts) / n)
+        # the server's own view of the row (/metrics before and after): its requests, and latencies measured over
+        # a part of what the client measured
+        server = row["server"]
+        assert server["requests"] == n
+        assert 0 < server["mean_queue_time_ms"] <= server["mean_ttft_ms"] <= row["mean_ttft_ms"]
+        assert 0 < server["mean_e2e_ms"] <= row["mean_e2e_ms"] and server["mean_itl_ms"] > 0
     png = tmp_path / "serve.png"
     assert (result["plot"] == str(png) and png.stat().st_size > 0) or "matplotlib" in result["plot_note"]
 

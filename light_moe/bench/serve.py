@@ -167,6 +167,55 @@ def detailed(results: list[RequestResult]) -> list[dict]:
              "output_tokens": r.output_tokens, "error": r.error} for r in results]
 
 
+# The server's own latency histograms (docs/server.md, /metrics): their sums and counts before and after a row
+# give the row's server-side means, measured from arrival at the server, so a client-side TTFT splits into the
+# time before the engine scheduled the request (queue), the rest of the server's time to the first token, and
+# what lies outside the server (HTTP in, the client's own event loop)
+SERVER_LATENCIES = {"ttft": "light_moe_time_to_first_token_seconds",
+                    "queue_time": "light_moe_request_queue_time_seconds",
+                    "itl": "light_moe_inter_token_latency_seconds", "e2e": "light_moe_e2e_request_latency_seconds"}
+
+
+def parse_latency_sums(text: str) -> dict[str, tuple[float, float]]:
+    """{key: (sum, count)} of SERVER_LATENCIES from Prometheus text; keys whose metric is absent are left out."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("light_moe_") and ("_sum " in line or "_count " in line):
+            name, _, value = line.partition(" ")
+            values[name] = float(value)
+    out = {}
+    for key, metric in SERVER_LATENCIES.items():
+        if f"{metric}_sum" in values and f"{metric}_count" in values:
+            out[key] = (values[f"{metric}_sum"], values[f"{metric}_count"])
+    return out
+
+
+def server_latencies(base_url: str, api_key: str | None) -> dict[str, tuple[float, float]] | None:
+    """The server's latency sums and counts now; None where /metrics does not answer (another server)."""
+    import httpx
+
+    try:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    return parse_latency_sums(response.text) if response.status_code == 200 else None
+
+
+def server_view(before: dict | None, after: dict | None) -> dict | None:
+    """The server-side mean of each latency over the row (ms), and the requests it counted (TTFT's count)."""
+    if before is None or after is None:
+        return None
+    out: dict = {}
+    for key, (total, count) in after.items():
+        total0, count0 = before.get(key, (0.0, 0.0))
+        n = count - count0
+        out[f"mean_{key}_ms"] = 1e3 * (total - total0) / n if n > 0 else None
+        if key == "ttft":
+            out["requests"] = int(n)
+    return out
+
+
 # ---- the server ----------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -272,10 +321,12 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
         n = len(specs) if args.prompts_per_concurrency is None or concurrency is None else \
             min(len(specs), args.prompts_per_concurrency * concurrency)
         for rate in args.sweep_rates or [args.request_rate]:
+            before = server_latencies(base_url, args.api_key)
             results, duration = run_clients(base_url, model, specs[:n], rate, concurrency, args.seed, token_chunks,
                                             args.api_key, args.request_timeout, client_workers(args, concurrency))
             row = {"request_rate": _rate(rate), "max_concurrency": concurrency,
                    **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
+            row["server"] = server_view(before, server_latencies(base_url, args.api_key))
             if args.save_detailed:
                 row["requests"] = detailed(results)
             rows.append(row)
@@ -287,11 +338,15 @@ def _line(row: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.1f}"
 
+    server = row.get("server") or {}
+    inside = (f"; server side: TTFT mean {f(server.get('mean_ttft_ms'))} ms, queue mean "
+              f"{f(server.get('mean_queue_time_ms'))} ms") if server else ""
     return (f"rate {row['request_rate']} concurrency {row['max_concurrency']}: "
             f"{row['completed']}/{row['num_requests']} ok, "
             f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} out tok/s, "
-            f"TTFT p50 {f(row['p50_ttft_ms'])} p99 {f(row['p99_ttft_ms'])} ms, TPOT p50 {f(row['p50_tpot_ms'])} ms, "
-            f"ITL p50 {f(row['p50_itl_ms'])} ms, goodput {row['goodput']:.2f} req/s")
+            f"TTFT p50 {f(row['p50_ttft_ms'])} p99 {f(row['p99_ttft_ms'])} mean {f(row['mean_ttft_ms'])} ms, "
+            f"TPOT p50 {f(row['p50_tpot_ms'])} ms, ITL p50 {f(row['p50_itl_ms'])} ms, "
+            f"goodput {row['goodput']:.2f} req/s{inside}")
 
 
 def plot(result: dict, path: str) -> str | None:
