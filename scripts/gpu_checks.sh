@@ -46,8 +46,8 @@
 #   scripts/gpu_checks.sh skinny-ab OUTDIR      one GPU: bench_skinny_gemm (with --sweep), then bench e2e of the 4- and
 #                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
-#                                               (scripts/bench_mla_decode.py), bench e2e of the full gpt-oss-20b and
-#                                               deepseek-v2-lite shapes (gpt-oss also with W4A16 experts, g = 32)
+#                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
+#                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
 # ONLY="step names" runs just those steps of a stage (to split a stage over calls).
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
@@ -285,13 +285,15 @@ skinny-ab)
     done
     ;;
 families)
+    # the released models' whole depth (issue 22's must-show: full shapes; --layers defaults to 4): gpt-oss-20b
+    # 24 layers, DeepSeek-V2-Lite 27 (the first dense); ~42 and ~32 GB of bf16 random weights
     step mla_decode_bench 150 $py scripts/bench_mla_decode.py --out "$out/mla_decode.json"
-    step e2e_gpt_oss_20b 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --dtype bfloat16 --device cuda \
-        --repeats 1 --output "$out/e2e_gpt_oss_20b.json"
+    step e2e_gpt_oss_20b 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --layers 24 --dtype bfloat16 \
+        --device cuda --repeats 1 --output "$out/e2e_gpt_oss_20b.json"
     # W4A16 experts at g = 32 (128 does not divide gpt-oss's 2880)
-    step e2e_gpt_oss_20b_w4a16 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --dtype bfloat16 --device cuda \
-        --quantization w4a16 --quant-group-size 32 --repeats 1 --output "$out/e2e_gpt_oss_20b_w4a16.json"
-    step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --dtype bfloat16 \
+    step e2e_gpt_oss_20b_w4a16 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --layers 24 --dtype bfloat16 \
+        --device cuda --quantization w4a16 --quant-group-size 32 --repeats 1 --output "$out/e2e_gpt_oss_20b_w4a16.json"
+    step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --layers 27 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     ;;
 p2p)
