@@ -45,6 +45,8 @@
 #                                               expert epilogues; attention sinks / window; MLA decode; engine tests)
 #   scripts/gpu_checks.sh skinny-ab OUTDIR      one GPU: bench_skinny_gemm (with --sweep), then bench e2e of the 4- and
 #                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
+#   scripts/gpu_checks.sh router-decode OUTDIR  one GPU: the wide decode router CTA's GPU tests and its routing chain
+#                                               against the default at T = 1..64 (bench/router_bench.py --decode-chain)
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -52,7 +54,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab or families}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or router-decode}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -296,6 +298,14 @@ families)
     step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --layers 27 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     ;;
+router-decode)
+    # issue 24 (B = 64 step): the routing chain before a decode layer's experts past 16 tokens (memset of the
+    # counts, router over several CTAs, metadata kernel) against one wide CTA writing the metadata itself
+    step router_wide_tests 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_routing_kernels_gpu.py \
+        -k "wide or routing_metadata" -ra
+    TAIL=8 step router_decode_chain 120 $py -m light_moe.bench.router_bench --decode-chain \
+        --out "$out/router_decode_chain.json"
+    ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
     step p2p_tests 360 $py -m pytest -q -m "gpu and multigpu" -p no:cacheprovider tests/test_p2p_exchange.py -ra
@@ -303,7 +313,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab or families)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or router-decode)" >&2
     exit 2
     ;;
 esac

@@ -93,6 +93,19 @@ def test_router_with_metadata_compiles(dtype, experts, top_k, tmp_path):
         router.RouterKernel("bf16", hidden, experts, top_k, True, tile, single_cta=False, metadata=True)
 
 
+@pytest.mark.parametrize("tokens", [32, 64])
+def test_a_wide_decode_cta_with_metadata_compiles(tokens, tmp_path):
+    """The candidate decode tile of bench/router_bench.py (one CTA of ceil(T / 16) mma tiles, metadata fused)."""
+    from light_moe.bench.router_bench import wide_decode_tile
+
+    tile = wide_decode_tile(tokens)
+    assert tile.tokens >= tokens and not tile.split and router.metadata_fusable(8, tokens, 4096 * 2, tile)
+    jit_fn, args = router.make_compile_args(BF16, 4096, 8, 2, True, tile, make_fake_stream(), single_cta=True,
+                                            metadata=True)
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    _report(f"router + metadata, wide decode CTA {tile}", seconds, cubin)
+
+
 @pytest.mark.parametrize("name", list(ROUTING_CASES))
 def test_routing_metadata_compiles(name, tmp_path):
     experts, top_k, single = ROUTING_CASES[name]
