@@ -289,6 +289,9 @@ skinny-ab)
 families)
     # the released models' whole depth (issue 22's must-show: full shapes; --layers defaults to 4): gpt-oss-20b
     # 24 layers, DeepSeek-V2-Lite 27 (the first dense); ~42 and ~32 GB of bf16 random weights
+    # the MLA rotary + latent write kernel (written in session 15 without a GPU) and the family engine tests
+    step family_tests 280 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_mla_rope_kv_gpu.py \
+        tests/test_deepseek_cute_gpu.py tests/test_gpt_oss_gpu.py -ra
     step mla_decode_bench 150 $py scripts/bench_mla_decode.py --out "$out/mla_decode.json"
     step e2e_gpt_oss_20b 280 $py -m light_moe.cli bench e2e --shape gpt-oss-20b --layers 24 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_gpt_oss_20b.json"

@@ -58,6 +58,7 @@ def test_cute_backend_matches_reference(checkpoint, monkeypatch):
     assert len(calls) >= 3 * 23 * len(PROMPTS) and all(shape[1:] == (16, 576) for shape in calls)
     fallbacks = {op for op, _ in cute.ops._logged}
     assert "MLA decode attention" not in fallbacks and "MLA prefill attention" in fallbacks, cute.ops._logged
+    assert "MLA rotary + latent write" not in fallbacks, cute.ops._logged  # kernels/mla_rope_kv.py
 
 
 def test_cuda_graph_decode_matches_eager(checkpoint):

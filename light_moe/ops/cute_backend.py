@@ -19,6 +19,7 @@ from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
 from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_gemm, w4a16_linear
 from light_moe.kernels import mla_decode_attention as mla_kernel
+from light_moe.kernels import mla_rope_kv as mla_rope_kernel
 from light_moe.kernels import prefill_attention as prefill_kernel
 from light_moe.kernels import rms_norm as rms_norm_kernel
 from light_moe.kernels import rope_kv as rope_kernel
@@ -241,8 +242,16 @@ class CuteOps(MoEOps):
 
     # ---- multi-head latent attention: decode on kernels/mla_decode_attention.py, the rest on the reference --
     def mla_rope_write(self, q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave: bool):
-        self._fallback("MLA rotary + latent write", "no MLA kernel yet")
-        return super().mla_rope_write(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave)
+        ok, reason = mla_rope_kernel.supports(q.dtype, q.shape[1], q.shape[2] - k_pe.shape[1], k_pe.shape[1],
+                                              latent.shape[1])
+        if ok and not q.is_cuda:
+            ok, reason = False, f"q on {q.device}"
+        if not ok:
+            self._fallback("MLA rotary + latent write", reason)
+            return super().mla_rope_write(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping,
+                                          interleave)
+        return mla_rope_kernel.mla_rope_write(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping,
+                                              interleave)
 
     def mla_attention(self, q, latent_cache, kv_b_weight, meta: AttentionMetadata, scale: float,
                       out: torch.Tensor | None = None) -> torch.Tensor:
