@@ -191,8 +191,8 @@ class MlaRopeKVKernel:
         frag = cute.make_rmem_tensor((vec,), self.dtype)
 
         for item in range(tidx, q_copy + q_rope + latent_items + pairs, self.threads):
-            if item < q_copy:  # q's no-rope vectors, copied
-                at = (item // nope_vecs) * head_vecs + item % nope_vecs
+            if item < q_copy:  # q's no-rope vectors, copied (traced even without any: Dn = 0 divides by 1)
+                at = (item // max(nope_vecs, 1)) * head_vecs + item % max(nope_vecs, 1)
                 cute.copy(copy_x, q_row[None, at], frag)
                 cute.copy(copy_x, frag, q_out_row[None, at])
             elif item < q_copy + q_rope:  # q's rotary part of one head
