@@ -32,11 +32,17 @@ from cutlass.cute.runtime import make_ptr
 
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
-from light_moe.kernels.rms_norm import mul_rn
+from light_moe.kernels.rope_kv import (
+    TABLE_VEC,
+    check_positions_and_tables,
+    rotate_vectors,
+    slot_row,
+    table_args,
+    token_prologue,
+)
 
 _DTYPES = {torch.bfloat16: BFloat16, torch.float16: Float16, torch.float32: Float32}
 MAX_THREADS = 512
-TABLE_VEC = 4  # fp32 per 16-byte access of the cos/sin tables
 MAX_HEADS = 128
 
 
@@ -117,13 +123,8 @@ class MlaRopeKVKernel:
             grid=(n_tokens, 1, 1), block=(self.threads, 1, 1), stream=stream, use_pdl=True)
 
     def _slot_row(self, cache_ptr: cute.Pointer, slot: Int64):
-        """The [L + R] row of one cache slot as 16-byte vectors; the offset is formed in 64 bits because
-        S * (L + R) may pass 2^31 elements."""
-        row_bytes = (self.latent + self.rope) * (self.dtype.width // 8)
-        addr = cache_ptr.toint() + slot * row_bytes
-        row_ptr = cute.make_ptr(self.dtype, addr, cute.AddressSpace.gmem, assumed_align=16)
-        row = cute.make_tensor(row_ptr, cute.make_layout((self.latent + self.rope,)))
-        return cute.zipped_divide(row, (self.vec,))
+        """The [L + R] row of one cache slot as 16-byte vectors."""
+        return slot_row(self.dtype, cache_ptr, slot, self.latent + self.rope)
 
     def _rotate(self, src, src_base, dst, dst_base, pair, cos_row, sin_row, copy_x, copy_t):
         """Output vectors `pair` of the first and of the second half of one rotary part: src / dst are rows as
@@ -148,27 +149,10 @@ class MlaRopeKVKernel:
             cute.copy(copy_x, src[None, src_base + pair], a_in)
             cute.copy(copy_x, src[None, src_base + pairs + pair], b_in)
         per_vec = vec // TABLE_VEC
-        per_half = self.rope // 2 // TABLE_VEC
-        hi_half = 0 if self.interleave else 1  # the table half the second outputs take
-        tables = cute.make_rmem_tensor((TABLE_VEC, per_vec, 4), Float32)  # c_lo, c_hi, s_lo, s_hi
-        for t, (table, half) in enumerate(((cos_row, 0), (cos_row, hi_half), (sin_row, 0), (sin_row, hi_half))):
-            for j in range(per_vec):
-                cute.copy(copy_t, table[None, half * per_half + pair * per_vec + j], tables[None, j, t])
-
-        def rnd(val):  # torch's rounding of one op's fp32 result to the activation dtype
-            if dtype is Float32:
-                return val
-            return val.to(dtype).to(Float32)
-
+        hi_start = (0 if self.interleave else self.rope // 2 // TABLE_VEC) + pair * per_vec  # interleaved: 1st half
         out_lo = cute.make_rmem_tensor((vec,), dtype)
         out_hi = cute.make_rmem_tensor((vec,), dtype)
-        for e in range(vec):
-            a, b = a_in[e].to(Float32), b_in[e].to(Float32)
-            i, j = e % TABLE_VEC, e // TABLE_VEC
-            c_lo, c_hi = rnd(tables[i, j, 0]), rnd(tables[i, j, 1])
-            s_lo, s_hi = rnd(tables[i, j, 2]), rnd(tables[i, j, 3])
-            out_lo[e] = (rnd(mul_rn(a, c_lo)) - rnd(mul_rn(b, s_lo))).to(dtype)
-            out_hi[e] = (rnd(mul_rn(b, c_hi)) + rnd(mul_rn(a, s_hi))).to(dtype)
+        rotate_vectors(dtype, a_in, b_in, cos_row, sin_row, pair * per_vec, hi_start, copy_t, out_lo, out_hi)
         cute.copy(copy_x, out_lo, dst[None, dst_base + pair])
         cute.copy(copy_x, out_hi, dst[None, dst_base + pairs + pair])
 
@@ -179,13 +163,7 @@ class MlaRopeKVKernel:
         vec, pairs, nope_vecs, head_vecs = self.vec, self.pairs, self.nope_vecs, self.head_vecs
         q_copy, q_rope, latent_items = self.q_copy_items, self.q_rope_items, self.latent_items
         tidx, _, _ = cute.arch.thread_idx()
-        token, _, _ = cute.arch.block_idx()
-        pos = Int32(positions[token])
-        slot = Int64(slots[token])
-        copy_x = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128)
-        copy_t = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Float32, num_bits_per_copy=128)
-        cos_row = cute.zipped_divide(cos[pos, None], (TABLE_VEC,))
-        sin_row = cute.zipped_divide(sin[pos, None], (TABLE_VEC,))
+        token, slot, copy_x, copy_t, cos_row, sin_row = token_prologue(self.dtype, positions, slots, cos, sin)
         q_row = cute.zipped_divide(q[token, None], (vec,))
         q_out_row = cute.zipped_divide(q_out[token, None], (vec,))
         frag = cute.make_rmem_tensor((vec,), self.dtype)
@@ -224,10 +202,7 @@ def make_compile_args(dtype: torch.dtype, num_heads: int, nope_dim: int, rope_di
     args = (
         act(), act(), act(),
         Int32(num_heads * (nope_dim + rope_dim)), Int32(latent_dim), Int32(latent_dim + rope_dim),
-        make_ptr(Int64, 16, gmem, assumed_align=8),
-        make_ptr(Float32, 16, gmem, assumed_align=16),
-        make_ptr(Float32, 16, gmem, assumed_align=16),
-        Int32(4096),
+        *table_args(),
         act(),
         make_ptr(Int64, 16, gmem, assumed_align=8),
         act(),
@@ -276,15 +251,7 @@ def _check(q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, q_o
     _rows_ok("k_pe", k_pe, n, rope, q.dtype)
     if latent_cache.dtype != q.dtype or not latent_cache.is_contiguous() or latent_cache.data_ptr() % 16:
         raise ValueError(f"latent_cache must be a contiguous, 16-byte aligned {q.dtype} tensor")
-    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
-        if t.shape != (n,) or t.dtype != torch.int64 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [{n}] int64 tensor, got {tuple(t.shape)} {t.dtype}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() != 2 or t.shape[1] != rope or t.dtype != torch.float32 or not t.is_contiguous() \
-                or t.data_ptr() % 16:
-            raise ValueError(f"{name} must be a contiguous [P, {rope}] fp32 tensor, got {tuple(t.shape)} {t.dtype}")
-    if cos.shape != sin.shape or cos.shape[0] * rope >= 2**31:
-        raise ValueError(f"cos and sin must have one shape [P, {rope}] with P * R < 2^31")
+    check_positions_and_tables(n, positions, slot_mapping, cos, sin, rope)
     if q_out.shape != q.shape or q_out.dtype != q.dtype or not q_out.is_contiguous() or q_out.data_ptr() % 16:
         raise ValueError(f"q_out must be a contiguous {tuple(q.shape)} {q.dtype} tensor, got {tuple(q_out.shape)}")
     return h, nope, rope, lat
@@ -312,10 +279,7 @@ def mla_rope_write(q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, po
     fn(
         act(q), act(latent), act(k_pe),
         Int32(q.stride(0)), Int32(latent.stride(0)), Int32(k_pe.stride(0)),
-        make_ptr(Int64, positions.data_ptr(), gmem, assumed_align=8),
-        make_ptr(Float32, cos.data_ptr(), gmem, assumed_align=16),
-        make_ptr(Float32, sin.data_ptr(), gmem, assumed_align=16),
-        Int32(cos.shape[0]),
+        *table_args(positions, cos, sin),
         act(latent_cache),
         make_ptr(Int64, slot_mapping.data_ptr(), gmem, assumed_align=8),
         act(q_out),

@@ -51,6 +51,82 @@ def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: in
     return True, "ok"
 
 
+def slot_row(dtype, cache_ptr: cute.Pointer, slot: Int64, width: int):
+    """The `width`-element row of one cache slot (a cache addressed as [S, width]) as 16-byte vectors; the
+    offset is formed in 64 bits because S * width may pass 2^31 elements. Traced inline (device side)."""
+    addr = cache_ptr.toint() + slot * (width * (dtype.width // 8))
+    row_ptr = cute.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=16)
+    row = cute.make_tensor(row_ptr, cute.make_layout((width,)))
+    return cute.zipped_divide(row, (128 // dtype.width,))
+
+
+def check_positions_and_tables(n: int, positions, slot_mapping, cos, sin, dim: int) -> None:
+    """The host checks every rotary + cache-write wrapper shares: positions and slot_mapping contiguous [n] int64,
+    cos and sin one contiguous, 16-byte aligned [P, dim] fp32 shape with P * dim < 2^31."""
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.shape != (n,) or t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{n}] int64 tensor, got {tuple(t.shape)} {t.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[1] != dim or t.dtype != torch.float32 or not t.is_contiguous() \
+                or t.data_ptr() % 16:
+            raise ValueError(f"{name} must be a contiguous [P, {dim}] fp32 tensor, got {tuple(t.shape)} {t.dtype}")
+    if cos.shape != sin.shape or cos.shape[0] * dim >= 2**31:
+        raise ValueError(f"cos and sin must have one shape [P, {dim}] with P * {dim} < 2^31")
+
+
+def table_args(positions: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> tuple:
+    """The launch arguments every rotary + cache-write kernel takes for its tables: (positions, cos, sin pointers,
+    P); with no tensors, the placeholders make_compile_args compiles with."""
+    gmem = cute.AddressSpace.gmem
+    if positions is None:
+        return (make_ptr(Int64, 16, gmem, assumed_align=8), make_ptr(Float32, 16, gmem, assumed_align=16),
+                make_ptr(Float32, 16, gmem, assumed_align=16), Int32(4096))
+    return (make_ptr(Int64, positions.data_ptr(), gmem, assumed_align=8),
+            make_ptr(Float32, cos.data_ptr(), gmem, assumed_align=16),
+            make_ptr(Float32, sin.data_ptr(), gmem, assumed_align=16), Int32(cos.shape[0]))
+
+
+def rotate_vectors(dtype, x_lo, x_hi, cos_row, sin_row, lo_start: int, hi_start, copy_t, out_lo, out_hi) -> None:
+    """One rotation of vec elements: out_lo = x_lo c_lo - x_hi s_lo, out_hi = x_hi c_hi + x_lo s_hi, where the
+    c / s of out_lo start at table vector lo_start of cos_row / sin_row (4-float vectors) and those of out_hi at
+    hi_start. Rounded as torch's ops round in the activation dtype: the table values first (`.to(dtype)`), then
+    each product, then the sum, so bf16 results match the reference bit for bit. out_* may be x_* (each element
+    is read before it is written). Traced inline (device side): its loops unroll."""
+    vec = 128 // dtype.width
+    tables = cute.make_rmem_tensor((TABLE_VEC, vec // TABLE_VEC, 4), Float32)  # c_lo, c_hi, s_lo, s_hi
+    for t, (table, start) in enumerate(((cos_row, lo_start), (cos_row, hi_start), (sin_row, lo_start),
+                                        (sin_row, hi_start))):
+        for j in range(vec // TABLE_VEC):
+            cute.copy(copy_t, table[None, start + j], tables[None, j, t])
+
+    def rnd(val):  # torch's rounding of one op's fp32 result to the activation dtype
+        if dtype is Float32:
+            return val
+        return val.to(dtype).to(Float32)
+
+    for e in range(vec):
+        a, b = x_lo[e].to(Float32), x_hi[e].to(Float32)
+        i, j = e % TABLE_VEC, e // TABLE_VEC
+        c_lo, c_hi = rnd(tables[i, j, 0]), rnd(tables[i, j, 1])
+        s_lo, s_hi = rnd(tables[i, j, 2]), rnd(tables[i, j, 3])
+        # rotate_half(x) = (-x_hi, x_lo); -(b * s) rounds like (-b) * s
+        out_lo[e] = (rnd(mul_rn(a, c_lo)) - rnd(mul_rn(b, s_lo))).to(dtype)
+        out_hi[e] = (rnd(mul_rn(b, c_hi)) + rnd(mul_rn(a, s_hi))).to(dtype)
+
+
+def token_prologue(dtype, positions, slots, cos, sin):
+    """What a one-CTA-per-token rotary kernel starts from: (token, its cache slot in 64 bits, the 16-byte copy
+    atoms of activations and of the fp32 tables, the token's cos and sin rows as 4-float vectors). Traced inline."""
+    token, _, _ = cute.arch.block_idx()
+    pos = Int32(positions[token])
+    slot = Int64(slots[token])
+    copy_x = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
+    copy_t = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Float32, num_bits_per_copy=128)
+    return (token, slot, copy_x, copy_t, cute.zipped_divide(cos[pos, None], (TABLE_VEC,)),
+            cute.zipped_divide(sin[pos, None], (TABLE_VEC,)))
+
+
 class RopeKVKernel:
     """Compiled once per (dtype, h, g, D, block_size); N, the row strides of q/k/v and P are run-time
     arguments. The cache is addressed by slot (its [S, g, D] view), so block_size only names the config."""
@@ -104,44 +180,23 @@ class RopeKVKernel:
             grid=(n_tokens, 1, 1), block=(self.threads, 1, 1), stream=stream, use_pdl=True)
 
     def _slot_row(self, cache_ptr: cute.Pointer, slot: Int64):
-        """The [g*D] row of one cache slot as 16-byte vectors; the offset is formed in 64 bits because
-        S * g * D may pass 2^31 elements."""
-        row_bytes = self.num_kv_heads * self.head_dim * (self.dtype.width // 8)
-        addr = cache_ptr.toint() + slot * row_bytes
-        row_ptr = cute.make_ptr(self.dtype, addr, cute.AddressSpace.gmem, assumed_align=16)
-        row = cute.make_tensor(row_ptr, cute.make_layout((self.num_kv_heads * self.head_dim,)))
-        return cute.zipped_divide(row, (self.vec,))
+        """The [g*D] row of one cache slot as 16-byte vectors."""
+        return slot_row(self.dtype, cache_ptr, slot, self.num_kv_heads * self.head_dim)
 
     def _rotate(self, src, dst, head, pair, cos_row, sin_row, copy_x, copy_t):
         """dst = rope(src) for the vector `pair` of the first half of `head` and its partner in the second
         half; src/dst are one row as 16-byte vectors, cos_row/sin_row one table row as 4-float vectors.
         A plain Python helper (not preprocessed by the DSL): its loops and branches unroll while tracing."""
-        dtype, vec, pairs = self.dtype, self.vec, self.pairs
+        vec, pairs = self.vec, self.pairs
         lo = head * 2 * pairs + pair
         hi = lo + pairs
-        x_lo = cute.make_rmem_tensor((vec,), dtype)
-        x_hi = cute.make_rmem_tensor((vec,), dtype)
+        x_lo = cute.make_rmem_tensor((vec,), self.dtype)
+        x_hi = cute.make_rmem_tensor((vec,), self.dtype)
         cute.copy(copy_x, src[None, lo], x_lo)
         cute.copy(copy_x, src[None, hi], x_hi)
-        tables = cute.make_rmem_tensor((TABLE_VEC, vec // TABLE_VEC, 4), Float32)  # c_lo, c_hi, s_lo, s_hi
-        per_half = self.head_dim // 2 // TABLE_VEC
-        for t, (table, half) in enumerate(((cos_row, 0), (cos_row, 1), (sin_row, 0), (sin_row, 1))):
-            for j in range(vec // TABLE_VEC):
-                cute.copy(copy_t, table[None, half * per_half + pair * (vec // TABLE_VEC) + j], tables[None, j, t])
-
-        def rnd(val):  # torch's rounding of one op's fp32 result to the activation dtype
-            if dtype is Float32:
-                return val
-            return val.to(dtype).to(Float32)
-
-        for e in range(vec):
-            a, b = x_lo[e].to(Float32), x_hi[e].to(Float32)
-            i, j = e % TABLE_VEC, e // TABLE_VEC
-            c_lo, c_hi = rnd(tables[i, j, 0]), rnd(tables[i, j, 1])
-            s_lo, s_hi = rnd(tables[i, j, 2]), rnd(tables[i, j, 3])
-            # rotate_half(x) = (-x_hi, x_lo); -(b * s) rounds like (-b) * s
-            x_lo[e] = (rnd(mul_rn(a, c_lo)) - rnd(mul_rn(b, s_lo))).to(dtype)
-            x_hi[e] = (rnd(mul_rn(b, c_hi)) + rnd(mul_rn(a, s_hi))).to(dtype)
+        start = pair * (vec // TABLE_VEC)
+        rotate_vectors(self.dtype, x_lo, x_hi, cos_row, sin_row, start, self.head_dim // 2 // TABLE_VEC + start,
+                       copy_t, x_lo, x_hi)
         cute.copy(copy_x, x_lo, dst[None, lo])
         cute.copy(copy_x, x_hi, dst[None, hi])
 
@@ -153,13 +208,7 @@ class RopeKVKernel:
         vec, pairs = self.vec, self.pairs
         q_items, k_items, v_items = self.q_items, self.k_items, self.v_items
         tidx, _, _ = cute.arch.thread_idx()
-        token, _, _ = cute.arch.block_idx()
-        pos = Int32(positions[token])
-        slot = Int64(slots[token])
-        copy_x = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128)
-        copy_t = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Float32, num_bits_per_copy=128)
-        cos_row = cute.zipped_divide(cos[pos, None], (TABLE_VEC,))
-        sin_row = cute.zipped_divide(sin[pos, None], (TABLE_VEC,))
+        token, slot, copy_x, copy_t, cos_row, sin_row = token_prologue(self.dtype, positions, slots, cos, sin)
 
         for item in range(tidx, q_items + k_items + v_items, self.threads):
             if item < q_items:
@@ -192,10 +241,7 @@ def make_compile_args(dtype: torch.dtype, num_heads: int, num_kv_heads: int, hea
     args = (
         act(), act(), act(),
         Int32(fused_stride), Int32(fused_stride), Int32(fused_stride),
-        make_ptr(Int64, 16, gmem, assumed_align=8),
-        make_ptr(Float32, 16, gmem, assumed_align=16),
-        make_ptr(Float32, 16, gmem, assumed_align=16),
-        Int32(4096),
+        *table_args(),
         act(), act(),
         make_ptr(Int64, 16, gmem, assumed_align=8),
         act(),
@@ -236,14 +282,7 @@ def _check(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_out) 
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype or not t.is_contiguous() or t.data_ptr() % 16:
             raise ValueError(f"{name} must be a contiguous, 16-byte aligned {q.dtype} tensor")
-    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
-        if t.shape != (n,) or t.dtype != torch.int64 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [{n}] int64 tensor, got {tuple(t.shape)} {t.dtype}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() != 2 or t.shape[1] != d or t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() % 16:
-            raise ValueError(f"{name} must be a contiguous [P, {d}] fp32 tensor, got {tuple(t.shape)} {t.dtype}")
-    if cos.shape != sin.shape or cos.shape[0] * d >= 2**31:
-        raise ValueError(f"cos and sin must have one shape [P, {d}] with P * D < 2^31")
+    check_positions_and_tables(n, positions, slot_mapping, cos, sin, d)
     if q_out.shape != (n, h, d) or q_out.dtype != q.dtype or not q_out.is_contiguous() or q_out.data_ptr() % 16:
         raise ValueError(f"q_out must be a contiguous [{n}, {h}, {d}] {q.dtype} tensor, got {tuple(q_out.shape)}")
     return h, g, d, block_size
@@ -271,10 +310,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     fn(
         act(q), act(k), act(v),
         Int32(q.stride(0)), Int32(k.stride(0)), Int32(v.stride(0)),
-        make_ptr(Int64, positions.data_ptr(), gmem, assumed_align=8),
-        make_ptr(Float32, cos.data_ptr(), gmem, assumed_align=16),
-        make_ptr(Float32, sin.data_ptr(), gmem, assumed_align=16),
-        Int32(cos.shape[0]),
+        *table_args(positions, cos, sin),
         act(k_cache), act(v_cache),
         make_ptr(Int64, slot_mapping.data_ptr(), gmem, assumed_align=8),
         act(q_out),
