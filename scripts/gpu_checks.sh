@@ -45,6 +45,8 @@
 #                                               expert epilogues; attention sinks / window; MLA decode; engine tests)
 #   scripts/gpu_checks.sh skinny-ab OUTDIR      one GPU: bench_skinny_gemm (with --sweep), then bench e2e of the 4- and
 #                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
+#   scripts/gpu_checks.sh verify-15 OUTDIR      one GPU: the GPU tests of what session 15 wrote without a GPU run, then
+#                                               the router's decode chain (first call of session 16)
 #   scripts/gpu_checks.sh router-decode OUTDIR  one GPU: the wide decode router CTA's GPU tests and its routing chain
 #                                               against the default at T = 1..64 (bench/router_bench.py --decode-chain)
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
@@ -54,7 +56,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or router-decode}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, router-decode or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -301,6 +303,16 @@ families)
     step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --layers 27 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     ;;
+verify-15)
+    # what session 15 wrote or changed without a GPU run: the MLA rotary + latent write kernel and the DeepSeek
+    # engine on it, the gpt-oss prefill-logit check under forced routing, the piecewise-graph test without prefix
+    # cache, the wide decode router CTA; then the router's decode chain timing
+    step verify15_tests 360 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_mla_rope_kv_gpu.py \
+        tests/test_deepseek_cute_gpu.py tests/test_gpt_oss_gpu.py tests/test_cute_engine_gpu.py \
+        tests/kernels/test_routing_kernels_gpu.py -ra
+    TAIL=8 step router_decode_chain 120 $py -m light_moe.bench.router_bench --decode-chain \
+        --out "$out/router_decode_chain.json"
+    ;;
 router-decode)
     # issue 24 (B = 64 step): the routing chain before a decode layer's experts past 16 tokens (memset of the
     # counts, router over several CTAs, metadata kernel) against one wide CTA writing the metadata itself
@@ -316,7 +328,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or router-decode)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, router-decode or verify-15)" >&2
     exit 2
     ;;
 esac
