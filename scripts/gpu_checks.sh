@@ -255,8 +255,9 @@ followup)
         tests/test_cute_engine_gpu.py -ra
     step moe_layer 300 $py -m light_moe.cli bench moe-layer --quant w4a16 --rounds 3 --output "$out/moe_layer.json"
     m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
+    # the chrome trace too: where the 297 us per step between kernels (session 15) sits on the timeline
     TAIL=24 step profile32_b64 120 $py -m light_moe.cli bench profile-step $m --batch-size 64 --steps 8 \
-        --output "$out/profile32_b64.json"
+        --trace "$out/profile32_b64_trace.json" --output "$out/profile32_b64.json"
     ;;
 warmup-ab)
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
