@@ -313,6 +313,12 @@ verify-15)
         tests/kernels/test_routing_kernels_gpu.py -ra
     TAIL=8 step router_decode_chain 120 $py -m light_moe.bench.router_bench --decode-chain \
         --out "$out/router_decode_chain.json"
+    # the down projection's L2 prefetch before its wait (opt-in 'f'): its GPU test, then the decode experts with
+    # and without it (up ignores the flag), 3 rounds alternating
+    step w4a16_prefetch_tests 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
+        -k l2_prefetch -ra
+    TAIL=10 step w4a16_prefetch_ab 150 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 --rounds 3 \
+        --configs 64x8x4d 64x8x4df --output "$out/w4a16_prefetch_ab.json"
     ;;
 router-decode)
     # issue 24 (B = 64 step): the routing chain before a decode layer's experts past 16 tokens (memset of the

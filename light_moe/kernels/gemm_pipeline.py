@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import BFloat16, Int32
+from cutlass import BFloat16, Int32, Int64
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
 
 from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, gated_activation
 from light_moe.kernels.gemm_host import TILE_K, VEC
+
+
+@dsl_user_op
+def prefetch_l2(addr: Int64, num_bytes: int, *, loc=None, ip=None) -> None:
+    """cp.async.bulk.prefetch.L2 of num_bytes (a multiple of 16) from global address addr (16-byte aligned): a hint,
+    nothing waits for it and nothing is written to shared memory."""
+    llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Int32(num_bytes).ir_value(loc=loc, ip=ip)],
+                    "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", has_side_effects=True,
+                    is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
 
 
 @cute.jit

@@ -135,9 +135,10 @@ class GroupedGemmSm90:
         if config.k_split != 1:
             return False, f"the bf16 grouped GEMM has no split K (k_split must be 1, got {config.k_split})"
         if (config.stages or config.k_tiles_per_stage != 1 or config.kblock_pipeline or config.bulk_weights
-                or config.tma_tokens):
+                or config.tma_tokens or config.l2_prefetch):
             return False, (f"the bf16 grouped GEMM sizes its own pipeline and loads its weights by TMA (stages must be "
-                           f"0, k_tiles_per_stage 1, kblock_pipeline, bulk_weights and tma_tokens False), got {config}")
+                           f"0, k_tiles_per_stage 1, kblock_pipeline, bulk_weights, tma_tokens and l2_prefetch "
+                           f"False), got {config}")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
         if gated and n_out % 16:

@@ -79,6 +79,11 @@ class TileConfig:
     # and group instead of one bf16x2 fma per A register and k-tile, a saving where tiles have few token columns
     # (decode). Needs g >= 64 (one group per k-tile at most) and whole-k-tile wgmma (no k-block pipeline).
     deferred_scale: bool = False
+    # W4A16 only, applied by the down projection alone: before griddepcontrol.wait, the producer prefetches its
+    # first tile's first stages of int4 atoms into L2 (the expert list comes from the router, which finished
+    # before the up GEMM, the kernel just before, passed its own wait; the weights are no kernel's output), so
+    # the down GEMM's pipeline fill overlaps the up GEMM's tail. A candidate, not in the table (docs/kernels.md).
+    l2_prefetch: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):

@@ -67,6 +67,7 @@ from light_moe.kernels.gemm_pipeline import (
     drain_producer,
     gather_sources,
     locate_tile,
+    prefetch_l2,
     signal_full,
     stage_out_chunk,
     store_out_chunk,
@@ -159,6 +160,9 @@ class W4A16GroupedGemmSm90:
         # exact q - z in A, one fp32 accumulator per group folded with its scale (w4a16_dequant.py); g >= 64, so
         # a k-tile that loads meta is exactly one that starts a group
         self.deferred_scale = config.deferred_scale
+        # the down projection's pre-wait L2 prefetch of its first stages (TileConfig.l2_prefetch); the up
+        # projection's expert list is its predecessor's output, so it never prefetches
+        self.l2_prefetch = config.l2_prefetch and not gated
         # TMA tokens: wgmma reads nothing written through the generic proxy (the int4 and meta that cp.async
         # writes are read by ld.shared), so there is nothing to fence
         self.fence_mode = "none" if config.tma_tokens else config.fence_mode
@@ -280,13 +284,20 @@ class W4A16GroupedGemmSm90:
                 cute.arch.mbarrier_init(full + s, WG + int(self.bulk_weights or self.tma_tokens))
                 cute.arch.mbarrier_init(empty + s, 4 * self.m_wg)  # one arrival per warp that reads the stage
             cute.arch.mbarrier_init_fence()
-        await_inputs()  # expert_offsets, tokens: the router's and the previous GEMM's outputs
+        if cutlass.const_expr(not self.l2_prefetch):
+            await_inputs()  # expert_offsets, tokens: the router's and the previous GEMM's outputs
 
         if warp == 0:  # the tile schedule of grouped_gemm.py
             build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, tile_t, self.n_out // self.tile_w)
         cute.arch.sync_threads()
 
         total_tiles = s_prefix[n_exp]
+        if cutlass.const_expr(self.l2_prefetch):
+            # down projection: expert_offsets were complete before the up GEMM passed its wait (TileConfig
+            # .l2_prefetch), so the schedule above is safe; act, the up GEMM's output, is read only after this wait
+            if wg == 0:
+                self.prefetch_first_stages(qweight, s_rows, s_prefix, total_tiles)
+            await_inputs()
         if wg == 0:
             if cutlass.const_expr(self.tma_tokens):
                 if warp == 0:
@@ -295,6 +306,19 @@ class W4A16GroupedGemmSm90:
                          total_tiles)
         else:
             self.consume(out, tiled_mma, tiled_mma_first, storage, t_layout, s_rows, s_prefix, total_tiles, bias)
+
+    @cute.jit
+    def prefetch_first_stages(self, qweight: cute.Tensor, s_rows: cute.Tensor, s_prefix: cute.Tensor,
+                              total_tiles: Int32):
+        """Producer thread kt < the ring's k-tiles: an L2 prefetch of k-tile kt's int4 atoms (n_atoms x 2 KB,
+        contiguous) of this CTA's first tile, the bytes its first stages will load."""
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        ahead = min(self.stages * self.kps, self.k_tiles)
+        if bidx < total_tiles and tidx < ahead:
+            e, _, _, w_tile, _ = locate_tile(bidx, Int32(0), s_rows, s_prefix, self.tile_t)
+            chunk = ((e * self.k_tiles + tidx) * (self.n_out // ATOM_M) + w_tile * self.n_atoms) * WG
+            prefetch_l2(qweight.iterator.toint() + Int64(chunk) * 16, self.n_atoms * WG * 16)
 
     @cute.jit
     def produce(

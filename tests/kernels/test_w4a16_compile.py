@@ -12,7 +12,7 @@ from light_moe.kernels import w4a16_gemm, w4a16_plan  # noqa: E402
 from light_moe.kernels import w4a16_layout as layout  # noqa: E402
 from light_moe.kernels.tile_config import TileConfig  # noqa: E402
 from light_moe.kernels.w4a16_gemm import W4A16GroupedGemmSm90, choose_w4a16_tile, supports  # noqa: E402
-from tests.kernels.compile_check import compile_sm90a  # noqa: E402
+from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
 
 
 def _rows(dtype, width, align=16):
@@ -111,6 +111,13 @@ CASES = {
     "up_mid_128x32_g64_E64_deferred": (True, 64, 1024, 768, 64, TileConfig(128, 32, deferred_scale=True)),
     "down_decode_64x16_g128_k2_tma_deferred": (False, 8, 4096, 14336, 128,
                                                TileConfig(64, 16, k_split=2, tma_tokens=True, deferred_scale=True)),
+    # the down projection's L2 prefetch before its wait (opt-in candidate): the decode tile of the table, and a
+    # 256-row bulk-weight tile
+    "down_decode_64x8_g128_k4_deferred_l2_prefetch": (False, 8, 4096, 14336, 128,
+                                                      TileConfig(64, 8, k_split=4, deferred_scale=True,
+                                                                 l2_prefetch=True)),
+    "down_mid_256x32_g128_bulk_l2_prefetch": (False, 8, 4096, 14336, 128,
+                                              TileConfig(256, 32, bulk_weights=True, l2_prefetch=True)),
 }
 
 
@@ -237,6 +244,24 @@ def test_deferred_scale_config_checks():
         on = W4A16GroupedGemmSm90(**kw, group_size=g, config=config)
         off = W4A16GroupedGemmSm90(**kw, group_size=g, config=TileConfig(64, 8, k_split=4))
         assert (on.threads, on.stages, on.deferred_scale) == (off.threads, off.stages, True)
+
+
+def test_l2_prefetch_only_in_the_down_projection(tmp_path):
+    """TileConfig.l2_prefetch reads the expert list before griddepcontrol.wait: safe only where that list is not
+    the previous kernel's output, the down projection; the up projection's kernel ignores the flag."""
+    config = TileConfig(64, 8, k_split=4, l2_prefetch=True)
+    kw = dict(num_experts=8, group_size=128, config=config)
+    up = W4A16GroupedGemmSm90(gated=True, n_out=2 * 14336, k_dim=4096, **kw)
+    down = W4A16GroupedGemmSm90(gated=False, n_out=4096, k_dim=14336, **kw)
+    assert (up.l2_prefetch, down.l2_prefetch) == (False, True)
+    # its PTX has the prefetch; the same kernel without the flag has none
+    on_ptx = compile_sm90a_ptx(down, *_args(False, 8, 4096, 14336, 128)[2], dump_root=str(tmp_path / "on"))
+    off = W4A16GroupedGemmSm90(gated=False, n_out=4096, k_dim=14336, num_experts=8, group_size=128,
+                               config=TileConfig(64, 8, k_split=4))
+    off_ptx = compile_sm90a_ptx(off, *_args(False, 8, 4096, 14336, 128)[2], dump_root=str(tmp_path / "off"))
+    assert "cp.async.bulk.prefetch.L2.global" in on_ptx and "cp.async.bulk.prefetch.L2.global" not in off_ptx
+    # the prefetch comes before the grid-dependency wait, and the wait is still there
+    assert on_ptx.index("cp.async.bulk.prefetch.L2.global") < on_ptx.index("griddepcontrol.wait")
 
 
 def test_explicit_pipeline_stages():

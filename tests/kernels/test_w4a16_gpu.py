@@ -4,6 +4,8 @@ Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K 
 Run on the H100: pytest -m gpu tests/kernels/test_w4a16_gpu.py -v
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -429,3 +431,26 @@ def test_w4a16_deferred_scale_mixtral_shape(num_tokens):
     for config in (TileConfig(64, 8, "consumer", 4, deferred_scale=True),
                    TileConfig(128, 8, "consumer", 4, k_tiles_per_stage=2, deferred_scale=True)):
         _check_case(num_tokens, 8, 2, 4096, 14336, 128, False, seed=83 + num_tokens, config=config)
+
+
+@pytest.mark.parametrize("num_tokens", (1, 7, 64, 333))
+def test_w4a16_l2_prefetch(num_tokens):
+    """TileConfig.l2_prefetch (the down projection prefetches its first stages into L2 before its wait, a hint):
+    up then down against the reference, NaN-poisoned; and the down output bit for bit that of the same tile
+    without the prefetch (run right after an up GEMM, as in the layer: the expert list it reads early is the
+    router's, not the up GEMM's)."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig
+
+    for config in (TileConfig(64, 8, "consumer", 4, deferred_scale=True, l2_prefetch=True),
+                   TileConfig(256, 32, "consumer", bulk_weights=True, l2_prefetch=True)):
+        _check_case(num_tokens, 8, 2, HIDDEN, INTER, 128, True, seed=97 + num_tokens, config=config)
+        x, gather_index, offsets, w13p, _ = _up_problem(num_tokens, HIDDEN, INTER, 128, seed=101 + num_tokens)
+        gen = torch.Generator(device="cuda").manual_seed(103 + num_tokens)
+        w2p = w4.prepare_w4a16_weights(*_quantized(8, HIDDEN, INTER, 128, True, torch.device("cuda"), gen), 128,
+                                       gated=False)
+        act = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=config)
+        with_prefetch = w4.w4a16_expert_down(act, offsets, w2p, config=config)
+        act2 = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=config)
+        without = w4.w4a16_expert_down(act2, offsets, w2p, config=dataclasses.replace(config, l2_prefetch=False))
+        assert torch.equal(with_prefetch, without), "the L2 prefetch changed the down projection's output"
