@@ -27,13 +27,15 @@ from __future__ import annotations
 import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 import torch
-from cutlass import BFloat16, Float16, Float32, Int32, Int64
+from cutlass import Int32, Int64
 from cutlass.cute.runtime import make_ptr
 
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.rope_kv import (
+    _DTYPES,
     TABLE_VEC,
+    _vec,
     check_positions_and_tables,
     rotate_vectors,
     slot_row,
@@ -41,13 +43,8 @@ from light_moe.kernels.rope_kv import (
     token_prologue,
 )
 
-_DTYPES = {torch.bfloat16: BFloat16, torch.float16: Float16, torch.float32: Float32}
 MAX_THREADS = 512
 MAX_HEADS = 128
-
-
-def _vec(dtype: torch.dtype) -> int:
-    return 16 // dtype.itemsize
 
 
 def supports(dtype: torch.dtype, num_heads: int, nope_dim: int, rope_dim: int, latent_dim: int) -> tuple[bool, str]:
@@ -135,16 +132,15 @@ class MlaRopeKVKernel:
         dtype, vec, pairs = self.dtype, self.vec, self.pairs
         a_in = cute.make_rmem_tensor((vec,), dtype)  # the first members of this pair item's vec rotations
         b_in = cute.make_rmem_tensor((vec,), dtype)  # their partners
-        if self.interleave:
-            raw = cute.make_rmem_tensor((2 * vec,), dtype)
-            for half in range(2):
-                chunk = cute.make_rmem_tensor((vec,), dtype)
-                cute.copy(copy_x, src[None, src_base + 2 * pair + half], chunk)
-                for e in range(vec):
-                    raw[half * vec + e] = chunk[e]
+        if self.interleave:  # the 2 vec inputs x[2e], x[2e + 1] of output e, from two consecutive vectors
+            lo = cute.make_rmem_tensor((vec,), dtype)
+            hi = cute.make_rmem_tensor((vec,), dtype)
+            cute.copy(copy_x, src[None, src_base + 2 * pair], lo)
+            cute.copy(copy_x, src[None, src_base + 2 * pair + 1], hi)
             for e in range(vec):
-                a_in[e] = raw[2 * e]
-                b_in[e] = raw[2 * e + 1]
+                part = lo if 2 * e < vec else hi
+                a_in[e] = part[2 * e % vec]
+                b_in[e] = part[(2 * e + 1) % vec]
         else:
             cute.copy(copy_x, src[None, src_base + pair], a_in)
             cute.copy(copy_x, src[None, src_base + pairs + pair], b_in)
