@@ -47,8 +47,6 @@
 #                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
 #   scripts/gpu_checks.sh verify-15 OUTDIR      one GPU: the GPU tests of what session 15 wrote without a GPU run, then
 #                                               the router's decode chain (first call of session 16)
-#   scripts/gpu_checks.sh router-decode OUTDIR  one GPU: the wide decode router CTA's GPU tests and its routing chain
-#                                               against the default at T = 1..64 (bench/router_bench.py --decode-chain)
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -56,7 +54,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, router-decode or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -73,7 +71,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
     rc=$?
     echo "== $name: exit $rc ($((SECONDS - start)) s)"
     # logs get committed: no machine paths (repository files relative to its root, packages as <site-packages>)
-    sed -i -E -e "s#$PWD/##g" -e "s#[^ :'\"(]*/(site|dist)-packages/#<site-packages>/#g" "$out/$name.log"
+    sed -i -E -e "s#$out/##g" -e "s#$PWD/##g" -e "s#[^ :'\"(]*/(site|dist)-packages/#<site-packages>/#g" "$out/$name.log"
     grep -v -i warn "$out/$name.log" | tail -n "${TAIL:-6}"
 }
 
@@ -311,22 +309,12 @@ verify-15)
     step verify15_tests 360 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_mla_rope_kv_gpu.py \
         tests/test_deepseek_cute_gpu.py tests/test_gpt_oss_gpu.py tests/test_cute_engine_gpu.py \
         tests/kernels/test_routing_kernels_gpu.py -ra
-    TAIL=8 step router_decode_chain 120 $py -m light_moe.bench.router_bench --decode-chain \
-        --out "$out/router_decode_chain.json"
     # the down projection's L2 prefetch before its wait (opt-in 'f'): its GPU test, then the decode experts with
     # and without it (up ignores the flag), 3 rounds alternating
     step w4a16_prefetch_tests 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_gpu.py \
         -k l2_prefetch -ra
     TAIL=10 step w4a16_prefetch_ab 150 $py -m light_moe.bench.w4a16_experts --tokens 1 4 16 --rounds 3 \
         --configs 64x8x4d 64x8x4df --output "$out/w4a16_prefetch_ab.json"
-    ;;
-router-decode)
-    # issue 24 (B = 64 step): the routing chain before a decode layer's experts past 16 tokens (memset of the
-    # counts, router over several CTAs, metadata kernel) against one wide CTA writing the metadata itself
-    step router_wide_tests 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_routing_kernels_gpu.py \
-        -k "wide or routing_metadata" -ra
-    TAIL=8 step router_decode_chain 120 $py -m light_moe.bench.router_bench --decode-chain \
-        --out "$out/router_decode_chain.json"
     ;;
 p2p)
     n=${EP_SIZE:-$($py -c "import torch; print(torch.cuda.device_count())")}
@@ -335,7 +323,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, router-decode or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or verify-15)" >&2
     exit 2
     ;;
 esac

@@ -54,7 +54,8 @@ class RouteTrace:
     router logits (fp32, from the router input and the gate weight) and the sorted top-k expert ids; with
     `forced` (another trace's calls, in the same order) the engine then uses those ids instead of its own,
     weighted by its own router probabilities, so both engines route alike and stay in lockstep. Softmax routers:
-    Mixtral's (softmax, then the top-k) and gpt-oss's (gate bias, softmax over the top-k logits)."""
+    Mixtral's and DeepSeek-V2's ungrouped one (softmax, then the top-k) and gpt-oss's (gate bias, softmax over the
+    top-k logits)."""
 
     def __init__(self, engine, forced: list | None = None):
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -64,8 +65,9 @@ class RouteTrace:
         def traced(x, gate_weight, top_k, renormalize, counts_out=None, **variant):
             weights, ids, counts, metadata = route(x, gate_weight, top_k, renormalize, counts_out, **variant)
             spec = variant.get("spec")
-            if spec is not None and spec.scoring != "softmax_topk":
-                raise NotImplementedError(f"forced routing for the {spec.scoring} router")
+            # the near-tie check ranks by logits: only routers whose choice is monotone in them
+            if spec is not None and (spec.scoring == "sigmoid" or spec.n_group > 1 or spec.correction_bias):
+                raise NotImplementedError(f"forced routing for the {spec} router")
             logits = x.float() @ gate_weight.float().t()
             if variant.get("gate_bias") is not None:  # gpt-oss: logits + bias, softmax over the top-k
                 logits = logits + variant["gate_bias"].float()
@@ -75,12 +77,14 @@ class RouteTrace:
                 return weights, ids, counts, metadata
             fids = forced[len(self.calls)][1].to(ids.device)
             self.calls.append((logits.cpu(), forced[len(self.calls)][1]))
-            if spec is not None:  # softmax_topk: the weights are the softmax of the chosen logits
+            if spec is not None and spec.scoring == "softmax_topk":  # the softmax of the chosen logits
                 probs = torch.softmax(logits.gather(1, fids), -1)
-            else:
+            else:  # Mixtral, DeepSeek-V2: the softmax over every expert, gathered (ops/reference.py spec_router)
                 probs = torch.softmax(logits, -1).gather(1, fids)
-            if renormalize and spec is None:
-                probs = probs / probs.sum(-1, keepdim=True)
+                if renormalize:
+                    probs = probs / (probs.sum(-1, keepdim=True) + (0.0 if spec is None else 1e-20))
+            if spec is not None:
+                probs = probs * spec.routed_scaling_factor
             counts = torch.bincount(fids.flatten(), minlength=gate_weight.shape[0]).to(counts.dtype)
             if counts_out is not None:
                 counts = counts_out.copy_(counts)

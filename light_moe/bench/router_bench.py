@@ -107,63 +107,6 @@ def _router_row(copy_gbs, w, top_k, tokens, tiles):
     return row
 
 
-def wide_decode_tile(tokens: int) -> router.RouterTile:
-    """One 512-thread CTA of 16-token mma tiles covering `tokens` (E <= 16): the decode tile of choose_tile made
-    wide enough that one CTA can also write the routing metadata (a candidate for T = 32..64, not the default)."""
-    return router.RouterTile(1, 1, 16, -(-tokens // 16), 1, 2)
-
-
-def bench_decode_chain(rows, experts, hidden, top_k, tokens_list):
-    """What a decode MoE layer launches before its experts, per T: the default (choose_tile: past 16 tokens the
-    counts' memset, the router over several CTAs, then the routing-metadata kernel) against one wide CTA writing
-    the metadata itself (wide_decode_tile: no memset, one launch). Same ids, weights and metadata checked."""
-    w = (torch.randn(experts, hidden, device="cuda") / hidden ** 0.5).bfloat16()
-    for tokens in tokens_list:
-        rows.append(_decode_chain_row(w, top_k, tokens))
-
-
-def _chain_outputs(tokens: int, experts: int, top_k: int):
-    m = tokens * top_k
-    return (torch.empty(tokens, top_k, device="cuda"), torch.empty(tokens, top_k, dtype=torch.int32, device="cuda"),
-            torch.empty(experts, dtype=torch.int32, device="cuda"),
-            tuple(torch.empty(n, dtype=torch.int32, device="cuda") for n in (experts + 1, m, m)))
-
-
-def _decode_chain_row(w, top_k, tokens):
-    experts, hidden = w.shape
-    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
-    auto, wide = router.choose_tile(experts, tokens, hidden * 2), wide_decode_tile(tokens)
-    a, b = _chain_outputs(tokens, experts, top_k), _chain_outputs(tokens, experts, top_k)
-    ws = torch.empty(max(1, routing.workspace_size(tokens * top_k, experts)), dtype=torch.int32, device="cuda")
-    fused = router.metadata_fusable(experts, tokens, hidden * 2, auto)
-
-    def default_chain():
-        if fused:
-            router.router_into(x, w, top_k, True, *a[:3], tile=auto, metadata=a[3])
-        else:
-            router.router_into(x, w, top_k, True, *a[:3], tile=auto)
-            routing.routing_metadata_into(a[1], experts, *a[3], workspace=ws)
-
-    def wide_chain():
-        router.router_into(x, w, top_k, True, *b[:3], tile=wide, metadata=b[3])
-
-    default_chain()
-    wide_chain()
-    # ids, counts and metadata exactly; the weights within fp32 rounding (the token tiles differ, not the H slices)
-    same = all(torch.equal(u, v) for u, v in zip((*a[1:3], *a[3]), (*b[1:3], *b[3])))
-    weight_diff = (a[0] - b[0]).abs().max().item()
-    ref = reference.routing_metadata(a[1], experts)
-    matches_ref = all(torch.equal(u, v.to(torch.int32)) for u, v in zip(a[3], ref))
-    row = {"op": "decode_routing_chain", "E": experts, "H": hidden, "K": top_k, "T": tokens,
-           "tile_auto": _tile_label(auto), "tile_wide": _tile_label(wide), "same_outputs": same,
-           "weight_max_abs_diff": weight_diff, "metadata_matches_reference": matches_ref,
-           "default_us": graph_us(default_chain), "wide_us": graph_us(wide_chain)}
-    print(f"decode chain E={experts} K={top_k} T={tokens:3d}: default {row['default_us']:6.1f} us "
-          f"({row['tile_auto']})  one wide CTA {row['wide_us']:6.1f} us  same ids / counts / metadata {same} "
-          f"(weights within {weight_diff:.1e}), metadata = reference {matches_ref}", flush=True)
-    return row
-
-
 def bench_metadata(rows, experts, top_k, tokens_list):
     for tokens in tokens_list:
         rows.append(_metadata_row(experts, top_k, tokens))
@@ -240,8 +183,6 @@ def main(argv=None):
     parser.add_argument("--out", default=None,
                         help="JSON path (default benchmarks/results/router_kernels_<date>_<card>.json)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--decode-chain", action="store_true",
-                        help="only the decode routing chain (default against one wide CTA)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     env = environment()
@@ -249,22 +190,19 @@ def main(argv=None):
     print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     rows: list[dict] = []
     RT = router.RouterTile
-    bench_decode_chain(rows, 8, 4096, 2, [1, 16, 32, 48, 64])
-    if not args.decode_chain:
-        tokens_e8 = [1, 16, 64, 256, 1024, 4096, 16384]
-        bench_router(rows, copy_gbs, 8, 4096, 2, tokens_e8, tiles=[RT(1, 1, 8, 1, 1, 4), RT(1, 1, 16, 1, 1, 4)])
-    if not (args.quick or args.decode_chain):
+    tokens_e8 = [1, 16, 64, 256, 1024, 4096, 16384]
+    bench_router(rows, copy_gbs, 8, 4096, 2, tokens_e8, tiles=[RT(1, 1, 8, 1, 1, 4), RT(1, 1, 16, 1, 1, 4)])
+    if not args.quick:
         # alternatives: fused one-CTA-per-16-tokens tiles, and the split grid without H slices
         bench_router(rows, copy_gbs, 128, 2048, 8, [1, 64, 256, 1024, 4096, 16384],
                      tiles=[RT(1, 2, 4, 1, 8, 2), RT(4, 2, 1, 1, 8, 2), RT(1, 1, 8, 1, 4, 2, 4, 1)])
         bench_router(rows, copy_gbs, 64, 2048, 8, [1, 256, 4096], tiles=[RT(1, 1, 8, 1, 8, 2)])
         bench_router(rows, copy_gbs, 256, 7168, 8, [1, 256, 4096],
                      tiles=[RT(1, 4, 2, 1, 8, 2), RT(1, 1, 8, 1, 4, 2, 8, 1)])
-    if not args.decode_chain:
-        for experts, top_k in ((8, 2), (128, 8)):
-            bench_metadata(rows, experts, top_k, [1, 64, 256, 4096, 16384])
-        for hidden, top_k in ((4096, 2), (2048, 8)):
-            bench_combine(rows, copy_gbs, hidden, top_k, [1, 64, 256, 4096, 16384])
+    for experts, top_k in ((8, 2), (128, 8)):
+        bench_metadata(rows, experts, top_k, [1, 64, 256, 4096, 16384])
+    for hidden, top_k in ((4096, 2), (2048, 8)):
+        bench_combine(rows, copy_gbs, hidden, top_k, [1, 64, 256, 4096, 16384])
     host = host_overhead_us()
     print("host us per eager call:", {k: round(v, 1) for k, v in host.items()}, flush=True)
     result = {"benchmark": "router_kernels", "env": env, "copy_bandwidth_GBs": copy_gbs,

@@ -227,6 +227,9 @@ class RouterKernel:
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
+        if 8 * tile.ng * tile.ntw * tile.eg < num_experts:  # a CTA row would never see the last experts
+            raise ValueError(f"router tile covers {8 * tile.ng * tile.ntw * tile.eg} experts (8 x ng x ntw x eg), "
+                             f"E={num_experts}")
         self.tile = tile
         # the launch has one CTA (fused tile, T <= tile.tokens): it owns every count, so it stores them and
         # the memset launch goes

@@ -153,32 +153,6 @@ def test_router_writes_routing_metadata(tokens, experts, top_k):
                                      torch.empty(64 * top_k, dtype=torch.int32, device="cuda")))
 
 
-@pytest.mark.parametrize("tokens", [17, 32, 48, 64])
-@pytest.mark.parametrize("experts,top_k", [(8, 2), (16, 4)])
-def test_a_wide_decode_cta_writes_routing_metadata(tokens, experts, top_k):
-    """One CTA of ceil(T / 16) mma tiles (bench/router_bench.wide_decode_tile: the candidate for T = 17..64 that
-    would drop the counts' memset and the metadata launch) writes the ids, weights and counts the default tiles
-    write and the reference's routing metadata of its ids; poisoned outputs."""
-    from light_moe.bench.router_bench import wide_decode_tile
-
-    gen = torch.Generator(device="cuda").manual_seed(31 * tokens + experts)
-    x, w, _ = _router_problem(tokens, experts, top_k, 4096, torch.bfloat16, gen)
-    tile = wide_decode_tile(tokens)
-    assert router.metadata_fusable(experts, tokens, 4096 * 2, tile)
-    weights = torch.full((tokens, top_k), float("nan"), device="cuda")
-    ids = torch.full((tokens, top_k), -7, dtype=torch.int32, device="cuda")
-    counts = torch.full((experts,), -7, dtype=torch.int32, device="cuda")
-    meta = tuple(torch.full((n,), -7, dtype=torch.int32, device="cuda")
-                 for n in (experts + 1, tokens * top_k, tokens * top_k))
-    router.router_into(x, w, top_k, True, weights, ids, counts, tile=tile, metadata=meta)
-    want_w, want_ids, want_counts = router.router(x, w, top_k, True)  # the default tile (several CTAs)
-    torch.cuda.synchronize()
-    assert torch.equal(ids, want_ids) and torch.equal(counts, want_counts)
-    assert torch.allclose(weights, want_w, rtol=1e-6, atol=1e-7)
-    for got, want in zip(meta, reference.routing_metadata(ids, experts)):
-        assert torch.equal(got.cpu(), want.int().cpu())
-
-
 @pytest.mark.parametrize("tokens", TOKENS + [4097, 16384])  # single-CTA up to M = 4096, then two launches
 @pytest.mark.parametrize("experts,top_k", EXPERTS_TOPK)
 def test_routing_metadata_matches_reference(tokens, experts, top_k):
