@@ -36,6 +36,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "moe_backend": ("reference", {}),
     "enforce_eager": (True, {}),
     "skinny_gemm": (False, {}),
+    "l2_prefetch": ("all", {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),
