@@ -528,8 +528,6 @@ class EngineConfig:
     moe_backend: str = "auto"
     # the CuTe backend runs decode rows of the dense projections on kernels/skinny_gemm.py (ops.select_backend)
     skinny_gemm: bool = True
-    # where the CuTe backend prefetches a projection's weight into L2 (ops.backend.L2_PREFETCH_SITES)
-    l2_prefetch: str = "none"
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

@@ -47,9 +47,6 @@
 #                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
 #   scripts/gpu_checks.sh verify-15 OUTDIR      one GPU: the GPU tests of what session 15 wrote without a GPU run, then
 #                                               the router's decode chain (first call of session 16)
-#   scripts/gpu_checks.sh l2-prefetch OUTDIR    one GPU: the L2 prefetch hint (kernels/l2_prefetch.py): its GPU tests, then
-#                                               bench e2e of the 32-layer W4A16 shape with --l2-prefetch none / all /
-#                                               o_proj, a B = 1 step profile with it, the 4-layer bf16 shape none / all
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -57,7 +54,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, l2-prefetch or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -305,24 +302,6 @@ families)
     step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --layers 27 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     ;;
-l2-prefetch)
-    # issue 24 (32 layers, B = 1 at 71% of bound): HBM idles during rotary + attention and the norms; the hint
-    # fetches o_proj's (and q/k/v's) weight into L2 meanwhile. Same machine, same call, alternating settings.
-    step l2_tests 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_l2_prefetch_gpu.py \
-        "tests/test_cute_engine_gpu.py::test_l2_prefetch_changes_no_token" -ra
-    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
-    for site in none all o_proj; do
-        step "e2e32_l2_$site" 200 $py -m light_moe.cli bench e2e $m --repeats 1 --l2-prefetch "$site" \
-            --output "$out/e2e32_l2_$site.json"
-    done
-    TAIL=30 step profile32_b1_l2_all 150 $py -m light_moe.cli bench profile-step $m --batch-size 1 --steps 8 \
-        --l2-prefetch all --output "$out/profile32_b1_l2_all.json"
-    m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
-    for site in none all; do
-        step "e2e4_l2_$site" 150 $py -m light_moe.cli bench e2e $m --repeats 1 --l2-prefetch "$site" \
-            --output "$out/e2e4_l2_$site.json"
-    done
-    ;;
 verify-15)
     # what session 15 wrote or changed without a GPU run: the MLA rotary + latent write kernel and the DeepSeek
     # engine on it, the gpt-oss prefill-logit check under forced routing, the piecewise-graph test without prefix
@@ -344,7 +323,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, l2-prefetch or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or verify-15)" >&2
     exit 2
     ;;
 esac

@@ -193,42 +193,6 @@ def test_skinny_gemm_engine_matches_reference(checkpoint, monkeypatch):
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
-def test_l2_prefetch_changes_no_token(checkpoint, monkeypatch):
-    """--l2-prefetch all (kernels/l2_prefetch.py: o_proj's weight before rotary + attention, q/k/v's before the input
-    norm) is a hint: eager and CUDA-graph engines with it produce the tokens of the same engines without it; the
-    kernel really ran, on those weights of every layer and nothing else."""
-    from light_moe.kernels import l2_prefetch
-
-    calls = []
-    real = l2_prefetch.l2_prefetch
-
-    def counted(tensors):
-        calls.append([t.data_ptr() for t in tensors])
-        return real(tensors)
-
-    monkeypatch.setattr(l2_prefetch, "l2_prefetch", counted)
-    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
-                  async_scheduling=False, moe_backend="cute")
-    params = SamplingParams(max_tokens=24, temperature=0.0)
-    for eager in (True, False):
-        plain = LightMoEEngine(checkpoint, enforce_eager=eager, **common)
-        hinted = LightMoEEngine(checkpoint, enforce_eager=eager, l2_prefetch="all", **common)
-        assert hinted.ops.l2_prefetch_sites and not plain.ops.l2_prefetch_sites
-        before = len(calls)
-        out_p = plain.generate_outputs(PROMPTS, params)
-        assert len(calls) == before  # off by default
-        out_h = hinted.generate_outputs(PROMPTS, params)
-        assert len(calls) > before  # eager forwards, or the captures of the graphs
-        layers = hinted.model.model.layers
-        weights = {layer.self_attn.o_proj.weight.data_ptr() for layer in layers} \
-            | {layer.self_attn.qkv_proj.weight.data_ptr() for layer in layers}
-        assert {ptrs[0] for ptrs in calls[before:]} == weights  # both sites of every layer, nothing else
-        for prompt, a, b in zip(PROMPTS, out_p, out_h):
-            assert_agree(plain, hinted, prompt, a.token_ids, b.token_ids)
-    assert calls
-
-
-@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_cuda_graph_decode_matches_eager(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=0.0)
     common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,

@@ -36,7 +36,6 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "moe_backend": ("reference", {}),
     "enforce_eager": (True, {}),
     "skinny_gemm": (False, {}),
-    "l2_prefetch": ("all", {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),

@@ -39,7 +39,7 @@ from light_moe.config import (
     parse_dtype,
 )
 from light_moe.engine.devices import resolve_dtype
-from light_moe.ops.backend import BACKEND_NAMES, L2_PREFETCH_SITES
+from light_moe.ops.backend import BACKEND_NAMES
 from light_moe.quant.scheme import parse_quantization
 
 if TYPE_CHECKING:
@@ -90,10 +90,6 @@ class EngineArgs:
     skinny_gemm: bool = option(
         True, "decode rows (<= 16) of the attention projections on the CuTe skinny GEMM instead of cuBLAS "
         "(docs/kernels.md, Skinny GEMM)", group="execution")
-    l2_prefetch: str = option(
-        "none", "steps of up to 256 tokens ask the L2 (kernels/l2_prefetch.py) for a projection's weight while "
-        "latency-bound kernels run: o_proj's before rotary + attention; all: also q/k/v's before the input norm "
-        "(docs/performance.md, L2 prefetch)", group="execution", choices=tuple(L2_PREFETCH_SITES))
     warmup_graphs: bool = option(
         False, "at start, capture the CUDA graphs first requests would capture (every prefill token bucket, every "
         "decode batch bucket) and compile their kernels, so that no request waits for them (docs/server.md)",

@@ -75,8 +75,6 @@ class Attention(nn.Module):
             else:
                 out = causal_attention(q, k, v.reshape(n, kv_heads, dim), self.scale)
         else:
-            # rotary and attention barely use HBM at small steps: o_proj's weight meanwhile into L2 (a hint)
-            self.ops.prefetch_weights(self.o_proj.weight_tensors(), n, "o_proj")
             q = self.ops.rope_write_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin, kv_cache[0],
                                        kv_cache[1], meta.slot_mapping)  # [N, h, D]
             out = self.ops.attention(q, kv_cache[0], kv_cache[1], meta, self.scale, **variant)  # [N, h, D]

@@ -81,11 +81,6 @@ class QuantizedLinear(nn.Module):
         weight = self.prepared if self.prepared is not None else self.quantized_weight()
         return sum(t.numel() * t.element_size() for t in vars(weight).values() if torch.is_tensor(t))
 
-    def weight_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors a forward reads its weight from (ops.prefetch_weights)."""
-        weight = self.prepared if self.prepared is not None else self.quantized_weight()
-        return tuple(t for t in vars(weight).values() if torch.is_tensor(t))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         weight = self.prepared if self.prepared is not None else self.quantized_weight()
         return self.ops.linear(x, weight, self.bias)
@@ -101,10 +96,6 @@ class DenseLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops, dtype=None, device=None):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
         self.ops = ops
-
-    def weight_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors a forward reads its weight from (ops.prefetch_weights)."""
-        return (self.weight,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         return self.ops.dense_linear(x, self.weight, self.bias)

@@ -28,7 +28,6 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ops: MoEOps, dtype, device):
         super().__init__()
-        self.ops = ops
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops=ops)
         if cfg.mla is None:
             self.self_attn = Attention(cfg, rotary, ops, dtype, device, sliding_window=cfg.attention_window(layer))
@@ -44,8 +43,6 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, positions, kv_cache, meta):
         """x: the previous layer's MLP output (the embeddings for layer 0, whose residual is None) -> (this
         layer's MLP output, the residual stream before it is added)."""
-        if isinstance(self.self_attn, Attention):  # the input norm barely uses HBM: q/k/v's weight into L2 (a hint)
-            self.ops.prefetch_weights(self.self_attn.qkv_proj.weight_tensors(), x.shape[0], "qkv")
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:

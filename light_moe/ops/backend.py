@@ -15,9 +15,6 @@ from light_moe.ops.attention import AttentionMetadata, paged_attention, paged_at
 logger = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "reference", "cute")
-# where prefetch_weights acts (EngineConfig.l2_prefetch): nowhere; o_proj's weight before rotary + attention; and
-# also q/k/v's weight before the layer's input norm
-L2_PREFETCH_SITES = {"none": (), "o_proj": ("o_proj",), "all": ("o_proj", "qkv")}
 
 
 class MoEOps:
@@ -159,11 +156,6 @@ class MoEOps:
         """y [T, N] = x [T, K] W^T (+ bias), W = prepare_linear_weight's result. The reference dequantises W
         on every call (no host sync: graph-safe, slow)."""
         return torch.nn.functional.linear(x, reference.expert_weight(weight, 0), bias)
-
-    def prefetch_weights(self, tensors, num_rows: int, site: str) -> None:
-        """A hint before a stretch of latency-bound kernels: the weights (`tensors`) of the projection that follows
-        them (`site`, a name in L2_PREFETCH_SITES), for a step of `num_rows` token rows. Results never depend on
-        it; the reference does nothing."""
 
     # ---- dense (unquantized) linear layers (layers/linear.py DenseLinear: the attention projections) ----------
     def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

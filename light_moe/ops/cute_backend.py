@@ -17,7 +17,7 @@ import torch
 
 from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
-from light_moe.kernels import grouped_gemm, l2_prefetch, skinny_gemm, w4a16_gemm, w4a16_linear
+from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_gemm, w4a16_linear
 from light_moe.kernels import mla_decode_attention as mla_kernel
 from light_moe.kernels import mla_rope_kv as mla_rope_kernel
 from light_moe.kernels import prefill_attention as prefill_kernel
@@ -29,7 +29,7 @@ from light_moe.kernels import routing as routing_kernel
 from light_moe.kernels.expert_epilogue import ExpertEpilogue
 from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
 from light_moe.ops.attention import AttentionMetadata
-from light_moe.ops.backend import L2_PREFETCH_SITES, MoEOps
+from light_moe.ops.backend import MoEOps
 from light_moe.quant.w4a16 import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -39,24 +39,13 @@ logger = logging.getLogger(__name__)
 _CUTE_LAYOUT = "_light_moe_cute_layout"
 
 
-# prefetch_weights acts on steps of at most this many token rows: past it the projections are compute-bound and
-# the prefetched bytes would only compete with them
-L2_PREFETCH_MAX_ROWS = 256
-
-
 class CuteOps(MoEOps):
     name = "cute"
 
-    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, l2_prefetch: str = "none"):
+    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True):
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: decode rows on kernels/skinny_gemm.py, else torch's F.linear (EngineConfig.skinny_gemm)
         self.skinny_gemm = skinny_gemm
-        # prefetch_weights: kernels/l2_prefetch.py at these sites for steps of up to L2_PREFETCH_MAX_ROWS rows
-        # (EngineConfig.l2_prefetch)
-        if l2_prefetch not in L2_PREFETCH_SITES:
-            raise ValueError(f"l2_prefetch must be one of {tuple(L2_PREFETCH_SITES)}, got {l2_prefetch!r}")
-        self.l2_prefetch = l2_prefetch
-        self.l2_prefetch_sites = L2_PREFETCH_SITES[l2_prefetch]
         # route(): the router kernel's single CTA also writes the routing metadata where one CTA covers T (decode,
         # E <= 16): one launch fewer per MoE layer, outputs bit-equal (timings: docs/kernels.md, Router, "fused");
         # False keeps the separate metadata launch (the bench's *_two_launch_routing cases).
@@ -312,19 +301,6 @@ class CuteOps(MoEOps):
         return super().linear(x, weight, bias)
 
     # ---- dense bf16 linear layers at decode (the attention projections): the skinny GEMM ----------------------
-    def prefetch_weights(self, tensors, num_rows: int, site: str) -> None:
-        """At the sites l2_prefetch names, steps of up to L2_PREFETCH_MAX_ROWS rows (where the projections stream
-        their weights rather than compute) launch kernels/l2_prefetch.py on `tensors`; otherwise nothing."""
-        tensors = [t for t in tensors if t is not None and t.numel()]
-        if site not in self.l2_prefetch_sites or not 1 <= num_rows <= L2_PREFETCH_MAX_ROWS or not tensors \
-                or not tensors[0].is_cuda:
-            return
-        ok, reason = l2_prefetch.supports(tensors)
-        if not ok:
-            self._fallback("L2 prefetch", reason)  # a hint: skipped, nothing computed differs
-            return
-        l2_prefetch.l2_prefetch(tensors)
-
     def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """With skinny_gemm (the default), decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py;
         prefill rows, CPU tensors and what the kernel does not take on torch's F.linear (cuBLAS). A captured decode

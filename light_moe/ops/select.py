@@ -26,11 +26,9 @@ def cute_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def select_backend(requested: str, device: torch.device, skinny_gemm: bool = True,
-                   l2_prefetch: str = "none") -> tuple[MoEOps, str]:
+def select_backend(requested: str, device: torch.device, skinny_gemm: bool = True) -> tuple[MoEOps, str]:
     """Pick the backend: 'cute' on sm_90 when importable, else 'reference'. Returns (ops, reason).
-    skinny_gemm: the CuTe backend's dense_linear runs decode rows on its skinny GEMM (EngineConfig.skinny_gemm).
-    l2_prefetch: where its prefetch_weights asks the L2 for a projection's weight (EngineConfig.l2_prefetch)."""
+    skinny_gemm: the CuTe backend's dense_linear runs decode rows on its skinny GEMM (EngineConfig.skinny_gemm)."""
     if requested not in BACKEND_NAMES:
         raise ValueError(f"moe_backend must be one of {BACKEND_NAMES}, got {requested!r}")
     if requested == "reference":
@@ -39,9 +37,8 @@ def select_backend(requested: str, device: torch.device, skinny_gemm: bool = Tru
     if reason is None:
         from light_moe.ops.cute_backend import CuteOps
 
-        reason = "CuTe DSL kernels on sm_90a" + (", skinny GEMM for decode projections" if skinny_gemm else "") \
-            + (f", L2 prefetch ({l2_prefetch})" if l2_prefetch != "none" else "")
-        return CuteOps(skinny_gemm=skinny_gemm, l2_prefetch=l2_prefetch), reason
+        reason = "CuTe DSL kernels on sm_90a" + (", skinny GEMM for decode projections" if skinny_gemm else "")
+        return CuteOps(skinny_gemm=skinny_gemm), reason
     if requested == "cute":
         raise RuntimeError(f"moe_backend='cute' requested but unavailable: {reason}")
     return ReferenceOps(), f"reference backend ({reason})"
