@@ -47,6 +47,9 @@
 #                                               32-layer (W4A16) Mixtral shapes with --no-skinny-gemm and with the default
 #   scripts/gpu_checks.sh verify-15 OUTDIR      one GPU: the GPU tests of what session 15 wrote without a GPU run, then
 #                                               the router's decode chain (first call of session 16)
+#   scripts/gpu_checks.sh skinny64 OUTDIR       one GPU: the skinny GEMM up to 64 rows: its GPU tests, the kernel against
+#                                               cuBLAS at M = 16 / 32 / 64, bench e2e at B = 64 with
+#                                               --skinny-gemm-max-rows 16 and 64 (32 layers W4A16, then 4 layers bf16)
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -54,7 +57,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64 or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -302,6 +305,20 @@ families)
     step e2e_deepseek_v2_lite 280 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --layers 27 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     ;;
+skinny64)
+    # issue 24 (B = 64 at 78-82% of bound): q/k/v and o_proj at 64 rows run on cuBLAS at 2.25-2.45 TB/s
+    step skinny64_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_skinny_gemm_gpu.py -ra
+    TAIL=12 step skinny64_bench 120 $py scripts/bench_skinny_gemm.py --tokens 16 32 64 --rounds 3 \
+        --out "$out/skinny64_bench.json"
+    for tag in 32 4; do
+        m="--shape mixtral --layers $tag --dtype bfloat16 --device cuda"
+        [ "$tag" = 32 ] && m="$m --quantization w4a16"
+        for rows in 16 64; do
+            step "e2e${tag}_b64_rows$rows" 150 $py -m light_moe.cli bench e2e $m --batch-sizes 64 --repeats 1 \
+                --ttft-repeats 1 --skinny-gemm-max-rows "$rows" --output "$out/e2e${tag}_b64_rows$rows.json"
+        done
+    done
+    ;;
 verify-15)
     # what session 15 wrote or changed without a GPU run: the MLA rotary + latent write kernel and the DeepSeek
     # engine on it, the gpt-oss prefill-logit check under forced routing, the piecewise-graph test without prefix
@@ -323,7 +340,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64 or verify-15)" >&2
     exit 2
     ;;
 esac

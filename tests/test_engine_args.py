@@ -36,6 +36,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "moe_backend": ("reference", {}),
     "enforce_eager": (True, {}),
     "skinny_gemm": (False, {}),
+    "skinny_gemm_max_rows": (64, {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),
@@ -232,7 +233,8 @@ BAD = [("max_num_seqs", 0, "--max-num-seqs"), ("block_size", 12, "--block-size")
        ("gpu_memory_utilization", 1.5, "--gpu-memory-utilization"), ("num_kv_blocks", 0, "--num-kv-blocks"),
        ("dtype", "int8", "--dtype"), ("device", "tpu", "--device"), ("max_model_len", -1, "--max-model-len"),
        ("expert_parallel_size", 0, "--expert-parallel-size"), ("rebalance_threshold", 0.5, "--rebalance-threshold"),
-       ("quant_attention", True, "--quant-attention"), ("ep_exchange", "p2p", "--ep-exchange")]
+       ("quant_attention", True, "--quant-attention"), ("ep_exchange", "p2p", "--ep-exchange"),
+       ("skinny_gemm_max_rows", 65, "--skinny-gemm-max-rows")]
 
 
 @pytest.mark.parametrize("name,value,flag", BAD)

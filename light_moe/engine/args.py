@@ -88,8 +88,10 @@ class EngineArgs:
         choices=BACKEND_NAMES)
     enforce_eager: bool = option(False, "no CUDA graphs (decode and piecewise prefill)", group="execution")
     skinny_gemm: bool = option(
-        True, "decode rows (<= 16) of the attention projections on the CuTe skinny GEMM instead of cuBLAS "
+        True, "decode rows of the attention projections and the lm_head on the CuTe skinny GEMM instead of cuBLAS "
         "(docs/kernels.md, Skinny GEMM)", group="execution")
+    skinny_gemm_max_rows: int = option(
+        16, "the most token rows (1..64) a step may have for skinny_gemm to take its projections", group="execution")
     warmup_graphs: bool = option(
         False, "at start, capture the CUDA graphs first requests would capture (every prefill token bucket, every "
         "decode batch bucket) and compile their kernels, so that no request waits for them (docs/server.md)",
@@ -184,6 +186,8 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.skinny_gemm_max_rows, int) or not 1 <= self.skinny_gemm_max_rows <= 64:
+            raise ValueError(f"skinny_gemm_max_rows must be an integer in [1, 64], got {self.skinny_gemm_max_rows!r}")
         self.parallel_config()
         self.cache_config()
         self.scheduler_config()

@@ -1,15 +1,16 @@
 """Skinny bf16 GEMM for decode-time dense projections: y = x W^T (+ bias) with few token rows, streaming W at
-the HBM bandwidth (the attention's fused q/k/v and o projections; any bf16 nn.Linear at M <= 16).
+the HBM bandwidth (the attention's fused q/k/v and o projections; any bf16 nn.Linear at M <= 64).
 
-Shape legend: M token rows (1..16, dynamic), N out features, K in features, BN weight rows per CTA (64 or 128),
+Shape legend: M token rows (1..64, dynamic), N out features, K in features, BN weight rows per CTA (64 or 128),
 BK = 64 reduction columns per k-tile, KT = K / BK k-tiles, S K-splits (CTAs per output tile, 1/2/4/8), KPS
-k-tiles per split, MT = 8 or 16 token rows held by the tensor-core tile (M rounded up).
+k-tiles per split, MT = 8, 16, 32 or 64 token rows held by the tensor-core tile (M rounded up to one of them).
     x [M, K] bf16, W [N, K] bf16 (the nn.Linear weight as loaded: row-major, no repacking), bias [N] bf16 or
     None -> y [M, N] bf16; products and sums in fp32, rounded once (torch.nn.functional.linear is the
     reference).
 
-Decode is a weight-streaming problem: M <= 16 rows make every weight byte worth 2 M flops, so the kernel is
-built for bytes in flight, not for flops.
+Decode is a weight-streaming problem: M <= 64 rows make every weight byte worth 2 M flops, so the kernel is
+built for bytes in flight, not for flops (at M = 64 a k-tile's mma.sync work is still about a third of the
+time its weight bytes take at the HBM rate per SM).
   * Grid (S, N / BN): CTA (s, t) reads weight rows t * BN ... + BN - 1 over k-tiles s * KPS ... (s + 1) * KPS - 1.
     S is the smallest power of two that gives every SM a CTA (N / BN * S >= SMs, S <= 8), chosen on the host
     from N, K and the SM count (choose_plan), never from device data: the launch is CUDA-graph capturable.
@@ -21,10 +22,10 @@ built for bytes in flight, not for flops.
     `stages` weight tiles *before* griddepcontrol.wait: the weight stream starts while the previous kernel
     (the norm, attention) drains; the token tiles of those stages follow once the wait returns.
   * Consumers: warp-level tensor cores (mma.sync m16n8k16, fp32 accumulators) with the weights as the M operand
-    ("swap AB": y^T = W x^T) and the tokens as N = 8 (MT = 8) or 2 x 8 (MT = 16). Warp w owns weight rows
-    w * BN / 4 ... of the tile; per k-tile and m16 block it loads its A fragments with ldmatrix.x4 (conflict-free
-    under the 128-byte swizzle: the 8 rows of a matrix sit in 8 different 16-byte bank groups), the token
-    fragments likewise, then arrives on the stage's "empty" mbarrier (one arrival per warp) for the producer.
+    ("swap AB": y^T = W x^T) and the tokens as N = 8 (MT = 8) or MT / 8 n8 tiles (MT = 16, 32, 64). Warp w owns
+    weight rows w * BN / 4 ... of the tile; per k-tile and m16 block it loads its A fragments with ldmatrix.x4
+    (conflict-free under the 128-byte swizzle: the 8 rows of a matrix sit in 8 different 16-byte bank groups), the
+    token fragments likewise, then arrives on the stage's "empty" mbarrier (one arrival per warp) for the producer.
   * K-split reduction, deterministic, in the same kernel: the S CTAs of an output tile form a thread-block
     cluster (S, 1, 1). Each CTA writes its fp32 partial tile [MT, BN] to its own shared memory; after a cluster
     barrier CTA rank r sums columns r * BN / S ... of all S partials through distributed shared memory
@@ -68,7 +69,8 @@ ROW_BYTES = BLOCK_K * 2
 CONSUMER_WARPS = 4
 PRODUCER_WARP = CONSUMER_WARPS  # the last warp issues the TMA
 THREADS = 32 * (CONSUMER_WARPS + 1)
-MAX_M = 16  # token rows: two n8 tiles of mma.sync
+MAX_M = 64  # token rows: eight n8 tiles of mma.sync
+TOKEN_TILES = (8, 16, 32, 64)
 BLOCK_N_CHOICES = (64, 128)
 DEFAULT_BLOCK_N = 64
 MAX_SPLITS = 8  # the portable thread-block cluster size
@@ -81,8 +83,8 @@ CTAS_PER_SM = 2  # the ring is sized so that two CTAs fit one SM (a second CTA h
 
 
 def token_tile(num_rows: int) -> int:
-    """MT: the token rows of the tensor-core tile, 8 (one n8 tile) for M <= 8, else 16."""
-    return 8 if num_rows <= 8 else 16
+    """MT: the token rows of the tensor-core tile, the smallest of TOKEN_TILES that holds M."""
+    return next(mt for mt in TOKEN_TILES if num_rows <= mt)
 
 
 def supports(dtype: torch.dtype, num_rows: int, n_out: int, k_dim: int, bias: bool = False) -> tuple[bool, str]:
@@ -209,18 +211,20 @@ def weight_fragment_offset(block16, kstep, lane):
 
 
 def token_loads_per_stage(m_tile: int) -> int:
-    """ldmatrix.x4 of the token tile per stage: one per k-step for MT = 16, one per two k-steps for MT = 8."""
-    return BLOCK_K // 16 if m_tile == 16 else BLOCK_K // 32
+    """ldmatrix.x4 of the token tile per stage: MT / 16 per k-step for MT >= 16, one per two k-steps for MT = 8."""
+    return BLOCK_K // 16 * (m_tile // 16) if m_tile >= 16 else BLOCK_K // 32
 
 
 def token_fragment_offset(idx, lane, m_tile: int):
-    """Byte offset in a token stage of lane's ldmatrix.x4 row for load idx. MT = 16, load idx = k-step q: matrices
-    (tokens 0-7, k 0-7), (0-7, k 8-15), (8-15, k 0-7), (8-15, k 8-15) = (b0, b1) of token n-tiles 0 and 1.
+    """Byte offset in a token stage of lane's ldmatrix.x4 row for load idx. MT >= 16, load idx = k-step q * MT / 16
+    + token block t: matrices (tokens 16t + 0-7, k 0-7), (16t + 0-7, k 8-15), (16t + 8-15, k 0-7), (16t + 8-15,
+    k 8-15) = (b0, b1) of token n-tiles 2t and 2t + 1 (the 128-byte swizzle XORs with the row mod 8 = lrow).
     MT = 8, load idx = k-step pair p: matrices (tokens 0-7, k 32p ...), ... in 8-column steps = (b0, b1) of
     k-steps 2p and 2p + 1."""
     lrow, lmat = lane % 8, lane // 8
-    if m_tile == 16:
-        return (lrow + 8 * (lmat // 2)) * ROW_BYTES + ((2 * idx + lmat % 2) ^ lrow) * 16
+    if m_tile >= 16:
+        q, t = divmod(idx, m_tile // 16)
+        return (16 * t + lrow + 8 * (lmat // 2)) * ROW_BYTES + ((2 * q + lmat % 2) ^ lrow) * 16
     return lrow * ROW_BYTES + ((4 * idx + lmat) ^ lrow) * 16
 
 
@@ -228,7 +232,7 @@ class SkinnyGemmSm90:
     """y [M, N] = x [M, K] W^T (+ bias): compiled once per (N, K, MT, plan, bias); M is a run-time argument."""
 
     def __init__(self, n_out: int, k_dim: int, m_tile: int, plan: SkinnyPlan, has_bias: bool):
-        assert m_tile in (8, 16) and plan.block_n in BLOCK_N_CHOICES and n_out % plan.block_n == 0
+        assert m_tile in TOKEN_TILES and plan.block_n in BLOCK_N_CHOICES and n_out % plan.block_n == 0
         assert k_dim % BLOCK_K == 0 and plan.splits in (1, 2, 4, 8) and plan.stages >= MIN_STAGES
         self.n_out = n_out
         self.k_dim = k_dim
@@ -361,13 +365,19 @@ class SkinnyGemmSm90:
             w_stage = w_base + stage * self.w_stage_bytes
             x_stage = x_base + stage * self.x_stage_bytes
             bf = []  # bf[q][j] = (b0, b1) of k-step q, token n-tile j
-            for bo in b_off:
-                r = ldmatrix_x4(x_stage + bo)
-                if cutlass.const_expr(ntt == 2):
-                    bf.append([(r[0], r[1]), (r[2], r[3])])
-                else:
+            if cutlass.const_expr(ntt == 1):
+                for bo in b_off:
+                    r = ldmatrix_x4(x_stage + bo)
                     bf.append([(r[0], r[1])])
                     bf.append([(r[2], r[3])])
+            else:
+                blocks = ntt // 2  # 16-token blocks: one ldmatrix.x4 each per k-step
+                for q in cutlass.range_constexpr(BLOCK_K // 16):
+                    row = []
+                    for t in cutlass.range_constexpr(blocks):
+                        r = ldmatrix_x4(x_stage + b_off[q * blocks + t])
+                        row += [(r[0], r[1]), (r[2], r[3])]
+                    bf.append(row)
             af = [[ldmatrix_x4(w_stage + a_off[i][q]) for q in range(BLOCK_K // 16)] for i in range(mpw)]
             for i in cutlass.range_constexpr(mpw):
                 for j in cutlass.range_constexpr(ntt):
@@ -484,7 +494,7 @@ def _check(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   out: torch.Tensor | None = None, *, block_n: int | None = None,
                   splits: int | None = None) -> torch.Tensor:
-    """y [..., N] = x [..., K] W^T (+ bias) for 1..16 rows of x, bf16 (torch.nn.functional.linear's contract).
+    """y [..., N] = x [..., K] W^T (+ bias) for 1..64 rows of x, bf16 (torch.nn.functional.linear's contract).
     out: a contiguous [M, N] buffer to write (allocated when None). No host synchronisation: capturable in a
     CUDA graph (the plan depends on N, K and the SM count only; M is fixed per captured graph). The weight is
     read before the previous kernel of the stream has finished (programmatic dependent launch): it must not be

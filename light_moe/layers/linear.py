@@ -10,7 +10,7 @@ dequantises; CuteOps runs the W4A16 grouped GEMM with one expert). Called like t
 replaces: the attention projections (layers/attention.py Attention.use_quantized_projections).
 
 DenseLinear is the unquantized counterpart: an nn.Linear (same parameters, names and loading) whose matmul runs
-on the ops backend's dense_linear (the reference: F.linear; CuteOps: the skinny GEMM at decode, M <= 16 rows).
+on the ops backend's dense_linear (the reference: F.linear; CuteOps: the skinny GEMM for steps of few rows).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from light_moe.kernels import router as router_kernel
 from light_moe.kernels import router_select as select_kernel
 from light_moe.kernels import routing as routing_kernel
 from light_moe.kernels.expert_epilogue import ExpertEpilogue
+from light_moe.kernels.skinny_gemm import MAX_M as SKINNY_MAX_M
 from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
 from light_moe.ops.attention import AttentionMetadata
 from light_moe.ops.backend import MoEOps
@@ -42,10 +43,14 @@ _CUTE_LAYOUT = "_light_moe_cute_layout"
 class CuteOps(MoEOps):
     name = "cute"
 
-    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True):
+    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16):
         self._logged: set[tuple[str, str]] = set()
-        # dense_linear: decode rows on kernels/skinny_gemm.py, else torch's F.linear (EngineConfig.skinny_gemm)
+        # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
+        # (EngineConfig.skinny_gemm, skinny_gemm_max_rows)
+        if not 1 <= skinny_max_rows <= SKINNY_MAX_M:
+            raise ValueError(f"skinny_gemm_max_rows must be in [1, {SKINNY_MAX_M}], got {skinny_max_rows}")
         self.skinny_gemm = skinny_gemm
+        self.skinny_max_rows = skinny_max_rows
         # route(): the router kernel's single CTA also writes the routing metadata where one CTA covers T (decode,
         # E <= 16): one launch fewer per MoE layer, outputs bit-equal (timings: docs/kernels.md, Router, "fused");
         # False keeps the separate metadata launch (the bench's *_two_launch_routing cases).
@@ -302,7 +307,8 @@ class CuteOps(MoEOps):
 
     # ---- dense bf16 linear layers at decode (the attention projections): the skinny GEMM ----------------------
     def dense_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """With skinny_gemm (the default), decode rows (M <= 16) of a bf16 weight on kernels/skinny_gemm.py;
+        """With skinny_gemm (the default), steps of up to skinny_max_rows rows of a bf16 weight on
+        kernels/skinny_gemm.py;
         prefill rows, CPU tensors and what the kernel does not take on torch's F.linear (cuBLAS). A captured decode
         graph has a fixed M, so a fixed choice."""
         if not self.skinny_gemm:
@@ -316,12 +322,11 @@ class CuteOps(MoEOps):
             x = x.clone(memory_format=torch.contiguous_format)
         return skinny_gemm.skinny_linear(x, weight, bias)
 
-    @staticmethod
-    def _skinny_supports(x, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, str | None]:
-        """(ok, reason) for the skinny GEMM; reason None where F.linear is the intended path (more than 16 or no
-        rows, CPU tensors) rather than a fallback worth logging."""
+    def _skinny_supports(self, x, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, str | None]:
+        """(ok, reason) for the skinny GEMM; reason None where F.linear is the intended path (more than
+        skinny_max_rows or no rows, CPU tensors) rather than a fallback worth logging."""
         num_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not x.is_cuda or not 1 <= num_rows <= skinny_gemm.MAX_M:
+        if not x.is_cuda or not 1 <= num_rows <= self.skinny_max_rows:
             return False, None
         ok, reason = skinny_gemm.supports(x.dtype, num_rows, weight.shape[0], weight.shape[-1], bias is not None)
         if ok and (weight.dim() != 2 or weight.dtype != x.dtype or not weight.is_contiguous()

@@ -26,9 +26,11 @@ def cute_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def select_backend(requested: str, device: torch.device, skinny_gemm: bool = True) -> tuple[MoEOps, str]:
+def select_backend(requested: str, device: torch.device, skinny_gemm: bool = True,
+                   skinny_max_rows: int = 16) -> tuple[MoEOps, str]:
     """Pick the backend: 'cute' on sm_90 when importable, else 'reference'. Returns (ops, reason).
-    skinny_gemm: the CuTe backend's dense_linear runs decode rows on its skinny GEMM (EngineConfig.skinny_gemm)."""
+    skinny_gemm: the CuTe backend's dense_linear runs steps of up to skinny_max_rows rows on its skinny GEMM
+    (EngineConfig.skinny_gemm, skinny_gemm_max_rows)."""
     if requested not in BACKEND_NAMES:
         raise ValueError(f"moe_backend must be one of {BACKEND_NAMES}, got {requested!r}")
     if requested == "reference":
@@ -37,8 +39,9 @@ def select_backend(requested: str, device: torch.device, skinny_gemm: bool = Tru
     if reason is None:
         from light_moe.ops.cute_backend import CuteOps
 
-        reason = "CuTe DSL kernels on sm_90a" + (", skinny GEMM for decode projections" if skinny_gemm else "")
-        return CuteOps(skinny_gemm=skinny_gemm), reason
+        reason = "CuTe DSL kernels on sm_90a" + (
+            f", skinny GEMM for projections of <= {skinny_max_rows} rows" if skinny_gemm else "")
+        return CuteOps(skinny_gemm=skinny_gemm, skinny_max_rows=skinny_max_rows), reason
     if requested == "cute":
         raise RuntimeError(f"moe_backend='cute' requested but unavailable: {reason}")
     return ReferenceOps(), f"reference backend ({reason})"

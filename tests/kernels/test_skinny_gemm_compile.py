@@ -36,6 +36,10 @@ EXTRA = {
     "bn128_m1_s8": (4096, 4096, 1, False, 128, 8),
     "o_m16_s8": (4096, 4096, 16, True, None, 8),
     "o_m4_s1": (4096, 4096, 4, False, None, 1),
+    "lm_head_m64": (32000, 4096, 64, False, None, None),
+    "bn128_m64_bias": (6144, 4096, 64, True, 128, None),
+    "o_m48_s8": (4096, 4096, 48, True, None, 8),
+    "gpt_oss_qkv_m33_bias": (5120, 2880, 33, True, None, None),
 }
 
 
@@ -57,7 +61,7 @@ def _check_resources(cubin: str, plan: sk.SkinnyPlan, mt: int, label: str, secon
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("m", [1, 4, 8, 16])
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_mixtral_projections_compile_without_spills(shape, m, bias, tmp_path):
     n, k = SHAPES[shape]
@@ -153,7 +157,7 @@ def test_weight_fragments_are_mma_a_fragments(block16):
                 assert regs[lane][j] == want, (q, lane, j)
 
 
-@pytest.mark.parametrize("m_tile", [8, 16])
+@pytest.mark.parametrize("m_tile", sk.TOKEN_TILES)
 def test_token_fragments_are_mma_b_fragments(m_tile):
     """B of k-step q, token n-tile t: lane (g, c) holds b0 = x[8 t + g, 16 q + 2c..], b1 = x[8 t + g, 16 q + 2c + 8..]
     (mma.sync's col-major B: k pairs of column n = g), in the register order consume() reads them."""
@@ -162,9 +166,10 @@ def test_token_fragments_are_mma_b_fragments(m_tile):
     for idx in range(sk.token_loads_per_stage(m_tile)):
         regs = _ldmatrix_x4(where, [sk.token_fragment_offset(idx, lane, m_tile) for lane in range(32)])
         for lane in range(32):
-            if m_tile == 16:  # registers 0, 1: n-tile 0; 2, 3: n-tile 1 of k-step idx
-                got.setdefault((idx, 0), []).append((regs[lane][0], regs[lane][1]))
-                got.setdefault((idx, 1), []).append((regs[lane][2], regs[lane][3]))
+            if m_tile >= 16:  # load (k-step q, block t): registers 0, 1: n-tile 2t; 2, 3: n-tile 2t + 1
+                q, t = divmod(idx, m_tile // 16)
+                got.setdefault((q, 2 * t), []).append((regs[lane][0], regs[lane][1]))
+                got.setdefault((q, 2 * t + 1), []).append((regs[lane][2], regs[lane][3]))
             else:  # registers 0, 1: k-step 2 idx; 2, 3: k-step 2 idx + 1
                 got.setdefault((2 * idx, 0), []).append((regs[lane][0], regs[lane][1]))
                 got.setdefault((2 * idx + 1, 0), []).append((regs[lane][2], regs[lane][3]))
@@ -184,7 +189,7 @@ def test_ldmatrix_phases_are_conflict_free():
             offsets = [sk.weight_fragment_offset(block16, q, lane) for lane in range(32)]
             for j in range(4):
                 assert len({(o // 16) % 8 for o in offsets[8 * j:8 * j + 8]}) == 8, (block16, q, j)
-    for m_tile in (8, 16):
+    for m_tile in sk.TOKEN_TILES:
         for idx in range(sk.token_loads_per_stage(m_tile)):
             offsets = [sk.token_fragment_offset(idx, lane, m_tile) for lane in range(32)]
             for j in range(4):
@@ -200,7 +205,7 @@ def test_partial_tile_stores_are_conflict_free(block_n):
     seen = []
     for warp in range(sk.CONSUMER_WARPS):
         for i in range(mpw):
-            for t in range(2):
+            for t in range(sk.MAX_M // 8):
                 for dtok, drow in ((0, 0), (1, 0), (0, 8), (1, 8)):
                     words = []
                     for lane in range(32):
@@ -209,7 +214,7 @@ def test_partial_tile_stores_are_conflict_free(block_n):
                         words.append(tok * pitch + row)
                         seen.append((tok, row))
                     assert len({w % 32 for w in words}) == 32
-    assert sorted(seen) == [(tok, row) for tok in range(16) for row in range(block_n)]
+    assert sorted(seen) == [(tok, row) for tok in range(sk.MAX_M) for row in range(block_n)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +225,8 @@ def test_supports_reasons():
     assert sk.supports(BF16, 1, 6144, 4096) == (True, "ok")
     assert sk.supports(BF16, 16, 2880, 2880, True) == (True, "ok")
     assert "bfloat16" in sk.supports(torch.float16, 1, 6144, 4096)[1]
-    assert "M=17" in sk.supports(BF16, 17, 6144, 4096)[1]
+    assert sk.supports(BF16, 64, 6144, 4096) == (True, "ok")
+    assert "M=65" in sk.supports(BF16, 65, 6144, 4096)[1]
     assert "M=0" in sk.supports(BF16, 0, 6144, 4096)[1]
     assert "N=6100" in sk.supports(BF16, 1, 6100, 4096)[1]
     assert "K=4000" in sk.supports(BF16, 1, 4096, 4000)[1]
@@ -241,7 +247,7 @@ def test_plan_for_known_shapes(n, k, splits):
 
 @pytest.mark.parametrize("k", [64, 128, 320, 2880, 4096, 7168])
 @pytest.mark.parametrize("n", [64, 640, 2880, 4096, 6144, 32000])
-@pytest.mark.parametrize("mt", [8, 16])
+@pytest.mark.parametrize("mt", sk.TOKEN_TILES)
 def test_plan_properties(n, k, mt):
     """S is a power of two <= 8 (the cluster), every split has k-tiles and together they cover K exactly once, the
     grid gives every SM a CTA (no split at all when the tiles fill half the SMs) unless S is at its cap or twice S
@@ -274,7 +280,9 @@ def test_plan_overrides_and_their_checks():
 
 
 def test_token_tile():
-    assert [sk.token_tile(m) for m in (1, 4, 8, 9, 16)] == [8, 8, 8, 16, 16]
+    assert [sk.token_tile(m) for m in (1, 4, 8, 9, 16, 17, 32, 33, 64)] == [8, 8, 8, 16, 16, 32, 32, 64, 64]
+    with pytest.raises(StopIteration):
+        sk.token_tile(65)  # supports() refuses M > MAX_M before this is asked
 
 
 def _inputs(m=4, n=128, k=256):
@@ -285,7 +293,7 @@ def _inputs(m=4, n=128, k=256):
 @pytest.mark.parametrize("change,message", [
     (lambda x, w, b, o: (x.float(), w, b, o), "x must be contiguous"),
     (lambda x, w, b, o: (x.t().contiguous().t(), w, b, o), "x must be contiguous"),
-    (lambda x, w, b, o: (torch.zeros(17, 256, dtype=BF16), w, b, None), "M=17"),
+    (lambda x, w, b, o: (torch.zeros(65, 256, dtype=BF16), w, b, None), "M=65"),
     (lambda x, w, b, o: (x[:0], w, b, None), "M=0"),
     (lambda x, w, b, o: (x, w.half(), b, o), "weight must be"),
     (lambda x, w, b, o: (x, torch.zeros(96, 256, dtype=BF16), b[:96], o[:, :96]), "N=96"),

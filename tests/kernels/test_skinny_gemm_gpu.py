@@ -55,7 +55,7 @@ def _check(out_buf, m, x, w, b, label):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("m", list(range(1, 17)))
+@pytest.mark.parametrize("m", list(range(1, 17)) + [17, 24, 32, 33, 48, 63, 64])
 @pytest.mark.parametrize("shape", sorted(MIXTRAL))
 def test_mixtral_projections(shape, m, bias):
     n, k = MIXTRAL[shape]
@@ -66,7 +66,7 @@ def test_mixtral_projections(shape, m, bias):
     _check(out_buf, m, x, w, b, f"{shape} M={m} bias={bias}")
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 40, 64])
 @pytest.mark.parametrize("n,k", ODD)
 def test_odd_shapes(n, k, m):
     x, w, b, out_buf = _problem(m, n, k, True, seed=7 * m + n + k)
@@ -75,7 +75,7 @@ def test_odd_shapes(n, k, m):
     _check(out_buf, m, x, w, b, f"N={n} K={k} M={m}")
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 64])
 @pytest.mark.parametrize("block_n,splits", [(64, 1), (64, 2), (64, 8), (128, 1), (128, 4), (128, 8)])
 def test_forced_tiles_and_splits(block_n, splits, m):
     n, k = MIXTRAL["o"]
@@ -93,7 +93,7 @@ def test_allocating_call_and_leading_dims():
     assert rel_l2(y.view(6, n), _reference(x, w, b)) < TOL
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 64])
 def test_repeat_runs_are_bitwise_equal(m):
     """The K-split partials are summed in cluster-rank order, never in arrival order."""
     n, k = MIXTRAL["o"]
@@ -115,7 +115,7 @@ def _chain_reference(x, w1, b1, w2):
     return _reference(h, w2, None)
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 64])
 def test_back_to_back_kernels(m):
     n, k = MIXTRAL["o"]
     x, w1, b1, _ = _problem(m, n, k, True, seed=21)
@@ -167,9 +167,11 @@ def test_cuda_graph_replay_with_new_inputs_and_weights():
             assert rel_l2(out2, _chain_reference(x, w1, b1, w2)) < TOL
 
 
-@pytest.mark.parametrize("m", [1, 16, 17, 64])
-def test_cute_ops_dense_linear(m):
-    """Decode rows on the kernel, prefill rows on F.linear (bit-equal there); both close to fp32."""
+@pytest.mark.parametrize("max_rows", [16, 64])
+@pytest.mark.parametrize("m", [1, 16, 17, 64, 65])
+def test_cute_ops_dense_linear(m, max_rows):
+    """Steps of up to skinny_max_rows rows on the kernel, longer ones on F.linear (bit-equal there); both close to
+    fp32."""
     from light_moe.ops.cute_backend import CuteOps
 
     n, k = MIXTRAL["qkv"]
@@ -177,7 +179,7 @@ def test_cute_ops_dense_linear(m):
     x = torch.randn(m, k, device="cuda", generator=gen).to(BF16)
     w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(BF16)
     b = torch.randn(n, device="cuda", generator=gen).to(BF16)
-    y = CuteOps(skinny_gemm=True).dense_linear(x, w, b)
+    y = CuteOps(skinny_gemm=True, skinny_max_rows=max_rows).dense_linear(x, w, b)
     assert y.shape == (m, n) and rel_l2(y, _reference(x, w, b)) < TOL
-    if m > sk.MAX_M:
+    if m > max_rows:
         assert torch.equal(y, F.linear(x, w, b))

@@ -1,7 +1,8 @@
 """CPU checks of how dense linear layers reach the skinny GEMM (kernels/skinny_gemm.py): DenseLinear (the attention's
 q/k/v and o projections) is an nn.Linear whose matmul is ops.dense_linear; the reference runs F.linear; CuteOps hands
-decode rows (M <= 16) of bf16 weights on CUDA to the kernel and keeps prefill rows, CPU tensors and what the kernel
-cannot take on F.linear, logging only the latter. The kernel itself is checked on the GPU in test_skinny_gemm_gpu.py.
+steps of up to skinny_max_rows rows (16 by default, at most 64) of bf16 weights on CUDA to the kernel and keeps longer
+steps, CPU tensors and what the kernel cannot take on F.linear, logging only the latter. The kernel itself is
+checked on the GPU in test_skinny_gemm_gpu.py.
 
 Shape legend: M token rows, N out features, K in features.
 """
@@ -117,12 +118,24 @@ def test_a_strided_x_is_made_contiguous_first(kernel_calls):
     assert sent.is_contiguous() and torch.equal(sent, x)
 
 
-def test_prefill_rows_stay_on_f_linear_silently(kernel_calls, caplog):
-    x, w, b = _problem(17)
+@pytest.mark.parametrize("max_rows", [16, 64])
+def test_rows_past_the_threshold_stay_on_f_linear_silently(kernel_calls, caplog, max_rows):
+    ops = CuteOps(skinny_gemm=True, skinny_max_rows=max_rows)
+    x, w, b = _problem(max_rows)
+    ops.dense_linear(_cuda_like(x), _cuda_like(w), b)
+    assert len(kernel_calls) == 1  # at the threshold: the kernel
+    x, w, b = _problem(max_rows + 1)
     with caplog.at_level(logging.WARNING):
-        got = CuteOps(skinny_gemm=True).dense_linear(_cuda_like(x), _cuda_like(w), b)
-    assert not kernel_calls and not caplog.text
+        got = ops.dense_linear(_cuda_like(x), _cuda_like(w), b)
+    assert len(kernel_calls) == 1 and not caplog.text
     assert torch.equal(got, F.linear(x, w, b))
+
+
+def test_the_threshold_is_checked():
+    with pytest.raises(ValueError, match="skinny_gemm_max_rows"):
+        CuteOps(skinny_max_rows=65)
+    with pytest.raises(ValueError, match="skinny_gemm_max_rows"):
+        CuteOps(skinny_max_rows=0)
 
 
 @pytest.mark.parametrize("case,reason", [
