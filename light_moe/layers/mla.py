@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from light_moe.config import ModelConfig, YarnScaling
+from light_moe.layers.linear import DenseLinear
 from light_moe.layers.norm import RMSNorm
 from light_moe.layers.rotary import RotaryEmbedding
 from light_moe.ops.reference import apply_rope, apply_rope_interleaved
@@ -114,16 +115,18 @@ class MLAttention(nn.Module):
         self.ops = ops
         kw = dict(dtype=dtype, device=device)
         h, hidden, bias = cfg.num_heads, cfg.hidden_size, mla.attention_bias
+        # the projections a step runs as matmuls are DenseLinear (the ops backend's dense_linear: decode rows on
+        # the CuTe skinny GEMM); kv_b_proj's weight is read by the absorbed decode path (ops.mla_attention)
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, h * self.qk_dim, bias=False, **kw)
+            self.q_proj = DenseLinear(hidden, h * self.qk_dim, False, ops, **kw)
         else:
-            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias, **kw)
+            self.q_a_proj = DenseLinear(hidden, mla.q_lora_rank, bias, ops, **kw)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS, ops=ops, **kw)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, h * self.qk_dim, bias=False, **kw)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias, **kw)
+            self.q_b_proj = DenseLinear(mla.q_lora_rank, h * self.qk_dim, False, ops, **kw)
+        self.kv_a_proj_with_mqa = DenseLinear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias, ops, **kw)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS, ops=ops, **kw)
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, h * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False, **kw)
-        self.o_proj = nn.Linear(h * mla.v_head_dim, hidden, bias=bias, **kw)
+        self.o_proj = DenseLinear(h * mla.v_head_dim, hidden, bias, ops, **kw)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: tuple[torch.Tensor] | None,
                 meta) -> torch.Tensor:

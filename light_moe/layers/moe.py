@@ -134,7 +134,7 @@ class MoEBlock(nn.Module):
         self.shared_expert = None
         self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size > 0:
-            self.shared_expert = SwiGLUMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, dtype, device)
+            self.shared_expert = SwiGLUMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ops, dtype, device)
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
         self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -38,7 +38,7 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             self.mlp = MoEBlock(cfg, ops, dtype, device)
         else:
-            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, ops, dtype, device)
 
     def forward(self, x, residual, positions, kv_cache, meta):
         """x: the previous layer's MLP output (the embeddings for layer 0, whose residual is None) -> (this

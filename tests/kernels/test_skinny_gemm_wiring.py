@@ -195,3 +195,30 @@ def test_attention_projections_run_on_the_ops():
     attn(x, torch.arange(5), None, None)
     assert [w.shape for w, _ in ops.calls] == [(128, 64), (64, 64)]
     assert ops.calls[0][1] is attn.qkv_proj.bias and ops.calls[1][1] is None
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v3", "qwen2_moe"])
+def test_mla_dense_mlp_and_shared_expert_projections_run_on_the_ops(family, tmp_path):
+    """DeepSeek's MLA projections (q or q_a / q_b, kv_a, o; not kv_b, whose weight the absorbed decode reads), the
+    dense MLP layers and the shared experts are DenseLinear: a forward hands every one of their weights to
+    ops.dense_linear, so the CuTe backend runs their decode rows on the skinny GEMM."""
+    from light_moe.layers.mla import MLAttention
+    from light_moe.layers.mlp import SwiGLUMLP
+    from light_moe.models.loader import build_model
+    from tests.tiny_models import make_tiny_checkpoint
+
+    ops = _Recording()
+    model = build_model(make_tiny_checkpoint(family, tmp_path), ops, torch.float32, torch.device("cpu"), progress=False)
+    want = set()
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            assert not isinstance(module.kv_b_proj, DenseLinear)
+            want |= {id(m.weight) for m in (getattr(module, "q_proj", None), getattr(module, "q_a_proj", None),
+                                             getattr(module, "q_b_proj", None), module.kv_a_proj_with_mqa,
+                                             module.o_proj) if m is not None}
+        if isinstance(module, SwiGLUMLP):
+            want |= {id(m.weight) for m in (module.gate_proj, module.up_proj, module.down_proj)}
+    assert want, f"{family}: no MLA or dense MLP modules"
+    with torch.no_grad():
+        model.model(torch.tensor([1, 2, 3]), torch.arange(3), None, None)
+    assert want <= {id(w) for w, _ in ops.calls}
