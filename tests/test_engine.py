@@ -101,6 +101,9 @@ def test_logprobs_and_abort(engine):
     (dict(prompts=list(range(5)) * 60), ValueError),  # 300 tokens > context window of 256
     (dict(prompts="hello", max_tokens=400), ValueError),  # prompt + max_tokens beyond the window
     (dict(prompts=[1, 2, 10_000]), ValueError),  # outside the vocabulary
+    (dict(prompts=[[1, -2, 3]]), ValueError),  # below it
+    (dict(prompts=[[1, True, 3]]), TypeError),  # a bool is not a token id
+    (dict(prompts=[[1, 2.0, 3]]), TypeError),
     (dict(prompts=3.5), TypeError),
 ])
 def test_bad_input_is_a_clear_error_and_the_engine_survives(engine, bad, error):
@@ -147,3 +150,16 @@ def test_host_step_profile_script_times_every_phase():
     assert row["step_ms"] > 0 and row["plan_kib"] > 0
     from light_moe.engine.request_state import RequestState
     assert RequestState.accept.__name__ == "accept"  # the script put the methods back
+
+
+def test_token_id_prompts_accept_int_subclasses_but_not_bools(engine):
+    import enum
+
+    class Token(enum.IntEnum):
+        A = 5
+
+    assert engine.validate([1, Token.A, 3], SamplingParams(max_tokens=2))[1] == [1, Token.A, 3]
+    with pytest.raises(TypeError):
+        engine.validate([1, False], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=r"token ids \[-1\] are outside the vocabulary"):
+        engine.validate([1, -1], SamplingParams(max_tokens=2))
