@@ -7,6 +7,11 @@ out [N, H] contiguous; all one dtype (bf16, fp16 or fp32).
     without residual:  out = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype)
     with residual:     s = (x + residual).to(dtype), written back into residual; out = norm(s) as above
 
+With a combine prologue (combine_k = K > 0, the MoE layer's output fused into the next norm; residual required):
+x is not read; each of its vectors is the MoE combine of that token, x[t] = sum_k topk_weights[t, k] * y[reverse_index
+[t K + k]] accumulated in fp32 in slot order and rounded once (kernels/combine.py, the same expression), plus, with
+extra (the shared expert's output [N, H]), (x[t] + extra[t]) rounded once as torch's add; the rest is the same.
+
 The rounding follows light_moe/layers/norm.py op by op: the sum x + residual is rounded to dtype (torch's
 bf16 add), the normalised row is rounded to dtype, and weight * row is one fp32 product (exact for 16-bit
 inputs) rounded once, as torch's bf16 mul does. Only the fp32 sum of squares is accumulated in a different
@@ -39,6 +44,7 @@ MIN_CTA_THREADS = 128  # small rows are packed until a CTA has this many threads
 MAX_THREADS_PER_ROW = 1024
 TARGET_VECTORS_PER_THREAD = 4  # independent 16-byte loads in flight per thread before the reduction
 MAX_VECTORS_PER_THREAD = 8  # register budget of the row kept between reduction and output
+COMBINE_MAX_TOP_K = 16  # kernels/combine.py's bound
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,17 @@ def mul_rn(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
 
 
 class RMSNormKernel:
-    """Compiled once per (dtype, H, residual or not); N, the row stride of x and eps are run-time arguments."""
+    """Compiled once per (dtype, H, residual or not, combine_k, extra or not); N, the row stride of x and eps are
+    run-time arguments."""
 
-    def __init__(self, dtype, hidden: int, has_residual: bool):
+    def __init__(self, dtype, hidden: int, has_residual: bool, combine_k: int = 0, has_extra: bool = False):
+        if combine_k and not has_residual or has_extra and not combine_k:
+            raise ValueError("the combine prologue needs a residual; extra needs the combine prologue")
         self.dtype = dtype
         self.hidden = hidden
         self.has_residual = has_residual
+        self.combine_k = combine_k
+        self.has_extra = has_extra
         self.vec = 128 // dtype.width
         self.n_vec = hidden // self.vec
         self.tiling = choose_tiling(self.n_vec)
@@ -111,21 +122,31 @@ class RMSNormKernel:
         out_ptr: cute.Pointer,
         n_rows: Int32,
         eps: Float32,
+        y_ptr: cute.Pointer,
+        reverse_ptr: cute.Pointer,
+        topk_ptr: cute.Pointer,
+        extra_ptr: cute.Pointer,
         stream: cuda.CUstream,
     ):
-        hidden, tiling = self.hidden, self.tiling
+        """y_ptr [N K, H], reverse_ptr [N K] int32, topk_ptr [N, K] fp32, extra_ptr [N, H]: the combine prologue's
+        inputs, read only when compiled with it (any valid pointers otherwise)."""
+        hidden, tiling, k = self.hidden, self.tiling, max(1, self.combine_k)
         stride = cute.assume(x_row_stride, divby=self.vec)  # what lets the 16-byte accesses verify
         x = cute.make_tensor(x_ptr, cute.make_layout((n_rows, hidden), stride=(stride, 1)))
         residual = cute.make_tensor(residual_ptr, cute.make_layout((n_rows, hidden), stride=(hidden, 1)))
         weight = cute.make_tensor(weight_ptr, cute.make_layout((hidden,)))
         out = cute.make_tensor(out_ptr, cute.make_layout((n_rows, hidden), stride=(hidden, 1)))
+        y = cute.make_tensor(y_ptr, cute.make_layout((n_rows * k, hidden), stride=(hidden, 1)))
+        reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_rows * k,)))
+        topk = cute.make_tensor(topk_ptr, cute.make_layout((n_rows, k), stride=(k, 1)))
+        extra = cute.make_tensor(extra_ptr, cute.make_layout((n_rows, hidden), stride=(hidden, 1)))
         n_ctas = (n_rows + tiling.rows_per_cta - 1) // tiling.rows_per_cta
-        self.kernel(x, residual, weight, out, n_rows, eps).launch(
+        self.kernel(x, residual, weight, out, n_rows, eps, y, reverse, topk, extra).launch(
             grid=(n_ctas, 1, 1), block=(tiling.threads, 1, 1), stream=stream, use_pdl=True)
 
     @cute.kernel
     def kernel(self, x: cute.Tensor, residual: cute.Tensor, weight: cute.Tensor, out: cute.Tensor, n_rows: Int32,
-               eps: Float32):
+               eps: Float32, y: cute.Tensor, reverse: cute.Tensor, topk: cute.Tensor, extra: cute.Tensor):
         await_inputs()
         vec, n_vec, dtype = self.vec, self.n_vec, self.dtype
         tpr, vpt, rpc = self.tiling.threads_per_row, self.tiling.vectors_per_thread, self.tiling.rows_per_cta
@@ -155,7 +176,10 @@ class RMSNormKernel:
         for j in cutlass.range_constexpr(vpt):
             v = lane_in_row + j * tpr
             if v < n_vec:
-                cute.copy(copy128, x_vecs[None, v], vals[None, j])
+                if cutlass.const_expr(self.combine_k > 0):
+                    self.combine_vector(y, reverse, topk, extra, row_in, v, vals[None, j], copy128)
+                else:
+                    cute.copy(copy128, x_vecs[None, v], vals[None, j])
                 if cutlass.const_expr(self.has_residual):
                     cute.copy(copy128, res_vecs[None, v], partner)
                     vals[None, j].store((vals[None, j].load().to(Float32) + partner.load().to(Float32)).to(dtype))
@@ -186,11 +210,31 @@ class RMSNormKernel:
                     vals[None, j].store((partner.load().to(Float32) * normed.to(Float32)).to(dtype))
                     cute.copy(copy128, vals[None, j], out_vecs[None, v])
 
+    @cute.jit
+    def combine_vector(self, y: cute.Tensor, reverse: cute.Tensor, topk: cute.Tensor, extra: cute.Tensor, row: Int32,
+                       v: Int32, dst: cute.Tensor, copy128):
+        """dst := vector v of token row's MoE combine (+ extra), rounded as kernels/combine.py and torch's add."""
+        k, vec, dtype = self.combine_k, self.vec, self.dtype
+        rows = cute.make_rmem_tensor((vec, k), dtype)
+        for kk in cutlass.range_constexpr(k):  # the K loads in flight before the first add
+            src = cute.zipped_divide(y[reverse[row * k + kk], None], (vec,))
+            cute.copy(copy128, src[None, v], rows[None, kk])
+        acc = cute.make_rmem_tensor((vec,), Float32)
+        acc.fill(0.0)
+        for kk in cutlass.range_constexpr(k):
+            acc.store(acc.load() + rows[None, kk].load().to(Float32) * topk[row, kk])
+        dst.store(acc.load().to(dtype))
+        if cutlass.const_expr(self.has_extra):
+            add = cute.make_rmem_tensor((vec,), dtype)
+            cute.copy(copy128, cute.zipped_divide(extra[row, None], (vec,))[None, v], add)
+            dst.store((dst.load().to(Float32) + add.load().to(Float32)).to(dtype))
 
-_compiled = CompileCache("rms_norm")  # (dtype, H, residual) -> compiled function; never keyed on N
+
+_compiled = CompileCache("rms_norm")  # (dtype, H, residual, combine_k, extra) -> compiled function; never keyed on N
 
 
-def make_compile_args(dtype: torch.dtype, hidden: int, has_residual: bool, stream=None):
+def make_compile_args(dtype: torch.dtype, hidden: int, has_residual: bool, stream=None, combine_k: int = 0,
+                      has_extra: bool = False):
     """(jit function, arguments) for cute.compile with placeholder pointers; N and the row stride are dynamic."""
     gmem = cute.AddressSpace.gmem
     cdt = _DTYPES[dtype]
@@ -202,14 +246,20 @@ def make_compile_args(dtype: torch.dtype, hidden: int, has_residual: bool, strea
         make_ptr(cdt, 16, gmem, assumed_align=16),
         Int32(1),
         Float32(1e-6),
+        make_ptr(cdt, 16, gmem, assumed_align=16),
+        make_ptr(Int32, 16, gmem, assumed_align=4),
+        make_ptr(Float32, 16, gmem, assumed_align=4),
+        make_ptr(cdt, 16, gmem, assumed_align=16),
         stream,
     )
-    return RMSNormKernel(cdt, hidden, has_residual), args
+    return RMSNormKernel(cdt, hidden, has_residual, combine_k, has_extra), args
 
 
-def compiled_rms_norm(dtype: torch.dtype, hidden: int, has_residual: bool):
-    key = (dtype, hidden, has_residual)
-    return _compiled.get(key, lambda: make_compile_args(dtype, hidden, has_residual, current_stream()))
+def compiled_rms_norm(dtype: torch.dtype, hidden: int, has_residual: bool, combine_k: int = 0,
+                      has_extra: bool = False):
+    key = (dtype, hidden, has_residual, combine_k, has_extra)
+    return _compiled.get(key, lambda: make_compile_args(dtype, hidden, has_residual, current_stream(), combine_k,
+                                                        has_extra))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -256,6 +306,77 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         make_ptr(cdt, out.data_ptr(), gmem, assumed_align=16),
         Int32(x.shape[0]),
         Float32(eps),
+        *_unused_combine_args(x_ptr, x.data_ptr()),
         current_stream(),
     )
     return out
+
+
+def _unused_combine_args(x_ptr, address: int) -> tuple:
+    """Placeholders for the combine prologue's pointers of a kernel compiled without it (never read)."""
+    gmem = cute.AddressSpace.gmem
+    return (x_ptr, make_ptr(Int32, address, gmem, assumed_align=4), make_ptr(Float32, address, gmem, assumed_align=4),
+            x_ptr)
+
+
+def combine_rms_norm(y: torch.Tensor, reverse_index: torch.Tensor, topk_weights: torch.Tensor,
+                     extra: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE combine fused into the next RMSNorm with residual: x = combine(y, reverse_index, topk_weights)
+    (+ extra), residual := x + residual (in place), out [T, H] = norm(residual). One kernel; the same rounding as
+    kernels/combine.py then rms_norm (bit for bit). y [T K, H] (rows sorted by expert), reverse_index [T K] int32,
+    topk_weights [T, K] fp32, extra / residual [T, H], weight [H]: contiguous, one dtype. No host sync."""
+    num_tokens, top_k = topk_weights.shape
+    if residual.dim() != 2 or residual.shape[0] != num_tokens:
+        raise ValueError(f"residual must be [{num_tokens}, H], got {tuple(residual.shape)}")
+    hidden = residual.shape[1]
+    if out is None:
+        out = torch.empty_like(residual)
+    _check(residual, weight, residual, out)
+    ok, reason = combine_supports(residual.dtype, hidden, top_k)
+    if not ok:
+        raise ValueError(f"combine + rms_norm kernel: {reason}")
+    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
+        raise ValueError(f"topk_weights must be a contiguous [T, K] fp32 tensor, got {topk_weights.dtype}")
+    if y.shape != (num_tokens * top_k, hidden) or y.dtype != residual.dtype or not y.is_contiguous() \
+            or y.data_ptr() % 16:
+        raise ValueError(f"y must be a contiguous, 16-byte aligned [{num_tokens * top_k}, {hidden}] "
+                         f"{residual.dtype} tensor, got {tuple(y.shape)} {y.dtype}")
+    if reverse_index.shape != (num_tokens * top_k,) or reverse_index.dtype != torch.int32 \
+            or not reverse_index.is_contiguous():
+        raise ValueError(f"reverse_index must be a contiguous [{num_tokens * top_k}] int32 tensor")
+    if extra is not None and (extra.shape != residual.shape or extra.dtype != residual.dtype
+                              or not extra.is_contiguous() or extra.data_ptr() % 16):
+        raise ValueError(f"extra must be a contiguous, 16-byte aligned [{num_tokens}, {hidden}] {residual.dtype} "
+                         f"tensor, got {tuple(extra.shape)} {extra.dtype}")
+    if num_tokens == 0:
+        return out
+    fn = compiled_rms_norm(residual.dtype, hidden, True, top_k, extra is not None)
+    gmem = cute.AddressSpace.gmem
+    cdt = _DTYPES[residual.dtype]
+    res_ptr = make_ptr(cdt, residual.data_ptr(), gmem, assumed_align=16)
+    fn(
+        res_ptr,  # x: not read with the combine prologue
+        Int32(hidden),
+        res_ptr,
+        make_ptr(cdt, weight.data_ptr(), gmem, assumed_align=16),
+        make_ptr(cdt, out.data_ptr(), gmem, assumed_align=16),
+        Int32(num_tokens),
+        Float32(eps),
+        make_ptr(cdt, y.data_ptr(), gmem, assumed_align=16),
+        make_ptr(Int32, reverse_index.data_ptr(), gmem, assumed_align=4),
+        make_ptr(Float32, topk_weights.data_ptr(), gmem, assumed_align=4),
+        make_ptr(cdt, (extra if extra is not None else y).data_ptr(), gmem, assumed_align=16),
+        current_stream(),
+    )
+    return out
+
+
+def combine_supports(dtype: torch.dtype, hidden_size: int, top_k: int) -> tuple[bool, str]:
+    """Whether combine_rms_norm takes this problem: the norm's rows and kernels/combine.py's top-k bound."""
+    ok, reason = supports(dtype, hidden_size)
+    if not ok:
+        return ok, reason
+    if not 1 <= top_k <= COMBINE_MAX_TOP_K:
+        return False, f"top_k={top_k} outside [1, {COMBINE_MAX_TOP_K}]"
+    return True, "ok"

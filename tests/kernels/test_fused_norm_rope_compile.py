@@ -62,6 +62,31 @@ def test_rms_norm_ptx(tmp_path):
     assert _ops(ptx, r"griddepcontrol\.wait") == 1 and _ops(ptx, r"bar\.sync") == 1
 
 
+@pytest.mark.parametrize("dtype,hidden,top_k,extra", [(BF16, 4096, 2, False), (BF16, 2048, 6, True),
+                                                       (BF16, 2880, 4, False), (FP32, 128, 8, True)])
+def test_combine_rms_norm_compiles(dtype, hidden, top_k, extra, tmp_path):
+    """The combine prologue (the MoE output fused into the next norm): Mixtral, DeepSeek-V2-Lite with its shared
+    expert, gpt-oss, a small fp32 case."""
+    assert rms_norm.combine_supports(dtype, hidden, top_k)[0]
+    jit_fn, args = rms_norm.make_compile_args(dtype, hidden, True, make_fake_stream(), top_k, extra)
+    cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
+    _report(f"combine_rms_norm {dtype} H={hidden} K={top_k} extra={extra} {jit_fn.tiling}", seconds, cubin)
+
+
+def test_combine_rms_norm_ptx(tmp_path):
+    """Mixtral's shape: per owned vector the K expert rows, the residual and the weight by 16-byte loads (x is not
+    read), the K reverse indices and K weights as scalars; residual and out stored; one rounding of the sum."""
+    jit_fn, args = rms_norm.make_compile_args(BF16, 4096, True, make_fake_stream(), 2, False)
+    ptx = compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))
+    vpt = jit_fn.tiling.vectors_per_thread
+    assert _ops(ptx, r"ld\.global\.v4\.b32") == (2 + 2) * vpt  # 2 expert rows, residual, weight
+    assert _ops(ptx, r"st\.global\.v4\.b32") == 2 * vpt and _ops(ptx, r"st\.global\.(?!v4)") == 0
+    assert _ops(ptx, r"mul\.rn\.f32") == 1 and _ops(ptx, r"griddepcontrol\.wait") == 1
+    with pytest.raises(ValueError, match="needs a residual"):
+        rms_norm.RMSNormKernel(rms_norm._DTYPES[BF16], 4096, False, 2)
+    assert not rms_norm.combine_supports(BF16, 4096, 17)[0]
+
+
 def test_norm_tiling_covers_rows():
     for dtype in (BF16, FP32):
         for hidden in (64, 128, 2048, 2880, 4096, 5120, 7168, 8192, 16384):
