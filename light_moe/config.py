@@ -529,6 +529,7 @@ class EngineConfig:
     # the CuTe backend runs decode rows of the dense projections on kernels/skinny_gemm.py (ops.select_backend)
     skinny_gemm: bool = True
     skinny_gemm_max_rows: int = 16  # up to kernels/skinny_gemm.MAX_M
+    fuse_combine_norm: bool = False  # MoE layers' combine inside the next norm (ops.backend.PendingCombine)
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

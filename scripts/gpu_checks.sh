@@ -51,9 +51,11 @@
 #                                               cuBLAS at M = 16 / 32 / 64, bench e2e at B = 64 with
 #                                               --skinny-gemm-max-rows 16 and 64 (32 layers W4A16, then 4 layers bf16)
 #   scripts/gpu_checks.sh verify-16 OUTDIR      one GPU: what session 16 changed without a GPU run (DeepSeek's MLA projections,
-#                                               dense MLPs and shared experts on the skinny GEMM): the DeepSeek and
-#                                               engine GPU tests, bench e2e of deepseek-v2-lite (27 layers), its B = 1
+#                                               dense MLPs and shared experts on the skinny GEMM; the combine fused
+#                                               into the norm): the DeepSeek, engine and norm GPU tests, bench e2e of deepseek-v2-lite (27 layers), its B = 1
 #                                               step profile
+#   scripts/gpu_checks.sh fuse-ab OUTDIR        one GPU: bench e2e of the 32-layer W4A16 shape without and with
+#                                               --fuse-combine-norm (after verify-16's GPU tests pass)
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -61,7 +63,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16 or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, fuse-ab or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -325,14 +327,23 @@ skinny64)
     ;;
 verify-16)
     # session 16 moved DeepSeek's MLA projections, the dense SwiGLU MLPs and the shared experts onto DenseLinear
-    # (decode rows on the skinny GEMM; session 16's B = 1 profile had 9 cuBLAS GEMMs per layer): correctness first,
+    # (decode rows on the skinny GEMM; session 16's B = 1 profile had 9 cuBLAS GEMMs per layer) and wrote the
+    # combine prologue of the RMSNorm kernel (--fuse-combine-norm, off by default): correctness first,
     # then the family's e2e (session 16 before the change: 270.2 / 1,525.6 / 4,956.5 tok/s) and its profile
     step verify16_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/test_deepseek_cute_gpu.py \
-        tests/test_cute_engine_gpu.py tests/kernels/test_skinny_gemm_gpu.py -ra
+        tests/test_cute_engine_gpu.py tests/kernels/test_skinny_gemm_gpu.py tests/kernels/test_fused_norm_rope_gpu.py -ra
     step e2e_deepseek_v2_lite 200 $py -m light_moe.cli bench e2e --shape deepseek-v2-lite --layers 27 --dtype bfloat16 \
         --device cuda --repeats 1 --output "$out/e2e_deepseek_v2_lite.json"
     TAIL=24 step profile_dsv2_b1 120 $py -m light_moe.cli bench profile-step --shape deepseek-v2-lite --layers 27 \
         --dtype bfloat16 --device cuda --batch-size 1 --steps 8 --output "$out/profile_dsv2_b1.json"
+    ;;
+fuse-ab)
+    # the combine fused into the next norm (--fuse-combine-norm, session 16, written without a GPU): its e2e A/B
+    # on the 32-layer W4A16 shape (B = 1 / 16 / 64), plain first, then fused, same call
+    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
+    step e2e32_plain 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e32_plain.json"
+    step e2e32_fused 200 $py -m light_moe.cli bench e2e $m --repeats 1 --fuse-combine-norm \
+        --output "$out/e2e32_fused.json"
     ;;
 verify-15)
     # what session 15 wrote or changed without a GPU run: the MLA rotary + latent write kernel and the DeepSeek
@@ -355,7 +366,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16 or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, fuse-ab or verify-15)" >&2
     exit 2
     ;;
 esac

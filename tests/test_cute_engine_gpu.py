@@ -193,6 +193,37 @@ def test_skinny_gemm_engine_matches_reference(checkpoint, monkeypatch):
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_fuse_combine_norm_changes_no_token(checkpoint, monkeypatch):
+    """--fuse-combine-norm: each MoE layer's combine runs inside the next norm (kernels/rms_norm.py's combine
+    prologue, bit-identical to the two kernels it replaces), so eager and CUDA-graph engines with it give the tokens
+    of the same engines without it; the fused kernel really ran."""
+    from light_moe.kernels import rms_norm
+
+    calls = []
+    real = rms_norm.combine_rms_norm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rms_norm, "combine_rms_norm", counted)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  async_scheduling=False, moe_backend="cute")
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    for eager in (True, False):
+        plain = LightMoEEngine(checkpoint, enforce_eager=eager, **common)
+        fused = LightMoEEngine(checkpoint, enforce_eager=eager, fuse_combine_norm=True, **common)
+        before = len(calls)
+        out_p = plain.generate_outputs(PROMPTS, params)
+        assert len(calls) == before  # off by default
+        out_f = fused.generate_outputs(PROMPTS, params)
+        assert len(calls) > before  # eager forwards, or the captures of the graphs
+        assert "combine + RMSNorm" not in {op for op, _ in fused.ops._logged}
+        for prompt, a, b in zip(PROMPTS, out_p, out_f):
+            assert_agree(plain, fused, prompt, a.token_ids, b.token_ids)
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_cuda_graph_decode_matches_eager(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=0.0)
     common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,

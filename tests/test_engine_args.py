@@ -37,6 +37,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "enforce_eager": (True, {}),
     "skinny_gemm": (False, {}),
     "skinny_gemm_max_rows": (64, {}),
+    "fuse_combine_norm": (True, {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),

@@ -90,6 +90,9 @@ class EngineArgs:
     skinny_gemm: bool = option(
         True, "decode rows of the attention projections and the lm_head on the CuTe skinny GEMM instead of cuBLAS "
         "(docs/kernels.md, Skinny GEMM)", group="execution")
+    fuse_combine_norm: bool = option(
+        False, "a MoE layer's combine runs inside the next residual add + RMSNorm (one kernel fewer per layer on the "
+        "CuTe backend; one process, no overlap)", group="execution")
     skinny_gemm_max_rows: int = option(
         16, "the most token rows (1..64) a step may have for skinny_gemm to take its projections", group="execution")
     warmup_graphs: bool = option(

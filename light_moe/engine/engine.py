@@ -91,7 +91,8 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
             raise SystemExit(0)
         self.tokenizer = Tokenizer(model_path)
         self.model_config = model_cfg
-        self.ops, reason = select_backend(args.moe_backend, dev, args.skinny_gemm, args.skinny_gemm_max_rows)
+        self.ops, reason = select_backend(args.moe_backend, dev, args.skinny_gemm, args.skinny_gemm_max_rows,
+                                             args.fuse_combine_norm)
         logger.info("MoE backend: %s", reason)
         self.moe_backend_reason = reason
         # expert parallelism: this process is rank 0; the executor's worker processes (spawned, or started by

@@ -16,7 +16,7 @@ from torch import nn
 
 from light_moe.config import ModelConfig
 from light_moe.layers.mlp import SwiGLUMLP
-from light_moe.ops.backend import MoEOps
+from light_moe.ops.backend import MoEOps, PendingCombine
 from light_moe.parallel.dispatch import LocalDispatcher
 from light_moe.quant.scheme import W4A16Config
 from light_moe.quant.w4a16 import PACK, QuantizedWeight
@@ -217,8 +217,12 @@ class MoEBlock(nn.Module):
         routed = self.dispatcher.dispatch(x, topk_weights, topk_ids)  # rows for the local experts
         # the router's metadata (if any) describes these rows only when dispatch kept them as they were
         kept = routed.topk_ids is topk_ids and not routed.padded
+        # one process: the combine can wait for the next norm, which fuses it into its residual add
+        defer = self.ops.fuse_combine_norm and kept and isinstance(self.dispatcher, LocalDispatcher)
         y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded,
-                             metadata=metadata if kept else None, **variant)
+                             metadata=metadata if kept else None, defer_combine=defer, **variant)
+        if isinstance(y, PendingCombine):
+            return y if self.shared_expert is None else y._replace(extra=self._shared(x))
         out = self.dispatcher.combine(y, routed)  # [T, H]
         if self.shared_expert is not None:
             out = out + self._shared(x)

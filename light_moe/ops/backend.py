@@ -6,6 +6,7 @@ N tokens of a step, h / g query / KV heads, D head_dim.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -17,10 +18,25 @@ logger = logging.getLogger(__name__)
 BACKEND_NAMES = ("auto", "reference", "cute")
 
 
+class PendingCombine(NamedTuple):
+    """A MoE layer's output not yet combined (MoEOps.experts with defer_combine): the next norm
+    (layers/norm.py RMSNorm) runs combine_rms_norm on it, the combine fused into its residual add."""
+
+    y: torch.Tensor  # [M, H] expert output rows, sorted by expert
+    reverse_index: torch.Tensor  # [M] int32
+    topk_weights: torch.Tensor  # [T, K] fp32
+    extra: torch.Tensor | None = None  # [T, H]: the shared expert's output, added after the combine
+
+
 class MoEOps:
-    """Base backend: the pure-PyTorch reference for every op. Subclasses override what they speed up."""
+    """Base backend: the pure-PyTorch reference for every op. Subclasses override what they speed up.
+    fuse_combine_norm (EngineConfig.fuse_combine_norm): MoE layers on one process hand the next norm a
+    PendingCombine instead of their combined output (layers/moe.py)."""
 
     name = "reference"
+
+    def __init__(self, fuse_combine_norm: bool = False):
+        self.fuse_combine_norm = fuse_combine_norm
 
     def prepare_expert_weights(self, w13: torch.Tensor, w2: torch.Tensor,
                                spec=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +91,10 @@ class MoEOps:
         return reference.combine(y, reverse_index, topk_weights)
 
     def experts(self, x, topk_weights, topk_ids, w13, w2, padded: bool = False, metadata=None, spec=None,
-                biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                defer_combine: bool = False) -> torch.Tensor | PendingCombine:
         """Routed experts for already-routed tokens: metadata -> up -> down -> combine. [T, H]
+        defer_combine (unpadded rows only): a PendingCombine of the down projection's rows instead.
         metadata: route()'s metadata of exactly these ids and experts (skips routing_metadata).
         spec: the model's config.ExpertConfig (gpt-oss's clamped SwiGLU), None for SiLU * up; biases: (b13
         [E, 2I], b2 [E, H]) of the experts w13 / w2 hold (rows in the same order), None for none.
@@ -103,7 +121,17 @@ class MoEOps:
             b13, b2 = biases if biases is not None else (None, None)
             act = self.expert_up(x, gather_index, offsets, w13, spec=spec, bias=b13)  # [M, I]
             y = self.expert_down(act, offsets, w2, bias=b2)  # [M, H]
+        if defer_combine and not padded:
+            return PendingCombine(y, reverse_index, topk_weights)
         return self.combine(y, reverse_index, topk_weights)
+
+    def combine_rms_norm(self, pending: PendingCombine, residual: torch.Tensor, weight, eps: float):
+        """(norm(s), s) for s = combine(pending) (+ pending.extra) + residual: rms_norm with residual of the
+        combined rows; a backend may fuse the two and update `residual` in place."""
+        x = self.combine(pending.y, pending.reverse_index, pending.topk_weights)
+        if pending.extra is not None:
+            x = x + pending.extra
+        return self.rms_norm(x, weight, eps, residual)
 
     def moe_forward(self, x, gate_weight, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
         topk_weights, topk_ids, _, metadata = self.route(x, gate_weight, top_k, renormalize)

@@ -43,7 +43,9 @@ _CUTE_LAYOUT = "_light_moe_cute_layout"
 class CuteOps(MoEOps):
     name = "cute"
 
-    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16):
+    def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16,
+                 fuse_combine_norm: bool = False):
+        super().__init__(fuse_combine_norm)
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
         # (EngineConfig.skinny_gemm, skinny_gemm_max_rows)
@@ -213,6 +215,21 @@ class CuteOps(MoEOps):
             return super().rms_norm(x, weight, eps, residual)
         out = rms_norm_kernel.rms_norm(x, weight, eps, residual)  # residual updated in place
         return out if residual is None else (out, residual)
+
+    def combine_rms_norm(self, pending, residual: torch.Tensor, weight, eps: float):
+        y, reverse_index, topk_weights, extra = pending
+        ok, reason = rms_norm_kernel.combine_supports(y.dtype, y.shape[-1], topk_weights.shape[-1])
+        tensors = (y, reverse_index, topk_weights, residual, weight) + (() if extra is None else (extra,))
+        if ok and not all(t.is_cuda and t.is_contiguous() for t in tensors):
+            ok, reason = False, "every input must be a contiguous CUDA tensor"
+        if ok and (weight.dtype != y.dtype or residual.dtype != y.dtype or topk_weights.dtype != torch.float32
+                   or reverse_index.dtype != torch.int32 or (extra is not None and extra.dtype != y.dtype)):
+            ok, reason = False, f"dtypes: y {y.dtype}, residual {residual.dtype}, weight {weight.dtype}"
+        if not ok:
+            self._fallback("combine + RMSNorm", reason)
+            return super().combine_rms_norm(pending, residual, weight, eps)  # the two kernels
+        out = rms_norm_kernel.combine_rms_norm(y, reverse_index, topk_weights, extra, residual, weight, eps)
+        return out, residual  # residual updated in place
 
     def rope_write_kv(self, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
