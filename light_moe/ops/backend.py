@@ -34,6 +34,7 @@ class MoEOps:
     PendingCombine instead of their combined output (layers/moe.py)."""
 
     name = "reference"
+    fuse_combine_norm = False  # the class default: subclasses that keep their own __init__ stay unfused
 
     def __init__(self, fuse_combine_norm: bool = False):
         self.fuse_combine_norm = fuse_combine_norm
