@@ -76,17 +76,26 @@ class CombineKernel:
         v = chunk * THREADS + tidx
         if v < self.hidden // vec:
             copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128)
-            rows = cute.make_rmem_tensor((vec, k), self.dtype)
-            for kk in cutlass.range_constexpr(k):
-                src = cute.zipped_divide(y[reverse[token * k + kk], None], (vec,))
-                cute.copy(copy128, src[None, v], rows[None, kk])
-            acc = cute.make_rmem_tensor((vec,), Float32)
-            acc.fill(0.0)
-            for kk in cutlass.range_constexpr(k):
-                acc.store(acc.load() + rows[None, kk].load().to(Float32) * weights[token, kk])
             res = cute.make_rmem_tensor((vec,), self.dtype)
-            res.store(acc.load().to(self.dtype))
+            combine_vector(y, reverse, weights, token, v, res, copy128, k, vec)
             cute.copy(copy128, res, cute.zipped_divide(out[token, None], (vec,))[None, v])
+
+
+@cute.jit
+def combine_vector(y: cute.Tensor, reverse: cute.Tensor, weights: cute.Tensor, token: Int32, v: Int32,
+                   dst: cute.Tensor, copy128, k: cutlass.Constexpr, vec: cutlass.Constexpr):
+    """dst (vec registers of y's dtype) := vector v of token's combine: its K rows' 16-byte pieces loaded before
+    the first add, summed in fp32 in slot order, rounded once. Shared with kernels/rms_norm.py's combine
+    prologue, so the fused and the separate paths round alike."""
+    rows = cute.make_rmem_tensor((vec, k), dst.element_type)
+    for kk in cutlass.range_constexpr(k):
+        src = cute.zipped_divide(y[reverse[token * k + kk], None], (vec,))
+        cute.copy(copy128, src[None, v], rows[None, kk])
+    acc = cute.make_rmem_tensor((vec,), Float32)
+    acc.fill(0.0)
+    for kk in cutlass.range_constexpr(k):
+        acc.store(acc.load() + rows[None, kk].load().to(Float32) * weights[token, kk])
+    dst.store(acc.load().to(dst.element_type))
 
 
 _compiled = CompileCache("combine")  # (dtype, H, K) -> compiled function; never keyed on T

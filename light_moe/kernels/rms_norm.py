@@ -36,6 +36,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import dsl_user_op
 
+from light_moe.kernels.combine import combine_vector
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.launch import await_inputs, current_stream
 
@@ -214,16 +215,8 @@ class RMSNormKernel:
     def combine_vector(self, y: cute.Tensor, reverse: cute.Tensor, topk: cute.Tensor, extra: cute.Tensor, row: Int32,
                        v: Int32, dst: cute.Tensor, copy128):
         """dst := vector v of token row's MoE combine (+ extra), rounded as kernels/combine.py and torch's add."""
-        k, vec, dtype = self.combine_k, self.vec, self.dtype
-        rows = cute.make_rmem_tensor((vec, k), dtype)
-        for kk in cutlass.range_constexpr(k):  # the K loads in flight before the first add
-            src = cute.zipped_divide(y[reverse[row * k + kk], None], (vec,))
-            cute.copy(copy128, src[None, v], rows[None, kk])
-        acc = cute.make_rmem_tensor((vec,), Float32)
-        acc.fill(0.0)
-        for kk in cutlass.range_constexpr(k):
-            acc.store(acc.load() + rows[None, kk].load().to(Float32) * topk[row, kk])
-        dst.store(acc.load().to(dtype))
+        vec, dtype = self.vec, self.dtype
+        combine_vector(y, reverse, topk, row, v, dst, copy128, self.combine_k, vec)
         if cutlass.const_expr(self.has_extra):
             add = cute.make_rmem_tensor((vec,), dtype)
             cute.copy(copy128, cute.zipped_divide(extra[row, None], (vec,))[None, v], add)
