@@ -18,6 +18,7 @@ from light_moe.engine.request import Request
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.workers import ExpertParallelExecutor
 from light_moe.parallel import placement as pl
+from light_moe.parallel.dispatch import LocalDispatcher
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadWindow
 from tests.ep_helpers import ENGINE_ARGS, GREEDY, PROMPTS, run_script
 from tests.tiny_models import FAMILIES, make_tiny_checkpoint
@@ -82,6 +83,24 @@ def test_same_greedy_tokens_and_logits_as_one_process(executor, checkpoints, sin
     logits = prefill_logits(engine)
     rel = (logits - expected_logits).norm() / expected_logits.norm()
     assert rel < 1e-5, f"relative logits error {rel:.2e}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe"])
+def test_fuse_combine_norm_leaves_expert_parallel_layers_combining_as_before(executor, checkpoints, single_process,
+                                                                             family):
+    """--fuse-combine-norm reaches every rank, but a layer whose experts sit on several processes combines after
+    its exchange as before (only a one-process layer defers it): the same tokens as one process, no deferral."""
+    expected_tokens, _, _ = single_process[family]
+    engine = LightMoEEngine(checkpoints[family], expert_parallel_size=executor.world_size, fuse_combine_norm=True,
+                            expert_parallel_executor=executor, **ENGINE_ARGS)
+    blocks = engine.model.moe_blocks()
+    assert all(b.ops is engine.ops and not isinstance(b.dispatcher, LocalDispatcher) for b in blocks)
+    assert engine.ops.fuse_combine_norm
+    deferred = []
+    real = engine.ops.combine_rms_norm
+    engine.ops.combine_rms_norm = lambda *args: deferred.append(1) or real(*args)
+    assert [o.token_ids for o in engine.generate_outputs(PROMPTS, GREEDY)] == expected_tokens
+    assert not deferred
 
 
 @pytest.mark.parametrize("family,strategy", [("deepseek_v2", "contiguous"), ("deepseek_v3", "round_robin")])
