@@ -18,8 +18,8 @@ from light_moe.engine.request import Request
 from light_moe.engine.scheduler import ScheduledRequest
 from light_moe.executor.workers import ExpertParallelExecutor
 from light_moe.parallel import placement as pl
-from light_moe.parallel.dispatch import LocalDispatcher
 from light_moe.parallel.balancer import LOAD_SYNC_STEPS, ExpertLoadWindow
+from light_moe.parallel.dispatch import LocalDispatcher
 from tests.ep_helpers import ENGINE_ARGS, GREEDY, PROMPTS, run_script
 from tests.tiny_models import FAMILIES, make_tiny_checkpoint
 
