@@ -406,7 +406,9 @@ def main(args) -> dict:
         png = args.plot or (str(Path(args.output).with_suffix(".png")) if args.output else None)
         if png:
             note = plot(result, png)
-            result["plot"] = png if note is None else None
+            # recorded relative to the JSON (results get committed: no machine paths)
+            where = os.path.relpath(png, Path(args.output).resolve().parent) if args.output else png
+            result["plot"] = where if note is None else None
             if note:
                 result["plot_note"] = note
                 print(note, file=sys.stderr)
