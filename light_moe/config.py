@@ -20,6 +20,10 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)  # W4A16Config.group_size
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# the most token rows kernels/skinny_gemm.py takes (its MAX_M: eight n8 tiles); here so that the engine's
+# option checks need no CuTe import
+SKINNY_GEMM_MAX_ROWS = 64
+
 @dataclass(frozen=True)
 class W4A16Config:
     """int4 weights, 16-bit activations, one scale (and, asymmetric, one zero point) per group of
@@ -528,7 +532,7 @@ class EngineConfig:
     moe_backend: str = "auto"
     # the CuTe backend runs decode rows of the dense projections on kernels/skinny_gemm.py (ops.select_backend)
     skinny_gemm: bool = True
-    skinny_gemm_max_rows: int = 16  # up to kernels/skinny_gemm.MAX_M
+    skinny_gemm_max_rows: int = 16  # up to SKINNY_GEMM_MAX_ROWS
     fuse_combine_norm: bool = False  # MoE layers' combine inside the next norm (ops.backend.PendingCombine)
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False

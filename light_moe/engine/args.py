@@ -30,6 +30,7 @@ from light_moe.config import (
     LOAD_FORMATS,
     PLACEMENT_STRATEGIES,
     QUANTIZATION_METHODS,
+    SKINNY_GEMM_MAX_ROWS,
     SUPPORTED_GROUP_SIZES,
     CacheConfig,
     EngineConfig,
@@ -94,7 +95,8 @@ class EngineArgs:
         False, "a MoE layer's combine runs inside the next residual add + RMSNorm (one kernel fewer per layer on the "
         "CuTe backend; one process, no overlap)", group="execution")
     skinny_gemm_max_rows: int = option(
-        16, "the most token rows (1..64) a step may have for skinny_gemm to take its projections", group="execution")
+        16, f"the most token rows (1..{SKINNY_GEMM_MAX_ROWS}) a step may have for skinny_gemm to take its projections",
+        group="execution")
     warmup_graphs: bool = option(
         False, "at start, capture the CUDA graphs first requests would capture (every prefill token bucket, every "
         "decode batch bucket) and compile their kernels, so that no request waits for them (docs/server.md)",
@@ -189,8 +191,9 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.skinny_gemm_max_rows, int) or not 1 <= self.skinny_gemm_max_rows <= 64:
-            raise ValueError(f"skinny_gemm_max_rows must be an integer in [1, 64], got {self.skinny_gemm_max_rows!r}")
+        if not isinstance(self.skinny_gemm_max_rows, int) or not 1 <= self.skinny_gemm_max_rows <= SKINNY_GEMM_MAX_ROWS:
+            raise ValueError(f"skinny_gemm_max_rows must be an integer in [1, {SKINNY_GEMM_MAX_ROWS}], got "
+                             f"{self.skinny_gemm_max_rows!r}")
         self.parallel_config()
         self.cache_config()
         self.scheduler_config()

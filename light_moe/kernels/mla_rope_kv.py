@@ -37,6 +37,7 @@ from light_moe.kernels.rope_kv import (
     TABLE_VEC,
     _vec,
     check_positions_and_tables,
+    launch,
     rotate_vectors,
     slot_row,
     table_args,
@@ -266,20 +267,5 @@ def mla_rope_write(q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, po
     if n == 0:
         return q_out
     fn = compiled_mla_rope_write(q.dtype, h, nope, rope, lat, interleave)
-    gmem = cute.AddressSpace.gmem
-    cdt = _DTYPES[q.dtype]
-
-    def act(t):
-        return make_ptr(cdt, t.data_ptr(), gmem, assumed_align=16)
-
-    fn(
-        act(q), act(latent), act(k_pe),
-        Int32(q.stride(0)), Int32(latent.stride(0)), Int32(k_pe.stride(0)),
-        *table_args(positions, cos, sin),
-        act(latent_cache),
-        make_ptr(Int64, slot_mapping.data_ptr(), gmem, assumed_align=8),
-        act(q_out),
-        Int32(n),
-        current_stream(),
-    )
+    launch(fn, (q, latent, k_pe), (latent_cache,), positions, cos, sin, slot_mapping, q_out)
     return q_out

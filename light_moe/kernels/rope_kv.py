@@ -87,6 +87,20 @@ def table_args(positions: torch.Tensor | None = None, cos: torch.Tensor | None =
             make_ptr(Float32, sin.data_ptr(), gmem, assumed_align=16), Int32(cos.shape[0]))
 
 
+def launch(fn, rows: tuple, caches: tuple, positions, cos, sin, slot_mapping, q_out) -> None:
+    """Calls a compiled rotary + cache-write kernel with the argument order they all share: the activation rows
+    (pointers, then row strides), the tables, the caches, the slots, q_out, N, the stream."""
+    gmem = cute.AddressSpace.gmem
+    cdt = _DTYPES[q_out.dtype]
+
+    def act(t):
+        return make_ptr(cdt, t.data_ptr(), gmem, assumed_align=16)
+
+    fn(*(act(t) for t in rows), *(Int32(t.stride(0)) for t in rows), *table_args(positions, cos, sin),
+       *(act(t) for t in caches), make_ptr(Int64, slot_mapping.data_ptr(), gmem, assumed_align=8), act(q_out),
+       Int32(rows[0].shape[0]), current_stream())
+
+
 def rotate_vectors(dtype, x_lo, x_hi, cos_row, sin_row, lo_start: int, hi_start, copy_t, out_lo, out_hi) -> None:
     """One rotation of vec elements: out_lo = x_lo c_lo - x_hi s_lo, out_hi = x_hi c_hi + x_lo s_hi, where the
     c / s of out_lo start at table vector lo_start of cos_row / sin_row (4-float vectors) and those of out_hi at
@@ -301,20 +315,5 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     if n == 0:
         return q_out
     fn = compiled_rope_write_kv(q.dtype, h, g, d, block_size)
-    gmem = cute.AddressSpace.gmem
-    cdt = _DTYPES[q.dtype]
-
-    def act(t):
-        return make_ptr(cdt, t.data_ptr(), gmem, assumed_align=16)
-
-    fn(
-        act(q), act(k), act(v),
-        Int32(q.stride(0)), Int32(k.stride(0)), Int32(v.stride(0)),
-        *table_args(positions, cos, sin),
-        act(k_cache), act(v_cache),
-        make_ptr(Int64, slot_mapping.data_ptr(), gmem, assumed_align=8),
-        act(q_out),
-        Int32(n),
-        current_stream(),
-    )
+    launch(fn, (q, k, v), (k_cache, v_cache), positions, cos, sin, slot_mapping, q_out)
     return q_out

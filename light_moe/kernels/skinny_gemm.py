@@ -59,6 +59,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from light_moe.config import SKINNY_GEMM_MAX_ROWS
 from light_moe.kernels.compile_cache import CompileCache
 from light_moe.kernels.decode_attention import pack2
 from light_moe.kernels.launch import await_inputs, current_stream, sm_count
@@ -69,7 +70,7 @@ ROW_BYTES = BLOCK_K * 2
 CONSUMER_WARPS = 4
 PRODUCER_WARP = CONSUMER_WARPS  # the last warp issues the TMA
 THREADS = 32 * (CONSUMER_WARPS + 1)
-MAX_M = 64  # token rows: eight n8 tiles of mma.sync
+MAX_M = SKINNY_GEMM_MAX_ROWS  # token rows: eight n8 tiles of mma.sync
 TOKEN_TILES = (8, 16, 32, 64)
 BLOCK_N_CHOICES = (64, 128)
 DEFAULT_BLOCK_N = 64

@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from light_moe.config import SKINNY_GEMM_MAX_ROWS
 from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
 from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_gemm, w4a16_linear
@@ -27,7 +28,6 @@ from light_moe.kernels import router as router_kernel
 from light_moe.kernels import router_select as select_kernel
 from light_moe.kernels import routing as routing_kernel
 from light_moe.kernels.expert_epilogue import ExpertEpilogue
-from light_moe.kernels.skinny_gemm import MAX_M as SKINNY_MAX_M
 from light_moe.kernels.w4a16_layout import W4A16Weights, prepare_w4a16_weights
 from light_moe.ops.attention import AttentionMetadata
 from light_moe.ops.backend import MoEOps
@@ -49,8 +49,8 @@ class CuteOps(MoEOps):
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
         # (EngineConfig.skinny_gemm, skinny_gemm_max_rows)
-        if not 1 <= skinny_max_rows <= SKINNY_MAX_M:
-            raise ValueError(f"skinny_gemm_max_rows must be in [1, {SKINNY_MAX_M}], got {skinny_max_rows}")
+        if not 1 <= skinny_max_rows <= SKINNY_GEMM_MAX_ROWS:
+            raise ValueError(f"skinny_gemm_max_rows must be in [1, {SKINNY_GEMM_MAX_ROWS}], got {skinny_max_rows}")
         self.skinny_gemm = skinny_gemm
         self.skinny_max_rows = skinny_max_rows
         # route(): the router kernel's single CTA also writes the routing metadata where one CTA covers T (decode,
