@@ -8,7 +8,8 @@ as the engine builds them, bs = 16), h = 32, g = 8, D = 128, bf16. Every call re
 (as many layers as keep the caches beyond the L2 cache, >= 256 MB in all), so the K/V really come from HBM,
 as in a model step. A CUDA graph holds one call per layer; the time per call is the graph's median replay time
 (CUDA events) over the calls. KV TB/s = bytes of K and V read (B * ctx * g * D * 2 * 2) / time per call.
---sweep adds forced split counts and KT = 32 for D = 128 (tuning data).
+"merged us": the same with merge_counters (the last split CTA merges, no combine kernel; equal to the combine's
+output bit for bit, checked). --sweep adds forced split counts and KT = 32 for D = 128 (tuning data).
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ class Case:
             padded_index=torch.arange(batch, device=dev), max_query_len=1, max_ctx_len=blocks * block_size)
 
     def kernel(self, **overrides):
+        if overrides.pop("merged", False):
+            overrides["merge_counters"] = torch.zeros(self.batch * self.q.shape[1], dtype=torch.int32,
+                                                      device=self.q.device)  # >= B * g
+
         def run():
             for k_cache, v_cache in self.caches:
                 da.decode_attention(self.q, k_cache, v_cache, self.tables, self.ctx_lens, self.scale, out=self.out,
@@ -68,6 +73,11 @@ class Case:
         k_cache, v_cache = self.caches[0]
         ref = paged_attention(self.q, k_cache, v_cache, self.meta, self.scale).float()
         out = da.decode_attention(self.q, k_cache, v_cache, self.tables, self.ctx_lens, self.scale).float()
+        counters = torch.zeros(self.batch * self.q.shape[1], dtype=torch.int32, device=self.q.device)
+        merged = da.decode_attention(self.q, k_cache, v_cache, self.tables, self.ctx_lens, self.scale,
+                                     merge_counters=counters).float()
+        if not torch.equal(merged, out) or counters.any():
+            raise AssertionError("the in-kernel merge differs from the combine kernel's, or left a counter set")
         return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -88,8 +98,8 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     print(f"{torch.cuda.get_device_name()}, h={args.heads} g={args.kv_heads} D={args.head_dim} bs={args.block_size}")
-    print(f"{'B':>4} {'ctx':>5} {'S':>3} {'kernel us':>10} {'ref us':>9} {'speedup':>8} {'kernel TB/s':>12} "
-          f"{'ref TB/s':>9} {'relL2':>8}")
+    print(f"{'B':>4} {'ctx':>5} {'S':>3} {'kernel us':>10} {'merged us':>10} {'ref us':>9} {'speedup':>8} "
+          f"{'kernel TB/s':>12} {'ref TB/s':>9} {'relL2':>8}")
     for batch in map(int, args.batches.split(",")):
         for ctx in map(int, args.contexts.split(",")):
             case = Case(batch, ctx, args.heads, args.kv_heads, args.head_dim, args.block_size, gen)
@@ -97,12 +107,14 @@ def main() -> None:
             kt = da.keys_per_tile(args.head_dim)
             splits, _ = da.choose_splits(batch, args.kv_heads, case.tables.shape[1], args.block_size, kt, sms)
             ours = case.time_per_call(case.kernel(), args.iters)
+            merged = case.time_per_call(case.kernel(merged=True), args.iters)
             ref = case.time_per_call(case.reference(), args.iters)
-            row = dict(batch=batch, ctx=ctx, splits=splits, tile_keys=kt, kernel_us=ours, reference_us=ref,
+            row = dict(batch=batch, ctx=ctx, splits=splits, tile_keys=kt, kernel_us=ours, merged_us=merged,
+                       reference_us=ref,
                        kernel_tbps=case.kv_bytes / ours / 1e6, reference_tbps=case.kv_bytes / ref / 1e6,
                        rel_l2=err, layers=case.layers)
             rows.append(row)
-            print(f"{batch:>4} {ctx:>5} {splits:>3} {ours:>10.1f} {ref:>9.1f} {ref / ours:>7.1f}x "
+            print(f"{batch:>4} {ctx:>5} {splits:>3} {ours:>10.1f} {merged:>10.1f} {ref:>9.1f} {ref / ours:>7.1f}x "
                   f"{row['kernel_tbps']:>12.2f} {row['reference_tbps']:>9.2f} {err:>8.1e}", flush=True)
             if args.sweep:
                 variants = {f"S={s}": dict(num_splits=s) for s in sorted({1, max(1, splits // 2), 2 * splits,

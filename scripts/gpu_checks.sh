@@ -56,6 +56,10 @@
 #                                               step profile
 #   scripts/gpu_checks.sh fuse-ab OUTDIR        one GPU: bench e2e of the 32-layer W4A16 shape without and with
 #                                               --fuse-combine-norm (after verify-16's GPU tests pass)
+#   scripts/gpu_checks.sh verify-17 OUTDIR      one GPU: verify-16's GPU tests plus the decode attention's in-kernel merge
+#                                               (kernel and engine tests), then the decode-attention bench (merged column)
+#   scripts/gpu_checks.sh merge-ab OUTDIR       one GPU: bench e2e of the 32-layer W4A16 shape: plain, --fuse-attention-merge,
+#                                               both fusions (--fuse-combine-norm too)
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -63,7 +67,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, fuse-ab or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, fuse-ab or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -337,6 +341,23 @@ verify-16)
     TAIL=24 step profile_dsv2_b1 120 $py -m light_moe.cli bench profile-step --shape deepseek-v2-lite --layers 27 \
         --dtype bfloat16 --device cuda --batch-size 1 --steps 8 --output "$out/profile_dsv2_b1.json"
     ;;
+verify-17)
+    # session 17's decode-attention merge in the last split CTA (--fuse-attention-merge), with what session 16
+    # left unverified (verify-16's tests: DeepSeek on DenseLinear, the combine prologue of the norm)
+    step verify17_tests 420 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_merge_gpu.py \
+        tests/kernels/test_decode_attention_gpu.py tests/test_deepseek_cute_gpu.py tests/test_cute_engine_gpu.py \
+        tests/kernels/test_skinny_gemm_gpu.py tests/kernels/test_fused_norm_rope_gpu.py -ra
+    TAIL=12 step bench_decode_attention 150 $py scripts/bench_decode_attention.py --batches 1,16,64 --contexts 256,2048 \
+        --out "$out/decode_attention.json"
+    ;;
+merge-ab)
+    # the fused decode-attention merge and the fused combine + norm against plain, 32 layers W4A16, same call
+    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1"
+    step e2e32_plain 180 $py -m light_moe.cli bench e2e $m --output "$out/e2e32_plain.json"
+    step e2e32_merge 180 $py -m light_moe.cli bench e2e $m --fuse-attention-merge --output "$out/e2e32_merge.json"
+    step e2e32_both 180 $py -m light_moe.cli bench e2e $m --fuse-attention-merge --fuse-combine-norm \
+        --output "$out/e2e32_both.json"
+    ;;
 fuse-ab)
     # the combine fused into the next norm (--fuse-combine-norm, session 16, written without a GPU): its e2e A/B
     # on the 32-layer W4A16 shape (B = 1 / 16 / 64), plain first, then fused, same call
@@ -366,7 +387,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, fuse-ab or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, fuse-ab or verify-15)" >&2
     exit 2
     ;;
 esac

@@ -224,6 +224,38 @@ def test_fuse_combine_norm_changes_no_token(checkpoint, monkeypatch):
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_fuse_attention_merge_changes_no_token(checkpoint, monkeypatch):
+    """--fuse-attention-merge: decode attention's splits merged by the last split CTA, the combine kernel's code on
+    the same partials, so eager and CUDA-graph engines with it give exactly the tokens of the same engines without
+    it; a prompt of 200 tokens makes the decode steps split (and the merge in the kernel really ran)."""
+    from light_moe.kernels import decode_attention
+
+    keys = []
+    real = decode_attention._compiled_fn
+
+    def recorded(key):
+        keys.append(key)
+        return real(key)
+
+    monkeypatch.setattr(decode_attention, "_compiled_fn", recorded)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  async_scheduling=False, moe_backend="cute")
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    prompts = PROMPTS + [[(13 * i) % 250 + 3 for i in range(200)]]
+    for eager in (True, False):
+        plain = LightMoEEngine(checkpoint, enforce_eager=eager, **common)
+        fused = LightMoEEngine(checkpoint, enforce_eager=eager, fuse_attention_merge=True, **common)
+        out_p = plain.generate_outputs(prompts, params)
+        assert not any(key[-1] for key in keys)  # off by default
+        out_f = fused.generate_outputs(prompts, params)
+        assert any(key[-1] for key in keys)  # split steps merged in the kernel (eager, or the graphs' captures)
+        assert not fused.ops._merge_counters[torch.device("cuda", torch.cuda.current_device())].any()
+        for a, b in zip(out_p, out_f):
+            assert a.token_ids == b.token_ids
+        keys.clear()
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_cuda_graph_decode_matches_eager(checkpoint):
     params = SamplingParams(max_tokens=40, temperature=0.0)
     common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,

@@ -251,7 +251,8 @@ def main(args) -> dict:
                   bandwidth_tbps=args.bandwidth_tbps, bytes_model=None if weights is None else weights.as_dict(),
                   # the execution options an A/B toggles, so that each JSON says which side it is
                   engine_options={name: getattr(engine.config, name) for name in (
-                      "skinny_gemm", "skinny_gemm_max_rows", "fuse_combine_norm", "enable_cuda_graphs")},
+                      "skinny_gemm", "skinny_gemm_max_rows", "fuse_combine_norm", "fuse_attention_merge",
+                      "enable_cuda_graphs")},
                   **async_kwargs(args))
     print_table(rows, ttft)
     write_result(result, args.output)

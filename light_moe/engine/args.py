@@ -94,6 +94,9 @@ class EngineArgs:
     fuse_combine_norm: bool = option(
         False, "a MoE layer's combine runs inside the next residual add + RMSNorm (one kernel fewer per layer on the "
         "CuTe backend; one process, no overlap)", group="execution")
+    fuse_attention_merge: bool = option(
+        False, "decode attention's split-KV partials merged by the last split to finish instead of a combine kernel "
+        "(one kernel fewer per layer on the CuTe backend; docs/kernels.md)", group="execution")
     skinny_gemm_max_rows: int = option(
         16, f"the most token rows (1..{SKINNY_GEMM_MAX_ROWS}) a step may have for skinny_gemm to take its projections",
         group="execution")

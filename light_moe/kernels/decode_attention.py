@@ -14,8 +14,14 @@ so K and V are read once per KV head. Split s owns key tiles s * TPS .. (s + 1) 
 split); S and TPS depend only on host-known sizes (B, g, MB, bs, the SM count), never on ctx_lens, so the
 launch is CUDA-graph capturable; splits past a sequence's end exit at once. Warp w of a CTA walks the tiles
 w, w + 4, ... of its split with its own online softmax; the 4 warps merge through shared memory. With S > 1
-each CTA writes (o / l, log2-sum-exp) for its rows to an fp32 workspace and a combine kernel merges the
-splits of each head; with S = 1 the CTA writes out directly.
+each CTA writes (o / l, log2-sum-exp) for its rows to an fp32 workspace and the splits of each head are merged
+either by a combine kernel or, given merge counters (one int32 per (sequence, KV head), zero before the launch),
+by the last split CTA of each (sequence, KV head) to finish: every split with keys adds one to its counter after
+its partials (bar.sync, then one acq_rel atomic: the partials of the CTA are released with it, and the one that
+sees the count complete acquires everyone's), and the CTA that completes the count merges and sets the counter
+back to zero for the next launch (the stream-K fix-up pattern). That saves the combine kernel's launch in every
+layer of a decode step (a kernel boundary costs ~3 us at B = 1: docs/kernels.md). With S = 1 the CTA writes out
+directly.
 
 A warp tile is KT keys (16 for D = 128, 32 for D = 64: 16 loads of 16 bytes per lane in flight) on the
 warp-level tensor cores (mma.sync m16n8k16, fp32 accumulators), query heads on the 16 rows of M
@@ -54,7 +60,8 @@ import cutlass
 import cutlass.cute as cute
 import torch
 from cutlass import BFloat16, Float16, Float32, Int32, Int64
-from cutlass._mlir.dialects import llvm
+from cutlass._mlir.dialects import llvm, nvvm
+from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -150,6 +157,15 @@ def pack2(lo: Float32, hi: Float32, instr: str, *, loc=None, ip=None) -> Int32:
     return _asm_b32(f"cvt.rn.{instr}x2.f32 $0, $1, $2;", "=r,f,f", values, loc, ip)
 
 
+@dsl_user_op
+def arrive_acq_rel(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
+    """atom.acq_rel.gpu.global.add.u32 of 1 at ptr (an Int32 element of global memory); the old value. Release:
+    what this CTA wrote before its bar.sync is visible to whoever reads the new count; acquire: what the
+    CTAs that counted before wrote is visible to this one after its next bar.sync."""
+    return Int32(nvvm.atomicrmw(T.i32(), AtomicOpKind.ADD, ptr.llvm_ptr, Int32(1).ir_value(loc=loc, ip=ip),
+                                mem_order=MemOrderKind.ACQ_REL, syncscope=MemScopeKind.GPU, loc=loc, ip=ip))
+
+
 @cute.jit
 def merge_splits(ws_o: cute.Tensor, ws_lse: cute.Tensor, out: cute.Tensor, b: Int32, head: Int32, col: Int32,
                  n_valid: Int32, m_all: Float32, l_all: Float32, dtype: cutlass.Constexpr):
@@ -201,11 +217,14 @@ def online_softmax_rows(vals: list, rh: int, row_m, row_l, probs: list, acc, n_a
 
 
 class DecodeAttentionSm90:
-    """Compiled once per (dtype, index dtypes, h, g, D, bs, split, KT, sink type, window); B, MB, S, TPS, the
-    scale and the window's width are run-time arguments. sink_type: the CuTe type of the sinks, None without."""
+    """Compiled once per (dtype, index dtypes, h, g, D, bs, split, KT, sink type, window, merge in kernel); B, MB,
+    S, TPS, the scale and the window's width are run-time arguments. sink_type: the CuTe type of the sinks, None
+    without. merge_in_kernel (split only): the last split CTA of each (sequence, KV head) merges, no combine
+    kernel."""
 
     def __init__(self, dtype_name: str, table_dtype, ctx_dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, split: bool, tile_keys: int, sink_type=None, window: bool = False):
+                 block_size: int, split: bool, tile_keys: int, sink_type=None, window: bool = False,
+                 merge_in_kernel: bool = False):
         assert head_dim in HEAD_DIMS and num_heads % num_kv_heads == 0
         assert num_heads // num_kv_heads <= MAX_GROUP and block_size & (block_size - 1) == 0
         assert tile_keys % 16 == 0 and tile_keys & (tile_keys - 1) == 0
@@ -226,14 +245,16 @@ class DecodeAttentionSm90:
         self.n_tiles = head_dim // 8  # PV n-tiles (8 columns of D each)
         self.sinks = sink_type is not None
         self.window = window
+        self.merge_in_kernel = split and merge_in_kernel
 
     @cute.jit
     def __call__(self, q_ptr: cute.Pointer, k_ptr: cute.Pointer, v_ptr: cute.Pointer, table_ptr: cute.Pointer,
                  ctx_ptr: cute.Pointer, out_ptr: cute.Pointer, ws_ptr: cute.Pointer, batch: Int32,
                  table_stride: Int32, n_splits: Int32, tiles_per_split: Int32, scale_log2: Float32,
-                 sinks_ptr: cute.Pointer, window: Int32, stream: cuda.CUstream):
+                 sinks_ptr: cute.Pointer, window: Int32, counters_ptr: cute.Pointer, stream: cuda.CUstream):
         """ws_ptr: fp32 workspace, B * h * S * (D + 1) floats (o / l, then the log2-sum-exp); unused when
-        not split. sinks_ptr: [h] sink logits, read only with sinks; window: W, read only with the window."""
+        not split. sinks_ptr: [h] sink logits, read only with sinks; window: W, read only with the window;
+        counters_ptr: [B * g] int32 zeros, left zero, read only with merge_in_kernel."""
         h, d = self.num_heads, self.head_dim
         table = cute.make_tensor(table_ptr, cute.make_layout((batch, table_stride), stride=(table_stride, 1)))
         ctx_lens = cute.make_tensor(ctx_ptr, cute.make_layout((batch,)))
@@ -243,10 +264,11 @@ class DecodeAttentionSm90:
         ws_lse = cute.make_tensor(ws_ptr + batch * h * n_splits * d,
                                   cute.make_layout((batch, h, n_splits), stride=(h * n_splits, n_splits, 1)))
         sinks = cute.make_tensor(sinks_ptr, cute.make_layout((h,)))
+        counters = cute.make_tensor(counters_ptr, cute.make_layout((batch * self.num_kv_heads,)))
         self.attention_kernel(q_ptr, k_ptr, v_ptr, table, ctx_lens, out, ws_o, ws_lse, tiles_per_split,
-                              scale_log2, sinks, window).launch(grid=(n_splits, self.num_kv_heads, batch),
-                                                                block=(THREADS, 1, 1), stream=stream, use_pdl=True)
-        if cutlass.const_expr(self.split):
+                              scale_log2, sinks, window, counters).launch(
+            grid=(n_splits, self.num_kv_heads, batch), block=(THREADS, 1, 1), stream=stream, use_pdl=True)
+        if cutlass.const_expr(self.split and not self.merge_in_kernel):
             items = h * d // 4
             self.combine_kernel(ws_o, ws_lse, ctx_lens, out, tiles_per_split, sinks, window).launch(
                 grid=((items + COMBINE_THREADS - 1) // COMBINE_THREADS, batch, 1), block=(COMBINE_THREADS, 1, 1),
@@ -353,7 +375,8 @@ class DecodeAttentionSm90:
     @cute.kernel
     def attention_kernel(self, q_ptr: cute.Pointer, k_ptr: cute.Pointer, v_ptr: cute.Pointer, table: cute.Tensor,
                          ctx_lens: cute.Tensor, out: cute.Tensor, ws_o: cute.Tensor, ws_lse: cute.Tensor,
-                         tiles_per_split: Int32, scale_log2: Float32, sinks: cute.Tensor, window: Int32):
+                         tiles_per_split: Int32, scale_log2: Float32, sinks: cute.Tensor, window: Int32,
+                         counters: cute.Tensor):
         await_inputs()  # q and the new token's K/V: written by the kernels before this one
         r, d, kt, rhs = self.group, self.head_dim, self.tile_keys, self.row_halves
         split, kvh, b = cute.arch.block_idx()
@@ -369,6 +392,9 @@ class DecodeAttentionSm90:
                                     byte_alignment=16)
         sm_m = smem.allocate_tensor(Float32, cute.make_layout((WARPS, r), stride=(r, 1)), byte_alignment=16)
         sm_l = smem.allocate_tensor(Float32, cute.make_layout((WARPS, r), stride=(r, 1)), byte_alignment=16)
+        sm_count = None
+        if cutlass.const_expr(self.merge_in_kernel):
+            sm_count = smem.allocate_tensor(Int32, cute.make_layout((1,)), byte_alignment=4)
 
         # q first: its loads overlap the ctx_lens load that decides whether this split has keys at all
         qf = self.load_q(q_ptr.toint(), b, kvh, lane_n, lane_c)
@@ -380,6 +406,8 @@ class DecodeAttentionSm90:
             win_start = cutlass.max(ctx - window, 0)
             t_begin = t_begin + win_start // kt
         t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+        # splits holding keys of this sequence: 0 .. n_valid - 1 (the combine kernel counts them the same way)
+        n_valid = (n_tiles - (t_begin - split * tiles_per_split) + tiles_per_split - 1) // tiles_per_split
         n_items = r * d // 4  # (row, 4 columns) items of the merge
         item_rounds = (n_items + THREADS - 1) // THREADS
         if t_begin < t_end:
@@ -441,14 +469,52 @@ class DecodeAttentionSm90:
                     else:
                         for x in cutlass.range_constexpr(4):
                             out[b, head, col + x] = (o[x] * inv).to(self.dtype)
+            if cutlass.const_expr(self.merge_in_kernel):
+                self.merge_if_last(ws_o, ws_lse, out, sinks, counters, sm_count, b, kvh, tidx, n_valid,
+                                   n_items, item_rounds)
         else:
-            if cutlass.const_expr(not self.split):  # no keys at all (ctx_lens[b] == 0): zeros, never garbage
-                for rnd in cutlass.range_constexpr(item_rounds):
-                    zero_item = tidx + rnd * THREADS
-                    if zero_item < n_items:
-                        for x in cutlass.range_constexpr(4):
-                            out[b, kvh * r + zero_item // (d // 4), zero_item % (d // 4) * 4 + x] = \
-                                Float32(0.0).to(self.dtype)
+            # no keys at all (ctx_lens[b] == 0): zeros, never garbage; with the merge in the kernel split 0 writes
+            # them (no split has keys, so no CTA merges)
+            if cutlass.const_expr(not self.split or self.merge_in_kernel):
+                if split == 0:
+                    self.write_zeros(out, b, kvh, tidx, n_items, item_rounds)
+
+    @cute.jit
+    def write_zeros(self, out: cute.Tensor, b: Int32, kvh: Int32, tidx: Int32, n_items: cutlass.Constexpr,
+                    item_rounds: cutlass.Constexpr):
+        """Zeros into this KV head's r query heads of sequence b."""
+        r, d = self.group, self.head_dim
+        for rnd in cutlass.range_constexpr(item_rounds):
+            zero_item = tidx + rnd * THREADS
+            if zero_item < n_items:
+                for x in cutlass.range_constexpr(4):
+                    out[b, kvh * r + zero_item // (d // 4), zero_item % (d // 4) * 4 + x] = Float32(0.0).to(self.dtype)
+
+    @cute.jit
+    def merge_if_last(self, ws_o: cute.Tensor, ws_lse: cute.Tensor, out: cute.Tensor, sinks: cute.Tensor,
+                      counters: cute.Tensor, sm_count: cute.Tensor, b: Int32, kvh: Int32, tidx: Int32, n_valid: Int32,
+                      n_items: cutlass.Constexpr, item_rounds: cutlass.Constexpr):
+        """After this split's partials: count it; the split that completes the count of its (sequence, KV head)
+        merges all n_valid splits into out (sink included) and resets the counter."""
+        r, d = self.group, self.head_dim
+        slot = b * self.num_kv_heads + kvh
+        cute.arch.sync_threads()  # every thread's partial stores precede thread 0's release
+        if tidx == 0:
+            sm_count[0] = arrive_acq_rel(counters.iterator + slot)
+        cute.arch.sync_threads()  # thread 0's acquire precedes every thread's loads of the other partials
+        if sm_count[0] == n_valid - 1:
+            if tidx == 0:
+                counters[slot] = Int32(0)  # every split has counted: nobody else touches it in this launch
+            for rnd in cutlass.range_constexpr(item_rounds):
+                item = tidx + rnd * THREADS
+                if item < n_items:
+                    head = kvh * r + item // (d // 4)
+                    m_all = Float32(_NEG_INF)
+                    l_all = Float32(0.0)
+                    if cutlass.const_expr(self.sinks):  # as in the combine kernel: once, in the final merge
+                        m_all = sinks[head].to(Float32) * LOG2_E
+                        l_all = Float32(1.0)
+                    merge_splits(ws_o, ws_lse, out, b, head, item % (d // 4) * 4, n_valid, m_all, l_all, self.dtype)
 
     @cute.kernel
     def combine_kernel(self, ws_o: cute.Tensor, ws_lse: cute.Tensor, ctx_lens: cute.Tensor, out: cute.Tensor,
@@ -481,14 +547,16 @@ _compiled = CompileCache("decode_attention")  # static config -> compiled functi
 
 def make_compile_args(dtype: torch.dtype, table_dtype: torch.dtype, ctx_dtype: torch.dtype, num_heads: int,
                       num_kv_heads: int, head_dim: int, block_size: int, split: bool, stream=None,
-                      tile_keys: int | None = None, sinks_dtype: torch.dtype | None = None, window: bool = False):
+                      tile_keys: int | None = None, sinks_dtype: torch.dtype | None = None, window: bool = False,
+                      merge_in_kernel: bool = False):
     """(jit function, arguments) for cute.compile with placeholder pointers; B, MB, S and W are dynamic.
-    sinks_dtype: the sinks' dtype (None: no sinks); window: a sliding window."""
+    sinks_dtype: the sinks' dtype (None: no sinks); window: a sliding window; merge_in_kernel (split only): the
+    last split CTA merges (merge counters), no combine kernel."""
     gmem = cute.AddressSpace.gmem
     cdt, name = _DTYPES[dtype]
     kernel = DecodeAttentionSm90(name, _INDEX_DTYPES[table_dtype], _INDEX_DTYPES[ctx_dtype], num_heads, num_kv_heads,
                                  head_dim, block_size, split, tile_keys or keys_per_tile(head_dim),
-                                 attention_variant.sink_type(sinks_dtype), window)
+                                 attention_variant.sink_type(sinks_dtype), window, merge_in_kernel)
     args = (
         make_ptr(cdt, 16, gmem, assumed_align=16),
         make_ptr(cdt, 16, gmem, assumed_align=16),
@@ -499,6 +567,7 @@ def make_compile_args(dtype: torch.dtype, table_dtype: torch.dtype, ctx_dtype: t
         make_ptr(Float32, 16, gmem, assumed_align=16),
         Int32(1), Int32(1), Int32(1), Int32(1), Float32(1.0),
         attention_variant.placeholder_sinks_pointer(sinks_dtype), Int32(1),
+        make_ptr(Int32, 16, gmem, assumed_align=4),
         stream,
     )
     return kernel, args
@@ -511,13 +580,16 @@ def _compiled_fn(key):
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      ctx_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, *,
                      num_splits: int | None = None, tile_keys: int | None = None, sinks: torch.Tensor | None = None,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, merge_counters: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V of one query token per sequence over its paged keys -> out [B, h, D] (allocated
     if None). No host synchronisation: capturable in a CUDA graph and correct on replay with new q, tables and
     ctx_lens in the same buffers (the split count depends on B, MB and the window only). num_splits / tile_keys
     override the tuned choices (benchmarks). gpt-oss: sinks [h] (fp32 / bf16 / fp16) join every softmax
     denominator; sliding_window W limits the query to the keys ctx - W ... ctx - 1 (ops.attention
-    paged_attention_sinks)."""
+    paged_attention_sinks). merge_counters: int32 zeros, at least B * g of them, on q's device, which every call
+    leaves zero: where the keys are split, the last split CTA of each (sequence, KV head) then merges the splits
+    itself (one launch instead of two; the caller keeps one buffer per stream: two calls in flight at once on
+    different streams must not share it); None: a combine kernel merges."""
     batch, num_heads, head_dim, block_size, num_kv_heads = paged_attention_shapes(
         "decode attention kernel", supports, q, k_cache, v_cache)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.stride(1) != 1 \
@@ -534,6 +606,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if any(t.data_ptr() % 16 for t in (q, k_cache, v_cache, out)):
         raise ValueError("q, k_cache, v_cache and out must be 16-byte aligned (128-bit accesses)")
     attention_variant.check(sinks, sliding_window, num_heads, q.device)
+    if merge_counters is not None and (merge_counters.dtype != torch.int32 or not merge_counters.is_contiguous()
+                                       or merge_counters.device != q.device
+                                       or merge_counters.numel() < batch * num_kv_heads):
+        raise ValueError(f"merge_counters must be a contiguous int32 tensor of at least B * g = {batch * num_kv_heads} "
+                         f"zeros on {q.device}, got {tuple(merge_counters.shape)} {merge_counters.dtype} on "
+                         f"{merge_counters.device}")
     if batch == 0:
         return out
     tile_keys = tile_keys or keys_per_tile(head_dim)
@@ -541,8 +619,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                               sm_count(q.device), num_splits, RESIDENT_CTAS_PER_SM[head_dim],
                                               sliding_window)
     split = n_splits > 1
+    merge_in_kernel = split and merge_counters is not None
     key = (q.dtype, block_tables.dtype, ctx_lens.dtype, num_heads, num_kv_heads, head_dim, block_size, split,
-           tile_keys, None if sinks is None else sinks.dtype, sliding_window is not None)
+           tile_keys, None if sinks is None else sinks.dtype, sliding_window is not None, merge_in_kernel)
     fn = _compiled_fn(key)
     ws = out  # unused placeholder when not split
     if split:
@@ -559,6 +638,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         make_ptr(Float32, ws.data_ptr(), gmem, assumed_align=16),
         Int32(batch), Int32(block_tables.stride(0)), Int32(n_splits), Int32(tiles_per_split),
         Float32(scale * LOG2_E), attention_variant.sinks_pointer(sinks, out), Int32(sliding_window or 1),
+        make_ptr(Int32, (merge_counters if merge_in_kernel else ctx_lens).data_ptr(), gmem, assumed_align=4),
         current_stream(),
     )
     return out

@@ -44,7 +44,7 @@ class CuteOps(MoEOps):
     name = "cute"
 
     def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16,
-                 fuse_combine_norm: bool = False):
+                 fuse_combine_norm: bool = False, fuse_attention_merge: bool = False):
         super().__init__(fuse_combine_norm)
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
@@ -57,6 +57,11 @@ class CuteOps(MoEOps):
         # E <= 16): one launch fewer per MoE layer, outputs bit-equal (timings: docs/kernels.md, Router, "fused");
         # False keeps the separate metadata launch (the bench's *_two_launch_routing cases).
         self.fuse_routing_metadata = fuse_routing_metadata
+        # decode attention: the last split CTA merges the splits (EngineConfig.fuse_attention_merge) through
+        # counters that every launch leaves zero; one buffer per device, as attention only ever runs on the
+        # compute stream (kernels/decode_attention.py)
+        self.fuse_attention_merge = fuse_attention_merge
+        self._merge_counters: dict[torch.device, torch.Tensor] = {}
 
     def _fallback(self, op: str, reason: str) -> None:
         if (op, reason) not in self._logged:
@@ -256,11 +261,31 @@ class CuteOps(MoEOps):
             self._fallback(("decode attention" if decode else "prefill attention") + variant, reason)
             return super().attention(q, k_cache, v_cache, meta, scale, out, sinks, sliding_window)
         if decode:  # one query row per sequence
+            counters = self._attention_merge_counters(q.device, q.shape[0] * kv_heads)
             return decode_kernel.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.ctx_lens, scale,
-                                                  out=out, sinks=sinks, sliding_window=sliding_window)
+                                                  out=out, sinks=sinks, sliding_window=sliding_window,
+                                                  merge_counters=counters)
         return prefill_kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start,
                                                 meta.ctx_lens, meta.max_query_len, scale, out=out, sinks=sinks,
                                                 sliding_window=sliding_window)
+
+    def _attention_merge_counters(self, device: torch.device, needed: int) -> torch.Tensor | None:
+        """The zeroed merge counters of decode attention (None: the combine kernel merges). Allocated outside CUDA
+        graph capture only (a buffer made during capture would be zeroed only when that graph replays): the
+        graphs' warm-up runs every batch eagerly first, so a capture finds them there."""
+        if not self.fuse_attention_merge:
+            return None
+        counters = self._merge_counters.get(device)
+        if counters is None or counters.numel() < needed:
+            if torch.cuda.is_current_stream_capturing():
+                if ("attention merge", "capture") not in self._logged:
+                    self._logged.add(("attention merge", "capture"))
+                    logger.warning("decode attention: %d merge counters first needed inside CUDA graph capture; "
+                                   "this graph merges with the combine kernel", needed)
+                return None
+            size = 1 << max(12, (needed - 1).bit_length())
+            counters = self._merge_counters[device] = torch.zeros(size, dtype=torch.int32, device=device)
+        return counters
 
     # ---- multi-head latent attention: decode on kernels/mla_decode_attention.py, the rest on the reference --
     def mla_rope_write(self, q, latent, k_pe, positions, cos, sin, latent_cache, slot_mapping, interleave: bool):

@@ -119,6 +119,39 @@ def test_ptx_structure(name, tmp_path):
     assert "ex2.approx" in attn
 
 
+# name -> (dtype, index dtype, h, g, D, bs, sinks dtype or None, window): split, merged by the last split CTA
+MERGE_CASES = {
+    "mixtral_bf16_D128_r4_bs16": (BF16, I32, 32, 8, 128, 16, None, False),
+    "bf16_D64_r8_bs16_int64": (BF16, I64, 64, 8, 64, 16, None, False),
+    "bf16_D128_r16_bs16": (BF16, I32, 64, 4, 128, 16, None, False),
+    "gpt_oss_D64_r8_bs16_sinks_window": (BF16, I32, 64, 8, 64, 16, BF16, True),
+}
+
+
+@pytest.mark.parametrize("name", list(MERGE_CASES))
+def test_merge_in_kernel_ptx(name, tmp_path):
+    """merge_in_kernel: one kernel (no combine), one acq_rel atomic per CTA between barriers (its release covers
+    the CTA's partial stores, its acquire the other splits' partials), the partials read back with coherent loads
+    (never ld.global.nc, which may serve stale lines), and the same K/V loads and mma as the two-kernel path."""
+    dtype, index, h, g, d, bs, sinks, window = MERGE_CASES[name]
+    entries = []
+    for merge in (False, True):
+        jit_fn, args = da.make_compile_args(dtype, index, index, h, g, d, bs, True, make_fake_stream(),
+                                            sinks_dtype=sinks, window=window, merge_in_kernel=merge)
+        entries.append(ptx_entries(compile_sm90a_ptx(jit_fn, *args, dump_root=str(tmp_path))))
+    plain, merged = entries
+    assert len(plain) == 2 and len(merged) == 1, (list(plain), list(merged))
+    assert_waits_before_loads(merged, ("ld.global",))
+    attn_plain = next(body for n, body in plain.items() if "attention_kernel" in n)
+    attn = next(iter(merged.values()))
+    atomics = [line.strip() for line in attn.splitlines() if line.strip().startswith(("atom.", "red."))]
+    assert len(atomics) == 1 and atomics[0].startswith("atom.global.acq_rel.add.u32"), atomics  # scope: .gpu
+    assert attn.count("bar.sync") == attn_plain.count("bar.sync") + 2
+    for pattern in ("ld.global.nc", "mma.sync.aligned.m16n8k16"):
+        assert attn.count(pattern) == attn_plain.count(pattern), pattern
+    assert "combine_kernel" not in "".join(merged)
+
+
 def test_supports_reasons():
     assert da.supports(BF16, 32, 8, 128, 16) == (True, "ok")
     assert da.supports(FP16, 8, 8, 64, 1) == (True, "ok")
