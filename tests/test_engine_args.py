@@ -38,6 +38,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "skinny_gemm": (False, {}),
     "skinny_gemm_max_rows": (64, {}),
     "fuse_combine_norm": (True, {}),
+    "fuse_attention_merge": (True, {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),
