@@ -209,3 +209,28 @@ def test_warmup_requests_take_the_run_length_and_other_prompts():
     assert all(tuple(w.prompt) not in run_prompts and w.prompt[:16] != run[0].prompt[:16] for w in warm)
     args.dataset = "prompts.jsonl"
     assert all(len(w.prompt) == 16 and w.output_len == 4 for w in warmup_requests(args, 300, chat=False))
+
+
+def test_server_command_passes_the_api_server_count(tmp_path):
+    from light_moe.bench.serve import server_command
+    from light_moe.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--device", "cpu"])
+    assert "--api-server-count" not in server_command(args, tmp_path, "auto", 8123)  # the server's default
+    args = build_parser().parse_args(["bench", "serve", "--device", "cpu", "--api-server-count", "4"])
+    cmd = server_command(args, tmp_path, "auto", 8123)
+    assert cmd[cmd.index("--api-server-count") + 1] == "4"
+
+
+def test_cli_measures_a_server_with_two_api_processes(tmp_path):
+    """`bench serve --api-server-count 2` on the CPU: the requests spread over two API processes, and the server's
+    view of the row (/metrics, aggregated over the processes) counts each request once."""
+    out = tmp_path / "serve.json"
+    code = cli_main(["bench", "serve", "--device", "cpu", "--api-server-count", "2", "--num-prompts", "8",
+                     "--max-concurrency", "4", "--input-len", "16", "--output-len", "6", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["api_server_count"] == 2
+    (row,) = result["rows"]
+    assert (row["completed"], row["failed"], row["output_tokens"]) == (8, 0, 48)
+    assert row["server"]["requests"] == 8

@@ -227,6 +227,8 @@ def server_command(args, model_dir: Path, load_format: str, port: int) -> list[s
     """`light-moe serve` with this benchmark's engine flags (checked here, before the server starts)."""
     engine_args = EngineArgs.from_cli_args(args, model=model_dir, load_format=load_format)
     mode = [] if args.engine_process is None else ["--engine-process" if args.engine_process else "--no-engine-process"]
+    if args.api_server_count is not None:
+        mode += ["--api-server-count", str(args.api_server_count)]
     return [sys.executable, "-m", "light_moe.cli", "serve", *engine_args.to_cli_args(SERVER_DEFAULTS), *mode,
             "--port", str(port), "--log-level", "warning", "--max-waiting", str(max(1024, args.num_prompts))]
 
@@ -420,7 +422,8 @@ def _config(args, token_chunks: bool) -> dict:
     keys = ("base_url", "model", "shape", "layers", "endpoint", "dataset", "num_prompts", "input_len", "output_len",
             "range_ratio", "shared_prefix_len", "request_rate", "sweep_rates", "max_concurrency", "sweep_concurrency",
             "prompts_per_concurrency", "seed",
-            "enable_prefix_caching", "engine_process", "async_scheduling", "max_num_seqs", "max_num_batched_tokens",
+            "enable_prefix_caching", "engine_process", "api_server_count", "async_scheduling", "max_num_seqs",
+            "max_num_batched_tokens",
             "dtype", "device",
             "expert_parallel_size", "quantization")
     config = {k: getattr(args, k, None) for k in keys}
@@ -446,6 +449,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for /health")
     server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                         help="the server's engine-core process on or off (default: the server's choice, on with CUDA)")
+    server.add_argument("--api-server-count", type=int, default=None,
+                        help="the server's API processes in front of its engine core (default: the server's, 1)")
     # the server's engine flags (--shape decides the load format; --seed is the request stream's)
     EngineArgs.add_cli_args(p, exclude=("model", "load_format", "seed"), defaults=SERVER_DEFAULTS)
     load = p.add_argument_group("load")

@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from light_moe.engine.outputs import RequestOutput
 from light_moe.engine.tokenizer import PromptTooLongError
 from light_moe.server.body import read_json
-from light_moe.server.engine_client import EngineProcess, EngineProcessLoop
+from light_moe.server.engine_client import EngineCoreClient, EngineProcessLoop
 from light_moe.server.engine_loop import (
     EngineDeadError,
     EngineLoop,
@@ -66,14 +66,14 @@ class ServerState:
 
     def __init__(self, engine, served_model_name: str | None, api_key: str | None, max_waiting: int | None,
                  max_body_bytes: int, body_timeout_s: float, expert_sync_interval_s: float,
-                 templates: TemplateRenderer | None):
+                 templates: TemplateRenderer | None, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.model_name = served_model_name or engine.model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
-        self.metrics = ServerMetrics(self.model_name, expert_sync_interval_s)
-        if isinstance(engine, EngineProcess):  # the engine in a process of its own (engine_client.py)
+        self.metrics = metrics if metrics is not None else ServerMetrics(self.model_name, expert_sync_interval_s)
+        if isinstance(engine, EngineCoreClient):  # the engine in a process of its own (engine_client.py)
             self.loop = EngineProcessLoop(engine, self.metrics, max_waiting, expert_sync_interval_s)
         else:  # the engine in this process, driven by a thread (engine_loop.py)
             self.loop = EngineLoop(engine, self.metrics, max_waiting)
@@ -86,10 +86,13 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, expert_sync_interval_s: float = 1.0,
               engine_shutdown_timeout_s: float = 10.0, template_workers: int = DEFAULT_TEMPLATE_WORKERS,
               template_time_limit_s: float = DEFAULT_TEMPLATE_TIME_LIMIT_S,
-              template_memory_bytes: int = DEFAULT_TEMPLATE_MEMORY_BYTES) -> FastAPI:
-    """An app serving `engine`: a LightMoEEngine, driven by a thread of this process, or an EngineProcess (the
+              template_memory_bytes: int = DEFAULT_TEMPLATE_MEMORY_BYTES,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    """An app serving `engine`: a LightMoEEngine, driven by a thread of this process, or an EngineCoreClient (the
     engine in an engine-core process, engine_client.py). Its engine loop and chat template workers start and stop
-    with the app's lifespan; the engine itself (or its process) is the caller's to shut down."""
+    with the app's lifespan; the engine itself (or its process) is the caller's to shut down. metrics: where the
+    app's metrics go (default: a ServerMetrics of its own; one of several API processes passes its
+    SharedServerMetrics, metrics_shared.py)."""
     tokenizer = engine.tokenizer
     templates = None
     if tokenizer.chat_template:
@@ -99,7 +102,7 @@ def build_app(engine, *, served_model_name: str | None = None, api_key: str | No
                                      max_chars=tokenizer.max_chars(engine.max_model_len),
                                      memory_bytes=template_memory_bytes)
     state = ServerState(engine, served_model_name, api_key, max_waiting, max_body_bytes, body_timeout_s,
-                        expert_sync_interval_s, templates)
+                        expert_sync_interval_s, templates, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -523,4 +526,4 @@ class _CountRequests:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope["path"] if scope["path"] in _ROUTES else "other"
-            self.metrics.http_requests.labels(route=route, status=str(status)).inc()
+            self.metrics.count_http_request(route, str(status))

@@ -19,6 +19,10 @@ on either side never stalls the other (one GIL each).
 
 /metrics reads the engine's state from the stats of the core's last message (EngineStats: the same public
 calls ServerMetrics makes on an in-process engine).
+
+EngineCoreClient is what the loop and the handlers use of either: EngineProcess, which starts the core itself, or,
+under `serve --api-server-count N`, an API process's connection to the core its parent started
+(api_servers.py).
 """
 from __future__ import annotations
 
@@ -73,15 +77,43 @@ def _option(engine_args, name: str):
     return getattr(engine_args, name)
 
 
-class EngineProcess:
-    """The engine in an engine-core process of its own, as the API process sees it. engine_args: an EngineArgs
-    (or a dict of LightMoEEngine's keywords with "model"); build: a module-level callable engine_args ->
-    LightMoEEngine, run in the child (default: engine_core.build_engine)."""
+class EngineCoreClient:
+    """An API process's end of the engine-core process: its pair of pipes, and what the handlers read of an engine
+    (tokenizer, model_config, max_model_len, model_name, device, validate()). Subclasses set those and the pipes
+    (_requests, _outputs, _send_lock, _stopped), and say whether the core still runs."""
 
     # The engine's own request checks, which read only tokenizer, model_config and max_model_len: the API
     # process answers 400s with the engine's words without asking the core.
     _tokenize = LightMoEEngine._tokenize
     validate = LightMoEEngine.validate
+
+    def send(self, message) -> bool:
+        """Send a command to the core (any thread); False once the core is gone."""
+        with self._send_lock:
+            if self._stopped:
+                return False
+            try:
+                self._requests.send(message)
+                return True
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                return False
+
+    @property
+    def outputs(self):
+        return self._outputs
+
+    def core_alive(self) -> bool:
+        raise NotImplementedError
+
+    def core_gone_reason(self) -> str:
+        """Why the outputs pipe closed (the core exited), for the 503s."""
+        raise NotImplementedError
+
+
+class EngineProcess(EngineCoreClient):
+    """The engine in an engine-core process of its own, as the API process sees it. engine_args: an EngineArgs
+    (or a dict of LightMoEEngine's keywords with "model"); build: a module-level callable engine_args ->
+    LightMoEEngine, run in the child (default: engine_core.build_engine)."""
 
     def __init__(self, engine_args, *, build=None, startup_timeout_s: float | None = None,
                  log_level: int = logging.WARNING):
@@ -111,36 +143,14 @@ class EngineProcess:
         self.device = info["device"]
 
     def _wait_ready(self, timeout_s: float | None) -> dict:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._outputs.poll(0.1):
-            if not self.process.is_alive():
-                raise RuntimeError(f"the engine-core process exited with code {self.process.exitcode} while "
-                                   "building the engine")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"the engine-core process did not build the engine within {timeout_s} s")
-        kind, *rest = self._outputs.recv()
-        if kind == "failed":  # the engine's own exception, e.g. a ValueError about an option
-            name, message = rest
-            error = getattr(builtins, name, None)
-            if isinstance(error, type) and issubclass(error, Exception):
-                raise error(message)
-            raise RuntimeError(f"{name}: {message}")
-        return rest[0]
+        return wait_until_ready(self.process, self._outputs, timeout_s)
 
-    def send(self, message) -> bool:
-        """Send a command to the core (any thread); False once the core is gone."""
-        with self._send_lock:
-            if self._stopped:
-                return False
-            try:
-                self._requests.send(message)
-                return True
-            except (BrokenPipeError, ConnectionResetError, OSError):
-                return False
+    def core_alive(self) -> bool:
+        return self.process.is_alive()
 
-    @property
-    def outputs(self):
-        return self._outputs
+    def core_gone_reason(self) -> str:
+        self.process.join(1.0)
+        return f"the engine-core process exited (code {self.process.exitcode})"
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop the engine-core process (it frees the device and stops its expert-parallel workers, which can
@@ -161,10 +171,35 @@ class EngineProcess:
                 self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
             logger.warning("the engine-core process did not stop within %.1f s: killing it", timeout)
-            for pid in (*_child_pids(self.process.pid), self.process.pid):  # expert-parallel workers first
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)  # the core ignores SIGTERM (engine_core.py)
+            kill_with_children(self.process.pid)
         self.process.join(5.0)
+
+
+def wait_until_ready(process, outputs, timeout_s: float | None) -> dict:
+    """The core's "ready" info from its outputs pipe, or the engine's own error (e.g. a ValueError about an
+    option) raised here; the process exiting first or the timeout passing raise too."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not outputs.poll(0.1):
+        if not process.is_alive():
+            raise RuntimeError(f"the engine-core process exited with code {process.exitcode} while "
+                               "building the engine")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the engine-core process did not build the engine within {timeout_s} s")
+    kind, *rest = outputs.recv()
+    if kind == "failed":  # the engine's own exception, e.g. a ValueError about an option
+        name, message = rest
+        error = getattr(builtins, name, None)
+        if isinstance(error, type) and issubclass(error, Exception):
+            raise error(message)
+        raise RuntimeError(f"{name}: {message}")
+    return rest[0]
+
+
+def kill_with_children(pid: int) -> None:
+    """SIGKILL a process and the processes it started (the core ignores SIGTERM, engine_core.py)."""
+    for target in (*_child_pids(pid), pid):  # expert-parallel workers first
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -211,12 +246,12 @@ class EngineStats:
 
 
 class EngineProcessLoop:
-    """EngineLoop's interface over an EngineProcess; everything but abort() / drain() / shutdown() runs on the
-    event loop's thread (those hop there)."""
+    """EngineLoop's interface over an EngineCoreClient (an EngineProcess, or api_servers.py's); everything but
+    abort() / drain() / shutdown() runs on the event loop's thread (those hop there)."""
 
     MAX_MESSAGES_PER_READ = 8  # engine steps read before the handlers run (_on_readable)
 
-    def __init__(self, engine: EngineProcess, metrics: ServerMetrics, max_waiting: int | None = None,
+    def __init__(self, engine: EngineCoreClient, metrics: ServerMetrics, max_waiting: int | None = None,
                  expert_sync_interval_s: float = 1.0):
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 or None (no limit), got {max_waiting}")
@@ -240,7 +275,7 @@ class EngineProcessLoop:
     @property
     def alive(self) -> bool:
         return (self._loop is not None and self._error is None and not self._stopping
-                and self._drain_deadline is None and self.engine.process.is_alive())
+                and self._drain_deadline is None and self.engine.core_alive())
 
     def abort(self, request_id: str) -> None:
         self._on_loop(self._abort, request_id)
@@ -352,8 +387,7 @@ class EngineProcessLoop:
             self._loop.remove_reader(conn.fileno())
             self._reading = False
             if not self._stopping and self._error is None:
-                self.engine.process.join(1.0)
-                self._fail_everything(f"the engine-core process exited (code {self.engine.process.exitcode})")
+                self._fail_everything(self.engine.core_gone_reason())
 
     def _handle(self, message) -> None:
         kind = message[0]

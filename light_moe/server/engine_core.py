@@ -1,5 +1,6 @@
 """The engine-core process of a split server: the engine (scheduler, model, sampling; it owns the GPU) with
-nothing of HTTP, tokenisation or text, fed by the API process (engine_client.py) over two pipes.
+nothing of HTTP, tokenisation or text, fed by the API process (engine_client.py) over two pipes, or by several
+API processes (`serve --api-server-count N`, api_servers.py) over a pair of pipes each.
 
     API process (engine_client.py)                       engine-core process (run_engine_core)
     EngineProcess(spec)  -- spawn ----------------->     build the engine (detokenize False) -> ("ready", info)
@@ -20,6 +21,14 @@ text), which aborts the request here when it finds one.
 The process ignores SIGINT and SIGTERM: a terminal's Ctrl-C or a supervisor's SIGTERM reaches the whole
 process group, and the API process decides how its in-flight requests end (its drain), then sends "shutdown".
 Should the API process die instead, the requests pipe closes and this process ends as if told to.
+
+Several clients (API processes): each has its own pair of pipes and the protocol above, per client. A client's
+request ids are its own: the engine holds them as "<client>:<id>" (so two clients may use the same id), and each
+step's deltas are split by owner, every client getting its own deltas under its own ids (never another's) with
+the step's stats (every client's /metrics and /health read the engine's state). "shutdown" from a client, or its
+pipe closing (the process died), aborts that client's requests (their KV blocks are freed) and drops it; the
+others are served on; the process ends once no client is left. With one client the ids go to the engine as they
+are, and everything is as described above.
 """
 from __future__ import annotations
 
@@ -48,22 +57,32 @@ class EngineCoreSpec:
 
 
 def run_engine_core(spec: EngineCoreSpec, requests: Connection, outputs: Connection) -> None:
-    """The process's target: build the engine, report, serve commands until shutdown."""
+    """The process's target with one API process: build the engine, report, serve commands until shutdown."""
+    run_engine_core_for_clients(spec, [(requests, outputs)])
+
+
+def run_engine_core_for_clients(spec: EngineCoreSpec, clients: list[tuple[Connection, Connection]]) -> None:
+    """The process's target: build the engine, report to every client ((requests, outputs) pipes each), serve
+    their commands until none is left."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s [engine core]: %(message)s")
-    inbox = _Inbox(requests)
+    inbox = _Inbox([requests for requests, _ in clients])
+    outputs = [conn for _, conn in clients]
     try:
         engine = _build(spec)
     except BaseException as exc:  # the API process raises it again: a traceback here only for the unexpected
         if not isinstance(exc, ValueError | TypeError | FileNotFoundError):
             logger.exception("the engine could not be built")
-        _send(outputs, ("failed", type(exc).__name__, str(exc)))
+        for conn in outputs:
+            _send(conn, ("failed", type(exc).__name__, str(exc)))
         raise SystemExit(1) from None
     try:
-        _send(outputs, ("ready", {"max_model_len": engine.max_model_len, "model_name": engine.model_name,
-                                  "device": str(engine.config.device), "pid": os.getpid()}))
+        info = {"max_model_len": engine.max_model_len, "model_name": engine.model_name,
+                "device": str(engine.config.device), "pid": os.getpid()}
+        for conn in outputs:
+            _send(conn, ("ready", info))
         code = EngineCore(engine, inbox, outputs).run()
     finally:
         engine.shutdown()
@@ -95,27 +114,27 @@ def _send(conn: Connection, message) -> bool:
 
 
 class _Inbox:
-    """The requests pipe, read by a thread of its own so that the API process never waits on a busy step to
-    hand over a request; the engine loop takes what arrived between steps, or sleeps here while idle."""
+    """The clients' requests pipes, each read by a thread of its own so that an API process never waits on a busy
+    step to hand over a request; the engine loop takes what arrived between steps, as (client, message) pairs in
+    arrival order, or sleeps here while idle. A pipe that closes (its API process is gone) reads as "shutdown"."""
 
-    def __init__(self, conn: Connection):
-        self._conn = conn
+    def __init__(self, conns: list[Connection]):
         self._cv = threading.Condition()
         self._messages: deque = deque()
-        self.closed = False
-        threading.Thread(target=self._read, name="light-moe-core-inbox", daemon=True).start()
+        for client, conn in enumerate(conns):
+            threading.Thread(target=self._read, args=(client, conn), name=f"light-moe-core-inbox-{client}",
+                             daemon=True).start()
 
-    def _read(self) -> None:
+    def _read(self, client: int, conn: Connection) -> None:
         while True:
             try:
-                message = self._conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):  # the API process closed the pipe or died
                 message = ("shutdown",)
             with self._cv:
-                self._messages.append(message)
+                self._messages.append((client, message))
                 self._cv.notify()
             if message[0] == "shutdown":
-                self.closed = True
                 return
 
     def take(self, wait: bool) -> list:
@@ -128,64 +147,108 @@ class _Inbox:
 
 
 class EngineCore:
-    def __init__(self, engine, inbox: _Inbox, outputs: Connection):
+    def __init__(self, engine, inbox: _Inbox, outputs: list[Connection]):
         self.engine = engine
         self.inbox = inbox
-        self.outputs = outputs
+        self.outputs: dict[int, Connection] = dict(enumerate(outputs))  # the clients still here
         self.expert_sync_interval_s = 1.0  # the API process's ("configure", ...) sets its metrics' interval
-        self._live: set[str] = set()  # request ids the engine still holds
+        # the engine's id of a client's request: its own with one client, "<client>:<id>" with several
+        self._namespaced = len(outputs) > 1
+        self._live: dict[str, tuple[int, str]] = {}  # engine id -> (client, the client's id), still in the engine
         self._expert_synced_at = 0.0
 
     def run(self) -> int:
-        """Serve until "shutdown" (0) or a failed step (1)."""
+        """Serve until every client has left (0) or a step failed (1)."""
         engine = self.engine
         while True:
-            accepted, stop = [], False
+            accepted: dict[int, list] = {}
             messages = self.inbox.take(wait=not engine.has_unfinished_requests())
-            for message in messages:
+            for client, message in messages:
+                if client not in self.outputs:
+                    continue  # sent before it left
                 kind = message[0]
                 if kind == "add":
-                    accepted.append(self._add(*message[1:]))
+                    accepted.setdefault(client, []).append(self._add(client, *message[1:]))
                 elif kind == "abort":
                     for request_id in message[1]:
-                        if request_id in self._live:
-                            self._live.discard(request_id)
-                            engine.abort(request_id)
+                        key = self._key(client, request_id)
+                        if key in self._live:
+                            del self._live[key]
+                            engine.abort(key)
                 elif kind == "configure":
                     self.expert_sync_interval_s = message[1]["expert_sync_interval_s"]
                 elif kind == "shutdown":
-                    stop = True
-            if stop:
-                for request_id in self._live:  # the API process ends its streams itself ("abort")
-                    engine.abort(request_id)
+                    self._leave(client)  # the API process ends its streams itself ("abort")
+            if not self.outputs:
                 return 0
-            # after any command, as the in-process loop publishes: an abort frees KV blocks the metrics show
-            if messages and not _send(self.outputs, ("accepted", accepted, self._stats())):
-                return 0
+            # after any command, as the in-process loop publishes: an abort frees KV blocks the metrics show (to
+            # every client: each one's /metrics reads the engine's state)
+            if messages:
+                stats = self._stats()
+                for client in list(self.outputs):
+                    self._send_to(client, ("accepted", accepted.get(client, []), stats))
+                if not self.outputs:
+                    return 0
             if not engine.has_unfinished_requests():
                 continue
             try:
                 deltas = engine.step()
             except BaseException as exc:  # the engine is in an unknown state: every request fails
                 logger.exception("an engine step failed; the engine core stops")
-                _send(self.outputs, ("dead", f"{type(exc).__name__}: {exc}"))
+                for conn in self.outputs.values():
+                    _send(conn, ("dead", f"{type(exc).__name__}: {exc}"))
                 return 1
-            for delta in deltas:
-                if delta.finish_reason is not None:
-                    self._live.discard(delta.request_id)
-            if not _send(self.outputs, ("step", deltas, self._stats())):
+            stats = self._stats()
+            for client, client_deltas in self._route(deltas).items():
+                self._send_to(client, ("step", client_deltas, stats))
+            if not self.outputs:
                 return 0
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params) -> tuple[str, tuple | None]:
+    def _key(self, client: int, request_id: str) -> str:
+        return f"{client}:{request_id}" if self._namespaced else request_id
+
+    def _route(self, deltas: list) -> dict[int, list]:
+        """Each client's deltas of a step, under its own ids (every client gets a message, with no deltas too:
+        the stats travel with it)."""
+        routed: dict[int, list] = {client: [] for client in self.outputs}
+        for delta in deltas:
+            owner = self._live.get(delta.request_id)
+            if owner is None:
+                continue  # its client left: aborted
+            if delta.finish_reason is not None:
+                del self._live[delta.request_id]
+            client, request_id = owner
+            if client in routed:
+                routed[client].append(delta._replace(request_id=request_id) if self._namespaced else delta)
+        return routed
+
+    def _send_to(self, client: int, message) -> None:
+        if not _send(self.outputs[client], message):
+            self._leave(client)  # its API process is gone
+
+    def _leave(self, client: int) -> None:
+        """A client left (said so, or its pipes closed): abort its requests, which frees their KV blocks."""
+        if self.outputs.pop(client, None) is None:
+            return
+        mine = [key for key, (owner, _) in self._live.items() if owner == client]
+        for key in mine:
+            del self._live[key]
+            self.engine.abort(key)
+        if self._namespaced:
+            logger.info("API process %d left; %d of its requests aborted, %d API process(es) remain", client,
+                        len(mine), len(self.outputs))
+
+    def _add(self, client: int, request_id: str, prompt_token_ids: list[int], params) -> tuple[str, tuple | None]:
         """(id, None), or (id, (error type, message)): ValueError / TypeError are the request's fault (400)."""
+        key = self._key(client, request_id)
         try:
-            self.engine.add_request(prompt_token_ids, params, request_id)
+            self.engine.add_request(prompt_token_ids, params, key)
         except Exception as exc:
             if not isinstance(exc, ValueError | TypeError):
-                logger.exception("add_request failed for %s", request_id)
-                self.engine.abort(request_id)  # it may have reached the scheduler before failing
+                logger.exception("add_request failed for %s", key)
+                self.engine.abort(key)  # it may have reached the scheduler before failing
             return request_id, (type(exc).__name__, str(exc), isinstance(exc, ValueError | TypeError))
-        self._live.add(request_id)
+        self._live[key] = (client, request_id)
         return request_id, None
 
     def _stats(self) -> dict:

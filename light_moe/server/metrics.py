@@ -79,12 +79,15 @@ class _LatencyHistogram:
         self.sum += value * count
 
     def collect(self):
-        counts = list(self.counts)
+        return [self.family(list(self.counts), self.sum)]
+
+    def family(self, counts: list[int], total: float) -> HistogramMetricFamily:
+        """The exposition of per-bucket counts (not cumulative; +Inf last) and their sum."""
         cumulative, running = [], 0
         for bound, c in zip([*self.bounds, math.inf], counts):
             running += c
             cumulative.append((floatToGoString(bound), running))  # the le labels prometheus_client's Histogram writes
-        return [HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)]
+        return HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=total)
 
 
 class ServerMetrics:
@@ -129,6 +132,10 @@ class ServerMetrics:
         info.labels(model=model_name).set(1)
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)
+        self._init_engine_bookkeeping(expert_sync_interval_s)
+
+    def _init_engine_bookkeeping(self, expert_sync_interval_s: float) -> None:
+        """What observe_step compares the engine's stats with, to turn its totals into increments."""
         self._expert_sync_interval_s = expert_sync_interval_s
         self._expert_synced_at = 0.0
         self._steps_seen = 0
@@ -139,6 +146,10 @@ class ServerMetrics:
         histogram = _LatencyHistogram(name, documentation, _LATENCY_BUCKETS)
         self.registry.register(histogram)
         return histogram
+
+    def count_http_request(self, route: str, status: str) -> None:
+        """One /v1 request answered (the HTTP layer's middleware)."""
+        self.http_requests.labels(route=route, status=status).inc()
 
     # ---- engine thread only --------------------------------------------------------------------
     def observe_step(self, engine, num_queued: int) -> None:

@@ -5,6 +5,9 @@ requests finish for up to --shutdown-timeout seconds, then aborts them (streams 
 last chunk and [DONE], non-streamed requests get a 503); the app's lifespan then stops the chat
 template workers and the engine thread. A second SIGINT aborts at once, with the same endings.
 The process exits 0 without a traceback.
+
+With --api-server-count N > 1 this process only binds the port and supervises: the engine runs in an engine-core
+process and N API processes serve HTTP on the shared socket (api_servers.py).
 """
 from __future__ import annotations
 
@@ -53,6 +56,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="run the engine (scheduler, model, sampling) in a process of its own, apart from HTTP, "
                              "tokenisation and detokenisation (default: on for CUDA devices, off on the CPU; "
                              "docs/server.md)")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="API processes (HTTP, tokenisation, detokenisation, SSE) serving host:port in front of "
+                             "one engine-core process; more than 1 implies --engine-process (docs/server.md)")
     return parser
 
 
@@ -105,6 +111,11 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     engine_args = EngineArgs.from_cli_args(args)  # every engine flag checked before anything loads
+    if args.api_server_count != 1:
+        from light_moe.server.api_servers import check_api_server_count, serve_api_servers
+
+        check_api_server_count(args.api_server_count, args.engine_process)
+        return serve_api_servers(args, engine_args)
     try:  # in an engine-core process, or in this one (server/engine_client.py)
         engine = start_engine(engine_args, args.engine_process, log_level=getattr(logging, args.log_level.upper()))
     except KeyboardInterrupt:
