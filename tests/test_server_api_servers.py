@@ -399,3 +399,20 @@ def test_options_that_exclude_several_api_processes_are_refused(ckpt):
         refused = subprocess.run([sys.executable, *base, "--api-server-count", "2", "--port", str(port)], **run)
     assert refused.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in refused.stderr
     assert "Traceback" not in refused.stderr and time.monotonic() - start < 30
+
+
+def test_the_api_processes_sockets_share_a_port_no_other_server_can_take():
+    from light_moe.server.api_servers import bind_sockets
+
+    group = bind_sockets("127.0.0.1", 0, 3)
+    try:
+        port = group[0].getsockname()[1]
+        assert [s.getsockname()[1] for s in group] == [port] * 3
+        assert len({s.fileno() for s in group}) == (3 if sys.platform.startswith("linux") else 1)
+        for s in group[:1]:  # one API process serves
+            s.listen()
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            bind_sockets("127.0.0.1", port, 2)  # a second server on its port
+    finally:
+        for s in group:
+            s.close()

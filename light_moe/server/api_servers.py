@@ -7,23 +7,33 @@ added ~43 ms to every wave's TTFT and held the server at 87-90% of the offline e
 that work, as vLLM's `--api-server-count` does.
 
     parent (serve_api_servers)
-      binds host:port once, without listening (an address in use is one clear error, before the engine loads)
+      binds host:port for every API process, without listening (bind_sockets: an address in use is one clear
+      error, before the engine loads)
       makes the metrics directory (metrics_shared.py), removed at exit
       SharedEngineCore: the engine-core process with one pair of pipes per API process; waits until it is built
-      N API processes (spawn): each gets the socket, its pair of pipes and the core's info; the parent then
-      closes its copies of both, and supervises: signals, an API process or the core exiting
+      N API processes (spawn, api_server_process.py): each gets its socket, its pair of pipes and the core's info;
+      the parent then closes its copies of both, and supervises: signals, an API process or the core exiting
     API process i (run_api_server)
-      CoreConnection (engine_client.EngineCoreClient over its pipes) -> build_app -> uvicorn on the shared socket
-      (its first listen() opens the port; the kernel gives each accepted connection to one of the processes
-      waiting on it); on exit it says "shutdown" to the core, which aborts what is left of its requests
+      CoreConnection (engine_client.EngineCoreClient over its pipes) -> build_app -> uvicorn on its socket (its
+      listen() lets the kernel give it connections); on exit it says "shutdown" to the core, which aborts what
+      is left of its requests
     engine core (engine_core.py): each client's request ids namespaced, each step's deltas split by owner
 
-Why one shared socket rather than SO_REUSEPORT: the port is bound once, by the parent, so its errors come out
-once and before minutes of weight loading; nothing else (another server started by mistake under the same user)
-can join the port and take a share of the connections; and a process that dies takes no queued connections with
-it (SO_REUSEPORT hashes each connection to one socket's own queue, lost with it). The cost: the processes wake
-for each connection and the first to accept it takes it, which spreads connections by who is idle rather than
-evenly (`light_moe_api_process_requests_total{api_server, pid}` shows the split).
+The sockets (bind_sockets). On Linux each API process gets a socket of its own, all bound to host:port by the
+parent with SO_REUSEPORT: the kernel hashes every new connection to one of the listening sockets, an even spread
+whatever the timing. One socket shared by all processes (the other way, and the fallback elsewhere) lets the
+processes race for each connection, and the first awake accepts every connection pending: 64 connections opened
+at once over 4 API processes (the tiny model on the 2-core CPU box, three bursts) landed 7/14/20/23, 13/18/5/28
+and 5/9/19/31 per process with the shared socket, 19/17/18/10, 16/18/15/15 and 12/19/16/17 with SO_REUSEPORT.
+Benchmark clients open their connections at once and keep them, so the shared socket's skew would last the whole
+run, its busiest process the bottleneck that N processes are meant to remove. What the shared socket had, kept:
+the parent binds (the port is known, an error comes out once, before the engine loads), and it first binds a
+plain socket (no SO_REUSEPORT) to check that nothing holds the port, so a second server started on the port of one
+that serves fails ("address already in use") instead of silently taking a share of its connections. Left: a
+second server of the same user started while the first still loads its engine (its sockets bound, not listening
+yet), or another program binding the port with SO_REUSEPORT, would join the group; connections queued on a
+process that dies are reset with it (the server then stops anyway). `light_moe_api_process_requests_total{
+api_server, pid}` shows the spread.
 
 Signals: SIGINT / SIGTERM to the parent are forwarded as SIGTERM to every API process (once each has started
 serving; until then they ignore both), which drains as one-process mode does (app.DrainingServer); a terminal's
@@ -47,6 +57,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -78,11 +89,32 @@ def check_api_server_count(count: int, engine_process: bool | None) -> None:
                          "torchrun (each rank constructs the engine in its own process)")
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """The server's TCP socket, bound but not listening: connections are refused until an API process serves."""
+def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """The API processes' sockets, bound to host:port but not listening (connections are refused until an API
+    process serves): on Linux `count` sockets with SO_REUSEPORT, elsewhere one socket `count` times (the module's
+    docstring says why). SystemExit, naming the address, if anything holds the port."""
+    probe = _bind(host, port, reuse_port=False)  # fails on any holder, a SO_REUSEPORT group included
+    if not sys.platform.startswith("linux"):  # SO_REUSEPORT balances connections on Linux only
+        return [probe] * count
+    port = probe.getsockname()[1]  # --port 0: the port the kernel chose
+    probe.close()  # never listened: the port is free again at once
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sockets.append(_bind(host, port, reuse_port=True))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart beside TIME_WAIT sockets
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -140,8 +172,8 @@ class SharedEngineCore:
 class ApiServers:
     """The N API processes over a SharedEngineCore, and the parent's watch over them and the core."""
 
-    def __init__(self, spec: ApiServerSpec, sock: socket.socket, core: SharedEngineCore):
-        self.spec, self.sock, self.core = spec, sock, core
+    def __init__(self, spec: ApiServerSpec, sockets: list[socket.socket], core: SharedEngineCore):
+        self.spec, self.sockets, self.core = spec, sockets, core
         self.processes: list[multiprocessing.Process] = []
         self.started: list = []  # an Event each, set once the process serves
         self._signals = 0  # SIGINT / SIGTERM received by the parent
@@ -158,7 +190,8 @@ class ApiServers:
         for index, (requests, outputs) in enumerate(self.core.client_ends):
             started = ctx.Event()
             process = ctx.Process(target=run_api_server, name=f"light-moe-api-server-{index}",
-                                  args=(replace(self.spec, index=index), self.sock, requests, outputs, started))
+                                  args=(replace(self.spec, index=index), self.sockets[index], requests, outputs,
+                                        started))
             process.start()
             self.processes.append(process)
             self.started.append(started)
@@ -223,7 +256,7 @@ class ApiServers:
 
 def serve_api_servers(args: argparse.Namespace, engine_args: EngineArgs) -> int:
     """`serve` with --api-server-count N > 1 (args: serve's, already checked)."""
-    sock = bind_socket(args.host, args.port)
+    sockets = bind_sockets(args.host, args.port, args.api_server_count)
     metrics_dir = tempfile.mkdtemp(prefix="light-moe-metrics-")
     try:
         try:
@@ -237,11 +270,12 @@ def serve_api_servers(args: argparse.Namespace, engine_args: EngineArgs) -> int:
                              args.max_waiting, args.max_body_bytes, args.body_timeout, args.template_workers,
                              args.template_timeout, args.template_memory_mb << 20, args.shutdown_timeout,
                              args.log_level)
-        servers = ApiServers(spec, sock, core)
+        servers = ApiServers(spec, sockets, core)
         previous = {sig: signal.signal(sig, servers.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             servers.start()
-            sock.close()  # the API processes hold it: once they all closed theirs, the port is free again
+            for sock in sockets:  # the API processes hold theirs: once they all closed them, the port is free again
+                sock.close()
             code = servers.supervise()
         finally:
             for sig, handler in previous.items():
@@ -249,5 +283,6 @@ def serve_api_servers(args: argparse.Namespace, engine_args: EngineArgs) -> int:
         logger.info("server stopped")
         return code
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
