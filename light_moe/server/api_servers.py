@@ -70,7 +70,8 @@ from light_moe.server.engine_core import EngineCoreSpec, run_engine_core_for_cli
 
 logger = logging.getLogger(__name__)
 
-_STOP_GRACE_S = 30.0  # past --shutdown-timeout, before an API process that has not exited is killed
+_STOP_GRACE_S = 30.0  # past --shutdown-timeout before an API process that has not exited is killed; and the
+# time one still starting (signals ignored) may take before it is sent SIGTERM anyway
 
 
 def check_api_server_count(count: int, engine_process: bool | None) -> None:
@@ -180,6 +181,7 @@ class ApiServers:
         self._stopping = False  # the API processes are to drain ...
         self._terminated = False  # ... and have been told to (SIGTERM)
         self._failed = False
+        self._stop_since: float | None = None
         self._kill_at: float | None = None
 
     def on_signal(self, signum, frame) -> None:
@@ -204,16 +206,21 @@ class ApiServers:
         while any(p.exitcode is None for p in self.processes):
             sentinels = [p.sentinel for p in (*self.processes, self.core.process) if p.exitcode is None]
             wait(sentinels, 0.2)
+            if self._signals and not self._stopping:
+                logger.info("shutting down: the %d API processes drain", len(self.processes))
+                self._stopping = True
+            self._watch_failures()
+            if self._stopping and self._stop_since is None:
+                self._stop_since = time.monotonic()
             serving = all(e.is_set() or p.exitcode is not None for e, p in zip(self.started, self.processes))
             if serving and not announced and not self._stopping:
                 announced = True
                 logger.info("serving with %d API processes (pids %s) and the engine-core process (pid %d)",
                             len(self.processes), ", ".join(str(p.pid) for p in self.processes), self.core.process.pid)
-            if self._signals and not self._stopping:
-                logger.info("shutting down: the %d API processes drain", len(self.processes))
-                self._stopping = True
-            self._watch_failures()
-            if self._stopping and serving and not self._terminated:  # once they all have uvicorn's handlers
+            # SIGTERM once they all have uvicorn's handlers (before, they ignore it), or once one stuck starting
+            # has had its time (it is killed later if it ignores the signal)
+            starting_too_long = self._stop_since is not None and time.monotonic() - self._stop_since > _STOP_GRACE_S
+            if self._stopping and (serving or starting_too_long) and not self._terminated:
                 self._terminate()
             if self._kill_at is not None and time.monotonic() > self._kill_at:
                 self._kill_stragglers()
