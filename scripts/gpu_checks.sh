@@ -60,6 +60,8 @@
 #                                               (kernel and engine tests), then the decode-attention bench (merged column)
 #   scripts/gpu_checks.sh merge-ab OUTDIR       one GPU: bench e2e of the 32-layer W4A16 shape: plain, --fuse-attention-merge,
 #                                               both fusions (--fuse-combine-norm too)
+#   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
+#                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -67,7 +69,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, fuse-ab or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, fuse-ab or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -361,6 +363,17 @@ merge-ab)
     TAIL=40 step profile4_prefill 120 $py -m light_moe.cli bench profile-step --shape mixtral --layers 4 \
         --dtype bfloat16 --device cuda --batch-size 1 --steps 4 --prefill --output "$out/profile4_prefill.json"
     ;;
+serve-api)
+    # issue 20: one API process against several (--api-server-count), 64 streams, against the offline engine
+    m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
+    step e2e4_offline 150 $py -m light_moe.cli bench e2e $m --batch-sizes 64 --input-len 128 --output-len 256 \
+        --repeats 1 --ttft-repeats 3 --output "$out/e2e4_offline.json"
+    for n in ${API_SERVERS:-1 4}; do
+        TAIL=6 step "serve4_c64_api$n" 200 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
+            --input-len 128 --output-len 256 --sweep-concurrency 64 --prompts-per-concurrency 4 --slo-ttft-ms 200 \
+            --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
+    done
+    ;;
 fuse-ab)
     # the combine fused into the next norm (--fuse-combine-norm, session 16, written without a GPU): its e2e A/B
     # on the 32-layer W4A16 shape (B = 1 / 16 / 64), plain first, then fused, same call
@@ -390,7 +403,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, fuse-ab or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, fuse-ab or verify-15)" >&2
     exit 2
     ;;
 esac
