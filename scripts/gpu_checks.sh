@@ -62,6 +62,10 @@
 #                                               both fusions (--fuse-combine-norm too)
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
+#   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
+#                                               16-17 wrote (attention merge, combine + norm, DeepSeek), bench e2e of the
+#                                               4-layer shape plain and with both fusions, bench serve at 64 streams with
+#                                               one and four API processes
 #   scripts/gpu_checks.sh families OUTDIR       one GPU: the MLA decode kernel against the torch path
 #                                               (scripts/bench_mla_decode.py), bench e2e of the whole gpt-oss-20b (24 layers) and
 #                                               deepseek-v2-lite (27) shapes (gpt-oss also with W4A16 experts, g = 32)
@@ -69,7 +73,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, fuse-ab or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17, fuse-ab or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -374,6 +378,23 @@ serve-api)
             --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
     done
     ;;
+short-17)
+    step tests17 180 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_merge_gpu.py \
+        tests/test_cute_engine_gpu.py::test_fuse_attention_merge_changes_no_token \
+        tests/test_cute_engine_gpu.py::test_fuse_combine_norm_changes_no_token \
+        tests/kernels/test_fused_norm_rope_gpu.py::test_combine_rms_norm_is_combine_then_rms_norm_bit_for_bit \
+        tests/test_deepseek_cute_gpu.py -ra
+    m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
+    e="--batch-sizes 1 64 --input-len 128 --output-len 256 --repeats 1 --ttft-repeats 3"
+    step e2e4_plain 100 $py -m light_moe.cli bench e2e $m $e --output "$out/e2e4_plain.json"
+    step e2e4_fused 100 $py -m light_moe.cli bench e2e $m $e --fuse-attention-merge --fuse-combine-norm \
+        --output "$out/e2e4_fused.json"
+    for n in 1 4; do
+        TAIL=4 step "serve4_c64_api$n" 110 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
+            --input-len 128 --output-len 256 --sweep-concurrency 64 --prompts-per-concurrency 4 --slo-ttft-ms 200 \
+            --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
+    done
+    ;;
 fuse-ab)
     # the combine fused into the next norm (--fuse-combine-norm, session 16, written without a GPU): its e2e A/B
     # on the 32-layer W4A16 shape (B = 1 / 16 / 64), plain first, then fused, same call
@@ -403,7 +424,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, fuse-ab or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17, fuse-ab or verify-15)" >&2
     exit 2
     ;;
 esac
