@@ -533,9 +533,9 @@ class EngineConfig:
     # the CuTe backend runs decode rows of the dense projections on kernels/skinny_gemm.py (ops.select_backend)
     skinny_gemm: bool = True
     skinny_gemm_max_rows: int = 16  # up to SKINNY_GEMM_MAX_ROWS
-    fuse_combine_norm: bool = False  # MoE layers' combine inside the next norm (ops.backend.PendingCombine)
+    fuse_combine_norm: bool = True  # MoE layers' combine inside the next norm (ops.backend.PendingCombine)
     # decode attention's split-KV merge done by the last split CTA (kernels/decode_attention.py), no combine kernel
-    fuse_attention_merge: bool = False
+    fuse_attention_merge: bool = True
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

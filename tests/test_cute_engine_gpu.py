@@ -211,11 +211,11 @@ def test_fuse_combine_norm_changes_no_token(checkpoint, monkeypatch):
                   async_scheduling=False, moe_backend="cute")
     params = SamplingParams(max_tokens=24, temperature=0.0)
     for eager in (True, False):
-        plain = LightMoEEngine(checkpoint, enforce_eager=eager, **common)
-        fused = LightMoEEngine(checkpoint, enforce_eager=eager, fuse_combine_norm=True, **common)
+        plain = LightMoEEngine(checkpoint, enforce_eager=eager, fuse_combine_norm=False, **common)
+        fused = LightMoEEngine(checkpoint, enforce_eager=eager, **common)  # on by default
         before = len(calls)
         out_p = plain.generate_outputs(PROMPTS, params)
-        assert len(calls) == before  # off by default
+        assert len(calls) == before  # off when asked
         out_f = fused.generate_outputs(PROMPTS, params)
         assert len(calls) > before  # eager forwards, or the captures of the graphs
         assert "combine + RMSNorm" not in {op for op, _ in fused.ops._logged}
@@ -243,10 +243,10 @@ def test_fuse_attention_merge_changes_no_token(checkpoint, monkeypatch):
     params = SamplingParams(max_tokens=24, temperature=0.0)
     prompts = PROMPTS + [[(13 * i) % 250 + 3 for i in range(200)]]
     for eager in (True, False):
-        plain = LightMoEEngine(checkpoint, enforce_eager=eager, **common)
-        fused = LightMoEEngine(checkpoint, enforce_eager=eager, fuse_attention_merge=True, **common)
+        plain = LightMoEEngine(checkpoint, enforce_eager=eager, fuse_attention_merge=False, **common)
+        fused = LightMoEEngine(checkpoint, enforce_eager=eager, **common)  # on by default
         out_p = plain.generate_outputs(prompts, params)
-        assert not any(key[-1] for key in keys)  # off by default
+        assert not any(key[-1] for key in keys)  # off when asked
         out_f = fused.generate_outputs(prompts, params)
         assert any(key[-1] for key in keys)  # split steps merged in the kernel (eager, or the graphs' captures)
         assert not fused.ops._merge_counters[torch.device("cuda", torch.cuda.current_device())].any()

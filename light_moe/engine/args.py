@@ -92,10 +92,10 @@ class EngineArgs:
         True, "decode rows of the attention projections and the lm_head on the CuTe skinny GEMM instead of cuBLAS "
         "(docs/kernels.md, Skinny GEMM)", group="execution")
     fuse_combine_norm: bool = option(
-        False, "a MoE layer's combine runs inside the next residual add + RMSNorm (one kernel fewer per layer on the "
-        "CuTe backend; one process, no overlap)", group="execution")
+        True, "a MoE layer's combine runs inside the next residual add + RMSNorm (one kernel fewer per layer on the "
+        "CuTe backend; one process, no overlap; BENCHMARKS.md, Session 17)", group="execution")
     fuse_attention_merge: bool = option(
-        False, "decode attention's split-KV partials merged by the last split to finish instead of a combine kernel "
+        True, "decode attention's split-KV partials merged by the last split to finish instead of a combine kernel "
         "(one kernel fewer per layer on the CuTe backend; docs/kernels.md)", group="execution")
     skinny_gemm_max_rows: int = option(
         16, f"the most token rows (1..{SKINNY_GEMM_MAX_ROWS}) a step may have for skinny_gemm to take its projections",

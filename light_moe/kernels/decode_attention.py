@@ -20,8 +20,7 @@ by the last split CTA of each (sequence, KV head) to finish: every split with ke
 its partials (bar.sync, then one acq_rel atomic: the partials of the CTA are released with it, and the one that
 sees the count complete acquires everyone's), and the CTA that completes the count merges and sets the counter
 back to zero for the next launch (the stream-K fix-up pattern). That saves the combine kernel's launch in every
-layer of a decode step (a kernel boundary costs ~3 us at B = 1: docs/kernels.md). With S = 1 the CTA writes out
-directly.
+layer of a decode step (what it is worth: docs/kernels.md). With S = 1 the CTA writes out directly.
 
 A warp tile is KT keys (16 for D = 128, 32 for D = 64: 16 loads of 16 bytes per lane in flight) on the
 warp-level tensor cores (mma.sync m16n8k16, fp32 accumulators), query heads on the 16 rows of M
