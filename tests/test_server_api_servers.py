@@ -67,6 +67,14 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _assert_clean_exit(proc, processes: set[int]) -> None:
+    """The server exited 0 without a traceback and left none of its processes behind."""
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    _assert_gone(processes)
+
+
 def _assert_gone(pids: set[int], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while left := [pid for pid in pids if not _gone(pid)]:
@@ -228,10 +236,7 @@ def server2(ckpt):
         assert len(_spawned(proc.pid)) == 3  # the core and two API processes
         yield url, _api_pids(url, 2)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 0, stderr
-        assert "Traceback" not in stderr, stderr
-        _assert_gone(processes)
+        _assert_clean_exit(proc, processes)
     finally:
         _kill(proc)
 
@@ -350,10 +355,7 @@ def test_signals_drain_every_api_process(ckpt, group, shutdown_timeout, max_toke
             reason, completion_tokens = _finish(stream)
             assert reason == finish_reason, pid
             assert completion_tokens == max_tokens if finish_reason == "length" else completion_tokens < max_tokens
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 0, stderr
-        assert "Traceback" not in stderr, stderr
-        _assert_gone(processes)
+        _assert_clean_exit(proc, processes)
     finally:
         _kill(proc)
 

@@ -34,6 +34,41 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
                     7.5, 10.0, 20.0, 40.0, 80.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# The exported metrics, one table for both exporters (ServerMetrics here, SharedServerMetrics in metrics_shared.py
+# for several API processes), so their names and help texts cannot drift apart: (attribute, name, help, labels).
+REQUEST_COUNTERS = (
+    ("http_requests", "light_moe_http_requests", "HTTP requests to the API by route and status", ("route", "status")),
+    ("finished", "light_moe_requests_finished", "Generation requests finished, by reason", ("finish_reason",)),
+    ("prompt_tokens", "light_moe_prompt_tokens", "Prompt tokens of accepted requests", ()),
+    ("generation_tokens", "light_moe_generation_tokens", "Generated tokens", ()),
+)
+# per-request latencies (attribute, name, help): observed per token or per request, the cheap kind
+LATENCIES = (
+    ("ttft", "light_moe_time_to_first_token_seconds", "From arrival at the server to the first generated token"),
+    ("itl", "light_moe_inter_token_latency_seconds", "Between consecutive generated tokens"),
+    ("e2e", "light_moe_e2e_request_latency_seconds", "From arrival to the last token"),
+    ("tpot", "light_moe_time_per_output_token_seconds",
+     "Per finished request: (last token - first token) / (generated tokens - 1)"),
+    ("queue_time", "light_moe_request_queue_time_seconds", "From arrival to the request's first scheduled step"),
+)
+# the engine's state (attribute, name, help, a counter rather than a gauge)
+ENGINE_VALUES = (
+    ("prefix_queries", "light_moe_prefix_cache_queries", "Prompt tokens looked up in the prefix cache on admission",
+     True),
+    ("prefix_hits", "light_moe_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", True),
+    ("prefix_hit_rate", "light_moe_prefix_cache_hit_rate",
+     "Prefix-cache hits over queries since the start (tokens; 0 before any)", False),
+    ("max_batch_size", "light_moe_max_batch_size", "Largest batch of one engine step so far", False),
+    ("running", "light_moe_num_requests_running", "Requests in the running batch", False),
+    ("waiting", "light_moe_num_requests_waiting",
+     "Requests accepted but not running (submitted or in the scheduler's queue)", False),
+    ("kv_usage", "light_moe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)", False),
+    ("preemptions", "light_moe_preemptions", "Requests preempted for lack of KV blocks", True),
+    ("engine_steps", "light_moe_engine_steps", "Engine steps that ran the model", True),
+)
+BATCH_SIZE = ("light_moe_batch_size", "Requests computed together in one engine step")
+MODEL_INFO = ("light_moe_model_info", "The served model")
+
 
 class _ExpertLoadCollector:
     """Yields the expert-load snapshot at scrape time (custom collector: labels come from the model)."""
@@ -94,41 +129,14 @@ class ServerMetrics:
     def __init__(self, model_name: str, expert_sync_interval_s: float = 1.0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.http_requests = Counter("light_moe_http_requests", "HTTP requests to the API by route and status",
-                                     ["route", "status"], registry=r)
-        self.finished = Counter("light_moe_requests_finished", "Generation requests finished, by reason",
-                                ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("light_moe_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
-        self.generation_tokens = Counter("light_moe_generation_tokens", "Generated tokens", registry=r)
-        # the per-request latencies are observed per token or per request on the router's thread: the cheap kind
-        self.ttft = self._latency("light_moe_time_to_first_token_seconds",
-                                  "From arrival at the server to the first generated token")
-        self.itl = self._latency("light_moe_inter_token_latency_seconds", "Between consecutive generated tokens")
-        self.e2e = self._latency("light_moe_e2e_request_latency_seconds", "From arrival to the last token")
-        self.tpot = self._latency("light_moe_time_per_output_token_seconds",
-                                  "Per finished request: (last token - first token) / (generated tokens - 1)")
-        self.queue_time = self._latency("light_moe_request_queue_time_seconds",
-                                        "From arrival to the request's first scheduled step")
-        self.prefix_queries = Counter("light_moe_prefix_cache_queries",
-                                      "Prompt tokens looked up in the prefix cache on admission", registry=r)
-        self.prefix_hits = Counter("light_moe_prefix_cache_hits",
-                                   "Prompt tokens whose KV came from the prefix cache", registry=r)
-        self.prefix_hit_rate = Gauge("light_moe_prefix_cache_hit_rate",
-                                     "Prefix-cache hits over queries since the start (tokens; 0 before any)",
-                                     registry=r)
-        self.batch_size = Histogram("light_moe_batch_size", "Requests computed together in one engine step",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.max_batch_size = Gauge("light_moe_max_batch_size", "Largest batch of one engine step so far",
-                                    registry=r)
-        self.running = Gauge("light_moe_num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("light_moe_num_requests_waiting",
-                             "Requests accepted but not running (submitted or in the scheduler's queue)",
-                             registry=r)
-        self.kv_usage = Gauge("light_moe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)",
-                              registry=r)
-        self.preemptions = Counter("light_moe_preemptions", "Requests preempted for lack of KV blocks", registry=r)
-        self.engine_steps = Counter("light_moe_engine_steps", "Engine steps that ran the model", registry=r)
-        info = Gauge("light_moe_model_info", "The served model", ["model"], registry=r)
+        for attr, name, documentation, labels in REQUEST_COUNTERS:
+            setattr(self, attr, Counter(name, documentation, labels, registry=r))
+        for attr, name, documentation in LATENCIES:
+            setattr(self, attr, self._latency(name, documentation))
+        for attr, name, documentation, counter in ENGINE_VALUES:
+            setattr(self, attr, (Counter if counter else Gauge)(name, documentation, registry=r))
+        self.batch_size = Histogram(*BATCH_SIZE, buckets=_BATCH_BUCKETS, registry=r)
+        info = Gauge(*MODEL_INFO, ["model"], registry=r)
         info.labels(model=model_name).set(1)
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)

@@ -37,6 +37,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from light_moe.server.metrics import (
     _BATCH_BUCKETS,
     _LATENCY_BUCKETS,
+    BATCH_SIZE,
+    ENGINE_VALUES,
+    LATENCIES,
+    MODEL_INFO,
+    REQUEST_COUNTERS,
     ServerMetrics,
     _ExpertLoadCollector,
     _LatencyHistogram,
@@ -103,7 +108,7 @@ class _EngineStateCollector:
         self.model_name = model_name
 
     def collect(self):
-        info = GaugeMetricFamily("light_moe_model_info", "The served model", labels=["model"])
+        info = GaugeMetricFamily(*MODEL_INFO, labels=["model"])
         info.add_metric([self.model_name], 1)
         return [*(v.family() for v in self.values), info]
 
@@ -119,12 +124,8 @@ class SharedServerMetrics(ServerMetrics):
                                "PROMETHEUS_MULTIPROC_DIR and prometheus_client.values.ValueClass first")
         # summed over the API processes: counters in prometheus_client's files, never in a registry of this
         # process (the MultiProcessCollector below reads them back from the files)
-        self.http_requests = Counter("light_moe_http_requests", "HTTP requests to the API by route and status",
-                                     ["route", "status"], registry=None)
-        self.finished = Counter("light_moe_requests_finished", "Generation requests finished, by reason",
-                                ["finish_reason"], registry=None)
-        self.prompt_tokens = Counter("light_moe_prompt_tokens", "Prompt tokens of accepted requests", registry=None)
-        self.generation_tokens = Counter("light_moe_generation_tokens", "Generated tokens", registry=None)
+        for attr, name, documentation, labels in REQUEST_COUNTERS:
+            setattr(self, attr, Counter(name, documentation, labels, registry=None))
         self._answered = Counter("light_moe_api_process_requests",
                                  "/v1 requests answered by each API process (several API processes only)",
                                  ["api_server", "pid"], registry=None).labels(api_server=str(api_server),
@@ -132,44 +133,17 @@ class SharedServerMetrics(ServerMetrics):
         self.registry = r = CollectorRegistry()
         MultiProcessCollector(r, path=directory)
 
-        def latency(name: str, documentation: str) -> _SharedLatencyHistogram:
+        for attr, name, documentation in LATENCIES:
             histogram = _SharedLatencyHistogram(name, documentation, _LATENCY_BUCKETS, directory)
             r.register(histogram)
-            return histogram
-
-        self.ttft = latency("light_moe_time_to_first_token_seconds",
-                            "From arrival at the server to the first generated token")
-        self.itl = latency("light_moe_inter_token_latency_seconds", "Between consecutive generated tokens")
-        self.e2e = latency("light_moe_e2e_request_latency_seconds", "From arrival to the last token")
-        self.tpot = latency("light_moe_time_per_output_token_seconds",
-                            "Per finished request: (last token - first token) / (generated tokens - 1)")
-        self.queue_time = latency("light_moe_request_queue_time_seconds",
-                                  "From arrival to the request's first scheduled step")
-
+            setattr(self, attr, histogram)
         # the engine's state: this process's copy of the core's stats
-        def engine_value(name: str, documentation: str, counter: bool = False) -> _EngineValue:
-            value = _EngineValue(name, documentation, counter)
-            engine_values.append(value)
-            return value
-
-        engine_values: list[_EngineValue] = []
-        self.prefix_queries = engine_value("light_moe_prefix_cache_queries",
-                                           "Prompt tokens looked up in the prefix cache on admission", counter=True)
-        self.prefix_hits = engine_value("light_moe_prefix_cache_hits",
-                                        "Prompt tokens whose KV came from the prefix cache", counter=True)
-        self.prefix_hit_rate = engine_value("light_moe_prefix_cache_hit_rate",
-                                            "Prefix-cache hits over queries since the start (tokens; 0 before any)")
-        self.max_batch_size = engine_value("light_moe_max_batch_size", "Largest batch of one engine step so far")
-        self.running = engine_value("light_moe_num_requests_running", "Requests in the running batch")
-        self.waiting = engine_value("light_moe_num_requests_waiting",
-                                    "Requests accepted but not running (submitted or in the scheduler's queue)")
-        self.kv_usage = engine_value("light_moe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)")
-        self.preemptions = engine_value("light_moe_preemptions", "Requests preempted for lack of KV blocks",
-                                        counter=True)
-        self.engine_steps = engine_value("light_moe_engine_steps", "Engine steps that ran the model", counter=True)
+        engine_values = []
+        for attr, name, documentation, counter in ENGINE_VALUES:
+            engine_values.append(_EngineValue(name, documentation, counter))
+            setattr(self, attr, engine_values[-1])
         r.register(_EngineStateCollector(engine_values, model_name))
-        self.batch_size = _LatencyHistogram("light_moe_batch_size", "Requests computed together in one engine step",
-                                            _BATCH_BUCKETS)
+        self.batch_size = _LatencyHistogram(*BATCH_SIZE, _BATCH_BUCKETS)
         r.register(self.batch_size)
         self._experts = _ExpertLoadCollector()
         r.register(self._experts)
