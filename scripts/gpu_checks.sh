@@ -79,6 +79,12 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
 py=${PYTHON:-python3}
 commit=${LIGHT_MOE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# a copy of a working tree may carry a stale .git (its HEAD then names an older commit than the files that run):
+# the results must name the tree that ran, so say so loudly and mark the commit
+if [ -z "${LIGHT_MOE_GIT_COMMIT:-}" ] && ! git diff --quiet HEAD -- 2>/dev/null; then
+    echo "WARNING: the tree differs from its HEAD ($commit): pass LIGHT_MOE_GIT_COMMIT=<the sha that was copied>" >&2
+    commit="$commit+changes"
+fi
 export LIGHT_MOE_GIT_COMMIT=$commit PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 
