@@ -13,7 +13,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-from light_moe.bench.serve import dataset_requests, summarize, synthetic_requests  # noqa: E402
+from light_moe.bench.serve import (  # noqa: E402
+    dataset_requests,
+    histogram_quantile,
+    parse_latency_sums,
+    server_view,
+    summarize,
+    synthetic_requests,
+)
 from light_moe.bench.serve_client import RequestResult, RequestSpec, arrival_offsets, run_stream  # noqa: E402
 from light_moe.cli import main as cli_main  # noqa: E402
 
@@ -78,6 +85,29 @@ def test_summary_percentiles_goodput_and_errors():
 
 
 # ---- whole runs ----------------------------------------------------------------------------------
+def test_server_quantiles_from_the_histogram_buckets_of_a_row():
+    """A row's server-side quantiles come from the bucket counts it added (after - before), interpolated inside the
+    bucket as Prometheus's histogram_quantile does; a quantile in +Inf is the highest finite bound."""
+    def text(counts: list[int], total: float) -> str:  # TTFT buckets 0.01 / 0.1 / 1 / +Inf, cumulative
+        bounds = ["0.01", "0.1", "1.0", "+Inf"]
+        lines = [f'light_moe_time_to_first_token_seconds_bucket{{le="{b}"}} {float(c)}' for b, c in zip(bounds, counts)]
+        return "\n".join(lines + [f"light_moe_time_to_first_token_seconds_sum {total}",
+                                   f"light_moe_time_to_first_token_seconds_count {float(counts[-1])}"])
+
+    before = parse_latency_sums(text([5, 5, 5, 5], 0.02))  # an earlier row's 5 requests, all under 10 ms
+    after = parse_latency_sums(text([5, 55, 104, 105], 0.02 + 100 * 0.05))
+    assert after["ttft"][2][math.inf] == 105.0
+    view = server_view(before, after)
+    assert view["requests"] == 100 and view["mean_ttft_ms"] == pytest.approx(50.0)
+    # 50th of 100: in (0.01, 0.1] holding 50 of them -> 0.01 + 0.09 * 50 / 50
+    assert view["p50_ttft_ms"] == pytest.approx(100.0)
+    # 99th: in (0.1, 1.0] holding 49 (ranks 51..99) -> 0.1 + 0.9 * 49 / 49
+    assert view["p99_ttft_ms"] == pytest.approx(1000.0)
+    assert histogram_quantile(0.5, {0.1: 2.0, math.inf: 2.0}) == pytest.approx(0.05)
+    assert histogram_quantile(0.99, {0.1: 0.0, math.inf: 3.0}) == 0.1  # in +Inf: the highest finite bound
+    assert histogram_quantile(0.5, {0.1: 0.0, math.inf: 0.0}) is None
+
+
 def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
     """The CI check: 12 requests, 8 tokens each, at two rates and two concurrency caps (3 x cap requests at
     cap 1, all 12 at cap 4) on one `light-moe serve` process."""
@@ -119,6 +149,7 @@ def test_cli_starts_the_server_with_the_bundled_model_and_measures(tmp_path):
         assert server["requests"] == n
         assert 0 < server["mean_queue_time_ms"] <= server["mean_ttft_ms"] <= row["mean_ttft_ms"]
         assert 0 < server["mean_e2e_ms"] <= row["mean_e2e_ms"] and server["mean_itl_ms"] > 0
+        assert 0 < server["p50_ttft_ms"] <= server["p99_ttft_ms"] and server["p99_queue_time_ms"] > 0
     png = tmp_path / "serve.png"
     # recorded relative to the JSON beside it
     assert (result["plot"] == "serve.png" and png.stat().st_size > 0) or "matplotlib" in result["plot_note"]

@@ -167,27 +167,57 @@ def detailed(results: list[RequestResult]) -> list[dict]:
              "output_tokens": r.output_tokens, "error": r.error} for r in results]
 
 
-# The server's own latency histograms (docs/server.md, /metrics): their sums and counts before and after a row
-# give the row's server-side means, measured from arrival at the server, so a client-side TTFT splits into the
-# time before the engine scheduled the request (queue), the rest of the server's time to the first token, and
-# what lies outside the server (HTTP in, the client's own event loop)
+# The server's own latency histograms (docs/server.md, /metrics): their sums, counts and buckets before and after
+# a row give the row's server-side means and quantiles, measured from arrival at the server, so a client-side
+# TTFT splits into the time before the engine scheduled the request (queue), the rest of the server's time to the
+# first token, and what lies outside the server (HTTP in, the client's own event loop); the quantiles say whether
+# a client's tail is the server's too
 SERVER_LATENCIES = {"ttft": "light_moe_time_to_first_token_seconds",
                     "queue_time": "light_moe_request_queue_time_seconds",
                     "itl": "light_moe_inter_token_latency_seconds", "e2e": "light_moe_e2e_request_latency_seconds"}
 
 
-def parse_latency_sums(text: str) -> dict[str, tuple[float, float]]:
-    """{key: (sum, count)} of SERVER_LATENCIES from Prometheus text; keys whose metric is absent are left out."""
+SERVER_QUANTILES = (50, 99)
+
+
+def parse_latency_sums(text: str) -> dict[str, tuple[float, float, dict[float, float]]]:
+    """{key: (sum, count, {bucket upper bound s: cumulative count})} of SERVER_LATENCIES from Prometheus text; keys
+    whose metric is absent are left out (the buckets may be empty)."""
     values: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
     for line in text.splitlines():
-        if line.startswith("light_moe_") and ("_sum " in line or "_count " in line):
-            name, _, value = line.partition(" ")
+        if not line.startswith("light_moe_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.endswith(("_sum", "_count")):
             values[name] = float(value)
+        elif "_bucket{" in name and 'le="' in name:
+            metric, _, labels = name.partition("_bucket{")
+            bound = labels.split('le="', 1)[1].split('"', 1)[0]
+            buckets.setdefault(metric, {})[float(bound)] = float(value)  # "+Inf" parses as inf
     out = {}
     for key, metric in SERVER_LATENCIES.items():
         if f"{metric}_sum" in values and f"{metric}_count" in values:
-            out[key] = (values[f"{metric}_sum"], values[f"{metric}_count"])
+            out[key] = (values[f"{metric}_sum"], values[f"{metric}_count"], buckets.get(metric, {}))
     return out
+
+
+def histogram_quantile(q: float, cumulative: dict[float, float]) -> float | None:
+    """Prometheus's histogram_quantile: the q-quantile (0..1) of cumulative bucket counts, interpolated linearly
+    inside its bucket (from 0 in the first); the highest finite bound where it falls in +Inf; None without data."""
+    bounds = sorted(cumulative)
+    if not bounds or cumulative[bounds[-1]] <= 0:
+        return None
+    rank = q * cumulative[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
 
 
 def server_latencies(base_url: str, api_key: str | None) -> dict[str, tuple[float, float]] | None:
@@ -207,10 +237,14 @@ def server_view(before: dict | None, after: dict | None) -> dict | None:
     if before is None or after is None:
         return None
     out: dict = {}
-    for key, (total, count) in after.items():
-        total0, count0 = before.get(key, (0.0, 0.0))
+    for key, (total, count, buckets) in after.items():
+        total0, count0, buckets0 = before.get(key, (0.0, 0.0, {}))
         n = count - count0
         out[f"mean_{key}_ms"] = 1e3 * (total - total0) / n if n > 0 else None
+        row_buckets = {bound: c - buckets0.get(bound, 0.0) for bound, c in buckets.items()}
+        for q in SERVER_QUANTILES:  # bucket-resolution estimates (metrics._LATENCY_BUCKETS), like a dashboard's
+            value = histogram_quantile(q / 100, row_buckets) if n > 0 else None
+            out[f"p{q}_{key}_ms"] = None if value is None else 1e3 * value
         if key == "ttft":
             out["requests"] = int(n)
     return out
@@ -341,8 +375,9 @@ def _line(row: dict) -> str:
         return "-" if v is None else f"{v:.1f}"
 
     server = row.get("server") or {}
-    inside = (f"; server side: TTFT mean {f(server.get('mean_ttft_ms'))} ms, queue mean "
-              f"{f(server.get('mean_queue_time_ms'))} ms") if server else ""
+    inside = (f"; server side: TTFT mean {f(server.get('mean_ttft_ms'))} p99 {f(server.get('p99_ttft_ms'))} ms, "
+              f"queue mean {f(server.get('mean_queue_time_ms'))} p99 {f(server.get('p99_queue_time_ms'))} ms"
+              ) if server else ""
     return (f"rate {row['request_rate']} concurrency {row['max_concurrency']}: "
             f"{row['completed']}/{row['num_requests']} ok, "
             f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} out tok/s, "
