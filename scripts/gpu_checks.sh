@@ -54,12 +54,10 @@
 #                                               dense MLPs and shared experts on the skinny GEMM; the combine fused
 #                                               into the norm): the DeepSeek, engine and norm GPU tests, bench e2e of deepseek-v2-lite (27 layers), its B = 1
 #                                               step profile
-#   scripts/gpu_checks.sh fuse-ab OUTDIR        one GPU: bench e2e of the 32-layer W4A16 shape without and with
-#                                               --fuse-combine-norm (after verify-16's GPU tests pass)
 #   scripts/gpu_checks.sh verify-17 OUTDIR      one GPU: verify-16's GPU tests plus the decode attention's in-kernel merge
 #                                               (kernel and engine tests), then the decode-attention bench (merged column)
-#   scripts/gpu_checks.sh merge-ab OUTDIR       one GPU: bench e2e of the 32-layer W4A16 shape: plain, --fuse-attention-merge,
-#                                               both fusions (--fuse-combine-norm too)
+#   scripts/gpu_checks.sh merge-ab OUTDIR       one GPU: bench e2e of the 32-layer W4A16 shape: both fusions off, the attention
+#                                               merge alone, both (the defaults); the 4-layer prefill profile
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
@@ -73,7 +71,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17, fuse-ab or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17 or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -365,10 +363,11 @@ verify-17)
 merge-ab)
     # the fused decode-attention merge and the fused combine + norm against plain, 32 layers W4A16, same call
     m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1"
-    step e2e32_plain 180 $py -m light_moe.cli bench e2e $m --output "$out/e2e32_plain.json"
-    step e2e32_merge 180 $py -m light_moe.cli bench e2e $m --fuse-attention-merge --output "$out/e2e32_merge.json"
-    step e2e32_both 180 $py -m light_moe.cli bench e2e $m --fuse-attention-merge --fuse-combine-norm \
-        --output "$out/e2e32_both.json"
+    # both fusions are the defaults since session 17: "plain" turns them off
+    step e2e32_plain 180 $py -m light_moe.cli bench e2e $m --no-fuse-attention-merge --no-fuse-combine-norm \
+        --output "$out/e2e32_plain.json"
+    step e2e32_merge 180 $py -m light_moe.cli bench e2e $m --no-fuse-combine-norm --output "$out/e2e32_merge.json"
+    step e2e32_both 180 $py -m light_moe.cli bench e2e $m --output "$out/e2e32_both.json"
     # where the 4-layer TTFT goes (5.0 ms against 4.5): one 128-token prompt alone, profiled
     TAIL=40 step profile4_prefill 120 $py -m light_moe.cli bench profile-step --shape mixtral --layers 4 \
         --dtype bfloat16 --device cuda --batch-size 1 --steps 4 --prefill --output "$out/profile4_prefill.json"
@@ -392,22 +391,14 @@ short-17)
         tests/test_deepseek_cute_gpu.py -ra
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
     e="--batch-sizes 1 64 --input-len 128 --output-len 256 --repeats 1 --ttft-repeats 3"
-    step e2e4_plain 100 $py -m light_moe.cli bench e2e $m $e --output "$out/e2e4_plain.json"
-    step e2e4_fused 100 $py -m light_moe.cli bench e2e $m $e --fuse-attention-merge --fuse-combine-norm \
-        --output "$out/e2e4_fused.json"
+    step e2e4_plain 100 $py -m light_moe.cli bench e2e $m $e --no-fuse-attention-merge --no-fuse-combine-norm \
+        --output "$out/e2e4_plain.json"
+    step e2e4_fused 100 $py -m light_moe.cli bench e2e $m $e --output "$out/e2e4_fused.json"  # the defaults
     for n in 1 4; do
         TAIL=4 step "serve4_c64_api$n" 110 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
             --input-len 128 --output-len 256 --sweep-concurrency 64 --prompts-per-concurrency 4 --slo-ttft-ms 200 \
             --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
     done
-    ;;
-fuse-ab)
-    # the combine fused into the next norm (--fuse-combine-norm, session 16, written without a GPU): its e2e A/B
-    # on the 32-layer W4A16 shape (B = 1 / 16 / 64), plain first, then fused, same call
-    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16"
-    step e2e32_plain 200 $py -m light_moe.cli bench e2e $m --repeats 1 --output "$out/e2e32_plain.json"
-    step e2e32_fused 200 $py -m light_moe.cli bench e2e $m --repeats 1 --fuse-combine-norm \
-        --output "$out/e2e32_fused.json"
     ;;
 verify-15)
     # what session 15 wrote or changed without a GPU run: the MLA rotary + latent write kernel and the DeepSeek
@@ -430,7 +421,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17, fuse-ab or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17 or verify-15)" >&2
     exit 2
     ;;
 esac
