@@ -198,7 +198,9 @@ class MoEBlock(nn.Module):
             variants["expert_spec"] = self.expert_spec
         return self.ops.graph_safe(self.gate.weight, self.top_k, w13, w2, **variants)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
+    def forward(self, x: torch.Tensor, defer_combine: bool = False) -> torch.Tensor | PendingCombine:  # x [T, H]
+        """The layer's output [T, H]; with defer_combine (the decoder layer, whose next norm takes it) and the
+        ops' fuse_combine_norm, a PendingCombine where the combine can wait for that norm."""
         w13, w2 = self.prepared if self.prepared is not None else self.experts.weights()
         if self.last_tokens_per_expert is None:  # the first forward is eager (profiling or a graph's warm-up)
             self.last_tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
@@ -218,7 +220,7 @@ class MoEBlock(nn.Module):
         # the router's metadata (if any) describes these rows only when dispatch kept them as they were
         kept = routed.topk_ids is topk_ids and not routed.padded
         # one process: the combine can wait for the next norm, which fuses it into its residual add
-        defer = self.ops.fuse_combine_norm and kept and isinstance(self.dispatcher, LocalDispatcher)
+        defer = defer_combine and self.ops.fuse_combine_norm and kept and isinstance(self.dispatcher, LocalDispatcher)
         y = self.ops.experts(routed.x, routed.topk_weights, routed.topk_ids, w13, w2, padded=routed.padded,
                              metadata=metadata if kept else None, defer_combine=defer, **variant)
         if isinstance(y, PendingCombine):

@@ -49,7 +49,8 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x, residual)  # residual += x; h = norm(residual)
         h = self.self_attn(h, positions, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        # a MoE layer may hand its output uncombined: the next layer's input norm (or the final norm) combines it
+        return (self.mlp(h, defer_combine=True) if self.is_moe else self.mlp(h)), residual
 
 
 class DecoderModel(nn.Module):
