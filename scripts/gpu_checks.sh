@@ -382,6 +382,12 @@ serve-api)
             --input-len 128 --output-len 256 --sweep-concurrency 64 --prompts-per-concurrency 4 --slo-ttft-ms 200 \
             --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
     done
+    # fixed output lengths make the 64 streams finish and restart in waves whose prefills run alone (BENCHMARKS.md,
+    # "Session 17, several API processes"); lengths +-50% (inputs 64..192, outputs 128..384, the same means)
+    # desynchronise them, so a prompt's prefill shares a decode step with the other streams
+    TAIL=6 step serve4_c64_api4_mixed 200 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
+        --input-len 128 --output-len 256 --range-ratio 0.5 --sweep-concurrency 64 --prompts-per-concurrency 4 \
+        --slo-ttft-ms 200 --slo-tpot-ms 50 --api-server-count 4 --output "$out/serve4_c64_api4_mixed.json"
     ;;
 short-17)
     step tests17 180 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_merge_gpu.py \
