@@ -62,6 +62,7 @@ class CuteOps(MoEOps):
         # compute stream (kernels/decode_attention.py)
         self.fuse_attention_merge = fuse_attention_merge
         self._merge_counters: dict[torch.device, torch.Tensor] = {}
+        self._outgrown_counters: list[torch.Tensor] = []  # kept alive: graphs captured with them still use them
 
     def _fallback(self, op: str, reason: str) -> None:
         if (op, reason) not in self._logged:
@@ -283,6 +284,8 @@ class CuteOps(MoEOps):
                     logger.warning("decode attention: %d merge counters first needed inside CUDA graph capture; "
                                    "this graph merges with the combine kernel", needed)
                 return None
+            if counters is not None:
+                self._outgrown_counters.append(counters)
             size = 1 << max(12, (needed - 1).bit_length())
             counters = self._merge_counters[device] = torch.zeros(size, dtype=torch.int32, device=device)
         return counters

@@ -82,3 +82,34 @@ def test_what_the_kernels_cannot_take_runs_on_the_reference(caplog):
     assert torch.equal(got, ReferenceOps().attention(q, k_cache, v_cache, meta, 0.125, sinks=sinks.double(),
                                                      sliding_window=9))
     assert "fp32 / bf16 / fp16 sinks" in caplog.text
+
+
+def test_decode_attention_gets_merge_counters_that_outlive_their_graphs(monkeypatch, caplog):
+    """fuse_attention_merge: decode steps pass one zeroed counter buffer per device (>= B * g, reused); a buffer
+    outgrown by a larger batch stays alive (graphs captured with it keep writing there); a first need inside a
+    graph capture keeps the combine kernel for that graph (logged once); the option off passes none."""
+    q, k_cache, v_cache, meta = _decode_problem()
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs["merge_counters"])
+        return args[0]
+
+    monkeypatch.setattr(da, "decode_attention", fake)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    ops = CuteOps(fuse_attention_merge=True)
+    for _ in range(2):
+        ops.attention(q, k_cache, v_cache, meta, 0.125)
+    first = seen[0]
+    assert seen[1] is first and first.dtype == torch.int32 and first.numel() >= 2 * GPT_OSS[1] and not first.any()
+    bigger = ops._attention_merge_counters(q.device, first.numel() + 1)
+    assert bigger.numel() > first.numel() and ops._outgrown_counters == [first]
+    capturing[0] = True
+    with caplog.at_level(logging.WARNING):
+        assert ops._attention_merge_counters(q.device, 4 * bigger.numel()) is None
+        assert ops._attention_merge_counters(q.device, 4 * bigger.numel()) is None
+    assert sum("inside CUDA graph capture" in r.getMessage() for r in caplog.records) == 1
+    assert ops._attention_merge_counters(q.device, 8) is bigger  # within the buffer: fine while capturing
+    CuteOps().attention(q, k_cache, v_cache, meta, 0.125)
+    assert seen[-1] is None
