@@ -18,16 +18,12 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import uvicorn
 from prometheus_client import values
 
-from light_moe.engine.tokenizer import Tokenizer
-from light_moe.models.loader import load_model_config
 from light_moe.server.app import DrainingServer, build_app
 from light_moe.server.engine_client import EngineCoreClient
 from light_moe.server.metrics_shared import SharedServerMetrics
@@ -60,14 +56,9 @@ class CoreConnection(EngineCoreClient):
     config it loads itself. Whether the core runs is the pipe's to say (EOF, or "dead": EngineProcessLoop)."""
 
     def __init__(self, requests: Connection, outputs: Connection, model: str, info: dict):
-        self._requests, self._outputs = requests, outputs
-        self._send_lock = threading.Lock()
-        self._stopped = False
-        self.tokenizer = Tokenizer(Path(model))
-        _, self.model_config = load_model_config(Path(model))
-        self.max_model_len = info["max_model_len"]
-        self.model_name = info["model_name"]
-        self.device = info["device"]
+        self._attach(requests, outputs)
+        self._load_model_side(model)
+        self._take_info(info)
         self.core_pid = info["pid"]
 
     def core_alive(self) -> bool:
@@ -78,10 +69,7 @@ class CoreConnection(EngineCoreClient):
 
     def shutdown(self) -> None:
         """Leave: the core aborts whatever of this process's requests it still holds."""
-        self.send(("shutdown",))
-        with self._send_lock:
-            self._stopped = True
-            self._requests.close()
+        self._stop_sending()
         self._outputs.close()
 
 

@@ -35,6 +35,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from light_moe.engine.devices import resolve_device
@@ -79,13 +80,37 @@ def _option(engine_args, name: str):
 
 class EngineCoreClient:
     """An API process's end of the engine-core process: its pair of pipes, and what the handlers read of an engine
-    (tokenizer, model_config, max_model_len, model_name, device, validate()). Subclasses set those and the pipes
-    (_requests, _outputs, _send_lock, _stopped), and say whether the core still runs."""
+    (tokenizer, model_config, max_model_len, model_name, device, validate()). Subclasses set them up with the
+    helpers below and say whether the core still runs."""
 
     # The engine's own request checks, which read only tokenizer, model_config and max_model_len: the API
     # process answers 400s with the engine's words without asking the core.
     _tokenize = LightMoEEngine._tokenize
     validate = LightMoEEngine.validate
+
+    def _attach(self, requests: Connection, outputs: Connection) -> None:
+        """This end of the core's pipes: commands go out on requests, the core's messages come in on outputs."""
+        self._requests, self._outputs = requests, outputs
+        self._send_lock = threading.Lock()
+        self._stopped = False
+
+    def _load_model_side(self, model: str | Path) -> None:
+        """What the handlers need of the checkpoint that the core does not send: the tokenizer and the config."""
+        self.tokenizer = Tokenizer(Path(model))
+        _, self.model_config = load_model_config(Path(model))
+
+    def _take_info(self, info: dict) -> None:
+        """The core's "ready" info (engine_core.py)."""
+        self.max_model_len = info["max_model_len"]
+        self.model_name = info["model_name"]
+        self.device = info["device"]
+
+    def _stop_sending(self) -> None:
+        """Say "shutdown" (the core aborts what it holds of ours) and close the requests pipe; idempotent."""
+        self.send(("shutdown",))
+        with self._send_lock:
+            self._stopped = True
+            self._requests.close()
 
     def send(self, message) -> bool:
         """Send a command to the core (any thread); False once the core is gone."""
@@ -118,29 +143,24 @@ class EngineProcess(EngineCoreClient):
     def __init__(self, engine_args, *, build=None, startup_timeout_s: float | None = None,
                  log_level: int = logging.WARNING):
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
-        core_requests, self._requests = ctx.Pipe(duplex=False)
-        self._outputs, core_outputs = ctx.Pipe(duplex=False)
+        core_requests, requests = ctx.Pipe(duplex=False)
+        outputs, core_outputs = ctx.Pipe(duplex=False)
+        self._attach(requests, outputs)
         spec = EngineCoreSpec(engine_args, build, log_level=log_level)
         # not daemonic: the core spawns expert-parallel workers of its own; shutdown() (and the core's watch of
         # the requests pipe, should this process die) end it
         self.process = ctx.Process(target=run_engine_core, args=(spec, core_requests, core_outputs),
                                    name="light-moe-engine-core")
-        self._send_lock = threading.Lock()
-        self._stopped = False
         self.process.start()
         core_requests.close()
         core_outputs.close()
         try:
-            model_path = Path(_option(engine_args, "model"))
-            self.tokenizer = Tokenizer(model_path)  # while the core loads the weights
-            _, self.model_config = load_model_config(model_path)
+            self._load_model_side(_option(engine_args, "model"))  # while the core loads the weights
             info = self._wait_ready(startup_timeout_s)
         except BaseException:
             self.shutdown(timeout=5.0)
             raise
-        self.max_model_len = info["max_model_len"]
-        self.model_name = info["model_name"]
-        self.device = info["device"]
+        self._take_info(info)
 
     def _wait_ready(self, timeout_s: float | None) -> dict:
         return wait_until_ready(self.process, self._outputs, timeout_s)
@@ -156,10 +176,7 @@ class EngineProcess(EngineCoreClient):
         """Stop the engine-core process (it frees the device and stops its expert-parallel workers, which can
         take a while): asked, then, after `timeout` seconds, killed with its own child processes. Idempotent;
         blocking."""
-        self.send(("shutdown",))
-        with self._send_lock:
-            self._stopped = True
-            self._requests.close()
+        self._stop_sending()
         if self.process.pid is None:
             return
         deadline = time.monotonic() + timeout
