@@ -98,6 +98,15 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, show its t
     grep -v -i warn "$out/$name.log" | tail -n "${TAIL:-6}"
 }
 
+serve_c64() {  # serve_c64 NAME SECONDS EXTRA...: bench serve of the 4-layer bf16 shape at 64 streams, 128 in /
+    # 256 out, graphs captured at start, 256 requests; EXTRA: more bench serve flags
+    local name=$1 limit=$2
+    shift 2
+    TAIL=6 step "$name" "$limit" $py -m light_moe.cli bench serve --shape mixtral --layers 4 --dtype bfloat16 \
+        --device cuda --warmup-graphs --num-prompts 1024 --input-len 128 --output-len 256 --sweep-concurrency 64 \
+        --prompts-per-concurrency 4 --slo-ttft-ms 200 --slo-tpot-ms 50 "$@" --output "$out/$name.json"
+}
+
 case $stage in
 single-tests)
     # the Mixtral-shape cases take several GB each: serially, after the rest in 4 workers
@@ -378,16 +387,12 @@ serve-api)
     step e2e4_offline 150 $py -m light_moe.cli bench e2e $m --batch-sizes 64 --input-len 128 --output-len 256 \
         --repeats 1 --ttft-repeats 3 --output "$out/e2e4_offline.json"
     for n in ${API_SERVERS:-1 4}; do
-        TAIL=6 step "serve4_c64_api$n" 200 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
-            --input-len 128 --output-len 256 --sweep-concurrency 64 --prompts-per-concurrency 4 --slo-ttft-ms 200 \
-            --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
+        serve_c64 "serve4_c64_api$n" 200 --api-server-count "$n"
     done
     # fixed output lengths make the 64 streams finish and restart in waves whose prefills run alone (BENCHMARKS.md,
     # "Session 17, several API processes"); lengths +-50% (inputs 64..192, outputs 128..384, the same means)
     # desynchronise them, so a prompt's prefill shares a decode step with the other streams
-    TAIL=6 step serve4_c64_api4_mixed 200 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
-        --input-len 128 --output-len 256 --range-ratio 0.5 --sweep-concurrency 64 --prompts-per-concurrency 4 \
-        --slo-ttft-ms 200 --slo-tpot-ms 50 --api-server-count 4 --output "$out/serve4_c64_api4_mixed.json"
+    serve_c64 serve4_c64_api4_mixed 200 --range-ratio 0.5 --api-server-count 4
     ;;
 short-17)
     step tests17 180 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_merge_gpu.py \
@@ -401,9 +406,7 @@ short-17)
         --output "$out/e2e4_plain.json"
     step e2e4_fused 100 $py -m light_moe.cli bench e2e $m $e --output "$out/e2e4_fused.json"  # the defaults
     for n in 1 4; do
-        TAIL=4 step "serve4_c64_api$n" 110 $py -m light_moe.cli bench serve $m --warmup-graphs --num-prompts 1024 \
-            --input-len 128 --output-len 256 --sweep-concurrency 64 --prompts-per-concurrency 4 --slo-ttft-ms 200 \
-            --slo-tpot-ms 50 --api-server-count "$n" --output "$out/serve4_c64_api$n.json"
+        serve_c64 "serve4_c64_api$n" 110 --api-server-count "$n"
     done
     ;;
 verify-15)
