@@ -4,6 +4,7 @@ k-tile of its main loop, wgmma waits, spills; optionally compared line by line w
     pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm    # also on CPU-only machines
     python scripts/kernel_sass.py w4a16 down 64x8x4                  # tile spec as in bench.w4a16_experts
     python scripts/kernel_sass.py w4a16 up 128x256x1p --against ../old-checkout
+    python scripts/kernel_sass.py w4a16 down 64x8g8e                 # the direct decode kernel (mma.sync)
     python scripts/kernel_sass.py bf16 up 256x128p --dump sass.txt
 
 The W4A16 decode kernel is bound by issue slots (Nsight Compute, BENCHMARKS.md), so the instructions per
@@ -50,7 +51,12 @@ if {kind == "w4a16"}:
     from light_moe.kernels.w4a16_gemm import W4A16_TILE_TABLE, W4A16GroupedGemmSm90
     n_out, k_dim, args = _args(gated, E, H, I, G)
     config = _parse_config({spec!r}, W4A16_TILE_TABLE)
-    kernel = W4A16GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E, group_size=G, config=config)
+    if config.direct_warps:
+        from light_moe.kernels.w4a16_direct import make_direct_kernel
+        kernel = make_direct_kernel(gated, n_out, k_dim, E, G, config)
+    else:
+        kernel = W4A16GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E, group_size=G,
+                                      config=config)
 else:
     from tests.kernels.test_grouped_gemm_compile import _args
     from light_moe.kernels.grouped_gemm import GroupedGemmSm90
@@ -82,7 +88,8 @@ def parse_sass(text: str) -> list[tuple[int, str]]:
 
 
 def main_loop(lines: list[tuple[int, str]]) -> tuple[int, int, int] | None:
-    """(first address, last address, instructions) of the innermost backward branch range holding HGMMA."""
+    """(first address, last address, instructions) of the innermost backward branch range holding HGMMA (wgmma)
+    or HMMA (mma.sync: the direct decode kernel)."""
     best = None
     for addr, ins in lines:
         m = re.search(r"BRA (0x[0-9a-f]+)", ins)
@@ -91,7 +98,7 @@ def main_loop(lines: list[tuple[int, str]]) -> tuple[int, int, int] | None:
         start = int(m.group(1), 16)
         body = [i for a, i in lines if start <= a <= addr]
         inner = best is None or addr - start < best[1] - best[0]
-        if inner and any("HGMMA" in i for i in body):
+        if inner and any("HGMMA" in i or "HMMA" in i for i in body):
             best = (start, addr, len(body))
     return best
 
@@ -113,11 +120,16 @@ def report(lines: list[tuple[int, str]], spec: str, w4a16: bool = True) -> None:
     body = [i for a, i in lines if start <= a <= end]
     k_tiles = sum(1 for i in body if "HGMMA" in i and "gsb0" in i)  # one committed wgmma group per k-tile
     tile_w = int(spec.split("x")[0])
+    direct = k_tiles == 0  # mma.sync: one warp's 64 rows x 64 of K are 16 HMMA.16816
+    if direct:
+        k_tiles = sum(1 for i in body if "HMMA" in i) // 16
     print(f"main loop {start:#x}..{end:#x}: {size} instructions, {k_tiles} k-tile(s) per iteration -> "
           f"{size / max(k_tiles, 1):.0f} per k-tile and warp; kinds: "
           + ", ".join(f"{op} {n}" for op, n in _top_ops(body)))
     if k_tiles and w4a16:
-        print(f"(one k-tile of a {tile_w}-row tile is {tile_w * 64 // 2 // 1024} KB of int4 for the CTA)")
+        rows = 64 if direct else tile_w
+        print(f"(one k-tile of {rows} rows is {rows * 64 // 2 // 1024} KB of int4 for the "
+              f"{'warp' if direct else 'CTA'})")
 
 
 def _top_ops(body: list[str], n: int = 8) -> list[tuple[str, int]]:

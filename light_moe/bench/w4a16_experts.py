@@ -92,21 +92,25 @@ def _parse_config(spec: str, table):
     tile_t [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
     consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence, b: k-block pipelined wgmma,
     w: int4 weights by cp.async.bulk, t: token rows by TMA (the up projection gathers x into [M, H] first, in the
-    timed graph), d: deferred group scale, f: the down projection's L2 prefetch before its wait."""
+    timed graph), d: deferred group scale, f: the down projection's L2 prefetch before its wait; gN: the direct
+    decode kernel with N warps per CTA (64x8gN, sN its ring depth), e: its down projection's int4 before the wait."""
     from light_moe.kernels.tile_config import TileConfig
 
-    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?(w)?(t)?(d)?(f)?", spec)
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?(w)?(t)?(d)?(f)?"
+                     r"(?:g(\d+))?(e)?", spec)
     if m is None:
         raise ValueError(f"tile spec {spec!r}: tile_w x tile_t [x k_split [x k-tiles per stage]] [p|c|n] [sN] [lN] [b] "
-                         "[w] [t] [d] [f]")
-    tile_w, tile_t, k_split, per_stage, fence, stages, lag, kblock, bulk, tma, deferred, prefetch = m.groups()
+                         "[w] [t] [d] [f] [gN] [e]")
+    (tile_w, tile_t, k_split, per_stage, fence, stages, lag, kblock, bulk, tma, deferred, prefetch, direct,
+     early) = m.groups()
     tile_w, tile_t = int(tile_w), int(tile_t)
     fence = {"p": "producer", "c": "consumer", "n": "none", None: None}[fence]  # n: racy, to measure the fence
     if fence is None:
         fence = next((row[3] for row in table if row[1:3] == (tile_w, tile_t)), "consumer")
     return TileConfig(tile_w, tile_t, fence, int(k_split or 1), int(stages or 0), int(per_stage or 1), int(lag or 1),
                       kblock_pipeline=kblock is not None, bulk_weights=bulk is not None, tma_tokens=tma is not None,
-                      deferred_scale=deferred is not None, l2_prefetch=prefetch is not None)
+                      deferred_scale=deferred is not None, l2_prefetch=prefetch is not None,
+                      direct_warps=int(direct or 0), early_weights=early is not None)
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K
 
+DIRECT_WARPS = (2, 4, 8)  # warps per CTA of the direct W4A16 decode kernel (two CTAs per SM)
+
 
 class TileRow(NamedTuple):
     """A row of TILE_TABLE (bf16 grouped GEMM); the first row whose limit holds the expected tokens wins."""
@@ -84,6 +86,14 @@ class TileConfig:
     # before the up GEMM, the kernel just before, passed its own wait; the weights are no kernel's output), so
     # the down GEMM's pipeline fill overlaps the up GEMM's tail. A candidate, not in the table (docs/kernels.md).
     l2_prefetch: bool = False
+    # W4A16 only: > 0 selects the direct decode kernel (w4a16_direct.py: mma.sync, no producer warpgroup, each of
+    # this many warps per CTA streams its own share of K of a 64-row atom into a private cp.async ring); the tile
+    # is then 64 rows x 8 routed rows and k_split, the k-block pipeline, bulk int4, TMA tokens and two k-tiles per
+    # stage do not apply. `stages` sets the ring depth per warp (0: as deep as shared memory allows).
+    direct_warps: int = 0
+    # direct kernel, down projection: the first ring slots' int4 is requested before griddepcontrol.wait (the
+    # expert list was complete before the up GEMM passed its own wait), streaming while the up GEMM drains
+    early_weights: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -100,6 +110,12 @@ class TileConfig:
             raise ValueError(f"k_tiles_per_stage must be 1 or 2, got {self.k_tiles_per_stage}")
         if self.cp_async_lag < 1:
             raise ValueError(f"cp_async_lag must be >= 1, got {self.cp_async_lag}")
+        if self.direct_warps not in (0, *DIRECT_WARPS):
+            raise ValueError(f"direct_warps must be 0 or one of {DIRECT_WARPS}, got {self.direct_warps}")
+        if self.direct_warps and ((self.tile_w, self.tile_t, self.k_split, self.k_tiles_per_stage) != (64, 8, 1, 1)
+                                  or self.kblock_pipeline or self.bulk_weights or self.tma_tokens):
+            raise ValueError(f"the direct kernel (direct_warps={self.direct_warps}) takes a plain 64 x 8 tile, "
+                             f"got {self}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:
@@ -158,17 +174,40 @@ def _wave_fill(tiles: int, num_sms: int) -> float:
     return tiles / (-(-tiles // num_sms) * num_sms)
 
 
+W4A16_DECODE_KERNELS = ("wgmma", "direct")  # choose_w4a16_tile(decode_kernel=): the decode row's kernel
+
+
+def direct_tile(k_dim: int, group_size: int, gated: bool) -> TileConfig | None:
+    """The direct decode kernel's tile (w4a16_direct.py) for a projection of reduction size k_dim: the most warps
+    of DIRECT_WARPS that split its k-tiles into whole groups (the down projection also requests its first int4
+    before the dependency wait); None where none does or g is not 64 or 128 (the wgmma tile stays)."""
+    if group_size not in (TILE_K, 2 * TILE_K):
+        return None
+    k_tiles = k_dim // TILE_K
+    for warps in sorted(DIRECT_WARPS, reverse=True):
+        if k_tiles % warps == 0 and (k_tiles // warps) % (group_size // TILE_K) == 0:
+            return TileConfig(ATOM_M, 8, direct_warps=warps, early_weights=not gated)
+    return None
+
+
 def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, num_sms: int = 132,
-                      group_size: int = 0, gated: bool = False) -> TileConfig:
+                      group_size: int = 0, gated: bool = False, decode_kernel: str = "wgmma") -> TileConfig:
     """Tile from host-known sizes only (graph-safe): M routed rows over E experts, n_out weight rows, reduction
     size k_dim, on num_sms SMs, weights of group_size (0: not known; only g = 128 takes two k-tiles per stage),
     gated: the up projection (TMA token rows where the table says so).
     A 256- or 128-row tile that does not divide n_out halves, down to 64 rows with split K over 2 warpgroups;
     so does a split-K decode tile whose tiles for the (at most min(E, M)) active experts fill the last wave
     below MIN_DECODE_WAVE_FILL; split K falls back to the largest of 4, 2, 1 that divides the k-tiles
-    (Qwen2-MoE: 22)."""
+    (Qwen2-MoE: 22). decode_kernel="direct": the decode row (the table's first) takes the direct kernel where
+    direct_tile has one for the projection (an engine option until measured: docs/kernels.md)."""
+    if decode_kernel not in W4A16_DECODE_KERNELS:
+        raise ValueError(f"decode_kernel must be one of {W4A16_DECODE_KERNELS}, got {decode_kernel!r}")
     active = max(1, min(num_experts, num_rows))
     per_expert = num_rows / active
+    if decode_kernel == "direct" and per_expert <= W4A16_TILE_TABLE[0].max_rows_per_expert:
+        direct = direct_tile(k_dim, group_size, gated)
+        if direct is not None:
+            return direct
     for row in W4A16_TILE_TABLE:
         if per_expert <= row.max_rows_per_expert:
             tile_w, tile_t, k_split = row.tile_w, row.tile_t, row.k_split

@@ -84,6 +84,7 @@ from light_moe.kernels.w4a16_dequant import (
     prmt,
     remove_zero,
 )
+from light_moe.kernels.w4a16_direct import make_direct_kernel
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     TILE_K,
@@ -812,11 +813,11 @@ _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape, g) -> c
 
 
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None,
-            epilogue: ExpertEpilogue, bias: torch.Tensor | None):
+            epilogue: ExpertEpilogue, bias: torch.Tensor | None, decode_kernel: str):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, sm_count(out.device), prepared.group_size,
-                                   prepared.gated)
+                                   prepared.gated, decode_kernel if epilogue == DEFAULT_EPILOGUE else "wgmma")
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
         tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
@@ -829,6 +830,8 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
                  from_dlpack(prepared.meta.view(-1, 4), assumed_align=16)))
 
     def make_kernel():
+        if config.direct_warps:
+            return make_direct_kernel(prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config, epilogue)
         return W4A16GroupedGemmSm90(gated=prepared.gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
                                     group_size=prepared.group_size, config=config, epilogue=epilogue)
 
@@ -855,6 +858,7 @@ def w4a16_expert_up(
     config: TileConfig | None = None,
     epilogue: ExpertEpilogue = DEFAULT_EPILOGUE,
     bias: torch.Tensor | None = None,  # [E, 2I] b13 in the canonical order (gate, then up), when epilogue.bias
+    decode_kernel: str = "wgmma",  # config None: the decode row's kernel (choose_w4a16_tile)
 ) -> torch.Tensor:
     """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights (epilogue: + b13 first, or the clamped
     SwiGLU); no host sync, graph-capturable."""
@@ -863,7 +867,8 @@ def w4a16_expert_up(
     out = gemm_host.up_out(x, gather_index, expert_offsets, w13.num_experts, w13.k_dim, w13.n_out // 2, out)
     if out.shape[0] == 0:
         return out
-    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config, epilogue, bias)
+    return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config, epilogue, bias,
+                   decode_kernel)
 
 
 def w4a16_expert_down(
@@ -873,6 +878,7 @@ def w4a16_expert_down(
     out: torch.Tensor | None = None,  # [M, H]
     config: TileConfig | None = None,
     bias: torch.Tensor | None = None,  # [E, H] b2
+    decode_kernel: str = "wgmma",  # config None: the decode row's kernel (choose_w4a16_tile)
 ) -> torch.Tensor:
     """y [M, H] = act W2_e^T (+ b2_e) per expert (expert-sorted rows), int4 weights; no host sync,
     graph-capturable."""
@@ -883,4 +889,4 @@ def w4a16_expert_down(
     if out.shape[0] == 0:
         return out
     # gather_index is not read by the down-projection; expert_offsets stands in for the argument.
-    return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config, epilogue, bias)
+    return _launch(w2, act, expert_offsets, expert_offsets.contiguous(), out, config, epilogue, bias, decode_kernel)

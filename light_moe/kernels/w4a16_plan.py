@@ -35,6 +35,40 @@ def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: in
     return min(config.stages, fit) if config.stages else min(MAX_STAGES, fit)
 
 
+SMEM_PER_SM = 233472  # sm_90: 228 KB per SM, of which 1 KB is reserved per resident CTA
+DIRECT_MAX_RING = 8
+
+
+def direct_ring(config: TileConfig, num_experts: int) -> int:
+    """Ring slots per warp of the direct kernel: config.stages when set, else as many as fit (at most
+    DIRECT_MAX_RING) beside the double-buffered partial sums, with CTAS_PER_SM CTAs per SM."""
+    from light_moe.kernels import w4a16_direct as direct
+
+    budget = SMEM_PER_SM // direct.CTAS_PER_SM - 1024
+    fixed = 2 * config.direct_warps * direct.PART_BYTES_PER_WARP + 8 * (num_experts + 1) + 256  # + alignment
+    fit = (budget - fixed) // (config.direct_warps * direct.SLOT_BYTES)
+    return min(config.stages, fit) if config.stages else min(DIRECT_MAX_RING, fit)
+
+
+def supports_direct(*, n_out: int, k_dim: int, num_experts: int, group_size: int,
+                    config: TileConfig) -> tuple[bool, str]:
+    """(ok, reason): whether the direct decode kernel (w4a16_direct.py) takes this projection and config."""
+    if group_size not in (TILE_K, 2 * TILE_K):
+        return False, (f"the direct kernel needs g = {TILE_K} or {2 * TILE_K} (one group per k-tile or two), "
+                       f"got {group_size}")
+    k_tiles = k_dim // TILE_K
+    per_warp = k_tiles // config.direct_warps
+    if k_tiles % config.direct_warps or per_warp % (group_size // TILE_K):
+        return False, (f"{config.direct_warps} warps must split the {k_tiles} k-tiles of K={k_dim} into whole groups "
+                       f"of g = {group_size}")
+    ring = direct_ring(config, num_experts)
+    if config.stages and ring < config.stages:
+        return False, f"{config.stages} ring slots per warp of {config} do not fit in shared memory"
+    if ring < 2:
+        return False, f"{config} leaves fewer than 2 ring slots per warp"
+    return True, "ok"
+
+
 def supports_config(
     *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig
 ) -> tuple[bool, str]:
@@ -68,6 +102,9 @@ def supports_config(
         return False, f"num_experts must be in [1, 1024], got {num_experts}"
     if num_experts * (k_dim // TILE_K) * (n_out // ATOM_M) * WG >= 2**31:
         return False, "packed weights exceed 2^31 16-byte chunks (32-bit indexing)"
+    if config.direct_warps:
+        return supports_direct(n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size,
+                               config=config)
     stages = num_stages(config, gated, num_experts, group_size)
     if config.stages and stages < config.stages:
         return False, f"{config.stages} stages of {config} do not fit in shared memory"

@@ -1,0 +1,490 @@
+"""W4A16 experts at decode on warp-level tensor cores, weights straight from HBM into each warp's own ring: no
+producer warpgroup, no mbarriers, no wgmma (sm_90a, CuTe DSL 4.3.5).
+
+Shape legend: T tokens, E experts, N weight rows (2I up, H down), K reduction (H up, I down), g group size,
+M routed rows sorted by expert, KT = K / 64 k-tiles, KW warps per CTA, KPW = KT / KW k-tiles per warp.
+
+    the same API and weights as w4a16_gemm.py (w4a16_expert_up / _down dispatch here when the tile config has
+    direct_warps > 0): x [T, H] -> act [M, I] = SiLU(gate) * up, act [M, I] -> y [M, H]
+
+Why another kernel for decode: at a few rows per expert the wgmma kernel (w4a16_gemm.py) is bound by issue slots,
+not by DRAM (Nsight Compute: 0.82 instructions per scheduler and cycle at T = 1, docs/kernels.md). Its 64-row tile
+costs ~100 instructions per k-tile and consumer warp (16 weight rows) plus the producer warpgroup's copies,
+barriers and fences; the dequant of a warp's 16 rows is only ~44 of them. Here one warp owns all 64 rows of an
+atom, so the fixed work of a k-tile (barrier, ring step, token fragments, address arithmetic) is paid once per
+2 KB of int4 instead of once per 512 bytes, and nothing is paid for a producer at all:
+
+  * Unit of work: (expert, 64-row atom, 8 routed rows), the persistent tile list of gemm_pipeline (one CTA per
+    unit at a time, 2 CTAs per SM). The CTA's KW warps split the unit's K: warp w takes k-tiles w * KPW ...
+    (whole groups, so a group's scale never crosses warps), then the KW fp32 partials meet in shared memory
+    and all threads reduce, apply SiLU * up (gated) and store bf16 rows.
+  * Each warp streams its own k-tiles with cp.async into a private ring of `ring` slots (int4 2 KB: lane l
+    copies the four 16-byte fragments l + 32 b, b = 0..3, which are exactly its own mma.sync A fragments of the
+    four m16 blocks; the token rows' k-tile, 128 bytes per routed row; the group's meta). Lane l reads its
+    int4 back itself; the token fragments come by ldmatrix from the lanes' joint copy, so a warp-level barrier
+    (bar.warp.sync) is the only synchronisation per k-tile. cp.async.wait_group counts the ring.
+  * Dequant as the deferred-scale wgmma kernel (w4a16_dequant.dequant_exact: shift, lop3, exact fma ->
+    bf16x2 q - z), the k16 steps' mma.sync m16n8k16 sum one group into its own fp32 accumulator, folded into
+    the total times the group scale once per group (fold_scaled). So the result equals the wgmma kernel's
+    deferred scale up to fp32 summation order.
+  * Programmatic dependent launch: the down projection's expert list was written before the up GEMM (its
+    predecessor) passed its own wait, so with early_weights the first ring slots' int4 is requested before
+    griddepcontrol.wait and streams while the up GEMM drains; the token rows follow the wait.
+
+Limits (w4a16_plan.supports_direct): g in {64, 128}; KW divides KT into whole groups; 8 routed rows per unit (an
+expert with more gets more units, each re-reading its weights: the tile table sends only decode here).
+Status and measurements: docs/kernels.md, "Direct decode kernel".
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils as utils
+from cutlass import Float32, Int32, Int64
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
+
+from light_moe.kernels import w4a16_plan
+from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, ExpertEpilogue, gated_activation
+from light_moe.kernels.gemm_pipeline import build_tile_schedule, locate_tile
+from light_moe.kernels.launch import await_inputs
+from light_moe.kernels.router import mma_16bit
+from light_moe.kernels.skinny_gemm import ldmatrix_x4
+from light_moe.kernels.tile_config import TileConfig
+from light_moe.kernels.w4a16_dequant import bf16_lo_to_f32, dequant_exact, fold_scaled, prmt
+from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K
+
+WARP = 32
+M16 = ATOM_M // 16  # m16 blocks of an atom, all owned by one warp
+TOKENS = 8  # routed rows per unit: mma.sync's N
+ATOM_BYTES = ATOM_M * TILE_K // 2  # int4 of one atom's k-tile: 2 KB
+TOKEN_BYTES = TOKENS * TILE_K * 2  # bf16 token rows of a k-tile: 1 KB
+META_BYTES = ATOM_M * 4  # one group's meta words of an atom
+SLOT_BYTES = ATOM_BYTES + TOKEN_BYTES + META_BYTES
+TOKEN_OFF = ATOM_BYTES
+META_OFF = ATOM_BYTES + TOKEN_BYTES
+PART_BYTES_PER_WARP = ATOM_M * TOKENS * 4  # a warp's fp32 partial sums of a unit
+CTAS_PER_SM = 2  # a second CTA streams while the first one reduces and stores a unit
+
+
+def _asm(result_types, values, asm: str, constraints: str, loc, ip):
+    res_type = None if not result_types else llvm.StructType.get_literal(result_types)
+    return llvm.inline_asm(res_type, values, asm, constraints, has_side_effects=True, is_align_stack=False,
+                           asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def cp_async_16(smem: Int32, gmem: Int64, l1: bool, *, loc=None, ip=None) -> None:
+    """cp.async of 16 bytes, global -> shared; l1: through L1 (.ca: the token rows, which every warp of the CTA
+    reads), else .cg (the int4 stream, read once)."""
+    mode = "ca" if l1 else "cg"
+    _asm(None, [Int32(smem).ir_value(loc=loc, ip=ip), Int64(gmem).ir_value(loc=loc, ip=ip)],
+         f"cp.async.{mode}.shared.global [$0], [$1], 16;", "r,l", loc, ip)
+
+
+@dsl_user_op
+def sync_warp(*, loc=None, ip=None) -> None:
+    """bar.warp.sync over all lanes: orders the lanes' shared-memory accesses (and their cp.async data, once each
+    lane has waited for its own copies) for the whole warp."""
+    _asm(None, [], "bar.warp.sync -1;", "", loc, ip)
+
+
+@dsl_user_op
+def lds_v4_b32(addr: Int32, *, loc=None, ip=None) -> list:
+    res = _asm([cutlass.cutlass_dsl.T.i32()] * 4, [Int32(addr).ir_value(loc=loc, ip=ip)],
+               "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", loc, ip)
+    return [Int32(llvm.extractvalue(cutlass.cutlass_dsl.T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
+def lds_b32(addr: Int32, *, loc=None, ip=None) -> Int32:
+    return Int32(llvm.inline_asm(cutlass.cutlass_dsl.T.i32(), [Int32(addr).ir_value(loc=loc, ip=ip)],
+                                 "ld.shared.b32 $0, [$1];", "=r,r", has_side_effects=True, is_align_stack=False,
+                                 asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def lds_f32(addr: Int32, *, loc=None, ip=None) -> Float32:
+    return Float32(llvm.inline_asm(Float32.mlir_type, [Int32(addr).ir_value(loc=loc, ip=ip)],
+                                   "ld.shared.f32 $0, [$1];", "=f,r", has_side_effects=True, is_align_stack=False,
+                                   asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def sts_f32(addr: Int32, value: Float32, *, loc=None, ip=None) -> None:
+    _asm(None, [Int32(addr).ir_value(loc=loc, ip=ip), Float32(value).ir_value(loc=loc, ip=ip)],
+         "st.shared.f32 [$0], $1;", "r,f", loc, ip)
+
+
+@dsl_user_op
+def stg_bf16(addr: Int64, value: Float32, *, loc=None, ip=None) -> None:
+    """value rounded to bf16 (nearest even), stored as 2 bytes at global address addr."""
+    _asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Float32(value).ir_value(loc=loc, ip=ip)],
+         "{ .reg .b16 h;\ncvt.rn.bf16.f32 h, $1;\nst.global.b16 [$0], h; }", "l,f", loc, ip)
+
+
+def token_slot_offset(tok, chunk):
+    """Byte offset of routed row tok's 16-byte chunk `chunk` (k 8 chunk ...) in a slot's token rows: rows of 128
+    bytes, chunk c at c ^ tok, so ldmatrix's 8 row addresses of one matrix hit 8 different bank groups."""
+    return TOKEN_OFF + tok * (TILE_K * 2) + ((chunk ^ tok) * 16)
+
+
+def token_ldmatrix_offset(pair, lane):
+    """Lane's ldmatrix.x4 row address (byte offset in a slot) for k16 steps 2 pair and 2 pair + 1: matrix j =
+    lane // 8 is k 8 (4 pair + j) ... + 7 of rows 0..7, so registers (0, 1) are the B fragment (b0b1, b2b3) of
+    step 2 pair and (2, 3) of step 2 pair + 1 (row = routed row = mma N, as ldmatrix gives lane 4 g + q the
+    elements (g, 2q), (g, 2q + 1) of each matrix)."""
+    return token_slot_offset(lane % 8, 4 * pair + lane // 8)
+
+
+def partial_offset(warp, block, value, lane):
+    """Byte offset of a warp's accumulator value (m16 block, C register 0..3) of lane in a partial buffer."""
+    return (((warp * M16 + block) * 4 + value) * WARP + lane) * 4
+
+
+class W4A16DirectSm90:
+    """out[rows of e] = (SiLU * up of) tokens[rows of e] @ dequant(W[e])^T for every expert e, one launch, for
+    routed-row counts of decode. Arguments as W4A16GroupedGemmSm90 (gemm_host.launch): the prepared weights as
+    16-byte chunk views, tokens, gather_index (read only when gated), expert_offsets, out, the SM count."""
+
+    def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, k_warps: int,
+                 ring: int, early_weights: bool):
+        self.gated = gated
+        self.n_out = n_out
+        self.k_dim = k_dim
+        self.num_experts = num_experts
+        self.group_size = group_size
+        self.k_warps = k_warps
+        self.threads = WARP * k_warps
+        self.k_tiles = k_dim // TILE_K
+        self.kpw = self.k_tiles // k_warps  # k-tiles per warp and unit (whole groups)
+        self.gk = group_size // TILE_K  # k-tiles per group: 1 or 2
+        self.groups = k_dim // group_size
+        self.n_atoms = n_out // ATOM_M
+        self.out_cols = ATOM_M // 2 if gated else ATOM_M  # output columns of a unit
+        self.out_pitch = n_out // 2 if gated else n_out
+        self.ring = ring
+        # the up projection's expert list is its predecessor's (the router's) output: it must wait first
+        self.early = early_weights and not gated
+
+    @cute.jit
+    def __call__(
+        self,
+        qweight: cute.Tensor,  # (E * KT * N/64 * 128, 4) int32: prepared.qweight as 16-byte chunks
+        meta: cute.Tensor,  # (E * G * N / 4, 4) int32: prepared.meta as 16-byte chunks
+        tokens: cute.Tensor,  # (rows, K) bf16: x [T, H] (gated) or act [M, I]
+        gather_index: cute.Tensor,  # (M,) int32
+        expert_offsets: cute.Tensor,  # (E + 1,) int32
+        out: cute.Tensor,  # (M, N/2) gated, (M, N) otherwise
+        num_ctas: Int32,  # SMs; the grid is CTAS_PER_SM per SM
+        stream: cuda.CUstream,
+    ):
+        @cute.struct
+        class SharedStorage:
+            expert_rows: cute.struct.MemRange[Int32, self.num_experts + 1]
+            tile_prefix: cute.struct.MemRange[Int32, self.num_experts + 1]
+            part: cute.struct.Align[cute.struct.MemRange[Float32, 2 * self.k_warps * PART_BYTES_PER_WARP // 4], 16]
+            ring: cute.struct.Align[cute.struct.MemRange[Int32, self.k_warps * self.ring * SLOT_BYTES // 4], 128]
+
+        self.shared_storage = SharedStorage
+        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out).launch(
+            grid=(num_ctas * CTAS_PER_SM, 1, 1),
+            block=(self.threads, 1, 1),
+            min_blocks_per_mp=1,
+            stream=stream,
+            use_pdl=True,
+        )
+
+    @cute.jit
+    def load_cursor(self, unit: Int32, e: Int32, lane: Int32, kt0: Int32, s_rows: cute.Tensor, s_prefix: cute.Tensor,
+                    gather_index: cute.Tensor, q_base: Int64, m_base: Int64, t_base: Int64):
+        """Unit (< total) -> its expert and this lane's source addresses at the warp's first k-tile kt0: int4
+        fragment (then + one k-tile's stride per step), meta chunk of the group (+ one group's per group; lanes
+        0..15 copy it), token chunks of routed rows lane // 8 and + 4 (+ 128 bytes per step) and whether those
+        rows exist (the expert may have fewer than 8 left)."""
+        e, rows_lo, rows_hi, atom, row_start = locate_tile(unit, e, s_rows, s_prefix, TOKENS)
+        n_valid = cutlass.min(rows_hi - row_start, TOKENS)
+        tok0 = lane // 8
+        src0 = Int32(0)
+        src1 = Int32(0)
+        if tok0 < n_valid:
+            if cutlass.const_expr(self.gated):
+                src0 = gather_index[row_start + tok0]
+            else:
+                src0 = row_start + tok0
+        if tok0 + 4 < n_valid:
+            if cutlass.const_expr(self.gated):
+                src1 = gather_index[row_start + tok0 + 4]
+            else:
+                src1 = row_start + tok0 + 4
+        chunk = ((e * self.k_tiles + kt0) * self.n_atoms + atom) * (M16 * WARP) + lane
+        q_ptr = q_base + Int64(chunk) * 16
+        m_word = (e * self.groups + kt0 // self.gk) * self.n_out + atom * ATOM_M + lane * 4
+        m_ptr = m_base + Int64(m_word) * 4
+        col = kt0 * TILE_K + (lane % 8) * 8
+        t_ptr0 = t_base + (Int64(src0) * self.k_dim + col) * 2
+        t_ptr1 = t_base + (Int64(src1) * self.k_dim + col) * 2
+        has0 = Int32(tok0 < n_valid)
+        has1 = Int32(tok0 + 4 < n_valid)
+        return e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1
+
+    @cute.jit
+    def unit_rows(self, unit: Int32, e: Int32, s_rows: cute.Tensor, s_prefix: cute.Tensor):
+        """Unit (< total) -> (expert, atom, first routed row, valid routed rows <= 8) for its epilogue."""
+        e, rows_lo, rows_hi, atom, row_start = locate_tile(unit, e, s_rows, s_prefix, TOKENS)
+        return e, atom, row_start, cutlass.min(rows_hi - row_start, TOKENS)
+
+    @cute.jit
+    def issue_weights(self, slot: Int32, q_ptr: Int64, m_ptr: Int64, lane: Int32, new_group: cutlass.Constexpr):
+        """cp.async of one k-tile of the atom's int4 (lane: its 4 fragments, 2 KB per warp) and, at a group's first
+        k-tile, of the group's 64 meta words (lanes 0..15)."""
+        for b in cutlass.range_constexpr(M16):
+            cp_async_16(slot + (b * WARP + lane) * 16, q_ptr + b * WARP * 16, False)
+        if cutlass.const_expr(new_group):
+            if lane < META_BYTES // 16:
+                cp_async_16(slot + META_OFF + lane * 16, m_ptr, False)
+
+    @cute.jit
+    def issue_tokens(self, slot: Int32, t_ptr0: Int64, t_ptr1: Int64, has0: Int32, has1: Int32, lane: Int32):
+        """cp.async of one k-tile of the unit's routed rows (lane: chunk lane % 8 of rows lane // 8 and + 4)."""
+        chunk = lane % 8
+        tok0 = lane // 8
+        if has0 != 0:
+            cp_async_16(slot + token_slot_offset(tok0, chunk), t_ptr0, True)
+        if has1 != 0:
+            cp_async_16(slot + token_slot_offset(tok0 + 4, chunk), t_ptr1, True)
+
+    @cute.jit
+    def compute(self, slot: Int32, lane: Int32, acc: cute.Tensor, gacc: cute.Tensor, scale_f: cute.Tensor,
+                negz: cute.Tensor, new_group: cutlass.Constexpr, end_group: cutlass.Constexpr):
+        """One k-tile of the warp's 64 rows: (a group's first: its meta -> fp32 scales and bf16x2 -(128 + z) of
+        rows g, g + 8 of each m16 block), the token fragments (2 ldmatrix.x4), per m16 block one ld.shared.v4 of
+        the int4 and 4 x (4 dequant_exact + mma.sync) into the group accumulator; a group's last k-tile folds
+        the group sum times its scale into acc."""
+        g = lane // 4
+        if cutlass.const_expr(new_group):
+            for b in cutlass.range_constexpr(M16):
+                for h in cutlass.range_constexpr(2):
+                    word = lds_b32(slot + META_OFF + (16 * b + 8 * h + g) * 4)
+                    scale_f[2 * b + h] = bf16_lo_to_f32(word)
+                    negz[2 * b + h] = prmt(word, 0x3232)
+        bfrag = []
+        for p in cutlass.range_constexpr(TILE_K // 32):
+            r = ldmatrix_x4(slot + token_ldmatrix_offset(p, lane))
+            bfrag.append((r[0], r[1]))
+            bfrag.append((r[2], r[3]))
+        zero = Float32(0.0)
+        for b in cutlass.range_constexpr(M16):
+            words = lds_v4_b32(slot + (b * WARP + lane) * 16)
+            c = [gacc[4 * b + i] for i in range(4)]
+            for s in cutlass.range_constexpr(TILE_K // 16):
+                a = [dequant_exact(words[s], i, negz[2 * b + i % 2]) for i in range(4)]
+                if cutlass.const_expr(new_group and s == 0):
+                    c = mma_16bit(a, bfrag[s], [zero, zero, zero, zero], "bf16")
+                else:
+                    c = mma_16bit(a, bfrag[s], c, "bf16")
+            for i in cutlass.range_constexpr(4):
+                if cutlass.const_expr(end_group):
+                    # c0, c1: row g of the block, c2, c3: row g + 8
+                    acc[4 * b + i] = fold_scaled(acc[4 * b + i], c[i], scale_f[2 * b + i // 2])
+                else:
+                    gacc[4 * b + i] = c[i]
+
+    @cute.jit
+    def finish_unit(self, acc: cute.Tensor, part: Int32, warp: Int32, lane: Int32, tidx: Int32, atom: Int32,
+                    row_start: Int32, n_valid: Int32, o_base: Int64):
+        """The unit's end: each warp's fp32 partials to `part` (this unit's half of the double buffer), one CTA
+        barrier, then every thread sums the KW partials of its outputs in warp order, applies SiLU * up (gated)
+        and stores bf16. Double buffering makes one barrier per unit enough: a warp writes a half only after the
+        next unit's barrier, which every reader of that half's previous unit passed after its reads."""
+        for b in cutlass.range_constexpr(M16):
+            for i in cutlass.range_constexpr(4):
+                sts_f32(part + partial_offset(warp, b, i, lane), acc[4 * b + i])
+                acc[4 * b + i] = Float32(0.0)
+        cute.arch.sync_threads()
+        n_items = TOKENS * self.out_cols
+        for rnd in cutlass.range_constexpr((n_items + self.threads - 1) // self.threads):
+            item = tidx + rnd * self.threads
+            tok = item // self.out_cols
+            col = item - tok * self.out_cols
+            if item < n_items and tok < n_valid:
+                # C fragment of m16 block b: value i of lane 4 g + q = (row g + 8 (i // 2), token 2 q + i % 2)
+                src_lane = (col % 8) * 4 + tok // 2
+                if cutlass.const_expr(self.gated):
+                    # gate row 16 b + g and its up row 16 b + g + 8 make output column 8 b + g (interleave by 8)
+                    b = col // 8
+                    gate = Float32(0.0)
+                    up = Float32(0.0)
+                    for w in cutlass.range_constexpr(self.k_warps):
+                        gate = gate + lds_f32(part + partial_offset(w, b, tok % 2, src_lane))
+                        up = up + lds_f32(part + partial_offset(w, b, 2 + tok % 2, src_lane))
+                    value = gated_activation(gate, up, DEFAULT_EPILOGUE)
+                else:
+                    b = col // 16
+                    value = Float32(0.0)
+                    for w in cutlass.range_constexpr(self.k_warps):
+                        value = value + lds_f32(part + partial_offset(w, b, 2 * ((col % 16) // 8) + tok % 2,
+                                                                      src_lane))
+                dst = o_base + (Int64(row_start + tok) * self.out_pitch + atom * self.out_cols + col) * 2
+                stg_bf16(dst, value)
+
+    @cute.kernel
+    def kernel(self, qweight: cute.Tensor, meta: cute.Tensor, tokens: cute.Tensor, gather_index: cute.Tensor,
+               expert_offsets: cute.Tensor, out: cute.Tensor):
+        n_exp = self.num_experts
+        ring = self.ring
+        gk = self.gk
+        kpw = self.kpw
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        gdim, _, _ = cute.arch.grid_dim()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = cute.arch.lane_idx()
+        storage = utils.SmemAllocator().allocate(self.shared_storage)
+        s_rows = storage.expert_rows.get_tensor(cute.make_layout(n_exp + 1))
+        s_prefix = storage.tile_prefix.get_tensor(cute.make_layout(n_exp + 1))
+        if cutlass.const_expr(not self.early):
+            await_inputs()  # expert_offsets, gather_index, tokens: the predecessors' outputs
+        if warp == 0:
+            build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, TOKENS, self.n_atoms)
+        cute.arch.sync_threads()
+
+        total = s_prefix[n_exp]
+        mine = Int32(0)
+        if bidx < total:
+            mine = (total - bidx + gdim - 1) // gdim
+        steps = mine * kpw  # the same for every warp of the CTA: the unit barriers line up
+        ring_base = storage.ring.data_ptr().toint() + warp * (ring * SLOT_BYTES)
+        part_base = storage.part.data_ptr().toint()
+        q_base = qweight.iterator.toint()
+        m_base = meta.iterator.toint()
+        t_base = tokens.iterator.toint()
+        o_base = out.iterator.toint()
+        kt0 = warp * kpw
+
+        # The load cursor runs ring - 1 steps ahead of the compute: (unit, j = k-tile of the warp's range), the
+        # unit's expert and this lane's source addresses (load_cursor), advanced by constant strides per step.
+        q_step = self.n_atoms * ATOM_BYTES  # one k-tile further in the prepared int4 of an atom
+        m_step = self.n_out * 4  # one group further in meta
+        l_unit = bidx
+        l_j = Int32(0)
+        l_e = Int32(0)
+        l_q = q_base
+        l_m = m_base
+        l_t0 = t_base
+        l_t1 = t_base
+        l_has0 = Int32(0)
+        l_has1 = Int32(0)
+        if bidx < total:
+            l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(bidx, l_e, lane, kt0, s_rows, s_prefix,
+                                                                          gather_index, q_base, m_base, t_base)
+        # prologue: steps 0 .. ring - 2, one cp.async group each (empty past the end). Early weights: the int4 and
+        # meta of those steps before the dependency wait, their token rows after it in a second pass, one group
+        # per pass and step; the main loop's wait_group(ring - 1) still finds step s complete (the int4 groups are
+        # older, and token group s is followed by exactly ring - 1 younger groups at step s).
+        init = (l_e, l_t0, l_t1, l_has0, l_has1)
+        for d in cutlass.range_constexpr(ring - 1):
+            slot = ring_base + d * SLOT_BYTES
+            if d < steps:
+                self.issue_weights(slot, l_q, l_m, lane, d % gk == 0)
+                if cutlass.const_expr(not self.early):
+                    self.issue_tokens(slot, l_t0, l_t1, l_has0, l_has1, lane)
+                l_q = l_q + q_step
+                l_t0 = l_t0 + TILE_K * 2
+                l_t1 = l_t1 + TILE_K * 2
+                if cutlass.const_expr(d % gk == gk - 1):
+                    l_m = l_m + m_step
+                l_j = l_j + 1
+                if l_j == kpw:
+                    l_j = Int32(0)
+                    l_unit = l_unit + gdim
+                    if l_unit < total:
+                        l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(
+                            l_unit, l_e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+            cute.arch.cp_async_commit_group()
+        if cutlass.const_expr(self.early):
+            await_inputs()  # act: the up GEMM's output
+            p_unit = bidx
+            p_j = Int32(0)
+            p_e, p_t0, p_t1, p_has0, p_has1 = init
+            for d in cutlass.range_constexpr(ring - 1):
+                if d < steps:
+                    self.issue_tokens(ring_base + d * SLOT_BYTES, p_t0, p_t1, p_has0, p_has1, lane)
+                    p_t0 = p_t0 + TILE_K * 2
+                    p_t1 = p_t1 + TILE_K * 2
+                    p_j = p_j + 1
+                    if p_j == kpw:
+                        p_j = Int32(0)
+                        p_unit = p_unit + gdim
+                        if p_unit < total:
+                            p_e, _q, _m, p_t0, p_t1, p_has0, p_has1 = self.load_cursor(
+                                p_unit, p_e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+                cute.arch.cp_async_commit_group()
+
+        acc = cute.make_rmem_tensor((M16 * 4,), Float32)
+        acc.fill(0.0)
+        gacc = cute.make_rmem_tensor((M16 * 4,), Float32)
+        gacc.fill(0.0)
+        scale_f = cute.make_rmem_tensor((M16 * 2,), Float32)
+        scale_f.fill(0.0)
+        negz = cute.make_rmem_tensor((M16 * 2,), Int32)
+        negz.fill(0)
+        c_unit = bidx
+        c_j = Int32(0)
+        c_e = Int32(0)
+        parity = Int32(0)
+        slot_c = Int32(0)  # ring slot of the step computed next
+        slot_l = Int32(ring - 1)  # ring slot of the step loaded next
+        for sp in range(steps // gk):
+            for h in cutlass.range_constexpr(gk):
+                sync_warp()  # every lane has read the slot the next copies overwrite (computed one step ago)
+                if sp * gk + h + ring - 1 < steps:
+                    slot = ring_base + slot_l * SLOT_BYTES
+                    new_group = (h + ring - 1) % gk == 0  # steps of a unit start at a group: kpw % gk == 0
+                    self.issue_weights(slot, l_q, l_m, lane, new_group)
+                    self.issue_tokens(slot, l_t0, l_t1, l_has0, l_has1, lane)
+                    l_q = l_q + q_step
+                    l_t0 = l_t0 + TILE_K * 2
+                    l_t1 = l_t1 + TILE_K * 2
+                    if cutlass.const_expr((h + ring - 1) % gk == gk - 1):
+                        l_m = l_m + m_step
+                    l_j = l_j + 1
+                    if l_j == kpw:
+                        l_j = Int32(0)
+                        l_unit = l_unit + gdim
+                        if l_unit < total:
+                            l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(
+                                l_unit, l_e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+                cute.arch.cp_async_commit_group()
+                slot_l = slot_l + 1
+                if slot_l == ring:
+                    slot_l = Int32(0)
+                cute.arch.cp_async_wait_group(ring - 1)  # this lane's copies of the step are done ...
+                sync_warp()  # ... and every lane's
+                self.compute(ring_base + slot_c * SLOT_BYTES, lane, acc, gacc, scale_f, negz, h == 0, h == gk - 1)
+                slot_c = slot_c + 1
+                if slot_c == ring:
+                    slot_c = Int32(0)
+            c_j = c_j + gk
+            if c_j == kpw:
+                c_e, c_atom, c_row, c_nv = self.unit_rows(c_unit, c_e, s_rows, s_prefix)
+                self.finish_unit(acc, part_base + parity * (self.k_warps * PART_BYTES_PER_WARP), warp, lane, tidx,
+                                 c_atom, c_row, c_nv, o_base)
+                parity = parity ^ 1
+                c_j = Int32(0)
+                c_unit = c_unit + gdim
+
+def make_direct_kernel(gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig,
+                       epilogue: ExpertEpilogue = DEFAULT_EPILOGUE) -> W4A16DirectSm90:
+    """The direct decode kernel (w4a16_direct.py) for a config with direct_warps > 0, after the same checks."""
+    ok, reason = w4a16_plan.supports_config(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
+                                            group_size=group_size, config=config)
+    if ok and epilogue != DEFAULT_EPILOGUE:
+        ok, reason = False, f"the direct kernel has the default epilogue only, got {epilogue}"
+    if not ok:
+        raise ValueError(reason)
+    return W4A16DirectSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size,
+                           k_warps=config.direct_warps, ring=w4a16_plan.direct_ring(config, num_experts),
+                           early_weights=config.early_weights)

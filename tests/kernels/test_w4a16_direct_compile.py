@@ -1,0 +1,144 @@
+"""CPU tests of the direct W4A16 decode kernel (kernels/w4a16_direct.py): sm_90a compiles, its shared-memory
+fragment addressing against mma.sync's layouts, its tile choice and its refusals. GPU tests:
+tests/kernels/test_w4a16_direct_gpu.py."""
+
+import pytest
+
+cute = pytest.importorskip("cutlass.cute")
+
+from light_moe.kernels import w4a16_direct as direct  # noqa: E402
+from light_moe.kernels import w4a16_plan  # noqa: E402
+from light_moe.kernels.tile_config import TileConfig, choose_w4a16_tile, direct_tile  # noqa: E402
+from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
+from tests.kernels.test_w4a16_compile import _args  # noqa: E402
+
+MIXTRAL = (8, 4096, 14336)
+
+CASES = {
+    # name: (gated, E, H, I, g, config)
+    "up_mixtral_w8_g128": (True, *MIXTRAL, 128, TileConfig(64, 8, direct_warps=8)),
+    "down_mixtral_w8_g128_early": (False, *MIXTRAL, 128, TileConfig(64, 8, direct_warps=8, early_weights=True)),
+    "down_mixtral_w8_g128": (False, *MIXTRAL, 128, TileConfig(64, 8, direct_warps=8)),
+    "up_mixtral_w4_g64": (True, *MIXTRAL, 64, TileConfig(64, 8, direct_warps=4)),
+    "down_mixtral_w2_g64_early_ring2": (False, *MIXTRAL, 64,
+                                        TileConfig(64, 8, stages=2, direct_warps=2, early_weights=True)),
+    "up_e64_w8_g128": (True, 64, 1024, 1024, 128, TileConfig(64, 8, direct_warps=8)),
+    "down_e64_w4_g128_refused": (False, 64, 1024, 768, 128, TileConfig(64, 8, direct_warps=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_direct_compiles(name, tmp_path):
+    gated, num_experts, hidden, inter, group_size, config = CASES[name]
+    n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
+    if name == "down_e64_w4_g128_refused":  # 12 k-tiles: 4 warps x 3 are not whole g = 128 groups
+        with pytest.raises(ValueError, match="whole groups"):
+            direct.make_direct_kernel(gated, n_out, k_dim, num_experts, group_size, config)
+        return
+    kernel = direct.make_direct_kernel(gated, n_out, k_dim, num_experts, group_size, config)
+    cubin, seconds = compile_sm90a(kernel, *args, dump_root=str(tmp_path))
+    print(f"{name}: {seconds:.2f} s, ring {kernel.ring}, cubin {cubin}")
+
+
+def test_direct_ptx_structure(tmp_path):
+    """Per k-tile and warp: 16 mma.sync m16n8k16 (4 m16 blocks x 4 k16 steps), 4 int4 copies of 16 bytes by
+    cp.async.cg, 2 ldmatrix.x4 of the token fragments; no wgmma, no mbarrier, no local memory. The down projection
+    with early weights copies int4 before griddepcontrol.wait."""
+    gated, num_experts, hidden, inter, group_size, config = CASES["down_mixtral_w8_g128_early"]
+    n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
+    kernel = direct.make_direct_kernel(gated, n_out, k_dim, num_experts, group_size, config)
+    ptx = compile_sm90a_ptx(kernel, *args, dump_root=str(tmp_path))
+    assert "wgmma" not in ptx and "mbarrier" not in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    # the main loop is unrolled over the g = 128 group's two k-tiles: 32 mma, 8 ldmatrix per group in the loop body
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 32
+    assert ptx.count("ldmatrix.sync.aligned.m8n8.x4.shared.b16") == 4
+    wait = ptx.index("griddepcontrol.wait")
+    assert "cp.async.cg.shared.global" in ptx[:wait], "early weights: int4 copies before the dependency wait"
+    assert "cp.async.ca.shared.global" not in ptx[:wait], "token rows only after the dependency wait"
+
+
+def test_direct_up_waits_first(tmp_path):
+    gated, num_experts, hidden, inter, group_size, config = CASES["up_mixtral_w8_g128"]
+    n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
+    kernel = direct.make_direct_kernel(gated, n_out, k_dim, num_experts, group_size, config)
+    ptx = compile_sm90a_ptx(kernel, *args, dump_root=str(tmp_path))
+    assert ptx.index("griddepcontrol.wait") < ptx.index("cp.async"), "the up projection's experts are its input"
+
+
+# ---- fragment addressing (plain Python on ints) --------------------------------------------------------------
+
+
+def _token_slot():
+    """Byte offset of each bf16 in a slot's token rows -> (routed row, k), as issue_tokens places the 16-byte chunks."""
+    where = {}
+    for tok in range(direct.TOKENS):
+        for k in range(64):
+            where[direct.token_slot_offset(tok, k // 8) + (k % 8) * 2] = (tok, k)
+    return where
+
+
+def test_token_fragments_are_mma_b_fragments():
+    """ldmatrix.x4 at token_ldmatrix_offset(p, lane): registers (0, 1) are (b0b1, b2b3) of k16 step 2p and (2, 3) of
+    step 2p + 1: lane (g, q) holds B[k 16 s + 2q (+1)][n = g] and B[k 16 s + 2q + 8 (+1)][g] (routed row g)."""
+    where = _token_slot()
+    for p in range(2):
+        offsets = [direct.token_ldmatrix_offset(p, lane) for lane in range(32)]
+        for lane in range(32):
+            g, q = lane // 4, lane % 4
+            for j in range(4):
+                # matrix j's row g starts at offsets[8 j + g]; lane gets its elements 2q, 2q + 1
+                got = tuple(where[offsets[8 * j + g] + 4 * q + 2 * e] for e in range(2))
+                step, half = 2 * p + j // 2, j % 2
+                assert got == tuple((g, 16 * step + 2 * q + 8 * half + e) for e in range(2)), (p, lane, j)
+
+
+def test_token_ldmatrix_and_copies_are_conflict_free():
+    """Each ldmatrix matrix (8 lanes' 16-byte rows) covers the 8 bank groups of a 128-byte line; the token rows'
+    chunks are a permutation of the slot's token bytes (every copy lands on its own 16 bytes)."""
+    for p in range(2):
+        offsets = [direct.token_ldmatrix_offset(p, lane) for lane in range(32)]
+        for j in range(4):
+            assert len({(o // 16) % 8 for o in offsets[8 * j:8 * j + 8]}) == 8
+    chunks = {direct.token_slot_offset(t, c) for t in range(direct.TOKENS) for c in range(8)}
+    assert chunks == {direct.TOKEN_OFF + 16 * i for i in range(direct.TOKENS * 8)}
+
+
+def test_partial_offsets_are_a_permutation():
+    offs = {direct.partial_offset(w, b, i, lane) for w in range(8) for b in range(4) for i in range(4)
+            for lane in range(32)}
+    assert offs == {4 * n for n in range(8 * direct.PART_BYTES_PER_WARP // 4)}
+
+
+# ---- tile choice and refusals ---------------------------------------------------------------------------------
+
+
+def test_direct_tile_choice():
+    assert direct_tile(4096, 128, gated=True) == TileConfig(64, 8, direct_warps=8)
+    assert direct_tile(14336, 128, gated=False) == TileConfig(64, 8, direct_warps=8, early_weights=True)
+    assert direct_tile(1408, 128, gated=False) is None  # Qwen2-MoE: 22 k-tiles, no whole g = 128 groups per warp
+    assert direct_tile(1408, 64, gated=False) == TileConfig(64, 8, direct_warps=2, early_weights=True)
+    assert direct_tile(4096, 32, gated=True) is None  # two groups per k-tile: not taken
+    # decode rows only: T = 1 and 4 (Mixtral, top-2) take it, T = 64 keeps the 256 x 32 wgmma tile
+    for rows in (2, 8):
+        assert choose_w4a16_tile(rows, 8, 28672, 4096, group_size=128, gated=True, decode_kernel="direct").direct_warps
+    assert not choose_w4a16_tile(128, 8, 28672, 4096, group_size=128, gated=True, decode_kernel="direct").direct_warps
+    assert not choose_w4a16_tile(2, 8, 28672, 4096, group_size=128, gated=True).direct_warps  # default: wgmma
+    with pytest.raises(ValueError, match="decode_kernel"):
+        choose_w4a16_tile(2, 8, 28672, 4096, decode_kernel="gemv")
+
+
+def test_direct_refusals():
+    with pytest.raises(ValueError, match="plain 64 x 8"):
+        TileConfig(64, 8, k_split=4, direct_warps=8)
+    with pytest.raises(ValueError, match="direct_warps"):
+        TileConfig(64, 8, direct_warps=16)
+    ok, reason = w4a16_plan.supports_config(gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=32,
+                                            config=TileConfig(64, 8, direct_warps=8))
+    assert not ok and "g = 64 or 128" in reason
+    ok, reason = w4a16_plan.supports_config(gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=128,
+                                            config=TileConfig(64, 8, stages=8, direct_warps=8))
+    assert not ok and "do not fit" in reason
+    # the ring fits beside the partials for every E the kernels take, at every warp count
+    for warps in (2, 4, 8):
+        assert w4a16_plan.direct_ring(TileConfig(64, 8, direct_warps=warps), 1024) >= 2

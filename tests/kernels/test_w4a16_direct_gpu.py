@@ -1,0 +1,134 @@
+"""GPU tests of the direct W4A16 decode kernel (kernels/w4a16_direct.py) against the dequantised fp32 reference, fresh
+random inputs, NaN-poisoned outputs; and against the wgmma kernel's deferred scale (the same dequant, another
+summation order).
+
+Shape legend: T tokens, E experts, K top-k, H hidden, I intermediate, M = T * K routed rows, g group size.
+Run on the H100: pytest -m gpu tests/kernels/test_w4a16_direct_gpu.py -v
+"""
+
+import functools
+
+import pytest
+import torch
+
+from tests.kernels.gpu_helpers import rel_l2, replay_up_down_on_new_routing, w4a16_reference_down, w4a16_reference_up
+from tests.kernels.gpu_helpers import routing as make_routing
+from tests.kernels.test_w4a16_gpu import _quantized
+
+pytestmark = pytest.mark.gpu
+
+HIDDEN, INTER = 1024, 1024  # 16 k-tiles each way: every DIRECT_WARPS count splits them into whole g = 128 groups
+
+
+def _config(warps: int, early: bool, stages: int = 0):
+    from light_moe.kernels.tile_config import TileConfig
+
+    return TileConfig(64, 8, stages=stages, direct_warps=warps, early_weights=early)
+
+
+def _problem(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed):
+    from light_moe.kernels import w4a16_gemm as w4
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+    w13 = _quantized(num_experts, 2 * inter, hidden, group_size, with_zeros, device, gen)
+    w2 = _quantized(num_experts, hidden, inter, group_size, with_zeros, device, gen)
+    offsets, gather_index, _ = make_routing(num_tokens, num_experts, top_k, device, gen)
+    w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
+    w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
+    return x, offsets, gather_index, w13, w2, w13p, w2p
+
+
+def _check(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, up_config, down_config):
+    from light_moe.kernels import w4a16_gemm as w4
+
+    x, offsets, gather_index, w13, w2, w13p, w2p = _problem(num_tokens, num_experts, top_k, hidden, inter,
+                                                             group_size, with_zeros, seed)
+    rows = gather_index.shape[0]
+    act = torch.full((rows, inter), float("nan"), device=x.device, dtype=torch.bfloat16)
+    w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=up_config)
+    assert not act.isnan().any(), "the direct up projection left rows unwritten"
+    err_up = rel_l2(act, w4a16_reference_up(x, gather_index, offsets, *w13, group_size))
+    assert err_up < 1e-2, f"direct up rel L2 {err_up:.3e}"
+    y = torch.full((rows, hidden), float("nan"), device=x.device, dtype=torch.bfloat16)
+    w4.w4a16_expert_down(act, offsets, w2p, out=y, config=down_config)
+    assert not y.isnan().any(), "the direct down projection left rows unwritten"
+    err_down = rel_l2(y, w4a16_reference_down(act, offsets, *w2, group_size))
+    assert err_down < 1e-2, f"direct down rel L2 {err_down:.3e}"
+    return act, y
+
+
+@pytest.mark.parametrize("with_zeros", (False, True))
+@pytest.mark.parametrize("num_tokens", (1, 2, 7, 16, 64))  # 64: several 8-row units per expert
+@pytest.mark.parametrize("num_experts,top_k", ((8, 2), (64, 8)))
+def test_direct_matches_reference(num_tokens, num_experts, top_k, with_zeros):
+    _check(num_tokens, num_experts, top_k, HIDDEN, INTER, 128, with_zeros, seed=num_tokens * 100 + num_experts,
+           up_config=_config(8, False), down_config=_config(8, True))
+
+
+@pytest.mark.parametrize("early", (False, True))
+@pytest.mark.parametrize("group_size", (64, 128))
+@pytest.mark.parametrize("warps", (2, 4, 8))
+def test_direct_warps_groups_early(warps, group_size, early):
+    """Every warp count (K split per CTA, ring depth from shared memory), g = 64 (a group per k-tile) and 128 (two),
+    the down projection with and without its int4 before the dependency wait."""
+    _check(5, 8, 2, HIDDEN, INTER, group_size, True, seed=warps * 10 + group_size + early,
+           up_config=_config(warps, False), down_config=_config(warps, early))
+
+
+@pytest.mark.parametrize("stages", (2, 3))
+def test_direct_shallow_rings(stages):
+    """The shallowest rings (2: one k-tile in flight per warp), where the ring wraps every step or two."""
+    _check(3, 8, 2, HIDDEN, INTER, 128, True, seed=stages, up_config=_config(4, False, stages),
+           down_config=_config(4, True, stages))
+
+
+@pytest.mark.parametrize("num_tokens", (1, 4))
+def test_direct_mixtral_shape(num_tokens):
+    """Mixtral's projections (H 4096, I 14336: 64 and 224 k-tiles), the shapes the kernel is for, through the
+    tile choice with decode_kernel="direct"; equal to the wgmma kernel's deferred scale up to summation order."""
+    from light_moe.kernels import w4a16_gemm as w4
+    from light_moe.kernels.tile_config import TileConfig, choose_w4a16_tile
+
+    hidden, inter = 4096, 14336
+    x, offsets, gather_index, w13, w2, w13p, w2p = _problem(num_tokens, 8, 2, hidden, inter, 128, True, seed=7)
+    rows = gather_index.shape[0]
+    up_cfg = choose_w4a16_tile(rows, 8, 2 * inter, hidden, group_size=128, gated=True, decode_kernel="direct")
+    down_cfg = choose_w4a16_tile(rows, 8, hidden, inter, group_size=128, gated=False, decode_kernel="direct")
+    assert up_cfg.direct_warps and down_cfg.direct_warps and down_cfg.early_weights
+    act, y = _check(num_tokens, 8, 2, hidden, inter, 128, True, 7, up_cfg, down_cfg)
+    act_w = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=TileConfig(64, 8, k_split=4, deferred_scale=True))
+    y_w = w4.w4a16_expert_down(act, offsets, w2p, config=TileConfig(64, 8, k_split=4, deferred_scale=True))
+    assert rel_l2(act, act_w) < 5e-3 and rel_l2(y, y_w) < 5e-3
+
+
+def test_direct_graph_replay_new_routing():
+    """Captured once, replayed on new routing and new x: the kernels read the replay's device-side routing (the
+    down projection's early int4 included)."""
+    from light_moe.kernels import w4a16_gemm as w4
+
+    x, offsets, gather_index, w13, w2, w13p, w2p = _problem(4, 8, 2, HIDDEN, INTER, 128, True, seed=11)
+    rows = gather_index.shape[0]
+    act = torch.empty(rows, INTER, device=x.device, dtype=torch.bfloat16)
+    y = torch.empty(rows, HIDDEN, device=x.device, dtype=torch.bfloat16)
+    up = functools.partial(w4.w4a16_expert_up, w13=w13p, config=_config(8, False))
+    down = functools.partial(w4.w4a16_expert_down, w2=w2p, config=_config(8, True))
+    gen = torch.Generator(device=x.device).manual_seed(12)
+    replay_up_down_on_new_routing(up, down, x, gather_index, offsets, act, y, 2, gen)
+    assert not act.isnan().any() and not y.isnan().any()
+    assert rel_l2(act, w4a16_reference_up(x, gather_index, offsets, *w13, 128)) < 1e-2
+    assert rel_l2(y, w4a16_reference_down(act, offsets, *w2, 128)) < 1e-2
+
+
+def test_direct_repeatable():
+    """The same inputs give the same bits (fixed partial-sum order, no atomics)."""
+    from light_moe.kernels import w4a16_gemm as w4
+
+    x, offsets, gather_index, _, w2, w13p, w2p = _problem(7, 8, 2, HIDDEN, INTER, 128, True, seed=13)
+    first = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=_config(8, False))
+    again = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=_config(8, False))
+    assert torch.equal(first, again)
+    y1 = w4.w4a16_expert_down(first, offsets, w2p, config=_config(8, True))
+    y2 = w4.w4a16_expert_down(first, offsets, w2p, config=_config(8, True))
+    assert torch.equal(y1, y2)
