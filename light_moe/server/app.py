@@ -55,6 +55,7 @@ from light_moe.server.limits import (
 from light_moe.server.metrics import ServerMetrics
 from light_moe.server.openapi import build_openapi
 from light_moe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from light_moe.server.sse import ChatChunks, CompletionChunks
 from light_moe.server.template_worker import TemplateBusyError, TemplateRenderer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -348,8 +349,8 @@ class _SSEResponse(StreamingResponse):
 def _sse(state: ServerState, stream: RequestStream, chunks) -> _SSEResponse:
     async def events():
         try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            async for chunk in chunks:  # JSON text (sse.py)
+                yield f"data: {chunk}\n\n"
         except EngineDeadError as exc:
             yield f"data: {json.dumps(APIError(503, str(exc), type='service_unavailable').body())}\n\n"
         except RequestFailedError as exc:
@@ -406,18 +407,18 @@ class _CompletionView:
         return self._body([choice], _usage(self.prompt_tokens, len(final.token_ids), final.num_cached_tokens))
 
     async def chunks(self, stream: RequestStream, include_usage: bool):
+        """The stream's chunks as JSON text (sse.CompletionChunks): _body's dicts, one choice or the usage."""
+        encoded = CompletionChunks(self.id, self.created, self.state.model_name)
         completion_tokens = cached_tokens = 0
         async for output in stream:
             completion_tokens = len(output.token_ids) or completion_tokens + len(output.delta_token_ids)
             cached_tokens = output.num_cached_tokens
             wants_logprobs = self.logprobs is not None and output.delta_token_ids
             if output.delta_text or output.finished or wants_logprobs:
-                choice = {"index": 0, "text": output.delta_text,
-                          "logprobs": self._logprobs(output.delta_token_ids, output.logprobs),
-                          "finish_reason": output.finish_reason}
-                yield self._body([choice], None)
+                yield encoded.choice(output.delta_text, self._logprobs(output.delta_token_ids, output.logprobs),
+                                     output.finish_reason)
         if include_usage:
-            yield self._body([], _usage(self.prompt_tokens, completion_tokens, cached_tokens))
+            yield encoded.usage(_usage(self.prompt_tokens, completion_tokens, cached_tokens))
 
 
 class _ChatView:
@@ -441,11 +442,6 @@ class _ChatView:
             content.append(entry)
         return {"content": content}
 
-    def _chunk(self, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.state.model_name, "usage": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-
     def response(self, final: RequestOutput) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
                   "logprobs": self._logprobs(final.token_ids, final.logprobs), "finish_reason": final.finish_reason}
@@ -454,21 +450,20 @@ class _ChatView:
                 "usage": _usage(self.prompt_tokens, len(final.token_ids), final.num_cached_tokens)}
 
     async def chunks(self, stream: RequestStream, include_usage: bool):
-        yield self._chunk({"role": "assistant", "content": ""})
+        """The stream's chunks as JSON text (sse.ChatChunks): the role, the deltas, the usage (no choices)."""
+        encoded = ChatChunks(self.id, self.created, self.state.model_name)
+        yield encoded.role()
         completion_tokens = cached_tokens = 0
         async for output in stream:
             completion_tokens = len(output.token_ids) or completion_tokens + len(output.delta_token_ids)
             cached_tokens = output.num_cached_tokens
             wants_logprobs = self.logprobs and output.delta_token_ids
             if output.delta_text or output.finished or wants_logprobs:
-                delta = {"content": output.delta_text} if output.delta_text or not output.finished else {}
-                yield self._chunk(delta, self._logprobs(output.delta_token_ids, output.logprobs),
-                                  output.finish_reason)
+                text = output.delta_text if output.delta_text or not output.finished else None
+                yield encoded.content(text, self._logprobs(output.delta_token_ids, output.logprobs),
+                                      output.finish_reason)
         if include_usage:
-            usage_chunk = self._chunk({})
-            usage_chunk["choices"] = []
-            usage_chunk["usage"] = _usage(self.prompt_tokens, completion_tokens, cached_tokens)
-            yield usage_chunk
+            yield encoded.usage(_usage(self.prompt_tokens, completion_tokens, cached_tokens))
 
 
 class DrainingServer(uvicorn.Server):
