@@ -23,6 +23,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # the most token rows kernels/skinny_gemm.py takes (its MAX_M: eight n8 tiles); here so that the engine's
 # option checks need no CuTe import
 SKINNY_GEMM_MAX_ROWS = 64
+# the W4A16 experts' kernel for decode steps (kernels/tile_config.choose_w4a16_tile, EngineConfig.w4a16_decode_kernel)
+W4A16_DECODE_KERNELS = ("wgmma", "direct")
 
 @dataclass(frozen=True)
 class W4A16Config:
@@ -536,6 +538,9 @@ class EngineConfig:
     fuse_combine_norm: bool = True  # MoE layers' combine inside the next norm (ops.backend.PendingCombine)
     # decode attention's split-KV merge done by the last split CTA (kernels/decode_attention.py), no combine kernel
     fuse_attention_merge: bool = True
+    # the W4A16 experts' kernel for decode steps: "wgmma" (the grouped GEMM's split-K tiles) or "direct"
+    # (kernels/w4a16_direct.py); W4A16_DECODE_KERNELS
+    w4a16_decode_kernel: str = "wgmma"
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

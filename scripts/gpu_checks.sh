@@ -58,6 +58,11 @@
 #                                               (kernel and engine tests), then the decode-attention bench (merged column)
 #   scripts/gpu_checks.sh merge-ab OUTDIR       one GPU: bench e2e of the 32-layer W4A16 shape: both fusions off, the attention
 #                                               merge alone, both (the defaults); the 4-layer prefill profile
+#   scripts/gpu_checks.sh direct-18 OUTDIR      one GPU: the direct W4A16 decode kernel (session 18, written without a GPU):
+#                                               its GPU tests and the engine's, the decode experts against the table's
+#                                               wgmma tiles (3 rounds, up and down alone), then bench e2e of the 32-layer
+#                                               W4A16 shape at B = 1 / 4 / 16 with --w4a16-decode-kernel wgmma and direct;
+#                                               two calls: ONLY="direct_tests direct_experts", then ONLY="e2e32_wgmma e2e32_direct"
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
@@ -409,6 +414,21 @@ short-17)
         serve_c64 "serve4_c64_api$n" 110 --api-server-count "$n"
     done
     ;;
+direct-18)
+    # kernels/w4a16_direct.py: correctness first (the timings mean nothing if it fails), then the experts alone,
+    # then the model
+    step direct_tests 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_direct_gpu.py \
+        "tests/test_cute_engine_gpu.py::test_w4a16_direct_decode_kernel_matches_the_dequantising_reference" -x -ra
+    # decode experts: the table's tile (w4a16) beside the direct kernel at 8 / 4 / 2 warps per CTA (e: the down
+    # projection's int4 before its wait; up ignores it) and at 8 warps without it
+    TAIL=30 step direct_experts 200 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 --rounds 3 --split \
+        --configs 64x8g8e 64x8g8 64x8g4e 64x8g2e --output "$out/direct_experts.json"
+    m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1"
+    for k in wgmma direct; do
+        step "e2e32_$k" 150 $py -m light_moe.cli bench e2e $m --batch-sizes 1 4 16 --ttft-repeats 1 \
+            --w4a16-decode-kernel "$k" --output "$out/e2e32_$k.json"
+    done
+    ;;
 verify-15)
     # what session 15 wrote or changed without a GPU run: the MLA rotary + latent write kernel and the DeepSeek
     # engine on it, the gpt-oss prefill-logit check under forced routing, the piecewise-graph test without prefix
@@ -430,7 +450,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17 or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17, direct-18 or verify-15)" >&2
     exit 2
     ;;
 esac

@@ -313,6 +313,34 @@ def test_w4a16_cute_backend_matches_the_dequantising_reference(checkpoint):
 
 
 @pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_w4a16_direct_decode_kernel_matches_the_dequantising_reference(checkpoint):
+    """w4a16_decode_kernel="direct": decode steps' experts on kernels/w4a16_direct.py (it must really run: a
+    compiled direct config), against the dequantising reference with its routing forced (eager), then CUDA-graph
+    decode against eager."""
+    from light_moe.kernels import w4a16_gemm
+    from light_moe.kernels.tile_config import direct_tile
+
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  quantization="w4a16", async_scheduling=False, w4a16_decode_kernel="direct")
+    ref = LightMoEEngine(checkpoint, moe_backend="reference", enforce_eager=True, **common)
+    eager = LightMoEEngine(checkpoint, moe_backend="cute", enforce_eager=True, **common)
+    assert eager.ops.w4a16_decode_kernel == "direct"
+    w13, w2 = eager.model.moe_blocks()[0].prepared[:2]
+    if direct_tile(w13.k_dim, w13.group_size, True) is None and direct_tile(w2.k_dim, w2.group_size, False) is None:
+        pytest.skip(f"neither projection's K ({w13.k_dim}, {w2.k_dim}) splits into whole groups of "
+                    f"{w13.group_size} over 2+ warps")
+    for prompt in PROMPTS:
+        assert_agree_with_forced_routing(ref, eager, prompt, 24)
+    assert any(key[5].direct_warps for key in w4a16_gemm._compiled.keys()), "no decode step took the direct kernel"
+    graphs = LightMoEEngine(checkpoint, moe_backend="cute", **common)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    out_e = eager.generate_outputs(PROMPTS, params)
+    out_g = graphs.generate_outputs(PROMPTS, params)
+    for prompt, a, b in zip(PROMPTS, out_e, out_g):
+        assert_agree(eager, graphs, prompt, a.token_ids, b.token_ids)
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
 def test_piecewise_prefill_graphs_match_eager(checkpoint):
     """Prefill and mixed steps replayed from piecewise graphs (executor/prefill_graphs.py: pieces split at the
     eager attention) against the eager engine: whole prompts in one step, prompts chunked over several steps

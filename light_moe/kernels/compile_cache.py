@@ -36,6 +36,9 @@ class CompileCache:
             self.seconds[key] = time.perf_counter() - start
         return fn
 
+    def keys(self) -> list[Hashable]:
+        return list(self._fns)
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._fns
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from light_moe.config import W4A16_DECODE_KERNELS
 from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K
 
 DIRECT_WARPS = (2, 4, 8)  # warps per CTA of the direct W4A16 decode kernel (two CTAs per SM)
@@ -174,7 +175,6 @@ def _wave_fill(tiles: int, num_sms: int) -> float:
     return tiles / (-(-tiles // num_sms) * num_sms)
 
 
-W4A16_DECODE_KERNELS = ("wgmma", "direct")  # choose_w4a16_tile(decode_kernel=): the decode row's kernel
 
 
 def direct_tile(k_dim: int, group_size: int, gated: bool) -> TileConfig | None:

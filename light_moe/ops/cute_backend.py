@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from light_moe.config import SKINNY_GEMM_MAX_ROWS
+from light_moe.config import SKINNY_GEMM_MAX_ROWS, W4A16_DECODE_KERNELS
 from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
 from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_gemm, w4a16_linear
@@ -44,7 +44,8 @@ class CuteOps(MoEOps):
     name = "cute"
 
     def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16,
-                 fuse_combine_norm: bool = False, fuse_attention_merge: bool = False):
+                 fuse_combine_norm: bool = False, fuse_attention_merge: bool = False,
+                 w4a16_decode_kernel: str = "wgmma"):
         super().__init__(fuse_combine_norm)
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
@@ -62,6 +63,11 @@ class CuteOps(MoEOps):
         # compute stream (kernels/decode_attention.py)
         self.fuse_attention_merge = fuse_attention_merge
         self._merge_counters: dict[torch.device, torch.Tensor] = {}
+        # W4A16 experts at decode: the grouped GEMM's split-K tiles or kernels/w4a16_direct.py
+        # (EngineConfig.w4a16_decode_kernel; the tile table decides where decode ends)
+        if w4a16_decode_kernel not in W4A16_DECODE_KERNELS:
+            raise ValueError(f"w4a16_decode_kernel must be one of {W4A16_DECODE_KERNELS}, got {w4a16_decode_kernel!r}")
+        self.w4a16_decode_kernel = w4a16_decode_kernel
         self._outgrown_counters: list[torch.Tensor] = []  # kept alive: graphs captured with them still use them
 
     def _fallback(self, op: str, reason: str) -> None:
@@ -193,14 +199,18 @@ class CuteOps(MoEOps):
         # the spec (gpt-oss's clamped SwiGLU) and b13 (canonical row order) become the kernel's epilogue variant;
         # (None, None) is the default kernel
         variant = dict(epilogue=ExpertEpilogue.of(spec, bias is not None), bias=bias)
-        gemm = w4a16_gemm.w4a16_expert_up if isinstance(w13, W4A16Weights) else grouped_gemm.expert_up
-        return gemm(x.contiguous(), gather_index, expert_offsets, w13, **variant)
+        if isinstance(w13, W4A16Weights):
+            return w4a16_gemm.w4a16_expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant,
+                                              decode_kernel=self.w4a16_decode_kernel)
+        return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant)
 
     def expert_down(self, act, expert_offsets, w2, bias=None):
         if not self._kernel_layout(w2):
             return super().expert_down(act, expert_offsets, w2, bias)
-        gemm = w4a16_gemm.w4a16_expert_down if isinstance(w2, W4A16Weights) else grouped_gemm.expert_down
-        return gemm(act, expert_offsets, w2, bias=bias)  # + b2 in the epilogue, before the combine's weights
+        if isinstance(w2, W4A16Weights):  # + b2 in the epilogue, before the combine's weights
+            return w4a16_gemm.w4a16_expert_down(act, expert_offsets, w2, bias=bias,
+                                                decode_kernel=self.w4a16_decode_kernel)
+        return grouped_gemm.expert_down(act, expert_offsets, w2, bias=bias)
 
     def combine(self, y, reverse_index, topk_weights):
         ok, reason = combine_kernel.supports(y.dtype, y.shape[1], topk_weights.shape[1])

@@ -142,3 +142,11 @@ def test_direct_refusals():
     # the ring fits beside the partials for every E the kernels take, at every warp count
     for warps in (2, 4, 8):
         assert w4a16_plan.direct_ring(TileConfig(64, 8, direct_warps=warps), 1024) >= 2
+
+
+def test_bench_spec_names_the_direct_kernel():
+    from light_moe.bench.w4a16_experts import _parse_config
+    from light_moe.kernels.tile_config import W4A16_TILE_TABLE
+
+    assert _parse_config("64x8g8e", W4A16_TILE_TABLE) == TileConfig(64, 8, direct_warps=8, early_weights=True)
+    assert _parse_config("64x8s3g4", W4A16_TILE_TABLE) == TileConfig(64, 8, stages=3, direct_warps=4)
