@@ -70,7 +70,11 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float):
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     except ValueError as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-    bad = _first_surrogate(payload)
+    # A lone surrogate can only come from a \u escape or from bytes outside ASCII (UTF-8's surrogate bytes, or a
+    # body json.loads reads as UTF-16 / UTF-32, which only NUL bytes make it do): most bodies have none of them,
+    # and need no walk over every string they hold.
+    suspect = not raw.isascii() or b"\\u" in raw or b"\x00" in raw
+    bad = _first_surrogate(payload) if suspect else None
     if bad is not None:
         where, which = bad
         field = where.split(".")[0].split("[")[0] if where != "the body" else None
