@@ -153,6 +153,18 @@ def test_completions_match_the_engine(server, reference):
     assert default.usage.completion_tokens == 16
 
 
+def test_start_up_objects_are_frozen_while_serving(ckpt):
+    """The app's lifespan freezes what exists at start-up (the collector's full passes skip it) and unfreezes it
+    at shutdown."""
+    import gc
+
+    with _running_server(_engine(ckpt)) as url:
+        assert gc.get_freeze_count() > 0
+        assert httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}).status_code \
+            == 200
+    assert gc.get_freeze_count() == 0
+
+
 @pytest.mark.parametrize("flags", [dict(async_scheduling=False), dict(async_output_processing=True,
                                                                       async_scheduling=False)])
 def test_sync_and_async_output_engines_serve_the_same(ckpt, reference, flags):
