@@ -55,18 +55,20 @@ from light_moe.kernels.skinny_gemm import ldmatrix_x4
 from light_moe.kernels.tile_config import TileConfig
 from light_moe.kernels.w4a16_dequant import bf16_lo_to_f32, dequant_exact, fold_scaled, prmt
 from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K
+from light_moe.kernels.w4a16_plan import (
+    ATOM_BYTES,
+    CTAS_PER_SM,
+    META_BYTES,
+    PART_BYTES_PER_WARP,
+    SLOT_BYTES,
+    TOKEN_BYTES,
+    TOKENS,
+)
 
 WARP = 32
 M16 = ATOM_M // 16  # m16 blocks of an atom, all owned by one warp
-TOKENS = 8  # routed rows per unit: mma.sync's N
-ATOM_BYTES = ATOM_M * TILE_K // 2  # int4 of one atom's k-tile: 2 KB
-TOKEN_BYTES = TOKENS * TILE_K * 2  # bf16 token rows of a k-tile: 1 KB
-META_BYTES = ATOM_M * 4  # one group's meta words of an atom
-SLOT_BYTES = ATOM_BYTES + TOKEN_BYTES + META_BYTES
-TOKEN_OFF = ATOM_BYTES
+TOKEN_OFF = ATOM_BYTES  # a ring slot: int4 of the k-tile, then the token rows, then the group's meta
 META_OFF = ATOM_BYTES + TOKEN_BYTES
-PART_BYTES_PER_WARP = ATOM_M * TOKENS * 4  # a warp's fp32 partial sums of a unit
-CTAS_PER_SM = 2  # a second CTA streams while the first one reduces and stores a unit
 
 
 def _asm(result_types, values, asm: str, constraints: str, loc, ip):

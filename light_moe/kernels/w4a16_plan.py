@@ -35,18 +35,24 @@ def num_stages(config: TileConfig, gated: bool, num_experts: int, group_size: in
     return min(config.stages, fit) if config.stages else min(MAX_STAGES, fit)
 
 
+# ---- the direct decode kernel (w4a16_direct.py): its shared-memory pieces ----
 SMEM_PER_SM = 233472  # sm_90: 228 KB per SM, of which 1 KB is reserved per resident CTA
 DIRECT_MAX_RING = 8
+TOKENS = 8  # routed rows per unit: mma.sync's N
+ATOM_BYTES = ATOM_M * TILE_K // 2  # int4 of one atom's k-tile: 2 KB
+TOKEN_BYTES = TOKENS * TILE_K * 2  # bf16 token rows of a k-tile: 1 KB
+META_BYTES = ATOM_M * 4  # one group's meta words of an atom
+SLOT_BYTES = ATOM_BYTES + TOKEN_BYTES + META_BYTES  # one ring slot of a warp
+PART_BYTES_PER_WARP = ATOM_M * TOKENS * 4  # a warp's fp32 partial sums of a unit
+CTAS_PER_SM = 2  # a second CTA streams while the first one reduces and stores a unit
 
 
 def direct_ring(config: TileConfig, num_experts: int) -> int:
     """Ring slots per warp of the direct kernel: config.stages when set, else as many as fit (at most
     DIRECT_MAX_RING) beside the double-buffered partial sums, with CTAS_PER_SM CTAs per SM."""
-    from light_moe.kernels import w4a16_direct as direct
-
-    budget = SMEM_PER_SM // direct.CTAS_PER_SM - 1024
-    fixed = 2 * config.direct_warps * direct.PART_BYTES_PER_WARP + 8 * (num_experts + 1) + 256  # + alignment
-    fit = (budget - fixed) // (config.direct_warps * direct.SLOT_BYTES)
+    budget = SMEM_PER_SM // CTAS_PER_SM - 1024
+    fixed = 2 * config.direct_warps * PART_BYTES_PER_WARP + 8 * (num_experts + 1) + 256  # + alignment
+    fit = (budget - fixed) // (config.direct_warps * SLOT_BYTES)
     return min(config.stages, fit) if config.stages else min(DIRECT_MAX_RING, fit)
 
 
