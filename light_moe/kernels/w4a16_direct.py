@@ -259,6 +259,33 @@ class W4A16DirectSm90:
             cp_async_16(slot + token_slot_offset(tok0 + 4, chunk), t_ptr1, True)
 
     @cute.jit
+    def issue_step(self, slot: Int32, cur, ctx, weights: cutlass.Constexpr, tokens: cutlass.Constexpr,
+                   pos: cutlass.Constexpr):
+        """The load cursor's step: its int4 and group meta (weights) and / or token rows (tokens) copied into `slot`
+        (pos: the step's k-tile within its group), then the cursor one step on, to the next unit's first k-tile
+        after a unit's last. cur = (unit, j, expert, int4, meta and token row addresses, token rows present); ctx =
+        what load_cursor reads."""
+        unit, j, e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1 = cur
+        gdim, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base = ctx
+        if cutlass.const_expr(weights):
+            self.issue_weights(slot, q_ptr, m_ptr, lane, pos == 0)
+        if cutlass.const_expr(tokens):
+            self.issue_tokens(slot, t_ptr0, t_ptr1, has0, has1, lane)
+        q_ptr = q_ptr + self.n_atoms * ATOM_BYTES  # one k-tile further in the prepared int4 of an atom
+        t_ptr0 = t_ptr0 + TILE_K * 2
+        t_ptr1 = t_ptr1 + TILE_K * 2
+        if cutlass.const_expr(pos == self.gk - 1):
+            m_ptr = m_ptr + self.n_out * 4  # one group further in meta
+        j = j + 1
+        if j == self.kpw:
+            j = Int32(0)
+            unit = unit + gdim
+            if unit < total:
+                e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1 = self.load_cursor(
+                    unit, e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+        return unit, j, e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1
+
+    @cute.jit
     def compute(self, slot: Int32, lane: Int32, acc: cute.Tensor, gacc: cute.Tensor, scale_f: cute.Tensor,
                 negz: cute.Tensor, new_group: cutlass.Constexpr, end_group: cutlass.Constexpr):
         """One k-tile of the warp's 64 rows: (a group's first: its meta -> fp32 scales and bf16x2 -(128 + z) of
@@ -367,18 +394,10 @@ class W4A16DirectSm90:
         kt0 = warp * kpw
 
         # The load cursor runs ring - 1 steps ahead of the compute: (unit, j = k-tile of the warp's range), the
-        # unit's expert and this lane's source addresses (load_cursor), advanced by constant strides per step.
-        q_step = self.n_atoms * ATOM_BYTES  # one k-tile further in the prepared int4 of an atom
-        m_step = self.n_out * 4  # one group further in meta
-        l_unit = bidx
-        l_j = Int32(0)
-        l_e = Int32(0)
-        l_q = q_base
-        l_m = m_base
-        l_t0 = t_base
-        l_t1 = t_base
-        l_has0 = Int32(0)
-        l_has1 = Int32(0)
+        # unit's expert and this lane's source addresses (load_cursor), advanced by constant strides (issue_step).
+        ctx = (gdim, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+        l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = (bidx, Int32(0), Int32(0), q_base, m_base, t_base,
+                                                                  t_base, Int32(0), Int32(0))
         if bidx < total:
             l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(bidx, l_e, lane, kt0, s_rows, s_prefix,
                                                                           gather_index, q_base, m_base, t_base)
@@ -386,43 +405,21 @@ class W4A16DirectSm90:
         # meta of those steps before the dependency wait, their token rows after it in a second pass, one group
         # per pass and step; the main loop's wait_group(ring - 1) still finds step s complete (the int4 groups are
         # older, and token group s is followed by exactly ring - 1 younger groups at step s).
-        init = (l_e, l_t0, l_t1, l_has0, l_has1)
+        first = (l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1)
         for d in cutlass.range_constexpr(ring - 1):
-            slot = ring_base + d * SLOT_BYTES
             if d < steps:
-                self.issue_weights(slot, l_q, l_m, lane, d % gk == 0)
-                if cutlass.const_expr(not self.early):
-                    self.issue_tokens(slot, l_t0, l_t1, l_has0, l_has1, lane)
-                l_q = l_q + q_step
-                l_t0 = l_t0 + TILE_K * 2
-                l_t1 = l_t1 + TILE_K * 2
-                if cutlass.const_expr(d % gk == gk - 1):
-                    l_m = l_m + m_step
-                l_j = l_j + 1
-                if l_j == kpw:
-                    l_j = Int32(0)
-                    l_unit = l_unit + gdim
-                    if l_unit < total:
-                        l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(
-                            l_unit, l_e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+                l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.issue_step(
+                    ring_base + d * SLOT_BYTES, (l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1), ctx,
+                    True, not self.early, d % gk)
             cute.arch.cp_async_commit_group()
         if cutlass.const_expr(self.early):
             await_inputs()  # act: the up GEMM's output
-            p_unit = bidx
-            p_j = Int32(0)
-            p_e, p_t0, p_t1, p_has0, p_has1 = init
+            p_unit, p_j, p_e, p_q, p_m, p_t0, p_t1, p_has0, p_has1 = first
             for d in cutlass.range_constexpr(ring - 1):
                 if d < steps:
-                    self.issue_tokens(ring_base + d * SLOT_BYTES, p_t0, p_t1, p_has0, p_has1, lane)
-                    p_t0 = p_t0 + TILE_K * 2
-                    p_t1 = p_t1 + TILE_K * 2
-                    p_j = p_j + 1
-                    if p_j == kpw:
-                        p_j = Int32(0)
-                        p_unit = p_unit + gdim
-                        if p_unit < total:
-                            p_e, _q, _m, p_t0, p_t1, p_has0, p_has1 = self.load_cursor(
-                                p_unit, p_e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+                    p_unit, p_j, p_e, p_q, p_m, p_t0, p_t1, p_has0, p_has1 = self.issue_step(
+                        ring_base + d * SLOT_BYTES, (p_unit, p_j, p_e, p_q, p_m, p_t0, p_t1, p_has0, p_has1), ctx,
+                        False, True, d % gk)
                 cute.arch.cp_async_commit_group()
 
         acc = cute.make_rmem_tensor((M16 * 4,), Float32)
@@ -442,23 +439,10 @@ class W4A16DirectSm90:
         for sp in range(steps // gk):
             for h in cutlass.range_constexpr(gk):
                 sync_warp()  # every lane has read the slot the next copies overwrite (computed one step ago)
-                if sp * gk + h + ring - 1 < steps:
-                    slot = ring_base + slot_l * SLOT_BYTES
-                    new_group = (h + ring - 1) % gk == 0  # steps of a unit start at a group: kpw % gk == 0
-                    self.issue_weights(slot, l_q, l_m, lane, new_group)
-                    self.issue_tokens(slot, l_t0, l_t1, l_has0, l_has1, lane)
-                    l_q = l_q + q_step
-                    l_t0 = l_t0 + TILE_K * 2
-                    l_t1 = l_t1 + TILE_K * 2
-                    if cutlass.const_expr((h + ring - 1) % gk == gk - 1):
-                        l_m = l_m + m_step
-                    l_j = l_j + 1
-                    if l_j == kpw:
-                        l_j = Int32(0)
-                        l_unit = l_unit + gdim
-                        if l_unit < total:
-                            l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(
-                                l_unit, l_e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+                if sp * gk + h + ring - 1 < steps:  # steps of a unit start at a group: kpw % gk == 0
+                    l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.issue_step(
+                        ring_base + slot_l * SLOT_BYTES, (l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1),
+                        ctx, True, True, (h + ring - 1) % gk)
                 cute.arch.cp_async_commit_group()
                 slot_l = slot_l + 1
                 if slot_l == ring:
