@@ -63,17 +63,8 @@ async def _one_connection(port: int, request: bytes, todo: list[int], events: li
         while todo[0] > 0:
             todo[0] -= 1
             writer.write(request)
-            status = await reader.readline()
-            if b" 200 " not in status:
-                raise RuntimeError(f"the server answered {status!r}")
-            while await reader.readline() not in (b"\r\n", b""):
-                pass
             done = False
-            while True:  # chunked transfer encoding
-                size = int((await reader.readline()).strip(), 16)
-                data = await reader.readexactly(size + 2)
-                if size == 0:
-                    break
+            async for data in serve_overhead.read_stream(reader):
                 events[0] += data.count(b"data: ")
                 done = done or b"data: [DONE]" in data
             if not done:

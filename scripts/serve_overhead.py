@@ -127,6 +127,22 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
 
 
 # ---- the client: another process, raw HTTP/1.1 over asyncio ---------------------------------------------------
+async def read_stream(reader: asyncio.StreamReader):
+    """One streamed response on a keep-alive connection: checks the 200, skips the headers, then yields each
+    chunk of the chunked body (an SSE event or a few, with its trailing CRLF) until the last, empty one."""
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"the server answered {status!r}")
+    while await reader.readline() not in (b"\r\n", b""):
+        pass
+    while True:
+        size = int((await reader.readline()).strip(), 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            return
+        yield data
+
+
 async def _stream_forever(port: int, body: bytes, counts: list, stop: asyncio.Event) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -134,16 +150,7 @@ async def _stream_forever(port: int, body: bytes, counts: list, stop: asyncio.Ev
     try:
         while not stop.is_set():
             writer.write(request)
-            status = await reader.readline()
-            if b" 200 " not in status:
-                raise RuntimeError(f"the server answered {status!r}")
-            while await reader.readline() not in (b"\r\n", b""):
-                pass
-            while True:  # chunked transfer encoding: one SSE event per chunk
-                size = int((await reader.readline()).strip(), 16)
-                data = await reader.readexactly(size + 2)
-                if size == 0:
-                    break
+            async for data in read_stream(reader):  # one SSE event per chunk
                 if data.startswith(b'data: {"id"') and b'"text":""' not in data:
                     counts[0] += 1
     finally:
