@@ -177,15 +177,20 @@ def _wave_fill(tiles: int, num_sms: int) -> float:
 
 
 
+def direct_splits(k_dim: int, group_size: int, warps: int) -> bool:
+    """Whether the direct kernel's `warps` split the k-tiles of K into whole groups of g (64 or 128) each."""
+    k_tiles = k_dim // TILE_K
+    if group_size not in (TILE_K, 2 * TILE_K) or k_tiles % warps:
+        return False
+    return (k_tiles // warps) % (group_size // TILE_K) == 0
+
+
 def direct_tile(k_dim: int, group_size: int, gated: bool) -> TileConfig | None:
     """The direct decode kernel's tile (w4a16_direct.py) for a projection of reduction size k_dim: the most warps
     of DIRECT_WARPS that split its k-tiles into whole groups (the down projection also requests its first int4
     before the dependency wait); None where none does or g is not 64 or 128 (the wgmma tile stays)."""
-    if group_size not in (TILE_K, 2 * TILE_K):
-        return None
-    k_tiles = k_dim // TILE_K
     for warps in sorted(DIRECT_WARPS, reverse=True):
-        if k_tiles % warps == 0 and (k_tiles // warps) % (group_size // TILE_K) == 0:
+        if direct_splits(k_dim, group_size, warps):
             return TileConfig(ATOM_M, 8, direct_warps=warps, early_weights=not gated)
     return None
 

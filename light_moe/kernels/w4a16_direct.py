@@ -424,29 +424,26 @@ class W4A16DirectSm90:
 
         acc = cute.make_rmem_tensor((M16 * 4,), Float32)
         acc.fill(0.0)
+        # written at a group's first k-tile before any read (compute): no initial values
         gacc = cute.make_rmem_tensor((M16 * 4,), Float32)
-        gacc.fill(0.0)
         scale_f = cute.make_rmem_tensor((M16 * 2,), Float32)
-        scale_f.fill(0.0)
         negz = cute.make_rmem_tensor((M16 * 2,), Int32)
-        negz.fill(0)
         c_unit = bidx
         c_j = Int32(0)
         c_e = Int32(0)
         parity = Int32(0)
-        slot_c = Int32(0)  # ring slot of the step computed next
-        slot_l = Int32(ring - 1)  # ring slot of the step loaded next
+        slot_c = Int32(0)  # ring slot of the step computed next; step s + ring - 1 loads into the slot before it
         for sp in range(steps // gk):
             for h in cutlass.range_constexpr(gk):
                 sync_warp()  # every lane has read the slot the next copies overwrite (computed one step ago)
                 if sp * gk + h + ring - 1 < steps:  # steps of a unit start at a group: kpw % gk == 0
+                    slot_l = slot_c + ring - 1  # (s + ring - 1) mod ring: the slot computed one step ago
+                    if slot_c > 0:
+                        slot_l = slot_c - 1
                     l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.issue_step(
                         ring_base + slot_l * SLOT_BYTES, (l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1),
                         ctx, True, True, (h + ring - 1) % gk)
                 cute.arch.cp_async_commit_group()
-                slot_l = slot_l + 1
-                if slot_l == ring:
-                    slot_l = Int32(0)
                 cute.arch.cp_async_wait_group(ring - 1)  # this lane's copies of the step are done ...
                 sync_warp()  # ... and every lane's
                 self.compute(ring_base + slot_c * SLOT_BYTES, lane, acc, gacc, scale_f, negz, h == 0, h == gk - 1)

@@ -815,7 +815,7 @@ _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape, g) -> c
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None,
             epilogue: ExpertEpilogue, bias: torch.Tensor | None, decode_kernel: str):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
-    if config is None:
+    if config is None:  # the direct decode kernel has the default epilogue only (biases, gpt-oss's SwiGLU: wgmma)
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, sm_count(out.device), prepared.group_size,
                                    prepared.gated, decode_kernel if epilogue == DEFAULT_EPILOGUE else "wgmma")
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)

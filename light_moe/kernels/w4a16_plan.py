@@ -7,7 +7,13 @@ k_tiles_per_stage k-tiles of 64: tile_w x 64 int4 weights, tile_t x 64 bf16 toke
 from __future__ import annotations
 
 from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
-from light_moe.kernels.tile_config import MAX_TILE_T_SPLIT4, W4A16_TILE_TABLE, TileConfig, choose_w4a16_tile
+from light_moe.kernels.tile_config import (
+    MAX_TILE_T_SPLIT4,
+    W4A16_TILE_TABLE,
+    TileConfig,
+    choose_w4a16_tile,
+    direct_splits,
+)
 from light_moe.kernels.w4a16_layout import ATOM_M, GROUP_SIZES, TILE_K
 
 MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
@@ -62,11 +68,9 @@ def supports_direct(*, n_out: int, k_dim: int, num_experts: int, group_size: int
     if group_size not in (TILE_K, 2 * TILE_K):
         return False, (f"the direct kernel needs g = {TILE_K} or {2 * TILE_K} (one group per k-tile or two), "
                        f"got {group_size}")
-    k_tiles = k_dim // TILE_K
-    per_warp = k_tiles // config.direct_warps
-    if k_tiles % config.direct_warps or per_warp % (group_size // TILE_K):
-        return False, (f"{config.direct_warps} warps must split the {k_tiles} k-tiles of K={k_dim} into whole groups "
-                       f"of g = {group_size}")
+    if not direct_splits(k_dim, group_size, config.direct_warps):
+        return False, (f"{config.direct_warps} warps must split the {k_dim // TILE_K} k-tiles of K={k_dim} into whole "
+                       f"groups of g = {group_size}")
     ring = direct_ring(config, num_experts)
     if config.stages and ring < config.stages:
         return False, f"{config.stages} ring slots per warp of {config} do not fit in shared memory"

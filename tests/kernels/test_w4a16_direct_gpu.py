@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.kernels.gpu_helpers import rel_l2, replay_up_down_on_new_routing, w4a16_reference_down, w4a16_reference_up
-from tests.kernels.gpu_helpers import routing as make_routing
-from tests.kernels.test_w4a16_gpu import _quantized
+from tests.kernels.test_w4a16_gpu import _problem
 
 pytestmark = pytest.mark.gpu
 
@@ -24,20 +23,6 @@ def _config(warps: int, early: bool, stages: int = 0):
     from light_moe.kernels.tile_config import TileConfig
 
     return TileConfig(64, 8, stages=stages, direct_warps=warps, early_weights=early)
-
-
-def _problem(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed):
-    from light_moe.kernels import w4a16_gemm as w4
-
-    device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
-    w13 = _quantized(num_experts, 2 * inter, hidden, group_size, with_zeros, device, gen)
-    w2 = _quantized(num_experts, hidden, inter, group_size, with_zeros, device, gen)
-    offsets, gather_index, _ = make_routing(num_tokens, num_experts, top_k, device, gen)
-    w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
-    w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
-    return x, offsets, gather_index, w13, w2, w13p, w2p
 
 
 def _check(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, up_config, down_config):

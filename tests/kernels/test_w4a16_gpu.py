@@ -35,8 +35,9 @@ def _quantized(num_experts, n_out, k_dim, group_size, with_zeros, device, genera
     return qweight, scales, zeros
 
 
-def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, config=None):
-    """Up then down (NaN-poisoned outputs) against the dequantised reference; config=None: the table's tile."""
+def _problem(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed):
+    """(x, offsets, gather_index, canonical w13, canonical w2, prepared w13, prepared w2) of one MoE layer, fresh
+    random inputs from `seed`."""
     from light_moe.kernels import w4a16_gemm as w4
 
     device = torch.device("cuda")
@@ -45,9 +46,19 @@ def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_
     w13 = _quantized(num_experts, 2 * inter, hidden, group_size, with_zeros, device, gen)
     w2 = _quantized(num_experts, hidden, inter, group_size, with_zeros, device, gen)
     offsets, gather_index, _ = _routing(num_tokens, num_experts, top_k, device, gen)
-    num_rows = gather_index.shape[0]
     w13p = w4.prepare_w4a16_weights(*w13, group_size, gated=True)
     w2p = w4.prepare_w4a16_weights(*w2, group_size, gated=False)
+    return x, offsets, gather_index, w13, w2, w13p, w2p
+
+
+def _check_case(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, config=None):
+    """Up then down (NaN-poisoned outputs) against the dequantised reference; config=None: the table's tile."""
+    from light_moe.kernels import w4a16_gemm as w4
+
+    x, offsets, gather_index, w13, w2, w13p, w2p = _problem(num_tokens, num_experts, top_k, hidden, inter,
+                                                            group_size, with_zeros, seed)
+    device = x.device
+    num_rows = gather_index.shape[0]
 
     act = torch.full((num_rows, inter), float("nan"), device=device, dtype=torch.bfloat16)
     w4.w4a16_expert_up(x, gather_index, offsets, w13p, out=act, config=config)
