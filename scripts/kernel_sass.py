@@ -54,6 +54,11 @@ if {kind == "w4a16"}:
     if config.direct_warps:
         from light_moe.kernels.w4a16_direct import make_direct_kernel
         kernel = make_direct_kernel(gated, n_out, k_dim, E, G, config)
+        try:  # its stream-K workspace (a checkout from before session 19 has none)
+            from tests.kernels.test_w4a16_direct_compile import _args as _direct_args
+            n_out, k_dim, args = _direct_args(gated, E, H, I, G)
+        except ImportError:
+            pass
     else:
         kernel = W4A16GroupedGemmSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E, group_size=G,
                                       config=config)

@@ -93,16 +93,17 @@ def _parse_config(spec: str, table):
     consumer), sN: N pipeline stages, lN: cp.async lag N of the producer fence, b: k-block pipelined wgmma,
     w: int4 weights by cp.async.bulk, t: token rows by TMA (the up projection gathers x into [M, H] first, in the
     timed graph), d: deferred group scale, f: the down projection's L2 prefetch before its wait; gN: the direct
-    decode kernel with N warps per CTA (64x8gN, sN its ring depth), e: its down projection's int4 before the wait."""
+    decode kernel with N warps per CTA (64x8gN, sN its ring depth), e: its down projection's int4 before the wait,
+    k: its stream-K schedule."""
     from light_moe.kernels.tile_config import TileConfig
 
     m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:x(\d+))?([pcn])?(?:s(\d+))?(?:l(\d+))?(b)?(w)?(t)?(d)?(f)?"
-                     r"(?:g(\d+))?(e)?", spec)
+                     r"(?:g(\d+))?(e)?(k)?", spec)
     if m is None:
         raise ValueError(f"tile spec {spec!r}: tile_w x tile_t [x k_split [x k-tiles per stage]] [p|c|n] [sN] [lN] [b] "
-                         "[w] [t] [d] [f] [gN] [e]")
+                         "[w] [t] [d] [f] [gN] [e] [k]")
     (tile_w, tile_t, k_split, per_stage, fence, stages, lag, kblock, bulk, tma, deferred, prefetch, direct,
-     early) = m.groups()
+     early, stream_k) = m.groups()
     tile_w, tile_t = int(tile_w), int(tile_t)
     fence = {"p": "producer", "c": "consumer", "n": "none", None: None}[fence]  # n: racy, to measure the fence
     if fence is None:
@@ -110,7 +111,8 @@ def _parse_config(spec: str, table):
     return TileConfig(tile_w, tile_t, fence, int(k_split or 1), int(stages or 0), int(per_stage or 1), int(lag or 1),
                       kblock_pipeline=kblock is not None, bulk_weights=bulk is not None, tma_tokens=tma is not None,
                       deferred_scale=deferred is not None, l2_prefetch=prefetch is not None,
-                      direct_warps=int(direct or 0), early_weights=early is not None)
+                      direct_warps=int(direct or 0), early_weights=early is not None,
+                      stream_k=stream_k is not None)
 
 
 def main() -> None:

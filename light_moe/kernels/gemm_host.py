@@ -98,11 +98,11 @@ def cached_views(cache: dict, key: Hashable, make: Callable[[], object]):
 
 def launch(cache: CompileCache, key: Hashable, make_kernel: Callable[[], object], weight_views: tuple,
            tokens: torch.Tensor, gather_index: torch.Tensor, expert_offsets: torch.Tensor,
-           out: torch.Tensor, bias_view=None) -> torch.Tensor:
+           out: torch.Tensor, bias_view=None, extra_args: tuple = ()) -> torch.Tensor:
     """Runs the kernel compiled for `key` (make_kernel() builds it on a miss) on the current stream, one CTA per
     SM (persistent); the down projection passes expert_offsets as the gather_index it does not read. bias_view:
     the epilogue's bias (expert_epilogue.bias_view), the kernel's last argument; without it the default kernels
-    get exactly the arguments they always had."""
+    get exactly the arguments they always had. extra_args: appended last (the direct W4A16 kernel's workspace)."""
     args = (
         *weight_views,
         rows_view(tokens),
@@ -114,5 +114,6 @@ def launch(cache: CompileCache, key: Hashable, make_kernel: Callable[[], object]
     )
     if bias_view is not None:
         args = (*args, bias_view)
+    args = (*args, *extra_args)
     cache.get(key, lambda: (make_kernel(), args))(*args)
     return out

@@ -95,6 +95,11 @@ class TileConfig:
     # direct kernel, down projection: the first ring slots' int4 is requested before griddepcontrol.wait (the
     # expert list was complete before the up GEMM passed its own wait), streaming while the up GEMM drains
     early_weights: bool = False
+    # direct kernel: stream-K, every CTA takes an equal contiguous run of (unit, one group per warp) steps instead of
+    # whole units, so the last wave is as full as the first (T = 1 up: 896 units on 264 CTAs would leave 3 or 4 per
+    # CTA; the T = 1 down projection's 128 units would leave half the CTAs idle); a unit split between CTAs is
+    # summed by the last of them to finish (fp32 partials in a global workspace, in CTA order: deterministic)
+    stream_k: bool = False
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -117,6 +122,8 @@ class TileConfig:
                                   or self.kblock_pipeline or self.bulk_weights or self.tma_tokens):
             raise ValueError(f"the direct kernel (direct_warps={self.direct_warps}) takes a plain 64 x 8 tile, "
                              f"got {self}")
+        if (self.early_weights or self.stream_k) and not self.direct_warps:
+            raise ValueError(f"early_weights and stream_k belong to the direct kernel (direct_warps > 0), got {self}")
 
 
 def expected_tokens_per_expert(num_rows: int, num_experts: int) -> float:
@@ -187,11 +194,11 @@ def direct_splits(k_dim: int, group_size: int, warps: int) -> bool:
 
 def direct_tile(k_dim: int, group_size: int, gated: bool) -> TileConfig | None:
     """The direct decode kernel's tile (w4a16_direct.py) for a projection of reduction size k_dim: the most warps
-    of DIRECT_WARPS that split its k-tiles into whole groups (the down projection also requests its first int4
-    before the dependency wait); None where none does or g is not 64 or 128 (the wgmma tile stays)."""
+    of DIRECT_WARPS that split its k-tiles into whole groups, stream-K (the down projection also requests its first
+    int4 before the dependency wait); None where none does or g is not 64 or 128 (the wgmma tile stays)."""
     for warps in sorted(DIRECT_WARPS, reverse=True):
         if direct_splits(k_dim, group_size, warps):
-            return TileConfig(ATOM_M, 8, direct_warps=warps, early_weights=not gated)
+            return TileConfig(ATOM_M, 8, direct_warps=warps, early_weights=not gated, stream_k=True)
     return None
 
 

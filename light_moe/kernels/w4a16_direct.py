@@ -42,11 +42,14 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils as utils
+import torch
 from cutlass import Float32, Int32, Int64
 from cutlass._mlir.dialects import llvm
+from cutlass.cute.runtime import from_dlpack
 from cutlass.cutlass_dsl import dsl_user_op
 
 from light_moe.kernels import w4a16_plan
+from light_moe.kernels.decode_attention import arrive_acq_rel
 from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, ExpertEpilogue, gated_activation
 from light_moe.kernels.gemm_pipeline import build_tile_schedule, locate_tile
 from light_moe.kernels.launch import await_inputs
@@ -121,6 +124,20 @@ def sts_f32(addr: Int32, value: Float32, *, loc=None, ip=None) -> None:
 
 
 @dsl_user_op
+def stg_f32(addr: Int64, value: Float32, *, loc=None, ip=None) -> None:
+    _asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Float32(value).ir_value(loc=loc, ip=ip)],
+         "st.global.f32 [$0], $1;", "l,f", loc, ip)
+
+
+@dsl_user_op
+def ldg_cg_f32(addr: Int64, *, loc=None, ip=None) -> Float32:
+    """ld.global.cg: from L2, never a stale L1 line (another CTA's stream-K partial, read after the acquire)."""
+    return Float32(llvm.inline_asm(Float32.mlir_type, [Int64(addr).ir_value(loc=loc, ip=ip)],
+                                   "ld.global.cg.f32 $0, [$1];", "=f,l", has_side_effects=True, is_align_stack=False,
+                                   asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
 def stg_bf16(addr: Int64, value: Float32, *, loc=None, ip=None) -> None:
     """value rounded to bf16 (nearest even), stored as 2 bytes at global address addr."""
     _asm(None, [Int64(addr).ir_value(loc=loc, ip=ip), Float32(value).ir_value(loc=loc, ip=ip)],
@@ -146,13 +163,38 @@ def partial_offset(warp, block, value, lane):
     return (((warp * M16 + block) * 4 + value) * WARP + lane) * 4
 
 
+def stream_k_start(cta, steps_total, ctas):
+    """Stream-K: the first (unit, group per warp) step of CTA `cta` (its run ends where cta + 1's starts); ctas =
+    min(grid, steps_total), so that every run has a step (an empty run inside a unit's sharers would be counted
+    as one)."""
+    return cta * steps_total // ctas
+
+
+def stream_k_owner(step, steps_total, ctas):
+    """Stream-K: the CTA whose run holds `step` (the largest cta with stream_k_start(cta) <= step)."""
+    return ((step + 1) * ctas - 1) // steps_total
+
+
+def sharer_slot(cta, unit, unit_steps, steps_total, ctas, minimum=min):
+    """Stream-K: the workspace slot (and counter) CTA `cta` keeps for `unit`, a unit it shares with other CTAs:
+    2 cta for its first unit, 2 cta + 1 for its last (a CTA shares no other). minimum: cutlass.min in a kernel."""
+    return cta * 2 + minimum(unit - stream_k_start(cta, steps_total, ctas) // unit_steps, 1)
+
+
+def direct_workspace_sizes(num_sms: int) -> tuple[int, int]:
+    """(fp32 words, int32 counters) of the stream-K workspace: per CTA two slots (its first and its last unit, the
+    only ones it can share) of a unit's ATOM_M x TOKENS partial sums, and a counter per slot."""
+    ctas = num_sms * CTAS_PER_SM
+    return ctas * 2 * ATOM_M * TOKENS, ctas * 2
+
+
 class W4A16DirectSm90:
     """out[rows of e] = (SiLU * up of) tokens[rows of e] @ dequant(W[e])^T for every expert e, one launch, for
     routed-row counts of decode. Arguments as W4A16GroupedGemmSm90 (gemm_host.launch): the prepared weights as
     16-byte chunk views, tokens, gather_index (read only when gated), expert_offsets, out, the SM count."""
 
     def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, k_warps: int,
-                 ring: int, early_weights: bool):
+                 ring: int, early_weights: bool, stream_k: bool):
         self.gated = gated
         self.n_out = n_out
         self.k_dim = k_dim
@@ -170,6 +212,8 @@ class W4A16DirectSm90:
         self.ring = ring
         # the up projection's expert list is its predecessor's (the router's) output: it must wait first
         self.early = early_weights and not gated
+        self.stream_k = stream_k
+        self.unit_steps = self.kpw // self.gk  # stream-K steps of a unit: one group per warp each
 
     @cute.jit
     def __call__(
@@ -182,19 +226,22 @@ class W4A16DirectSm90:
         out: cute.Tensor,  # (M, N/2) gated, (M, N) otherwise
         num_ctas: Int32,  # SMs; the grid is CTAS_PER_SM per SM
         stream: cuda.CUstream,
+        workspace: cute.Tensor,  # (direct_workspace_sizes[0],) fp32: stream-K partials (read only with stream_k)
+        counters: cute.Tensor,  # (direct_workspace_sizes[1],) int32 zeros, left zero: stream-K arrivals
     ):
         @cute.struct
         class SharedStorage:
             expert_rows: cute.struct.MemRange[Int32, self.num_experts + 1]
             tile_prefix: cute.struct.MemRange[Int32, self.num_experts + 1]
+            arrivals: cute.struct.MemRange[Int32, 1]  # stream-K: thread 0's count, for the whole CTA
             part: cute.struct.Align[cute.struct.MemRange[Float32, 2 * self.k_warps * PART_BYTES_PER_WARP // 4], 16]
             ring: cute.struct.Align[cute.struct.MemRange[Int32, self.k_warps * self.ring * SLOT_BYTES // 4], 128]
 
         self.shared_storage = SharedStorage
-        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out).launch(
+        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out, workspace, counters).launch(
             grid=(num_ctas * CTAS_PER_SM, 1, 1),
             block=(self.threads, 1, 1),
-            min_blocks_per_mp=1,
+            min_blocks_per_mp=CTAS_PER_SM,  # caps registers at 65536 / (CTAS_PER_SM * threads)
             stream=stream,
             use_pdl=True,
         )
@@ -263,10 +310,10 @@ class W4A16DirectSm90:
                    pos: cutlass.Constexpr):
         """The load cursor's step: its int4 and group meta (weights) and / or token rows (tokens) copied into `slot`
         (pos: the step's k-tile within its group), then the cursor one step on, to the next unit's first k-tile
-        after a unit's last. cur = (unit, j, expert, int4, meta and token row addresses, token rows present); ctx =
+        after a unit's last (the next unit: + 1 under stream-K, + grid size otherwise). cur = (unit, j, expert, int4, meta and token row addresses, token rows present); ctx =
         what load_cursor reads."""
         unit, j, e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1 = cur
-        gdim, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base = ctx
+        unit_step, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base = ctx
         if cutlass.const_expr(weights):
             self.issue_weights(slot, q_ptr, m_ptr, lane, pos == 0)
         if cutlass.const_expr(tokens):
@@ -279,7 +326,7 @@ class W4A16DirectSm90:
         j = j + 1
         if j == self.kpw:
             j = Int32(0)
-            unit = unit + gdim
+            unit = unit + unit_step
             if unit < total:
                 e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1 = self.load_cursor(
                     unit, e, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
@@ -322,46 +369,118 @@ class W4A16DirectSm90:
                     gacc[4 * b + i] = c[i]
 
     @cute.jit
-    def finish_unit(self, acc: cute.Tensor, part: Int32, warp: Int32, lane: Int32, tidx: Int32, atom: Int32,
-                    row_start: Int32, n_valid: Int32, o_base: Int64):
-        """The unit's end: each warp's fp32 partials to `part` (this unit's half of the double buffer), one CTA
-        barrier, then every thread sums the KW partials of its outputs in warp order, applies SiLU * up (gated)
-        and stores bf16. Double buffering makes one barrier per unit enough: a warp writes a half only after the
-        next unit's barrier, which every reader of that half's previous unit passed after its reads."""
+    def stage_partials(self, acc: cute.Tensor, part: Int32, warp: Int32, lane: Int32):
+        """Each warp's fp32 partials of the unit to `part` (this unit's half of the double buffer), zeroed in
+        registers, then one CTA barrier. Double buffering makes one barrier per unit enough: a warp writes a half
+        only after the next unit's barrier, which every reader of that half's previous unit passed after its
+        reads."""
         for b in cutlass.range_constexpr(M16):
             for i in cutlass.range_constexpr(4):
                 sts_f32(part + partial_offset(warp, b, i, lane), acc[4 * b + i])
                 acc[4 * b + i] = Float32(0.0)
         cute.arch.sync_threads()
+
+    @cute.jit
+    def item_sums(self, part: Int32, tok: Int32, col: Int32):
+        """Output item (routed row tok, column col) summed over the KW warp partials in warp order: (gate, up) of
+        it (gated), else (value, 0)."""
+        # C fragment of m16 block b: value i of lane 4 g + q = (row g + 8 (i // 2), token 2 q + i % 2)
+        src_lane = (col % 8) * 4 + tok // 2
+        first = Float32(0.0)
+        second = Float32(0.0)
+        if cutlass.const_expr(self.gated):
+            # gate row 16 b + g and its up row 16 b + g + 8 make output column 8 b + g (interleave by 8)
+            b = col // 8
+            for w in cutlass.range_constexpr(self.k_warps):
+                first = first + lds_f32(part + partial_offset(w, b, tok % 2, src_lane))
+                second = second + lds_f32(part + partial_offset(w, b, 2 + tok % 2, src_lane))
+        else:
+            b = col // 16
+            for w in cutlass.range_constexpr(self.k_warps):
+                first = first + lds_f32(part + partial_offset(w, b, 2 * ((col % 16) // 8) + tok % 2, src_lane))
+        return first, second
+
+    @cute.jit
+    def store_item(self, o_base: Int64, atom: Int32, row_start: Int32, tok: Int32, col: Int32, first: Float32,
+                   second: Float32):
+        """SiLU(gate) * up (gated) or the value, as bf16 at (routed row row_start + tok, the atom's column col)."""
+        value = first
+        if cutlass.const_expr(self.gated):
+            value = gated_activation(first, second, DEFAULT_EPILOGUE)
+        stg_bf16(o_base + (Int64(row_start + tok) * self.out_pitch + atom * self.out_cols + col) * 2, value)
+
+    @cute.jit
+    def finish_unit(self, acc: cute.Tensor, part: Int32, warp: Int32, lane: Int32, tidx: Int32, atom: Int32,
+                    row_start: Int32, n_valid: Int32, o_base: Int64):
+        """The end of a unit this CTA computed whole: the warps' partials meet in shared memory, every thread sums
+        its outputs in warp order and stores them."""
+        self.stage_partials(acc, part, warp, lane)
         n_items = TOKENS * self.out_cols
         for rnd in cutlass.range_constexpr((n_items + self.threads - 1) // self.threads):
             item = tidx + rnd * self.threads
             tok = item // self.out_cols
             col = item - tok * self.out_cols
             if item < n_items and tok < n_valid:
-                # C fragment of m16 block b: value i of lane 4 g + q = (row g + 8 (i // 2), token 2 q + i % 2)
-                src_lane = (col % 8) * 4 + tok // 2
+                first, second = self.item_sums(part, tok, col)
+                self.store_item(o_base, atom, row_start, tok, col, first, second)
+
+    @cute.jit
+    def finish_shared(self, acc: cute.Tensor, part: Int32, warp: Int32, lane: Int32, tidx: Int32, unit: Int32,
+                      atom: Int32, row_start: Int32, n_valid: Int32, o_base: Int64, sched, ws_base: Int64,
+                      counters: cute.Tensor, s_arrivals: cute.Tensor):
+        """Stream-K, the end of this CTA's part of a unit other CTAs share: the CTA's sums (gate and up apart) to its
+        workspace slot, then a count on the unit's counter (release / acquire, as decode attention's merge); the
+        CTA that completes the count adds every sharer's slot in CTA order (the result does not depend on who
+        finishes last), stores the outputs and sets the counter back to zero. sched = (stream-K steps in all,
+        CTAs with a run, this CTA)."""
+        steps_total, ctas, bidx = sched
+        self.stage_partials(acc, part, warp, lane)
+        n_items = TOKENS * self.out_cols
+        slot_words = ATOM_M * TOKENS
+        total64 = Int64(steps_total)
+        ctas64 = Int64(ctas)
+        unit64 = Int64(unit)
+        per_unit = Int64(self.unit_steps)
+        mine = ws_base + sharer_slot(Int64(bidx), unit64, per_unit, total64, ctas64, cutlass.min) * (slot_words * 4)
+        for rnd in cutlass.range_constexpr((n_items + self.threads - 1) // self.threads):
+            item = tidx + rnd * self.threads
+            tok = item // self.out_cols
+            if item < n_items and tok < n_valid:
+                first, second = self.item_sums(part, tok, item - tok * self.out_cols)
                 if cutlass.const_expr(self.gated):
-                    # gate row 16 b + g and its up row 16 b + g + 8 make output column 8 b + g (interleave by 8)
-                    b = col // 8
-                    gate = Float32(0.0)
-                    up = Float32(0.0)
-                    for w in cutlass.range_constexpr(self.k_warps):
-                        gate = gate + lds_f32(part + partial_offset(w, b, tok % 2, src_lane))
-                        up = up + lds_f32(part + partial_offset(w, b, 2 + tok % 2, src_lane))
-                    value = gated_activation(gate, up, DEFAULT_EPILOGUE)
+                    stg_f32(mine + Int64(2 * item) * 4, first)
+                    stg_f32(mine + Int64(2 * item + 1) * 4, second)
                 else:
-                    b = col // 16
-                    value = Float32(0.0)
-                    for w in cutlass.range_constexpr(self.k_warps):
-                        value = value + lds_f32(part + partial_offset(w, b, 2 * ((col % 16) // 8) + tok % 2,
-                                                                      src_lane))
-                dst = o_base + (Int64(row_start + tok) * self.out_pitch + atom * self.out_cols + col) * 2
-                stg_bf16(dst, value)
+                    stg_f32(mine + Int64(item) * 4, first)
+        head = stream_k_owner(unit64 * per_unit, total64, ctas64)  # the unit's first and last sharers
+        tail = stream_k_owner(unit64 * per_unit + per_unit - 1, total64, ctas64)
+        counter = Int32(sharer_slot(head, unit64, per_unit, total64, ctas64, cutlass.min))  # the head's slot
+        cute.arch.sync_threads()  # every thread's partial stores precede thread 0's release
+        if tidx == 0:
+            s_arrivals[0] = arrive_acq_rel(counters.iterator + counter)
+        cute.arch.sync_threads()  # thread 0's acquire precedes every thread's loads of the other slots
+        if s_arrivals[0] == Int32(tail - head):
+            if tidx == 0:
+                counters[counter] = Int32(0)  # every sharer has counted: nobody else touches it in this launch
+            for rnd in cutlass.range_constexpr((n_items + self.threads - 1) // self.threads):
+                item = tidx + rnd * self.threads
+                tok = item // self.out_cols
+                if item < n_items and tok < n_valid:
+                    first = Float32(0.0)
+                    second = Float32(0.0)
+                    for c in range(Int32(head), Int32(tail) + 1):
+                        theirs = ws_base + sharer_slot(Int64(c), unit64, per_unit, total64, ctas64,
+                                                       cutlass.min) * (slot_words * 4)
+                        if cutlass.const_expr(self.gated):
+                            first = first + ldg_cg_f32(theirs + Int64(2 * item) * 4)
+                            second = second + ldg_cg_f32(theirs + Int64(2 * item + 1) * 4)
+                        else:
+                            first = first + ldg_cg_f32(theirs + Int64(item) * 4)
+                    self.store_item(o_base, atom, row_start, tok, item - tok * self.out_cols, first, second)
 
     @cute.kernel
     def kernel(self, qweight: cute.Tensor, meta: cute.Tensor, tokens: cute.Tensor, gather_index: cute.Tensor,
-               expert_offsets: cute.Tensor, out: cute.Tensor):
+               expert_offsets: cute.Tensor, out: cute.Tensor, workspace: cute.Tensor, counters: cute.Tensor):
         n_exp = self.num_experts
         ring = self.ring
         gk = self.gk
@@ -374,6 +493,7 @@ class W4A16DirectSm90:
         storage = utils.SmemAllocator().allocate(self.shared_storage)
         s_rows = storage.expert_rows.get_tensor(cute.make_layout(n_exp + 1))
         s_prefix = storage.tile_prefix.get_tensor(cute.make_layout(n_exp + 1))
+        s_arrivals = storage.arrivals.get_tensor(cute.make_layout(1))
         if cutlass.const_expr(not self.early):
             await_inputs()  # expert_offsets, gather_index, tokens: the predecessors' outputs
         if warp == 0:
@@ -381,10 +501,25 @@ class W4A16DirectSm90:
         cute.arch.sync_threads()
 
         total = s_prefix[n_exp]
-        mine = Int32(0)
-        if bidx < total:
-            mine = (total - bidx + gdim - 1) // gdim
-        steps = mine * kpw  # the same for every warp of the CTA: the unit barriers line up
+        # the CTA's work: units first_unit, + unit_step, ..., starting at k-tile j0 of the warps' ranges; `steps`
+        # k-tiles per warp, the same for every warp of the CTA, so the unit barriers line up
+        steps_total = total * self.unit_steps  # stream-K: (unit, one group per warp) steps
+        first_unit = bidx
+        j0 = Int32(0)
+        unit_step = gdim
+        steps = Int32(0)
+        ctas = cutlass.min(gdim, steps_total)  # stream-K: CTAs with a run (at least one step each)
+        if cutlass.const_expr(self.stream_k):
+            unit_step = Int32(1)
+            if bidx < ctas:
+                s0 = Int32(stream_k_start(Int64(bidx), Int64(steps_total), Int64(ctas)))
+                s1 = Int32(stream_k_start(Int64(bidx + 1), Int64(steps_total), Int64(ctas)))
+                first_unit = s0 // self.unit_steps
+                j0 = (s0 - first_unit * self.unit_steps) * gk
+                steps = (s1 - s0) * gk
+        else:
+            if bidx < total:
+                steps = (total - bidx + gdim - 1) // gdim * kpw
         ring_base = storage.ring.data_ptr().toint() + warp * (ring * SLOT_BYTES)
         part_base = storage.part.data_ptr().toint()
         q_base = qweight.iterator.toint()
@@ -395,12 +530,13 @@ class W4A16DirectSm90:
 
         # The load cursor runs ring - 1 steps ahead of the compute: (unit, j = k-tile of the warp's range), the
         # unit's expert and this lane's source addresses (load_cursor), advanced by constant strides (issue_step).
-        ctx = (gdim, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
-        l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = (bidx, Int32(0), Int32(0), q_base, m_base, t_base,
+        ctx = (unit_step, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base)
+        l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = (first_unit, j0, Int32(0), q_base, m_base, t_base,
                                                                   t_base, Int32(0), Int32(0))
-        if bidx < total:
-            l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(bidx, l_e, lane, kt0, s_rows, s_prefix,
-                                                                          gather_index, q_base, m_base, t_base)
+        if steps > 0:
+            l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.load_cursor(first_unit, l_e, lane, kt0 + j0, s_rows,
+                                                                          s_prefix, gather_index, q_base, m_base,
+                                                                          t_base)
         # prologue: steps 0 .. ring - 2, one cp.async group each (empty past the end). Early weights: the int4 and
         # meta of those steps before the dependency wait, their token rows after it in a second pass, one group
         # per pass and step; the main loop's wait_group(ring - 1) still finds step s complete (the int4 groups are
@@ -428,9 +564,13 @@ class W4A16DirectSm90:
         gacc = cute.make_rmem_tensor((M16 * 4,), Float32)
         scale_f = cute.make_rmem_tensor((M16 * 2,), Float32)
         negz = cute.make_rmem_tensor((M16 * 2,), Int32)
-        c_unit = bidx
-        c_j = Int32(0)
+        c_unit = first_unit
+        c_j = j0
+        c_whole = Int32(j0 == 0)  # this CTA computes the unit from its first k-tile (stream-K: maybe not)
         c_e = Int32(0)
+        last_sp = steps // gk - 1
+        sched = (steps_total, ctas, bidx)
+        ws_base = workspace.iterator.toint()
         parity = Int32(0)
         slot_c = Int32(0)  # ring slot of the step computed next; step s + ring - 1 loads into the slot before it
         for sp in range(steps // gk):
@@ -451,13 +591,44 @@ class W4A16DirectSm90:
                 if slot_c == ring:
                     slot_c = Int32(0)
             c_j = c_j + gk
-            if c_j == kpw:
+            if c_j == kpw or sp == last_sp:  # the unit's end or (stream-K) the end of this CTA's run
                 c_e, c_atom, c_row, c_nv = self.unit_rows(c_unit, c_e, s_rows, s_prefix)
-                self.finish_unit(acc, part_base + parity * (self.k_warps * PART_BYTES_PER_WARP), warp, lane, tidx,
-                                 c_atom, c_row, c_nv, o_base)
+                part = part_base + parity * (self.k_warps * PART_BYTES_PER_WARP)
+                if cutlass.const_expr(self.stream_k):
+                    if c_whole != 0 and c_j == kpw:
+                        self.finish_unit(acc, part, warp, lane, tidx, c_atom, c_row, c_nv, o_base)
+                    else:
+                        self.finish_shared(acc, part, warp, lane, tidx, c_unit, c_atom, c_row, c_nv, o_base, sched,
+                                           ws_base, counters, s_arrivals)
+                else:
+                    self.finish_unit(acc, part, warp, lane, tidx, c_atom, c_row, c_nv, o_base)
                 parity = parity ^ 1
                 c_j = Int32(0)
-                c_unit = c_unit + gdim
+                c_whole = Int32(1)
+                c_unit = c_unit + unit_step
+
+
+_workspaces: dict = {}  # device -> (fp32 partials, int32 counters, their cute views)
+
+
+def direct_workspace(device, num_sms: int) -> tuple:
+    """The kernel's (workspace, counters) views on `device` (direct_workspace_sizes), made on first use: the
+    counters are zero and every launch leaves them zero; one set per device, as launches on it are serialised
+    (the engine runs its layers on one stream; decode attention's merge counters rest on the same). Not made
+    inside CUDA graph capture (a buffer made there would be zeroed only when that graph replays): the engine's
+    and the benchmarks' graphs run every shape once eagerly first."""
+    entry = _workspaces.get(device)
+    if entry is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the direct W4A16 kernel's workspace on {device} was first needed inside CUDA graph "
+                               "capture; run the projection once outside capture first")
+        words, count = direct_workspace_sizes(num_sms)
+        ws = torch.empty(words, dtype=torch.float32, device=device)
+        counters = torch.zeros(count, dtype=torch.int32, device=device)
+        entry = _workspaces[device] = (ws, counters, from_dlpack(ws, assumed_align=16),
+                                       from_dlpack(counters, assumed_align=4))
+    return entry[2], entry[3]
+
 
 def make_direct_kernel(gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig,
                        epilogue: ExpertEpilogue = DEFAULT_EPILOGUE) -> W4A16DirectSm90:
@@ -470,4 +641,4 @@ def make_direct_kernel(gated: bool, n_out: int, k_dim: int, num_experts: int, gr
         raise ValueError(reason)
     return W4A16DirectSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size,
                            k_warps=config.direct_warps, ring=w4a16_plan.direct_ring(config, num_experts),
-                           early_weights=config.early_weights)
+                           early_weights=config.early_weights, stream_k=config.stream_k)

@@ -84,7 +84,7 @@ from light_moe.kernels.w4a16_dequant import (
     prmt,
     remove_zero,
 )
-from light_moe.kernels.w4a16_direct import make_direct_kernel
+from light_moe.kernels.w4a16_direct import direct_workspace, make_direct_kernel
 from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     TILE_K,
@@ -835,8 +835,9 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
         return W4A16GroupedGemmSm90(gated=prepared.gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
                                     group_size=prepared.group_size, config=config, epilogue=epilogue)
 
+    extra = direct_workspace(out.device, sm_count(out.device)) if config.direct_warps else ()
     return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out,
-                            None if bias is None else expert_epilogue.bias_view(bias))
+                            None if bias is None else expert_epilogue.bias_view(bias), extra)
 
 
 def _check_prepared(name: str, prepared: W4A16Weights, gated: bool):

@@ -7,7 +7,10 @@ What happens after that depends on CUTE_DSL_ARCH, which 4.3.5 reads once, at `im
   * later ones raise RuntimeError("Unknown function cutlass_...") because the driver check runs
     once per process.
 Both count as success only if a fresh, non-empty cubin was written.
+A launch with min_blocks_per_mp > 1 asks the device for its shared memory per SM (the DSL turns it into a
+carveout hint) while tracing; without a driver, the sm_90 value answers (device_attributes_of_sm90).
 """
+import contextlib
 import glob
 import os
 import re
@@ -27,6 +30,33 @@ def _is_missing_driver(exc: BaseException) -> bool:
     return False
 
 
+SM90_DEVICE_ATTRIBUTES = {"CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": 233472}  # 228 KB
+
+
+@contextlib.contextmanager
+def device_attributes_of_sm90():
+    """While tracing: a device attribute query the driver cannot answer (no GPU) gets the H100's value, if it is one
+    of SM90_DEVICE_ATTRIBUTES; anything else still raises."""
+    from cutlass.base_dsl.runtime import cuda as cuda_helpers
+
+    real = cuda_helpers.get_device_attribute
+
+    def query(attribute, device_id: int = 0):
+        try:
+            return real(attribute, device_id)
+        except Exception:  # noqa: BLE001 - no driver: answer for sm_90 or re-raise
+            name = getattr(attribute, "name", str(attribute))
+            if name not in SM90_DEVICE_ATTRIBUTES:
+                raise
+            return SM90_DEVICE_ATTRIBUTES[name]
+
+    cuda_helpers.get_device_attribute = query
+    try:
+        yield
+    finally:
+        cuda_helpers.get_device_attribute = real
+
+
 def _compile(jit_fn, args, dump_root: str, keep: str) -> tuple[str, float]:
     """cute.compile for sm_90a keeping `keep` ("--keep-cubin", plus "--keep-ptx") in a fresh dump directory;
     returns (that directory, seconds). Raises on any real compile error."""
@@ -37,7 +67,8 @@ def _compile(jit_fn, args, dump_root: str, keep: str) -> tuple[str, float]:
     options = f"--gpu-arch sm_90a {keep} --dump-dir {shlex.quote(str(dump_dir))}"
     start = time.perf_counter()
     try:
-        cute.compile(jit_fn, *args, options=options)
+        with device_attributes_of_sm90():
+            cute.compile(jit_fn, *args, options=options)
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is the missing driver
         if not _is_missing_driver(exc):
             raise

@@ -6,11 +6,14 @@ import pytest
 
 cute = pytest.importorskip("cutlass.cute")
 
+from cutlass import Float32, Int32  # noqa: E402
+from cutlass.cute.runtime import make_fake_compact_tensor  # noqa: E402
+
 from light_moe.kernels import w4a16_direct as direct  # noqa: E402
 from light_moe.kernels import w4a16_plan  # noqa: E402
 from light_moe.kernels.tile_config import TileConfig, choose_w4a16_tile, direct_tile  # noqa: E402
 from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
-from tests.kernels.test_w4a16_compile import _args  # noqa: E402
+from tests.kernels.test_w4a16_compile import _args as _gemm_args  # noqa: E402
 
 MIXTRAL = (8, 4096, 14336)
 
@@ -23,8 +26,22 @@ CASES = {
     "down_mixtral_w2_g64_early_ring2": (False, *MIXTRAL, 64,
                                         TileConfig(64, 8, stages=2, direct_warps=2, early_weights=True)),
     "up_e64_w8_g128": (True, 64, 1024, 1024, 128, TileConfig(64, 8, direct_warps=8)),
+    # stream-K: the default direct tiles (direct_tile) and a g = 64 one
+    "up_mixtral_w8_g128_stream_k": (True, *MIXTRAL, 128, TileConfig(64, 8, direct_warps=8, stream_k=True)),
+    "down_mixtral_w8_g128_early_stream_k": (False, *MIXTRAL, 128,
+                                            TileConfig(64, 8, direct_warps=8, early_weights=True, stream_k=True)),
+    "down_mixtral_w4_g64_stream_k": (False, *MIXTRAL, 64, TileConfig(64, 8, direct_warps=4, stream_k=True)),
     "down_e64_w4_g128_refused": (False, 64, 1024, 768, 128, TileConfig(64, 8, direct_warps=4)),
 }
+
+
+def _args(gated: bool, num_experts: int, hidden: int, inter: int, group_size: int):
+    """The grouped GEMM's arguments, then the stream-K workspace and counters (one CTA pair per SM of 132)."""
+    n_out, k_dim, args = _gemm_args(gated, num_experts, hidden, inter, group_size)
+    words, count = direct.direct_workspace_sizes(132)
+    workspace = make_fake_compact_tensor(Float32, (words,), assumed_align=16)
+    counters = make_fake_compact_tensor(Int32, (count,), assumed_align=4)
+    return n_out, k_dim, (*args, workspace, counters)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -56,6 +73,23 @@ def test_direct_ptx_structure(tmp_path):
     wait = ptx.index("griddepcontrol.wait")
     assert "cp.async.cg.shared.global" in ptx[:wait], "early weights: int4 copies before the dependency wait"
     assert "cp.async.ca.shared.global" not in ptx[:wait], "token rows only after the dependency wait"
+
+
+def test_direct_stream_k_ptx(tmp_path):
+    """Stream-K adds one acquire-release count per shared unit, L2 loads of the sharers' partials and nothing in
+    the k-tile loop (the same mma.sync and ldmatrix count as without it); still no local memory."""
+    gated, num_experts, hidden, inter, group_size, config = CASES["up_mixtral_w8_g128_stream_k"]
+    n_out, k_dim, args = _args(gated, num_experts, hidden, inter, group_size)
+    kernel = direct.make_direct_kernel(gated, n_out, k_dim, num_experts, group_size, config)
+    ptx = compile_sm90a_ptx(kernel, *args, dump_root=str(tmp_path))
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    assert ptx.count("atom.global.acq_rel.add.u32") == 1  # scope .gpu: the default
+    assert "ld.global.cg.f32" in ptx
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 32
+    plain = CASES["up_mixtral_w8_g128"][-1]
+    assert "ld.global.cg.f32" not in compile_sm90a_ptx(
+        direct.make_direct_kernel(gated, n_out, k_dim, num_experts, group_size, plain), *args,
+        dump_root=str(tmp_path / "plain"))
 
 
 def test_direct_up_waits_first(tmp_path):
@@ -110,14 +144,59 @@ def test_partial_offsets_are_a_permutation():
     assert offs == {4 * n for n in range(8 * direct.PART_BYTES_PER_WARP // 4)}
 
 
+# ---- stream-K schedule (plain Python on ints, the kernel's own helpers) ----------------------------------------
+
+
+@pytest.mark.parametrize("units,unit_steps,ctas", [(896, 4, 264), (128, 14, 264), (3, 14, 264), (1, 1, 264),
+                                                   (500, 7, 264), (264, 1, 264), (7, 3, 5), (2, 56, 16)])
+def test_stream_k_schedule(units, unit_steps, ctas):
+    """Every step of every unit is computed by exactly one CTA, the runs differ by at most one step, and a unit
+    shared by several CTAs has exactly its owners as sharers: each writes the slot the finisher reads for it
+    (sharer_slot), no two shared (CTA, unit) pairs use one slot, and one counter per shared unit (the head's slot)."""
+    steps_total = units * unit_steps
+    ctas = min(ctas, steps_total)  # as the kernel: CTAs past the steps have no run
+    starts = [direct.stream_k_start(c, steps_total, ctas) for c in range(ctas + 1)]
+    assert starts[0] == 0 and starts[-1] == steps_total
+    runs = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(runs) >= 1 and max(runs) - min(runs) <= 1
+    for step in range(steps_total):
+        owner = direct.stream_k_owner(step, steps_total, ctas)
+        assert starts[owner] <= step < starts[owner + 1]
+    written = {}  # slot -> (cta, unit)
+    sharers = {}
+    for c in range(ctas):
+        s0, s1 = starts[c], starts[c + 1]
+        if s0 == s1:
+            continue
+        for u in range(s0 // unit_steps, (s1 - 1) // unit_steps + 1):
+            lo, hi = max(s0, u * unit_steps), min(s1, (u + 1) * unit_steps)
+            if (lo, hi) == (u * unit_steps, (u + 1) * unit_steps):
+                continue  # whole in this CTA: stored directly (the kernel's c_whole and c_j == kpw)
+            slot = direct.sharer_slot(c, u, unit_steps, steps_total, ctas)
+            assert slot not in written, (slot, written[slot], (c, u))
+            assert slot < direct.direct_workspace_sizes(ctas // direct.CTAS_PER_SM + 1)[1]
+            written[slot] = (c, u)
+            sharers.setdefault(u, []).append(c)
+    counters = set()
+    for u, cs in sharers.items():
+        head = direct.stream_k_owner(u * unit_steps, steps_total, ctas)
+        tail = direct.stream_k_owner(u * unit_steps + unit_steps - 1, steps_total, ctas)
+        assert cs == list(range(head, tail + 1)) and len(cs) > 1
+        counter = direct.sharer_slot(head, u, unit_steps, steps_total, ctas)
+        assert counter not in counters
+        counters.add(counter)
+
+
 # ---- tile choice and refusals ---------------------------------------------------------------------------------
 
 
 def test_direct_tile_choice():
-    assert direct_tile(4096, 128, gated=True) == TileConfig(64, 8, direct_warps=8)
-    assert direct_tile(14336, 128, gated=False) == TileConfig(64, 8, direct_warps=8, early_weights=True)
+    assert direct_tile(4096, 128, gated=True) == TileConfig(64, 8, direct_warps=8, stream_k=True)
+    assert direct_tile(14336, 128, gated=False) == TileConfig(64, 8, direct_warps=8, early_weights=True,
+                                                              stream_k=True)
     assert direct_tile(1408, 128, gated=False) is None  # Qwen2-MoE: 22 k-tiles, no whole g = 128 groups per warp
-    assert direct_tile(1408, 64, gated=False) == TileConfig(64, 8, direct_warps=2, early_weights=True)
+    assert direct_tile(1408, 64, gated=False) == TileConfig(64, 8, direct_warps=2, early_weights=True,
+                                                            stream_k=True)
     assert direct_tile(4096, 32, gated=True) is None  # two groups per k-tile: not taken
     # decode rows only: T = 1 and 4 (Mixtral, top-2) take it, T = 64 keeps the 256 x 32 wgmma tile
     for rows in (2, 8):
@@ -133,6 +212,8 @@ def test_direct_refusals():
         TileConfig(64, 8, k_split=4, direct_warps=8)
     with pytest.raises(ValueError, match="direct_warps"):
         TileConfig(64, 8, direct_warps=16)
+    with pytest.raises(ValueError, match="belong to the direct kernel"):
+        TileConfig(64, 8, k_split=4, stream_k=True)
     ok, reason = w4a16_plan.supports_config(gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=32,
                                             config=TileConfig(64, 8, direct_warps=8))
     assert not ok and "g = 64 or 128" in reason
@@ -150,3 +231,5 @@ def test_bench_spec_names_the_direct_kernel():
 
     assert _parse_config("64x8g8e", W4A16_TILE_TABLE) == TileConfig(64, 8, direct_warps=8, early_weights=True)
     assert _parse_config("64x8s3g4", W4A16_TILE_TABLE) == TileConfig(64, 8, stages=3, direct_warps=4)
+    assert _parse_config("64x8g8ek", W4A16_TILE_TABLE) == TileConfig(64, 8, direct_warps=8, early_weights=True,
+                                                                     stream_k=True)

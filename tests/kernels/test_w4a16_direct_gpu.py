@@ -19,10 +19,20 @@ pytestmark = pytest.mark.gpu
 HIDDEN, INTER = 1024, 1024  # 16 k-tiles each way: every DIRECT_WARPS count splits them into whole g = 128 groups
 
 
-def _config(warps: int, early: bool, stages: int = 0):
+def _config(warps: int, early: bool, stages: int = 0, stream_k: bool = False):
     from light_moe.kernels.tile_config import TileConfig
 
-    return TileConfig(64, 8, stages=stages, direct_warps=warps, early_weights=early)
+    return TileConfig(64, 8, stages=stages, direct_warps=warps, early_weights=early, stream_k=stream_k)
+
+
+def _counters_left_zero(device):
+    """Every stream-K launch must leave its arrival counters at zero (the next launch and graph replay start
+    from them)."""
+    from light_moe.kernels import w4a16_direct
+
+    counters = w4a16_direct._workspaces[device][1]
+    torch.cuda.synchronize()
+    assert int(counters.abs().sum()) == 0, "stream-K counters not reset"
 
 
 def _check(num_tokens, num_experts, top_k, hidden, inter, group_size, with_zeros, seed, up_config, down_config):
@@ -62,6 +72,26 @@ def test_direct_warps_groups_early(warps, group_size, early):
            up_config=_config(warps, False), down_config=_config(warps, early))
 
 
+@pytest.mark.parametrize("num_tokens", (1, 3, 16, 64))
+@pytest.mark.parametrize("warps", (2, 4, 8))
+def test_direct_stream_k_matches_reference(warps, num_tokens):
+    """Stream-K: at 2 and 4 warps a unit of H = I = 1024 is 4 and 2 steps, so units are shared between CTAs (at 8,
+    one step each, never); E 64 / top-8 at 64 tokens gives several 8-row units per expert. Equal to the
+    whole-unit schedule up to summation order; the counters end at zero."""
+    from light_moe.kernels import w4a16_gemm as w4
+
+    for num_experts, top_k in ((8, 2), (64, 8)):
+        seed = warps * 1000 + num_tokens * 10 + num_experts
+        act, y = _check(num_tokens, num_experts, top_k, HIDDEN, INTER, 128, True, seed,
+                        up_config=_config(warps, False, stream_k=True), down_config=_config(warps, True, stream_k=True))
+        _counters_left_zero(act.device)
+        x, offsets, gather_index, _, _, w13p, w2p = _problem(num_tokens, num_experts, top_k, HIDDEN, INTER, 128, True,
+                                                              seed)
+        act_whole = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=_config(warps, False))
+        y_whole = w4.w4a16_expert_down(act, offsets, w2p, config=_config(warps, True))
+        assert rel_l2(act, act_whole) < 2e-3 and rel_l2(y, y_whole) < 2e-3
+
+
 @pytest.mark.parametrize("stages", (2, 3))
 def test_direct_shallow_rings(stages):
     """The shallowest rings (2: one k-tile in flight per warp), where the ring wraps every step or two."""
@@ -69,7 +99,7 @@ def test_direct_shallow_rings(stages):
            down_config=_config(4, True, stages))
 
 
-@pytest.mark.parametrize("num_tokens", (1, 4))
+@pytest.mark.parametrize("num_tokens", (1, 4, 16))
 def test_direct_mixtral_shape(num_tokens):
     """Mixtral's projections (H 4096, I 14336: 64 and 224 k-tiles), the shapes the kernel is for, through the
     tile choice with decode_kernel="direct"; equal to the wgmma kernel's deferred scale up to summation order."""
@@ -82,38 +112,47 @@ def test_direct_mixtral_shape(num_tokens):
     up_cfg = choose_w4a16_tile(rows, 8, 2 * inter, hidden, group_size=128, gated=True, decode_kernel="direct")
     down_cfg = choose_w4a16_tile(rows, 8, hidden, inter, group_size=128, gated=False, decode_kernel="direct")
     assert up_cfg.direct_warps and down_cfg.direct_warps and down_cfg.early_weights
+    assert up_cfg.stream_k and down_cfg.stream_k  # T = 1: 896 up units of 4 steps, 128 down units of 14, shared
     act, y = _check(num_tokens, 8, 2, hidden, inter, 128, True, 7, up_cfg, down_cfg)
+    _counters_left_zero(act.device)
     act_w = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=TileConfig(64, 8, k_split=4, deferred_scale=True))
     y_w = w4.w4a16_expert_down(act, offsets, w2p, config=TileConfig(64, 8, k_split=4, deferred_scale=True))
     assert rel_l2(act, act_w) < 5e-3 and rel_l2(y, y_w) < 5e-3
 
 
-def test_direct_graph_replay_new_routing():
+@pytest.mark.parametrize("stream_k", (False, True))
+def test_direct_graph_replay_new_routing(stream_k):
     """Captured once, replayed on new routing and new x: the kernels read the replay's device-side routing (the
-    down projection's early int4 included)."""
+    down projection's early int4 included); stream-K at 2 warps (shared units) leaves its counters at zero."""
     from light_moe.kernels import w4a16_gemm as w4
 
     x, offsets, gather_index, w13, w2, w13p, w2p = _problem(4, 8, 2, HIDDEN, INTER, 128, True, seed=11)
     rows = gather_index.shape[0]
     act = torch.empty(rows, INTER, device=x.device, dtype=torch.bfloat16)
     y = torch.empty(rows, HIDDEN, device=x.device, dtype=torch.bfloat16)
-    up = functools.partial(w4.w4a16_expert_up, w13=w13p, config=_config(8, False))
-    down = functools.partial(w4.w4a16_expert_down, w2=w2p, config=_config(8, True))
+    warps = 2 if stream_k else 8
+    up = functools.partial(w4.w4a16_expert_up, w13=w13p, config=_config(warps, False, stream_k=stream_k))
+    down = functools.partial(w4.w4a16_expert_down, w2=w2p, config=_config(warps, True, stream_k=stream_k))
     gen = torch.Generator(device=x.device).manual_seed(12)
     replay_up_down_on_new_routing(up, down, x, gather_index, offsets, act, y, 2, gen)
     assert not act.isnan().any() and not y.isnan().any()
     assert rel_l2(act, w4a16_reference_up(x, gather_index, offsets, *w13, 128)) < 1e-2
     assert rel_l2(y, w4a16_reference_down(act, offsets, *w2, 128)) < 1e-2
+    if stream_k:
+        _counters_left_zero(x.device)
 
 
-def test_direct_repeatable():
-    """The same inputs give the same bits (fixed partial-sum order, no atomics)."""
+@pytest.mark.parametrize("warps,stream_k", ((8, False), (2, True), (4, True)))
+def test_direct_repeatable(warps, stream_k):
+    """The same inputs give the same bits (fixed partial-sum order; stream-K's finisher adds the sharers in CTA
+    order whoever finishes last)."""
     from light_moe.kernels import w4a16_gemm as w4
 
     x, offsets, gather_index, _, w2, w13p, w2p = _problem(7, 8, 2, HIDDEN, INTER, 128, True, seed=13)
-    first = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=_config(8, False))
-    again = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=_config(8, False))
-    assert torch.equal(first, again)
-    y1 = w4.w4a16_expert_down(first, offsets, w2p, config=_config(8, True))
-    y2 = w4.w4a16_expert_down(first, offsets, w2p, config=_config(8, True))
-    assert torch.equal(y1, y2)
+    up_cfg, down_cfg = _config(warps, False, stream_k=stream_k), _config(warps, True, stream_k=stream_k)
+    first = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=up_cfg)
+    for _ in range(3):
+        assert torch.equal(first, w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=up_cfg))
+    y1 = w4.w4a16_expert_down(first, offsets, w2p, config=down_cfg)
+    for _ in range(3):
+        assert torch.equal(y1, w4.w4a16_expert_down(first, offsets, w2p, config=down_cfg))
