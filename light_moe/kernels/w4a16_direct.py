@@ -310,8 +310,8 @@ class W4A16DirectSm90:
                    pos: cutlass.Constexpr):
         """The load cursor's step: its int4 and group meta (weights) and / or token rows (tokens) copied into `slot`
         (pos: the step's k-tile within its group), then the cursor one step on, to the next unit's first k-tile
-        after a unit's last (the next unit: + 1 under stream-K, + grid size otherwise). cur = (unit, j, expert, int4, meta and token row addresses, token rows present); ctx =
-        what load_cursor reads."""
+        after a unit's last (the next unit: + 1 under stream-K, + grid size otherwise). cur = (unit, j, expert,
+        int4, meta and token row addresses, token rows present); ctx = what load_cursor reads."""
         unit, j, e, q_ptr, m_ptr, t_ptr0, t_ptr1, has0, has1 = cur
         unit_step, total, lane, kt0, s_rows, s_prefix, gather_index, q_base, m_base, t_base = ctx
         if cutlass.const_expr(weights):
