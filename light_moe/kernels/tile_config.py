@@ -23,6 +23,11 @@ from light_moe.config import W4A16_DECODE_KERNELS
 from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K
 
 DIRECT_WARPS = (2, 4, 8)  # warps per CTA of the direct W4A16 decode kernel (two CTAs per SM)
+DIRECT_CTAS_PER_SM = 2  # the direct kernel's resident CTAs per SM (w4a16_plan sizes its shared memory for them)
+# decode_kernel="direct" takes the direct tile for a projection only when its units (active experts x 64-row atoms)
+# fill this many waves of the direct kernel's CTAs: at half a wave (Mixtral's T = 1 down projection, 128 units for
+# 264 CTAs) the wgmma split-K tile was faster on the H100 (BENCHMARKS.md, session 19)
+DIRECT_MIN_WAVES = 0.9
 
 
 class TileRow(NamedTuple):
@@ -96,9 +101,9 @@ class TileConfig:
     # expert list was complete before the up GEMM passed its own wait), streaming while the up GEMM drains
     early_weights: bool = False
     # direct kernel: stream-K, every CTA takes an equal contiguous run of (unit, one group per warp) steps instead of
-    # whole units, so the last wave is as full as the first (T = 1 up: 896 units on 264 CTAs would leave 3 or 4 per
-    # CTA; the T = 1 down projection's 128 units would leave half the CTAs idle); a unit split between CTAs is
-    # summed by the last of them to finish (fp32 partials in a global workspace, in CTA order: deterministic)
+    # whole units, so the last wave is as full as the first; a unit split between CTAs is summed by the last of them
+    # to finish (fp32 partials in a global workspace, in CTA order: deterministic). Opt-in: slower than whole units
+    # on the H100 at every decode T measured (docs/kernels.md, "Stream-K schedule")
     stream_k: bool = False
 
     def __post_init__(self):
@@ -183,7 +188,6 @@ def _wave_fill(tiles: int, num_sms: int) -> float:
 
 
 
-
 def direct_splits(k_dim: int, group_size: int, warps: int) -> bool:
     """Whether the direct kernel's `warps` split the k-tiles of K into whole groups of g (64 or 128) each."""
     k_tiles = k_dim // TILE_K
@@ -194,11 +198,12 @@ def direct_splits(k_dim: int, group_size: int, warps: int) -> bool:
 
 def direct_tile(k_dim: int, group_size: int, gated: bool) -> TileConfig | None:
     """The direct decode kernel's tile (w4a16_direct.py) for a projection of reduction size k_dim: the most warps
-    of DIRECT_WARPS that split its k-tiles into whole groups, stream-K (the down projection also requests its first
-    int4 before the dependency wait); None where none does or g is not 64 or 128 (the wgmma tile stays)."""
+    of DIRECT_WARPS that split its k-tiles into whole groups (the down projection also requests its first int4
+    before the dependency wait; stream-K stays opt-in: slower on the H100, docs/kernels.md); None where none does
+    or g is not 64 or 128 (the wgmma tile stays)."""
     for warps in sorted(DIRECT_WARPS, reverse=True):
         if direct_splits(k_dim, group_size, warps):
-            return TileConfig(ATOM_M, 8, direct_warps=warps, early_weights=not gated, stream_k=True)
+            return TileConfig(ATOM_M, 8, direct_warps=warps, early_weights=not gated)
     return None
 
 
@@ -211,12 +216,13 @@ def choose_w4a16_tile(num_rows: int, num_experts: int, n_out: int, k_dim: int, n
     so does a split-K decode tile whose tiles for the (at most min(E, M)) active experts fill the last wave
     below MIN_DECODE_WAVE_FILL; split K falls back to the largest of 4, 2, 1 that divides the k-tiles
     (Qwen2-MoE: 22). decode_kernel="direct": the decode row (the table's first) takes the direct kernel where
-    direct_tile has one for the projection (an engine option until measured: docs/kernels.md)."""
+    direct_tile has one for the projection and its units fill DIRECT_MIN_WAVES waves (docs/kernels.md)."""
     if decode_kernel not in W4A16_DECODE_KERNELS:
         raise ValueError(f"decode_kernel must be one of {W4A16_DECODE_KERNELS}, got {decode_kernel!r}")
     active = max(1, min(num_experts, num_rows))
     per_expert = num_rows / active
-    if decode_kernel == "direct" and per_expert <= W4A16_TILE_TABLE[0].max_rows_per_expert:
+    if (decode_kernel == "direct" and per_expert <= W4A16_TILE_TABLE[0].max_rows_per_expert
+            and active * (n_out // ATOM_M) >= DIRECT_MIN_WAVES * DIRECT_CTAS_PER_SM * num_sms):
         direct = direct_tile(k_dim, group_size, gated)
         if direct is not None:
             return direct

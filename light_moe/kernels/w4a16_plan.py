@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
 from light_moe.kernels.tile_config import (
+    DIRECT_CTAS_PER_SM,
     MAX_TILE_T_SPLIT4,
     W4A16_TILE_TABLE,
     TileConfig,
@@ -50,7 +51,7 @@ TOKEN_BYTES = TOKENS * TILE_K * 2  # bf16 token rows of a k-tile: 1 KB
 META_BYTES = ATOM_M * 4  # one group's meta words of an atom
 SLOT_BYTES = ATOM_BYTES + TOKEN_BYTES + META_BYTES  # one ring slot of a warp
 PART_BYTES_PER_WARP = ATOM_M * TOKENS * 4  # a warp's fp32 partial sums of a unit
-CTAS_PER_SM = 2  # a second CTA streams while the first one reduces and stores a unit
+CTAS_PER_SM = DIRECT_CTAS_PER_SM  # a second CTA streams while the first one reduces and stores a unit
 
 
 def direct_ring(config: TileConfig, num_experts: int) -> int:

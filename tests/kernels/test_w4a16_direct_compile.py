@@ -191,16 +191,18 @@ def test_stream_k_schedule(units, unit_steps, ctas):
 
 
 def test_direct_tile_choice():
-    assert direct_tile(4096, 128, gated=True) == TileConfig(64, 8, direct_warps=8, stream_k=True)
-    assert direct_tile(14336, 128, gated=False) == TileConfig(64, 8, direct_warps=8, early_weights=True,
-                                                              stream_k=True)
+    assert direct_tile(4096, 128, gated=True) == TileConfig(64, 8, direct_warps=8)
+    assert direct_tile(14336, 128, gated=False) == TileConfig(64, 8, direct_warps=8, early_weights=True)
     assert direct_tile(1408, 128, gated=False) is None  # Qwen2-MoE: 22 k-tiles, no whole g = 128 groups per warp
-    assert direct_tile(1408, 64, gated=False) == TileConfig(64, 8, direct_warps=2, early_weights=True,
-                                                            stream_k=True)
+    assert direct_tile(1408, 64, gated=False) == TileConfig(64, 8, direct_warps=2, early_weights=True)
     assert direct_tile(4096, 32, gated=True) is None  # two groups per k-tile: not taken
     # decode rows only: T = 1 and 4 (Mixtral, top-2) take it, T = 64 keeps the 256 x 32 wgmma tile
     for rows in (2, 8):
         assert choose_w4a16_tile(rows, 8, 28672, 4096, group_size=128, gated=True, decode_kernel="direct").direct_warps
+    # ... where the units fill a wave of 2 CTAs per SM: T = 1's down projection (2 x 64 atoms) keeps the wgmma tile,
+    # T = 2's (4 x 64, 0.97 of a wave) takes it; 132 SMs
+    assert not choose_w4a16_tile(2, 8, 4096, 14336, group_size=128, decode_kernel="direct").direct_warps
+    assert choose_w4a16_tile(4, 8, 4096, 14336, group_size=128, decode_kernel="direct").direct_warps
     assert not choose_w4a16_tile(128, 8, 28672, 4096, group_size=128, gated=True, decode_kernel="direct").direct_warps
     assert not choose_w4a16_tile(2, 8, 28672, 4096, group_size=128, gated=True).direct_warps  # default: wgmma
     with pytest.raises(ValueError, match="decode_kernel"):

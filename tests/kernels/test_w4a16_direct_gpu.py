@@ -99,22 +99,25 @@ def test_direct_shallow_rings(stages):
            down_config=_config(4, True, stages))
 
 
+@pytest.mark.parametrize("stream_k", (False, True))
 @pytest.mark.parametrize("num_tokens", (1, 4, 16))
-def test_direct_mixtral_shape(num_tokens):
-    """Mixtral's projections (H 4096, I 14336: 64 and 224 k-tiles), the shapes the kernel is for, through the
-    tile choice with decode_kernel="direct"; equal to the wgmma kernel's deferred scale up to summation order."""
+def test_direct_mixtral_shape(num_tokens, stream_k):
+    """Mixtral's projections (H 4096, I 14336: 64 and 224 k-tiles), the shapes the kernel is for, with direct_tile's
+    configs (whole units, and stream-K: at T = 1 896 up units of 4 steps and 128 down units of 14, shared between
+    CTAs); equal to the wgmma kernel's deferred scale up to summation order."""
+    import dataclasses
+
     from light_moe.kernels import w4a16_gemm as w4
-    from light_moe.kernels.tile_config import TileConfig, choose_w4a16_tile
+    from light_moe.kernels.tile_config import TileConfig, direct_tile
 
     hidden, inter = 4096, 14336
     x, offsets, gather_index, w13, w2, w13p, w2p = _problem(num_tokens, 8, 2, hidden, inter, 128, True, seed=7)
-    rows = gather_index.shape[0]
-    up_cfg = choose_w4a16_tile(rows, 8, 2 * inter, hidden, group_size=128, gated=True, decode_kernel="direct")
-    down_cfg = choose_w4a16_tile(rows, 8, hidden, inter, group_size=128, gated=False, decode_kernel="direct")
-    assert up_cfg.direct_warps and down_cfg.direct_warps and down_cfg.early_weights
-    assert up_cfg.stream_k and down_cfg.stream_k  # T = 1: 896 up units of 4 steps, 128 down units of 14, shared
+    up_cfg = dataclasses.replace(direct_tile(hidden, 128, gated=True), stream_k=stream_k)
+    down_cfg = dataclasses.replace(direct_tile(inter, 128, gated=False), stream_k=stream_k)
+    assert up_cfg.direct_warps == 8 and down_cfg.direct_warps == 8 and down_cfg.early_weights
     act, y = _check(num_tokens, 8, 2, hidden, inter, 128, True, 7, up_cfg, down_cfg)
-    _counters_left_zero(act.device)
+    if stream_k:
+        _counters_left_zero(act.device)
     act_w = w4.w4a16_expert_up(x, gather_index, offsets, w13p, config=TileConfig(64, 8, k_split=4, deferred_scale=True))
     y_w = w4.w4a16_expert_down(act, offsets, w2p, config=TileConfig(64, 8, k_split=4, deferred_scale=True))
     assert rel_l2(act, act_w) < 5e-3 and rel_l2(y, y_w) < 5e-3
