@@ -421,7 +421,7 @@ direct-18)
         "tests/test_cute_engine_gpu.py::test_w4a16_direct_decode_kernel_matches_the_dequantising_reference" -x -ra
     # decode experts: the table's tile (w4a16) beside the direct kernel at 8 / 4 / 2 warps per CTA (e: the down
     # projection's int4 before its wait; up ignores it) and at 8 warps without it
-    # (k: stream-K, the direct tile's default since session 19)
+    # (k: stream-K, opt-in; DIRECT_CONFIGS overrides the list)
     TAIL=30 step direct_experts 200 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 --rounds 3 --split \
         --configs ${DIRECT_CONFIGS:-64x8g8ek 64x8g8e 64x8g4ek 64x8g2ek} --output "$out/direct_experts.json"
     m="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1"
