@@ -11,6 +11,8 @@
 #   scripts/gpu_checks.sh ncu OUTDIR            one GPU: Nsight Compute on the W4A16 kernels (T=1, 64, 4096) and
 #                                               the bf16 kernel (T=4096); if that outruns one call, split it:
 #                                               NCU_TOKENS="1 64" NCU_SKIP_BF16=1, then NCU_TOKENS=4096
+#   scripts/gpu_checks.sh direct-ncu OUTDIR     one GPU: Nsight Compute on the W4A16 decode kernels at T = 1 and 8: the
+#                                               wgmma table tile, the direct kernel's whole units and its stream-K
 #   scripts/gpu_checks.sh multi-tests OUTDIR    2+ GPUs: expert-parallel GPU tests
 #   scripts/gpu_checks.sh multi-bench OUTDIR    2+ GPUs: bench ep with the fixed-capacity exchange (graphs), read back
 #                                               each step (sync), with async output processing, then with async
@@ -160,6 +162,15 @@ ncu)
     done
     [ -n "${NCU_SKIP_BF16:-}" ] || TAIL=40 step ncu_bf16_t4096 240 ncu --clock-control none --set detailed -k regex:grouped_gemmGroupedGemm \
         --launch-skip 4 --launch-count 2 $py -m light_moe.bench.w4a16_experts --tokens 4096
+    ;;
+direct-ncu)
+    # why whole units beat stream-K in the direct W4A16 kernel (BENCHMARKS.md, session 19): Nsight Compute on the
+    # Mixtral experts at T = 1 and 8, wgmma table tile / direct whole units / direct stream-K, up then down each
+    # (DRAM throughput, L2 hit rates, stalls); the report holds 6 kernels per T in that order
+    for t in ${NCU_TOKENS:-1 8}; do
+        TAIL=60 step "ncu_direct_t$t" 280 ncu --clock-control none --set detailed -k 'regex:[Ww]4[Aa]16' \
+            $py scripts/profile_expert_gemms.py --cases "w4a16:$t" "w4a16:$t:64x8g8e" "w4a16:$t:64x8g8ek"
+    done
     ;;
 multi-tests)
     # one case per family and GPU count, in parallel (each spawns its own ranks; ~2 min a case at 4 GPUs)

@@ -2,8 +2,10 @@
 
     ncu --clock-control none --kernel-name regex:GroupedGemm --section SpeedOfLight ... \
         python scripts/profile_expert_gemms.py --cases bf16:4096 w4a16:1
+        python scripts/profile_expert_gemms.py --cases w4a16:1 w4a16:1:64x8g8e w4a16:1:64x8g8ek
 
-Each case (kind:T) builds Mixtral-8x7B-shaped experts (E=8, H=4096, I=14336, top-2; random bf16 or
+Each case (kind:T[:tile spec], the spec as in light_moe.bench.w4a16_experts --configs, W4A16 only; without one the
+tile table's) builds Mixtral-8x7B-shaped experts (E=8, H=4096, I=14336, top-2; random bf16 or
 random int4 g128), routes T random tokens, compiles (host only, nothing launched), then launches the
 up- and the down-projection once each. ncu's kernel filter keeps only our GEMM kernels, so the report
 holds exactly 2 kernels per case, in the order of --cases.
@@ -29,6 +31,7 @@ def _int4(num_experts: int, n_out: int, k_dim: int, gen: torch.Generator):
 
 
 def main() -> None:
+    from light_moe.bench.w4a16_experts import _parse_config
     from light_moe.kernels import grouped_gemm as gg
     from light_moe.kernels import w4a16_gemm as w4
 
@@ -38,8 +41,13 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights = {}
     for case in args.cases:
-        kind, tokens = case.split(":")
+        kind, tokens, *spec = case.split(":")
         tokens = int(tokens)
+        config = None
+        if spec:
+            if kind != "w4a16":
+                raise SystemExit(f"{case}: a tile spec is for w4a16 cases only")
+            config = _parse_config(spec[0], w4.W4A16_TILE_TABLE)
         if kind not in weights:
             if kind == "bf16":
                 w13 = (torch.randn(E, 2 * INTER, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
@@ -55,8 +63,9 @@ def main() -> None:
         x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, generator=gen)
         ids = torch.rand(tokens, E, device="cuda", generator=gen).topk(K, dim=-1).indices.to(torch.int32)
         offsets, gather_index, _ = reference.routing_metadata(ids, E)
-        act = up(x, gather_index, offsets, w_up)
-        down(act, offsets, w_down)
+        tile = {} if config is None else {"config": config}
+        act = up(x, gather_index, offsets, w_up, **tile)
+        down(act, offsets, w_down, **tile)
         torch.cuda.synchronize()
         print(f"{case}: launched up {tuple(act.shape)} and down", flush=True)
 
