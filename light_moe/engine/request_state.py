@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from light_moe.engine.list_prefix import ListPrefix
 from light_moe.engine.outputs import RequestOutput, TokenDelta
 from light_moe.engine.request import Request
 from light_moe.engine.sampler import SamplingRow
@@ -47,7 +48,7 @@ class TextState:
 
     def update(self, output_ids: list[int]) -> None:
         if self._text_ids is not None:
-            self.detok.update(output_ids[:self._text_ids])
+            self.detok.update(output_ids, self._text_ids)  # a length, not a slice: no copy of the ids per token
             self._text_ids = None
 
     def stop_string_found(self, output_ids: list[int], finished: bool) -> bool:
@@ -102,13 +103,25 @@ class _Outputs:
         return metrics
 
     def _build(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], token_ids: list[int],
-               text: str, finish_reason: str | None, now: float, num_cached_tokens: int) -> RequestOutput:
+               text: str, finish_reason: str | None, now: float, num_cached_tokens: int,
+               views: bool = False) -> RequestOutput:
+        """token_ids: the request's output ids so far, and self.logprobs theirs: copied into the output, or, with
+        views, shown through ListPrefix views (both lists must then only ever grow)."""
         delta_text, delta_ids = self.text.advance(text, token_ids)
+        logprobs = self.logprobs
+        if views:
+            token_ids = ListPrefix(token_ids, len(token_ids))
+            if logprobs is not None:
+                logprobs = ListPrefix(logprobs, len(logprobs))
+        else:
+            token_ids = list(token_ids)
+            if logprobs is not None:
+                logprobs = list(logprobs)
         return RequestOutput(
             request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, text=text, token_ids=token_ids,
             delta_text=delta_text, delta_token_ids=delta_ids, finished=finish_reason is not None,
-            finish_reason=finish_reason, logprobs=None if self.logprobs is None else list(self.logprobs),
-            metrics=self._metrics(now, finish_reason is not None), num_cached_tokens=num_cached_tokens)
+            finish_reason=finish_reason, logprobs=logprobs, metrics=self._metrics(now, finish_reason is not None),
+            num_cached_tokens=num_cached_tokens)
 
     def _failed(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], output_ids: list[int],
                 error: str, now: float, num_cached_tokens: int) -> FailedRequestOutput:
@@ -173,7 +186,7 @@ class RequestState(_Outputs):
     def _output(self, text: str, finish_reason: str | None, now: float) -> RequestOutput:
         req = self.request
         # the prompt ids are shared, not copied per token (Request copied them once; nothing changes them)
-        return self._build(req.request_id, req.prompt, req.prompt_token_ids, list(req.output_token_ids), text,
+        return self._build(req.request_id, req.prompt, req.prompt_token_ids, req.output_token_ids, text,
                            finish_reason, now, req.num_cached_tokens)
 
     def _delta(self, finish_reason: str | None, error: str | None = None) -> TokenDelta:
@@ -242,9 +255,10 @@ class FrontendState(_Outputs):
             self.logprobs.extend(logprobs)
         self.text.update(self.token_ids)
         text, _ = self.text.visible_text(finish_reason is not None)
-        # the prompt ids are shared, not copied: nothing changes them
-        return self._build(self.request_id, None, self.prompt_token_ids, list(self.token_ids), text, finish_reason,
-                           now, delta.num_cached_tokens)
+        # the prompt ids are shared, not copied: nothing changes them; token_ids and logprobs only grow, so an
+        # unfinished output shows them through views (a copy per token was O(n^2) per request), the last a copy
+        return self._build(self.request_id, None, self.prompt_token_ids, self.token_ids, text, finish_reason,
+                           now, delta.num_cached_tokens, views=finish_reason is None)
 
     def failed(self, error: str, now: float, num_cached_tokens: int = 0) -> FailedRequestOutput:
         return self._failed(self.request_id, None, self.prompt_token_ids, self.token_ids, error, now,

@@ -140,12 +140,14 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
 
-    def update(self, output_ids: list[int]) -> str:
+    def update(self, output_ids: list[int], end: int | None = None) -> str:
+        """Take in output_ids[:end] (all of them without end)."""
+        end = len(output_ids) if end is None else end
         prefix_text = self.tokenizer.decode(output_ids[self.prefix_offset:self.read_offset])
-        new_text = self.tokenizer.decode(output_ids[self.prefix_offset:])
+        new_text = self.tokenizer.decode(output_ids[self.prefix_offset:end])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
         delta = new_text[len(prefix_text):]
         self.text += delta
-        self.prefix_offset, self.read_offset = self.read_offset, len(output_ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         return delta

@@ -56,8 +56,12 @@ class RequestStream:
         self.join_outputs = join_outputs  # see next()
         self.accepted: asyncio.Future = loop.create_future()
         self.finished = False
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._held: BaseException | None = None  # an error queued behind outputs that were joined
+        # Outputs not yet taken, and the future the handler sleeps on while there are none: a step's hand-over
+        # appends and wakes the handler at most once, and the handler takes everything queued at wake-up
+        # without sleeping again (asyncio.Queue's put / get cost more per token than the rest of the hop).
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._loop = loop
         # engine-thread bookkeeping for the latency metrics
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -67,7 +71,12 @@ class RequestStream:
         self.frontend = None  # split: the request's FrontendState (engine/request_state.py: text, stop strings)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # done: the handler was cancelled while it slept
+                waiter.set_result(None)
 
     async def wait_accepted(self, abort) -> RequestStream:
         """Wait until the engine has taken the request (its error raised here); cancelled meanwhile (the client
@@ -92,16 +101,24 @@ class RequestStream:
         gets every output queued since in one (their deltas joined), so one SSE event carries several tokens and
         the API process catches up instead of holding the engine core back; otherwise one output per token,
         which clients timing each token (bench serve --token-chunks) rely on."""
-        if self._held is not None:
-            item, self._held = self._held, None
-        else:
-            item = await self._queue.get()
-        while (self.join_outputs and isinstance(item, RequestOutput) and not item.finished
-               and not self._queue.empty()):
-            following = self._queue.get_nowait()
+        if not self._items:
+            await self._wait()
+        return self._take()
+
+    async def _wait(self) -> None:
+        """Sleep until _put queues something (one consumer: the request's handler)."""
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def _take(self) -> RequestOutput:
+        items = self._items
+        item = items.popleft()
+        while self.join_outputs and items and isinstance(item, RequestOutput) and not item.finished:
+            following = items[0]
             if isinstance(following, BaseException):
-                self._held = following  # the outputs before it go out first
-                break
+                break  # the outputs before it go out first; the error comes next
+            items.popleft()
             # outputs are this handler's alone: join into the later one in place (dataclasses.replace is slow)
             following.delta_text = item.delta_text + following.delta_text
             following.delta_token_ids = item.delta_token_ids + following.delta_token_ids
@@ -117,8 +134,11 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self):
+        # next() inlined: one frame fewer per token
         while not self.finished:
-            yield await self.next()
+            if not self._items:
+                await self._wait()
+            yield self._take()
 
 
 class StreamRouter:
