@@ -569,7 +569,6 @@ class W4A16DirectSm90:
         negz = cute.make_rmem_tensor((M16 * 2,), Int32)
         c_unit = first_unit
         c_j = j0
-        c_whole = Int32(j0 == 0)  # this CTA computes the unit from its first k-tile (stream-K: maybe not)
         c_e = Int32(0)
         last_sp = steps // gk - 1
         sched = (steps_total, ctas, bidx)
@@ -598,7 +597,9 @@ class W4A16DirectSm90:
                 c_e, c_atom, c_row, c_nv = self.unit_rows(c_unit, c_e, s_rows, s_prefix)
                 part = part_base + parity * (self.k_warps * PART_BYTES_PER_WARP)
                 if cutlass.const_expr(self.stream_k):
-                    if c_whole != 0 and c_j == kpw:
+                    # whole here: ended at the unit's last k-tile, begun at its first (only the CTA's first unit
+                    # may begin later, at j0)
+                    if c_j == kpw and (c_unit != first_unit or j0 == 0):
                         self.finish_unit(acc, part, warp, lane, tidx, c_atom, c_row, c_nv, o_base)
                     else:
                         self.finish_shared(acc, part, warp, lane, tidx, c_unit, c_atom, c_row, c_nv, o_base, sched,
@@ -607,7 +608,6 @@ class W4A16DirectSm90:
                     self.finish_unit(acc, part, warp, lane, tidx, c_atom, c_row, c_nv, o_base)
                 parity = parity ^ 1
                 c_j = Int32(0)
-                c_whole = Int32(1)
                 c_unit = c_unit + unit_step
 
 
