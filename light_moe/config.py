@@ -538,9 +538,10 @@ class EngineConfig:
     fuse_combine_norm: bool = True  # MoE layers' combine inside the next norm (ops.backend.PendingCombine)
     # decode attention's split-KV merge done by the last split CTA (kernels/decode_attention.py), no combine kernel
     fuse_attention_merge: bool = True
-    # the W4A16 experts' kernel for decode steps: "wgmma" (the grouped GEMM's split-K tiles) or "direct"
-    # (kernels/w4a16_direct.py); W4A16_DECODE_KERNELS
-    w4a16_decode_kernel: str = "wgmma"
+    # the W4A16 experts' kernel for decode steps: "direct" (kernels/w4a16_direct.py, where its units fill a wave;
+    # faster in the whole model on the H100, BENCHMARKS.md) or "wgmma" (the grouped GEMM's split-K tiles);
+    # W4A16_DECODE_KERNELS
+    w4a16_decode_kernel: str = "direct"
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

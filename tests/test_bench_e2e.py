@@ -27,7 +27,7 @@ def test_bench_e2e_rows_carry_the_bytes_model_bound_and_ttft(tmp_path, capsys):
                  "--bandwidth-tbps", "2.0", "--no-fuse-combine-norm", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["engine_options"] == dict(skinny_gemm=True, skinny_gemm_max_rows=16, fuse_combine_norm=False,
-                                            fuse_attention_merge=True, w4a16_decode_kernel="wgmma",
+                                            fuse_attention_merge=True, w4a16_decode_kernel="direct",
                                             enable_cuda_graphs=True)  # the A/B side this JSON is
     weights = result["bytes_model"]
     assert result["bandwidth_tbps"] == 2.0 and weights["num_experts"] == 8 and weights["top_k"] == 2

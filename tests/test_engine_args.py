@@ -39,7 +39,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "skinny_gemm_max_rows": (64, {}),
     "fuse_combine_norm": (False, {}),
     "fuse_attention_merge": (False, {}),
-    "w4a16_decode_kernel": ("direct", {}),
+    "w4a16_decode_kernel": ("wgmma", {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),

@@ -99,9 +99,10 @@ class EngineArgs:
         True, "decode attention's split-KV partials merged by the last split to finish instead of a combine kernel "
         "(one kernel fewer per layer on the CuTe backend; docs/kernels.md)", group="execution")
     w4a16_decode_kernel: str = option(
-        "wgmma", "the W4A16 experts' kernel for decode steps (a few routed rows per expert): 'wgmma', the grouped "
-        "GEMM's split-K tiles, or 'direct', warp-level mma.sync with each warp streaming its own share of K, for "
-        "each projection whose units fill a wave of its CTAs (docs/kernels.md, Direct decode kernel)",
+        "direct", "the W4A16 experts' kernel for decode steps (a few routed rows per expert): 'direct', warp-level "
+        "mma.sync with each warp streaming its own share of K, for each projection whose units fill a wave of its "
+        "CTAs (the others keep the wgmma tiles), or 'wgmma', the grouped GEMM's split-K tiles everywhere "
+        "(docs/kernels.md, Direct decode kernel)",
         group="execution", choices=W4A16_DECODE_KERNELS)
     skinny_gemm_max_rows: int = option(
         16, f"the most token rows (1..{SKINNY_GEMM_MAX_ROWS}) a step may have for skinny_gemm to take its projections",

@@ -45,7 +45,7 @@ class CuteOps(MoEOps):
 
     def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16,
                  fuse_combine_norm: bool = False, fuse_attention_merge: bool = False,
-                 w4a16_decode_kernel: str = "wgmma"):
+                 w4a16_decode_kernel: str = "direct"):
         super().__init__(fuse_combine_norm)
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear

@@ -28,7 +28,7 @@ def cute_unavailable_reason(device: torch.device) -> str | None:
 
 def select_backend(requested: str, device: torch.device, skinny_gemm: bool = True,
                    skinny_max_rows: int = 16, fuse_combine_norm: bool = False, *,
-                   fuse_attention_merge: bool = False, w4a16_decode_kernel: str = "wgmma") -> tuple[MoEOps, str]:
+                   fuse_attention_merge: bool = False, w4a16_decode_kernel: str = "direct") -> tuple[MoEOps, str]:
     """Pick the backend: 'cute' on sm_90 when importable, else 'reference'. Returns (ops, reason).
     skinny_gemm: the CuTe backend's dense_linear runs steps of up to skinny_max_rows rows on its skinny GEMM
     (EngineConfig.skinny_gemm, skinny_gemm_max_rows). fuse_combine_norm: MoE layers hand the next norm their
