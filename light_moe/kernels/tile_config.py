@@ -199,7 +199,7 @@ def direct_splits(k_dim: int, group_size: int, warps: int) -> bool:
 def direct_tile(k_dim: int, group_size: int, gated: bool) -> TileConfig | None:
     """The direct decode kernel's tile (w4a16_direct.py) for a projection of reduction size k_dim: the most warps
     of DIRECT_WARPS that split its k-tiles into whole groups (the down projection also requests its first int4
-    before the dependency wait; stream-K stays opt-in: slower on the H100, docs/kernels.md); None where none does
+    before the dependency wait; stream-K stays opt-in: slower in kernel chains, docs/kernels.md); None where none does
     or g is not 64 or 128 (the wgmma tile stays)."""
     for warps in sorted(DIRECT_WARPS, reverse=True):
         if direct_splits(k_dim, group_size, warps):

@@ -30,9 +30,9 @@ atom, so the fixed work of a k-tile (barrier, ring step, token fragments, addres
   * Programmatic dependent launch: the down projection's expert list was written before the up GEMM (its
     predecessor) passed its own wait, so with early_weights the first ring slots' int4 is requested before
     griddepcontrol.wait and streams while the up GEMM drains; the token rows follow the wait.
-  * Stream-K (config.stream_k, opt-in: slower on the H100, docs/kernels.md): CTAs take equal runs of (unit, one
-    group per warp) steps instead of whole units; a unit several CTAs share is summed by the last of them through
-    a per-device fp32 workspace (finish_shared, sharer_slot).
+  * Stream-K (config.stream_k, opt-in: slower in chains of kernels on the H100, docs/kernels.md): CTAs take equal
+    runs of (unit, one group per warp) steps instead of whole units; a unit several CTAs share is summed by the last
+    of them through a per-device fp32 workspace (finish_shared, sharer_slot).
 
 Limits (w4a16_plan.supports_direct): g in {64, 128}; KW divides KT into whole groups; 8 routed rows per unit (an
 expert with more gets more units, each re-reading its weights: the tile table sends only decode here).
