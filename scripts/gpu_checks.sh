@@ -65,6 +65,10 @@
 #                                               wgmma tiles (3 rounds, up and down alone), then bench e2e of the 32-layer
 #                                               W4A16 shape at B = 1 / 4 / 16 with --w4a16-decode-kernel wgmma and direct;
 #                                               two calls: ONLY="direct_tests direct_experts", then ONLY="e2e32_wgmma e2e32_direct"
+#   scripts/gpu_checks.sh router-ab OUTDIR      one GPU: the router's last-CTA counts (session 20): the router, routing and
+#                                               engine GPU tests, then bench e2e (32 layers W4A16 at B = 64, 4 layers bf16
+#                                               TTFT) against BASELINE=DIR (the tree before it) in the same call, and the
+#                                               4-layer prefill profile with its chrome trace
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
@@ -397,6 +401,25 @@ merge-ab)
     TAIL=40 step profile4_prefill 120 $py -m light_moe.cli bench profile-step --shape mixtral --layers 4 \
         --dtype bfloat16 --device cuda --batch-size 1 --steps 4 --prefill --output "$out/profile4_prefill.json"
     ;;
+router-ab)
+    # kernels/router.py's last-CTA counts (T > 16: no memset, the routing metadata from the router launch): GPU tests
+    # first (the engine's too: every decode and prefill step routes through it), then the same call's A/B
+    step router_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_router_last_cta_gpu.py \
+        tests/kernels/test_routing_kernels_gpu.py tests/kernels/test_router_select_gpu.py tests/test_cute_engine_gpu.py -ra
+    m32="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1 --batch-sizes 64"
+    m4="--shape mixtral --layers 4 --dtype bfloat16 --device cuda --repeats 1 --batch-sizes 64 --ttft-repeats 5"
+    if [ -n "${BASELINE:-}" ]; then  # an older tree: its own defaults but the direct decode kernel (session 20's)
+        (cd "$BASELINE" && step e2e32_b64_baseline 150 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 \
+            --w4a16-decode-kernel direct --output "$out/e2e32_b64_baseline.json")
+        (cd "$BASELINE" && step e2e4_baseline 120 $py -m light_moe.cli bench e2e $m4 --output "$out/e2e4_baseline.json")
+    fi
+    step e2e32_b64 150 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 --output "$out/e2e32_b64.json"
+    step e2e4 120 $py -m light_moe.cli bench e2e $m4 --output "$out/e2e4.json"
+    # where the 4-layer TTFT's host time goes: the prefill profile's chrome trace (CPU and CUDA activities)
+    TAIL=25 step profile4_prefill_trace 120 $py -m light_moe.cli bench profile-step --shape mixtral --layers 4 \
+        --dtype bfloat16 --device cuda --batch-size 1 --steps 2 --prefill --trace "$out/trace4.json" \
+        --output "$out/profile4_prefill_trace.json"
+    ;;
 serve-api)
     # issue 20: one API process against several (--api-server-count), 64 streams, against the offline engine
     m="--shape mixtral --layers 4 --dtype bfloat16 --device cuda"
@@ -409,6 +432,9 @@ serve-api)
     # "Session 17, several API processes"); lengths +-50% (inputs 64..192, outputs 128..384, the same means)
     # desynchronise them, so a prompt's prefill shares a decode step with the other streams
     serve_c64 serve4_c64_api4_mixed 200 --range-ratio 0.5 --api-server-count 4
+    # 256 requests at 64 streams end in a long drain with mixed lengths (BENCHMARKS.md, session 20): 16 requests per
+    # stream (1,024) make the drain a small part of the run, so out tok/s reads the steady state
+    serve_c64 serve4_c64_api1_mixed16 200 --range-ratio 0.5 --prompts-per-concurrency 16
     ;;
 short-17)
     step tests17 180 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_decode_attention_merge_gpu.py \
@@ -462,7 +488,7 @@ p2p)
         --fixed-capacity 256 --exchange p2p --output "$out/ep${n}_p2p.json"
     ;;
 *)
-    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17, direct-18 or verify-15)" >&2
+    echo "unknown stage $stage (single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, whole-tests, whole-bench-4, whole-bench-32, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, router-ab, short-17, direct-18 or verify-15)" >&2
     exit 2
     ;;
 esac
