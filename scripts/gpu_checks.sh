@@ -405,7 +405,8 @@ router-ab)
     # kernels/router.py's last-CTA counts (T > 16: no memset, the routing metadata from the router launch): GPU tests
     # first (the engine's too: every decode and prefill step routes through it), then the same call's A/B
     step router_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_router_last_cta_gpu.py \
-        tests/kernels/test_routing_kernels_gpu.py tests/kernels/test_router_select_gpu.py tests/test_cute_engine_gpu.py -ra
+        tests/kernels/test_routing_kernels_gpu.py tests/kernels/test_router_select_gpu.py \
+        tests/kernels/test_decode_attention_merge_gpu.py tests/test_cute_ops_gpu.py tests/test_cute_engine_gpu.py -ra
     m32="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1 --batch-sizes 64"
     m4="--shape mixtral --layers 4 --dtype bfloat16 --device cuda --repeats 1 --batch-sizes 64 --ttft-repeats 5"
     if [ -n "${BASELINE:-}" ]; then  # an older tree: its own defaults but the direct decode kernel (session 20's)
