@@ -142,6 +142,10 @@ def test_profile_step_runs_on_cpu_with_the_bundled_model(tmp_path, capsys, one_t
     assert prefill["input_len"] == 8 and prefill["engine_step_calls"] >= 1
     for path in (trace, trace.with_name("step.prefill.json")):
         assert "traceEvents" in json.loads(path.read_text())
+    # the prefill profile marks the engine's phases (bench/idle_gaps.py); the decode profile does not
+    phases = {e.get("name") for e in json.loads(trace.with_name("step.prefill.json").read_text())["traceEvents"]}
+    assert {"phase::schedule", "phase::prepare", "phase::execute", "phase::sample", "phase::read_back"} <= phases
+    assert not any(str(e.get("name")).startswith("phase::") for e in json.loads(trace.read_text())["traceEvents"])
     printed = capsys.readouterr().out
     assert "decode step: batch 2" in printed and "prefill: one prompt of 8 tokens" in printed
     assert "note: no GPU" in printed

@@ -30,6 +30,7 @@ import torch
 
 from light_moe.bench.e2e import bench_model, first_token_seconds
 from light_moe.bench.env import environment, write_result
+from light_moe.bench.idle_gaps import host_spans, idle_report, phase_annotations
 from light_moe.bench.shapes import SHAPES, shape_label
 
 GROUPS = ("moe", "attention", "gemm", "elementwise", "communication")
@@ -233,13 +234,15 @@ def profile_prefill(engine, input_len: int, sync, on_gpu: bool, trace: str | Non
     engine.generate_outputs(_prompts(gen, vocab, 1, input_len), params)
     wall_s, _ = first_token_seconds(engine, _prompts(gen, vocab, 1, input_len)[0], params, sync)
     prof = _profiler(on_gpu)
-    with prof:
+    with prof, phase_annotations(engine):
         profiled_s, calls = first_token_seconds(engine, _prompts(gen, vocab, 1, input_len)[0], params, sync)
     wall_us, profiled_us = 1e6 * wall_s, 1e6 * profiled_s
     _export(prof, trace)
     records, dropped = kernel_records(prof, on_gpu)
     summary = summarize(records, 1, wall_us if on_gpu else profiled_us, top)
     summary.update(wall_us_per_step_unprofiled=wall_us, records_dropped=dropped)
+    if on_gpu:  # the gap split into the GPU's idle intervals, with what the host did in each (under the profiler)
+        summary.update(idle=idle_report(records, host_spans(prof)))
     summary.update(input_len=input_len, engine_step_calls=calls, wall_us_per_step_profiled=profiled_us)
     return summary
 
@@ -353,6 +356,15 @@ def _print_groups(title: str, s: dict, unit: str) -> None:
         print(f"  {k['us_per_step']:>9.1f} {k['calls_per_step']:>10.1f}  {group:<20} {name}")
 
 
+def _print_idle(idle: dict) -> None:
+    print(f"GPU idle under the profiler: {idle['idle_us']:.1f} us in {idle['intervals']} intervals of >= {idle['min_us']:.0f} us; "
+          "the longest, with the host's spans inside them:")
+    for gap in idle["longest"]:
+        host = ", ".join(f"{h['name']} {h['us']:.0f}" for h in gap["host"]) or "-"
+        after = (gap["after"] or "-")[:60]
+        print(f"  +{gap['offset_us']:>8.1f} us  idle {gap['idle_us']:>7.1f} us  before {after}: {host}")
+
+
 def print_report(result: dict) -> None:
     unit = "kernel" if result["activity"] == "cuda" else "op"
     d = result["decode"]
@@ -366,5 +378,7 @@ def print_report(result: dict) -> None:
                       f"({p['engine_step_calls']} engine.step calls; figures per prompt; wall "
                       f"{p['wall_us_per_step_unprofiled']:.1f} us unprofiled, {p['wall_us_per_step_profiled']:.1f} "
                       "profiled)", p, unit)
+        if "idle" in p:
+            _print_idle(p["idle"])
     for note in result["notes"]:
         print(f"note: {note}")
