@@ -357,8 +357,8 @@ def _print_groups(title: str, s: dict, unit: str) -> None:
 
 
 def _print_idle(idle: dict) -> None:
-    print(f"GPU idle under the profiler: {idle['idle_us']:.1f} us in {idle['intervals']} intervals of >= {idle['min_us']:.0f} us; "
-          "the longest, with the host's spans inside them:")
+    print(f"GPU idle under the profiler: {idle['idle_us']:.1f} us in {idle['intervals']} intervals of "
+          f">= {idle['min_us']:.0f} us; the longest, with the host's spans inside them:")
     for gap in idle["longest"]:
         host = ", ".join(f"{h['name']} {h['us']:.0f}" for h in gap["host"]) or "-"
         after = (gap["after"] or "-")[:60]
