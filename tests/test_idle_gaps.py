@@ -77,3 +77,14 @@ def test_phase_annotations_mark_the_wrapped_methods_and_restore_them():
     assert "prepare" not in vars(engine.runner) and "execute" not in vars(engine.runner)
     assert "_sample" not in vars(engine) and engine._read_back is own
     assert engine.runner.execute(3) == 8
+
+
+def test_the_idle_intervals_print_with_their_host_spans(capsys):
+    from light_moe.bench.step_profile import _print_idle
+
+    report = idle_report([KernelRecord("kernel_after", 300, 50)], [Span("phase::prepare", 0, 200),
+                                                                    Span("cudaMemcpyAsync", 200, 20)], min_us=10)
+    _print_idle(report)
+    out = capsys.readouterr().out
+    assert "GPU idle under the profiler: 300.0 us in 1 intervals of >= 10 us" in out
+    assert "idle   300.0 us  before kernel_after: phase::prepare 200, cudaMemcpyAsync 20" in out
