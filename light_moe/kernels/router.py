@@ -44,6 +44,7 @@ a different expert and weights differ by ~bf16 rounding of the logits (a few 1e-
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cuda.bindings.driver as cuda
@@ -719,6 +720,8 @@ def metadata_fusable(num_experts: int, num_tokens: int, top_k: int, row_bytes: i
 
 
 _finish_workspaces: dict[torch.device, torch.Tensor] = {}
+_fallback_logged: set[torch.device] = set()
+logger = logging.getLogger(__name__)
 
 
 def finish_workspace(device: torch.device) -> torch.Tensor | None:
@@ -741,6 +744,10 @@ def _launch_mode(x: torch.Tensor, num_experts: int, top_k: int, tile: RouterTile
     finish = finish_workspace(x.device) if mode == "last_cta" else None
     if mode == "last_cta" and finish is None:
         mode = "atomic"
+        if x.device.type == "cuda" and x.device not in _fallback_logged:  # correct, but a memset launch more
+            _fallback_logged.add(x.device)
+            logger.warning("router on %s: the last-CTA workspace was first needed inside CUDA graph capture, so this "
+                           "graph counts with a memset launch; route once outside capture first", x.device)
     return mode, finish
 
 
