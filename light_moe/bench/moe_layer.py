@@ -65,14 +65,14 @@ def default_ops() -> MoEOps:
         return GroupedGemmOps()
 
 
-def _two_launch_routing_ops(ops: MoEOps, x, gate_weight, top_k: int) -> MoEOps | None:
+def _two_launch_routing_ops(ops: MoEOps, x, gate_weight) -> MoEOps | None:
     """The CuTe ops with routing metadata in a launch of its own (fuse_routing_metadata=False), where the default
-    fuses it into the router (router.metadata_fusable: E <= 16, T K <= LAST_CTA_MAX_ROWS); None elsewhere."""
+    fuses it into the router (one fused router CTA: decode, E <= 16); None elsewhere."""
     if not getattr(ops, "fuse_routing_metadata", False):
         return None
     from light_moe.kernels import router as router_kernel
 
-    if not router_kernel.metadata_fusable(gate_weight.shape[0], x.shape[0], top_k, x.shape[1] * x.element_size()):
+    if not router_kernel.metadata_fusable(gate_weight.shape[0], x.shape[0], x.shape[1] * x.element_size()):
         return None
     return type(ops)(fuse_routing_metadata=False)
 
@@ -207,7 +207,7 @@ def _bench_tokens(ops, x, gate_weight, w13, w2, w13p, w2p, top_k: int, full_laye
             cases["ours_layer_graph"] = (lambda: ops.moe_forward(x, gate_weight, w13p, w2p, top_k, True), True)
         cases["grouped_mm_layer"] = (grouped_mm_layer, False)
         cases["loop_layer"] = (lambda: reference.moe_forward(x, gate_weight, w13, w2, top_k, True), False)
-    unfused = _two_launch_routing_ops(ops, x, gate_weight, top_k) if full_layer else None
+    unfused = _two_launch_routing_ops(ops, x, gate_weight) if full_layer else None
     fused_diff = None
     if unfused is not None and ops.graph_safe(gate_weight, top_k, w13p, w2p):
         # the default saves one launch; the same ids and metadata must give the same output, bit for bit

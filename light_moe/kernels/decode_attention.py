@@ -59,20 +59,14 @@ import cutlass
 import cutlass.cute as cute
 import torch
 from cutlass import BFloat16, Float16, Float32, Int32, Int64
-from cutlass._mlir.dialects import llvm
+from cutlass._mlir.dialects import llvm, nvvm
+from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
 from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels import attention_variant
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.launch import (
-    arrive_acq_rel,
-    await_inputs,
-    current_stream,
-    head_shape_problem,
-    paged_attention_shapes,
-    sm_count,
-)
+from light_moe.kernels.launch import await_inputs, current_stream, head_shape_problem, paged_attention_shapes, sm_count
 from light_moe.kernels.router import mma_16bit
 
 WARPS = 4
@@ -160,6 +154,15 @@ def pack2(lo: Float32, hi: Float32, instr: str, *, loc=None, ip=None) -> Int32:
     """Two fp32 -> bf16x2 / f16x2 (round to nearest), lo in the low half: one mma A register."""
     values = [Float32(x).ir_value(loc=loc, ip=ip) for x in (hi, lo)]
     return _asm_b32(f"cvt.rn.{instr}x2.f32 $0, $1, $2;", "=r,f,f", values, loc, ip)
+
+
+@dsl_user_op
+def arrive_acq_rel(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
+    """atom.acq_rel.gpu.global.add.u32 of 1 at ptr (an Int32 element of global memory); the old value. Release:
+    what this CTA wrote before its bar.sync is visible to whoever reads the new count; acquire: what the
+    CTAs that counted before wrote is visible to this one after its next bar.sync."""
+    return Int32(nvvm.atomicrmw(T.i32(), AtomicOpKind.ADD, ptr.llvm_ptr, Int32(1).ir_value(loc=loc, ip=ip),
+                                mem_order=MemOrderKind.ACQ_REL, syncscope=MemScopeKind.GPU, loc=loc, ip=ip))
 
 
 @cute.jit

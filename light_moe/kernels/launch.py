@@ -4,10 +4,6 @@ from __future__ import annotations
 import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 import torch
-from cutlass import Int32
-from cutlass._mlir.dialects import nvvm
-from cutlass._mlir.dialects.nvvm import AtomicOpKind, MemOrderKind, MemScopeKind
-from cutlass.cutlass_dsl import T, dsl_user_op
 
 _streams: dict[int, cuda.CUstream] = {}  # torch stream handle -> CUstream (built once: costly per launch)
 
@@ -46,16 +42,6 @@ def await_inputs() -> None:
     that never triggers (a torch op, NCCL) makes this an ordinary stream dependency."""
     cute.arch.griddepcontrol_wait()
     cute.arch.griddepcontrol_launch_dependents()
-
-
-@dsl_user_op
-def arrive_acq_rel(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
-    """atom.acq_rel.gpu.global.add.u32 of 1 at ptr (an Int32 element of global memory); the old value. Release:
-    what this CTA wrote before its bar.sync is visible to whoever reads the new count; acquire: what the
-    CTAs that counted before wrote is visible to this one after its next bar.sync. The counts of the CTAs that
-    finish last (decode attention's merge, the W4A16 direct kernel's stream-K, the router's counts)."""
-    return Int32(nvvm.atomicrmw(T.i32(), AtomicOpKind.ADD, ptr.llvm_ptr, Int32(1).ir_value(loc=loc, ip=ip),
-                                mem_order=MemOrderKind.ACQ_REL, syncscope=MemScopeKind.GPU, loc=loc, ip=ip))
 
 
 def head_shape_problem(dtype: torch.dtype, dtypes, num_heads: int, num_kv_heads: int, head_dim: int,

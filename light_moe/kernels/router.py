@@ -5,17 +5,9 @@ x [T, H] and gate_weight [E, H] (bf16, fp16 or fp32, the same dtype) ->
 topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32.
 Semantics: light_moe.ops.reference.router (ties go to the lower expert id).
 
-Graph-capturable, no host sync; how the counts are made is finish_mode:
-  fused  a CTA owns TM tokens and all E experts.
-         single_cta  one CTA (T <= TM: decode) stores the counts itself: one launch, no memset.
-         last_cta    several CTAs (E <= 16, T K <= LAST_CTA_MAX_ROWS): each stores its counts to a slot of a
-                     per-device workspace and draws a ticket (acq_rel atomic); the CTA that draws the last one
-                     sums the slots in CTA order and resets the ticket: one launch, no memset. The memset, a torch
-                     kernel, would break the programmatic-dependent-launch chain of a CUDA graph.
-         atomic      otherwise: memset(tokens_per_expert) + the kernel, one global atomic per CTA and expert.
-         The CTA that holds every count (single_cta, last_cta) can also write routing.py's expert_offsets,
-         gather_index and reverse_index (metadata_fusable), placing the rows with routing.RowPlacer as the
-         single-CTA routing kernel does: the routing-metadata launch goes too.
+Two launches in either mode (graph-capturable, no host sync):
+  fused  memset(tokens_per_expert) + one kernel; a CTA owns TM tokens and all E experts. With one CTA
+         (T <= TM: decode) it stores the counts itself, no memset: one launch.
   split  (E > 16 and T <= SPLIT_MAX_TOKENS) a GEMM kernel on a (token tiles, expert groups,
          H slices) grid writes fp32 partial logits [HS, T, E], then a top-k kernel sums them.
          One CTA streaming a large gate_weight alone is latency-bound (timings: docs/kernels.md, Router).
@@ -36,15 +28,14 @@ Pieces:
      winner's exact logit gives its weight.
      With a Selection (router_select.py: DeepSeek-V2 / V3, gpt-oss) TokenSelect replaces this step's softmax
      top-k; the GEMM and the counts are the same.
-  4. Counts: shared-memory histogram per CTA, then one global atomic per non-empty expert (single_cta:
-     plain stores of every expert's count, which also clears the buffer; last_cta: the slots and the ticket).
+  4. Counts: shared-memory histogram per CTA, then one global atomic per non-empty expert (one CTA:
+     plain stores of every expert's count, which also clears the buffer).
 
 Logits stay fp32; the reference rounds F.linear's bf16 output to bf16 first, so near-ties may pick
 a different expert and weights differ by ~bf16 rounding of the logits (a few 1e-3 relative).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import cuda.bindings.driver as cuda
@@ -58,11 +49,10 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from light_moe.kernels.compile_cache import CompileCache
-from light_moe.kernels.launch import arrive_acq_rel, await_inputs, current_stream
+from light_moe.kernels.launch import await_inputs, current_stream
 from light_moe.kernels.router_select import Selection, TokenSelect, take_best
 from light_moe.kernels.router_select import supports as selection_supports
-from light_moe.kernels.routing import SINGLE_CTA_MAX_ROWS, RowPlacer, scan_expert_counts
-from light_moe.kernels.routing import THREADS as ROUTING_THREADS
+from light_moe.kernels.routing import scan_expert_counts
 
 _TORCH_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 MAX_EXPERTS = 256
@@ -73,13 +63,6 @@ SM_COUNT = 132  # H100 SXM; only sizes the split grid, any Hopper part works
 # is latency-bound (docs/kernels.md, Router).
 SPLIT_MAX_TOKENS = 1024
 TOPK_TOKENS_PER_CTA = 8  # second launch of the split mode: one token per warp
-# Last-CTA counts (finish_mode): the fused tiles of E <= LAST_CTA_MAX_EXPERTS (choose_tile), up to the T K rows that
-# routing.py's single-CTA kernel places in one CTA; the workspace holds the ticket and the count slots [E, CTAs] of
-# the largest grid (top-1, the smallest CTA tile).
-LAST_CTA_MAX_EXPERTS = 16
-LAST_CTA_MAX_ROWS = SINGLE_CTA_MAX_ROWS
-LAST_CTA_MAX_CTAS = LAST_CTA_MAX_ROWS // 16
-FINISH_WORDS = 1 + LAST_CTA_MAX_EXPERTS * LAST_CTA_MAX_CTAS
 
 
 @dataclass(frozen=True)
@@ -234,11 +217,11 @@ def _key_expert(key):
 
 
 class RouterKernel:
-    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta, metadata, selection, last_cta)."""
+    """Compiled once per (dtype, H, E, K, renormalize, tile, single_cta, metadata, selection)."""
 
     def __init__(self, dtype_name: str, hidden: int, num_experts: int, top_k: int,
                  renormalize: bool, tile: RouterTile, single_cta: bool = False, metadata: bool = False,
-                 selection: Selection | None = None, last_cta: bool = False):
+                 selection: Selection | None = None):
         self.dtype_name = dtype_name
         self.words = hidden * (4 if dtype_name == "fp32" else 2) // 4  # 32-bit words per row
         self.num_experts = num_experts
@@ -251,23 +234,11 @@ class RouterKernel:
         # the launch has one CTA (fused tile, T <= tile.tokens): it owns every count, so it stores them and
         # the memset launch goes
         self.single_cta = single_cta and not tile.split
-        # several fused CTAs: each stores its counts to a workspace slot, and the CTA that draws the last ticket
-        # sums them into the counts (no memset launch either; finish_mode)
-        self.last_cta = last_cta
-        if last_cta:
-            problem = _last_cta_problem(num_experts, tile)
-            if problem or self.single_cta:
-                raise ValueError(f"last-CTA counts: {problem or 'single_cta and last_cta exclude each other'}")
-        # the CTA that holds every count also writes routing.py's expert_offsets, gather_index and reverse_index
-        # (the routing-metadata launch goes): the single CTA, or the last one
-        if metadata and not (self.single_cta or self.last_cta):
-            raise ValueError("routing metadata from the router needs one fused CTA (single_cta) or the last-CTA "
-                             "counts (last_cta), no split tile")
-        if metadata and 32 * tile.warps != ROUTING_THREADS:
-            raise ValueError(f"routing metadata from the router needs a CTA of {ROUTING_THREADS} threads "
-                             f"(routing.RowPlacer), the tile has {32 * tile.warps}")
+        # the single CTA also writes routing.py's expert_offsets, gather_index and reverse_index (decode: the
+        # routing-metadata launch goes); only with one fused CTA, which holds every count
+        if metadata and not self.single_cta:
+            raise ValueError("routing metadata from the router needs one fused CTA (single_cta, no split tile)")
         self.metadata = metadata
-        self.placer = RowPlacer(num_experts, top_k)
         # a routing variant (router_select.py) replaces the softmax top-k of the top-k stage; None: softmax top-k
         self.selection = selection
         if selection is not None:
@@ -281,12 +252,11 @@ class RouterKernel:
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, weights_ptr: cute.Pointer,
                  ids_ptr: cute.Pointer, counts_ptr: cute.Pointer, logits_ptr: cute.Pointer, offsets_ptr: cute.Pointer,
-                 gather_ptr: cute.Pointer, reverse_ptr: cute.Pointer, finish_ptr: cute.Pointer,
-                 gate_bias_ptr: cute.Pointer, correction_ptr: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
+                 gather_ptr: cute.Pointer, reverse_ptr: cute.Pointer, gate_bias_ptr: cute.Pointer,
+                 correction_ptr: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
         """logits_ptr: fp32 scratch [HS, T, E] for the split mode (unused when fused). offsets / gather /
-        reverse: int32 [E + 1], [T K], [T K] routing metadata (written only by a metadata kernel). finish_ptr: the
-        last-CTA workspace (finish_workspace; read only with last_cta): the ticket, then count slots [E, CTAs].
-        gate_bias / correction: the selection's bias vectors [E] (read only where the selection has them)."""
+        reverse: int32 [E + 1], [T K], [T K] routing metadata (written only by a metadata kernel). gate_bias /
+        correction: the selection's bias vectors [E] (read only where the selection has them)."""
         words, n_exp, k, tile = self.words, self.num_experts, self.top_k, self.tile
         x = cute.make_tensor(x_ptr, cute.make_layout((n_tokens, words), stride=(words, 1)))
         w = cute.make_tensor(w_ptr, cute.make_layout((n_exp, words), stride=(words, 1)))
@@ -301,12 +271,9 @@ class RouterKernel:
         reverse = cute.make_tensor(reverse_ptr, cute.make_layout((n_tokens * k,)))
         gate_bias = cute.make_tensor(gate_bias_ptr, cute.make_layout((n_exp,)))
         correction = cute.make_tensor(correction_ptr, cute.make_layout((n_exp,)))
-        n_ctas = cute.ceil_div(n_tokens, tile.tokens)
-        ticket = cute.make_tensor(finish_ptr, cute.make_layout((1,)))
-        slots = cute.make_tensor(finish_ptr + 1, cute.make_layout((n_exp, n_ctas), stride=(n_ctas, 1)))
-        self.kernel(x, w, weights, ids, counts, logits, offsets, gather, reverse, ticket, slots, gate_bias,
-                    correction, n_tokens).launch(
-            grid=(n_ctas, tile.eg, tile.hs),
+        self.kernel(x, w, weights, ids, counts, logits, offsets, gather, reverse, gate_bias, correction,
+                    n_tokens).launch(
+            grid=(cute.ceil_div(n_tokens, tile.tokens), tile.eg, tile.hs),
             block=(self.threads, 1, 1), stream=stream, use_pdl=True)
         if cutlass.const_expr(tile.split):
             self.topk_kernel(logits, weights, ids, counts, gate_bias, correction, n_tokens).launch(
@@ -362,8 +329,7 @@ class RouterKernel:
     @cute.kernel
     def kernel(self, x: cute.Tensor, w: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor,
                counts: cute.Tensor, logits: cute.Tensor, offsets: cute.Tensor, gather: cute.Tensor,
-               reverse: cute.Tensor, ticket: cute.Tensor, slots: cute.Tensor, gate_bias: cute.Tensor,
-               correction: cute.Tensor, n_tokens: Int32):
+               reverse: cute.Tensor, gate_bias: cute.Tensor, correction: cute.Tensor, n_tokens: Int32):
         await_inputs()  # x: the previous layer's output
         tile = self.tile
         n_exp, e_pad, threads = self.num_experts, self.e_pad, self.threads
@@ -385,9 +351,6 @@ class RouterKernel:
         hist = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
         for e in range(tidx, n_exp, threads):
             hist[e] = Int32(0)
-        if cutlass.const_expr(self.metadata):
-            placement = self.placer.allocate(smem)  # running, warp_count, warp_base
-            self.placer.clear(placement[1], tidx)  # barriers follow (GEMM, top-k)
 
         # ---- 1. gate GEMM: acc[mt, nt] (16 tokens x 8 experts) over this warp's H slice ----
         copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Int32, num_bits_per_copy=128)
@@ -453,52 +416,40 @@ class RouterKernel:
         else:
             self.topk_tokens(partial, ks_n, bidx * tm, tm, n_tokens, weights, ids, hist, gate_bias, correction)
             cute.arch.sync_threads()
-            if cutlass.const_expr(self.last_cta):
-                total = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
-                drawn = smem.allocate_tensor(Int32, cute.make_layout((1,)), byte_alignment=4)
-                n_ctas, _, _ = cute.arch.grid_dim()
-                for e in range(tidx, n_exp, threads):
-                    slots[e, bidx] = hist[e]
-                cute.arch.sync_threads()  # every thread's ids and slot stores precede thread 0's release
-                if tidx == 0:
-                    drawn[0] = arrive_acq_rel(ticket.iterator)
-                cute.arch.sync_threads()  # thread 0's acquire precedes every thread's loads of the others' stores
-                if drawn[0] == n_ctas - 1:  # the last CTA: every other one has stored its ids and counts
-                    if tidx == 0:
-                        ticket[0] = Int32(0)  # every CTA has drawn: nobody else touches it in this launch
-                    self.placer.sum_blocks(slots, n_ctas, n_ctas, total, None, tidx)
-                    cute.arch.sync_threads()
-                    for e in range(tidx, n_exp, threads):
-                        counts[e] = total[e]
-                    if cutlass.const_expr(self.metadata):
-                        self.write_metadata(ids, total, placement, offsets, gather, reverse, n_tokens)
-            else:
-                for e in range(tidx, n_exp, threads):
-                    c = hist[e]
-                    if cutlass.const_expr(self.single_cta):
-                        counts[e] = c
-                    elif c > 0:
-                        atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
-                if cutlass.const_expr(self.metadata):
-                    self.write_metadata(ids, hist, placement, offsets, gather, reverse, n_tokens)
+            for e in range(tidx, n_exp, threads):
+                c = hist[e]
+                if cutlass.const_expr(self.single_cta):
+                    counts[e] = c
+                elif c > 0:
+                    atomic_add(counts.iterator + e, c, MemScopeKind.GPU)
+            if cutlass.const_expr(self.metadata):
+                base = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
+                self.write_metadata(ids, hist, base, offsets, gather, reverse, n_tokens)
 
     @cute.jit
-    def write_metadata(self, ids: cute.Tensor, total: cute.Tensor, placement, offsets: cute.Tensor,
+    def write_metadata(self, ids: cute.Tensor, hist: cute.Tensor, base: cute.Tensor, offsets: cute.Tensor,
                        gather: cute.Tensor, reverse: cute.Tensor, n_tokens: Int32):
-        """routing.py's metadata from the CTA that holds every count (the single CTA, or the last one), after a
-        barrier that follows the top-k (ids in global memory) and the counts total [E] (shared memory): warp 0 scans
-        total into expert_offsets, then routing.RowPlacer places the T K assignments in order, as the single-CTA
-        routing kernel does (rows stable by expert, then by a = t K + k, as the reference sorts them)."""
+        """routing.py's metadata from the single CTA, after its top-k (ids in global memory, visible to the CTA
+        after the barrier) and histogram: warp 0 scans the counts into expert_offsets; assignment a = t K + k
+        of expert e sorts to offsets[e] + #{a' < a : ids[a'] == e} (at most T K - 1 < 16 K compares), which
+        keeps rows stable by expert, then by a, as the reference does."""
+        n_exp, k = self.num_experts, self.top_k
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = cute.arch.lane_idx()
-        running, warp_count, warp_base = placement
         if warp == 0:
-            scan_expert_counts(total, self.num_experts, lane, running, total, False, offsets, True)
+            scan_expert_counts(hist, n_exp, lane, base, hist, False, offsets, True)
         cute.arch.sync_threads()
-        rows = n_tokens * self.top_k
-        flat_ids = cute.make_tensor(ids.iterator, cute.make_layout((rows,)))  # assignment a = t K + k
-        self.placer.place(flat_ids, Int32(0), rows, running, warp_count, warp_base, gather, reverse, tidx, warp, lane)
+        for a in range(tidx, n_tokens * k, self.threads):
+            e = ids[a // k, a % k]
+            if e < n_exp:  # only NaN logits pick a padding column (no row of any expert)
+                rank = Int32(0)
+                for b in range(a):
+                    if ids[b // k, b % k] == e:
+                        rank += 1
+                pos = base[e] + rank
+                reverse[a] = pos
+                gather[pos] = a // k
 
     @cute.kernel
     def topk_kernel(self, logits: cute.Tensor, weights: cute.Tensor, ids: cute.Tensor, counts: cute.Tensor,
@@ -601,30 +552,30 @@ def _bias_types(selection: Selection | None):
 
 def make_compile_args(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
                       tile: RouterTile, stream=None, single_cta: bool = False, metadata: bool = False,
-                      selection: Selection | None = None, last_cta: bool = False):
+                      selection: Selection | None = None):
     """(jit function, arguments) for cute.compile; placeholder pointers, T dynamic. Used by the
     cache below and by the CPU compile tests (pass cute.runtime.make_fake_stream() there)."""
     name = _TORCH_TO_NAME[dtype]
     gmem = cute.AddressSpace.gmem
-    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata, selection, last_cta)
+    fn = RouterKernel(name, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata, selection)
     args = (make_ptr(Int32, 16, gmem, assumed_align=16), make_ptr(Int32, 16, gmem, assumed_align=16),
             make_ptr(Float32, 16, gmem, assumed_align=4), make_ptr(Int32, 16, gmem, assumed_align=4),
             make_ptr(Int32, 16, gmem, assumed_align=4), make_ptr(Float32, 16, gmem, assumed_align=4),
-            *(make_ptr(Int32, 16, gmem, assumed_align=4) for _ in range(4)),
+            *(make_ptr(Int32, 16, gmem, assumed_align=4) for _ in range(3)),
             *(make_ptr(t, 16, gmem, assumed_align=t.width // 8) for t in _bias_types(selection)), Int32(1), stream)
     return fn, args
 
 
-# (dtype, H, E, K, renormalize, tile, single_cta, metadata, selection, last_cta); never keyed on T
+# (dtype, H, E, K, renormalize, tile, single_cta, metadata, selection); never keyed on T
 _compiled = CompileCache("router")
 
 
 def compiled_router(dtype: torch.dtype, hidden: int, num_experts: int, top_k: int, renormalize: bool,
                     tile: RouterTile, single_cta: bool = False, metadata: bool = False,
-                    selection: Selection | None = None, last_cta: bool = False):
-    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta, metadata, selection, last_cta)
+                    selection: Selection | None = None):
+    key = (dtype, hidden, num_experts, top_k, bool(renormalize), tile, single_cta, metadata, selection)
     return _compiled.get(key, lambda: make_compile_args(dtype, hidden, num_experts, top_k, renormalize, tile,
-                                                        current_stream(), *key[6:]))
+                                                        current_stream(), single_cta, metadata, selection))
 
 
 def workspace_size(num_tokens: int, num_experts: int, tile: RouterTile) -> int:
@@ -677,78 +628,10 @@ def common_dtype(x: torch.Tensor, gate_weight: torch.Tensor) -> tuple[torch.Tens
     return x.float(), gate_weight.float()
 
 
-def _last_cta_problem(num_experts: int, tile: RouterTile) -> str | None:
-    """Why a tile cannot count in last-CTA mode (None: it can), whatever T."""
-    if tile.split:
-        return "a split tile (its counts come from the top-k launch)"
-    if num_experts > LAST_CTA_MAX_EXPERTS:
-        return f"E={num_experts} above {LAST_CTA_MAX_EXPERTS} (the workspace's count slots)"
-    if 32 * tile.warps != ROUTING_THREADS:
-        return f"a CTA of {32 * tile.warps} threads (routing.RowPlacer places rows with {ROUTING_THREADS})"
-    return None
-
-
-def finish_mode(num_experts: int, num_tokens: int, top_k: int, row_bytes: int,
-                tile: RouterTile | None = None) -> str:
-    """How router_into's launch gets tokens_per_expert, from host-known sizes (graph-safe):
-      "single_cta"  one fused CTA covers T (decode, T <= tile.tokens): it stores every count itself;
-      "last_cta"    several fused CTAs (E <= LAST_CTA_MAX_EXPERTS, T K <= LAST_CTA_MAX_ROWS, CTAs of routing.THREADS):
-                    each stores its counts to a slot of finish_workspace and draws a ticket (acq_rel atomic); the
-                    CTA that draws the last one sums the slots into the counts and resets the ticket;
-      "atomic"      otherwise (split tiles, larger T, T = 0): a memset of the counts (split tiles: their first
-                    kernel zeroes them) and one global atomic per CTA and expert.
-    Neither of the first two launches a memset, and both can write the routing metadata (metadata_fusable)."""
+def metadata_fusable(num_experts: int, num_tokens: int, row_bytes: int, tile: RouterTile | None = None) -> bool:
+    """Whether router_into can also write the routing metadata: one fused CTA covers the T tokens."""
     tile = tile or choose_tile(num_experts, num_tokens, row_bytes)
-    if tile.split or num_tokens <= 0:
-        return "atomic"
-    if num_tokens <= tile.tokens:
-        return "single_cta"
-    if (_last_cta_problem(num_experts, tile) is None and num_tokens * top_k <= LAST_CTA_MAX_ROWS
-            and -(-num_tokens // tile.tokens) <= LAST_CTA_MAX_CTAS):
-        return "last_cta"
-    return "atomic"
-
-
-def metadata_fusable(num_experts: int, num_tokens: int, top_k: int, row_bytes: int,
-                     tile: RouterTile | None = None) -> bool:
-    """Whether router_into can also write the routing metadata in its launch: one CTA holds every count (the
-    single CTA, or the last one of last-CTA mode; finish_mode) and has the threads routing.RowPlacer places rows
-    with. For E <= 16: T K <= LAST_CTA_MAX_ROWS rows."""
-    tile = tile or choose_tile(num_experts, num_tokens, row_bytes)
-    return (finish_mode(num_experts, num_tokens, top_k, row_bytes, tile) != "atomic"
-            and 32 * tile.warps == ROUTING_THREADS)
-
-
-_finish_workspaces: dict[torch.device, torch.Tensor] = {}
-_fallback_logged: set[torch.device] = set()
-logger = logging.getLogger(__name__)
-
-
-def finish_workspace(device: torch.device) -> torch.Tensor | None:
-    """The last-CTA mode's int32 workspace on `device`: [0] the ticket, zero between launches (the last CTA resets
-    it), then the count slots [E, CTAs] that every launch writes in full before reading. FINISH_WORDS elements, made
-    zeroed on first use and kept; one per device, as its launches are serialised on one stream (the engine runs
-    its layers on one stream; decode attention's merge counters rest on the same). Not made inside CUDA graph
-    capture (a buffer made there is zeroed only when the graph replays): None there, and router_into falls back to
-    the memset path; the engine's graphs run every shape once eagerly first, which makes it. None off CUDA."""
-    ws = _finish_workspaces.get(device)
-    if ws is None and device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        ws = _finish_workspaces[device] = torch.zeros(FINISH_WORDS, dtype=torch.int32, device=device)
-    return ws
-
-
-def _launch_mode(x: torch.Tensor, num_experts: int, top_k: int, tile: RouterTile):
-    """(finish_mode, the workspace for last_cta or None) of a launch on x; last_cta falls back to atomic where the
-    workspace cannot be made (first needed inside graph capture)."""
-    mode = finish_mode(num_experts, x.shape[0], top_k, x.shape[1] * x.element_size(), tile)
-    finish = finish_workspace(x.device) if mode == "last_cta" else None
-    if mode == "last_cta" and finish is None:
-        mode = "atomic"
-        if x.device.type == "cuda" and x.device not in _fallback_logged:  # correct, but a memset launch more
-            _fallback_logged.add(x.device)
-            logger.warning("router on %s: the last-CTA workspace was first needed inside CUDA graph capture, so this "
-                           "graph counts with a memset launch; route once outside capture first", x.device)
-    return mode, finish
+    return not tile.split and 0 < num_tokens <= tile.tokens
 
 
 def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
@@ -758,11 +641,12 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
                 selection: Selection | None = None, gate_bias: torch.Tensor | None = None,
                 correction_bias: torch.Tensor | None = None) -> None:
     """Writes topk_weights [T, K] fp32, topk_ids [T, K] int32, tokens_per_expert [E] int32 on the current
-    stream; graph-capturable. One launch where finish_mode is single_cta or last_cta, else two: memset + fused
-    kernel, or (split tiles, E > 16 and T <= SPLIT_MAX_TOKENS) GEMM + top-k kernels with fp32 scratch of
-    workspace_size(...) elements, allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks).
+    stream; graph-capturable. One launch when a single fused CTA covers T, else two: memset + fused kernel, or
+    (split tiles, E > 16 and
+    T <= SPLIT_MAX_TOKENS) GEMM + top-k kernels with fp32 scratch of workspace_size(...) elements,
+    allocated here when `workspace` is None. `tile` overrides choose_tile (benchmarks).
     metadata = (expert_offsets [E + 1], gather_index [T K], reverse_index [T K]) int32: also written, as
-    routing.routing_metadata_into would, in the same launch; only where metadata_fusable.
+    routing.routing_metadata_into would, in the same launch; only where metadata_fusable (decode).
     selection: a routing variant (router_select.selection_for of a config.RouterConfig) with its bias vectors
     gate_bias / correction_bias [E], given exactly where the selection has them; None: softmax top-k."""
     _check_selection(selection, gate_bias, correction_bias, gate_weight.shape[0], top_k, x.device)
@@ -784,21 +668,20 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
         return
     tile = tile or choose_tile(num_experts, num_tokens, hidden * x.element_size())
     need = workspace_size(num_tokens, num_experts, tile)
-    mode, finish = _launch_mode(x, num_experts, top_k, tile)
+    single_cta = metadata_fusable(num_experts, num_tokens, hidden * x.element_size(), tile)  # no memset either
     if metadata is not None:
-        if mode == "atomic" or 32 * tile.warps != ROUTING_THREADS:
-            raise ValueError(f"routing metadata from the router needs one fused CTA or last-CTA counts "
-                             f"(metadata_fusable): T={num_tokens} tokens, K={top_k}, E={num_experts} take "
-                             f"{'a split tile' if tile.split else f'{tile.tokens}-token CTAs of {tile.warps} warps'}")
+        if not single_cta:
+            raise ValueError(f"routing metadata from the router needs one fused CTA: T={num_tokens} tokens with "
+                             f"E={num_experts} take {'a split tile' if tile.split else f'{tile.tokens}-token CTAs'}")
         for name, t, n in (("expert_offsets", metadata[0], num_experts + 1), ("gather_index", metadata[1],
                            num_tokens * top_k), ("reverse_index", metadata[2], num_tokens * top_k)):
             if t.shape != (n,) or t.dtype != torch.int32 or not t.is_contiguous() or t.device != x.device:
                 raise ValueError(f"{name} must be a contiguous [{n}] int32 tensor on {x.device}, got "
                                  f"{tuple(t.shape)} {t.dtype}")
-    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, mode == "single_cta",
-                         metadata is not None, selection, mode == "last_cta")
+    fn = compiled_router(x.dtype, hidden, num_experts, top_k, renormalize, tile, single_cta, metadata is not None,
+                         selection)
     if need == 0:
-        if mode == "atomic":
+        if not single_cta:
             tokens_per_expert.zero_()  # the split mode zeroes it inside its first kernel
         workspace = topk_weights  # placeholder pointer, never read
     elif workspace is None:
@@ -813,7 +696,6 @@ def router_into(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormal
        make_ptr(Int32, tokens_per_expert.data_ptr(), gmem, assumed_align=4),
        make_ptr(Float32, workspace.data_ptr(), gmem, assumed_align=4),
        *(make_ptr(Int32, t.data_ptr(), gmem, assumed_align=4) for t in (metadata or (topk_ids,) * 3)),
-       make_ptr(Int32, (topk_ids if finish is None else finish).data_ptr(), gmem, assumed_align=4),
        *(make_ptr(t, (topk_weights if b is None else b).data_ptr(), gmem, assumed_align=t.width // 8)
          for t, b in zip(_bias_types(selection), (gate_bias, correction_bias))),
        Int32(num_tokens), current_stream())
@@ -833,15 +715,13 @@ def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
           tokens_per_expert: torch.Tensor | None = None, **selection):
     """router() plus (expert_offsets [E + 1], gather_index [T K], reverse_index [T K]) int32 written by the
-    same launch where one CTA holds every count (metadata_fusable: E <= 16, T K <= LAST_CTA_MAX_ROWS), else None
-    for them (and where last-CTA mode is first needed inside graph capture: router_into's memset path)."""
+    same launch where one fused CTA covers T (metadata_fusable: decode with E <= 16), else None for them."""
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
     outputs = _outputs(x, num_experts, top_k, tokens_per_expert)
     tile = choose_tile(num_experts, num_tokens, hidden * x.element_size())
     metadata = None
-    if metadata_fusable(num_experts, num_tokens, top_k, hidden * x.element_size(), tile) \
-            and _launch_mode(x, num_experts, top_k, tile)[0] != "atomic":
+    if metadata_fusable(num_experts, num_tokens, hidden * x.element_size(), tile):
         metadata = (torch.empty(num_experts + 1, dtype=torch.int32, device=x.device),
                     torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device),
                     torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device))

@@ -53,11 +53,6 @@ def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-def _lanes_per_expert(n_exp: int, most: int) -> int:
-    """Adjacent lanes that share one expert's work in a CTA of THREADS: a power of two, at most `most`."""
-    return min(most, _pow2_floor(THREADS // n_exp))
-
-
 @dsl_user_op
 def _atomic_add(ptr, val, scope, *, loc=None, ip=None):
     nvvm.atomicrmw(T.i32(), AtomicOpKind.ADD, ptr.llvm_ptr, Int32(val).ir_value(loc=loc, ip=ip),
@@ -96,126 +91,6 @@ def scan_expert_counts(counts: cute.Tensor, n_exp: cutlass.Constexpr, lane: Int3
         offsets[n_exp] = inclusive
 
 
-class RowPlacer:
-    """The ordered placement of routed rows by one CTA of THREADS threads, for E experts and top-k K (static):
-    shared by the scatter kernel and the router's routing metadata (router.py)."""
-
-    def __init__(self, num_experts: int, top_k: int):
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.bits = (num_experts - 1).bit_length()  # ballots needed to compare expert ids
-        # per-chunk scan: `scan_group` adjacent lanes per expert, each owning `per_lane` warps
-        self.scan_group = _lanes_per_expert(num_experts, WARPS)
-        self.per_lane = WARPS // self.scan_group
-        # block sums: `sum_group` adjacent lanes per expert, striding over the blocks
-        self.sum_group = _lanes_per_expert(num_experts, 32)
-
-    def allocate(self, smem):
-        """Shared memory of place (plain Python, traced inline): running [E], the sorted position of the next row of
-        each expert; per chunk warp_count [WARPS, E] = (chunk << 8) | count of e in warp w (stale tags read as 0) and
-        warp_base [WARPS, E] = sorted position of the first row of e in warp w."""
-        n_exp = self.num_experts
-        running = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
-        warp_count = smem.allocate_tensor(Int32, cute.make_layout((WARPS, n_exp)), byte_alignment=16)
-        warp_base = smem.allocate_tensor(Int32, cute.make_layout((WARPS, n_exp)), byte_alignment=16)
-        return running, warp_count, warp_base
-
-    @cute.jit
-    def clear(self, warp_count: cute.Tensor, tidx: Int32):
-        """Tags no chunk matches; a CTA barrier must follow before place."""
-        for i in range(tidx, WARPS * self.num_experts, THREADS):
-            warp_count[i % WARPS, i // WARPS] = Int32(-1)
-
-    @cute.jit
-    def sum_blocks(self, block_counts: cute.Tensor, n_blocks: Int32, bidx: Int32, total: cute.Tensor,
-                   before: cute.Tensor, tidx: Int32):
-        """total[e] = the sum of block_counts [E, B] over all blocks; before[e] = over blocks < bidx (before None:
-        not computed). Groups of lanes never straddle warps; integer sums, exact in any order."""
-        group = self.sum_group
-        sum_e = tidx // group
-        sub = tidx % group
-        in_range = sum_e < self.num_experts
-        sum_all = Int32(0)
-        sum_before = Int32(0)
-        if in_range:
-            for b in cutlass.range(sub, n_blocks, group, unroll=4):
-                c = block_counts[sum_e, b]
-                sum_all += c
-                if cutlass.const_expr(before is not None):
-                    sum_before += c if b < bidx else Int32(0)
-        for s in cutlass.range_constexpr(self.sum_group.bit_length() - 1):
-            sum_all += cute.arch.shuffle_sync_bfly(sum_all, offset=1 << s)
-            if cutlass.const_expr(before is not None):
-                sum_before += cute.arch.shuffle_sync_bfly(sum_before, offset=1 << s)
-        if in_range and sub == 0:
-            total[sum_e] = sum_all
-            if cutlass.const_expr(before is not None):
-                before[sum_e] = sum_before
-
-    @cute.jit
-    def place(self, ids: cute.Tensor, start: Int32, end: Int32, running: cute.Tensor, warp_count: cute.Tensor,
-              warp_base: cute.Tensor, gather: cute.Tensor, reverse: cute.Tensor, tidx: Int32, warp: Int32,
-              lane: Int32):
-        """Assignments a in [start, end) (expert ids[a - start]) in chunks of THREADS, in order: reverse[a] = its
-        sorted position, running[e] + its rank among the earlier rows of e; gather[position] = a // K; running moves
-        past each chunk. Ids outside [0, E) get no row (only NaN router logits make one). Before a CTA barrier that
-        precedes this: running holds each expert's first position and warp_count is cleared."""
-        n_exp, k, scan_group, per_lane = self.num_experts, self.top_k, self.scan_group, self.per_lane
-        lanes_below = (Int32(1) << lane) - 1
-        scan_e = tidx // scan_group
-        scan_sub = tidx % scan_group
-        scan_valid = scan_e < n_exp
-        counts = cute.make_rmem_tensor((per_lane,), Int32)
-        n_chunks = cute.ceil_div(end - start, THREADS)
-        for chunk in range(n_chunks):
-            a = start + chunk * THREADS + tidx
-            valid = a < end
-            expert = Int32(0)
-            if valid:
-                expert = ids[a - start]
-                valid = expert < n_exp
-            peers = cute.arch.vote_ballot_sync(valid)
-            for bit in cutlass.range_constexpr(self.bits):
-                b = (expert >> bit) & 1
-                ballot = cute.arch.vote_ballot_sync(b == 1)
-                peers = peers & (ballot ^ (b - 1))  # b = 1: ballot, b = 0: ~ballot
-            rank = cute.arch.popc(peers & lanes_below)
-            if valid and rank == 0:
-                warp_count[warp, expert] = (chunk << 8) | cute.arch.popc(peers)
-            cute.arch.sync_threads()
-            # scan: lanes (scan_e, scan_sub) own warps scan_sub * per_lane + i of expert scan_e
-            own = Int32(0)
-            for i in cutlass.range_constexpr(self.per_lane):
-                c = Int32(0)
-                if scan_valid:
-                    tagged = warp_count[scan_sub * self.per_lane + i, scan_e]
-                    if (tagged >> 8) == chunk:
-                        c = tagged & 0xFF
-                counts[i] = c
-                own += c
-            inclusive = own
-            for s in cutlass.range_constexpr(self.scan_group.bit_length() - 1):
-                other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
-                if scan_sub >= (1 << s):
-                    inclusive += other
-            base = Int32(0)
-            if scan_valid:
-                base = running[scan_e]
-            base = cute.arch.shuffle_sync(base, lane - scan_sub)  # the group's first lane
-            pos = base + inclusive - own
-            for i in cutlass.range_constexpr(self.per_lane):
-                if counts[i] > 0:
-                    warp_base[scan_sub * self.per_lane + i, scan_e] = pos
-                pos += counts[i]
-            if scan_valid and scan_sub == self.scan_group - 1:
-                running[scan_e] = base + inclusive
-            cute.arch.sync_threads()
-            if valid:
-                pos = warp_base[warp, expert] + rank
-                reverse[a] = pos
-                gather[pos] = a // k
-
-
 class RoutingKernel:
     """Compiled once per (E, K, single_cta); M is a run-time argument."""
 
@@ -224,7 +99,11 @@ class RoutingKernel:
         self.top_k = top_k
         self.single_cta = single_cta
         self.rows_per_cta = SINGLE_CTA_MAX_ROWS if single_cta else ROWS_PER_CTA
-        self.placer = RowPlacer(num_experts, top_k)
+        self.bits = max(0, (num_experts - 1).bit_length())  # ballots needed to compare expert ids
+        # per-chunk scan: `scan_group` adjacent lanes per expert, each owning `WARPS / scan_group` warps
+        self.scan_group = min(WARPS, _pow2_floor(THREADS // num_experts))
+        # block prefix (multi-CTA): `sum_group` adjacent lanes per expert, striding over the blocks
+        self.sum_group = min(32, _pow2_floor(THREADS // num_experts))
 
     @cute.jit
     def __call__(self, ids_ptr: cute.Pointer, block_counts_ptr: cute.Pointer, offsets_ptr: cute.Pointer,
@@ -266,7 +145,7 @@ class RoutingKernel:
     def scatter_kernel(self, ids: cute.Tensor, block_counts: cute.Tensor, offsets: cute.Tensor,
                        gather: cute.Tensor, reverse: cute.Tensor, n_rows: Int32, n_blocks: Int32):
         await_inputs()
-        n_exp, rows = self.num_experts, self.rows_per_cta
+        n_exp, k, rows = self.num_experts, self.top_k, self.rows_per_cta
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -276,14 +155,19 @@ class RoutingKernel:
         ids_s = smem.allocate_tensor(Int32, cute.make_layout((rows,)), byte_alignment=16)
         total = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
         before = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
-        running, warp_count, warp_base = self.placer.allocate(smem)
+        running = smem.allocate_tensor(Int32, cute.make_layout((n_exp,)), byte_alignment=16)
+        # per chunk: warp_count[w, e] = (chunk << 8) | count of e in warp w (stale tags read as 0),
+        # warp_base[w, e] = sorted position of the first row of e in warp w
+        warp_count = smem.allocate_tensor(Int32, cute.make_layout((WARPS, n_exp)), byte_alignment=16)
+        warp_base = smem.allocate_tensor(Int32, cute.make_layout((WARPS, n_exp)), byte_alignment=16)
 
         start = bidx * rows
         end = cutlass.min(n_rows, start + rows)
         for e in range(tidx, n_exp, THREADS):
             total[e] = Int32(0)
             before[e] = Int32(0)
-        self.placer.clear(warp_count, tidx)
+        for i in range(tidx, WARPS * n_exp, THREADS):
+            warp_count[i % WARPS, i // WARPS] = Int32(-1)
         cute.arch.sync_threads()
 
         # ---- 1. this CTA's assignments into shared memory; totals and this CTA's base per expert ----
@@ -293,7 +177,24 @@ class RoutingKernel:
             if cutlass.const_expr(self.single_cta):
                 _atomic_add(total.iterator + expert, Int32(1), MemScopeKind.CTA)
         if cutlass.const_expr(not self.single_cta):
-            self.placer.sum_blocks(block_counts, n_blocks, bidx, total, before, tidx)
+            # sum_group adjacent lanes per expert stride over the blocks; groups never straddle warps
+            group = self.sum_group
+            sum_e = tidx // group
+            sub = tidx % group
+            in_range = sum_e < n_exp
+            sum_all = Int32(0)
+            sum_before = Int32(0)
+            if in_range:
+                for b in cutlass.range(sub, n_blocks, group, unroll=4):
+                    c = block_counts[sum_e, b]
+                    sum_all += c
+                    sum_before += c if b < bidx else Int32(0)
+            for s in cutlass.range_constexpr(group.bit_length() - 1):
+                sum_all += cute.arch.shuffle_sync_bfly(sum_all, offset=1 << s)
+                sum_before += cute.arch.shuffle_sync_bfly(sum_before, offset=1 << s)
+            if in_range and sub == 0:
+                total[sum_e] = sum_all
+                before[sum_e] = sum_before
         cute.arch.sync_threads()
 
         # ---- 2. warp 0: exclusive scan of totals -> offsets; running = offsets + this CTA's base ----
@@ -302,7 +203,59 @@ class RoutingKernel:
         cute.arch.sync_threads()
 
         # ---- 3. chunks of THREADS assignments, in order ----
-        self.placer.place(ids_s, start, end, running, warp_count, warp_base, gather, reverse, tidx, warp, lane)
+        lanes_below = (Int32(1) << lane) - 1
+        per_thread = WARPS // self.scan_group  # warps whose counts one scan lane owns
+        scan_e = tidx // self.scan_group
+        scan_sub = tidx % self.scan_group
+        scan_valid = scan_e < n_exp
+        counts = cute.make_rmem_tensor((per_thread,), Int32)
+        n_chunks = cute.ceil_div(end - start, THREADS)
+        for chunk in range(n_chunks):
+            a = start + chunk * THREADS + tidx
+            valid = a < end
+            expert = Int32(0)
+            if valid:
+                expert = ids_s[a - start]
+            peers = cute.arch.vote_ballot_sync(valid)
+            for bit in cutlass.range_constexpr(self.bits):
+                b = (expert >> bit) & 1
+                ballot = cute.arch.vote_ballot_sync(b == 1)
+                peers = peers & (ballot ^ (b - 1))  # b = 1: ballot, b = 0: ~ballot
+            rank = cute.arch.popc(peers & lanes_below)
+            if valid and rank == 0:
+                warp_count[warp, expert] = (chunk << 8) | cute.arch.popc(peers)
+            cute.arch.sync_threads()
+            # scan: lanes (scan_e, scan_sub) own warps scan_sub * (WARPS // self.scan_group) + i of expert scan_e
+            own = Int32(0)
+            for i in cutlass.range_constexpr(WARPS // self.scan_group):
+                c = Int32(0)
+                if scan_valid:
+                    tagged = warp_count[scan_sub * (WARPS // self.scan_group) + i, scan_e]
+                    if (tagged >> 8) == chunk:
+                        c = tagged & 0xFF
+                counts[i] = c
+                own += c
+            inclusive = own
+            for s in cutlass.range_constexpr(self.scan_group.bit_length() - 1):
+                other = cute.arch.shuffle_sync_up(inclusive, offset=1 << s, mask_and_clamp=0)
+                if scan_sub >= (1 << s):
+                    inclusive += other
+            base = Int32(0)
+            if scan_valid:
+                base = running[scan_e]
+            base = cute.arch.shuffle_sync(base, lane - scan_sub)  # the group's first lane
+            pos = base + inclusive - own
+            for i in cutlass.range_constexpr(WARPS // self.scan_group):
+                if counts[i] > 0:
+                    warp_base[scan_sub * (WARPS // self.scan_group) + i, scan_e] = pos
+                pos += counts[i]
+            if scan_valid and scan_sub == self.scan_group - 1:
+                running[scan_e] = base + inclusive
+            cute.arch.sync_threads()
+            if valid:
+                pos = warp_base[warp, expert] + rank
+                reverse[a] = pos
+                gather[pos] = a // k
 
 
 _compiled = CompileCache("routing")  # (E, K, single_cta) -> compiled function; never keyed on M

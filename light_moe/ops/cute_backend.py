@@ -54,10 +54,9 @@ class CuteOps(MoEOps):
             raise ValueError(f"skinny_gemm_max_rows must be in [1, {SKINNY_GEMM_MAX_ROWS}], got {skinny_max_rows}")
         self.skinny_gemm = skinny_gemm
         self.skinny_max_rows = skinny_max_rows
-        # route(): the router kernel also writes the routing metadata where one of its CTAs holds every count (the
-        # single CTA of decode, or the last of several: router.metadata_fusable): one launch fewer per MoE layer,
-        # outputs bit-equal (timings: docs/kernels.md, Router, "fused"); False keeps the separate metadata launch
-        # (the bench's *_two_launch_routing cases).
+        # route(): the router kernel's single CTA also writes the routing metadata where one CTA covers T (decode,
+        # E <= 16): one launch fewer per MoE layer, outputs bit-equal (timings: docs/kernels.md, Router, "fused");
+        # False keeps the separate metadata launch (the bench's *_two_launch_routing cases).
         self.fuse_routing_metadata = fuse_routing_metadata
         # decode attention: the last split CTA merges the splits (EngineConfig.fuse_attention_merge) through
         # counters that every launch leaves zero; one buffer per device, as attention only ever runs on the

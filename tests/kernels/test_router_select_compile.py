@@ -59,7 +59,7 @@ def test_router_selection_single_cta_with_metadata_compiles(tmp_path):
     selection = Selection("sigmoid", n_group=4, topk_group=2, group_score="top2_sum", scale=2.5,
                           correction_bias="fp32")
     tile = router.choose_tile(16, 1, 4096 * 2)
-    assert router.metadata_fusable(16, 1, 4, 4096 * 2, tile)
+    assert router.metadata_fusable(16, 1, 4096 * 2, tile)
     jit_fn, args = router.make_compile_args(BF16, 4096, 16, 4, True, tile, make_fake_stream(), single_cta=True,
                                             metadata=True, selection=selection)
     compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))

@@ -72,26 +72,21 @@ def test_router_single_cta_compiles(tmp_path):
 @pytest.mark.parametrize("dtype,experts,top_k", [(BF16, 8, 2), (torch.float32, 16, 4), (BF16, 1, 1)])
 def test_router_with_metadata_compiles(dtype, experts, top_k, tmp_path):
     """The single fused CTA can also write expert_offsets, gather_index and reverse_index (routing.py's
-    metadata, one launch fewer at decode) where one fused CTA covers T (E <= 16, T <= its tokens); past one CTA the
-    last-CTA counts do (tests/kernels/test_router_last_cta_compile.py)."""
+    metadata, one launch fewer at decode); only where one fused CTA covers T (E <= 16, T <= its tokens)."""
     hidden = 4096
-    row_bytes = hidden * dtype.itemsize
-    tile = router.choose_tile(experts, 1, row_bytes)
-    assert router.finish_mode(experts, 1, top_k, row_bytes) == "single_cta"
-    assert router.finish_mode(experts, tile.tokens, top_k, row_bytes) == "single_cta"
-    assert router.finish_mode(experts, tile.tokens + 1, top_k, row_bytes) == "last_cta"
-    assert router.metadata_fusable(experts, 1, top_k, row_bytes)
-    assert router.metadata_fusable(experts, tile.tokens, top_k, row_bytes)
-    assert not router.metadata_fusable(experts, 0, top_k, row_bytes)
+    tile = router.choose_tile(experts, 1, hidden * dtype.itemsize)
+    assert router.metadata_fusable(experts, 1, hidden * dtype.itemsize)
+    assert router.metadata_fusable(experts, tile.tokens, hidden * dtype.itemsize)
+    assert not router.metadata_fusable(experts, tile.tokens + 1, hidden * dtype.itemsize)
+    assert not router.metadata_fusable(experts, 0, hidden * dtype.itemsize)
     jit_fn, args = router.make_compile_args(dtype, hidden, experts, top_k, True, tile, make_fake_stream(),
                                             single_cta=True, metadata=True)
     assert jit_fn.metadata and jit_fn.single_cta
     cubin, seconds = compile_sm90a(jit_fn, *args, dump_root=str(tmp_path))
     _report(f"router + metadata E={experts} K={top_k} {tile}", seconds, cubin)
-    # a split tile (E > 16 at decode) cannot, nor several CTAs without the last-CTA counts: each CTA sees only its
-    # tokens' counts
+    # a split tile (E > 16 at decode) or several CTAs cannot: each CTA sees only its tokens' counts
     split = router.choose_tile(128, 1, 2048 * 2)
-    assert not router.metadata_fusable(128, 1, 8, 2048 * 2)
+    assert not router.metadata_fusable(128, 1, 2048 * 2)
     with pytest.raises(ValueError, match="one fused CTA"):
         router.RouterKernel("bf16", 2048, 128, 8, True, split, single_cta=True, metadata=True)
     with pytest.raises(ValueError, match="one fused CTA"):

@@ -127,7 +127,7 @@ def test_router_writes_routing_metadata(tokens, experts, top_k):
     equal the reference routing metadata of the kernel's own ids, in the same launch; poisoned outputs."""
     gen = torch.Generator(device="cuda").manual_seed(77 * tokens + experts)
     x, w, _ = _router_problem(tokens, experts, top_k, 4096, torch.bfloat16, gen)
-    assert router.finish_mode(experts, tokens, top_k, 4096 * 2) == "single_cta"
+    assert router.metadata_fusable(experts, tokens, 4096 * 2)
     weights = torch.full((tokens, top_k), float("nan"), device="cuda")
     ids = torch.full((tokens, top_k), -7, dtype=torch.int32, device="cuda")
     counts = torch.full((experts,), -7, dtype=torch.int32, device="cuda")
@@ -145,15 +145,12 @@ def test_router_writes_routing_metadata(tokens, experts, top_k):
     ids2 = torch.full_like(ids, -7)
     router.router_into(x, w, top_k, True, torch.empty_like(weights), ids2, torch.empty_like(counts))
     assert torch.equal(ids2, ids)
-    # past one CTA the last-CTA counts write it (test_router_last_cta_gpu.py), up to LAST_CTA_MAX_ROWS rows
-    many = router.LAST_CTA_MAX_ROWS // top_k + 1
-    assert not router.metadata_fusable(experts, many, top_k, 4096 * 2)
     with pytest.raises(ValueError, match="one fused CTA"):
-        big = torch.randn(many, 4096, device="cuda", dtype=torch.bfloat16)
-        router.router_into(big, w, top_k, True, torch.empty(many, top_k, device="cuda"),
-                           torch.empty(many, top_k, dtype=torch.int32, device="cuda"), torch.empty_like(counts),
-                           metadata=(meta[0], torch.empty(many * top_k, dtype=torch.int32, device="cuda"),
-                                     torch.empty(many * top_k, dtype=torch.int32, device="cuda")))
+        big = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+        router.router_into(big, w, top_k, True, torch.empty(64, top_k, device="cuda"),
+                           torch.empty(64, top_k, dtype=torch.int32, device="cuda"), torch.empty_like(counts),
+                           metadata=(meta[0], torch.empty(64 * top_k, dtype=torch.int32, device="cuda"),
+                                     torch.empty(64 * top_k, dtype=torch.int32, device="cuda")))
 
 
 @pytest.mark.parametrize("tokens", TOKENS + [4097, 16384])  # single-CTA up to M = 4096, then two launches
