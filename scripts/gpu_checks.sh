@@ -402,8 +402,10 @@ merge-ab)
         --dtype bfloat16 --device cuda --batch-size 1 --steps 4 --prefill --output "$out/profile4_prefill.json"
     ;;
 router-ab)
-    # kernels/router.py's last-CTA counts (T > 16: no memset, the routing metadata from the router launch): GPU tests
-    # first (the engine's too: every decode and prefill step routes through it), then the same call's A/B
+    # kernels/router.py's last-CTA counts (T > 16: no memset, the routing metadata from the router launch; written in
+    # session 20 and reverted until GPU-tested: re-apply with git revert of the commit "Revert the router's last-CTA
+    # counts" first): GPU tests first (the engine's too: every decode and prefill step routes through it), then the
+    # same call's A/B
     step router_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_router_last_cta_gpu.py \
         tests/kernels/test_routing_kernels_gpu.py tests/kernels/test_router_select_gpu.py \
         tests/kernels/test_decode_attention_merge_gpu.py tests/test_cute_ops_gpu.py tests/test_cute_engine_gpu.py -ra
