@@ -86,7 +86,7 @@ def host_spans(prof) -> list[Span]:
             continue
         name = e.name
         top_aten = name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-        if name.startswith(("phase::", "cuda", "cu")) or top_aten:
+        if name.startswith(("phase::", "cu")) or top_aten:  # cu: CUDA runtime (cuda*) and driver (cu*) calls
             spans.append(Span(name, e.time_range.start, e.time_range.end - e.time_range.start))
     return spans
 
