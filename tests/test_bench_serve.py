@@ -18,6 +18,7 @@ from light_moe.bench.serve import (  # noqa: E402
     histogram_quantile,
     parse_latency_sums,
     server_view,
+    steady_state,
     summarize,
     synthetic_requests,
 )
@@ -82,6 +83,22 @@ def test_summary_percentiles_goodput_and_errors():
     assert row["good_requests"] == 1 and row["goodput"] == 0.5
     assert summarize(results, 2.0)["good_requests"] == 3
     assert summarize([RequestResult(error="x")], 1.0)["p50_ttft_ms"] is None
+
+
+def test_steady_state_counts_the_tokens_while_every_stream_runs():
+    """Two streams, closed loop: requests a, b sent at 0, c when a ends, d when b ends. The window runs from the
+    later of a's and b's first token (1.0) to d's send (5.0); tokens arrive once a second per request."""
+    def done(sent, tokens):  # first token 1 s after the send, then one a second; ends with its last token
+        return RequestResult(ok=True, output_tokens=tokens, ttft=1.0, e2e=float(tokens), itl=[1.0] * (tokens - 1),
+                             sent=sent)
+
+    a, b, c, d = done(0.0, 3), done(0.0, 5), done(3.0, 4), done(5.0, 2)  # a: 1,2,3  b: 1..5  c: 4..7  d: 6,7
+    row = steady_state([d, c, b, a, RequestResult(error="x")], concurrency=2)  # any order; failures ignored
+    # in [1, 5]: a 3, b 5, c 2 (4, 5), d 0
+    assert row == {"steady_output_throughput": pytest.approx(10 / 4), "steady_window_s": pytest.approx(4.0)}
+    assert steady_state([a, b, c, d], None) == {}  # a rate without a cap: no window
+    assert steady_state([a, b], 2) == {}  # no request beyond the streams
+    assert steady_state([done(0.0, 3), done(0.0, 3), done(0.5, 3)], 2) == {}  # the last send precedes the window
 
 
 # ---- whole runs ----------------------------------------------------------------------------------

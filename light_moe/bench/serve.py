@@ -154,6 +154,30 @@ def summarize(results: list[RequestResult], duration_s: float, slo_ttft_ms: floa
     return row
 
 
+def steady_state(results: list[RequestResult], concurrency: int | None) -> dict:
+    """Output tok/s while every one of `concurrency` closed-loop streams runs: from the moment the first
+    `concurrency` requests sent all have their first token to the moment the last request is sent (after it the
+    streams only end: the run's drain). A run's output_throughput includes that ramp and drain, which weigh more the
+    fewer requests each stream serves and the more their lengths vary; this figure does not. Token arrival times come
+    from each request's send time, TTFT and inter-token gaps. {} where there is no such window (no concurrency cap,
+    no more requests than streams, or no time between the two moments)."""
+    ok = sorted((r for r in results if r.ok and r.sent is not None), key=lambda r: r.sent)
+    if concurrency is None or len(ok) <= concurrency:
+        return {}
+    start = max(r.sent + r.ttft for r in ok[:concurrency])
+    end = ok[-1].sent
+    if end <= start:
+        return {}
+    tokens = 0
+    for r in ok:
+        t = r.sent + r.ttft
+        tokens += start <= t <= end
+        for gap in r.itl:
+            t += gap
+            tokens += start <= t <= end
+    return {"steady_output_throughput": tokens / (end - start), "steady_window_s": end - start}
+
+
 def detailed(results: list[RequestResult]) -> list[dict]:
     """One record per request, in send order of the spec list: when it was sent (seconds after the first send),
     TTFT and end-to-end (ms), output tokens, the error if any: to see *which* requests make a tail."""
@@ -361,7 +385,8 @@ def benchmark(base_url: str, args, vocab_size: int | None, token_chunks: bool) -
             results, duration = run_clients(base_url, model, specs[:n], rate, concurrency, args.seed, token_chunks,
                                             args.api_key, args.request_timeout, client_workers(args, concurrency))
             row = {"request_rate": _rate(rate), "max_concurrency": concurrency,
-                   **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)}
+                   **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms),
+                   **steady_state(results, concurrency)}
             row["server"] = server_view(before, server_latencies(base_url, args.api_key))
             if args.save_detailed:
                 row["requests"] = detailed(results)
@@ -378,9 +403,11 @@ def _line(row: dict) -> str:
     inside = (f"; server side: TTFT mean {f(server.get('mean_ttft_ms'))} p99 {f(server.get('p99_ttft_ms'))} ms, "
               f"queue mean {f(server.get('mean_queue_time_ms'))} p99 {f(server.get('p99_queue_time_ms'))} ms"
               ) if server else ""
+    steady = (f" (steady {row['steady_output_throughput']:.1f} over {row['steady_window_s']:.2f} s)"
+              if "steady_output_throughput" in row else "")
     return (f"rate {row['request_rate']} concurrency {row['max_concurrency']}: "
             f"{row['completed']}/{row['num_requests']} ok, "
-            f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} out tok/s, "
+            f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} out tok/s{steady}, "
             f"TTFT p50 {f(row['p50_ttft_ms'])} p99 {f(row['p99_ttft_ms'])} mean {f(row['mean_ttft_ms'])} ms, "
             f"TPOT p50 {f(row['p50_tpot_ms'])} ms, ITL p50 {f(row['p50_itl_ms'])} ms, "
             f"goodput {row['goodput']:.2f} req/s{inside}")
