@@ -102,8 +102,9 @@ class TileConfig:
     early_weights: bool = False
     # direct kernel: stream-K, every CTA takes an equal contiguous run of (unit, one group per warp) steps instead of
     # whole units, so the last wave is as full as the first; a unit split between CTAs is summed by the last of them
-    # to finish (fp32 partials in a global workspace, in CTA order: deterministic). Opt-in: slower than whole units
-    # on the H100 at every decode T measured (docs/kernels.md, "Stream-K schedule")
+    # to finish (fp32 partials in a global workspace, in CTA order: deterministic). Opt-in: alone it ties or wins, but
+    # in a chain of kernels whole units are faster on the H100 (their uneven finish lets the next kernel start under
+    # the tail; docs/kernels.md, "Why stream-K lost")
     stream_k: bool = False
 
     def __post_init__(self):
