@@ -69,6 +69,11 @@
 #                                               engine GPU tests, then bench e2e (32 layers W4A16 at B = 64, 4 layers bf16
 #                                               TTFT) against BASELINE=DIR (the tree before it) in the same call, and the
 #                                               4-layer prefill profile with its chrome trace
+#   scripts/gpu_checks.sh cluster-21 OUTDIR     one GPU: the bf16 grouped GEMM's two-CTA clusters (session 21, written
+#                                               without a GPU): their GPU tests (deadlock-bounded), then the tiles side by
+#                                               side (bench expert_tiles: table, 256x64, 256x128p, each with @2) at
+#                                               T = 256 / 1024 / 4096 / 16384, 3 rounds, and the CUTLASS balanced GEMM if
+#                                               CUTLASS_EXAMPLE_DIR names a copy of its example
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
@@ -82,7 +87,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, short-17 or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, cluster-21, short-17 or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -422,6 +427,21 @@ router-ab)
     TAIL=25 step profile4_prefill_trace 120 $py -m light_moe.cli bench profile-step --shape mixtral --layers 4 \
         --dtype bfloat16 --device cuda --batch-size 1 --steps 2 --prefill --trace "$out/trace4.json" \
         --output "$out/profile4_prefill_trace.json"
+    ;;
+cluster-21)
+    # issue 21 item 1: TileConfig.cluster_t = 2 (the weight tile multicast to the two CTAs of a cluster). A wrong
+    # barrier count hangs rather than fails: the tests run under a short limit, one worker, cluster cases first
+    step cluster_tests 240 $py -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_grouped_gemm_gpu.py \
+        -k "cluster" -ra
+    step cluster_regression_tests 240 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider \
+        tests/kernels/test_grouped_gemm_gpu.py -k "not cluster" -ra
+    TAIL=12 step expert_tiles 420 $py -m light_moe.bench.expert_tiles --tokens 256 1024 4096 16384 \
+        --configs table 256x64 256x64@2 256x128p 256x128p@2 128x128@2 128x256@2 --rounds 3 \
+        --output "$out/expert_tiles.json"
+    if [ -n "${CUTLASS_EXAMPLE_DIR:-}" ]; then
+        step cutlass_baseline 300 $py scripts/cutlass_baseline.py --example-dir "$CUTLASS_EXAMPLE_DIR" \
+            --out "$out/cutlass_baseline.json" --quick
+    fi
     ;;
 serve-api)
     # issue 20: one API process against several (--api-server-count), 64 streams, against the offline engine

@@ -18,7 +18,6 @@ Results go to benchmarks/results/moe_layer-<gpu>-<date>.json with GPU name, vers
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -305,70 +304,3 @@ def _format_row(row: dict) -> str:
 def main(args) -> None:
     run_moe_layer_bench(args.tokens, args.experts, args.hidden, args.intermediate, args.top_k, out_json=args.output,
                         quant=args.quant, rounds=args.rounds)
-
-
-def run_tile_sweep(
-    tokens: list[int],
-    configs: list[tuple[int, int]],
-    fence_modes: tuple[str, ...] = ("consumer",),
-    num_experts: int = 8,
-    hidden: int = 4096,
-    inter: int = 14336,
-    top_k: int = 2,
-    out_json: str | None = None,
-    seed: int = 0,
-) -> list[dict]:
-    """Time expert_up / expert_down (graph replays) for each (tile_w, tile_t) and fence mode: the data
-    behind kernels/tile_config.TILE_TABLE. Each variant is also checked against the reference."""
-    from light_moe.kernels import grouped_gemm
-    from light_moe.kernels.tile_config import TileConfig, choose_tile_config
-
-    device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16, generator=gen)
-    w13 /= hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16, generator=gen) / inter**0.5
-    gate_weight = torch.randn(num_experts, hidden, device=device, dtype=torch.bfloat16, generator=gen) / hidden**0.5
-    w13p, w2p = grouped_gemm.prepare_expert_weights(w13, w2)
-    rows = []
-    for num_tokens in tokens:
-        x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=gen)
-        _, topk_ids, counts = reference.router(x, gate_weight, top_k, True)
-        offsets, gather_index, _ = reference.routing_metadata(topk_ids, num_experts)
-        ref_act = reference.expert_up(x, gather_index, offsets, w13)
-        ref_y = reference.expert_down(ref_act, offsets, w2)
-        active = int((counts > 0).sum())
-        chosen = choose_tile_config(num_tokens * top_k, num_experts, 2 * inter)
-        for tile_w, tile_t in configs:
-            for mode in fence_modes:
-                config = TileConfig(tile_w, tile_t, mode)
-                act = grouped_gemm.expert_up(x, gather_index, offsets, w13p, config=config)
-                y = grouped_gemm.expert_down(ref_act, offsets, w2p, config=config)
-                err_up = ((act.float() - ref_act.float()).norm() / ref_act.float().norm()).item()
-                err_down = ((y.float() - ref_y.float()).norm() / ref_y.float().norm()).item()
-                up = partial(grouped_gemm.expert_up, x, gather_index, offsets, w13p, config=config)
-                down = partial(grouped_gemm.expert_down, ref_act, offsets, w2p, config=config)
-                up_us, down_us = time_us(graph_replay(up), 20), time_us(graph_replay(down), 20)
-                row = dict(
-                    tokens=num_tokens,
-                    tile_w=tile_w,
-                    tile_t=tile_t,
-                    fence=mode,
-                    up_us=round(up_us, 1),
-                    down_us=round(down_us, 1),
-                    err_up=err_up,
-                    err_down=err_down,
-                    active_experts=active,
-                    heuristic=chosen == config,
-                )
-                up_bytes, down_bytes = active * 2 * inter * hidden * 2, active * hidden * inter * 2
-                up_flops = 2 * num_tokens * top_k * 2 * inter * hidden
-                row["up_TBps"] = round(up_bytes / up_us / 1e6, 2)
-                row["down_TBps"] = round(down_bytes / down_us / 1e6, 2)
-                row["up_TFLOPs"] = round(up_flops / up_us / 1e6, 1)
-                row["down_TFLOPs"] = round(up_flops / 2 / down_us / 1e6, 1)
-                rows.append(row)
-                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    if out_json:
-        Path(out_json).write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
-    return rows

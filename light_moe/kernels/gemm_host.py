@@ -98,18 +98,19 @@ def cached_views(cache: dict, key: Hashable, make: Callable[[], object]):
 
 def launch(cache: CompileCache, key: Hashable, make_kernel: Callable[[], object], weight_views: tuple,
            tokens: torch.Tensor, gather_index: torch.Tensor, expert_offsets: torch.Tensor,
-           out: torch.Tensor, bias_view=None, extra_args: tuple = ()) -> torch.Tensor:
+           out: torch.Tensor, bias_view=None, extra_args: tuple = (), cluster: int = 1) -> torch.Tensor:
     """Runs the kernel compiled for `key` (make_kernel() builds it on a miss) on the current stream, one CTA per
     SM (persistent); the down projection passes expert_offsets as the gather_index it does not read. bias_view:
     the epilogue's bias (expert_epilogue.bias_view), the kernel's last argument; without it the default kernels
-    get exactly the arguments they always had. extra_args: appended last (the direct W4A16 kernel's workspace)."""
+    get exactly the arguments they always had. extra_args: appended last (the direct W4A16 kernel's workspace).
+    cluster: CTAs per cluster; the grid is the largest multiple of it within the SM count."""
     args = (
         *weight_views,
         rows_view(tokens),
         rows_view(gather_index, 4),
         from_dlpack(expert_offsets, assumed_align=4),
         rows_view(out),
-        sm_count(out.device),
+        sm_count(out.device) // cluster * cluster,
         current_stream(),
     )
     if bias_view is not None:

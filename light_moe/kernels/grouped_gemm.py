@@ -122,6 +122,7 @@ class GroupedGemmSm90:
         self.k_tiles = k_dim // TILE_K
         self.epi_t = epilogue_tokens(config, gated)
         self.stages = self.num_stages(config, gated, num_experts)
+        self.cluster = config.cluster_t  # CTAs per cluster sharing each weight tile (multicast), 1 or 2
 
     @staticmethod
     def num_stages(config: TileConfig, gated: bool, num_experts: int) -> int:
@@ -141,6 +142,9 @@ class GroupedGemmSm90:
                            f"False), got {config}")
         if n_out % config.tile_w:
             return False, f"weight rows {n_out} must be a multiple of tile_w={config.tile_w}"
+        if config.cluster_t != 1 and config.tile_w == 64:
+            # each CTA of the pair TMAs tile_w / 2 rows: keep every half a whole number of m64 atoms
+            return False, f"two-CTA clusters need tile_w 128 or 256, got {config.tile_w}"
         if gated and n_out % 16:
             return False, f"2I = {n_out} must be a multiple of 16 (gate/up interleave blocks of 8 rows)"
         if k_dim % TILE_K:
@@ -181,11 +185,14 @@ class GroupedGemmSm90:
         )
         w_layout = cute.tile_to_shape(atom, (self.tile_w, TILE_K, self.stages), order=(0, 1, 2))
         t_layout = cute.tile_to_shape(atom, (self.tile_t, TILE_K, self.stages), order=(0, 1, 2))
+        # cluster 2: each CTA TMAs half of the weight tile's rows, multicast into both CTAs' stage
+        tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1 else cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_w, tma_w = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(),
+            tma_op,
             weights,
             cute.slice_(w_layout, (None, None, 0)),
             (self.tile_w, TILE_K),
+            num_multicast=self.cluster,
         )
 
         @cute.struct
@@ -202,8 +209,9 @@ class GroupedGemmSm90:
         self.kernel(
             tma_atom_w, tma_w, tokens, gather_index, expert_offsets, out, self.tiled_mma, w_layout, t_layout, bias
         ).launch(
-            grid=(num_ctas, 1, 1),
+            grid=(num_ctas, 1, 1),  # a multiple of the cluster size (gemm_host.launch)
             block=(self.threads, 1, 1),
+            cluster=(self.cluster, 1, 1) if self.cluster > 1 else None,
             min_blocks_per_mp=1,
             stream=stream,
             use_pdl=True,
@@ -242,14 +250,22 @@ class GroupedGemmSm90:
         if tidx == 0:
             for s in cutlass.range_constexpr(self.stages):
                 cute.arch.mbarrier_init(full + s, 1 + WG)  # TMA expect-tx + one arrival per producer thread
-                cute.arch.mbarrier_init(empty + s, 4 * self.n_consumer_wg)  # one arrival per consumer warp
+                # one arrival per consumer warp of every CTA of the cluster: a stage is refilled (by multicast into
+                # all of them) only when all of them are done with it
+                cute.arch.mbarrier_init(empty + s, 4 * self.n_consumer_wg * self.cluster)
             cute.arch.mbarrier_init_fence()
+        if cutlass.const_expr(self.cluster > 1):
+            cute.arch.cluster_arrive_relaxed()  # the peer's barriers must be initialised before anything reaches them
         await_inputs()  # expert_offsets, tokens: the router's and the previous GEMM's outputs
 
-        # Tile schedule: tiles of expert e = ceil(rows_e / tile_t) * weight tiles; exclusive prefix over e.
+        # Tile schedule: tiles of expert e = ceil(rows_e / (cluster * tile_t)) * weight tiles (a cluster's unit: one
+        # weight tile and `cluster` consecutive token tiles); exclusive prefix over e.
         if warp == 0:
-            build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, tile_t, self.n_out // self.tile_w)
+            build_tile_schedule(expert_offsets, s_rows, s_prefix, lane, n_exp, tile_t * self.cluster,
+                                self.n_out // self.tile_w)
         cute.arch.sync_threads()
+        if cutlass.const_expr(self.cluster > 1):
+            cute.arch.cluster_wait()
 
         total_tiles = s_prefix[n_exp]
         if wg == 0:
@@ -286,10 +302,14 @@ class GroupedGemmSm90:
             cute.make_layout((tile_t, TILE_K, self.stages), stride=(TILE_K, 1, tile_t * TILE_K))
         )
         g_w = cute.local_tile(mW, (self.tile_w, TILE_K), (None, None, None))  # (tw, 64, Wtiles, Ktiles, E)
+        rank = bidx % self.cluster  # this CTA's rank in its cluster (1-D clusters: consecutive block indices)
+        # cluster 2: this CTA's TMA covers its half of the tile's rows and lands in every CTA of the cluster
         t_ws_w, t_wg_w = cpasync.tma_partition(
-            tma_atom_w, 0, cute.make_layout(1), cute.group_modes(s_w, 0, 2), cute.group_modes(g_w, 0, 2)
+            tma_atom_w, rank, cute.make_layout(self.cluster), cute.group_modes(s_w, 0, 2),
+            cute.group_modes(g_w, 0, 2)
         )
-        w_tile_bytes = self.tile_w * TILE_K * 2
+        w_tile_bytes = self.tile_w * TILE_K * 2  # both halves arrive in each CTA's stage
+        mcast_mask = cutlass.Int16((1 << self.cluster) - 1)
         g2s = cute.make_copy_atom(
             cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128
         )
@@ -300,10 +320,11 @@ class GroupedGemmSm90:
         row_active = row0 < tile_t
         src_rows = cute.make_rmem_tensor((n_slots,), Int32)
         issued = Int32(0)  # k-tile stages this producer has filled so far (all tiles)
-        tile = bidx
+        tile = bidx // self.cluster  # a cluster's units: one weight tile, `cluster` token tiles
         e = Int32(0)
         while tile < total_tiles:
-            e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
+            e, rows_lo, rows_hi, w_tile, row_start = self.locate(tile, e, s_rows, s_prefix, rank)
+            # a token tile past the expert's end (its cluster partner's is the expert's last) gathers nothing
             gather_sources(src_rows, gather_index, row_start, rows_hi, row0, n_slots, self.gated)
             t_wg_w_tile = t_wg_w[(None, w_tile, None, e)]
             for kt in range(self.k_tiles):
@@ -312,13 +333,43 @@ class GroupedGemmSm90:
                 if warp == 0:
                     with cute.arch.elect_one():
                         cute.arch.mbarrier_arrive_and_expect_tx(full + stage, w_tile_bytes)
-                    cute.copy(tma_atom_w, t_wg_w_tile[(None, kt)], t_ws_w[(None, stage)], tma_bar_ptr=full + stage)
+                    if cutlass.const_expr(self.cluster > 1):
+                        cute.copy(tma_atom_w, t_wg_w_tile[(None, kt)], t_ws_w[(None, stage)], tma_bar_ptr=full + stage,
+                                  mcast_mask=mcast_mask)
+                    else:
+                        cute.copy(tma_atom_w, t_wg_w_tile[(None, kt)], t_ws_w[(None, stage)],
+                                  tma_bar_ptr=full + stage)
                 if row_active:
                     copy_token_rows(g2s, tokens, s_t_raw, src_rows, row0, chunk, chunk_sw, kt, stage, n_slots)
                 signal_full(full, stage, issued, self.stages, self.fence_mode, self.cp_async_lag)
                 issued = issued + 1
-            tile = tile + gdim
+            tile = tile + gdim // self.cluster
         drain_producer(full, issued, self.stages, self.fence_mode, self.cp_async_lag)
+        if cutlass.const_expr(self.cluster > 1):
+            # Producer tail: wait until the consumers of every CTA of the cluster released every stage, i.e. their
+            # arrivals on this CTA's empty barriers have landed, before this CTA may exit
+            for _ in cutlass.range_constexpr(self.stages):
+                stage = issued % self.stages
+                cute.arch.mbarrier_wait(empty + stage, ((issued // self.stages) & 1) ^ 1)
+                issued = issued + 1
+
+    @cute.jit
+    def locate(self, tile: Int32, e: Int32, s_rows: cute.Tensor, s_prefix: cute.Tensor, rank: Int32):
+        """locate_tile for a cluster's unit: (e, rows_lo, rows_hi, w_tile, row_start) of this CTA, whose token tile is
+        the rank-th of the unit's `cluster` consecutive ones (row_start may lie past rows_hi: an empty tile)."""
+        e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, self.tile_t * self.cluster)
+        return e, rows_lo, rows_hi, w_tile, row_start + rank * self.tile_t
+
+    @cute.jit
+    def release_stage(self, empty, stage: Int32, lane: Int32):
+        """A consumer warp is done reading `stage`: one arrival on its empty barrier in every CTA of the cluster
+        (lane r signals the CTA of rank r: the stage is refilled by multicast into all of them)."""
+        if cutlass.const_expr(self.cluster > 1):
+            if lane < self.cluster:
+                cute.arch.mbarrier_arrive(empty + stage, lane)
+        else:
+            if lane == 0:
+                cute.arch.mbarrier_arrive(empty + stage)
 
     @cute.jit
     def mma_stage(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, t_cr_w: cute.Tensor, t_cr_t: cute.Tensor, full,
@@ -367,51 +418,77 @@ class GroupedGemmSm90:
         epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.n_consumer_threads)
         copy128 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
         out_frag = cute.make_rmem_tensor((VEC,), BFloat16)
-        epi_t = self.epi_t
         mma_m = self.tile_w // (64 * self.n_consumer_wg)  # m64 atoms per warpgroup (fragment mode 1)
-        chunks_per_row = self.out_cols // VEC
-        n_chunks = epi_t * chunks_per_row
         bias_frag = None
         if cutlass.const_expr(self.epilogue.bias):
             bias_frag = cute.make_rmem_tensor((2 * mma_m,), Float32)  # this thread's rows r, r + 8 per m64 atom
         read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        tile = bidx
+        rank = bidx % self.cluster
+        tile = bidx // self.cluster
         e = Int32(0)
         while tile < total_tiles:
-            e, rows_lo, rows_hi, w_tile, row_start = locate_tile(tile, e, s_rows, s_prefix, tile_t)
-            col_chunk0 = w_tile * chunks_per_row
-            if cutlass.const_expr(self.epilogue.bias):  # loads in flight during the main loop
-                load_bias(bias, bias_frag, t_cc, e, w_tile * self.tile_w, mma_m, tile_t, self.n_out // 2, self.gated)
+            e, rows_lo, rows_hi, w_tile, row_start = self.locate(tile, e, s_rows, s_prefix, rank)
+            if cutlass.const_expr(self.cluster > 1):
+                if row_start < rows_hi:
+                    read_state, release_state = self.compute_tile(
+                        out, tiled_mma, acc, t_cr_w, t_cr_t, t_cc, s_out, out_frag, copy128, epi_barrier, full, empty,
+                        read_state, release_state, e, w_tile, row_start, rows_hi, ctid, lane, bias, bias_frag)
+                else:  # an empty token tile (the partner's is the expert's last): hand each stage back as it fills
+                    for _kt in range(self.k_tiles):
+                        cute.arch.mbarrier_wait(full + read_state.index, read_state.phase)
+                        self.release_stage(empty, read_state.index, lane)
+                        read_state.advance()
+                    release_state = read_state.clone()
+            else:
+                read_state, release_state = self.compute_tile(
+                    out, tiled_mma, acc, t_cr_w, t_cr_t, t_cc, s_out, out_frag, copy128, epi_barrier, full, empty,
+                    read_state, release_state, e, w_tile, row_start, rows_hi, ctid, lane, bias, bias_frag)
+            tile = tile + gdim // self.cluster
 
-            acc.fill(0.0)
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.fence()
-            # k-tile 0 (peeled so that the loop below always has a previous stage to release)
+    @cute.jit
+    def compute_tile(self, out: cute.Tensor, tiled_mma: cute.TiledMma, acc: cute.Tensor, t_cr_w: cute.Tensor,
+                     t_cr_t: cute.Tensor, t_cc: cute.Tensor, s_out: cute.Tensor, out_frag: cute.Tensor,
+                     copy128: cute.CopyAtom, epi_barrier, full, empty, read_state, release_state, e: Int32,
+                     w_tile: Int32, row_start: Int32, rows_hi: Int32, ctid: Int32, lane: Int32,
+                     bias: cute.Tensor | None, bias_frag: cute.Tensor | None):
+        """One tile of the consumer warpgroups: wgmma over its k-tiles (handing each stage back once read), then
+        the fused epilogue. Returns the pipeline states (read and release are equal again at the end)."""
+        tile_t = self.tile_t
+        epi_t = self.epi_t
+        mma_m = self.tile_w // (64 * self.n_consumer_wg)  # m64 atoms per warpgroup (fragment mode 1)
+        chunks_per_row = self.out_cols // VEC
+        n_chunks = epi_t * chunks_per_row
+        col_chunk0 = w_tile * chunks_per_row
+        if cutlass.const_expr(self.epilogue.bias):  # loads in flight during the main loop
+            load_bias(bias, bias_frag, t_cc, e, w_tile * self.tile_w, mma_m, tile_t, self.n_out // 2, self.gated)
+
+        acc.fill(0.0)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.fence()
+        # k-tile 0 (peeled so that the loop below always has a previous stage to release)
+        self.mma_stage(tiled_mma, acc, t_cr_w, t_cr_t, full, read_state.index, read_state.phase)
+        read_state.advance()
+        for _kt in range(1, self.k_tiles):
             self.mma_stage(tiled_mma, acc, t_cr_w, t_cr_t, full, read_state.index, read_state.phase)
-            read_state.advance()
-            for _kt in range(1, self.k_tiles):
-                self.mma_stage(tiled_mma, acc, t_cr_w, t_cr_t, full, read_state.index, read_state.phase)
-                warpgroup.wait_group(1)  # the previous stage's wgmma finished: hand it back
-                if lane == 0:
-                    cute.arch.mbarrier_arrive(empty + release_state.index)
-                release_state.advance()
-                read_state.advance()
-            warpgroup.wait_group(0)
-            if lane == 0:
-                cute.arch.mbarrier_arrive(empty + release_state.index)
+            warpgroup.wait_group(1)  # the previous stage's wgmma finished: hand it back
+            self.release_stage(empty, release_state.index, lane)
             release_state.advance()
+            read_state.advance()
+        warpgroup.wait_group(0)
+        self.release_stage(empty, release_state.index, lane)
+        release_state.advance()
 
-            # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (stage_out_chunk)
-            # -> 16-byte stores of the valid rows.
-            for ec in cutlass.range_constexpr(tile_t // epi_t):
-                epi_barrier.arrive_and_wait()  # the previous s_out readers are done
-                stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated, self.epilogue, bias_frag)
-                epi_barrier.arrive_and_wait()
-                chunk_row0 = row_start + ec * epi_t
-                store_out_chunk(s_out, out, out_frag, copy128, ctid, chunk_row0, rows_hi - chunk_row0, col_chunk0,
-                                chunks_per_row, n_chunks, self.n_consumer_threads)
-            tile = tile + gdim
+        # Epilogue, per chunk of epi_t tokens: C^T fragment -> s_out [token, column] (stage_out_chunk)
+        # -> 16-byte stores of the valid rows.
+        for ec in cutlass.range_constexpr(tile_t // epi_t):
+            epi_barrier.arrive_and_wait()  # the previous s_out readers are done
+            stage_out_chunk(acc, s_out, t_cc, ec, mma_m, tile_t, epi_t, self.gated, self.epilogue, bias_frag)
+            epi_barrier.arrive_and_wait()
+            chunk_row0 = row_start + ec * epi_t
+            store_out_chunk(s_out, out, out_frag, copy128, ctid, chunk_row0, rows_hi - chunk_row0, col_chunk0,
+                            chunks_per_row, n_chunks, self.n_consumer_threads)
+        return read_state, release_state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,7 +539,7 @@ def _launch(gated: bool, weights, tokens, gather_index, expert_offsets, out, con
                                epilogue=epilogue)
 
     return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out,
-                            None if bias is None else expert_epilogue.bias_view(bias))
+                            None if bias is None else expert_epilogue.bias_view(bias), cluster=config.cluster_t)
 
 
 def expert_up(

@@ -36,6 +36,7 @@ class TileRow(NamedTuple):
     tile_w: int
     tile_t: int
     fence_mode: str
+    cluster_t: int = 1  # TileConfig.cluster_t (two CTAs share the weight tile): no row takes it until measured
 
 
 TILE_TABLE: tuple[TileRow, ...] = (  # measured: docs/kernels.md, "Tile tables"
@@ -106,6 +107,11 @@ class TileConfig:
     # in a chain of kernels whole units are faster on the H100 (their uneven finish lets the next kernel start under
     # the tail; docs/kernels.md, "Why stream-K lost")
     stream_k: bool = False
+    # bf16 grouped GEMM only: CTAs per cluster along the token tiles (1 or 2). With 2, the two CTAs of a cluster take
+    # consecutive token tiles of the same (expert, weight tile) and each TMAs half of the weight tile's rows,
+    # multicast into both CTAs' shared memory: the weight tile crosses L2 -> SM once per 2 x tile_t tokens. Opt-in
+    # until measured against the table (docs/kernels.md, "Two-CTA clusters").
+    cluster_t: int = 1
 
     def __post_init__(self):
         if self.tile_w not in (64, 128, 256):
@@ -128,6 +134,8 @@ class TileConfig:
                                   or self.kblock_pipeline or self.bulk_weights or self.tma_tokens):
             raise ValueError(f"the direct kernel (direct_warps={self.direct_warps}) takes a plain 64 x 8 tile, "
                              f"got {self}")
+        if self.cluster_t not in (1, 2):
+            raise ValueError(f"cluster_t must be 1 or 2, got {self.cluster_t}")
         if (self.early_weights or self.stream_k) and not self.direct_warps:
             raise ValueError(f"early_weights and stream_k belong to the direct kernel (direct_warps > 0), got {self}")
 
@@ -149,7 +157,8 @@ def choose_tile_config(num_rows: int, num_experts: int, n_out: int) -> TileConfi
             tile_w = row.tile_w
             while n_out % tile_w and tile_w > 64:
                 tile_w //= 2
-            return TileConfig(tile_w, row.tile_t, row.fence_mode)
+            # a cluster's CTAs each TMA half of the weight tile: not below 128 rows (GroupedGemmSm90.supports)
+            return TileConfig(tile_w, row.tile_t, row.fence_mode, cluster_t=row.cluster_t if tile_w >= 128 else 1)
     raise AssertionError("TILE_TABLE ends with an unbounded row")
 
 

@@ -86,6 +86,8 @@ def supports_config(
     """(ok, reason): whether the kernel compiles for this projection shape and tile config."""
     if group_size not in GROUP_SIZES:
         return False, f"group_size must be one of {GROUP_SIZES}, got {group_size}"
+    if config.cluster_t != 1:
+        return False, f"the W4A16 kernels run without clusters (cluster_t must be 1, got {config.cluster_t})"
     if config.tile_w not in (64, 128) and not (config.tile_w == 256 and config.tile_t <= MAX_TILE_T_W256):
         return False, (f"tile_w must be 64 or 128 for W4A16, or 256 with tile_t <= {MAX_TILE_T_W256} (registers: "
                        f"RS fragments of two atoms per warpgroup), got {config.tile_w} x {config.tile_t}")

@@ -1,5 +1,7 @@
 """CPU-only compile tests of the grouped GEMM: every variant (up, down, decode) must yield an sm_90a cubin."""
 
+import re
+
 import pytest
 
 cute = pytest.importorskip("cutlass.cute")
@@ -9,7 +11,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, mak
 
 from light_moe.kernels.grouped_gemm import GroupedGemmSm90  # noqa: E402
 from light_moe.kernels.tile_config import TileConfig, choose_tile_config  # noqa: E402
-from tests.kernels.compile_check import compile_sm90a  # noqa: E402
+from tests.kernels.compile_check import compile_sm90a, compile_sm90a_ptx  # noqa: E402
 
 
 def _rows(dtype, width, align=16):
@@ -37,6 +39,10 @@ CASES = {
     "down_mid_128x32_E64": (False, 64, 1024, 768, TileConfig(128, 32)),
     "up_mid_128x64_E128": (True, 128, 1024, 768, TileConfig(128, 64)),
     "down_mid_128x128_E128": (False, 128, 1024, 768, TileConfig(128, 128)),
+    # two-CTA clusters (TileConfig.cluster_t = 2: the weight tile multicast to both CTAs), opt-in
+    "up_cluster2_256x64": (True, 8, 4096, 14336, TileConfig(256, 64, cluster_t=2)),
+    "down_cluster2_256x128_producer_fence": (False, 8, 4096, 14336, TileConfig(256, 128, "producer", cluster_t=2)),
+    "up_cluster2_128x128_E64": (True, 64, 1024, 768, TileConfig(128, 128, cluster_t=2)),
 }
 
 
@@ -56,3 +62,47 @@ def test_tile_heuristic_table():
     assert choose_tile_config(2 * 64, 8, 4096) == TileConfig(128, 32)
     assert choose_tile_config(2 * 1024, 8, 4096) == TileConfig(256, 64)
     assert choose_tile_config(8 * 4096, 128, 192) == TileConfig(64, 64)  # tile_w halves until it divides n_out
+
+
+def _mbarrier_init_counts(ptx: str) -> set[int]:
+    """The arrival counts of the kernel's mbarrier.init instructions (each takes a register set by a mov before it)."""
+    movs = dict(re.findall(r"mov\.b32\s+(%r\d+), (\d+);", ptx))
+    return {int(movs[reg]) for reg in re.findall(r"mbarrier\.init\.shared\.b64\s+\[[^\]]+\], (%r\d+);", ptx)}
+
+
+def test_cluster_kernel_multicasts_the_weight_tile(tmp_path):
+    """cluster_t = 2: each CTA's weight TMA is one multicast of half the tile's rows into the cluster, a consumer warp
+    hands a stage back to both CTAs (remote mbarrier arrivals through mapa), the barriers are initialised before
+    the cluster barrier lets anything reach them; without a cluster none of that appears."""
+    n_out, k_dim, args = _args(True, 8, 4096, 14336)
+    ptx = {}
+    for cluster in (1, 2):
+        kernel = GroupedGemmSm90(gated=True, n_out=n_out, k_dim=k_dim, num_experts=8,
+                                 config=TileConfig(256, 64, cluster_t=cluster))
+        ptx[cluster] = compile_sm90a_ptx(kernel, *args, dump_root=str(tmp_path / str(cluster)))
+    tma = [line for line in ptx[2].splitlines() if "cp.async.bulk.tensor" in line]
+    assert tma and all("multicast::cluster" in line for line in tma), tma
+    assert "mapa.shared::cluster" in ptx[2] and "mbarrier.arrive.release.cta.shared::cluster" in ptx[2]
+    init_fence, arrive, wait = (ptx[2].find(s) for s in ("fence.mbarrier_init", "barrier.cluster.arrive",
+                                                        "barrier.cluster.wait"))
+    assert 0 <= init_fence < arrive < wait, (init_fence, arrive, wait)
+    # full barriers: expect-tx + 128 producer threads; empty: the consumer warps (2 warpgroups x 4) of every CTA
+    assert _mbarrier_init_counts(ptx[1]) == {129, 8}
+    assert _mbarrier_init_counts(ptx[2]) == {129, 16}
+    for needle in ("multicast::cluster", "mapa", "barrier.cluster"):
+        assert needle not in ptx[1], needle
+
+
+def test_cluster_config_checks():
+    assert not GroupedGemmSm90.supports(gated=True, n_out=28672, k_dim=4096, num_experts=8,
+                                        config=TileConfig(64, 8, cluster_t=2))[0]
+    assert GroupedGemmSm90.supports(gated=True, n_out=28672, k_dim=4096, num_experts=8,
+                                    config=TileConfig(256, 64, cluster_t=2))[0]
+    with pytest.raises(ValueError, match="cluster_t"):
+        TileConfig(256, 64, cluster_t=4)
+    # the W4A16 kernels have no cluster path: they refuse it rather than ignore it
+    from light_moe.kernels.w4a16_plan import supports_config
+
+    ok, reason = supports_config(gated=True, n_out=28672, k_dim=4096, num_experts=8, group_size=128,
+                                 config=TileConfig(256, 64, cluster_t=2))
+    assert not ok and "cluster" in reason

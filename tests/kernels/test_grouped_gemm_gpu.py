@@ -58,13 +58,13 @@ def test_grouped_gemm_mixtral_shape(num_tokens):
     _check_case(num_tokens, 8, 2, 4096, 14336, seed=7 + num_tokens)
 
 
-def test_grouped_gemm_cuda_graph_replay():
+def _graph_replay_case(num_tokens: int, seed: int, config=None) -> None:
     """Capture up + down once; replay after changing routing and inputs in place (no host reads)."""
     from light_moe.kernels import grouped_gemm as gg
 
     device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(3)
-    num_tokens, num_experts, top_k = 64, 8, 2
+    gen = torch.Generator(device=device).manual_seed(seed)
+    num_experts, top_k = 8, 2
     x = torch.randn(num_tokens, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen)
     w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, device=device, dtype=torch.bfloat16, generator=gen) / 32
     w2 = torch.randn(num_experts, HIDDEN, INTER, device=device, dtype=torch.bfloat16, generator=gen) / 28
@@ -73,12 +73,16 @@ def test_grouped_gemm_cuda_graph_replay():
     act = torch.empty(num_tokens * top_k, INTER, device=device, dtype=torch.bfloat16)
     y = torch.empty(num_tokens * top_k, HIDDEN, device=device, dtype=torch.bfloat16)
 
-    replay_up_down_on_new_routing(lambda x, g, o, out: gg.expert_up(x, g, o, w13p, out=out),
-                                  lambda a, o, out: gg.expert_down(a, o, w2p, out=out),
+    replay_up_down_on_new_routing(lambda x, g, o, out: gg.expert_up(x, g, o, w13p, out=out, config=config),
+                                  lambda a, o, out: gg.expert_down(a, o, w2p, out=out, config=config),
                                   x, gather_index, offsets, act, y, top_k, gen)
     ref_act = reference.expert_up(x.float(), gather_index, offsets, w13.float())
     assert _rel_l2(act, ref_act) < 1e-2
     assert _rel_l2(y, reference.expert_down(act.float(), offsets, w2.float())) < 1e-2
+
+
+def test_grouped_gemm_cuda_graph_replay():
+    _graph_replay_case(64, seed=3)
 
 
 @pytest.mark.parametrize("num_tokens", (7, 333, 4096))
@@ -89,3 +93,30 @@ def test_grouped_gemm_producer_fence_lag(num_tokens):
 
     for config in (TileConfig(256, 128, "producer", cp_async_lag=2), TileConfig(128, 64, "producer", cp_async_lag=3)):
         _check_case(num_tokens, 8, 2, 1024, 768, seed=31 + num_tokens, config=config)
+
+
+def _cluster_configs():
+    from light_moe.kernels.tile_config import TileConfig
+
+    # TileConfig.cluster_t = 2: two CTAs per cluster share each weight tile (TMA multicast); consecutive token tiles
+    return (TileConfig(256, 64, cluster_t=2), TileConfig(256, 128, "producer", cluster_t=2),
+            TileConfig(128, 128, cluster_t=2))
+
+
+@pytest.mark.parametrize("num_tokens", (1, 7, 64, 333, 1024, 4096))
+@pytest.mark.parametrize("num_experts,top_k", ((8, 2), (64, 8)))
+def test_grouped_gemm_cluster_pairs(num_tokens, num_experts, top_k):
+    """Two-CTA clusters: every expert's last pair of token tiles may have an empty second tile (T = 1: always), whose
+    CTA hands the multicast stages back without computing; an expert without tokens has no unit at all."""
+    for config in _cluster_configs():
+        _check_case(num_tokens, num_experts, top_k, HIDDEN, INTER, seed=53 + num_tokens + num_experts, config=config)
+
+
+@pytest.mark.parametrize("num_tokens", (1024, 4096))
+def test_grouped_gemm_cluster_pairs_mixtral_shape(num_tokens):
+    for config in _cluster_configs()[:2]:
+        _check_case(num_tokens, 8, 2, 4096, 14336, seed=59 + num_tokens, config=config)
+
+
+def test_grouped_gemm_cluster_pairs_cuda_graph_replay():
+    _graph_replay_case(333, seed=61, config=_cluster_configs()[0])
