@@ -542,6 +542,9 @@ class EngineConfig:
     # faster in the whole model on the H100, BENCHMARKS.md) or "wgmma" (the grouped GEMM's split-K tiles);
     # W4A16_DECODE_KERNELS
     w4a16_decode_kernel: str = "direct"
+    # the direct up kernel's CTAs that finish a unit early prefetch the down projection's weights into L2
+    # (kernels/w4a16_direct.py; opt-in until measured on the H100: docs/kernels.md)
+    w4a16_prefetch_down: bool = False
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

@@ -74,6 +74,10 @@
 #                                               side (bench expert_tiles: table, 256x64, 256x128p, each with @2) at
 #                                               T = 256 / 1024 / 4096 / 16384, 3 rounds, and the CUTLASS balanced GEMM if
 #                                               CUTLASS_EXAMPLE_DIR names a copy of its example
+#   scripts/gpu_checks.sh prefetch-21 OUTDIR    one GPU: the direct up kernel's L2 prefetch of the down weights (session 21,
+#                                               written without a GPU): its GPU tests, the decode experts with it at several
+#                                               fractions (3 rounds, up and down alone), then bench e2e of the 32-layer W4A16
+#                                               shape at B = 1 / 4 / 16 without and with --w4a16-prefetch-down
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
@@ -87,7 +91,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, cluster-21, short-17 or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, cluster-21, prefetch-21, short-17 or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -442,6 +446,18 @@ cluster-21)
         step cutlass_baseline 300 $py scripts/cutlass_baseline.py --example-dir "$CUTLASS_EXAMPLE_DIR" \
             --out "$out/cutlass_baseline.json" --quick
     fi
+    ;;
+prefetch-21)
+    # issue 24 (B = 1): w4a16_expert_up(next_weights=w2): the up kernel's early CTAs prefetch the down weights' stream
+    # heads into L2. A hint: the tests check bit-identical outputs and tokens first
+    step prefetch_tests 300 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_direct_gpu.py \
+        tests/test_cute_engine_gpu.py -k "prefetch" -ra
+    TAIL=8 step prefetch_experts 300 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 --decode-kernel direct \
+        --prefetch-down 0.2 0.333 0.5 1.0 --rounds 3 --split --output "$out/prefetch_experts.json"
+    m32="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1 --batch-sizes 1 4 16"
+    step e2e32_plain 200 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 --output "$out/e2e32_plain.json"
+    step e2e32_prefetch 200 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 --w4a16-prefetch-down \
+        --output "$out/e2e32_prefetch.json"
     ;;
 serve-api)
     # issue 20: one API process against several (--api-server-count), 64 streams, against the offline engine

@@ -393,3 +393,26 @@ def test_warmup_graphs_capture_at_start(checkpoint):
     assert all(prefill.captured[t] is captured[t] for t in captured)  # replayed, not captured again
     for prompt, a, b in zip(PROMPTS, out_c, out_w):
         assert_agree(cold, warm, prompt, a.token_ids, b.token_ids)
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_w4a16_prefetch_down_changes_no_token(checkpoint, monkeypatch):
+    """w4a16_prefetch_down (the direct up kernel's L2 prefetch of the down weights) is a hint: the same tokens as
+    without it, CUDA-graph decode, and the prefetching kernel really ran (the wave rule is off as above)."""
+    from light_moe.kernels import tile_config, w4a16_gemm
+
+    monkeypatch.setattr(tile_config, "DIRECT_MIN_WAVES", 0.0)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  quantization="w4a16", moe_backend="cute", w4a16_decode_kernel="direct")
+    plain = LightMoEEngine(checkpoint, **common)
+    w13 = plain.model.moe_blocks()[0].prepared[0]
+    if tile_config.direct_tile(w13.k_dim, w13.group_size, True) is None:
+        pytest.skip(f"the up projection's K ({w13.k_dim}) does not split into whole groups of {w13.group_size}")
+    prefetching = LightMoEEngine(checkpoint, w4a16_prefetch_down=True, **common)
+    assert prefetching.ops.w4a16_prefetch_down
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    for prompt, a, b in zip(PROMPTS, plain.generate_outputs(PROMPTS, params),
+                            prefetching.generate_outputs(PROMPTS, params)):
+        assert a.token_ids == b.token_ids, prompt
+    assert any(len(key) > 6 and type(key[-1]).__name__ == "NextPrefetch" for key in w4a16_gemm._compiled.keys()), \
+        "no decode step took the prefetching up kernel"

@@ -40,6 +40,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "fuse_combine_norm": (False, {}),
     "fuse_attention_merge": (False, {}),
     "w4a16_decode_kernel": ("wgmma", {}),
+    "w4a16_prefetch_down": (True, {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),

@@ -42,7 +42,7 @@ class GroupedGemmOps(MoEOps):
 
         return grouped_gemm.prepare_expert_weights(w13, w2)
 
-    def expert_up(self, x, gather_index, expert_offsets, w13):
+    def expert_up(self, x, gather_index, expert_offsets, w13, next_weights=None):
         from light_moe.kernels import grouped_gemm
 
         return grouped_gemm.expert_up(x, gather_index, expert_offsets, w13)

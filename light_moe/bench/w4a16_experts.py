@@ -12,6 +12,10 @@ t for token rows by TMA (up: x gathered first), d for the deferred group scale, 
 for up and down, beside the table's choice (w4a16_us), in the same run: row["configs"][name] = us and
 int4 TB/s; "unsupported" where the kernel refuses the config for the shape. --rounds N times every variant
 (bf16, the table's W4A16, each config) N times in alternating order and reports medians (spread_us: min, max).
+--decode-kernel picks the table's decode kernel as the engine's w4a16_decode_kernel does (default: wgmma);
+--prefetch-down F ... times the table's tiles again with the up projection's L2 prefetch of the down weights
+(w4a16_expert_up's next_weights, fraction F of each stream head; the direct up kernel only), checked first to
+give the very outputs of the table's tiles without it: row["prefetch"]["F"] = us.
 
 Routing: each token picks K distinct random experts. Weights: random int4 (group 128, symmetric)
 and random bf16 of the same shape. Time = median of CUDA-event-timed graph replays of
@@ -87,6 +91,21 @@ def _add_variants(variants: dict, name: str, up, down, batch, w_up, w_down, spli
         variants[f"{name}_down"] = graph_replay(functools.partial(down, act, offsets, w_down, out=y))
 
 
+def _check_same_outputs(up, up_prefetch, down, batch, w_up, w_down) -> None:
+    """The prefetch is a hint: up + down with it must give bit-identical act and y to up + down without it."""
+    x, offsets, gather_index, act, y = batch
+    results = []
+    for fn in (up, up_prefetch):
+        act.fill_(float("nan"))
+        y.fill_(float("nan"))
+        fn(x, gather_index, offsets, w_up, out=act)
+        down(act, offsets, w_down, out=y)
+        results.append((act.clone(), y.clone()))
+    (act0, y0), (act1, y1) = results
+    if not (torch.equal(act0, act1) and torch.equal(y0, y1)) or act0.isnan().any() or y0.isnan().any():
+        raise AssertionError("the down weights' prefetch changed the experts' outputs")
+
+
 def _parse_config(spec: str, table):
     """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' / '128x256x1pl3' / '128x256x1pb' -> TileConfig: tile_w x
     tile_t [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
@@ -134,6 +153,11 @@ def main() -> None:
     parser.add_argument("--split", action="store_true",
                         help="also time the up and the down projection alone (bf16, the table's W4A16 tile and each "
                              "--configs tile)")
+    parser.add_argument("--decode-kernel", choices=("wgmma", "direct"), default="wgmma",
+                        help="the table's W4A16 decode kernel (EngineConfig.w4a16_decode_kernel)")
+    parser.add_argument("--prefetch-down", type=float, nargs="*", default=[],
+                        help="also time the table's tiles with the up kernel's L2 prefetch of this fraction of the "
+                             "down weights' stream heads (the direct up kernel only)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
@@ -149,7 +173,13 @@ def main() -> None:
         active = int((offsets[1:] > offsets[:-1]).sum())
         variants = {}
         _add_variants(variants, "bf16", gg.expert_up, gg.expert_down, batch, w13p, w2p, args.split)
-        _add_variants(variants, "w4a16", w4.w4a16_expert_up, w4.w4a16_expert_down, batch, q13, q2, args.split)
+        up = functools.partial(w4.w4a16_expert_up, decode_kernel=args.decode_kernel)
+        down = functools.partial(w4.w4a16_expert_down, decode_kernel=args.decode_kernel)
+        _add_variants(variants, "w4a16", up, down, batch, q13, q2, args.split)
+        for fraction in args.prefetch_down:
+            up_pf = functools.partial(up, next_weights=q2, prefetch_fraction=fraction)
+            _check_same_outputs(up, up_pf, down, batch, q13, q2)
+            _add_variants(variants, f"prefetch_{fraction}", up_pf, down, batch, q13, q2, args.split)
         unsupported = []
         for spec, config in configs.items():
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
@@ -171,6 +201,8 @@ def main() -> None:
                                for name in ("bf16_up", "bf16_down", "w4a16_up", "w4a16_down")}
         if args.rounds > 1:
             row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
+        if args.prefetch_down:
+            row["prefetch"] = {str(f): round(times[f"prefetch_{f}"]["median"], 1) for f in args.prefetch_down}
         if configs:
             sms = torch.cuda.get_device_properties(offsets.device).multi_processor_count
             row["w4a16_tiles"] = [str(w4.choose_w4a16_tile(T * K, E, n, k, sms, G, gated))

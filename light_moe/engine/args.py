@@ -104,6 +104,10 @@ class EngineArgs:
         "CTAs (the others keep the wgmma tiles), or 'wgmma', the grouped GEMM's split-K tiles everywhere "
         "(docs/kernels.md, Direct decode kernel)",
         group="execution", choices=W4A16_DECODE_KERNELS)
+    w4a16_prefetch_down: bool = option(
+        False, "W4A16 decode: the direct up kernel's CTAs that finish a unit early ask L2 for the first part of the "
+        "down projection's weights of the active experts, so that the down kernel starts on L2 hits (a hint: no "
+        "value changes; opt-in until measured, docs/kernels.md)", group="execution")
     skinny_gemm_max_rows: int = option(
         16, f"the most token rows (1..{SKINNY_GEMM_MAX_ROWS}) a step may have for skinny_gemm to take its projections",
         group="execution")

@@ -30,6 +30,11 @@ atom, so the fixed work of a k-tile (barrier, ring step, token fragments, addres
   * Programmatic dependent launch: the down projection's expert list was written before the up GEMM (its
     predecessor) passed its own wait, so with early_weights the first ring slots' int4 is requested before
     griddepcontrol.wait and streams while the up GEMM drains; the token rows follow the wait.
+  * The next projection's weights into L2 (prefetch, opt-in: w4a16_expert_up's next_weights): with whole units
+    per CTA, the CTAs that get one unit fewer than the busiest finish a unit early, while HBM still has the last
+    units to stream for the others; before exiting, those CTAs ask L2 for the heads of the down projection's
+    k-tile streams of the active experts (cp.async.bulk.prefetch.L2, nothing waits for it), so that the down kernel
+    starts on L2 hits while HBM streams the rest (docs/kernels.md, "Down weights into L2 from the up kernel's tail").
   * Stream-K (config.stream_k, opt-in: slower in chains of kernels on the H100, docs/kernels.md): CTAs take equal
     runs of (unit, one group per warp) steps instead of whole units; a unit several CTAs share is summed by the last
     of them through a per-device fp32 workspace (finish_shared, sharer_slot).
@@ -54,7 +59,7 @@ from cutlass.cutlass_dsl import dsl_user_op
 from light_moe.kernels import w4a16_plan
 from light_moe.kernels.decode_attention import arrive_acq_rel
 from light_moe.kernels.expert_epilogue import DEFAULT_EPILOGUE, ExpertEpilogue, gated_activation
-from light_moe.kernels.gemm_pipeline import build_tile_schedule, locate_tile
+from light_moe.kernels.gemm_pipeline import build_tile_schedule, locate_tile, prefetch_l2
 from light_moe.kernels.launch import await_inputs
 from light_moe.kernels.router import mma_16bit
 from light_moe.kernels.skinny_gemm import ldmatrix_x4
@@ -69,6 +74,7 @@ from light_moe.kernels.w4a16_plan import (
     SLOT_BYTES,
     TOKEN_BYTES,
     TOKENS,
+    NextPrefetch,
 )
 
 WARP = 32
@@ -197,7 +203,7 @@ class W4A16DirectSm90:
     16-byte chunk views, tokens, gather_index (read only when gated), expert_offsets, out, the SM count."""
 
     def __init__(self, *, gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, k_warps: int,
-                 ring: int, early_weights: bool, stream_k: bool):
+                 ring: int, early_weights: bool, stream_k: bool, prefetch: NextPrefetch | None = None):
         self.gated = gated
         self.n_out = n_out
         self.k_dim = k_dim
@@ -217,6 +223,9 @@ class W4A16DirectSm90:
         self.early = early_weights and not gated
         self.stream_k = stream_k
         self.unit_steps = self.kpw // self.gk  # stream-K steps of a unit: one group per warp each
+        if prefetch is not None and (not gated or stream_k):
+            raise ValueError("the next projection's prefetch belongs to the up projection with whole units per CTA")
+        self.prefetch = prefetch
 
     @cute.jit
     def __call__(
@@ -231,6 +240,8 @@ class W4A16DirectSm90:
         stream: cuda.CUstream,
         workspace: cute.Tensor,  # (direct_workspace_sizes[0],) fp32: stream-K partials (read only with stream_k)
         counters: cute.Tensor,  # (direct_workspace_sizes[1],) int32 zeros, left zero: stream-K arrivals
+        next_q: cute.Tensor = None,  # with self.prefetch: the next projection's qweight / meta (16-byte chunks)
+        next_meta: cute.Tensor = None,
     ):
         @cute.struct
         class SharedStorage:
@@ -241,7 +252,8 @@ class W4A16DirectSm90:
             ring: cute.struct.Align[cute.struct.MemRange[Int32, self.k_warps * self.ring * SLOT_BYTES // 4], 128]
 
         self.shared_storage = SharedStorage
-        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out, workspace, counters).launch(
+        self.kernel(qweight, meta, tokens, gather_index, expert_offsets, out, workspace, counters, next_q,
+                    next_meta).launch(
             grid=(num_ctas * CTAS_PER_SM, 1, 1),
             block=(self.threads, 1, 1),
             min_blocks_per_mp=CTAS_PER_SM,  # caps registers at 65536 / (CTAS_PER_SM * threads)
@@ -481,9 +493,55 @@ class W4A16DirectSm90:
                             first = first + ldg_cg_f32(theirs + Int64(item) * 4)
                     self.store_item(o_base, atom, row_start, tok, item - tok * self.out_cols, first, second)
 
+    @cute.jit
+    def prefetch_next(self, q_base: Int64, m_base: Int64, s_rows: cute.Tensor, total: Int32, bidx: Int32,
+                      gdim: Int32, tidx: Int32):
+        """A CTA of one unit fewer than the busiest (whole units, bidx >= total mod grid), done with its units: its
+        share of the next projection's prefetch. The blocks (active expert a, stream w, head k-tile j), a fastest,
+        j slowest, are dealt to these CTAs in turn; a block is its k-tile's int4 of every atom (contiguous in the
+        prepared layout) in pieces of piece_bytes, then its group's meta words, one instruction per thread."""
+        pf = self.prefetch
+        r = total % gdim
+        if r > 0 and bidx >= r:
+            n_early = gdim - r
+            p = bidx - r
+            active = Int32(0)
+            for e in range(self.num_experts):
+                if s_rows[e + 1] > s_rows[e]:
+                    active = active + 1
+            streams = pf.k_tiles // pf.run
+            head = cutlass.min(pf.head, pf.max_blocks // (active * streams))
+            n_blocks = active * streams * head
+            mine = Int32(0)
+            if p < n_blocks:
+                mine = (n_blocks - p + n_early - 1) // n_early
+            block_bytes = pf.n_atoms * ATOM_BYTES
+            meta_bytes = pf.n_out * 4  # one group (g >= 64: at most one per k-tile)
+            for item in range(tidx, mine * pf.pieces, self.threads):
+                blk = p + (item // pf.pieces) * n_early
+                piece = item % pf.pieces
+                a = blk % active
+                rest = blk // active
+                kt = (rest % streams) * pf.run + rest // streams
+                e = Int32(-1)  # the a-th active expert
+                seen = Int32(0)
+                for x in range(self.num_experts):
+                    if s_rows[x + 1] > s_rows[x]:
+                        if seen == a:
+                            e = x
+                        seen = seen + 1
+                if piece < pf.pieces - 1:
+                    prefetch_l2(q_base + Int64(e * pf.k_tiles + kt) * block_bytes + Int64(piece) * pf.piece_bytes,
+                                pf.piece_bytes)
+                else:
+                    group = kt * TILE_K // pf.group_size
+                    prefetch_l2(m_base + Int64(e * (pf.k_tiles * TILE_K // pf.group_size) + group) * meta_bytes,
+                                meta_bytes)
+
     @cute.kernel
     def kernel(self, qweight: cute.Tensor, meta: cute.Tensor, tokens: cute.Tensor, gather_index: cute.Tensor,
-               expert_offsets: cute.Tensor, out: cute.Tensor, workspace: cute.Tensor, counters: cute.Tensor):
+               expert_offsets: cute.Tensor, out: cute.Tensor, workspace: cute.Tensor, counters: cute.Tensor,
+               next_q: cute.Tensor | None, next_meta: cute.Tensor | None):
         n_exp = self.num_experts
         ring = self.ring
         gk = self.gk
@@ -609,6 +667,8 @@ class W4A16DirectSm90:
                 parity = parity ^ 1
                 c_j = Int32(0)
                 c_unit = c_unit + unit_step
+        if cutlass.const_expr(self.prefetch is not None):
+            self.prefetch_next(next_q.iterator.toint(), next_meta.iterator.toint(), s_rows, total, bidx, gdim, tidx)
 
 
 _workspaces: dict = {}  # device -> (fp32 partials, int32 counters, their cute views)
@@ -634,8 +694,10 @@ def direct_workspace(device, num_sms: int) -> tuple:
 
 
 def make_direct_kernel(gated: bool, n_out: int, k_dim: int, num_experts: int, group_size: int, config: TileConfig,
-                       epilogue: ExpertEpilogue = DEFAULT_EPILOGUE) -> W4A16DirectSm90:
-    """The direct decode kernel (w4a16_direct.py) for a config with direct_warps > 0, after the same checks."""
+                       epilogue: ExpertEpilogue = DEFAULT_EPILOGUE,
+                       prefetch: NextPrefetch | None = None) -> W4A16DirectSm90:
+    """The direct decode kernel (w4a16_direct.py) for a config with direct_warps > 0, after the same checks;
+    prefetch: the next projection's L2 prefetch from the tail (up projection, whole units only)."""
     ok, reason = w4a16_plan.supports_config(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
                                             group_size=group_size, config=config)
     if ok and epilogue != DEFAULT_EPILOGUE:
@@ -644,4 +706,4 @@ def make_direct_kernel(gated: bool, n_out: int, k_dim: int, num_experts: int, gr
         raise ValueError(reason)
     return W4A16DirectSm90(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts, group_size=group_size,
                            k_warps=config.direct_warps, ring=w4a16_plan.direct_ring(config, num_experts),
-                           early_weights=config.early_weights, stream_k=config.stream_k)
+                           early_weights=config.early_weights, stream_k=config.stream_k, prefetch=prefetch)

@@ -812,32 +812,58 @@ _compiled = CompileCache("w4a16_gemm")  # (gated, n_out, k_dim, E, g, tile confi
 _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape, g) -> cute views of the prepared tensors
 
 
+def _next_prefetch(prepared: W4A16Weights, config: TileConfig, next_weights: W4A16Weights | None, num_rows: int,
+                   decode_kernel: str, fraction: float):
+    """The direct up kernel's prefetch plan of the down projection's weights (w4a16_plan.next_prefetch), for the
+    tile the down projection will take at these routed rows; None where it does not apply."""
+    if next_weights is None or not config.direct_warps or config.stream_k or not prepared.gated:
+        return None
+    _check_prepared("next_weights", next_weights, gated=False)
+    next_config = choose_w4a16_tile(num_rows, next_weights.num_experts, next_weights.n_out, next_weights.k_dim,
+                                    sm_count(next_weights.qweight.device), next_weights.group_size, False,
+                                    decode_kernel)
+    return w4a16_plan.next_prefetch(next_weights.n_out, next_weights.k_dim, next_weights.group_size, next_config,
+                                    fraction)
+
+
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None,
-            epilogue: ExpertEpilogue, bias: torch.Tensor | None, decode_kernel: str):
+            epilogue: ExpertEpilogue, bias: torch.Tensor | None, decode_kernel: str,
+            next_weights: W4A16Weights | None = None, prefetch_fraction: float = w4a16_plan.PREFETCH_FRACTION):
     num_experts, n_out, k_dim = prepared.num_experts, prepared.n_out, prepared.k_dim
     if config is None:  # the direct decode kernel has the default epilogue only (biases, gpt-oss's SwiGLU: wgmma)
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, sm_count(out.device), prepared.group_size,
                                    prepared.gated, decode_kernel if epilogue == DEFAULT_EPILOGUE else "wgmma")
+    prefetch = _next_prefetch(prepared, config, next_weights, out.shape[0], decode_kernel, prefetch_fraction)
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
         tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
     if epilogue != DEFAULT_EPILOGUE:
         key = (*key, epilogue)
-    views = gemm_host.cached_views(  # qweight and meta as 16-byte chunks, see w4a16_layout
-        _weight_views, (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape),
-                        prepared.group_size),
-        lambda: (from_dlpack(prepared.qweight.view(-1, 4), assumed_align=16),
-                 from_dlpack(prepared.meta.view(-1, 4), assumed_align=16)))
+    if prefetch is not None:
+        key = (*key, prefetch)
+    views = _views(prepared)
 
     def make_kernel():
         if config.direct_warps:
-            return make_direct_kernel(prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config, epilogue)
+            return make_direct_kernel(prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config, epilogue,
+                                      prefetch)
         return W4A16GroupedGemmSm90(gated=prepared.gated, n_out=n_out, k_dim=k_dim, num_experts=num_experts,
                                     group_size=prepared.group_size, config=config, epilogue=epilogue)
 
     extra = direct_workspace(out.device, sm_count(out.device)) if config.direct_warps else ()
+    if prefetch is not None:
+        extra = (*extra, *_views(next_weights))
     return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out,
                             None if bias is None else expert_epilogue.bias_view(bias), extra)
+
+
+def _views(prepared: W4A16Weights) -> tuple:
+    """qweight and meta as 16-byte chunks (see w4a16_layout), made once per tensor pair."""
+    return gemm_host.cached_views(
+        _weight_views, (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape),
+                        prepared.group_size),
+        lambda: (from_dlpack(prepared.qweight.view(-1, 4), assumed_align=16),
+                 from_dlpack(prepared.meta.view(-1, 4), assumed_align=16)))
 
 
 def _check_prepared(name: str, prepared: W4A16Weights, gated: bool):
@@ -860,16 +886,20 @@ def w4a16_expert_up(
     epilogue: ExpertEpilogue = DEFAULT_EPILOGUE,
     bias: torch.Tensor | None = None,  # [E, 2I] b13 in the canonical order (gate, then up), when epilogue.bias
     decode_kernel: str = "wgmma",  # config None: the decode row's kernel (choose_w4a16_tile)
+    next_weights: W4A16Weights | None = None,  # w2 of the down projection that follows: its L2 prefetch (below)
+    prefetch_fraction: float = w4a16_plan.PREFETCH_FRACTION,
 ) -> torch.Tensor:
     """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights (epilogue: + b13 first, or the clamped
-    SwiGLU); no host sync, graph-capturable."""
+    SwiGLU); no host sync, graph-capturable. next_weights: on the direct decode kernel (whole units), the CTAs that
+    finish a unit early prefetch the heads of the down projection's k-tile streams into L2 (prefetch_fraction of
+    each, w4a16_direct.py); a hint that changes no value; ignored by the other tiles."""
     _check_prepared("w13", w13, gated=True)
     expert_epilogue.check_bias(epilogue, bias, w13.num_experts, w13.n_out, "b13")
     out = gemm_host.up_out(x, gather_index, expert_offsets, w13.num_experts, w13.k_dim, w13.n_out // 2, out)
     if out.shape[0] == 0:
         return out
     return _launch(w13, x, gather_index.contiguous(), expert_offsets.contiguous(), out, config, epilogue, bias,
-                   decode_kernel)
+                   decode_kernel, next_weights, prefetch_fraction)
 
 
 def w4a16_expert_down(

@@ -6,6 +6,8 @@ k_tiles_per_stage k-tiles of 64: tile_w x 64 int4 weights, tile_t x 64 bf16 toke
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from light_moe.kernels.gemm_host import SMEM_CAPACITY, VEC, WG, epilogue_tokens
 from light_moe.kernels.tile_config import (
     DIRECT_CTAS_PER_SM,
@@ -61,6 +63,49 @@ def direct_ring(config: TileConfig, num_experts: int) -> int:
     fixed = 2 * config.direct_warps * PART_BYTES_PER_WARP + 8 * (num_experts + 1) + 256  # + alignment
     fit = (budget - fixed) // (config.direct_warps * SLOT_BYTES)
     return min(config.stages, fit) if config.stages else min(DIRECT_MAX_RING, fit)
+
+
+# ---- the next projection's L2 prefetch from the direct up kernel's tail (w4a16_direct.py, prefetch_next) ----
+PREFETCH_FRACTION = 1 / 3  # of each of the next kernel's in-order k-tile streams (its heads), by default
+PREFETCH_MAX_BYTES = 24 << 20  # at most this much int4 in all: about what HBM moves in the up kernel's last unit
+PREFETCH_PIECE = 16 << 10  # bytes per prefetch instruction (a thread's share)
+
+
+class NextPrefetch(NamedTuple):
+    """What the direct up kernel's CTAs that run one unit fewer than the busiest prefetch into L2 when they are
+    done: the heads of the next (down) projection's k-tile streams for every active expert. Static (compile key)."""
+    n_atoms: int  # the next projection's 64-row atoms (N / 64)
+    k_tiles: int  # its k-tiles (K / 64)
+    n_out: int  # its weight rows N (meta words per group)
+    group_size: int  # its g (64 or 128: one group per k-tile at most)
+    run: int  # k-tiles of each of its consumers' in-order streams (direct: K / 64 / warps; wgmma: all of K)
+    head: int  # k-tiles prefetched at the head of each stream
+    max_blocks: int  # at most this many (expert, k-tile) blocks of n_atoms x 2 KB in all
+
+    @property
+    def piece_bytes(self) -> int:
+        """The int4 bytes of one prefetch instruction: PREFETCH_PIECE, or one atom's k-tile where 8 atoms do not
+        divide the block."""
+        return PREFETCH_PIECE if self.n_atoms % 8 == 0 else ATOM_BYTES
+
+    @property
+    def pieces(self) -> int:
+        """Prefetch instructions per (expert, k-tile) block: its int4 pieces, then its group's meta words."""
+        return self.n_atoms * ATOM_BYTES // self.piece_bytes + 1
+
+
+def next_prefetch(next_n_out: int, next_k_dim: int, group_size: int, next_config: TileConfig,
+                  fraction: float = PREFETCH_FRACTION, max_bytes: int = PREFETCH_MAX_BYTES) -> NextPrefetch | None:
+    """The prefetch plan for a next projection of N x K int4 weights that will run with next_config (its k-tile
+    order: the direct kernel's warps each stream a contiguous K range, the wgmma kernel's stages come in k-tile
+    order); None where nothing would be prefetched."""
+    k_tiles = next_k_dim // TILE_K
+    run = k_tiles // next_config.direct_warps if next_config.direct_warps else k_tiles
+    head = min(run, round(run * fraction))
+    max_blocks = max_bytes // (next_n_out // ATOM_M * ATOM_BYTES)
+    if head < 1 or max_blocks < 1 or group_size not in (TILE_K, 2 * TILE_K):
+        return None
+    return NextPrefetch(next_n_out // ATOM_M, k_tiles, next_n_out, group_size, run, head, max_blocks)
 
 
 def supports_direct(*, n_out: int, k_dim: int, num_experts: int, group_size: int,

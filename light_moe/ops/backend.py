@@ -80,8 +80,9 @@ class MoEOps:
     def routing_metadata(self, topk_ids, num_experts: int):
         return reference.routing_metadata(topk_ids, num_experts)
 
-    def expert_up(self, x, gather_index, expert_offsets, w13, spec=None, bias=None):
-        """Gathered rows -> gate/up GEMM (+ bias [E, 2I]) -> activation (SiLU * up, or spec's) [M, I]."""
+    def expert_up(self, x, gather_index, expert_offsets, w13, spec=None, bias=None, next_weights=None):
+        """Gathered rows -> gate/up GEMM (+ bias [E, 2I]) -> activation (SiLU * up, or spec's) [M, I].
+        next_weights: the w2 the down GEMM streams next, a hint a backend may prefetch while this GEMM drains."""
         return reference.expert_up(x, gather_index, expert_offsets, w13, spec, bias)
 
     def expert_down(self, act, expert_offsets, w2, bias=None):
@@ -116,11 +117,11 @@ class MoEOps:
         if padded:
             offsets = offsets[: num_experts + 1]
         if spec is None and biases is None:  # the default experts: backends may override the plain signatures
-            act = self.expert_up(x, gather_index, offsets, w13)  # [M, I]
+            act = self.expert_up(x, gather_index, offsets, w13, next_weights=w2)  # [M, I]
             y = self.expert_down(act, offsets, w2)  # [M, H]
         else:
             b13, b2 = biases if biases is not None else (None, None)
-            act = self.expert_up(x, gather_index, offsets, w13, spec=spec, bias=b13)  # [M, I]
+            act = self.expert_up(x, gather_index, offsets, w13, spec=spec, bias=b13, next_weights=w2)  # [M, I]
             y = self.expert_down(act, offsets, w2, bias=b2)  # [M, H]
         if defer_combine and not padded:
             return PendingCombine(y, reverse_index, topk_weights)

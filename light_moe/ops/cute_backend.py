@@ -45,7 +45,7 @@ class CuteOps(MoEOps):
 
     def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16,
                  fuse_combine_norm: bool = False, fuse_attention_merge: bool = False,
-                 w4a16_decode_kernel: str = "direct"):
+                 w4a16_decode_kernel: str = "direct", w4a16_prefetch_down: bool = False):
         super().__init__(fuse_combine_norm)
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
@@ -68,6 +68,9 @@ class CuteOps(MoEOps):
         if w4a16_decode_kernel not in W4A16_DECODE_KERNELS:
             raise ValueError(f"w4a16_decode_kernel must be one of {W4A16_DECODE_KERNELS}, got {w4a16_decode_kernel!r}")
         self.w4a16_decode_kernel = w4a16_decode_kernel
+        # the direct up kernel's early CTAs prefetch the down projection's weights into L2 (EngineConfig.
+        # w4a16_prefetch_down; opt-in until measured: docs/kernels.md)
+        self.w4a16_prefetch_down = w4a16_prefetch_down
         self._outgrown_counters: list[torch.Tensor] = []  # kept alive: graphs captured with them still use them
 
     def _fallback(self, op: str, reason: str) -> None:
@@ -193,15 +196,16 @@ class CuteOps(MoEOps):
         self._fallback("routing metadata", reason)
         return super().routing_metadata(topk_ids, num_experts)
 
-    def expert_up(self, x, gather_index, expert_offsets, w13, spec=None, bias=None):
+    def expert_up(self, x, gather_index, expert_offsets, w13, spec=None, bias=None, next_weights=None):
         if not self._kernel_layout(w13):
             return super().expert_up(x, gather_index, expert_offsets, w13, spec, bias)
         # the spec (gpt-oss's clamped SwiGLU) and b13 (canonical row order) become the kernel's epilogue variant;
         # (None, None) is the default kernel
         variant = dict(epilogue=ExpertEpilogue.of(spec, bias is not None), bias=bias)
         if isinstance(w13, W4A16Weights):
+            prefetch = next_weights if self.w4a16_prefetch_down and isinstance(next_weights, W4A16Weights) else None
             return w4a16_gemm.w4a16_expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant,
-                                              decode_kernel=self.w4a16_decode_kernel)
+                                              decode_kernel=self.w4a16_decode_kernel, next_weights=prefetch)
         return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant)
 
     def expert_down(self, act, expert_offsets, w2, bias=None):

@@ -235,3 +235,51 @@ def test_bench_spec_names_the_direct_kernel():
     assert _parse_config("64x8s3g4", W4A16_TILE_TABLE) == TileConfig(64, 8, stages=3, direct_warps=4)
     assert _parse_config("64x8g8ek", W4A16_TILE_TABLE) == TileConfig(64, 8, direct_warps=8, early_weights=True,
                                                                      stream_k=True)
+
+
+def _with_next_weights(args, num_experts: int, hidden: int, inter: int, group_size: int):
+    """args + the down projection's qweight / meta views (as w4a16_gemm._views makes them: 16-byte chunks)."""
+    _, _, down = _gemm_args(False, num_experts, hidden, inter, group_size)
+    return (*args, down[0], down[1])
+
+
+def test_direct_up_prefetches_the_down_weights(tmp_path):
+    """next_weights: the up kernel ends with the next projection's L2 prefetch (cp.async.bulk.prefetch.L2, after the
+    main loop: after the last mma), one instruction per piece; nothing else changes (the same mma count, no local
+    memory); without the plan there is no prefetch at all."""
+    num_experts, hidden, inter = MIXTRAL
+    config = TileConfig(64, 8, direct_warps=8)
+    down = choose_w4a16_tile(2, num_experts, hidden, inter, 132, 128, False, "direct")
+    plan = w4a16_plan.next_prefetch(hidden, inter, 128, down)
+    assert plan is not None and plan.run == inter // 64 and plan.head == round(plan.run / 3)  # wgmma down: one stream
+    n_out, k_dim, args = _args(True, num_experts, hidden, inter, 128)
+    ptx = {}
+    for name, pf in (("plain", None), ("prefetch", plan)):
+        kernel = direct.make_direct_kernel(True, n_out, k_dim, num_experts, 128, config, prefetch=pf)
+        call = _with_next_weights(args, num_experts, hidden, inter, 128) if pf else args
+        ptx[name] = compile_sm90a_ptx(kernel, *call, dump_root=str(tmp_path / name))
+    assert "prefetch.L2" not in ptx["plain"]
+    body = ptx["prefetch"]
+    assert body.count("cp.async.bulk.prefetch.L2.global") == 2  # the int4 piece and the meta piece
+    assert body.rindex("mma.sync") < body.index("cp.async.bulk.prefetch.L2")
+    count = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    assert body.count(count) == ptx["plain"].count(count)
+    assert "ld.local" not in body and "st.local" not in body
+    with pytest.raises(ValueError, match="up projection with whole units"):
+        direct.make_direct_kernel(False, hidden, inter, num_experts, 128, TileConfig(64, 8, direct_warps=8),
+                                  prefetch=plan)
+
+
+def test_next_prefetch_plans():
+    """The stream heads follow the next kernel's k-tile order: the direct kernel's warps each take a contiguous run
+    of K / 64 / warps k-tiles, the wgmma kernel one run of all; the cap counts (expert, k-tile) blocks of int4."""
+    direct_down = TileConfig(64, 8, direct_warps=8, early_weights=True)
+    plan = w4a16_plan.next_prefetch(4096, 14336, 128, direct_down, fraction=0.25)
+    assert (plan.run, plan.head, plan.n_atoms, plan.k_tiles) == (28, 7, 64, 224)
+    assert plan.max_blocks == w4a16_plan.PREFETCH_MAX_BYTES // (64 * 2048)
+    assert plan.piece_bytes == 16384 and plan.pieces == 64 * 2048 // 16384 + 1
+    wgmma_down = TileConfig(64, 8, k_split=4, deferred_scale=True)
+    assert w4a16_plan.next_prefetch(4096, 14336, 128, wgmma_down).run == 224
+    assert w4a16_plan.next_prefetch(4096, 14336, 128, wgmma_down, fraction=0.001) is None  # nothing to prefetch
+    odd = w4a16_plan.next_prefetch(64 * 12, 1024, 64, direct_down)  # 12 atoms: pieces of one atom's k-tile
+    assert odd.piece_bytes == 2048 and odd.pieces == 13

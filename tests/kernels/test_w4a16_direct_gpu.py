@@ -159,3 +159,43 @@ def test_direct_repeatable(warps, stream_k):
     y1 = w4.w4a16_expert_down(first, offsets, w2p, config=down_cfg)
     for _ in range(3):
         assert torch.equal(y1, w4.w4a16_expert_down(first, offsets, w2p, config=down_cfg))
+
+
+@pytest.mark.parametrize("fraction", (1 / 3, 1.0))
+@pytest.mark.parametrize("num_tokens", (1, 2, 4, 16))
+def test_direct_up_prefetch_of_the_down_weights_changes_nothing(num_tokens, fraction):
+    """next_weights (the down weights' L2 prefetch from the up kernel's early CTAs) is a hint: on the Mixtral shape,
+    with the engine's tile choice for the down projection (wgmma split-K at T = 1, direct from T = 2 or 4 on) and at
+    fraction 1 (capped by PREFETCH_MAX_BYTES), up and down give bit-identical results to the same tiles without it,
+    also when replayed from a CUDA graph; the prefetch kernel really ran (its compile key is cached)."""
+    from light_moe.kernels import w4a16_gemm as w4
+
+    hidden, inter = 4096, 14336
+    x, offsets, gather_index, w13, w2, w13p, w2p = _problem(num_tokens, 8, 2, hidden, inter, 128, True, seed=17)
+    rows = gather_index.shape[0]
+    up = functools.partial(w4.w4a16_expert_up, decode_kernel="direct")
+    down = functools.partial(w4.w4a16_expert_down, decode_kernel="direct")
+    act = up(x, gather_index, offsets, w13p)
+    y = down(act, offsets, w2p)
+    assert rel_l2(act, w4a16_reference_up(x, gather_index, offsets, *w13, 128)) < 1e-2
+    act_p = torch.full((rows, inter), float("nan"), device=x.device, dtype=torch.bfloat16)
+    up(x, gather_index, offsets, w13p, out=act_p, next_weights=w2p, prefetch_fraction=fraction)
+    assert torch.equal(act, act_p)
+    assert torch.equal(y, down(act_p, offsets, w2p))
+    assert any(len(key) > 6 and type(key[-1]).__name__ == "NextPrefetch" for key in w4._compiled.keys()), \
+        "no launch took the prefetch kernel"
+    y_p = torch.empty_like(y)
+
+    def step():
+        up(x, gather_index, offsets, w13p, out=act_p, next_weights=w2p, prefetch_fraction=fraction)
+        down(act_p, offsets, w2p, out=y_p)
+
+    graph = torch.cuda.CUDAGraph()
+    step()  # compiled and warm outside the capture
+    with torch.cuda.graph(graph):
+        step()
+    act_p.fill_(float("nan"))
+    y_p.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(act, act_p) and torch.equal(y, y_p)
