@@ -545,6 +545,9 @@ class EngineConfig:
     # the direct up kernel's CTAs that finish a unit early prefetch the down projection's weights into L2
     # (kernels/w4a16_direct.py; opt-in until measured on the H100: docs/kernels.md)
     w4a16_prefetch_down: bool = False
+    # the W4A16 experts' up and down projections at decode in one launch (kernels/w4a16_fused.py; opt-in until
+    # measured on the H100: docs/kernels.md)
+    w4a16_fused_decode: bool = False
     # LightMoEEngine captures its CUDA graphs at start (ModelRunner.warm_up) instead of on first use
     warmup_graphs: bool = False
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights (benchmarks)

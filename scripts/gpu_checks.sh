@@ -69,15 +69,22 @@
 #                                               engine GPU tests, then bench e2e (32 layers W4A16 at B = 64, 4 layers bf16
 #                                               TTFT) against BASELINE=DIR (the tree before it) in the same call, and the
 #                                               4-layer prefill profile with its chrome trace
+#   scripts/gpu_checks.sh verify-21 OUTDIR      one GPU, first call of a session with a GPU: the GPU tests of everything written
+#                                               without one in sessions 20-21 (the router's last-CTA counts once re-applied,
+#                                               see router-ab; two-CTA clusters; the down weights' prefetch; the fused
+#                                               up + down decode kernel), each under its own limit; then cluster-21 and
+#                                               decode-21 measure
 #   scripts/gpu_checks.sh cluster-21 OUTDIR     one GPU: the bf16 grouped GEMM's two-CTA clusters (session 21, written
 #                                               without a GPU): their GPU tests (deadlock-bounded), then the tiles side by
 #                                               side (bench expert_tiles: table, 256x64, 256x128p, each with @2) at
 #                                               T = 256 / 1024 / 4096 / 16384, 3 rounds, and the CUTLASS balanced GEMM if
 #                                               CUTLASS_EXAMPLE_DIR names a copy of its example
-#   scripts/gpu_checks.sh prefetch-21 OUTDIR    one GPU: the direct up kernel's L2 prefetch of the down weights (session 21,
-#                                               written without a GPU): its GPU tests, the decode experts with it at several
-#                                               fractions (3 rounds, up and down alone), then bench e2e of the 32-layer W4A16
-#                                               shape at B = 1 / 4 / 16 without and with --w4a16-prefetch-down
+#   scripts/gpu_checks.sh decode-21 OUTDIR      one GPU: session 21's two W4A16 decode candidates (written without a GPU): the
+#                                               direct up kernel's L2 prefetch of the down weights and the fused up + down
+#                                               kernel: the decode experts with both (3 rounds, up and down alone), then
+#                                               bench e2e of the 32-layer W4A16 shape at B = 1 / 4 / 16 plain, with
+#                                               --w4a16-prefetch-down, with --w4a16-fused-decode (if one call is too short:
+#                                               ONLY="decode_experts e2e32_plain e2e32_fused", then ONLY=e2e32_prefetch)
 #   scripts/gpu_checks.sh serve-api OUTDIR      one GPU: bench e2e B = 64 (4 layers bf16), then bench serve at 64 streams with
 #                                               --api-server-count 1 and 4 (API_SERVERS="1 4"), same call
 #   scripts/gpu_checks.sh short-17 OUTDIR       one GPU, one call when device time is short: the GPU tests of what sessions
@@ -91,7 +98,7 @@
 # Logs and JSON land in OUTDIR; the last lines of each step are printed. Each step has its own time limit
 # so that one stuck step cannot eat the whole run.
 set -u
-stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, cluster-21, prefetch-21, short-17 or verify-15}
+stage=${1:?whole-tests, whole-bench-4, whole-bench-32, single-tests, single-bench, w4a16-sweep, w4a16-sweep-mid, w4a16-tma-tests, w4a16-prefill-sweep, ncu, multi-tests, multi-bench, multi-bench-variable, ep-profile, serve-4, serve-32, p2p, backlog, w4a16-ab, w4a16-confirm, followup, warmup-ab, new-kernels, skinny-ab, families, skinny64, verify-16, verify-17, merge-ab, serve-api, verify-21, cluster-21, decode-21, short-17 or verify-15}
 out=${2:?output folder}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the baseline steps run from another directory
@@ -432,6 +439,20 @@ router-ab)
         --dtype bfloat16 --device cuda --batch-size 1 --steps 2 --prefill --trace "$out/trace4.json" \
         --output "$out/profile4_prefill_trace.json"
     ;;
+verify-21)
+    if [ -f tests/kernels/test_router_last_cta_gpu.py ]; then  # present once the reverted router change is re-applied
+        step router_tests 300 $py -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/kernels/test_router_last_cta_gpu.py \
+            tests/kernels/test_routing_kernels_gpu.py tests/kernels/test_router_select_gpu.py tests/test_cute_ops_gpu.py \
+            tests/test_cute_engine_gpu.py -ra
+    fi
+    step cluster_tests 240 $py -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_grouped_gemm_gpu.py \
+        -k "cluster" -ra
+    step prefetch_tests 300 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_direct_gpu.py \
+        tests/test_cute_engine_gpu.py -k "prefetch" -ra
+    # a wrong ticket or dependency count hangs rather than fails: one worker, stop at the first failure
+    step fused_tests 300 $py -m pytest -q -m gpu -x -p no:cacheprovider tests/kernels/test_w4a16_fused_gpu.py \
+        tests/test_cute_engine_gpu.py -k "fused" -ra
+    ;;
 cluster-21)
     # issue 21 item 1: TileConfig.cluster_t = 2 (the weight tile multicast to the two CTAs of a cluster). A wrong
     # barrier count hangs rather than fails: the tests run under a short limit, one worker, cluster cases first
@@ -447,15 +468,15 @@ cluster-21)
             --out "$out/cutlass_baseline.json" --quick
     fi
     ;;
-prefetch-21)
-    # issue 24 (B = 1): w4a16_expert_up(next_weights=w2): the up kernel's early CTAs prefetch the down weights' stream
-    # heads into L2. A hint: the tests check bit-identical outputs and tokens first
-    step prefetch_tests 300 $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_w4a16_direct_gpu.py \
-        tests/test_cute_engine_gpu.py -k "prefetch" -ra
-    TAIL=8 step prefetch_experts 300 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 --decode-kernel direct \
-        --prefetch-down 0.2 0.333 0.5 1.0 --rounds 3 --split --output "$out/prefetch_experts.json"
+decode-21)
+    # issue 24 (B = 1) and issue 21 item 4: the down weights' L2 prefetch from the up kernel's tail and the fused
+    # up + down kernel; both are checked against their baselines bit for bit inside the bench before timing
+    TAIL=8 step decode_experts 300 $py -m light_moe.bench.w4a16_experts --tokens 1 2 4 8 16 --decode-kernel direct \
+        --prefetch-down 0.2 0.333 0.5 1.0 --fused --rounds 3 --split --output "$out/decode_experts.json"
     m32="--shape mixtral --layers 32 --dtype bfloat16 --device cuda --quantization w4a16 --repeats 1 --batch-sizes 1 4 16"
     step e2e32_plain 200 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 --output "$out/e2e32_plain.json"
+    step e2e32_fused 200 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 --w4a16-fused-decode \
+        --output "$out/e2e32_fused.json"
     step e2e32_prefetch 200 $py -m light_moe.cli bench e2e $m32 --ttft-repeats 0 --w4a16-prefetch-down \
         --output "$out/e2e32_prefetch.json"
     ;;

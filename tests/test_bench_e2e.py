@@ -28,7 +28,7 @@ def test_bench_e2e_rows_carry_the_bytes_model_bound_and_ttft(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["engine_options"] == dict(  # the A/B side this JSON is
         skinny_gemm=True, skinny_gemm_max_rows=16, fuse_combine_norm=False, fuse_attention_merge=True,
-        w4a16_decode_kernel="direct", w4a16_prefetch_down=False, enable_cuda_graphs=True)
+        w4a16_decode_kernel="direct", w4a16_prefetch_down=False, w4a16_fused_decode=False, enable_cuda_graphs=True)
     weights = result["bytes_model"]
     assert result["bandwidth_tbps"] == 2.0 and weights["num_experts"] == 8 and weights["top_k"] == 2
     (row,) = result["rows"]

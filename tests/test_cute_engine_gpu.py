@@ -416,3 +416,31 @@ def test_w4a16_prefetch_down_changes_no_token(checkpoint, monkeypatch):
         assert a.token_ids == b.token_ids, prompt
     assert any(len(key) > 6 and type(key[-1]).__name__ == "NextPrefetch" for key in w4a16_gemm._compiled.keys()), \
         "no decode step took the prefetching up kernel"
+
+
+@pytest.mark.skipif(not _sm90(), reason="CuTe kernels need sm_90")
+def test_w4a16_fused_decode_changes_no_token(checkpoint, monkeypatch):
+    """w4a16_fused_decode (up and down in one launch at decode): with the wave rule off both engines run the direct
+    kernel's units, so the tokens are the same as with two launches; CUDA-graph decode; the fused kernel really ran."""
+    from light_moe.kernels import tile_config, w4a16_fused
+
+    monkeypatch.setattr(tile_config, "DIRECT_MIN_WAVES", 0.0)
+    common = dict(dtype="bfloat16", device="cuda", show_progress=False, kv_cache_memory_bytes=64 << 20,
+                  quantization="w4a16", moe_backend="cute", w4a16_decode_kernel="direct")
+    plain = LightMoEEngine(checkpoint, **common)
+    w13, w2 = plain.model.moe_blocks()[0].prepared[:2]
+    config = w4a16_fused.fused_config(2, w13, w2)
+    if config is None:
+        pytest.skip(f"no fused tile for H {w13.k_dim}, I {w2.k_dim}, g {w13.group_size}")
+    # two launches sum in the same order only where each projection's own direct tile has the fused tile's warps
+    same_order = all(getattr(tile_config.direct_tile(w.k_dim, w.group_size, gated), "direct_warps", 0)
+                     == config.direct_warps for w, gated in ((w13, True), (w2, False)))
+    fused = LightMoEEngine(checkpoint, w4a16_fused_decode=True, **common)
+    assert fused.ops.w4a16_fused_decode
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    for prompt, a, b in zip(PROMPTS, plain.generate_outputs(PROMPTS, params), fused.generate_outputs(PROMPTS, params)):
+        if same_order:
+            assert a.token_ids == b.token_ids, prompt
+        else:
+            assert_agree(plain, fused, prompt, a.token_ids, b.token_ids)
+    assert len(w4a16_fused._compiled) > 0, "no decode step took the fused kernel"

@@ -41,6 +41,7 @@ CHANGED: dict[str, tuple[object, dict]] = {
     "fuse_attention_merge": (False, {}),
     "w4a16_decode_kernel": ("wgmma", {}),
     "w4a16_prefetch_down": (True, {}),
+    "w4a16_fused_decode": (True, {}),
     "warmup_graphs": (True, {}),
     "async_scheduling": (False, {}),
     "async_output_processing": (True, {}),

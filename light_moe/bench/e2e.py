@@ -252,7 +252,7 @@ def main(args) -> dict:
                   # the execution options an A/B toggles, so that each JSON says which side it is
                   engine_options={name: getattr(engine.config, name) for name in (
                       "skinny_gemm", "skinny_gemm_max_rows", "fuse_combine_norm", "fuse_attention_merge",
-                      "w4a16_decode_kernel", "w4a16_prefetch_down",
+                      "w4a16_decode_kernel", "w4a16_prefetch_down", "w4a16_fused_decode",
                       "enable_cuda_graphs")},
                   **async_kwargs(args))
     print_table(rows, ttft)

@@ -15,7 +15,9 @@ int4 TB/s; "unsupported" where the kernel refuses the config for the shape. --ro
 --decode-kernel picks the table's decode kernel as the engine's w4a16_decode_kernel does (default: wgmma);
 --prefetch-down F ... times the table's tiles again with the up projection's L2 prefetch of the down weights
 (w4a16_expert_up's next_weights, fraction F of each stream head; the direct up kernel only), checked first to
-give the very outputs of the table's tiles without it: row["prefetch"]["F"] = us.
+give the very outputs of the table's tiles without it: row["prefetch"]["F"] = us. --fused times the fused up + down
+kernel (kernels/w4a16_fused.py, one launch) where it has a tile, checked first to give the bits of the direct
+kernel's two launches on that tile, which are timed beside it: row["fused"] = {us, two_launches_us, tile}.
 
 Routing: each token picks K distinct random experts. Weights: random int4 (group 128, symmetric)
 and random bf16 of the same shape. Time = median of CUDA-event-timed graph replays of
@@ -106,6 +108,38 @@ def _check_same_outputs(up, up_prefetch, down, batch, w_up, w_down) -> None:
         raise AssertionError("the down weights' prefetch changed the experts' outputs")
 
 
+def _add_fused(variants: dict, batch, w_up, w_down):
+    """variants["fused"] (the fused kernel, one launch) and variants["fused_two_launches"] (the direct kernel's up and
+    down on the same tile), after checking that both give the same bits; None (nothing added) where the fused
+    kernel has no tile for this step."""
+    from light_moe.kernels import w4a16_fused
+    from light_moe.kernels import w4a16_gemm as w4
+
+    x, offsets, gather_index, act, y = batch
+    tile = w4a16_fused.fused_config(gather_index.shape[0], w_up, w_down)
+    if tile is None:
+        return None
+    up = functools.partial(w4.w4a16_expert_up, config=tile)
+    down = functools.partial(w4.w4a16_expert_down, config=tile)
+
+    def fused(x, gather_index, offsets, w_up, out):  # the pair's "up" writes act and y, its "down" nothing
+        w4a16_fused.w4a16_fused_experts(x, gather_index, offsets, w_up, w_down, act=out, y=y, config=tile)
+
+    def nothing(act, offsets, w_down, out):
+        return None
+
+    a1 = up(x, gather_index, offsets, w_up)
+    y1 = down(a1, offsets, w_down)
+    act.fill_(float("nan"))
+    y.fill_(float("nan"))
+    fused(x, gather_index, offsets, w_up, act)
+    if not (torch.equal(a1, act) and torch.equal(y1, y)):
+        raise AssertionError("the fused kernel's act / y differ from the direct kernel's two launches on its tile")
+    variants["fused"] = pair_replay(fused, nothing, batch, w_up, w_down)
+    variants["fused_two_launches"] = pair_replay(up, down, batch, w_up, w_down)
+    return tile
+
+
 def _parse_config(spec: str, table):
     """'64x8x4' / '64x8x2p' / '64x8x4s40' / '64x8x4x2' / '128x256x1pl3' / '128x256x1pb' -> TileConfig: tile_w x
     tile_t [x k_split [x k-tiles per stage]], then the fence (p / c / n; else the table row of that tile, else
@@ -158,6 +192,9 @@ def main() -> None:
     parser.add_argument("--prefetch-down", type=float, nargs="*", default=[],
                         help="also time the table's tiles with the up kernel's L2 prefetch of this fraction of the "
                              "down weights' stream heads (the direct up kernel only)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the fused up + down decode kernel (one launch) against the direct kernel's "
+                             "two launches on its tile")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     configs = {spec: _parse_config(spec, w4.W4A16_TILE_TABLE) for spec in args.configs}
@@ -180,6 +217,7 @@ def main() -> None:
             up_pf = functools.partial(up, next_weights=q2, prefetch_fraction=fraction)
             _check_same_outputs(up, up_pf, down, batch, q13, q2)
             _add_variants(variants, f"prefetch_{fraction}", up_pf, down, batch, q13, q2, args.split)
+        fused_tile = _add_fused(variants, batch, q13, q2) if args.fused else None
         unsupported = []
         for spec, config in configs.items():
             ok = all(w4.W4A16GroupedGemmSm90.supports(gated=gated, n_out=n_out, k_dim=k_dim, num_experts=E,
@@ -201,6 +239,9 @@ def main() -> None:
                                for name in ("bf16_up", "bf16_down", "w4a16_up", "w4a16_down")}
         if args.rounds > 1:
             row["spread_us"] = {k: (round(v["min"], 1), round(v["max"], 1)) for k, v in times.items()}
+        if fused_tile is not None:
+            row["fused"] = dict(us=round(times["fused"]["median"], 1),
+                                two_launches_us=round(times["fused_two_launches"]["median"], 1), tile=str(fused_tile))
         if args.prefetch_down:
             row["prefetch"] = {str(f): round(times[f"prefetch_{f}"]["median"], 1) for f in args.prefetch_down}
         if configs:

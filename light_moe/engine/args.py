@@ -108,6 +108,10 @@ class EngineArgs:
         False, "W4A16 decode: the direct up kernel's CTAs that finish a unit early ask L2 for the first part of the "
         "down projection's weights of the active experts, so that the down kernel starts on L2 hits (a hint: no "
         "value changes; opt-in until measured, docs/kernels.md)", group="execution")
+    w4a16_fused_decode: bool = option(
+        False, "W4A16 decode: the experts' up and down projections in one persistent launch (units taken from a "
+        "ticket counter, each down unit after its expert's up units; kernels/w4a16_fused.py; opt-in until measured, "
+        "docs/kernels.md)", group="execution")
     skinny_gemm_max_rows: int = option(
         16, f"the most token rows (1..{SKINNY_GEMM_MAX_ROWS}) a step may have for skinny_gemm to take its projections",
         group="execution")

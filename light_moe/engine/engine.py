@@ -94,7 +94,8 @@ class LightMoEEngine(GenerateLoops, ExpertLoadBalancing):
         self.ops, reason = select_backend(args.moe_backend, dev, args.skinny_gemm, args.skinny_gemm_max_rows,
                                              args.fuse_combine_norm, fuse_attention_merge=args.fuse_attention_merge,
                                              w4a16_decode_kernel=args.w4a16_decode_kernel,
-                                             w4a16_prefetch_down=args.w4a16_prefetch_down)
+                                             w4a16_prefetch_down=args.w4a16_prefetch_down,
+                                             w4a16_fused_decode=args.w4a16_fused_decode)
         logger.info("MoE backend: %s", reason)
         self.moe_backend_reason = reason
         # expert parallelism: this process is rank 0; the executor's worker processes (spawned, or started by

@@ -110,7 +110,8 @@ class RankExecutor:
             ops, reason = select_backend(cfg.moe_backend, device, cfg.skinny_gemm, cfg.skinny_gemm_max_rows,
                                          cfg.fuse_combine_norm, fuse_attention_merge=cfg.fuse_attention_merge,
                                          w4a16_decode_kernel=cfg.w4a16_decode_kernel,
-                                         w4a16_prefetch_down=cfg.w4a16_prefetch_down)
+                                         w4a16_prefetch_down=cfg.w4a16_prefetch_down,
+                                         w4a16_fused_decode=cfg.w4a16_fused_decode)
             logger.info("rank %d MoE backend: %s", group.rank, reason)
         self.peer_exchange = self._peer_exchange(spec)
         self.dispatchers = make_dispatchers(list(spec.placements), group.rank, group.device_group, ops, device,

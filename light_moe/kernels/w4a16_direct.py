@@ -384,6 +384,43 @@ class W4A16DirectSm90:
                     gacc[4 * b + i] = c[i]
 
     @cute.jit
+    def step_registers(self):
+        """The compute's registers: (acc, gacc, scale_f, negz): the warp's fp32 sums of its 64 rows (zeroed), the
+        current group's sums, its scales and -(128 + z) (those three written at a group's first k-tile, before any
+        read: no initial values)."""
+        acc = cute.make_rmem_tensor((M16 * 4,), Float32)
+        acc.fill(0.0)
+        gacc = cute.make_rmem_tensor((M16 * 4,), Float32)
+        scale_f = cute.make_rmem_tensor((M16 * 2,), Float32)
+        negz = cute.make_rmem_tensor((M16 * 2,), Int32)
+        return acc, gacc, scale_f, negz
+
+    @cute.jit
+    def previous_slot(self, slot_c: Int32) -> Int32:
+        """(s + ring - 1) mod ring for the ring slot s of the step computed next: the slot computed one step ago, the
+        one the load cursor fills now."""
+        slot_l = slot_c + self.ring - 1
+        if slot_c > 0:
+            slot_l = slot_c - 1
+        return slot_l
+
+    @cute.jit
+    def compute_step(self, ring_base: Int32, slot_c: Int32, lane: Int32, regs, new_group: cutlass.Constexpr,
+                     end_group: cutlass.Constexpr) -> Int32:
+        """One step of the main loop after its copies were issued: commit them as a cp.async group, wait until the
+        step computed now has landed (this lane's copies, then every lane's: ring - 1 younger groups may be in
+        flight), compute it (regs: step_registers); returns the ring slot of the next step."""
+        cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(self.ring - 1)
+        sync_warp()
+        acc, gacc, scale_f, negz = regs
+        self.compute(ring_base + slot_c * SLOT_BYTES, lane, acc, gacc, scale_f, negz, new_group, end_group)
+        slot_c = slot_c + 1
+        if slot_c == self.ring:
+            slot_c = Int32(0)
+        return slot_c
+
+    @cute.jit
     def stage_partials(self, acc: cute.Tensor, part: Int32, warp: Int32, lane: Int32):
         """Each warp's fp32 partials of the unit to `part` (this unit's half of the double buffer), zeroed in
         registers, then one CTA barrier. Double buffering makes one barrier per unit enough: a warp writes a half
@@ -619,12 +656,8 @@ class W4A16DirectSm90:
                         False, True, d % gk)
                 cute.arch.cp_async_commit_group()
 
-        acc = cute.make_rmem_tensor((M16 * 4,), Float32)
-        acc.fill(0.0)
-        # written at a group's first k-tile before any read (compute): no initial values
-        gacc = cute.make_rmem_tensor((M16 * 4,), Float32)
-        scale_f = cute.make_rmem_tensor((M16 * 2,), Float32)
-        negz = cute.make_rmem_tensor((M16 * 2,), Int32)
+        regs = self.step_registers()
+        acc = regs[0]
         c_unit = first_unit
         c_j = j0
         c_e = Int32(0)
@@ -637,19 +670,10 @@ class W4A16DirectSm90:
             for h in cutlass.range_constexpr(gk):
                 sync_warp()  # every lane has read the slot the next copies overwrite (computed one step ago)
                 if sp * gk + h + ring - 1 < steps:  # steps of a unit start at a group: kpw % gk == 0
-                    slot_l = slot_c + ring - 1  # (s + ring - 1) mod ring: the slot computed one step ago
-                    if slot_c > 0:
-                        slot_l = slot_c - 1
                     l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1 = self.issue_step(
-                        ring_base + slot_l * SLOT_BYTES, (l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1),
-                        ctx, True, True, (h + ring - 1) % gk)
-                cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(ring - 1)  # this lane's copies of the step are done ...
-                sync_warp()  # ... and every lane's
-                self.compute(ring_base + slot_c * SLOT_BYTES, lane, acc, gacc, scale_f, negz, h == 0, h == gk - 1)
-                slot_c = slot_c + 1
-                if slot_c == ring:
-                    slot_c = Int32(0)
+                        ring_base + self.previous_slot(slot_c) * SLOT_BYTES,
+                        (l_unit, l_j, l_e, l_q, l_m, l_t0, l_t1, l_has0, l_has1), ctx, True, True, (h + ring - 1) % gk)
+                slot_c = self.compute_step(ring_base, slot_c, lane, regs, h == 0, h == gk - 1)
             c_j = c_j + gk
             if c_j == kpw or sp == last_sp:  # the unit's end or (stream-K) the end of this CTA's run
                 c_e, c_atom, c_row, c_nv = self.unit_rows(c_unit, c_e, s_rows, s_prefix)

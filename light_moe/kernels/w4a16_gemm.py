@@ -818,7 +818,7 @@ def _next_prefetch(prepared: W4A16Weights, config: TileConfig, next_weights: W4A
     tile the down projection will take at these routed rows; None where it does not apply."""
     if next_weights is None or not config.direct_warps or config.stream_k or not prepared.gated:
         return None
-    _check_prepared("next_weights", next_weights, gated=False)
+    check_prepared("next_weights", next_weights, gated=False)
     next_config = choose_w4a16_tile(num_rows, next_weights.num_experts, next_weights.n_out, next_weights.k_dim,
                                     sm_count(next_weights.qweight.device), next_weights.group_size, False,
                                     decode_kernel)
@@ -841,7 +841,7 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
         key = (*key, epilogue)
     if prefetch is not None:
         key = (*key, prefetch)
-    views = _views(prepared)
+    views = weight_views(prepared)
 
     def make_kernel():
         if config.direct_warps:
@@ -852,13 +852,13 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
 
     extra = direct_workspace(out.device, sm_count(out.device)) if config.direct_warps else ()
     if prefetch is not None:
-        extra = (*extra, *_views(next_weights))
+        extra = (*extra, *weight_views(next_weights))
     return gemm_host.launch(_compiled, key, make_kernel, views, tokens, gather_index, expert_offsets, out,
                             None if bias is None else expert_epilogue.bias_view(bias), extra)
 
 
-def _views(prepared: W4A16Weights) -> tuple:
-    """qweight and meta as 16-byte chunks (see w4a16_layout), made once per tensor pair."""
+def weight_views(prepared: W4A16Weights) -> tuple:
+    """qweight and meta as 16-byte chunks (see w4a16_layout), made once per tensor pair (kernel arguments)."""
     return gemm_host.cached_views(
         _weight_views, (prepared.qweight.data_ptr(), prepared.meta.data_ptr(), tuple(prepared.qweight.shape),
                         prepared.group_size),
@@ -866,7 +866,7 @@ def _views(prepared: W4A16Weights) -> tuple:
                  from_dlpack(prepared.meta.view(-1, 4), assumed_align=16)))
 
 
-def _check_prepared(name: str, prepared: W4A16Weights, gated: bool):
+def check_prepared(name: str, prepared: W4A16Weights, gated: bool):
     if not isinstance(prepared, W4A16Weights):
         raise TypeError(f"expected {name} from prepare_w4a16_weights, got {type(prepared).__name__}")
     if prepared.gated != gated:
@@ -893,7 +893,7 @@ def w4a16_expert_up(
     SwiGLU); no host sync, graph-capturable. next_weights: on the direct decode kernel (whole units), the CTAs that
     finish a unit early prefetch the heads of the down projection's k-tile streams into L2 (prefetch_fraction of
     each, w4a16_direct.py); a hint that changes no value; ignored by the other tiles."""
-    _check_prepared("w13", w13, gated=True)
+    check_prepared("w13", w13, gated=True)
     expert_epilogue.check_bias(epilogue, bias, w13.num_experts, w13.n_out, "b13")
     out = gemm_host.up_out(x, gather_index, expert_offsets, w13.num_experts, w13.k_dim, w13.n_out // 2, out)
     if out.shape[0] == 0:
@@ -913,7 +913,7 @@ def w4a16_expert_down(
 ) -> torch.Tensor:
     """y [M, H] = act W2_e^T (+ b2_e) per expert (expert-sorted rows), int4 weights; no host sync,
     graph-capturable."""
-    _check_prepared("w2", w2, gated=False)
+    check_prepared("w2", w2, gated=False)
     epilogue = ExpertEpilogue(bias=bias is not None)
     expert_epilogue.check_bias(epilogue, bias, w2.num_experts, w2.n_out, "b2")
     out = gemm_host.down_out(act, expert_offsets, w2.num_experts, w2.k_dim, w2.n_out, out)

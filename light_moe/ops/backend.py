@@ -89,6 +89,12 @@ class MoEOps:
         """[M, I] -> down GEMM (+ bias [E, H]) [M, H], rows in sorted order."""
         return reference.expert_down(act, expert_offsets, w2, bias)
 
+    def expert_up_down(self, x, gather_index, expert_offsets, w13, w2):
+        """The default experts (SiLU * up, no biases): expert_up then expert_down -> [M, H] sorted rows; a backend
+        may run both in one kernel."""
+        act = self.expert_up(x, gather_index, expert_offsets, w13, next_weights=w2)  # [M, I]
+        return self.expert_down(act, expert_offsets, w2)
+
     def combine(self, y, reverse_index, topk_weights):
         return reference.combine(y, reverse_index, topk_weights)
 
@@ -117,8 +123,7 @@ class MoEOps:
         if padded:
             offsets = offsets[: num_experts + 1]
         if spec is None and biases is None:  # the default experts: backends may override the plain signatures
-            act = self.expert_up(x, gather_index, offsets, w13, next_weights=w2)  # [M, I]
-            y = self.expert_down(act, offsets, w2)  # [M, H]
+            y = self.expert_up_down(x, gather_index, offsets, w13, w2)  # [M, H]
         else:
             b13, b2 = biases if biases is not None else (None, None)
             act = self.expert_up(x, gather_index, offsets, w13, spec=spec, bias=b13, next_weights=w2)  # [M, I]

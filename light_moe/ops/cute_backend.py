@@ -18,7 +18,7 @@ import torch
 from light_moe.config import SKINNY_GEMM_MAX_ROWS, W4A16_DECODE_KERNELS
 from light_moe.kernels import combine as combine_kernel
 from light_moe.kernels import decode_attention as decode_kernel
-from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_gemm, w4a16_linear
+from light_moe.kernels import grouped_gemm, skinny_gemm, w4a16_fused, w4a16_gemm, w4a16_linear
 from light_moe.kernels import mla_decode_attention as mla_kernel
 from light_moe.kernels import mla_rope_kv as mla_rope_kernel
 from light_moe.kernels import prefill_attention as prefill_kernel
@@ -45,7 +45,8 @@ class CuteOps(MoEOps):
 
     def __init__(self, fuse_routing_metadata: bool = True, skinny_gemm: bool = True, skinny_max_rows: int = 16,
                  fuse_combine_norm: bool = False, fuse_attention_merge: bool = False,
-                 w4a16_decode_kernel: str = "direct", w4a16_prefetch_down: bool = False):
+                 w4a16_decode_kernel: str = "direct", w4a16_prefetch_down: bool = False,
+                 w4a16_fused_decode: bool = False):
         super().__init__(fuse_combine_norm)
         self._logged: set[tuple[str, str]] = set()
         # dense_linear: steps of up to skinny_max_rows rows on kernels/skinny_gemm.py, else torch's F.linear
@@ -71,6 +72,9 @@ class CuteOps(MoEOps):
         # the direct up kernel's early CTAs prefetch the down projection's weights into L2 (EngineConfig.
         # w4a16_prefetch_down; opt-in until measured: docs/kernels.md)
         self.w4a16_prefetch_down = w4a16_prefetch_down
+        # W4A16 experts at decode: up and down in one launch (kernels/w4a16_fused.py; EngineConfig.w4a16_fused_decode,
+        # opt-in until measured)
+        self.w4a16_fused_decode = w4a16_fused_decode
         self._outgrown_counters: list[torch.Tensor] = []  # kept alive: graphs captured with them still use them
 
     def _fallback(self, op: str, reason: str) -> None:
@@ -207,6 +211,12 @@ class CuteOps(MoEOps):
             return w4a16_gemm.w4a16_expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant,
                                               decode_kernel=self.w4a16_decode_kernel, next_weights=prefetch)
         return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant)
+
+    def expert_up_down(self, x, gather_index, expert_offsets, w13, w2):
+        if (self.w4a16_fused_decode and isinstance(w13, W4A16Weights) and isinstance(w2, W4A16Weights)
+                and w4a16_fused.fused_config(gather_index.shape[0], w13, w2) is not None):
+            return w4a16_fused.w4a16_fused_experts(x.contiguous(), gather_index, expert_offsets, w13, w2)[1]
+        return super().expert_up_down(x, gather_index, expert_offsets, w13, w2)
 
     def expert_down(self, act, expert_offsets, w2, bias=None):
         if not self._kernel_layout(w2):
