@@ -77,6 +77,13 @@ def ld_acquire(addr: Int64, *, loc=None, ip=None) -> Int32:
                                  is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
 
 
+@dsl_user_op
+def nanosleep(ns: int, *, loc=None, ip=None) -> None:
+    """nanosleep.u32: suspend the warp for about ns nanoseconds (a polling loop's back-off)."""
+    llvm.inline_asm(None, [], f"nanosleep.u32 {int(ns)};", "", has_side_effects=True, is_align_stack=False,
+                    asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
 def fused_counters(num_experts: int) -> int:
     """int32 counters of the workspace: the ticket, the exit count, one done count per expert."""
     return DONE + num_experts
@@ -159,6 +166,7 @@ class W4A16FusedDecodeSm90:
         if lane == 0:
             seen = ld_acquire(done_base + Int64(e) * 4)
             while seen < need:
+                nanosleep(64)  # back off: up to every warp of the grid may poll these few words in L2
                 seen = ld_acquire(done_base + Int64(e) * 4)
         sync_warp()
 

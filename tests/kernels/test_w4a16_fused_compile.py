@@ -49,7 +49,7 @@ def test_fused_ptx_protocol(tmp_path):
     ptx = compile_sm90a_ptx(kernel, *_args(num_experts, hidden, inter, group_size), dump_root=str(tmp_path))
     assert "ld.local" not in ptx and "st.local" not in ptx
     assert "atom.global.acq_rel.add.u32" in ptx  # scope .gpu: the default
-    assert "ld.acquire.gpu.global.b32" in ptx
+    assert "ld.acquire.gpu.global.b32" in ptx and "nanosleep.u32" in ptx  # the dependency poll backs off
     assert "cp.async.cg.shared.global" in ptx and "cp.async.ca.shared.global" not in ptx
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") >= 32
     wait = ptx.index("griddepcontrol.wait")
