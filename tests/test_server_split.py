@@ -504,3 +504,65 @@ def test_the_split_on_a_gpu_answers_as_the_in_process_server(tmp_path):
         engine.shutdown()
         torch.cuda.empty_cache()
     assert process.process.exitcode == 0
+
+
+class _PipeOnlyCore:
+    """An EngineCoreClient's reading side alone: the outputs pipe, nothing sent anywhere."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def send(self, message) -> bool:
+        return True
+
+    def core_alive(self) -> bool:
+        return True
+
+    def core_gone_reason(self) -> str:
+        return "the pipe closed"
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "nonblocking-fd"])
+def test_an_output_message_longer_than_the_pipe_is_read_whole(loop_kind):
+    """uvloop's add_reader makes the outputs fd non-blocking, and Connection.recv() on a message longer than the pipe
+    holds (64 KB: one step of a few hundred streams) then raised EAGAIN, which the API process took for a dead core:
+    every stream got a 503 from 256 streams on (scripts/serve_overhead.py --engine-process --streams 256). The loop
+    must read such a message whole, under uvloop and where anything else made the fd non-blocking."""
+    import multiprocessing
+    import threading
+
+    from light_moe.server.engine_client import EngineProcessLoop
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    engine_loop = EngineProcessLoop(_PipeOnlyCore(reader), metrics=None)
+    received = []
+    engine_loop._handle = received.append  # the reading is under test, not the handling
+    big = ("step", "x" * (4 << 20), {"queue": {}})  # 4 MB: 64 times the pipe
+    try:
+        loop.call_soon(engine_loop.start, loop)
+        if loop_kind == "nonblocking-fd":
+            loop.call_soon(os.set_blocking, reader.fileno(), False)
+        sender = threading.Thread(target=lambda: [writer.send(big) for _ in range(3)], daemon=True)
+        loop.call_soon(sender.start)
+
+        async def until_received():
+            deadline = time.monotonic() + 20
+            while len(received) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        loop.run_until_complete(until_received())
+        sender.join(5)
+    finally:
+        engine_loop._stopping = True
+        if engine_loop._reading:
+            loop.remove_reader(reader.fileno())
+        loop.close()
+        reader.close()
+        writer.close()
+    assert engine_loop._error is None, engine_loop._error
+    assert received == [big] * 3

@@ -335,7 +335,13 @@ class EngineProcessLoop:
         if self._loop is not None:
             raise RuntimeError("the engine loop is already started")
         self._loop, self._loop_thread = loop, threading.get_ident()
-        loop.add_reader(self.engine.outputs.fileno(), self._on_readable)
+        fd = self.engine.outputs.fileno()
+        loop.add_reader(fd, self._on_readable)
+        # uvloop's add_reader makes the fd non-blocking; Connection.recv() then fails (EAGAIN) on a message longer
+        # than the pipe holds at that moment (64 KB: a step of a few hundred requests, logprobs), which read as the
+        # core being gone. Blocking, recv() waits for the rest, which the core is writing (readiness still comes
+        # from the loop's poll, which does not care)
+        os.set_blocking(fd, True)
         self._reading = True
         self.engine.send(("configure", {"expert_sync_interval_s": self.expert_sync_interval_s}))
 
@@ -395,6 +401,8 @@ class EngineProcessLoop:
         process catches up on its per-event cost instead of holding the core back (a full pipe blocks it), and
         a core far ahead still cannot starve the handlers."""
         conn = self.engine.outputs
+        if not os.get_blocking(conn.fileno()):  # start() made it blocking; a loop that flips it back must not win
+            os.set_blocking(conn.fileno(), True)
         try:
             for _ in range(self.MAX_MESSAGES_PER_READ):
                 self._handle(conn.recv())
