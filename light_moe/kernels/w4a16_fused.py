@@ -38,6 +38,8 @@ a GPU: docs/kernels.md, "Fused up + down decode kernel".
 """
 from __future__ import annotations
 
+import functools
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -61,7 +63,7 @@ from light_moe.kernels.w4a16_direct import (
     sync_warp,
     token_slot_offset,
 )
-from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K
+from light_moe.kernels.w4a16_layout import ATOM_M, TILE_K, check_prepared
 from light_moe.kernels.w4a16_plan import ATOM_BYTES, CTAS_PER_SM, PART_BYTES_PER_WARP, SLOT_BYTES, TOKENS
 
 TICKETS = 4  # shared-memory ring of drawn tickets (units n .. n + 2 are live at once)
@@ -356,10 +358,14 @@ def fused_config(num_rows: int, w13, w2) -> TileConfig | None:
     sizes only (graph-safe): where the tile table's decode row holds (W4A16_TILE_TABLE[0]: a few rows per active
     expert), the direct tile with the most warps that split both projections' K into whole groups; else None (a
     prefill-sized step: the grouped GEMM's tiles). No wave rule: the down units queue behind the up units."""
-    num_experts, group_size = w13.num_experts, w13.group_size
+    return _fused_config(num_rows, w13.num_experts, w13.k_dim, w2.k_dim, w13.group_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fused_config(num_rows: int, num_experts: int, hidden: int, inter: int, group_size: int) -> TileConfig | None:
+    """fused_config on sizes alone: asked once per MoE layer call, so remembered (a handful of keys per model)."""
     if num_rows / max(1, min(num_experts, num_rows)) > W4A16_TILE_TABLE[0].max_rows_per_expert:
         return None
-    hidden, inter = w13.k_dim, w2.k_dim
     for warps in sorted(DIRECT_WARPS, reverse=True):
         config = TileConfig(ATOM_M, TOKENS, direct_warps=warps)
         if supports(hidden=hidden, inter=inter, num_experts=num_experts, group_size=group_size, config=config)[0]:
@@ -379,8 +385,8 @@ def w4a16_fused_experts(x: torch.Tensor, gather_index: torch.Tensor, expert_offs
     w4a16_expert_up then w4a16_expert_down on the direct tile (the same per-unit code and summation order)."""
     from light_moe.kernels import w4a16_gemm
 
-    w4a16_gemm.check_prepared("w13", w13, gated=True)
-    w4a16_gemm.check_prepared("w2", w2, gated=False)
+    check_prepared("w13", w13, gated=True)
+    check_prepared("w2", w2, gated=False)
     num_experts, hidden, inter = w13.num_experts, w13.k_dim, w2.k_dim
     if (w2.num_experts, w2.n_out, w13.n_out, w2.group_size) != (num_experts, hidden, 2 * inter, w13.group_size):
         raise ValueError(f"w13 {w13.shape} (g {w13.group_size}) and w2 {w2.shape} (g {w2.group_size}) are not one "

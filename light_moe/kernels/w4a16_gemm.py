@@ -89,6 +89,7 @@ from light_moe.kernels.w4a16_layout import (
     ATOM_M,
     TILE_K,
     W4A16Weights,
+    check_prepared,
     prepare_w4a16_weights,
 )
 from light_moe.kernels.w4a16_plan import supports
@@ -812,20 +813,6 @@ _compiled = CompileCache("w4a16_gemm")  # (gated, n_out, k_dim, E, g, tile confi
 _weight_views: dict[tuple, tuple] = {}  # (qweight ptr, meta ptr, shape, g) -> cute views of the prepared tensors
 
 
-def _next_prefetch(prepared: W4A16Weights, config: TileConfig, next_weights: W4A16Weights | None, num_rows: int,
-                   decode_kernel: str, fraction: float):
-    """The direct up kernel's prefetch plan of the down projection's weights (w4a16_plan.next_prefetch), for the
-    tile the down projection will take at these routed rows; None where it does not apply."""
-    if next_weights is None or not config.direct_warps or config.stream_k or not prepared.gated:
-        return None
-    check_prepared("next_weights", next_weights, gated=False)
-    next_config = choose_w4a16_tile(num_rows, next_weights.num_experts, next_weights.n_out, next_weights.k_dim,
-                                    sm_count(next_weights.qweight.device), next_weights.group_size, False,
-                                    decode_kernel)
-    return w4a16_plan.next_prefetch(next_weights.n_out, next_weights.k_dim, next_weights.group_size, next_config,
-                                    fraction)
-
-
 def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, config: TileConfig | None,
             epilogue: ExpertEpilogue, bias: torch.Tensor | None, decode_kernel: str,
             next_weights: W4A16Weights | None = None, prefetch_fraction: float = w4a16_plan.PREFETCH_FRACTION):
@@ -833,7 +820,8 @@ def _launch(prepared: W4A16Weights, tokens, gather_index, expert_offsets, out, c
     if config is None:  # the direct decode kernel has the default epilogue only (biases, gpt-oss's SwiGLU: wgmma)
         config = choose_w4a16_tile(out.shape[0], num_experts, n_out, k_dim, sm_count(out.device), prepared.group_size,
                                    prepared.gated, decode_kernel if epilogue == DEFAULT_EPILOGUE else "wgmma")
-    prefetch = _next_prefetch(prepared, config, next_weights, out.shape[0], decode_kernel, prefetch_fraction)
+    prefetch = w4a16_plan.down_prefetch(prepared.gated, config, next_weights, out.shape[0], sm_count(out.device),
+                                        decode_kernel, prefetch_fraction)  # the down weights' L2 prefetch, or None
     if config.tma_tokens and prepared.gated:  # TMA reads contiguous rows: gather x first (M x H x 2 bytes, one kernel)
         tokens = tokens.index_select(0, gather_index)
     key = (prepared.gated, n_out, k_dim, num_experts, prepared.group_size, config)  # config carries k_split
@@ -866,16 +854,6 @@ def weight_views(prepared: W4A16Weights) -> tuple:
                  from_dlpack(prepared.meta.view(-1, 4), assumed_align=16)))
 
 
-def check_prepared(name: str, prepared: W4A16Weights, gated: bool):
-    if not isinstance(prepared, W4A16Weights):
-        raise TypeError(f"expected {name} from prepare_w4a16_weights, got {type(prepared).__name__}")
-    if prepared.gated != gated:
-        raise ValueError(f"{name} was prepared with gated={prepared.gated}, expected gated={gated}")
-    for t in (prepared.qweight, prepared.meta):
-        if not t.is_cuda or not t.is_contiguous() or t.data_ptr() % 16:
-            raise ValueError(f"{name} tensors must be contiguous, 16-byte aligned CUDA tensors")
-
-
 def w4a16_expert_up(
     x: torch.Tensor,  # [T, H] bf16
     gather_index: torch.Tensor,  # [M] int32
@@ -890,9 +868,7 @@ def w4a16_expert_up(
     prefetch_fraction: float = w4a16_plan.PREFETCH_FRACTION,
 ) -> torch.Tensor:
     """act [M, I] = SiLU(x[g] W1^T) * (x[g] W3^T) per expert, int4 weights (epilogue: + b13 first, or the clamped
-    SwiGLU); no host sync, graph-capturable. next_weights: on the direct decode kernel (whole units), the CTAs that
-    finish a unit early prefetch the heads of the down projection's k-tile streams into L2 (prefetch_fraction of
-    each, w4a16_direct.py); a hint that changes no value; ignored by the other tiles."""
+    SwiGLU); no host sync, graph-capturable. next_weights: a hint, the down weights' L2 prefetch (w4a16_direct.py)."""
     check_prepared("w13", w13, gated=True)
     expert_epilogue.check_bias(epilogue, bias, w13.num_experts, w13.n_out, "b13")
     out = gemm_host.up_out(x, gather_index, expert_offsets, w13.num_experts, w13.k_dim, w13.n_out // 2, out)

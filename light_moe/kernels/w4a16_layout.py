@@ -70,6 +70,17 @@ class W4A16Weights:
         return (self.num_experts, self.n_out, self.k_dim)
 
 
+
+def check_prepared(name: str, prepared: W4A16Weights, gated: bool) -> None:
+    """The kernels' argument check of a prepare_w4a16_weights result (gated: w13, else w2)."""
+    if not isinstance(prepared, W4A16Weights):
+        raise TypeError(f"expected {name} from prepare_w4a16_weights, got {type(prepared).__name__}")
+    if prepared.gated != gated:
+        raise ValueError(f"{name} was prepared with gated={prepared.gated}, expected gated={gated}")
+    for t in (prepared.qweight, prepared.meta):
+        if not t.is_cuda or not t.is_contiguous() or t.data_ptr() % 16:
+            raise ValueError(f"{name} tensors must be contiguous, 16-byte aligned CUDA tensors")
+
 def dequantize_reference(qweight, scales, zeros, group_size: int) -> torch.Tensor:
     """Canonical W4A16 -> fp32 [E, N, K] = (q - z) * s (z = 8 when zeros is None)."""
     q = unpack_int4(qweight).float()

@@ -17,7 +17,7 @@ from light_moe.kernels.tile_config import (
     choose_w4a16_tile,
     direct_splits,
 )
-from light_moe.kernels.w4a16_layout import ATOM_M, GROUP_SIZES, TILE_K
+from light_moe.kernels.w4a16_layout import ATOM_M, GROUP_SIZES, TILE_K, check_prepared
 
 MAX_STAGES = 24  # int4 stages are small: 64x8 decode = 3.3 KB/stage, 24 stages = 79 KB in flight per SM
 MAX_TILE_T_W256 = 128  # tile_w = 256: two m64 atoms per consumer warpgroup (A, temporaries, accumulator x 2)
@@ -106,6 +106,19 @@ def next_prefetch(next_n_out: int, next_k_dim: int, group_size: int, next_config
     if head < 1 or max_blocks < 1 or group_size not in (TILE_K, 2 * TILE_K):
         return None
     return NextPrefetch(next_n_out // ATOM_M, k_tiles, next_n_out, group_size, run, head, max_blocks)
+
+
+def down_prefetch(gated: bool, config: TileConfig, next_weights, num_rows: int, num_sms: int, decode_kernel: str,
+                  fraction: float = PREFETCH_FRACTION) -> NextPrefetch | None:
+    """The L2 prefetch plan of the down projection's prepared weights (w4a16_layout.W4A16Weights or None) for an up
+    projection (gated) on the direct tile `config` with whole units: next_prefetch at num_rows routed rows, from the
+    tile choose_w4a16_tile gives the down projection there on num_sms SMs with decode_kernel; else None."""
+    if next_weights is None or not gated or not config.direct_warps or config.stream_k:
+        return None
+    check_prepared("next_weights", next_weights, gated=False)
+    next_config = choose_w4a16_tile(num_rows, next_weights.num_experts, next_weights.n_out, next_weights.k_dim,
+                                    num_sms, next_weights.group_size, False, decode_kernel)
+    return next_prefetch(next_weights.n_out, next_weights.k_dim, next_weights.group_size, next_config, fraction)
 
 
 def supports_direct(*, n_out: int, k_dim: int, num_experts: int, group_size: int,

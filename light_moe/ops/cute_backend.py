@@ -213,9 +213,11 @@ class CuteOps(MoEOps):
         return grouped_gemm.expert_up(x.contiguous(), gather_index, expert_offsets, w13, **variant)
 
     def expert_up_down(self, x, gather_index, expert_offsets, w13, w2):
-        if (self.w4a16_fused_decode and isinstance(w13, W4A16Weights) and isinstance(w2, W4A16Weights)
-                and w4a16_fused.fused_config(gather_index.shape[0], w13, w2) is not None):
-            return w4a16_fused.w4a16_fused_experts(x.contiguous(), gather_index, expert_offsets, w13, w2)[1]
+        if self.w4a16_fused_decode and isinstance(w13, W4A16Weights) and isinstance(w2, W4A16Weights):
+            config = w4a16_fused.fused_config(gather_index.shape[0], w13, w2)  # None: not a decode-sized step
+            if config is not None:
+                return w4a16_fused.w4a16_fused_experts(x.contiguous(), gather_index, expert_offsets, w13, w2,
+                                                       config=config)[1]
         return super().expert_up_down(x, gather_index, expert_offsets, w13, w2)
 
     def expert_down(self, act, expert_offsets, w2, bias=None):
