@@ -37,3 +37,4 @@ def test_copy_to_and_independent_results():
 def test_out_of_range_values_raise():
     with pytest.raises((OverflowError, RuntimeError)):
         host_tensor([2**40], torch.int32)
+

@@ -109,3 +109,19 @@ def test_partitions_keep_each_request_on_one_rank_and_spread_new_ones():
     assert bm.allocate_slots(reqs[0], 4) and reqs[0].block_table == [0, 1, 2, 3]
     assert bm.num_free_blocks == 12 - 4 - 2 - 2
     assert bm.usage == pytest.approx(8 / 12)
+
+
+def test_slot_ids_match_the_per_token_formula():
+    """executor/model_runner.slot_ids (one range per block) equals table[p // bs] * bs + p % bs for every position."""
+    import random
+
+    from light_moe.executor.model_runner import slot_ids
+
+    rng = random.Random(0)
+    for _ in range(200):
+        bs = rng.choice((1, 4, 16, 32))
+        table = rng.sample(range(1000), 40)
+        start = rng.randrange(0, 20 * bs)
+        count = rng.randrange(0, 20 * bs)
+        want = [table[p // bs] * bs + p % bs for p in range(start, start + count)]
+        assert slot_ids(table, start, count, bs) == want

@@ -29,6 +29,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 256 * 1024 * 1024
 
 
+def slot_ids(table: list[int], start: int, count: int, block_size: int) -> list[int]:
+    """The KV-cache slots (block * block_size + row) of positions start .. start + count - 1 through a block table:
+    one range per block instead of one division per token (a step's inputs are built before its first kernel)."""
+    slots: list[int] = []
+    pos, end = start, start + count
+    while pos < end:
+        block = pos // block_size
+        block_end = min(end, (block + 1) * block_size)
+        offset = table[block] * block_size - block * block_size  # slot = offset + position within this block
+        slots.extend(range(offset + pos, offset + block_end))
+        pos = block_end
+    return slots
+
+
 def kv_block_bytes(model: MoECausalLM, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block over every layer's cache tensors (MoECausalLM.kv_cache_shapes)."""
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -129,7 +143,7 @@ class ModelRunner:
             input_ids.extend(tokens)
             pos = range(start, start + count)
             positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            slots.extend(slot_ids(table, start, count, bs))
             padded_index.extend(range(b * max_q, b * max_q + count))
             query_pos.extend(pos)
             query_pos.extend([-1] * (max_q - count))
