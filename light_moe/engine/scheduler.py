@@ -141,9 +141,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
 
         index = 0
+        block_size = self.block_manager.block_size
         while index < len(self._running) and budget > 0:
             request = self._running[index]
             num_new = min(self._num_uncomputed(request), budget)
+            if -(-(request.num_computed_tokens + num_new) // block_size) <= len(request.block_table):
+                # the blocks it holds have the slots (a decode step, 15 times in 16): nothing can fail and nothing
+                # is allocated, so skip the checks below (they would pass) on this per-request, per-step path
+                out.scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                index += 1
+                continue
             if self._can_never_fit(request, num_new):
                 self.finish_request(request.request_id, "capacity")
                 out.finished.append(request)
@@ -235,12 +243,13 @@ class Scheduler:
             request.num_cached_tokens = num_cached_tokens
 
     def _scheduled(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        num_tokens = request.num_tokens
         is_decode = (
-            request.num_output_tokens > 0
-            and num_new_tokens == 1
-            and request.num_computed_tokens == request.num_tokens - 1
+            num_new_tokens == 1
+            and request.num_computed_tokens == num_tokens - 1
+            and request.num_output_tokens > 0
         )
-        samples = request.num_computed_tokens + num_new_tokens == request.num_tokens
+        samples = request.num_computed_tokens + num_new_tokens == num_tokens
         return ScheduledRequest(request, num_new_tokens, is_prefill=not is_decode, samples=samples)
 
     def _preempt(self, request: Request) -> None:
