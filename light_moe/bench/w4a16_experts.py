@@ -93,19 +93,21 @@ def _add_variants(variants: dict, name: str, up, down, batch, w_up, w_down, spli
         variants[f"{name}_down"] = graph_replay(functools.partial(down, act, offsets, w_down, out=y))
 
 
-def _check_same_outputs(up, up_prefetch, down, batch, w_up, w_down) -> None:
-    """The prefetch is a hint: up + down with it must give bit-identical act and y to up + down without it."""
+def _check_same_outputs(pairs, batch, w_up, w_down, what: str) -> None:
+    """Each (up, down) pair, run on the batch's NaN-poisoned act and y (as pair_replay calls them), must give the
+    bits of the first: a hint (the prefetch) or a fused launch changes no value."""
     x, offsets, gather_index, act, y = batch
     results = []
-    for fn in (up, up_prefetch):
+    for up, down in pairs:
         act.fill_(float("nan"))
         y.fill_(float("nan"))
-        fn(x, gather_index, offsets, w_up, out=act)
+        up(x, gather_index, offsets, w_up, out=act)
         down(act, offsets, w_down, out=y)
         results.append((act.clone(), y.clone()))
-    (act0, y0), (act1, y1) = results
-    if not (torch.equal(act0, act1) and torch.equal(y0, y1)) or act0.isnan().any() or y0.isnan().any():
-        raise AssertionError("the down weights' prefetch changed the experts' outputs")
+    act0, y0 = results[0]
+    if act0.isnan().any() or y0.isnan().any() or not all(torch.equal(a, act0) and torch.equal(b, y0)
+                                                         for a, b in results[1:]):
+        raise AssertionError(f"{what} changed the experts' outputs")
 
 
 def _add_fused(variants: dict, batch, w_up, w_down):
@@ -115,7 +117,7 @@ def _add_fused(variants: dict, batch, w_up, w_down):
     from light_moe.kernels import w4a16_fused
     from light_moe.kernels import w4a16_gemm as w4
 
-    x, offsets, gather_index, act, y = batch
+    gather_index, y = batch[2], batch[4]
     tile = w4a16_fused.fused_config(gather_index.shape[0], w_up, w_down)
     if tile is None:
         return None
@@ -128,13 +130,8 @@ def _add_fused(variants: dict, batch, w_up, w_down):
     def nothing(act, offsets, w_down, out):
         return None
 
-    a1 = up(x, gather_index, offsets, w_up)
-    y1 = down(a1, offsets, w_down)
-    act.fill_(float("nan"))
-    y.fill_(float("nan"))
-    fused(x, gather_index, offsets, w_up, act)
-    if not (torch.equal(a1, act) and torch.equal(y1, y)):
-        raise AssertionError("the fused kernel's act / y differ from the direct kernel's two launches on its tile")
+    _check_same_outputs([(up, down), (fused, nothing)], batch, w_up, w_down,
+                        "the fused kernel (against the direct kernel's two launches on its tile)")
     variants["fused"] = pair_replay(fused, nothing, batch, w_up, w_down)
     variants["fused_two_launches"] = pair_replay(up, down, batch, w_up, w_down)
     return tile
@@ -215,7 +212,7 @@ def main() -> None:
         _add_variants(variants, "w4a16", up, down, batch, q13, q2, args.split)
         for fraction in args.prefetch_down:
             up_pf = functools.partial(up, next_weights=q2, prefetch_fraction=fraction)
-            _check_same_outputs(up, up_pf, down, batch, q13, q2)
+            _check_same_outputs([(up, down), (up_pf, down)], batch, q13, q2, "the down weights' prefetch")
             _add_variants(variants, f"prefetch_{fraction}", up_pf, down, batch, q13, q2, args.split)
         fused_tile = _add_fused(variants, batch, q13, q2) if args.fused else None
         unsupported = []

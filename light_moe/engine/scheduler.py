@@ -141,34 +141,21 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
 
         index = 0
-        block_size = self.block_manager.block_size
         while index < len(self._running) and budget > 0:
             request = self._running[index]
             num_new = min(self._num_uncomputed(request), budget)
-            if -(-(request.num_computed_tokens + num_new) // block_size) <= len(request.block_table):
-                # the blocks it holds have the slots (a decode step, 15 times in 16): nothing can fail and nothing
-                # is allocated, so skip the checks below (they would pass) on this per-request, per-step path
-                out.scheduled.append(self._scheduled(request, num_new))
-                budget -= num_new
-                index += 1
-                continue
-            if self._can_never_fit(request, num_new):
-                self.finish_request(request.request_id, "capacity")
-                out.finished.append(request)
-                continue  # the list shifted left; the same index is the next request
-            while not self.block_manager.allocate_slots(request, num_new):
-                # The victim is the latest arrival whose blocks can make room (with one pool: the latest
-                # arrival); it is at index or later, since earlier requests were scheduled already, and it
-                # may be the request itself.
-                victim = next(r for r in reversed(self._running) if self.block_manager.same_pool(r, request))
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is request:
-                    break
-            else:
-                out.scheduled.append(self._scheduled(request, num_new))
-                budget -= num_new
-                index += 1
+            # the blocks it holds may have the slots already (a decode step, 15 times in 16): then nothing can fail
+            # and nothing is allocated, which this per-request, per-step path skips
+            if self.block_manager.blocks_needed(request, num_new):
+                if self._can_never_fit(request, num_new):
+                    self.finish_request(request.request_id, "capacity")
+                    out.finished.append(request)
+                    continue  # the list shifted left; the same index is the next request
+                if not self._allocate_or_preempt(request, num_new, out):
+                    continue  # it was preempted itself: the same index is the next request
+            out.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            index += 1
 
         # After a preemption the pool is known to be short; admitting now would only thrash.
         if not out.preempted:
@@ -251,6 +238,19 @@ class Scheduler:
         )
         samples = request.num_computed_tokens + num_new_tokens == num_tokens
         return ScheduledRequest(request, num_new_tokens, is_prefill=not is_decode, samples=samples)
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Slots for num_new more tokens of a running request, preempting the latest arrivals sharing its pool while
+        they are short; False if it had to be preempted itself (it is waiting again)."""
+        while not self.block_manager.allocate_slots(request, num_new):
+            # The victim is the latest arrival whose blocks can make room (with one pool: the latest arrival); it
+            # comes after the requests scheduled already, and it may be the request itself.
+            victim = next(r for r in reversed(self._running) if self.block_manager.same_pool(r, request))
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
 
     def _preempt(self, request: Request) -> None:
         self._running.remove(request)
